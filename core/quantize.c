@@ -1,0 +1,623 @@
+#include "qlora/quantize.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "progress.h"
+#include "qlora/dtype.h"
+#include "qlora/error.h"
+#include "qlora/fs.h"
+#include "qlora/model.h"
+#include "qlora/safetensors.h"
+
+/* ---- adapters between plugin tensor suffixes and full checkpoint names ---- */
+
+typedef struct prefixed_writer {
+    ql_st_writer *w;
+    const char *prefix;
+} prefixed_writer;
+
+static int prefixed_put(void *ctx, const ql_tensor *t)
+{
+    prefixed_writer *pw = ctx;
+    char name[1024];
+    if (snprintf(name, sizeof name, "%s.%s", pw->prefix, t->name) >= (int)sizeof name)
+        return ql_error(QL_EINVAL, "tensor name too long: %s.%s", pw->prefix, t->name);
+    ql_tensor c = *t;
+    c.name = name;
+    return ql_st_writer_add(pw->w, &c);
+}
+
+typedef struct prefixed_reader {
+    const ql_st_file *file;
+    const char *prefix;
+} prefixed_reader;
+
+static const ql_tensor *prefixed_get(void *ctx, const char *suffix)
+{
+    prefixed_reader *pr = ctx;
+    char name[1024];
+    if (snprintf(name, sizeof name, "%s.%s", pr->prefix, suffix) >= (int)sizeof name) return NULL;
+    return ql_st_find(pr->file, name);
+}
+
+static int check_finite(const ql_tensor *t)
+{
+    if (!ql_dtype_is_float(t->dtype)) return QL_OK;
+    size_t n = (size_t)ql_shape_numel(t->shape, t->ndim);
+    int64_t bad = ql_first_nonfinite(t->dtype, t->data, n);
+    if (bad < 0) return QL_OK;
+    float v;
+    ql_convert_to_f32(t->dtype, (const char *)t->data + (size_t)bad * ql_dtype_size(t->dtype), 1, &v);
+    return ql_error(QL_ENUMERIC, "tensor %s has %s at index %lld", t->name, isnan(v) ? "NaN" : "Inf", (long long)bad);
+}
+
+static int tensor_to_f32(const ql_tensor *t, float **out)
+{
+    size_t n = (size_t)ql_shape_numel(t->shape, t->ndim);
+    float *w = malloc((n ? n : 1) * sizeof *w);
+    if (!w) return ql_error(QL_ENOMEM, "out of memory converting %s", t->name);
+    int rc = ql_convert_to_f32(t->dtype, t->data, n, w);
+    if (rc) {
+        free(w);
+        return ql_error_context("tensor %s", t->name);
+    }
+    *out = w;
+    return QL_OK;
+}
+
+static size_t count_block_linears(const ql_model_files *m)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < ql_model_files_count(m); i++) k += ql_is_block_linear(ql_model_files_at(m, i)->name, NULL, 0);
+    return k;
+}
+
+/* A block linear must be a float matrix; anything else means the folder is
+ * not a plain checkpoint. */
+static int check_linear(const ql_tensor *t)
+{
+    if (t->ndim != 2 || t->shape[0] <= 0 || t->shape[1] <= 0)
+        return ql_error(QL_EFORMAT, "tensor %s should be a matrix but has %d dimensions", t->name, t->ndim);
+    if (!ql_dtype_is_float(t->dtype))
+        return ql_error(QL_EFORMAT, "tensor %s is %s, not F32/F16/BF16: is this model already quantized?", t->name,
+                        ql_dtype_name(t->dtype));
+    return QL_OK;
+}
+
+static const char *const copied_files[] = {
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "generation_config.json", "added_tokens.json",
+};
+
+static int write_config(const ql_model_files *m, const ql_qz *q, const char *dir)
+{
+    char buf[4096];
+    int rc = q->desc->checkpoint_config(q->inst, buf, sizeof buf);
+    if (rc) return ql_error_context("quantizer %s: checkpoint_config", q->desc->name);
+    json_error_t err;
+    json_t *qc = json_loads(buf, 0, &err);
+    if (!qc || !json_is_object(qc)) {
+        json_decref(qc);
+        return ql_error(QL_EFORMAT, "quantizer %s wrote a quantization_config that is not a JSON object: %s",
+                        q->desc->name, err.text);
+    }
+    json_t *cfg = json_deep_copy(ql_model_files_config(m));
+    if (!cfg) {
+        json_decref(qc);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    json_object_set_new(cfg, "quantization_config", qc);
+    char *text = json_dumps(cfg, JSON_INDENT(2) | JSON_SORT_KEYS);
+    json_decref(cfg);
+    if (!text) return ql_error(QL_ENOMEM, "out of memory");
+    size_t len = strlen(text);
+    char *with_nl = realloc(text, len + 2);
+    if (!with_nl) {
+        free(text);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    with_nl[len] = '\n';
+    char *path = ql_path_join(dir, "config.json");
+    rc = path ? ql_write_file_atomic(path, with_nl, len + 1) : ql_error(QL_ENOMEM, "out of memory");
+    free(path);
+    free(with_nl);
+    return rc;
+}
+
+int ql_quantize_model(const char *model_dir, const char *spec, const char *out_dir, const ql_quantize_opts *opts)
+{
+    ql_model_files *m = NULL;
+    ql_qz *q = NULL;
+    ql_outdir *od = NULL;
+    ql_st_writer *w = NULL;
+    int rc;
+    double t0 = ql_now();
+    if ((rc = ql_model_files_open(model_dir, &m))) goto done;
+    if ((rc = ql_qz_open(spec, &q))) goto done;
+    /* check all inputs before writing anything */
+    for (size_t i = 0; i < ql_model_files_count(m); i++) {
+        const ql_tensor *t = ql_model_files_at(m, i);
+        if (ql_is_block_linear(t->name, NULL, 0) && (rc = check_linear(t))) goto done;
+        if ((rc = check_finite(t))) goto done;
+    }
+    size_t nlin = count_block_linears(m);
+    if (nlin == 0) {
+        rc = ql_error(QL_EFORMAT, "%s has no decoder-block linear layers (model.layers.N.{self_attn,mlp}.*_proj.weight)",
+                      model_dir);
+        goto done;
+    }
+    if ((rc = ql_outdir_begin(out_dir, opts->force, &od))) goto done;
+    if ((rc = ql_st_writer_create(&w))) goto done;
+    ql_st_writer_set_metadata(w, "format", "pt");
+
+    ql_progress prog;
+    ql_progress_begin(&prog, "quantize", (int64_t)nlin, "layers", opts->progress);
+    size_t done_layers = 0;
+    int64_t params = 0;
+    uint64_t bytes_in = 0, bytes_out = 0;
+    for (size_t i = 0; i < ql_model_files_count(m) && rc == QL_OK; i++) {
+        const ql_tensor *t = ql_model_files_at(m, i);
+        char prefix[512];
+        if (!ql_is_block_linear(t->name, prefix, sizeof prefix)) {
+            rc = ql_st_writer_add(w, t);
+            continue;
+        }
+        float *dense;
+        if ((rc = tensor_to_f32(t, &dense))) break;
+        ql_matrix_desc md = {.name = prefix, .rows = t->shape[0], .cols = t->shape[1], .src_dtype = t->dtype};
+        ql_qstate *s = NULL;
+        ql_error_clear();
+        rc = q->desc->quantize(q->inst, &md, dense, &s);
+        free(dense);
+        if (rc) {
+            if (!ql_error_message()[0]) ql_error(rc, "quantize failed");
+            ql_error_context("quantizer %s on %s", q->desc->name, t->name);
+            break;
+        }
+        prefixed_writer pw = {w, prefix};
+        ql_tensor_writer tw = {&pw, prefixed_put};
+        rc = q->desc->save(q->inst, s, &tw);
+        ql_state_info info = {0};
+        if (rc == QL_OK) rc = q->desc->state_info(q->inst, s, &info);
+        q->desc->free_state(q->inst, s);
+        if (rc) {
+            ql_error_context("quantizer %s saving %s", q->desc->name, prefix);
+            break;
+        }
+        params += md.rows * md.cols;
+        bytes_in += t->nbytes;
+        bytes_out += info.bytes;
+        ql_progress_update(&prog, (int64_t)++done_layers, prefix);
+    }
+    if (rc) goto done;
+    ql_progress_end(&prog);
+
+    char *st_path = ql_path_join(ql_outdir_path(od), "model.safetensors");
+    rc = st_path ? ql_st_writer_save(w, st_path) : ql_error(QL_ENOMEM, "out of memory");
+    free(st_path);
+    if (rc) goto done;
+    if ((rc = write_config(m, q, ql_outdir_path(od)))) goto done;
+    for (size_t i = 0; i < sizeof copied_files / sizeof copied_files[0] && rc == QL_OK; i++) {
+        char *src = ql_path_join(model_dir, copied_files[i]);
+        char *dst = ql_path_join(ql_outdir_path(od), copied_files[i]);
+        if (!src || !dst) rc = ql_error(QL_ENOMEM, "out of memory");
+        else if (ql_path_exists(src)) rc = ql_copy_file_atomic(src, dst);
+        free(src);
+        free(dst);
+    }
+    if (rc) goto done;
+    rc = ql_outdir_commit(od);
+    od = NULL;
+    if (rc) goto done;
+    printf("quantized %zu layers (%lld parameters) with %s%s%s: %.2f MiB -> %.2f MiB, %.3f bits/param, %.2f s\n",
+           nlin, (long long)params, q->desc->name, q->options[0] ? ":" : "", q->options,
+           (double)bytes_in / 1048576.0, (double)bytes_out / 1048576.0, 8.0 * (double)bytes_out / (double)params,
+           ql_now() - t0);
+    printf("wrote %s\n", out_dir);
+done:
+    ql_outdir_abandon(od);
+    ql_st_writer_destroy(w);
+    ql_qz_close(q);
+    ql_model_files_close(m);
+    return rc;
+}
+
+/* ---- compare ---- */
+
+typedef struct layer_result {
+    char name[512];
+    int64_t rows, cols;
+    double bits_per_param;
+    uint64_t bytes;
+    double rel_err, max_abs_err;
+    double sq_err, sq_ref;
+    double quant_ms, materialize_ms;
+} layer_result;
+
+typedef struct qz_result {
+    char spec[512];
+    char name[64];
+    char options[512];
+    layer_result *layers;
+    size_t nlayers;
+} qz_result;
+
+/* Split "nf4:double_quant=0,blocksize=64,fp4,int8" into quantizer specs: a
+ * piece with '=' but no ':' continues the previous spec's options. */
+static int split_specs(const char *list, char ***out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    char *copy = strdup(list);
+    if (!copy) return ql_error(QL_ENOMEM, "out of memory");
+    char *save = NULL;
+    int rc = QL_OK;
+    for (char *tok = strtok_r(copy, ",", &save); tok && rc == QL_OK; tok = strtok_r(NULL, ",", &save)) {
+        if (strchr(tok, '=') && !strchr(tok, ':') && *n > 0) {
+            char *prev = (*out)[*n - 1];
+            size_t len = strlen(prev) + strlen(tok) + 2;
+            char *joined = malloc(len);
+            if (!joined) rc = ql_error(QL_ENOMEM, "out of memory");
+            else {
+                snprintf(joined, len, "%s,%s", prev, tok);
+                free(prev);
+                (*out)[*n - 1] = joined;
+            }
+            continue;
+        }
+        char **p = realloc(*out, (*n + 1) * sizeof *p);
+        if (!p || !(p[*n] = strdup(tok))) {
+            if (p) *out = p;
+            rc = ql_error(QL_ENOMEM, "out of memory");
+            break;
+        }
+        *out = p;
+        (*n)++;
+    }
+    free(copy);
+    if (rc == QL_OK && *n == 0) rc = ql_error(QL_EINVAL, "--quantizers is empty");
+    return rc;
+}
+
+static int compare_one(const ql_model_files *m, ql_qz *q, qz_result *res, ql_progress *prog, int64_t *done)
+{
+    size_t n = ql_model_files_count(m);
+    res->layers = calloc(n ? n : 1, sizeof *res->layers);
+    if (!res->layers) return ql_error(QL_ENOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        const ql_tensor *t = ql_model_files_at(m, i);
+        char prefix[512];
+        if (!ql_is_block_linear(t->name, prefix, sizeof prefix)) continue;
+        int rc = check_linear(t);
+        if (rc) return rc;
+        float *dense, *back;
+        if ((rc = tensor_to_f32(t, &dense))) return rc;
+        size_t count = (size_t)(t->shape[0] * t->shape[1]);
+        back = malloc(count * sizeof *back);
+        if (!back) {
+            free(dense);
+            return ql_error(QL_ENOMEM, "out of memory");
+        }
+        ql_matrix_desc md = {.name = prefix, .rows = t->shape[0], .cols = t->shape[1], .src_dtype = t->dtype};
+        ql_qstate *s = NULL;
+        layer_result *lr = &res->layers[res->nlayers];
+        snprintf(lr->name, sizeof lr->name, "%s", prefix);
+        lr->rows = md.rows;
+        lr->cols = md.cols;
+        ql_error_clear();
+        double t0 = ql_now();
+        rc = q->desc->quantize(q->inst, &md, dense, &s);
+        double t1 = ql_now();
+        if (rc == QL_OK) rc = q->desc->materialize(q->inst, s, QL_DTYPE_F32, back);
+        double t2 = ql_now();
+        ql_state_info info = {0};
+        if (rc == QL_OK) rc = q->desc->state_info(q->inst, s, &info);
+        if (s) q->desc->free_state(q->inst, s);
+        if (rc) {
+            free(dense);
+            free(back);
+            if (!ql_error_message()[0]) ql_error(rc, "failed");
+            return ql_error_context("quantizer %s on %s", q->desc->name, t->name);
+        }
+        double sq = 0, ref = 0, mx = 0;
+        for (size_t k = 0; k < count; k++) {
+            double d = (double)back[k] - (double)dense[k];
+            sq += d * d;
+            ref += (double)dense[k] * (double)dense[k];
+            if (fabs(d) > mx || d != d) mx = fabs(d);
+        }
+        free(dense);
+        free(back);
+        lr->sq_err = sq;
+        lr->sq_ref = ref;
+        lr->rel_err = ref > 0 ? sqrt(sq / ref) : sqrt(sq);
+        lr->max_abs_err = mx;
+        lr->bits_per_param = q->desc->bits_per_param(q->inst, md.rows, md.cols);
+        lr->bytes = info.bytes;
+        lr->quant_ms = (t1 - t0) * 1e3;
+        lr->materialize_ms = (t2 - t1) * 1e3;
+        res->nlayers++;
+        ql_progress_update(prog, ++*done, prefix);
+    }
+    return QL_OK;
+}
+
+typedef struct totals {
+    int64_t params;
+    double bits;
+    uint64_t bytes;
+    double sq_err, sq_ref, max_abs, quant_ms, materialize_ms;
+} totals;
+
+static totals sum_layers(const qz_result *r)
+{
+    totals t = {0};
+    for (size_t i = 0; i < r->nlayers; i++) {
+        const layer_result *l = &r->layers[i];
+        int64_t p = l->rows * l->cols;
+        t.params += p;
+        t.bits += l->bits_per_param * (double)p;
+        t.bytes += l->bytes;
+        t.sq_err += l->sq_err;
+        t.sq_ref += l->sq_ref;
+        if (l->max_abs_err > t.max_abs) t.max_abs = l->max_abs_err;
+        t.quant_ms += l->quant_ms;
+        t.materialize_ms += l->materialize_ms;
+    }
+    return t;
+}
+
+static int write_compare_json(const char *path, const char *model_dir, const qz_result *res, size_t n)
+{
+    json_t *root = json_object();
+    json_t *arr = json_array();
+    json_object_set_new(root, "model", json_string(model_dir));
+    json_object_set_new(root, "quantizers", arr);
+    for (size_t i = 0; i < n; i++) {
+        totals t = sum_layers(&res[i]);
+        json_t *layers = json_array();
+        for (size_t k = 0; k < res[i].nlayers; k++) {
+            const layer_result *l = &res[i].layers[k];
+            json_array_append_new(layers,
+                                  json_pack("{s:s, s:[I,I], s:f, s:I, s:f, s:f, s:f, s:f}", "name", l->name, "shape",
+                                            (json_int_t)l->rows, (json_int_t)l->cols, "bits_per_param",
+                                            l->bits_per_param, "bytes", (json_int_t)l->bytes, "rel_error", l->rel_err,
+                                            "max_abs_error", l->max_abs_err, "quantize_ms", l->quant_ms,
+                                            "materialize_ms", l->materialize_ms));
+        }
+        json_array_append_new(
+            arr, json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:f, s:f, s:f, s:f, s:o}", "spec", res[i].spec, "name",
+                           res[i].name, "options", res[i].options, "params", (json_int_t)t.params, "bits_per_param",
+                           t.params ? t.bits / (double)t.params : 0.0, "bytes", (json_int_t)t.bytes, "rel_error",
+                           t.sq_ref > 0 ? sqrt(t.sq_err / t.sq_ref) : 0.0, "max_abs_error", t.max_abs, "quantize_ms",
+                           t.quant_ms, "materialize_ms", t.materialize_ms, "layers", layers));
+    }
+    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(root);
+    if (!text) return ql_error(QL_ENOMEM, "out of memory");
+    size_t len = strlen(text);
+    text[len] = '\n'; /* overwrite NUL; length known */
+    int rc = ql_write_file_atomic(path, text, len + 1);
+    free(text);
+    return rc;
+}
+
+int ql_compare_model(const char *model_dir, const char *spec_list, const ql_compare_opts *opts, FILE *out)
+{
+    ql_model_files *m = NULL;
+    char **specs = NULL;
+    size_t nspecs = 0;
+    qz_result *res = NULL;
+    int rc;
+    if ((rc = ql_model_files_open(model_dir, &m))) goto done;
+    if ((rc = split_specs(spec_list, &specs, &nspecs))) goto done;
+    size_t nlin = count_block_linears(m);
+    if (nlin == 0) {
+        rc = ql_error(QL_EFORMAT, "%s has no decoder-block linear layers", model_dir);
+        goto done;
+    }
+    res = calloc(nspecs, sizeof *res);
+    if (!res) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto done;
+    }
+    /* open every quantizer first, so a bad name fails before the work */
+    ql_qz **qs = calloc(nspecs, sizeof *qs);
+    if (!qs) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < nspecs && rc == QL_OK; i++) rc = ql_qz_open(specs[i], &qs[i]);
+    ql_progress prog;
+    ql_progress_begin(&prog, "compare", (int64_t)(nlin * nspecs), "layers", opts->progress);
+    int64_t done_layers = 0;
+    for (size_t i = 0; i < nspecs && rc == QL_OK; i++) {
+        snprintf(res[i].spec, sizeof res[i].spec, "%s", specs[i]);
+        snprintf(res[i].name, sizeof res[i].name, "%s", qs[i]->desc->name);
+        snprintf(res[i].options, sizeof res[i].options, "%s", qs[i]->options);
+        rc = compare_one(m, qs[i], &res[i], &prog, &done_layers);
+    }
+    for (size_t i = 0; i < nspecs; i++) ql_qz_close(qs[i]);
+    free(qs);
+    if (rc) goto done;
+    ql_progress_end(&prog);
+
+    fprintf(out, "%-12s %-28s %10s %12s %10s %12s %11s %11s\n", "quantizer", "options", "bits/param", "bytes",
+            "rel.error", "max.abs.err", "quant ms", "dequant ms");
+    for (size_t i = 0; i < nspecs; i++) {
+        totals t = sum_layers(&res[i]);
+        fprintf(out, "%-12s %-28s %10.3f %12llu %10.5f %12.6f %11.2f %11.2f\n", res[i].name, res[i].options,
+                t.params ? t.bits / (double)t.params : 0.0, (unsigned long long)t.bytes,
+                t.sq_ref > 0 ? sqrt(t.sq_err / t.sq_ref) : 0.0, t.max_abs, t.quant_ms, t.materialize_ms);
+    }
+    if (opts->per_layer) {
+        fprintf(out, "\n%-12s %-40s %-12s %10s %10s %10s %12s %9s\n", "quantizer", "layer", "shape", "bits/param",
+                "bytes", "rel.error", "max.abs.err", "quant ms");
+        for (size_t i = 0; i < nspecs; i++)
+            for (size_t k = 0; k < res[i].nlayers; k++) {
+                const layer_result *l = &res[i].layers[k];
+                char shape[32];
+                snprintf(shape, sizeof shape, "%lldx%lld", (long long)l->rows, (long long)l->cols);
+                fprintf(out, "%-12s %-40s %-12s %10.3f %10llu %10.5f %12.6f %9.2f\n", res[i].name, l->name, shape,
+                        l->bits_per_param, (unsigned long long)l->bytes, l->rel_err, l->max_abs_err, l->quant_ms);
+            }
+    }
+    if (opts->json_path) rc = write_compare_json(opts->json_path, model_dir, res, nspecs);
+done:
+    if (res)
+        for (size_t i = 0; i < nspecs; i++) free(res[i].layers);
+    free(res);
+    ql_string_list_free(specs, nspecs);
+    ql_model_files_close(m);
+    return rc;
+}
+
+/* ---- inspect ---- */
+
+typedef struct found_layer {
+    char prefix[512];
+    char quantizer[64];
+    ql_state_info info;
+} found_layer;
+
+/* Module prefixes that hold something other than a plain float ".weight". */
+static int candidate_prefix(const ql_st_file *f, const ql_tensor *t, char *prefix, size_t cap)
+{
+    const char *dot = strstr(t->name, ".weight");
+    if (!dot) return 0;
+    size_t lp = (size_t)(dot - t->name);
+    if (lp >= cap) return 0;
+    if (strcmp(dot, ".weight") != 0) return 0;
+    memcpy(prefix, t->name, lp);
+    prefix[lp] = '\0';
+    if (!ql_dtype_is_float(t->dtype)) return 1;
+    (void)f;
+    return 0;
+}
+
+int ql_inspect_file(const char *path, int as_json, FILE *out)
+{
+    ql_st_file *f = NULL;
+    char **plugins = NULL;
+    size_t nplugins = 0;
+    ql_qz **qs = NULL;
+    found_layer *layers = NULL;
+    size_t nlayers = 0;
+    int rc = ql_st_open(path, &f);
+    if (rc) return rc;
+    if ((rc = ql_plugin_scan(&plugins, &nplugins))) goto done;
+    qs = calloc(nplugins ? nplugins : 1, sizeof *qs);
+    layers = calloc(ql_st_count(f) ? ql_st_count(f) : 1, sizeof *layers);
+    if (!qs || !layers) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < nplugins; i++)
+        if (ql_qz_open(plugins[i], &qs[i]) != QL_OK) {
+            fprintf(stderr, "warning: skipping plugin: %s\n", ql_error_message());
+            qs[i] = NULL;
+        }
+    int64_t qparams = 0;
+    uint64_t qbytes = 0;
+    for (size_t i = 0; i < ql_st_count(f); i++) {
+        const ql_tensor *t = ql_st_at(f, i);
+        char prefix[512];
+        if (!candidate_prefix(f, t, prefix, sizeof prefix)) continue;
+        prefixed_reader pr = {f, prefix};
+        ql_tensor_reader reader = {&pr, prefixed_get};
+        ql_matrix_desc md = {.name = prefix};
+        for (size_t k = 0; k < nplugins; k++) {
+            if (!qs[k]) continue;
+            ql_qstate *s = NULL;
+            ql_error_clear();
+            int lrc = qs[k]->desc->load(qs[k]->inst, &md, &reader, &s);
+            if (lrc == QL_ENOTFOUND) continue;
+            if (lrc) {
+                rc = ql_error_context("%s: layer %s (%s)", path, prefix, qs[k]->desc->name);
+                goto done;
+            }
+            found_layer *fl = &layers[nlayers++];
+            snprintf(fl->prefix, sizeof fl->prefix, "%s", prefix);
+            snprintf(fl->quantizer, sizeof fl->quantizer, "%s", qs[k]->desc->name);
+            qs[k]->desc->state_info(qs[k]->inst, s, &fl->info);
+            qs[k]->desc->free_state(qs[k]->inst, s);
+            qparams += fl->info.rows * fl->info.cols;
+            qbytes += fl->info.bytes;
+            break;
+        }
+    }
+    uint64_t total = 0;
+    for (size_t i = 0; i < ql_st_count(f); i++) total += ql_st_at(f, i)->nbytes;
+    if (as_json) {
+        json_t *root = json_object();
+        json_object_set_new(root, "file", json_string(path));
+        json_object_set_new(root, "file_bytes", json_integer((json_int_t)ql_st_file_size(f)));
+        json_t *ts = json_array();
+        for (size_t i = 0; i < ql_st_count(f); i++) {
+            const ql_tensor *t = ql_st_at(f, i);
+            json_t *shape = json_array();
+            for (int d = 0; d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
+            json_array_append_new(ts, json_pack("{s:s, s:s, s:o, s:I}", "name", t->name, "dtype",
+                                                ql_dtype_name(t->dtype), "shape", shape, "bytes", (json_int_t)t->nbytes));
+        }
+        json_object_set_new(root, "tensors", ts);
+        json_t *ls = json_array();
+        for (size_t i = 0; i < nlayers; i++)
+            json_array_append_new(ls, json_pack("{s:s, s:s, s:[I,I], s:s, s:I, s:f}", "layer", layers[i].prefix,
+                                                "quantizer", layers[i].quantizer, "shape", (json_int_t)layers[i].info.rows,
+                                                (json_int_t)layers[i].info.cols, "source_dtype",
+                                                ql_dtype_torch_name(layers[i].info.src_dtype), "bytes",
+                                                (json_int_t)layers[i].info.bytes, "bits_per_param",
+                                                8.0 * (double)layers[i].info.bytes /
+                                                    (double)(layers[i].info.rows * layers[i].info.cols)));
+        json_object_set_new(root, "quantized_layers", ls);
+        json_object_set_new(root, "quantized_params", json_integer(qparams));
+        json_object_set_new(root, "quantized_bytes", json_integer((json_int_t)qbytes));
+        char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        json_decref(root);
+        if (text) fprintf(out, "%s\n", text);
+        free(text);
+    } else {
+        fprintf(out, "%s: %zu tensors, %.2f MiB\n\n", path, ql_st_count(f), (double)ql_st_file_size(f) / 1048576.0);
+        fprintf(out, "%-64s %-5s %-16s %12s\n", "tensor", "dtype", "shape", "bytes");
+        for (size_t i = 0; i < ql_st_count(f); i++) {
+            const ql_tensor *t = ql_st_at(f, i);
+            char shape[64] = "[";
+            size_t k = 1;
+            for (int d = 0; d < t->ndim; d++)
+                k += (size_t)snprintf(shape + k, sizeof shape - k, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+            snprintf(shape + k, sizeof shape - k, "]");
+            fprintf(out, "%-64s %-5s %-16s %12llu\n", t->name, ql_dtype_name(t->dtype), shape,
+                    (unsigned long long)t->nbytes);
+        }
+        if (nlayers) {
+            fprintf(out, "\n%-48s %-10s %-12s %-9s %10s %10s\n", "quantized layer", "quantizer", "shape", "from",
+                    "bytes", "bits/param");
+            for (size_t i = 0; i < nlayers; i++) {
+                char shape[32];
+                snprintf(shape, sizeof shape, "%lldx%lld", (long long)layers[i].info.rows, (long long)layers[i].info.cols);
+                fprintf(out, "%-48s %-10s %-12s %-9s %10llu %10.3f\n", layers[i].prefix, layers[i].quantizer, shape,
+                        ql_dtype_torch_name(layers[i].info.src_dtype), (unsigned long long)layers[i].info.bytes,
+                        8.0 * (double)layers[i].info.bytes / (double)(layers[i].info.rows * layers[i].info.cols));
+            }
+            fprintf(out, "\n%zu quantized layers, %lld parameters in %llu bytes: %.3f bits/param (tables and metadata included)\n",
+                    nlayers, (long long)qparams, (unsigned long long)qbytes,
+                    qparams ? 8.0 * (double)qbytes / (double)qparams : 0.0);
+        } else {
+            fprintf(out, "\nno quantized layers\n");
+        }
+        fprintf(out, "total tensor bytes: %llu\n", (unsigned long long)total);
+    }
+done:
+    if (qs)
+        for (size_t i = 0; i < nplugins; i++) ql_qz_close(qs[i]);
+    free(qs);
+    free(layers);
+    ql_string_list_free(plugins, nplugins);
+    ql_st_close(f);
+    return rc;
+}

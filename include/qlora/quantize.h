@@ -1,0 +1,41 @@
+/* The quantize, compare and inspect jobs behind the command line. */
+#ifndef QLORA_QUANTIZE_H
+#define QLORA_QUANTIZE_H
+
+#include <stdio.h>
+
+#include "plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ql_quantize_opts {
+    int force;    /* replace an existing output folder */
+    int progress; /* 1: report progress on stderr */
+} ql_quantize_opts;
+
+/* Quantize every block linear of MODEL_DIR into OUT_DIR in the layout that
+ * transformers + bitsandbytes write; everything else is copied unchanged. */
+int ql_quantize_model(const char *model_dir, const char *spec, const char *out_dir,
+                      const ql_quantize_opts *opts);
+
+typedef struct ql_compare_opts {
+    const char *json_path; /* write results here (atomically) when non-NULL */
+    int per_layer;         /* print one row per layer too */
+    int progress;
+} ql_compare_opts;
+
+/* Quantize each block linear with each quantizer in the comma-separated
+ * list and report bits/param, bytes, relative and max abs error, and time. */
+int ql_compare_model(const char *model_dir, const char *spec_list, const ql_compare_opts *opts,
+                     FILE *out);
+
+/* Describe a safetensors file: tensors, dtypes, shapes, sizes, and for
+ * quantized layers the quantizer, options and bits per parameter. */
+int ql_inspect_file(const char *path, int as_json, FILE *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

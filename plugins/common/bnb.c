@@ -1,0 +1,229 @@
+#include "bnb.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fastmath.h"
+
+static const float nf4_values[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+/* FP4 (E2M1) values before normalisation by the format maximum, 12.  Code 8
+ * (sign bit, zero magnitude) is +0 in the stored table: the reference builds
+ * it from the integer -0, which is 0; only its kernel decodes it as -0.0. */
+static const float fp4_raw[16] = {0.0f, 0.0625f,  8.0f,  12.0f,  4.0f,  6.0f,  2.0f,  3.0f,
+                                  0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
+
+void qlp_4bit_table(qlp_4bit_type type, float table[16])
+{
+    for (int i = 0; i < 16; i++) table[i] = type == QLP_NF4 ? nf4_values[i] : fp4_raw[i] / 12.0f;
+}
+
+/* Decision tree over the midpoints between neighbouring NF4 values. */
+static unsigned nf4_encode(float x)
+{
+    if (x > 0.03979014977812767f) {
+        if (x > 0.3893125355243683f) {
+            if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
+            return x > 0.5016634166240692f ? 13 : 12;
+        }
+        if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
+        return x > 0.1202552504837513f ? 9 : 8;
+    }
+    if (x > -0.33967943489551544f) {
+        if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
+        return x > -0.23460740596055984f ? 5 : 4;
+    }
+    if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
+    return x > -0.8480964004993439f ? 1 : 0;
+}
+
+/* Sign bit 3; magnitude index by thresholds on |x| (the code order is not monotonic). */
+static unsigned fp4_encode(float x)
+{
+    unsigned sign = x < 0 ? 8u : 0u;
+    x = fabsf(x);
+    if (x > 0.29166667f) {
+        if (x > 0.583333f) return (x > 0.8333333f ? 3u : 2u) + sign;
+        return (x > 0.4166667f ? 5u : 4u) + sign;
+    }
+    if (x > 0.0859375f) return (x > 0.20833333f ? 7u : 6u) + sign;
+    return (x > 0.00260417f ? 1u : 0u) + sign;
+}
+
+unsigned qlp_4bit_encode(qlp_4bit_type type, float x) { return type == QLP_NF4 ? nf4_encode(x) : fp4_encode(x); }
+
+/* torch.linspace(start, end, steps, dtype=float32) on an x86-64 CPU: the
+ * first half counts up from start, the second half down from end, each
+ * element one fused multiply-add (PyTorch's AVX2/AVX-512 kernels contract
+ * them; checked against torch 2.11 on AVX-512, see docs/bit-exactness.md). */
+static void linspace_f32(float start, float end, int steps, float *out)
+{
+    float step = (end - start) / (float)(steps - 1);
+    int halfway = steps / 2;
+    for (int i = 0; i < steps; i++)
+        out[i] = i < halfway ? fmaf(step, (float)i, start) : fmaf(-step, (float)(steps - i - 1), end);
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+void qlp_dynamic_map_signed(float map[256])
+{
+    /* 7 exponent levels; level i has 2^i fraction values, the means of
+     * 2^i + 1 evenly spaced boundaries in [0.1, 1], scaled by 10^(i-6),
+     * with both signs; then 0 and 1. */
+    int k = 0;
+    for (int i = 0; i < 7; i++) {
+        int items = (1 << i) + 1;
+        float boundaries[65];
+        linspace_f32(0.1f, 1.0f, items, boundaries);
+        float scale = (float)pow(10.0, (double)(i - 6));
+        for (int j = 0; j + 1 < items; j++) {
+            float mean = (boundaries[j] + boundaries[j + 1]) / 2.0f;
+            map[k++] = mean * scale;
+            map[k++] = mean * -scale;
+        }
+    }
+    map[k++] = 0.0f;
+    map[k++] = 1.0f;
+    qsort(map, 256, sizeof map[0], cmp_float);
+}
+
+/* Binary search over the sorted map, then the nearer of the two neighbours
+ * by the midpoint, exactly as the reference kernel walks it. */
+unsigned qlp_code8_encode(const float map[256], float x)
+{
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f;
+    float val = map[pivot];
+    for (int step = 64; step > 0; step >>= 1) {
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += step;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= step;
+        }
+        val = map[pivot];
+    }
+    if (upper_pivot == 255) upper = map[upper_pivot];
+    if (lower_pivot == 0) lower = map[lower_pivot];
+    if (x > val) {
+        float midpoint = qlp_mul_ftz(qlp_ftz(upper + val), 0.5f);
+        return x > midpoint ? (unsigned)upper_pivot : (unsigned)pivot;
+    }
+    float midpoint = qlp_mul_ftz(qlp_ftz(lower + val), 0.5f);
+    return x < midpoint ? (unsigned)lower_pivot : (unsigned)pivot;
+}
+
+static float block_absmax(const float *x, int64_t count)
+{
+    float m = -FLT_MAX;
+    for (int64_t i = 0; i < count; i++) m = qlp_max_ftz(m, qlp_abs_ftz(x[i]));
+    return m;
+}
+
+void qlp_quantize_4bit_blocks(qlp_4bit_type type, const float *x, int64_t n, int blocksize, uint8_t *packed,
+                              float *absmax)
+{
+    int64_t nblocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t begin = b * blocksize;
+        int64_t count = n - begin < blocksize ? n - begin : blocksize;
+        float m = block_absmax(x + begin, count);
+        absmax[b] = m;
+        float inv = qlp_rcp_approx_ftz(m);
+        /* blocksize is even, so a block starts on a byte; an odd tail is
+         * padded with 0.0, which the kernel encodes like any value. */
+        for (int64_t i = 0; i < count; i += 2) {
+            float hi = x[begin + i];
+            float lo = i + 1 < count ? x[begin + i + 1] : 0.0f;
+            unsigned ch = qlp_4bit_encode(type, qlp_mul_ftz(hi, inv));
+            unsigned cl = qlp_4bit_encode(type, qlp_mul_ftz(lo, inv));
+            packed[(begin + i) / 2] = (uint8_t)((ch << 4) | cl);
+        }
+    }
+}
+
+void qlp_quantize_8bit_blocks(const float map[256], const float *x, int64_t n, int blocksize, uint8_t *codes,
+                              float *absmax)
+{
+    int64_t nblocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t begin = b * blocksize;
+        int64_t count = n - begin < blocksize ? n - begin : blocksize;
+        float m = block_absmax(x + begin, count);
+        absmax[b] = m;
+        float inv = qlp_rcp_approx_ftz(m);
+        for (int64_t i = 0; i < count; i++) codes[begin + i] = (uint8_t)qlp_code8_encode(map, qlp_mul_ftz(x[begin + i], inv));
+    }
+}
+
+void qlp_format_pyfloat(double v, char *buf, size_t cap)
+{
+    if (isnan(v)) {
+        snprintf(buf, cap, "NaN");
+        return;
+    }
+    if (isinf(v)) {
+        snprintf(buf, cap, v < 0 ? "-Infinity" : "Infinity");
+        return;
+    }
+    /* shortest digits that read back as v */
+    char sci[64];
+    for (int p = 1; p <= 17; p++) {
+        snprintf(sci, sizeof sci, "%.*e", p - 1, v);
+        if (strtod(sci, NULL) == v) break;
+    }
+    /* sci = [-]d[.ddd]e±XX */
+    const char *s = sci;
+    int neg = *s == '-';
+    if (neg) s++;
+    char digits[32];
+    int nd = 0;
+    for (; *s && *s != 'e'; s++)
+        if (*s != '.') digits[nd++] = *s;
+    while (nd > 1 && digits[nd - 1] == '0') nd--;
+    digits[nd] = '\0';
+    int exp10 = atoi(s + 1);
+    char out[64];
+    int k = 0;
+    if (neg) out[k++] = '-';
+    if (exp10 < -4 || exp10 >= 16) {
+        out[k++] = digits[0];
+        if (nd > 1) {
+            out[k++] = '.';
+            for (int i = 1; i < nd; i++) out[k++] = digits[i];
+        }
+        k += snprintf(out + k, sizeof out - (size_t)k, "e%c%02d", exp10 < 0 ? '-' : '+', exp10 < 0 ? -exp10 : exp10);
+    } else if (exp10 < 0) {
+        out[k++] = '0';
+        out[k++] = '.';
+        for (int i = 0; i < -exp10 - 1; i++) out[k++] = '0';
+        for (int i = 0; i < nd; i++) out[k++] = digits[i];
+        out[k] = '\0';
+    } else {
+        for (int i = 0; i <= exp10; i++) out[k++] = i < nd ? digits[i] : '0';
+        out[k++] = '.';
+        if (nd > exp10 + 1)
+            for (int i = exp10 + 1; i < nd; i++) out[k++] = digits[i];
+        else out[k++] = '0';
+        out[k] = '\0';
+    }
+    snprintf(buf, cap, "%s", out);
+}
