@@ -398,8 +398,15 @@ int ql_qz_open(const char *spec, ql_qz **out)
     snprintf(q->spec, sizeof q->spec, "%s", spec);
     char target[512], opts[512] = "";
     snprintf(target, sizeof target, "%s", spec);
-    char *colon = strrchr(target, ':');
-    if (colon && (strchr(colon + 1, '=') || colon[1] == '\0')) {
+    /* A name has no ':', so its options start at the first one; a path may
+     * hold ':' itself, so there the options are what follows the last ':'
+     * when that looks like options. */
+    char *colon = strchr(target, ':');
+    if (colon && looks_like_path(target)) {
+        colon = strrchr(target, ':');
+        if (!strchr(colon + 1, '=') && colon[1] != '\0') colon = NULL;
+    }
+    if (colon) {
         *colon = '\0';
         snprintf(opts, sizeof opts, "%s", colon + 1);
     }

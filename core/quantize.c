@@ -484,19 +484,36 @@ typedef struct found_layer {
     ql_state_info info;
 } found_layer;
 
-/* Module prefixes that hold something other than a plain float ".weight". */
-static int candidate_prefix(const ql_st_file *f, const ql_tensor *t, char *prefix, size_t cap)
+static int cmp_cstr(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* Every proper dot-prefix of every tensor name ("a.b.c" gives "a", "a.b"):
+ * the module prefixes a quantizer's load() may recognise. */
+static int module_prefixes(const ql_st_file *f, char ***out, size_t *n)
 {
-    const char *dot = strstr(t->name, ".weight");
-    if (!dot) return 0;
-    size_t lp = (size_t)(dot - t->name);
-    if (lp >= cap) return 0;
-    if (strcmp(dot, ".weight") != 0) return 0;
-    memcpy(prefix, t->name, lp);
-    prefix[lp] = '\0';
-    if (!ql_dtype_is_float(t->dtype)) return 1;
-    (void)f;
-    return 0;
+    size_t cap = 0;
+    *out = NULL;
+    *n = 0;
+    for (size_t i = 0; i < ql_st_count(f); i++) {
+        const char *name = ql_st_at(f, i)->name;
+        for (const char *dot = strchr(name, '.'); dot; dot = strchr(dot + 1, '.')) {
+            if (*n == cap) {
+                cap = cap ? cap * 2 : 256;
+                char **p = realloc(*out, cap * sizeof *p);
+                if (!p) return ql_error(QL_ENOMEM, "out of memory");
+                *out = p;
+            }
+            if (!((*out)[*n] = strndup(name, (size_t)(dot - name)))) return ql_error(QL_ENOMEM, "out of memory");
+            (*n)++;
+        }
+    }
+    if (*n) qsort(*out, *n, sizeof **out, cmp_cstr);
+    size_t k = 0;
+    for (size_t i = 0; i < *n; i++) {
+        if (k && strcmp((*out)[k - 1], (*out)[i]) == 0) free((*out)[i]);
+        else (*out)[k++] = (*out)[i];
+    }
+    *n = k;
+    return QL_OK;
 }
 
 int ql_inspect_file(const char *path, int as_json, FILE *out)
@@ -507,6 +524,8 @@ int ql_inspect_file(const char *path, int as_json, FILE *out)
     ql_qz **qs = NULL;
     found_layer *layers = NULL;
     size_t nlayers = 0;
+    char **prefixes = NULL;
+    size_t nprefixes = 0;
     int rc = ql_st_open(path, &f);
     if (rc) return rc;
     if ((rc = ql_plugin_scan(&plugins, &nplugins))) goto done;
@@ -523,10 +542,15 @@ int ql_inspect_file(const char *path, int as_json, FILE *out)
         }
     int64_t qparams = 0;
     uint64_t qbytes = 0;
-    for (size_t i = 0; i < ql_st_count(f); i++) {
-        const ql_tensor *t = ql_st_at(f, i);
-        char prefix[512];
-        if (!candidate_prefix(f, t, prefix, sizeof prefix)) continue;
+    if ((rc = module_prefixes(f, &prefixes, &nprefixes))) goto done;
+    free(layers);
+    layers = calloc(nprefixes ? nprefixes : 1, sizeof *layers);
+    if (!layers) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < nprefixes; i++) {
+        const char *prefix = prefixes[i];
         prefixed_reader pr = {f, prefix};
         ql_tensor_reader reader = {&pr, prefixed_get};
         ql_matrix_desc md = {.name = prefix};
@@ -617,6 +641,7 @@ done:
         for (size_t i = 0; i < nplugins; i++) ql_qz_close(qs[i]);
     free(qs);
     free(layers);
+    ql_string_list_free(prefixes, nprefixes);
     ql_string_list_free(plugins, nplugins);
     ql_st_close(f);
     return rc;

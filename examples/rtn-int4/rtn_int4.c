@@ -576,7 +576,8 @@ static int rtn_load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_ten
         shape_count != 2)
         return host_api->error(QL_EFORMAT, "%s.%s: \"shape\" is missing or not [rows, cols]",
                                matrix_label(m), RTN_CONFIG_TENSOR);
-    if (shape[0] != m->rows || shape[1] != m->cols || !shape_is_supported(shape[0], shape[1]))
+    /* rows == 0 means the caller does not know the shape and takes ours */
+    if ((m->rows > 0 && (shape[0] != m->rows || shape[1] != m->cols)) || !shape_is_supported(shape[0], shape[1]))
         return host_api->error(QL_EFORMAT,
                                "%s.%s: shape [%" PRId64 ", %" PRId64
                                "] does not match the matrix [%" PRId64 ", %" PRId64 "]",

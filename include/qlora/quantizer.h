@@ -93,7 +93,9 @@ typedef struct ql_tensor_reader {
     const ql_tensor *(*get)(void *ctx, const char *suffix);
 } ql_tensor_reader;
 
-/* The dense matrix being quantized or loaded: row-major [rows, cols]. */
+/* The dense matrix being quantized or loaded: row-major [rows, cols].  For
+ * load(), rows == cols == 0 means the caller does not know the shape (as when
+ * inspecting a checkpoint) and the plugin takes it from the saved tensors. */
 typedef struct ql_matrix_desc {
     const char *name; /* module prefix, e.g. "model.layers.0.mlp.down_proj"; for messages */
     int64_t rows;

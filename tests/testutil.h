@@ -1,0 +1,31 @@
+/* Helpers shared by the Check suites. */
+#ifndef QL_TESTUTIL_H
+#define QL_TESTUTIL_H
+
+#include <check.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Environment value or abort the test with a clear message. */
+const char *tu_env(const char *name);
+/* A fresh temporary folder (removed by tu_cleanup at exit). */
+const char *tu_tmpdir(void);
+/* Run a shell command line; capture stdout and stderr (caller frees); return exit status. */
+int tu_run(const char *cmdline, char **out, char **err);
+/* Write a fake LLaMA checkpoint folder with the given tensors (F32 unless dtype given). */
+typedef struct tu_tensor {
+    const char *name;
+    int dtype;
+    int ndim;
+    int64_t shape[4];
+    const void *data; /* NULL: deterministic pseudo-random normal values */
+} tu_tensor;
+void tu_write_model(const char *dir, const tu_tensor *tensors, size_t n, const char *config_json);
+/* Deterministic pseudo-random normal numbers. */
+void tu_randn(float *x, size_t n, uint64_t seed, float scale);
+int tu_contains(const char *haystack, const char *needle);
+
+#define ck_assert_contains(hay, needle)                                                                   \
+    ck_assert_msg(tu_contains((hay), (needle)), "expected to find \"%s\" in:\n%s", (needle), (hay) ? (hay) : "(null)")
+
+#endif
