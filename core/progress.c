@@ -71,8 +71,8 @@ void ql_progress_update(ql_progress *p, int64_t done, const char *item)
     p->done = done;
     if (!p->enabled) return;
     double now = ql_now();
-    /* a terminal redraws often; logs get a line a second at most */
-    if (now - p->last_print < (p->tty ? 0.1 : 1.0) && done < p->total) return;
+    /* a terminal redraws often; logs get a line a second at most; end() prints the last */
+    if (done >= p->total || now - p->last_print < (p->tty ? 0.1 : 1.0)) return;
     print(p, item, 0);
 }
 

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_out.h"
 #include "progress.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
@@ -111,7 +112,7 @@ static int write_config(const ql_model_files *m, const ql_qz *q, const char *dir
         return ql_error(QL_ENOMEM, "out of memory");
     }
     json_object_set_new(cfg, "quantization_config", qc);
-    char *text = json_dumps(cfg, JSON_INDENT(2) | JSON_SORT_KEYS);
+    char *text = ql_json_dumps_py(cfg, 2, 1);
     json_decref(cfg);
     if (!text) return ql_error(QL_ENOMEM, "out of memory");
     size_t len = strlen(text);

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "pyfloat.h"
+
 typedef enum qlp_4bit_type { QLP_NF4 = 0, QLP_FP4 = 1 } qlp_4bit_type;
 
 /* The 16-entry dequantization table as bitsandbytes stores it (quant_map). */
@@ -28,7 +30,5 @@ void qlp_quantize_4bit_blocks(qlp_4bit_type type, const float *x, int64_t n, int
 void qlp_quantize_8bit_blocks(const float map[256], const float *x, int64_t n, int blocksize, uint8_t *codes,
                               float *absmax);
 
-/* Python's repr() of a double (what json.dumps writes). */
-void qlp_format_pyfloat(double v, char *buf, size_t cap);
 
 #endif

@@ -1,0 +1,144 @@
+#include "json_out.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pyfloat.h"
+
+typedef struct buf {
+    char *data;
+    size_t len, cap;
+    int failed;
+} buf;
+
+static void put(buf *b, const char *s, size_t n)
+{
+    if (b->failed) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 1024;
+        while (cap < b->len + n + 1) cap *= 2;
+        char *p = realloc(b->data, cap);
+        if (!p) {
+            b->failed = 1;
+            return;
+        }
+        b->data = p;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+static void puts_(buf *b, const char *s) { put(b, s, strlen(s)); }
+
+static void put_string(buf *b, const char *s)
+{
+    puts_(b, "\"");
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        char esc[8];
+        switch (*p) {
+        case '"': puts_(b, "\\\""); break;
+        case '\\': puts_(b, "\\\\"); break;
+        case '\n': puts_(b, "\\n"); break;
+        case '\r': puts_(b, "\\r"); break;
+        case '\t': puts_(b, "\\t"); break;
+        case '\b': puts_(b, "\\b"); break;
+        case '\f': puts_(b, "\\f"); break;
+        default:
+            if (*p < 0x20) {
+                snprintf(esc, sizeof esc, "\\u%04x", *p);
+                puts_(b, esc);
+            } else {
+                put(b, (const char *)p, 1);
+            }
+        }
+    }
+    puts_(b, "\"");
+}
+
+static void newline(buf *b, int indent, int depth)
+{
+    puts_(b, "\n");
+    for (int i = 0; i < indent * depth; i++) puts_(b, " ");
+}
+
+static int cmp_key(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
+static void dump(buf *b, const json_t *v, int indent, int sort_keys, int depth)
+{
+    char num[64];
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: {
+        size_t n = json_object_size(v);
+        if (n == 0) {
+            puts_(b, "{}");
+            return;
+        }
+        const char **keys = malloc(n * sizeof *keys);
+        if (!keys) {
+            b->failed = 1;
+            return;
+        }
+        size_t k = 0;
+        const char *key;
+        json_t *val;
+        json_object_foreach((json_t *)v, key, val) keys[k++] = key;
+        if (sort_keys) qsort(keys, n, sizeof *keys, cmp_key);
+        puts_(b, "{");
+        for (size_t i = 0; i < n; i++) {
+            if (i) puts_(b, ",");
+            if (indent) newline(b, indent, depth + 1);
+            else if (i) puts_(b, " ");
+            put_string(b, keys[i]);
+            puts_(b, ": ");
+            dump(b, json_object_get(v, keys[i]), indent, sort_keys, depth + 1);
+        }
+        if (indent) newline(b, indent, depth);
+        puts_(b, "}");
+        free(keys);
+        return;
+    }
+    case JSON_ARRAY: {
+        size_t n = json_array_size(v);
+        if (n == 0) {
+            puts_(b, "[]");
+            return;
+        }
+        puts_(b, "[");
+        for (size_t i = 0; i < n; i++) {
+            if (i) puts_(b, ",");
+            if (indent) newline(b, indent, depth + 1);
+            else if (i) puts_(b, " ");
+            dump(b, json_array_get(v, i), indent, sort_keys, depth + 1);
+        }
+        if (indent) newline(b, indent, depth);
+        puts_(b, "]");
+        return;
+    }
+    case JSON_STRING: put_string(b, json_string_value(v)); return;
+    case JSON_INTEGER:
+        snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+        puts_(b, num);
+        return;
+    case JSON_REAL:
+        qlp_format_pyfloat(json_real_value(v), num, sizeof num);
+        puts_(b, num);
+        return;
+    case JSON_TRUE: puts_(b, "true"); return;
+    case JSON_FALSE: puts_(b, "false"); return;
+    case JSON_NULL: puts_(b, "null"); return;
+    }
+}
+
+char *ql_json_dumps_py(const json_t *v, int indent, int sort_keys)
+{
+    buf b = {0};
+    dump(&b, v, indent, sort_keys, 0);
+    if (b.failed) {
+        free(b.data);
+        return NULL;
+    }
+    return b.data;
+}

@@ -1,0 +1,12 @@
+/* JSON text as Python's json.dumps writes it (shortest round-trip floats,
+ * ", " and ": " separators), so files we write read like the ones
+ * transformers and peft write (internal). */
+#ifndef QL_JSON_OUT_H
+#define QL_JSON_OUT_H
+
+#include <jansson.h>
+
+/* indent 0: one line; sort_keys as json.dumps(sort_keys=True).  Caller frees. */
+char *ql_json_dumps_py(const json_t *v, int indent, int sort_keys);
+
+#endif
