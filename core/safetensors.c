@@ -160,6 +160,10 @@ static int parse_header(ql_st_file *f, const char *text, uint64_t hlen, uint64_t
                      (unsigned long long)begin, (unsigned long long)end, (unsigned long long)data_len);
             goto done;
         }
+        if (numel > (uint64_t)INT64_MAX / ql_dtype_size(dtype)) {
+            rc = bad(f->path, "tensor '%s' has a shape too large", key);
+            goto done;
+        }
         uint64_t need = numel * ql_dtype_size(dtype);
         if (need != end - begin) {
             char shape[256] = "";
@@ -340,6 +344,8 @@ int ql_st_writer_add(ql_st_writer *w, const ql_tensor *t)
         return ql_error(QL_EINVAL, "bad tensor name '%s'", t->name ? t->name : "(null)");
     if (ql_dtype_size(t->dtype) == 0) return ql_error(QL_EINVAL, "tensor '%s' has unknown dtype %d", t->name, t->dtype);
     if (t->ndim < 0 || t->ndim > QL_MAX_DIMS) return ql_error(QL_EINVAL, "tensor '%s' has bad rank", t->name);
+    for (int d = 0; d < t->ndim; d++)
+        if (t->shape[d] < 0) return ql_error(QL_EINVAL, "tensor '%s' has a negative dimension", t->name);
     uint64_t need = (uint64_t)ql_shape_numel(t->shape, t->ndim) * ql_dtype_size(t->dtype);
     if (need != t->nbytes)
         return ql_error(QL_EINVAL, "tensor '%s': shape needs %llu bytes but %llu given", t->name,

@@ -1,0 +1,447 @@
+#include "qlora/llama.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+#include "progress.h"
+#include "qlora/dtype.h"
+#include "qlora/error.h"
+#include "qlora/model.h"
+
+struct ql_llama {
+    ql_llama_config cfg;
+    ql_qz *qz;              /* quantizer of the block linears, or NULL */
+    char quantization[600]; /* "nf4:..." or "none" */
+    float *embed;           /* [vocab, hidden] */
+    float *final_norm;      /* [hidden] */
+    float *lm_head;         /* [vocab, hidden]; == embed when tied */
+    ql_llama_layer *layers; /* [n_layers] */
+    float *scratch_w;       /* materialized weights of one linear, reused */
+    int64_t scratch_w_len;
+};
+
+struct ql_kv_cache {
+    int n_layers, capacity, len, kv_dim;
+    float *k; /* [n_layers, capacity, kv_dim] */
+    float *v;
+};
+
+/* ---- config ---- */
+
+static int get_int(json_t *cfg, const char *key, int *out, int required)
+{
+    json_t *v = json_object_get(cfg, key);
+    if (!v || json_is_null(v)) return required ? ql_error(QL_EFORMAT, "config.json: missing \"%s\"", key) : QL_ENOTFOUND;
+    if (!json_is_integer(v) || json_integer_value(v) <= 0 || json_integer_value(v) > (1 << 30))
+        return ql_error(QL_EFORMAT, "config.json: \"%s\" must be a positive integer", key);
+    *out = (int)json_integer_value(v);
+    return QL_OK;
+}
+
+static int get_real(json_t *cfg, const char *key, float *out, float fallback)
+{
+    json_t *v = json_object_get(cfg, key);
+    if (!v || json_is_null(v)) {
+        *out = fallback;
+        return QL_OK;
+    }
+    if (!json_is_number(v) || !(json_number_value(v) > 0))
+        return ql_error(QL_EFORMAT, "config.json: \"%s\" must be a positive number", key);
+    *out = (float)json_number_value(v);
+    return QL_OK;
+}
+
+int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
+{
+    json_t *cfg = (json_t *)config_json;
+    memset(c, 0, sizeof *c);
+    json_t *arch = json_object_get(cfg, "architectures");
+    const char *name = json_is_array(arch) ? json_string_value(json_array_get(arch, 0)) : NULL;
+    if (!name) {
+        const char *mt = json_string_value(json_object_get(cfg, "model_type"));
+        if (mt && !strcmp(mt, "llama")) name = "LlamaForCausalLM";
+        else if (mt && !strcmp(mt, "mistral")) name = "MistralForCausalLM";
+        else return ql_error(QL_ENOTSUP, "config.json names no architecture (model_type %s)", mt ? mt : "missing");
+    }
+    if (strcmp(name, "LlamaForCausalLM") != 0 && strcmp(name, "MistralForCausalLM") != 0)
+        return ql_error(QL_ENOTSUP, "unsupported architecture %s: qlora supports LlamaForCausalLM and MistralForCausalLM",
+                        name);
+    snprintf(c->architecture, sizeof c->architecture, "%s", name);
+    int rc;
+    if ((rc = get_int(cfg, "hidden_size", &c->hidden, 1)) || (rc = get_int(cfg, "intermediate_size", &c->intermediate, 1)) ||
+        (rc = get_int(cfg, "num_hidden_layers", &c->n_layers, 1)) ||
+        (rc = get_int(cfg, "num_attention_heads", &c->n_heads, 1)) || (rc = get_int(cfg, "vocab_size", &c->vocab, 1)))
+        return rc;
+    if ((rc = get_int(cfg, "num_key_value_heads", &c->n_kv_heads, 0)) == QL_ENOTFOUND) c->n_kv_heads = c->n_heads;
+    else if (rc) return rc;
+    if ((rc = get_int(cfg, "head_dim", &c->head_dim, 0)) == QL_ENOTFOUND) c->head_dim = c->hidden / c->n_heads;
+    else if (rc) return rc;
+    if ((rc = get_int(cfg, "max_position_embeddings", &c->max_positions, 0)) == QL_ENOTFOUND) c->max_positions = 2048;
+    else if (rc) return rc;
+    if ((rc = get_real(cfg, "rms_norm_eps", &c->rms_eps, 1e-6f)) || (rc = get_real(cfg, "rope_theta", &c->rope_theta, 10000.0f)))
+        return rc;
+    json_t *rs = json_object_get(cfg, "rope_scaling");
+    if (rs && !json_is_null(rs))
+        return ql_error(QL_ENOTSUP, "config.json: rope_scaling is not supported yet");
+    if (c->n_heads % c->n_kv_heads)
+        return ql_error(QL_EFORMAT, "config.json: num_attention_heads %d is not a multiple of num_key_value_heads %d",
+                        c->n_heads, c->n_kv_heads);
+    if (c->head_dim % 2) return ql_error(QL_EFORMAT, "config.json: head dimension %d is odd", c->head_dim);
+    json_t *tie = json_object_get(cfg, "tie_word_embeddings");
+    c->tied_embeddings = tie ? json_is_true(tie) : 0;
+    c->bos_id = 1;
+    c->eos_id = 2;
+    json_t *b = json_object_get(cfg, "bos_token_id"), *e = json_object_get(cfg, "eos_token_id");
+    if (json_is_integer(b)) c->bos_id = (int)json_integer_value(b);
+    if (json_is_integer(e)) c->eos_id = (int)json_integer_value(e);
+    if (json_is_array(e) && json_is_integer(json_array_get(e, 0))) c->eos_id = (int)json_integer_value(json_array_get(e, 0));
+    return QL_OK;
+}
+
+/* ---- loading ---- */
+
+static int load_dense(const ql_model_files *mf, const char *name, int64_t d0, int64_t d1, float **out)
+{
+    const ql_tensor *t = ql_model_files_find(mf, name);
+    if (!t) return ql_error(QL_EFORMAT, "%s: tensor %s is missing", ql_model_files_dir(mf), name);
+    int64_t want = d1 ? d0 * d1 : d0;
+    int ndim = d1 ? 2 : 1;
+    if (t->ndim != ndim || t->shape[0] != d0 || (d1 && t->shape[1] != d1))
+        return ql_error(QL_EFORMAT, "tensor %s has shape [%lld%s%lld] but the config implies [%lld%s%lld]", name,
+                        (long long)t->shape[0], t->ndim > 1 ? ", " : "", t->ndim > 1 ? (long long)t->shape[1] : 0LL,
+                        (long long)d0, d1 ? ", " : "", (long long)d1);
+    if (!ql_dtype_is_float(t->dtype))
+        return ql_error(QL_EFORMAT, "tensor %s is %s, expected a float dtype", name, ql_dtype_name(t->dtype));
+    int64_t bad = ql_first_nonfinite(t->dtype, t->data, (size_t)want);
+    if (bad >= 0) return ql_error(QL_ENUMERIC, "tensor %s has NaN or Inf at index %lld", name, (long long)bad);
+    float *w = malloc((size_t)want * sizeof *w);
+    if (!w) return ql_error(QL_ENOMEM, "out of memory loading %s", name);
+    int rc = ql_convert_to_f32(t->dtype, t->data, (size_t)want, w);
+    if (rc) {
+        free(w);
+        return rc;
+    }
+    *out = w;
+    return QL_OK;
+}
+
+typedef struct files_reader {
+    const ql_model_files *mf;
+    const char *prefix;
+} files_reader;
+
+static const ql_tensor *files_get(void *ctx, const char *suffix)
+{
+    files_reader *r = ctx;
+    char name[1024];
+    if (snprintf(name, sizeof name, "%s.%s", r->prefix, suffix) >= (int)sizeof name) return NULL;
+    return ql_model_files_find(r->mf, name);
+}
+
+/* The quantizer named by a pre-quantized checkpoint's quantization_config. */
+static int prequantized_spec(json_t *cfg, char *spec, size_t cap)
+{
+    json_t *qc = json_object_get(cfg, "quantization_config");
+    if (!qc || json_is_null(qc)) return QL_ENOTFOUND;
+    const char *method = json_string_value(json_object_get(qc, "quant_method"));
+    if (method && !strcmp(method, "bitsandbytes")) {
+        if (json_is_true(json_object_get(qc, "load_in_4bit")) || json_is_true(json_object_get(qc, "_load_in_4bit"))) {
+            const char *t = json_string_value(json_object_get(qc, "bnb_4bit_quant_type"));
+            snprintf(spec, cap, "%s", t ? t : "fp4");
+            return QL_OK;
+        }
+        if (json_is_true(json_object_get(qc, "load_in_8bit")) || json_is_true(json_object_get(qc, "_load_in_8bit"))) {
+            snprintf(spec, cap, "int8");
+            return QL_OK;
+        }
+    }
+    if (method && !strcmp(method, "qlora")) {
+        const char *q = json_string_value(json_object_get(qc, "quantizer"));
+        if (q) {
+            snprintf(spec, cap, "%s", q);
+            return QL_OK;
+        }
+    }
+    return ql_error(QL_ENOTSUP, "config.json: quantization_config with quant_method '%s' is not supported",
+                    method ? method : "(none)");
+}
+
+static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, ql_linear *l, const char *prefix,
+                       int64_t out, int64_t in)
+{
+    l->name = strdup(prefix);
+    l->out = out;
+    l->in = in;
+    if (!l->name) return ql_error(QL_ENOMEM, "out of memory");
+    if (out * in > m->scratch_w_len) m->scratch_w_len = out * in;
+    char wname[600];
+    snprintf(wname, sizeof wname, "%s.weight", prefix);
+    if (prequantized) {
+        files_reader fr = {mf, prefix};
+        ql_tensor_reader r = {&fr, files_get};
+        ql_matrix_desc md = {.name = prefix, .rows = out, .cols = in};
+        ql_error_clear();
+        int rc = m->qz->desc->load(m->qz->inst, &md, &r, &l->state);
+        if (rc == QL_ENOTFOUND)
+            return ql_error(QL_EFORMAT, "%s is not in the %s format that config.json's quantization_config names", prefix,
+                            m->qz->desc->name);
+        if (rc) return rc;
+        l->qz = m->qz;
+        return QL_OK;
+    }
+    float *w;
+    int rc = load_dense(mf, wname, out, in, &w);
+    if (rc) return rc;
+    if (!m->qz) {
+        l->dense = w;
+        return QL_OK;
+    }
+    const ql_tensor *t = ql_model_files_find(mf, wname);
+    ql_matrix_desc md = {.name = prefix, .rows = out, .cols = in, .src_dtype = t->dtype};
+    ql_error_clear();
+    rc = m->qz->desc->quantize(m->qz->inst, &md, w, &l->state);
+    free(w);
+    if (rc) return ql_error_context("quantizer %s on %s", m->qz->desc->name, prefix);
+    l->qz = m->qz;
+    return QL_OK;
+}
+
+static void free_linear(ql_linear *l)
+{
+    free((char *)l->name);
+    free(l->dense);
+    if (l->state) l->qz->desc->free_state(l->qz->inst, l->state);
+}
+
+int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **out)
+{
+    *out = NULL;
+    ql_model_files *mf = NULL;
+    int rc = ql_model_files_open(dir, &mf);
+    if (rc) return rc;
+    ql_llama *m = calloc(1, sizeof *m);
+    if (!m) {
+        ql_model_files_close(mf);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    json_t *cfg = ql_model_files_config(mf);
+    if ((rc = ql_llama_config_parse(cfg, &m->cfg))) goto fail;
+    const ql_llama_config *c = &m->cfg;
+    char spec[512];
+    int prequantized = 0;
+    rc = prequantized_spec(cfg, spec, sizeof spec);
+    if (rc == QL_OK) {
+        prequantized = 1;
+        if (opts && opts->quantizer && strcmp(opts->quantizer, "none") && strncmp(opts->quantizer, spec, strlen(spec)))
+            fprintf(stderr, "qlora: warning: %s is already quantized with %s; using it as it is, not --quantizer=%s\n", dir,
+                    spec, opts->quantizer);
+    } else if (rc == QL_ENOTFOUND) {
+        rc = QL_OK;
+        const char *q = opts && opts->quantizer ? opts->quantizer : "none";
+        snprintf(spec, sizeof spec, "%s", q);
+    } else {
+        goto fail;
+    }
+    if (strcmp(spec, "none") != 0) {
+        if ((rc = ql_qz_open(spec, &m->qz))) goto fail;
+        snprintf(m->quantization, sizeof m->quantization, "%s%s%s", m->qz->desc->name, m->qz->options[0] ? ":" : "",
+                 m->qz->options);
+    } else {
+        snprintf(m->quantization, sizeof m->quantization, "none");
+    }
+    int64_t H = c->hidden, I = c->intermediate, qd = (int64_t)c->n_heads * c->head_dim,
+            kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    if ((rc = load_dense(mf, "model.embed_tokens.weight", c->vocab, H, &m->embed))) goto fail;
+    if ((rc = load_dense(mf, "model.norm.weight", H, 0, &m->final_norm))) goto fail;
+    if (!c->tied_embeddings && ql_model_files_find(mf, "lm_head.weight")) {
+        if ((rc = load_dense(mf, "lm_head.weight", c->vocab, H, &m->lm_head))) goto fail;
+    } else {
+        m->lm_head = m->embed;
+    }
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->layers) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto fail;
+    }
+    ql_progress prog;
+    ql_progress_begin(&prog, "load", c->n_layers, "layers", opts ? opts->progress : 0);
+    for (int i = 0; i < c->n_layers; i++) {
+        ql_llama_layer *L = &m->layers[i];
+        char p[256], n[300];
+        snprintf(n, sizeof n, "model.layers.%d.input_layernorm.weight", i);
+        if ((rc = load_dense(mf, n, H, 0, &L->attn_norm))) goto fail;
+        snprintf(n, sizeof n, "model.layers.%d.post_attention_layernorm.weight", i);
+        if ((rc = load_dense(mf, n, H, 0, &L->mlp_norm))) goto fail;
+        struct {
+            ql_linear *l;
+            const char *what;
+            int64_t out, in;
+        } lin[] = {
+            {&L->q, "self_attn.q_proj", qd, H}, {&L->k, "self_attn.k_proj", kvd, H}, {&L->v, "self_attn.v_proj", kvd, H},
+            {&L->o, "self_attn.o_proj", H, qd}, {&L->gate, "mlp.gate_proj", I, H},   {&L->up, "mlp.up_proj", I, H},
+            {&L->down, "mlp.down_proj", H, I},
+        };
+        for (size_t k = 0; k < sizeof lin / sizeof lin[0]; k++) {
+            snprintf(p, sizeof p, "model.layers.%d.%s", i, lin[k].what);
+            if ((rc = load_linear(m, mf, prequantized, lin[k].l, p, lin[k].out, lin[k].in))) goto fail;
+        }
+        ql_progress_update(&prog, i + 1, "");
+    }
+    ql_progress_end(&prog);
+    m->scratch_w = malloc((size_t)m->scratch_w_len * sizeof(float));
+    if (!m->scratch_w) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto fail;
+    }
+    ql_model_files_close(mf);
+    *out = m;
+    return QL_OK;
+fail:
+    ql_model_files_close(mf);
+    ql_llama_destroy(m);
+    return rc;
+}
+
+void ql_llama_destroy(ql_llama *m)
+{
+    if (!m) return;
+    if (m->layers)
+        for (int i = 0; i < m->cfg.n_layers; i++) {
+            ql_llama_layer *L = &m->layers[i];
+            free(L->attn_norm);
+            free(L->mlp_norm);
+            ql_linear *ls[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+            for (size_t k = 0; k < 7; k++) free_linear(ls[k]);
+        }
+    free(m->layers);
+    if (m->lm_head != m->embed) free(m->lm_head);
+    free(m->embed);
+    free(m->final_norm);
+    free(m->scratch_w);
+    ql_qz_close(m->qz);
+    free(m);
+}
+
+const ql_llama_config *ql_llama_get_config(const ql_llama *m) { return &m->cfg; }
+ql_llama_layer *ql_llama_layers(ql_llama *m) { return m->layers; }
+const float *ql_llama_embeddings(const ql_llama *m) { return m->embed; }
+const char *ql_llama_quantization(const ql_llama *m) { return m->quantization; }
+
+int ql_linear_weights(const ql_linear *l, float *w)
+{
+    if (l->dense) {
+        memcpy(w, l->dense, (size_t)(l->out * l->in) * sizeof *w);
+        return QL_OK;
+    }
+    int rc = l->qz->desc->materialize(l->qz->inst, l->state, QL_DTYPE_F32, w);
+    return rc ? ql_error_context("materializing %s", l->name) : QL_OK;
+}
+
+/* y[T, out] = x[T, in] W^T, materializing a quantized W into scratch first */
+static int linear_forward(ql_llama *m, const ql_linear *l, const float *x, int64_t T, float *y)
+{
+    const float *w = l->dense;
+    if (!w) {
+        int rc = ql_linear_weights(l, m->scratch_w);
+        if (rc) return rc;
+        w = m->scratch_w;
+    }
+    ql_matmul_nt(y, x, w, T, l->in, l->out, 0);
+    return QL_OK;
+}
+
+/* ---- cache ---- */
+
+int ql_kv_cache_create(const ql_llama *m, int capacity, ql_kv_cache **out)
+{
+    ql_kv_cache *c = calloc(1, sizeof *c);
+    if (!c) return ql_error(QL_ENOMEM, "out of memory");
+    c->n_layers = m->cfg.n_layers;
+    c->capacity = capacity;
+    c->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
+    size_t n = (size_t)c->n_layers * (size_t)capacity * (size_t)c->kv_dim;
+    c->k = malloc(n * sizeof(float));
+    c->v = malloc(n * sizeof(float));
+    if (!c->k || !c->v) {
+        ql_kv_cache_destroy(c);
+        return ql_error(QL_ENOMEM, "out of memory for a %d-token cache", capacity);
+    }
+    *out = c;
+    return QL_OK;
+}
+
+void ql_kv_cache_destroy(ql_kv_cache *c)
+{
+    if (!c) return;
+    free(c->k);
+    free(c->v);
+    free(c);
+}
+
+void ql_kv_cache_reset(ql_kv_cache *c) { c->len = 0; }
+int ql_kv_cache_length(const ql_kv_cache *c) { return c->len; }
+
+/* ---- forward ---- */
+
+int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int T, float *logits, int last_only)
+{
+    const ql_llama_config *c = &m->cfg;
+    const int64_t H = c->hidden, I = c->intermediate, hd = c->head_dim;
+    const int64_t qd = (int64_t)c->n_heads * hd, kvd = (int64_t)c->n_kv_heads * hd;
+    const int past = cache->len;
+    if (T <= 0) return QL_OK;
+    if (past + T > cache->capacity)
+        return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the cache of %d", past + T, cache->capacity);
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= c->vocab)
+            return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", tokens[t], t, c->vocab);
+    int rc = QL_OK;
+    size_t wide = (size_t)T * (size_t)(I > qd ? I : qd);
+    float *x = malloc((size_t)T * H * sizeof *x), *xn = malloc((size_t)T * H * sizeof *xn);
+    float *q = malloc((size_t)T * qd * sizeof *q), *att = malloc((size_t)T * qd * sizeof *att);
+    float *g = malloc(wide * sizeof *g), *u = malloc(wide * sizeof *u), *tmp = malloc((size_t)T * H * sizeof *tmp);
+    if (!x || !xn || !q || !att || !g || !u || !tmp) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto done;
+    }
+    for (int t = 0; t < T; t++) memcpy(x + t * H, m->embed + (int64_t)tokens[t] * H, (size_t)H * sizeof *x);
+    for (int l = 0; l < c->n_layers; l++) {
+        ql_llama_layer *L = &m->layers[l];
+        float *kc = cache->k + ((size_t)l * cache->capacity) * kvd;
+        float *vc = cache->v + ((size_t)l * cache->capacity) * kvd;
+        ql_rmsnorm_forward(xn, NULL, x, L->attn_norm, T, H, c->rms_eps);
+        if ((rc = linear_forward(m, &L->q, xn, T, q))) goto done;
+        if ((rc = linear_forward(m, &L->k, xn, T, kc + (size_t)past * kvd))) goto done;
+        if ((rc = linear_forward(m, &L->v, xn, T, vc + (size_t)past * kvd))) goto done;
+        ql_rope_forward(q, T, c->n_heads, (int)hd, past, c->rope_theta);
+        ql_rope_forward(kc + (size_t)past * kvd, T, c->n_kv_heads, (int)hd, past, c->rope_theta);
+        ql_attention_forward(att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd);
+        if ((rc = linear_forward(m, &L->o, att, T, tmp))) goto done;
+        ql_add_inplace(x, tmp, (int64_t)T * H);
+        ql_rmsnorm_forward(xn, NULL, x, L->mlp_norm, T, H, c->rms_eps);
+        if ((rc = linear_forward(m, &L->gate, xn, T, g))) goto done;
+        if ((rc = linear_forward(m, &L->up, xn, T, u))) goto done;
+        ql_swiglu_forward(g, g, u, (int64_t)T * I);
+        if ((rc = linear_forward(m, &L->down, g, T, tmp))) goto done;
+        ql_add_inplace(x, tmp, (int64_t)T * H);
+    }
+    cache->len += T;
+    if (logits) {
+        int64_t first = last_only ? T - 1 : 0;
+        ql_rmsnorm_forward(xn, NULL, x + first * H, m->final_norm, T - first, H, c->rms_eps);
+        ql_matmul_nt(logits, xn, m->lm_head, T - first, H, c->vocab, 0);
+    }
+done:
+    free(x);
+    free(xn);
+    free(q);
+    free(att);
+    free(g);
+    free(u);
+    free(tmp);
+    return rc;
+}

@@ -1,0 +1,27 @@
+/* CPU reference operators (internal).  Outputs first, shapes in comments;
+ * every operator has a plain C loop that the CUDA backend must match. */
+#ifndef QL_OPS_H
+#define QL_OPS_H
+
+#include <stdint.h>
+
+/* y[T, out] = x[T, in] * w[out, in]^T (+ y if accumulate) */
+void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
+/* out[T, C] = x / rms(x) * weight; rstd[T] = 1 / rms (may be NULL) */
+void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *weight, int64_t T, int64_t C,
+                        float eps);
+/* Rotary embedding in place on x[T, nheads, hd] for positions pos0..pos0+T-1,
+ * rotating halves (x[:hd/2], x[hd/2:]) as transformers' rotate_half does. */
+void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, float theta);
+/* Causal grouped-query attention for T new positions after `past` cached
+ * ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T, nh, hd]. */
+void ql_attention_forward(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
+                          int nh, int nkv, int hd);
+/* out[n] = silu(gate[n]) * up[n] */
+void ql_swiglu_forward(float *out, const float *gate, const float *up, int64_t n);
+/* x[n] += y[n] */
+void ql_add_inplace(float *x, const float *y, int64_t n);
+/* log-sum-exp of logits[V] minus logits[target]: the token's negative log-likelihood */
+double ql_token_nll(const float *logits, int64_t V, int32_t target);
+
+#endif

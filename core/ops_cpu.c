@@ -1,0 +1,117 @@
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+static float dot(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate)
+{
+#pragma omp parallel for collapse(2) schedule(static) if (T * in * out > 65536)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t o = 0; o < out; o++) {
+            float v = dot(x + t * in, w + o * in, in);
+            y[t * out + o] = accumulate ? y[t * out + o] + v : v;
+        }
+}
+
+void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *weight, int64_t T, int64_t C, float eps)
+{
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * C;
+        double ss = 0;
+        for (int64_t c = 0; c < C; c++) ss += (double)xt[c] * xt[c];
+        float r = 1.0f / sqrtf((float)(ss / (double)C) + eps);
+        if (rstd) rstd[t] = r;
+        for (int64_t c = 0; c < C; c++) out[t * C + c] = weight[c] * (xt[c] * r);
+    }
+}
+
+void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, float theta)
+{
+    int half = hd / 2;
+    float *inv = malloc((size_t)half * sizeof *inv);
+    if (!inv) return;
+    for (int i = 0; i < half; i++) inv[i] = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+    for (int64_t t = 0; t < T; t++) {
+        float pos = (float)(pos0 + t);
+        for (int i = 0; i < half; i++) {
+            float f = pos * inv[i];
+            float c = cosf(f), s = sinf(f);
+            for (int h = 0; h < nheads; h++) {
+                float *v = x + (t * nheads + h) * hd;
+                float a = v[i], b = v[i + half];
+                v[i] = a * c - b * s;
+                v[i + half] = b * c + a * s;
+            }
+        }
+    }
+    free(inv);
+}
+
+void ql_attention_forward(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
+                          int nh, int nkv, int hd)
+{
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int group = nh / nkv;
+#pragma omp parallel for collapse(2) schedule(static) if (T * nh > 16)
+    for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++) {
+            int64_t n = past + t + 1; /* causal: keys 0..past+t */
+            int kvh = h / group;
+            const float *qt = q + (t * nh + h) * hd;
+            float *scores = malloc((size_t)n * sizeof *scores);
+            if (!scores) continue;
+            float mx = -INFINITY;
+            for (int64_t s = 0; s < n; s++) {
+                scores[s] = dot(qt, k + (s * nkv + kvh) * hd, hd) * scale;
+                if (scores[s] > mx) mx = scores[s];
+            }
+            float sum = 0;
+            for (int64_t s = 0; s < n; s++) {
+                scores[s] = expf(scores[s] - mx);
+                sum += scores[s];
+            }
+            float *o = out + (t * nh + h) * hd;
+            memset(o, 0, (size_t)hd * sizeof *o);
+            for (int64_t s = 0; s < n; s++) {
+                float p = scores[s] / sum;
+                const float *vs = v + (s * nkv + kvh) * hd;
+                for (int d = 0; d < hd; d++) o[d] += p * vs[d];
+            }
+            free(scores);
+        }
+}
+
+void ql_swiglu_forward(float *out, const float *gate, const float *up, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+void ql_add_inplace(float *x, const float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+double ql_token_nll(const float *logits, int64_t V, int32_t target)
+{
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    double sum = 0;
+    for (int64_t i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
+    return log(sum) + mx - (double)logits[target];
+}

@@ -1,0 +1,88 @@
+/* LLaMA-family decoder models (LlamaForCausalLM, MistralForCausalLM): load
+ * from a Hugging Face folder, optionally quantizing the block linears through
+ * a plugin, and run the forward pass on the CPU reference backend. */
+#ifndef QLORA_LLAMA_H
+#define QLORA_LLAMA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ql_llama_config {
+    char architecture[64];
+    int hidden;        /* hidden_size */
+    int intermediate;  /* intermediate_size */
+    int n_layers;      /* num_hidden_layers */
+    int n_heads;       /* num_attention_heads */
+    int n_kv_heads;    /* num_key_value_heads */
+    int head_dim;      /* hidden / n_heads unless config says */
+    int vocab;         /* vocab_size */
+    int max_positions; /* max_position_embeddings */
+    float rms_eps;
+    float rope_theta;
+    int tied_embeddings;
+    int bos_id, eos_id;
+} ql_llama_config;
+
+/* Read and check config.json (a jansson json_t *).  An unsupported
+ * architecture is an error that names it. */
+int ql_llama_config_parse(const void *config_json, ql_llama_config *out);
+
+/* One linear layer: dense float32 weights, or a plugin's packed state that
+ * is materialized on use and never kept. */
+typedef struct ql_linear {
+    const char *name; /* module prefix */
+    int64_t out, in;
+    float *dense;          /* [out, in] or NULL */
+    const ql_qz *qz;       /* with state when quantized */
+    ql_qstate *state;
+} ql_linear;
+
+typedef struct ql_llama_layer {
+    float *attn_norm; /* [hidden] */
+    float *mlp_norm;  /* [hidden] */
+    ql_linear q, k, v, o, gate, up, down;
+} ql_llama_layer;
+
+typedef struct ql_llama ql_llama;
+
+typedef struct ql_llama_load_opts {
+    /* NULL or "none": keep a full-precision checkpoint dense; otherwise the
+     * quantizer spec for the block linears.  A checkpoint that is already
+     * quantized is used as it is. */
+    const char *quantizer;
+    int progress;
+} ql_llama_load_opts;
+
+int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **out);
+void ql_llama_destroy(ql_llama *m);
+const ql_llama_config *ql_llama_get_config(const ql_llama *m);
+ql_llama_layer *ql_llama_layers(ql_llama *m);
+const float *ql_llama_embeddings(const ql_llama *m); /* [vocab, hidden] */
+/* "nf4:blocksize=64,double_quant=1" or "none" */
+const char *ql_llama_quantization(const ql_llama *m);
+
+/* Materialize a linear's weights as float32 [out, in] into `w`. */
+int ql_linear_weights(const ql_linear *l, float *w);
+
+/* Key/value cache for incremental decoding. */
+typedef struct ql_kv_cache ql_kv_cache;
+int ql_kv_cache_create(const ql_llama *m, int capacity, ql_kv_cache **out);
+void ql_kv_cache_destroy(ql_kv_cache *c);
+void ql_kv_cache_reset(ql_kv_cache *c);
+int ql_kv_cache_length(const ql_kv_cache *c);
+
+/* Run T tokens starting at the cache's current length; logits [T, vocab]
+ * (logits may be NULL to skip the output layer, or `last_only` to compute
+ * only the last row into logits[0..vocab)). */
+int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int T, float *logits, int last_only);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,1349 @@
+/* The qlora command, run as a separate process on stories260K and on small
+ * hand-made checkpoints: what it writes, what it prints, and how it refuses. */
+#include <check.h>
+#include <dirent.h>
+#include <dlfcn.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "qlora/qlora.h"
+#include "testutil.h"
+
+/* ---- helpers ---- */
+
+static char *join(const char *a, const char *b)
+{
+    char *p = ql_path_join(a, b);
+    ck_assert_ptr_nonnull(p);
+    return p;
+}
+
+static char *fresh_dir(void) { return strdup(tu_tmpdir()); }
+
+static char *model_dir(void) { return join(tu_env("QLORA_SHARED"), "models/stories260K"); }
+
+/* Run `qlora ARGS` (printf-style); stdout and stderr into *out / *err (caller frees). */
+static int qlora(char **out, char **err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int qlora(char **out, char **err, const char *fmt, ...)
+{
+    char args[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    ck_assert_int_lt(n, (int)sizeof args);
+    char cmd[8400];
+    snprintf(cmd, sizeof cmd, "'%s' %s", tu_env("QLORA_BIN"), args);
+    char *o = NULL, *e = NULL;
+    int status = tu_run(cmd, &o, &e);
+    if (out) *out = o;
+    else free(o);
+    if (err) *err = e;
+    else free(e);
+    return status;
+}
+
+static char *slurp(const char *path, size_t *len)
+{
+    char *data;
+    size_t l;
+    int rc = ql_read_file(path, &data, &l);
+    ck_assert_msg(rc == QL_OK, "%s", ql_error_message());
+    if (len) *len = l;
+    return data;
+}
+
+static void spit(const char *path, const void *data, size_t len)
+{
+    ck_assert_int_eq(ql_write_file_atomic(path, data, len), QL_OK);
+}
+
+static void assert_same_file(const char *a, const char *b)
+{
+    size_t la, lb;
+    char *da = slurp(a, &la), *db = slurp(b, &lb);
+    ck_assert_msg(la == lb && memcmp(da, db, la) == 0, "%s (%zu bytes) differs from %s (%zu bytes)", a, la, b, lb);
+    free(da);
+    free(db);
+}
+
+/* Entries of a folder, sorted, joined by spaces. */
+static void list_dir(const char *dir, char *buf, size_t cap)
+{
+    char names[32][256];
+    int n = 0;
+    DIR *d = opendir(dir);
+    ck_assert_msg(d != NULL, "cannot open %s", dir);
+    struct dirent *e;
+    while ((e = readdir(d)) && n < 32) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(names[n++], sizeof names[0], "%s", e->d_name);
+    }
+    closedir(d);
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
+            char t[256];
+            memcpy(t, names[j], sizeof t);
+            memcpy(names[j], names[j - 1], sizeof t);
+            memcpy(names[j - 1], t, sizeof t);
+        }
+    size_t k = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < n && k < cap; i++) k += (size_t)snprintf(buf + k, cap - k, "%s%s", i ? " " : "", names[i]);
+}
+
+/* `parent` holds exactly `expect` (space separated, sorted): no "*.tmp.*" or "*.old.*" left behind. */
+static void assert_dir_is(const char *parent, const char *expect)
+{
+    char names[4096];
+    list_dir(parent, names, sizeof names);
+    ck_assert_msg(strstr(names, ".tmp.") == NULL, "temporary leftovers in %s: %s", parent, names);
+    ck_assert_str_eq(names, expect);
+}
+
+static json_t *load_json_file(const char *path)
+{
+    json_error_t jerr;
+    json_t *j = json_load_file(path, 0, &jerr);
+    ck_assert_msg(j != NULL, "%s: %s", path, jerr.text);
+    return j;
+}
+
+static json_t *parse_json(const char *text)
+{
+    json_error_t jerr;
+    json_t *j = json_loads(text, 0, &jerr);
+    ck_assert_msg(j != NULL, "not JSON (%s): %s", jerr.text, text);
+    return j;
+}
+
+static const ql_tensor *need_tensor(const ql_st_file *f, const char *name, int dtype)
+{
+    const ql_tensor *t = ql_st_find(f, name);
+    ck_assert_msg(t != NULL, "%s has no tensor %s", ql_st_path(f), name);
+    ck_assert_msg(t->dtype == dtype, "%s is %s, expected %s", name, ql_dtype_name(t->dtype), ql_dtype_name(dtype));
+    return t;
+}
+
+static ql_st_file *open_st(const char *dir)
+{
+    char *path = join(dir, "model.safetensors");
+    ql_st_file *f;
+    int rc = ql_st_open(path, &f);
+    ck_assert_msg(rc == QL_OK, "%s", ql_error_message());
+    free(path);
+    return f;
+}
+
+/* The seven linears of each of stories260K's five blocks. */
+static const char *const projections[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                          "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+enum { N_BLOCKS = 5, N_PROJ = 7, N_LINEARS = N_BLOCKS * N_PROJ, N_PARAMS = 226560 };
+
+static void linear_name(int i, const char *suffix, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "model.layers.%d.%s.%s", i / N_PROJ, projections[i % N_PROJ], suffix);
+}
+
+/* Non-quantized tensors pass through byte for byte. */
+static void assert_passthrough(const ql_st_file *in, const ql_st_file *out)
+{
+    static const char *const kept[] = {"model.embed_tokens.weight", "model.norm.weight",
+                                       "model.layers.0.input_layernorm.weight",
+                                       "model.layers.4.post_attention_layernorm.weight"};
+    for (size_t i = 0; i < sizeof kept / sizeof kept[0]; i++) {
+        const ql_tensor *a = need_tensor(in, kept[i], QL_DTYPE_F32), *b = need_tensor(out, kept[i], QL_DTYPE_F32);
+        ck_assert_int_eq(a->ndim, b->ndim);
+        for (int d = 0; d < a->ndim; d++) ck_assert_int_eq(a->shape[d], b->shape[d]);
+        ck_assert_uint_eq(a->nbytes, b->nbytes);
+        ck_assert_msg(memcmp(a->data, b->data, a->nbytes) == 0, "%s changed", kept[i]);
+    }
+}
+
+static const float *input_weight(const ql_st_file *in, int i, int64_t *rows, int64_t *cols)
+{
+    char name[256];
+    linear_name(i, "weight", name, sizeof name);
+    const ql_tensor *t = need_tensor(in, name, QL_DTYPE_F32);
+    ck_assert_int_eq(t->ndim, 2);
+    *rows = t->shape[0];
+    *cols = t->shape[1];
+    return t->data;
+}
+
+/* A small LLaMA-shaped checkpoint: one block with two linears. */
+enum { TINY_H = 16, TINY_F = 48, TINY_V = 32 };
+
+static void write_tiny_model(const char *dir, int dtype, const char *nonfinite_tensor, int64_t index, float value)
+{
+    static float up[TINY_F * TINY_H], down[TINY_H * TINY_F], norm[TINY_H];
+    static uint16_t up16[TINY_F * TINY_H];
+    tu_randn(up, TINY_F * TINY_H, 11, 0.05f);
+    tu_randn(down, TINY_H * TINY_F, 12, 0.05f);
+    for (int i = 0; i < TINY_H; i++) norm[i] = 1.0f + 0.01f * (float)i;
+    if (nonfinite_tensor && strstr(nonfinite_tensor, "up_proj")) up[index] = value;
+    if (nonfinite_tensor && strstr(nonfinite_tensor, "layernorm")) norm[index] = value;
+    const void *up_data = up;
+    if (dtype != QL_DTYPE_F32) {
+        for (int i = 0; i < TINY_F * TINY_H; i++)
+            up16[i] = dtype == QL_DTYPE_F16 ? ql_f32_to_f16(up[i]) : ql_f32_to_bf16(up[i]);
+        up_data = up16;
+    }
+    const tu_tensor tensors[] = {
+        {"model.embed_tokens.weight", QL_DTYPE_F32, 2, {TINY_V, TINY_H}, NULL},
+        {"model.layers.0.input_layernorm.weight", QL_DTYPE_F32, 1, {TINY_H}, norm},
+        {"model.layers.0.mlp.up_proj.weight", dtype, 2, {TINY_F, TINY_H}, up_data},
+        {"model.layers.0.mlp.down_proj.weight", QL_DTYPE_F32, 2, {TINY_H, TINY_F}, down},
+        {"model.norm.weight", QL_DTYPE_F32, 1, {TINY_H}, NULL},
+    };
+    tu_write_model(dir, tensors, sizeof tensors / sizeof tensors[0], NULL);
+}
+
+/* ---- listing and version ---- */
+
+START_TEST(test_quantizers_lists_builtins)
+{
+    char *out, *err;
+    int st = qlora(&out, &err, "quantizers");
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "name");
+    ck_assert_contains(out, "bits/param");
+    /* one row per plugin: name, bits/param of a 4096 x 4096 matrix, ABI, version */
+    const char *nf4 = strstr(out, "\nnf4 ");
+    ck_assert_msg(nf4 != NULL, "no nf4 row in:\n%s", out);
+    char row_buf[256];
+    sscanf(nf4 + 1, "%255[^\n]", row_buf);
+    const char *row = row_buf;
+    ck_assert_contains(row, " 4.127 ");
+    ck_assert_contains(row, " 1.0 ");
+    ck_assert_contains(out, "\nfp4 ");
+    ck_assert_contains(out, "\nint8 ");
+    ck_assert_contains(out, "defaults: blocksize=64,double_quant=1");
+    char *plugins = join(tu_env("QLORA_PLUGIN_PATH"), "qlora_nf4.so");
+    ck_assert_contains(out, plugins);
+    free(plugins);
+    free(out);
+    free(err);
+
+    st = qlora(&out, &err, "quantizers --json");
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    json_t *arr = parse_json(out);
+    ck_assert(json_is_array(arr));
+    int seen = 0;
+    size_t i;
+    json_t *q;
+    json_array_foreach(arr, i, q) {
+        const char *name = json_string_value(json_object_get(q, "name"));
+        ck_assert_ptr_nonnull(name);
+        ck_assert_str_eq(json_string_value(json_object_get(q, "abi")), "1.0");
+        double bpp = json_number_value(json_object_get(q, "bits_per_param"));
+        if (!strcmp(name, "nf4") || !strcmp(name, "fp4")) {
+            ck_assert_double_eq_tol(bpp, 4.127, 0.0005);
+            ck_assert_str_eq(json_string_value(json_object_get(q, "options")), "blocksize=64,double_quant=1");
+            seen |= !strcmp(name, "nf4") ? 1 : 2;
+        } else if (!strcmp(name, "int8")) {
+            ck_assert_double_eq_tol(bpp, 8.008, 0.0005);
+            seen |= 4;
+        }
+    }
+    ck_assert_int_eq(seen, 7);
+    json_decref(arr);
+    free(out);
+    free(err);
+
+    st = qlora(NULL, &err, "quantizers --bogus");
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "quantizers: unknown argument '--bogus'");
+    free(err);
+}
+END_TEST
+
+START_TEST(test_version_and_usage)
+{
+    char *out, *err;
+    int st = qlora(&out, &err, "version");
+    ck_assert_int_eq(st, 0);
+    char want[128];
+    snprintf(want, sizeof want, "qlora %s (quantizer ABI 1.0)\n", ql_version());
+    ck_assert_str_eq(out, want);
+    free(out);
+    free(err);
+
+    st = qlora(&out, &err, "help");
+    ck_assert_int_eq(st, 0);
+    ck_assert_contains(out, "usage: qlora COMMAND");
+    free(out);
+    free(err);
+
+    st = qlora(&out, &err, "frobnicate");
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "unknown command 'frobnicate'");
+    free(out);
+    free(err);
+
+    char *model = model_dir();
+    st = qlora(&out, &err, "quantize --quiet '%s'", model);
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "quantize: -o OUT_DIR is required");
+    free(out);
+    free(err);
+    free(model);
+}
+END_TEST
+
+/* ---- quantize ---- */
+
+START_TEST(test_quantize_nf4_default)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet --quantizer=nf4 '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "quantized 35 layers (226560 parameters) with nf4:blocksize=64,double_quant=1");
+    ck_assert_contains(out, "wrote ");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "out");
+    assert_dir_is(dest, "config.json model.safetensors tokenizer.json tokenizer_config.json");
+
+    /* tokenizer files copied byte for byte */
+    static const char *const copied[] = {"tokenizer.json", "tokenizer_config.json"};
+    for (int i = 0; i < 2; i++) {
+        char *a = join(model, copied[i]), *b = join(dest, copied[i]);
+        assert_same_file(a, b);
+        free(a);
+        free(b);
+    }
+
+    /* config.json: the original plus bitsandbytes' quantization_config */
+    char *cfg_path = join(dest, "config.json");
+    json_t *cfg = load_json_file(cfg_path);
+    ck_assert_int_eq(json_integer_value(json_object_get(cfg, "hidden_size")), 64);
+    ck_assert_str_eq(json_string_value(json_object_get(cfg, "model_type")), "llama");
+    json_t *qc = json_object_get(cfg, "quantization_config");
+    ck_assert(json_is_object(qc));
+    ck_assert_str_eq(json_string_value(json_object_get(qc, "quant_method")), "bitsandbytes");
+    ck_assert(json_is_true(json_object_get(qc, "load_in_4bit")));
+    ck_assert(json_is_false(json_object_get(qc, "load_in_8bit")));
+    ck_assert_str_eq(json_string_value(json_object_get(qc, "bnb_4bit_quant_type")), "nf4");
+    ck_assert(json_is_true(json_object_get(qc, "bnb_4bit_use_double_quant")));
+    ck_assert_str_eq(json_string_value(json_object_get(qc, "bnb_4bit_compute_dtype")), "float32");
+    json_decref(cfg);
+    free(cfg_path);
+
+    ql_st_file *in = open_st(model), *q = open_st(dest);
+    assert_passthrough(in, q);
+    ck_assert_str_eq(ql_st_metadata(q, "format"), "pt");
+    /* 12 untouched tensors + 6 per quantized linear */
+    ck_assert_uint_eq(ql_st_count(q), 12 + 6 * N_LINEARS);
+    for (int i = 0; i < N_LINEARS; i++) {
+        int64_t rows, cols;
+        const float *w = input_weight(in, i, &rows, &cols);
+        int64_t n = rows * cols, blocks = (n + 63) / 64;
+        char name[256];
+        linear_name(i, "weight", name, sizeof name);
+        const ql_tensor *t = need_tensor(q, name, QL_DTYPE_U8);
+        ck_assert_int_eq(t->ndim, 2);
+        ck_assert_int_eq(t->shape[0], n / 2);
+        ck_assert_int_eq(t->shape[1], 1);
+        linear_name(i, "weight.absmax", name, sizeof name);
+        t = need_tensor(q, name, QL_DTYPE_U8);
+        ck_assert_int_eq(t->ndim, 1);
+        ck_assert_int_eq(t->shape[0], blocks);
+        linear_name(i, "weight.nested_absmax", name, sizeof name);
+        t = need_tensor(q, name, QL_DTYPE_F32);
+        ck_assert_int_eq(t->shape[0], (blocks + 255) / 256);
+        linear_name(i, "weight.quant_map", name, sizeof name);
+        t = need_tensor(q, name, QL_DTYPE_F32);
+        ck_assert_int_eq(t->shape[0], 16);
+        const float *map = t->data;
+        ck_assert_float_eq(map[0], -1.0f);
+        ck_assert_float_eq(map[7], 0.0f);
+        ck_assert_float_eq(map[15], 1.0f);
+        linear_name(i, "weight.nested_quant_map", name, sizeof name);
+        t = need_tensor(q, name, QL_DTYPE_F32);
+        ck_assert_int_eq(t->shape[0], 256);
+        linear_name(i, "weight.quant_state.bitsandbytes__nf4", name, sizeof name);
+        t = need_tensor(q, name, QL_DTYPE_U8);
+        json_error_t jerr;
+        json_t *qs = json_loadb(t->data, t->nbytes, 0, &jerr);
+        ck_assert_msg(qs != NULL, "%s: %s", name, jerr.text);
+        ck_assert_str_eq(json_string_value(json_object_get(qs, "quant_type")), "nf4");
+        ck_assert_int_eq(json_integer_value(json_object_get(qs, "blocksize")), 64);
+        ck_assert_int_eq(json_integer_value(json_object_get(qs, "nested_blocksize")), 256);
+        ck_assert_str_eq(json_string_value(json_object_get(qs, "dtype")), "float32");
+        json_t *shape = json_object_get(qs, "shape");
+        ck_assert_int_eq(json_integer_value(json_array_get(shape, 0)), rows);
+        ck_assert_int_eq(json_integer_value(json_array_get(shape, 1)), cols);
+        json_decref(qs);
+        (void)w;
+        /* no dense float weight left for a quantized linear */
+        linear_name(i, "bias", name, sizeof name);
+        ck_assert_ptr_null(ql_st_find(q, name));
+    }
+    ql_st_close(in);
+    ql_st_close(q);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_quantize_nf4_options)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet --quantizer=nf4:double_quant=0,blocksize=128 '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "with nf4:blocksize=128,double_quant=0");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "out");
+
+    char *cfg_path = join(dest, "config.json");
+    json_t *cfg = load_json_file(cfg_path);
+    json_t *qc = json_object_get(cfg, "quantization_config");
+    ck_assert(json_is_false(json_object_get(qc, "bnb_4bit_use_double_quant")));
+    ck_assert_str_eq(json_string_value(json_object_get(qc, "bnb_4bit_quant_type")), "nf4");
+    json_decref(cfg);
+    free(cfg_path);
+
+    ql_st_file *in = open_st(model), *q = open_st(dest);
+    assert_passthrough(in, q);
+    ck_assert_uint_eq(ql_st_count(q), 12 + 4 * N_LINEARS);
+    for (int i = 0; i < N_LINEARS; i++) {
+        int64_t rows, cols;
+        const float *w = input_weight(in, i, &rows, &cols);
+        int64_t n = rows * cols, blocks = (n + 127) / 128;
+        char name[256];
+        linear_name(i, "weight.absmax", name, sizeof name);
+        const ql_tensor *t = need_tensor(q, name, QL_DTYPE_F32);
+        ck_assert_int_eq(t->ndim, 1);
+        ck_assert_int_eq(t->shape[0], blocks);
+        /* without double quantization absmax is each block's exact max |w| */
+        const float *absmax = t->data;
+        for (int64_t b = 0; b < blocks; b++) {
+            float mx = 0;
+            for (int64_t k = b * 128; k < n && k < (b + 1) * 128; k++) mx = fmaxf(mx, fabsf(w[k]));
+            ck_assert_msg(absmax[b] == mx, "%s[%lld] = %.9g, max |w| = %.9g", name, (long long)b, (double)absmax[b],
+                          (double)mx);
+        }
+        linear_name(i, "weight.nested_absmax", name, sizeof name);
+        ck_assert_ptr_null(ql_st_find(q, name));
+        linear_name(i, "weight.nested_quant_map", name, sizeof name);
+        ck_assert_ptr_null(ql_st_find(q, name));
+        linear_name(i, "weight.quant_map", name, sizeof name);
+        need_tensor(q, name, QL_DTYPE_F32);
+        linear_name(i, "weight", name, sizeof name);
+        ck_assert_int_eq(need_tensor(q, name, QL_DTYPE_U8)->shape[0], n / 2);
+    }
+    const ql_tensor *qs = need_tensor(q, "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4", QL_DTYPE_U8);
+    const char want[] = "{\"quant_type\": \"nf4\", \"blocksize\": 128, \"dtype\": \"float32\", \"shape\": [64, 172]}";
+    ck_assert_int_eq(qs->ndim, 1);
+    ck_assert_int_eq(qs->shape[0], (int64_t)strlen(want));
+    ck_assert_msg(qs->nbytes == strlen(want) && memcmp(qs->data, want, qs->nbytes) == 0, "quant_state is %.*s",
+                  (int)qs->nbytes, (const char *)qs->data);
+    ql_st_close(in);
+    ql_st_close(q);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_quantize_fp4)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet --quantizer=fp4 '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "with fp4:blocksize=64,double_quant=1");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "out");
+    char *cfg_path = join(dest, "config.json");
+    json_t *cfg = load_json_file(cfg_path);
+    json_t *qc = json_object_get(cfg, "quantization_config");
+    ck_assert_str_eq(json_string_value(json_object_get(qc, "bnb_4bit_quant_type")), "fp4");
+    ck_assert(json_is_true(json_object_get(qc, "load_in_4bit")));
+    json_decref(cfg);
+    free(cfg_path);
+    ql_st_file *in = open_st(model), *q = open_st(dest);
+    assert_passthrough(in, q);
+    for (int i = 0; i < N_LINEARS; i++) {
+        char name[256];
+        linear_name(i, "weight.quant_state.bitsandbytes__fp4", name, sizeof name);
+        const ql_tensor *t = need_tensor(q, name, QL_DTYPE_U8);
+        json_t *qs = json_loadb(t->data, t->nbytes, 0, NULL);
+        ck_assert_ptr_nonnull(qs);
+        ck_assert_str_eq(json_string_value(json_object_get(qs, "quant_type")), "fp4");
+        json_decref(qs);
+        linear_name(i, "weight.quant_state.bitsandbytes__nf4", name, sizeof name);
+        ck_assert_ptr_null(ql_st_find(q, name));
+        linear_name(i, "weight", name, sizeof name);
+        need_tensor(q, name, QL_DTYPE_U8);
+    }
+    ql_st_close(in);
+    ql_st_close(q);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_quantize_int8)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet --quantizer=int8 '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "quantized 35 layers (226560 parameters) with int8");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "out");
+    char *cfg_path = join(dest, "config.json");
+    json_t *cfg = load_json_file(cfg_path);
+    json_t *qc = json_object_get(cfg, "quantization_config");
+    ck_assert_str_eq(json_string_value(json_object_get(qc, "quant_method")), "bitsandbytes");
+    ck_assert(json_is_true(json_object_get(qc, "load_in_8bit")));
+    ck_assert(json_is_false(json_object_get(qc, "load_in_4bit")));
+    json_decref(cfg);
+    free(cfg_path);
+
+    ql_st_file *in = open_st(model), *q = open_st(dest);
+    assert_passthrough(in, q);
+    ck_assert_uint_eq(ql_st_count(q), 12 + 3 * N_LINEARS);
+    for (int i = 0; i < N_LINEARS; i++) {
+        int64_t rows, cols;
+        const float *w = input_weight(in, i, &rows, &cols);
+        char name[256];
+        linear_name(i, "weight", name, sizeof name);
+        const ql_tensor *wt = need_tensor(q, name, QL_DTYPE_I8);
+        ck_assert_int_eq(wt->ndim, 2);
+        ck_assert_int_eq(wt->shape[0], rows);
+        ck_assert_int_eq(wt->shape[1], cols);
+        char prefix[256];
+        snprintf(prefix, sizeof prefix, "%s", name);
+        prefix[strlen(prefix) - strlen(".weight")] = '\0';
+        snprintf(name, sizeof name, "%s.SCB", prefix);
+        const ql_tensor *scb = need_tensor(q, name, QL_DTYPE_F32);
+        ck_assert_int_eq(scb->ndim, 1);
+        ck_assert_int_eq(scb->shape[0], rows);
+        snprintf(name, sizeof name, "%s.weight_format", prefix);
+        const ql_tensor *fmt = need_tensor(q, name, QL_DTYPE_U8);
+        ck_assert_int_eq(fmt->ndim, 0);
+        ck_assert_uint_eq(fmt->nbytes, 1);
+        ck_assert_uint_eq(((const uint8_t *)fmt->data)[0], 0);
+        /* SCB is each row's max |w| rounded through float16, and that element becomes +-127 */
+        const float *s = scb->data;
+        const int8_t *qw = wt->data;
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t arg = 0;
+            for (int64_t c = 1; c < cols; c++)
+                if (fabsf(w[r * cols + c]) > fabsf(w[r * cols + arg])) arg = c;
+            float want = ql_f16_to_f32(ql_f32_to_f16(fabsf(w[r * cols + arg])));
+            ck_assert_msg(s[r] == want, "%s[%lld] = %.9g, want %.9g", name, (long long)r, (double)s[r], (double)want);
+            ck_assert_int_eq(qw[r * cols + arg], w[r * cols + arg] > 0 ? 127 : -127);
+        }
+    }
+    ql_st_close(in);
+    ql_st_close(q);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_quantize_example_plugin_by_path)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '--quantizer=%s:group_size=64' '%s' -o '%s'",
+                   tu_env("QLORA_EXAMPLE_PLUGIN"), model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "quantized 35 layers (226560 parameters) with rtn_int4:");
+    ck_assert_contains(out, "group_size=64");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "out");
+    char *cfg_path = join(dest, "config.json");
+    json_t *cfg = load_json_file(cfg_path);
+    json_t *qc = json_object_get(cfg, "quantization_config");
+    ck_assert(json_is_object(qc));
+    ck_assert_int_eq(json_integer_value(json_object_get(qc, "group_size")), 64);
+    json_decref(cfg);
+    free(cfg_path);
+    ql_st_file *in = open_st(model), *q = open_st(dest);
+    assert_passthrough(in, q);
+    /* every linear's dense weight was replaced */
+    for (int i = 0; i < N_LINEARS; i++) {
+        char name[256];
+        linear_name(i, "weight", name, sizeof name);
+        ck_assert_msg(ql_st_find(q, name) == NULL || ql_st_find(q, name)->dtype != QL_DTYPE_F32, "%s still dense", name);
+    }
+    ck_assert_uint_gt(ql_st_count(q), 12);
+    ql_st_close(in);
+    ql_st_close(q);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_quantize_half_precision_checkpoint)
+{
+    /* F16 and BF16 linears are read as such and their dtype lands in the quant_state */
+    static const struct {
+        int dtype;
+        const char *torch;
+    } cases[] = {{QL_DTYPE_BF16, "bfloat16"}, {QL_DTYPE_F16, "float16"}};
+    for (int k = 0; k < 2; k++) {
+        char *parent = fresh_dir();
+        char *model = join(parent, "model");
+        char *dest = join(parent, "out");
+        write_tiny_model(model, cases[k].dtype, NULL, 0, 0);
+        char *out, *err;
+        int st = qlora(&out, &err, "quantize --quiet --quantizer=nf4:double_quant=0 '%s' -o '%s'", model, dest);
+        ck_assert_msg(st == 0, "exit %d: %s", st, err);
+        ck_assert_contains(out, "quantized 2 layers (1536 parameters)");
+        free(out);
+        free(err);
+        ql_st_file *q = open_st(dest);
+        const ql_tensor *t =
+            need_tensor(q, "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4", QL_DTYPE_U8);
+        json_t *qs = json_loadb(t->data, t->nbytes, 0, NULL);
+        ck_assert_ptr_nonnull(qs);
+        ck_assert_str_eq(json_string_value(json_object_get(qs, "dtype")), cases[k].torch);
+        json_decref(qs);
+        t = need_tensor(q, "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4", QL_DTYPE_U8);
+        qs = json_loadb(t->data, t->nbytes, 0, NULL);
+        ck_assert_str_eq(json_string_value(json_object_get(qs, "dtype")), "float32");
+        json_decref(qs);
+        ql_st_close(q);
+        ql_remove_tree(parent);
+        free(dest);
+        free(model);
+        free(parent);
+    }
+}
+END_TEST
+
+START_TEST(test_quantize_sharded_checkpoint)
+{
+    char *parent = fresh_dir();
+    char *model = join(parent, "model");
+    char *a = join(parent, "a"), *b = join(parent, "b");
+    const tu_tensor first[] = {
+        {"model.embed_tokens.weight", QL_DTYPE_F32, 2, {TINY_V, TINY_H}, NULL},
+        {"model.layers.0.mlp.up_proj.weight", QL_DTYPE_F32, 2, {TINY_F, TINY_H}, NULL},
+    };
+    const tu_tensor second[] = {
+        {"model.layers.0.mlp.down_proj.weight", QL_DTYPE_F32, 2, {TINY_H, TINY_F}, NULL},
+        {"model.norm.weight", QL_DTYPE_F32, 1, {TINY_H}, NULL},
+    };
+    tu_write_model(a, first, 2, NULL);
+    tu_write_model(b, second, 2, NULL);
+    ck_assert_int_eq(ql_mkdir_p(model), QL_OK);
+    char *src = join(a, "model.safetensors"), *dst = join(model, "model-00001-of-00002.safetensors");
+    ck_assert_int_eq(rename(src, dst), 0);
+    free(src);
+    free(dst);
+    src = join(b, "model.safetensors");
+    dst = join(model, "model-00002-of-00002.safetensors");
+    ck_assert_int_eq(rename(src, dst), 0);
+    free(src);
+    free(dst);
+    src = join(a, "config.json");
+    dst = join(model, "config.json");
+    ck_assert_int_eq(rename(src, dst), 0);
+    free(src);
+    free(dst);
+    char *index = join(model, "model.safetensors.index.json");
+    const char good[] = "{\"metadata\": {}, \"weight_map\": {"
+                        "\"model.embed_tokens.weight\": \"model-00001-of-00002.safetensors\","
+                        "\"model.layers.0.mlp.up_proj.weight\": \"model-00001-of-00002.safetensors\","
+                        "\"model.layers.0.mlp.down_proj.weight\": \"model-00002-of-00002.safetensors\","
+                        "\"model.norm.weight\": \"model-00002-of-00002.safetensors\"}}";
+    spit(index, good, strlen(good));
+
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "quantized 2 layers");
+    free(out);
+    free(err);
+    ql_st_file *q = open_st(dest);
+    need_tensor(q, "model.norm.weight", QL_DTYPE_F32);
+    need_tensor(q, "model.layers.0.mlp.down_proj.weight.absmax", QL_DTYPE_U8);
+    need_tensor(q, "model.layers.0.mlp.up_proj.weight.absmax", QL_DTYPE_U8);
+    ql_st_close(q);
+    ck_assert_int_eq(ql_remove_tree(dest), QL_OK);
+
+    /* the index names a shard that is not there */
+    const char missing_shard[] = "{\"weight_map\": {"
+                                 "\"model.embed_tokens.weight\": \"model-00001-of-00002.safetensors\","
+                                 "\"model.layers.0.mlp.down_proj.weight\": \"model-00003-of-00003.safetensors\"}}";
+    spit(index, missing_shard, strlen(missing_shard));
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_ne(st, 0);
+    char *shard = join(model, "model-00003-of-00003.safetensors");
+    ck_assert_contains(err, "cannot open");
+    ck_assert_contains(err, shard);
+    ck_assert_contains(err, "No such file or directory");
+    free(shard);
+    free(out);
+    free(err);
+    ck_assert(!ql_path_exists(dest));
+
+    /* the index lists a tensor that no shard holds */
+    const char ghost[] = "{\"weight_map\": {"
+                         "\"model.embed_tokens.weight\": \"model-00001-of-00002.safetensors\","
+                         "\"model.layers.7.mlp.up_proj.weight\": \"model-00002-of-00002.safetensors\"}}";
+    spit(index, ghost, strlen(ghost));
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "model.safetensors.index.json lists tensor 'model.layers.7.mlp.up_proj.weight' but no shard holds it");
+    free(out);
+    free(err);
+    ck_assert(!ql_path_exists(dest));
+
+    /* a shard name that tries to leave the folder */
+    const char escape[] = "{\"weight_map\": {\"model.norm.weight\": \"../b/config.json\"}}";
+    spit(index, escape, strlen(escape));
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "shard name '../b/config.json' must be a plain file name");
+    free(out);
+    free(err);
+    ck_assert(!ql_path_exists(dest));
+
+    free(index);
+    ql_remove_tree(parent);
+    free(dest);
+    free(a);
+    free(b);
+    free(model);
+    free(parent);
+}
+END_TEST
+
+/* ---- inspect and compare ---- */
+
+START_TEST(test_inspect_quantized)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    free(out);
+    free(err);
+
+    st = qlora(&out, &err, "inspect '%s/model.safetensors'", dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "222 tensors");
+    ck_assert_contains(out, "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4");
+    ck_assert_contains(out, "quantized layer");
+    ck_assert_contains(out, "bits/param");
+    const char *row = strstr(out, "\nmodel.layers.0.mlp.down_proj ");
+    ck_assert_msg(row != NULL, "no layer row in:\n%s", out);
+    char line_buf[256];
+    sscanf(row + 1, "%255[^\n]", line_buf);
+    const char *line = line_buf;
+    ck_assert_contains(line, " nf4 ");
+    ck_assert_contains(line, " 64x172 ");
+    ck_assert_contains(line, " float32 ");
+    ck_assert_contains(out, "35 quantized layers, 226560 parameters in ");
+    free(out);
+    free(err);
+
+    st = qlora(&out, &err, "inspect --json '%s'", dest); /* a folder means its model.safetensors */
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    json_t *j = parse_json(out);
+    json_t *layers = json_object_get(j, "quantized_layers");
+    ck_assert_uint_eq(json_array_size(layers), N_LINEARS);
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "quantized_params")), N_PARAMS);
+    ck_assert_uint_eq(json_array_size(json_object_get(j, "tensors")), 12 + 6 * N_LINEARS);
+    size_t i;
+    json_t *l;
+    json_array_foreach(layers, i, l) {
+        ck_assert_str_eq(json_string_value(json_object_get(l, "quantizer")), "nf4");
+        ck_assert_str_eq(json_string_value(json_object_get(l, "source_dtype")), "float32");
+        double bpp = json_number_value(json_object_get(l, "bits_per_param"));
+        ck_assert_msg(bpp > 4.0 && bpp < 10.0, "bits_per_param %g", bpp);
+        const char *name = json_string_value(json_object_get(l, "layer"));
+        ck_assert_ptr_nonnull(name);
+        if (!strcmp(name, "model.layers.0.mlp.down_proj")) {
+            json_t *shape = json_object_get(l, "shape");
+            ck_assert_int_eq(json_integer_value(json_array_get(shape, 0)), 64);
+            ck_assert_int_eq(json_integer_value(json_array_get(shape, 1)), 172);
+        }
+    }
+    json_decref(j);
+    free(out);
+    free(err);
+
+    /* an unquantized checkpoint has none */
+    st = qlora(&out, &err, "inspect '%s/model.safetensors'", model);
+    ck_assert_int_eq(st, 0);
+    ck_assert_contains(out, "47 tensors");
+    ck_assert_contains(out, "no quantized layers");
+    free(out);
+    free(err);
+
+    /* and a file that is not safetensors is refused */
+    char *cfg = join(dest, "config.json");
+    st = qlora(&out, &err, "inspect '%s'", cfg);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "not a valid safetensors file");
+    free(cfg);
+    free(out);
+    free(err);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+static json_t *find_by_name(json_t *arr, const char *name)
+{
+    size_t i;
+    json_t *q;
+    json_array_foreach(arr, i, q) if (!strcmp(json_string_value(json_object_get(q, "name")), name)) return q;
+    ck_abort_msg("no quantizer %s in the compare JSON", name);
+    return NULL;
+}
+
+START_TEST(test_compare)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *json_path = join(parent, "cmp.json");
+    char *out, *err;
+    int st = qlora(&out, &err, "compare --quiet --quantizers=nf4,fp4,int8 '%s' --json '%s'", model, json_path);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "quantizer");
+    ck_assert_contains(out, "rel.error");
+    ck_assert_contains(out, "\nnf4 ");
+    ck_assert_contains(out, "\nfp4 ");
+    ck_assert_contains(out, "\nint8 ");
+    ck_assert_contains(out, "model.layers.4.self_attn.v_proj"); /* per-layer rows */
+    ck_assert_contains(err, "wrote ");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "cmp.json");
+
+    json_t *j = load_json_file(json_path);
+    json_t *qs = json_object_get(j, "quantizers");
+    ck_assert_uint_eq(json_array_size(qs), 3);
+    size_t i;
+    json_t *q;
+    json_array_foreach(qs, i, q) {
+        ck_assert_uint_eq(json_array_size(json_object_get(q, "layers")), N_LINEARS);
+        ck_assert_int_eq(json_integer_value(json_object_get(q, "params")), N_PARAMS);
+    }
+    json_t *nf4 = find_by_name(qs, "nf4"), *fp4 = find_by_name(qs, "fp4"), *int8 = find_by_name(qs, "int8");
+    ck_assert_str_eq(json_string_value(json_object_get(nf4, "options")), "blocksize=64,double_quant=1");
+    double nf4_bpp = json_number_value(json_object_get(nf4, "bits_per_param"));
+    ck_assert_msg(nf4_bpp >= 4.12 && nf4_bpp <= 4.2, "nf4 bits/param %g", nf4_bpp);
+    /* 4 bits a weight, an 8-bit absmax per 64, and a float32 nested absmax per 256 blocks
+     * plus the float32 nested offset: 11008 weights have 172 blocks, one nested block */
+    json_t *first = json_array_get(json_object_get(nf4, "layers"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(first, "name")), "model.layers.0.mlp.down_proj");
+    ck_assert_double_eq_tol(json_number_value(json_object_get(first, "bits_per_param")), 4.0 + 8.0 / 64 + (32.0 + 32.0) / 11008,
+                            1e-9);
+    double int8_bpp = json_number_value(json_object_get(int8, "bits_per_param"));
+    ck_assert_msg(int8_bpp > 8.0 && int8_bpp < 8.5, "int8 bits/param %g", int8_bpp);
+    double e_nf4 = json_number_value(json_object_get(nf4, "rel_error"));
+    double e_fp4 = json_number_value(json_object_get(fp4, "rel_error"));
+    double e_int8 = json_number_value(json_object_get(int8, "rel_error"));
+    ck_assert_msg(e_int8 > 0 && e_int8 < e_nf4 && e_nf4 < e_fp4, "rel errors int8 %g nf4 %g fp4 %g", e_int8, e_nf4,
+                  e_fp4);
+    ck_assert_msg(e_nf4 > 0.05 && e_nf4 < 0.12, "nf4 rel error %g", e_nf4);
+    ck_assert_msg(e_int8 < 0.01, "int8 rel error %g", e_int8);
+    json_decref(j);
+
+    /* a bad name fails before any work, and no JSON is written */
+    char *json2 = join(parent, "cmp2.json");
+    st = qlora(&out, &err, "compare --quiet --quantizers=nf4,nosuch '%s' --json '%s'", model, json2);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "unknown quantizer 'nosuch'");
+    ck_assert(!ql_path_exists(json2));
+    free(out);
+    free(err);
+    free(json2);
+    ql_remove_tree(parent);
+    free(json_path);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+/* ---- refusals ---- */
+
+START_TEST(test_output_exists_and_force)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    ck_assert_int_eq(ql_mkdir_p(dest), QL_OK);
+    char *marker = join(dest, "keep.txt");
+    spit(marker, "mine", 4);
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_EEXIST);
+    ck_assert_contains(err, dest);
+    ck_assert_contains(err, "already exists");
+    ck_assert_contains(err, "--force");
+    free(out);
+    free(err);
+    assert_dir_is(dest, "keep.txt");
+    assert_dir_is(parent, "out");
+
+    st = qlora(&out, &err, "quantize --quiet --force '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    free(out);
+    free(err);
+    assert_dir_is(dest, "config.json model.safetensors tokenizer.json tokenizer_config.json");
+    assert_dir_is(parent, "out");
+    free(marker);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_unknown_quantizer)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet --quantizer=nosuch '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_ENOTFOUND);
+    ck_assert_contains(err, "unknown quantizer 'nosuch'");
+    ck_assert_contains(err, "qlora_nosuch.so");
+    /* it says where it looked and what it found there */
+    char where[1024];
+    snprintf(where, sizeof where, "%s (found: ", tu_env("QLORA_PLUGIN_PATH"));
+    const char *found = strstr(err, where);
+    ck_assert_msg(found != NULL, "no \"%s\" in:\n%s", where, err);
+    char list_buf[512];
+    sscanf(found + strlen(where), "%511[^)]", list_buf);
+    const char *list = list_buf;
+    ck_assert_contains(list, "nf4");
+    ck_assert_contains(list, "fp4");
+    ck_assert_contains(list, "int8");
+    ck_assert_contains(err, "QLORA_PLUGIN_PATH");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "");
+
+    st = qlora(&out, &err, "quantize --quiet '--quantizer=Bad Name' '%s' -o '%s'", model, dest);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "'Bad Name' is not a quantizer name");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "");
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_plugin_path_missing)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *plugin = join(parent, "qlora_missing.so");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '--quantizer=%s' '%s' -o '%s'", plugin, model, dest);
+    ck_assert_int_eq(st, QL_ENOTFOUND);
+    char want[1024];
+    snprintf(want, sizeof want, "plugin file %s does not exist", plugin);
+    ck_assert_contains(err, want);
+    free(out);
+    free(err);
+    assert_dir_is(parent, "");
+    free(plugin);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_plugin_not_a_shared_object)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *junk = join(parent, "junk.so");
+    char text[512];
+    memset(text, 0, sizeof text);
+    for (size_t i = 0; i + 1 < sizeof text; i++) text[i] = "this is not a shared object\n"[i % 28];
+    spit(junk, text, strlen(text));
+    /* what the dynamic loader itself says about this file */
+    void *h = dlopen(junk, RTLD_NOW | RTLD_LOCAL);
+    ck_assert_ptr_null(h);
+    char dl_msg[1024];
+    snprintf(dl_msg, sizeof dl_msg, "%s", dlerror());
+
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '--quantizer=%s' '%s' -o '%s'", junk, model, dest);
+    ck_assert_int_eq(st, QL_EIO);
+    char want[1024];
+    snprintf(want, sizeof want, "cannot load plugin %s: ", junk);
+    ck_assert_contains(err, want);
+    ck_assert_contains(err, dl_msg);
+    ck_assert_contains(err, "invalid ELF header");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "junk.so");
+    free(junk);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_bad_options)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet --quantizer=nf4:blocksize=100 '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_EINVAL);
+    ck_assert_contains(err, "quantizer nf4");
+    ck_assert_contains(err, "blocksize=100");
+    free(out);
+    free(err);
+    st = qlora(&out, &err, "quantize --quiet --quantizer=nf4:foo=1 '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_EINVAL);
+    ck_assert_contains(err, "unknown option 'foo'");
+    free(out);
+    free(err);
+    st = qlora(&out, &err, "quantize --quiet --quantizer=nf4:blocksize '%s' -o '%s'", model, dest);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "blocksize");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "");
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_bad_model_folders)
+{
+    char *real = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *model = join(parent, "model");
+    char *out, *err;
+
+    /* no such folder */
+    int st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_ENOTFOUND);
+    char want[1024];
+    snprintf(want, sizeof want, "model folder %s does not exist", model);
+    ck_assert_contains(err, want);
+    free(out);
+    free(err);
+
+    /* no config.json */
+    ck_assert_int_eq(ql_mkdir_p(model), QL_OK);
+    char *cfg = join(model, "config.json"), *st_path = join(model, "model.safetensors");
+    char *real_st = join(real, "model.safetensors"), *real_cfg = join(real, "config.json");
+    ck_assert_int_eq(ql_copy_file_atomic(real_st, st_path), QL_OK);
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_ENOTFOUND);
+    snprintf(want, sizeof want, "%s is missing", cfg);
+    ck_assert_contains(err, want);
+    free(out);
+    free(err);
+
+    /* config.json is not JSON */
+    spit(cfg, "{\"model_type\": \"llama\",", 23);
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_EFORMAT);
+    snprintf(want, sizeof want, "%s is not valid JSON", cfg);
+    ck_assert_contains(err, want);
+    free(out);
+    free(err);
+
+    /* config.json is JSON but not an object */
+    spit(cfg, "[1, 2]", 6);
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_EFORMAT);
+    ck_assert_contains(err, "is not a JSON object");
+    free(out);
+    free(err);
+
+    /* model.safetensors cut to 100 bytes */
+    ck_assert_int_eq(ql_copy_file_atomic(real_cfg, cfg), QL_OK);
+    size_t len;
+    char *data = slurp(real_st, &len);
+    ck_assert_uint_gt(len, 100);
+    spit(st_path, data, 100);
+    free(data);
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_EFORMAT);
+    ck_assert_contains(err, st_path);
+    ck_assert_contains(err, "not a valid safetensors file");
+    ck_assert_contains(err, "runs past the end of the file (100 bytes)");
+    free(out);
+    free(err);
+
+    /* neither model.safetensors nor an index */
+    ck_assert_int_eq(unlink(st_path), 0);
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, QL_ENOTFOUND);
+    ck_assert_contains(err, "has neither model.safetensors nor model.safetensors.index.json");
+    free(out);
+    free(err);
+
+    assert_dir_is(parent, "model");
+    free(cfg);
+    free(st_path);
+    free(real_st);
+    free(real_cfg);
+    ql_remove_tree(parent);
+    free(model);
+    free(dest);
+    free(parent);
+    free(real);
+}
+END_TEST
+
+START_TEST(test_nonfinite_weights)
+{
+    static const struct {
+        int dtype;
+        const char *tensor;
+        int64_t index;
+        float value;
+        const char *want;
+    } cases[] = {
+        {QL_DTYPE_F32, "model.layers.0.mlp.up_proj.weight", 37, NAN,
+         "tensor model.layers.0.mlp.up_proj.weight has NaN at index 37"},
+        {QL_DTYPE_F32, "model.layers.0.input_layernorm.weight", 5, INFINITY,
+         "tensor model.layers.0.input_layernorm.weight has Inf at index 5"},
+        {QL_DTYPE_BF16, "model.layers.0.mlp.up_proj.weight", 700, -INFINITY,
+         "tensor model.layers.0.mlp.up_proj.weight has Inf at index 700"},
+        {QL_DTYPE_F16, "model.layers.0.mlp.up_proj.weight", 0, NAN,
+         "tensor model.layers.0.mlp.up_proj.weight has NaN at index 0"},
+        /* finite in float32 but past float16's range: Inf once stored as F16 */
+        {QL_DTYPE_F16, "model.layers.0.mlp.up_proj.weight", 12, 1.0e5f,
+         "tensor model.layers.0.mlp.up_proj.weight has Inf at index 12"},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        char *parent = fresh_dir();
+        char *model = join(parent, "model");
+        char *dest = join(parent, "out");
+        write_tiny_model(model, cases[k].dtype, cases[k].tensor, cases[k].index, cases[k].value);
+        char *out, *err;
+        int st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, dest);
+        ck_assert_msg(st == QL_ENUMERIC, "case %zu: exit %d: %s", k, st, err);
+        ck_assert_contains(err, cases[k].want);
+        free(out);
+        free(err);
+        assert_dir_is(parent, "model");
+        ql_remove_tree(parent);
+        free(dest);
+        free(model);
+        free(parent);
+    }
+}
+END_TEST
+
+START_TEST(test_already_quantized)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *first = join(parent, "once"), *second = join(parent, "twice");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", model, first);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    free(out);
+    free(err);
+    st = qlora(&out, &err, "quantize --quiet '%s' -o '%s'", first, second);
+    ck_assert_int_eq(st, QL_EFORMAT);
+    ck_assert_contains(err, "tensor model.layers.0.mlp.down_proj.weight is U8, not F32/F16/BF16");
+    ck_assert_contains(err, "already quantized");
+    free(out);
+    free(err);
+    assert_dir_is(parent, "once");
+    ql_remove_tree(parent);
+    free(first);
+    free(second);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_plugin_fails_midway)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *plugin = join(tu_env("QLORA_TEST_PLUGINS"), "qlora_bad_failquant.so");
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize '--quantizer=%s' '%s' -o '%s'", plugin, model, dest);
+    ck_assert_int_eq(st, QL_EINTERNAL);
+    /* the third linear in name order is layer 0's up_proj */
+    ck_assert_contains(err, "quantizer bad on model.layers.0.mlp.up_proj.weight");
+    ck_assert_contains(err, "planned failure on call 3");
+    ck_assert(!ql_path_exists(dest));
+    assert_dir_is(parent, "");
+    free(out);
+    free(err);
+
+    /* with --force an existing output survives the failed run untouched */
+    ck_assert_int_eq(ql_mkdir_p(dest), QL_OK);
+    char *marker = join(dest, "keep.txt");
+    spit(marker, "mine", 4);
+    st = qlora(&out, &err, "quantize --quiet --force '--quantizer=%s' '%s' -o '%s'", plugin, model, dest);
+    ck_assert_int_eq(st, QL_EINTERNAL);
+    ck_assert_contains(err, "planned failure on call 3");
+    assert_dir_is(parent, "out");
+    assert_dir_is(dest, "keep.txt");
+    free(out);
+    free(err);
+    free(marker);
+    free(plugin);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+/* ---- the loader's ABI refusals ---- */
+
+static const struct {
+    const char *kind;
+    const char *want[2];
+} abi_cases[] = {
+    {"major", {"abi_major is 99", "this qlora speaks ABI 1.0"}},
+    {"minor", {"abi_minor is 99", "needs a newer qlora"}},
+    {"size", {"struct_size is 40 bytes", "smaller than"}},
+    {"nullslot", {"required slot 'quantize' is NULL", "plugin ABI 1.0, host 1.0"}},
+    {"name", {"name 'Bad Name!'", "is not 1-63 characters of [a-z0-9_-]"}},
+    {"noentry", {"does not export ql_quantizer_entry()", NULL}},
+    {"nulldesc", {"ql_quantizer_entry() returned NULL", NULL}},
+};
+
+START_TEST(test_abi_refusal)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char file[64];
+    snprintf(file, sizeof file, "qlora_bad_%s.so", abi_cases[_i].kind);
+    char *plugin = join(tu_env("QLORA_TEST_PLUGINS"), file);
+    ck_assert_msg(ql_path_exists(plugin), "%s was not built", plugin);
+    char *out, *err;
+    int st = qlora(&out, &err, "quantize --quiet '--quantizer=%s' '%s' -o '%s'", plugin, model, dest);
+    ck_assert_msg(st == QL_EABI, "%s: exit %d: %s", abi_cases[_i].kind, st, err);
+    char want[1024];
+    snprintf(want, sizeof want, "plugin %s", plugin);
+    ck_assert_contains(err, want);
+    for (int k = 0; k < 2; k++)
+        if (abi_cases[_i].want[k]) ck_assert_contains(err, abi_cases[_i].want[k]);
+    free(out);
+    free(err);
+    assert_dir_is(parent, "");
+    free(plugin);
+    ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+Suite *cli_suite(void)
+{
+    Suite *s = suite_create("cli");
+
+    TCase *tc = tcase_create("info");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_quantizers_lists_builtins);
+    tcase_add_test(tc, test_version_and_usage);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("quantize");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_quantize_nf4_default);
+    tcase_add_test(tc, test_quantize_nf4_options);
+    tcase_add_test(tc, test_quantize_fp4);
+    tcase_add_test(tc, test_quantize_int8);
+    tcase_add_test(tc, test_quantize_example_plugin_by_path);
+    tcase_add_test(tc, test_quantize_half_precision_checkpoint);
+    tcase_add_test(tc, test_quantize_sharded_checkpoint);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("inspect_compare");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_inspect_quantized);
+    tcase_add_test(tc, test_compare);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("refusals");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_output_exists_and_force);
+    tcase_add_test(tc, test_unknown_quantizer);
+    tcase_add_test(tc, test_plugin_path_missing);
+    tcase_add_test(tc, test_plugin_not_a_shared_object);
+    tcase_add_test(tc, test_bad_options);
+    tcase_add_test(tc, test_bad_model_folders);
+    tcase_add_test(tc, test_nonfinite_weights);
+    tcase_add_test(tc, test_already_quantized);
+    tcase_add_test(tc, test_plugin_fails_midway);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("abi");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_abi_refusal, 0, (int)(sizeof abi_cases / sizeof abi_cases[0]));
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(cli_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
