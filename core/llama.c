@@ -331,6 +331,12 @@ ql_llama_layer *ql_llama_layers(ql_llama *m) { return m->layers; }
 const float *ql_llama_embeddings(const ql_llama *m) { return m->embed; }
 const char *ql_llama_quantization(const ql_llama *m) { return m->quantization; }
 
+void ql_llama_output_weights(const ql_llama *m, const float **final_norm, const float **lm_head)
+{
+    *final_norm = m->final_norm;
+    *lm_head = m->lm_head;
+}
+
 int ql_linear_weights(const ql_linear *l, float *w)
 {
     if (l->dense) {
@@ -351,6 +357,14 @@ static int linear_forward(ql_llama *m, const ql_linear *l, const float *x, int64
         w = m->scratch_w;
     }
     ql_matmul_nt(y, x, w, T, l->in, l->out, 0);
+    if (l->lora_a) {
+        float *h = malloc((size_t)(T * l->lora_r) * sizeof *h);
+        if (!h) return ql_error(QL_ENOMEM, "out of memory");
+        ql_matmul_nt(h, x, l->lora_a, T, l->in, l->lora_r, 0);
+        for (int64_t i = 0; i < T * l->lora_r; i++) h[i] *= l->lora_scale;
+        ql_matmul_nt(y, h, l->lora_b, T, l->lora_r, l->out, 1);
+        free(h);
+    }
     return QL_OK;
 }
 

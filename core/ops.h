@@ -5,6 +5,10 @@
 
 #include <stdint.h>
 
+/* Below this many multiply-adds a loop runs on one thread: forking a team
+ * costs more than it saves, and much more when the cores are shared. */
+#define QL_PARALLEL_MIN_WORK (INT64_C(1) << 22)
+
 /* y[T, out] = x[T, in] * w[out, in]^T (+ y if accumulate) */
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
 /* out[T, C] = x / rms(x) * weight; rstd[T] = 1 / rms (may be NULL) */

@@ -17,7 +17,7 @@ static float dot(const float *a, const float *b, int64_t n)
 
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate)
 {
-#pragma omp parallel for collapse(2) schedule(static) if (T * in * out > 65536)
+#pragma omp parallel for collapse(2) schedule(static) if (T * in * out >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int64_t o = 0; o < out; o++) {
             float v = dot(x + t * in, w + o * in, in);
@@ -64,7 +64,7 @@ void ql_attention_forward(float *out, const float *q, const float *k, const floa
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
-#pragma omp parallel for collapse(2) schedule(static) if (T * nh > 16)
+#pragma omp parallel for collapse(2) schedule(static) if ((T + past) * T * nh * hd >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
             int64_t n = past + t + 1; /* causal: keys 0..past+t */

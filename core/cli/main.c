@@ -1,10 +1,19 @@
 /* The qlora command. */
+#include <errno.h>
 #include <getopt.h>
+#include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
+#include "qlora/eval.h"
+#include "qlora/lora.h"
+#include "qlora/merge.h"
+#include "qlora/train.h"
 #include "qlora/qlora.h"
 
 static const char usage_text[] =
@@ -17,6 +26,19 @@ static const char usage_text[] =
     "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, bits/param\n"
     "  compare --quantizers=Q1,Q2,... MODEL_DIR [--json FILE] [--summary-only]\n"
     "                                      bits/param, bytes, error and time per quantizer and layer\n"
+    "  eval --model DIR [--quantizer=Q] --data FILE --format text|alpaca|input-output|oasst1\n"
+    "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N]\n"
+    "                                      mean NLL and perplexity; last stdout line is JSON\n"
+    "  generate --model DIR [--quantizer=Q] --prompt TEXT [--max-new-tokens N] [--temperature T]\n"
+    "       [--top-p P] [--seed S]           prints only the generated text (temperature 0 = greedy)\n"
+    "  train --model DIR --data FILE --format F --output RUN_DIR [--quantizer=nf4|none|Q] [--resume CKPT]\n"
+    "       [--lora-r 64] [--lora-alpha 16] [--lora-dropout 0.05] [--lora-modules all|q_proj,...]\n"
+    "       [--lr 2e-4] [--weight-decay 0] [--max-grad-norm 0.3] [--lr-scheduler constant|linear|cosine]\n"
+    "       [--warmup-ratio 0.03] [--batch-size 1] [--grad-accum 16] [--steps N | --epochs E]\n"
+    "       [--gradient-checkpointing] [--save-steps N] [--eval-steps N --eval-data FILE] [--seed 42]\n"
+    "       [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
+    "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force]\n"
+    "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
     "  version                             print the version\n"
     "\n"
     "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so, optionally\n"
@@ -90,7 +112,350 @@ static int cmd_quantizers(int argc, char **argv)
     return bad ? 1 : 0;
 }
 
-enum { OPT_FORCE = 1000, OPT_JSON, OPT_QUIET, OPT_SUMMARY_ONLY };
+enum {
+    OPT_FORCE = 1000,
+    OPT_JSON,
+    OPT_QUIET,
+    OPT_SUMMARY_ONLY,
+    OPT_MODEL,
+    OPT_DATA,
+    OPT_FORMAT,
+    OPT_MAX_EXAMPLES,
+    OPT_MAX_LEN,
+    OPT_SOURCE_MAX_LEN,
+    OPT_TARGET_MAX_LEN,
+    OPT_PROMPT,
+    OPT_MAX_NEW_TOKENS,
+    OPT_TEMPERATURE,
+    OPT_TOP_P,
+    OPT_SEED,
+    OPT_ADAPTER,
+    OPT_OUTPUT,
+    OPT_RESUME,
+    OPT_EVAL_DATA,
+    OPT_LORA_R,
+    OPT_LORA_ALPHA,
+    OPT_LORA_DROPOUT,
+    OPT_LORA_MODULES,
+    OPT_LR,
+    OPT_WEIGHT_DECAY,
+    OPT_MAX_GRAD_NORM,
+    OPT_LR_SCHEDULER,
+    OPT_WARMUP_RATIO,
+    OPT_BATCH_SIZE,
+    OPT_GRAD_ACCUM,
+    OPT_STEPS,
+    OPT_EPOCHS,
+    OPT_GRAD_CKPT,
+    OPT_SAVE_STEPS,
+    OPT_EVAL_STEPS,
+    OPT_NO_SHUFFLE,
+    OPT_GROUP_BY_LENGTH,
+    OPT_TRAIN_ON_SOURCE,
+    OPT_DTYPE,
+};
+
+/* Strict number parsing for flags: the whole argument must be the number. */
+static int parse_long_arg(const char *flag, const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || errno || v < lo || v > hi) {
+        fprintf(stderr, "qlora: %s=%s: expected an integer from %ld to %ld\n", flag, s, lo, hi);
+        return 2;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_float_arg(const char *flag, const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    double v = strtod(s, &end);
+    if (!*s || *end || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "qlora: %s=%s: expected a number from %g to %g\n", flag, s, lo, hi);
+        return 2;
+    }
+    *out = v;
+    return 0;
+}
+
+/* The model, quantized as the adapter's run was unless --quantizer says
+ * otherwise, with the adapter attached. */
+static int load_with_adapter(const char *model, const char *adapter, const char *quantizer, char *qbuf, size_t cap,
+                             ql_llama **m, ql_lora **lora)
+{
+    *m = NULL;
+    *lora = NULL;
+    if (adapter && !quantizer) {
+        char *path = ql_path_join(adapter, "run_config.json");
+        json_t *rc = path ? json_load_file(path, 0, NULL) : NULL;
+        const char *q = rc ? json_string_value(json_object_get(rc, "quantizer")) : NULL;
+        if (q) {
+            snprintf(qbuf, cap, "%s", q);
+            quantizer = qbuf;
+        }
+        json_decref(rc);
+        free(path);
+    }
+    ql_llama_load_opts lopts = {.quantizer = quantizer, .progress = 0};
+    int rc = ql_llama_load(model, &lopts, m);
+    if (rc == QL_OK && adapter) {
+        rc = ql_lora_load_peft(*m, adapter, lora);
+        if (rc == QL_OK) ql_lora_attach(*m, *lora);
+    }
+    return rc;
+}
+
+static int cmd_train(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"model", required_argument, NULL, OPT_MODEL},
+        {"quantizer", required_argument, NULL, 'q'},
+        {"data", required_argument, NULL, OPT_DATA},
+        {"format", required_argument, NULL, OPT_FORMAT},
+        {"output", required_argument, NULL, OPT_OUTPUT},
+        {"resume", required_argument, NULL, OPT_RESUME},
+        {"force", no_argument, NULL, OPT_FORCE},
+        {"eval-data", required_argument, NULL, OPT_EVAL_DATA},
+        {"lora-r", required_argument, NULL, OPT_LORA_R},
+        {"lora-alpha", required_argument, NULL, OPT_LORA_ALPHA},
+        {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
+        {"lora-modules", required_argument, NULL, OPT_LORA_MODULES},
+        {"lr", required_argument, NULL, OPT_LR},
+        {"weight-decay", required_argument, NULL, OPT_WEIGHT_DECAY},
+        {"max-grad-norm", required_argument, NULL, OPT_MAX_GRAD_NORM},
+        {"lr-scheduler", required_argument, NULL, OPT_LR_SCHEDULER},
+        {"warmup-ratio", required_argument, NULL, OPT_WARMUP_RATIO},
+        {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
+        {"grad-accum", required_argument, NULL, OPT_GRAD_ACCUM},
+        {"steps", required_argument, NULL, OPT_STEPS},
+        {"epochs", required_argument, NULL, OPT_EPOCHS},
+        {"gradient-checkpointing", no_argument, NULL, OPT_GRAD_CKPT},
+        {"save-steps", required_argument, NULL, OPT_SAVE_STEPS},
+        {"eval-steps", required_argument, NULL, OPT_EVAL_STEPS},
+        {"seed", required_argument, NULL, OPT_SEED},
+        {"no-shuffle", no_argument, NULL, OPT_NO_SHUFFLE},
+        {"group-by-length", no_argument, NULL, OPT_GROUP_BY_LENGTH},
+        {"train-on-source", no_argument, NULL, OPT_TRAIN_ON_SOURCE},
+        {"source-max-len", required_argument, NULL, OPT_SOURCE_MAX_LEN},
+        {"target-max-len", required_argument, NULL, OPT_TARGET_MAX_LEN},
+        {"max-len", required_argument, NULL, OPT_MAX_LEN},
+        {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
+        {"quiet", no_argument, NULL, OPT_QUIET},
+        {NULL, 0, NULL, 0},
+    };
+    ql_train_opts o;
+    ql_train_opts_default(&o);
+    const char *format = "alpaca";
+    long lv;
+    double dv;
+    int c, bad = 0, rc;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_MODEL: o.model_dir = optarg; break;
+        case 'q': o.quantizer = optarg; break;
+        case OPT_DATA: o.data_path = optarg; break;
+        case OPT_FORMAT: format = optarg; break;
+        case OPT_OUTPUT: o.output_dir = optarg; break;
+        case OPT_RESUME: o.resume_from = optarg; break;
+        case OPT_FORCE: o.force = 1; break;
+        case OPT_EVAL_DATA: o.eval_data_path = optarg; break;
+        case OPT_LORA_R: bad |= parse_long_arg("--lora-r", optarg, 1, 65536, &lv), o.lora.r = (int)lv; break;
+        case OPT_LORA_ALPHA: bad |= parse_float_arg("--lora-alpha", optarg, 1e-6, 1e6, &dv), o.lora.alpha = (float)dv; break;
+        case OPT_LORA_DROPOUT: bad |= parse_float_arg("--lora-dropout", optarg, 0, 0.99, &dv), o.lora.dropout = (float)dv; break;
+        case OPT_LORA_MODULES:
+            if ((rc = ql_lora_modules_parse(optarg, &o.lora.modules))) return fail(rc);
+            break;
+        case OPT_LR: bad |= parse_float_arg("--lr", optarg, 1e-12, 1e30, &dv), o.lr = (float)dv; break;
+        case OPT_WEIGHT_DECAY: bad |= parse_float_arg("--weight-decay", optarg, 0, 10, &dv), o.weight_decay = (float)dv; break;
+        case OPT_MAX_GRAD_NORM: bad |= parse_float_arg("--max-grad-norm", optarg, 0, 1e30, &dv), o.max_grad_norm = (float)dv; break;
+        case OPT_LR_SCHEDULER:
+            if ((rc = ql_lr_schedule_parse(optarg, &o.schedule))) return fail(rc);
+            break;
+        case OPT_WARMUP_RATIO: bad |= parse_float_arg("--warmup-ratio", optarg, 0, 1, &dv), o.warmup_ratio = (float)dv; break;
+        case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1 << 20, &lv), o.batch_size = (int)lv; break;
+        case OPT_GRAD_ACCUM: bad |= parse_long_arg("--grad-accum", optarg, 1, 1 << 20, &lv), o.grad_accum = (int)lv; break;
+        case OPT_STEPS: bad |= parse_long_arg("--steps", optarg, 1, 1L << 40, &lv), o.steps = lv; break;
+        case OPT_EPOCHS: bad |= parse_float_arg("--epochs", optarg, 1e-9, 1e9, &o.epochs); break;
+        case OPT_GRAD_CKPT: o.gradient_checkpointing = 1; break;
+        case OPT_SAVE_STEPS: bad |= parse_long_arg("--save-steps", optarg, 0, 1L << 40, &lv), o.save_steps = lv; break;
+        case OPT_EVAL_STEPS: bad |= parse_long_arg("--eval-steps", optarg, 0, 1L << 40, &lv), o.eval_steps = lv; break;
+        case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &lv), o.seed = lv; break;
+        case OPT_NO_SHUFFLE: o.shuffle = 0; break;
+        case OPT_GROUP_BY_LENGTH: o.group_by_length = 1; break;
+        case OPT_TRAIN_ON_SOURCE: o.data.train_on_source = 1; break;
+        case OPT_SOURCE_MAX_LEN: bad |= parse_long_arg("--source-max-len", optarg, 1, 1L << 24, &lv), o.data.source_max_len = (int)lv; break;
+        case OPT_TARGET_MAX_LEN: bad |= parse_long_arg("--target-max-len", optarg, 1, 1L << 24, &lv), o.data.target_max_len = (int)lv; break;
+        case OPT_MAX_LEN: bad |= parse_long_arg("--max-len", optarg, 2, 1L << 24, &lv), o.data.max_len = (int)lv; break;
+        case OPT_MAX_EXAMPLES: bad |= parse_long_arg("--max-examples", optarg, 1, 1L << 40, &lv), o.data.max_examples = lv; break;
+        case OPT_QUIET: o.progress = 0; break;
+        default: return 2;
+        }
+    }
+    if (bad) return 2;
+    if (optind != argc) return usage_error("train: unexpected argument '%s'", argv[optind]);
+    if (!o.model_dir) return usage_error("train: --model DIR is required%s", "");
+    if (!o.data_path) return usage_error("train: --data FILE is required%s", "");
+    if (o.eval_steps > 0 && !o.eval_data_path) return usage_error("train: --eval-steps needs --eval-data FILE%s", "");
+    if ((rc = ql_data_format_parse(format, &o.data.format))) return fail(rc);
+    rc = ql_train(&o);
+    return rc ? fail(rc) : 0;
+}
+
+static int cmd_merge(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"model", required_argument, NULL, OPT_MODEL},   {"adapter", required_argument, NULL, OPT_ADAPTER},
+        {"output", required_argument, NULL, 'o'},        {"dtype", required_argument, NULL, OPT_DTYPE},
+        {"quantizer", required_argument, NULL, 'q'},     {"force", no_argument, NULL, OPT_FORCE},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *adapter = NULL, *out = NULL;
+    ql_merge_opts mo = {.quantizer = NULL, .dtype = -1, .force = 0};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:q:", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_MODEL: model = optarg; break;
+        case OPT_ADAPTER: adapter = optarg; break;
+        case 'o': out = optarg; break;
+        case 'q': mo.quantizer = optarg; break;
+        case OPT_FORCE: mo.force = 1; break;
+        case OPT_DTYPE:
+            if (!strcmp(optarg, "f32") || !strcmp(optarg, "float32")) mo.dtype = QL_DTYPE_F32;
+            else if (!strcmp(optarg, "f16") || !strcmp(optarg, "float16")) mo.dtype = QL_DTYPE_F16;
+            else if (!strcmp(optarg, "bf16") || !strcmp(optarg, "bfloat16")) mo.dtype = QL_DTYPE_BF16;
+            else return usage_error("merge: --dtype %s: use bf16, f16 or f32", optarg);
+            break;
+        default: return 2;
+        }
+    }
+    if (optind != argc) return usage_error("merge: unexpected argument '%s'", argv[optind]);
+    if (!model || !adapter || !out) return usage_error("merge: --model, --adapter and -o are required%s", "");
+    int rc = ql_merge(model, adapter, out, &mo);
+    return rc ? fail(rc) : 0;
+}
+
+static int cmd_eval(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"model", required_argument, NULL, OPT_MODEL},
+        {"adapter", required_argument, NULL, OPT_ADAPTER},
+        {"quantizer", required_argument, NULL, 'q'},
+        {"data", required_argument, NULL, OPT_DATA},
+        {"format", required_argument, NULL, OPT_FORMAT},
+        {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
+        {"max-len", required_argument, NULL, OPT_MAX_LEN},
+        {"source-max-len", required_argument, NULL, OPT_SOURCE_MAX_LEN},
+        {"target-max-len", required_argument, NULL, OPT_TARGET_MAX_LEN},
+        {"quiet", no_argument, NULL, OPT_QUIET},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *data = NULL, *format = "text", *quantizer = NULL, *adapter = NULL;
+    long max_examples = 0, max_len = 0, source_max_len = 1024, target_max_len = 256;
+    int progress = 1, c, bad = 0;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_MODEL: model = optarg; break;
+        case OPT_ADAPTER: adapter = optarg; break;
+        case 'q': quantizer = optarg; break;
+        case OPT_DATA: data = optarg; break;
+        case OPT_FORMAT: format = optarg; break;
+        case OPT_MAX_EXAMPLES: bad |= parse_long_arg("--max-examples", optarg, 1, 1L << 40, &max_examples); break;
+        case OPT_MAX_LEN: bad |= parse_long_arg("--max-len", optarg, 2, 1L << 24, &max_len); break;
+        case OPT_SOURCE_MAX_LEN: bad |= parse_long_arg("--source-max-len", optarg, 1, 1L << 24, &source_max_len); break;
+        case OPT_TARGET_MAX_LEN: bad |= parse_long_arg("--target-max-len", optarg, 1, 1L << 24, &target_max_len); break;
+        case OPT_QUIET: progress = 0; break;
+        default: return 2;
+        }
+    }
+    if (bad) return 2;
+    if (optind != argc) return usage_error("eval: unexpected argument '%s'", argv[optind]);
+    if (!model) return usage_error("eval: --model DIR is required%s", "");
+    if (!data) return usage_error("eval: --data FILE is required%s", "");
+    ql_dataset_opts dopts = {.source_max_len = (int)source_max_len, .target_max_len = (int)target_max_len,
+                             .max_len = (int)max_len, .train_on_source = 0, .max_examples = max_examples};
+    int rc = ql_data_format_parse(format, &dopts.format);
+    if (rc) return fail(rc);
+    ql_llama *m = NULL;
+    ql_tokenizer *tok = NULL;
+    ql_dataset *d = NULL;
+    ql_lora *lora = NULL;
+    char qbuf[512];
+    if ((rc = load_with_adapter(model, adapter, quantizer, qbuf, sizeof qbuf, &m, &lora)) ||
+        (rc = ql_tokenizer_load(model, &tok)))
+        goto done;
+    if (dopts.max_len <= 0) dopts.max_len = ql_llama_get_config(m)->max_positions;
+    if ((rc = ql_dataset_load(data, tok, &dopts, &d))) goto done;
+    ql_eval_result r;
+    if ((rc = ql_eval_nll(m, d, progress, &r))) goto done;
+    double nll = r.tokens ? r.nll_sum / (double)r.tokens : 0.0;
+    printf("{\"examples\": %lld, \"tokens\": %lld, \"nll\": %.6f, \"ppl\": %.6f, \"truncated\": %zu, "
+           "\"quantizer\": \"%s\", \"format\": \"%s\"}\n",
+           (long long)r.examples, (long long)r.tokens, nll, exp(nll), d->n_truncated, ql_llama_quantization(m), format);
+done:
+    ql_dataset_destroy(d);
+    ql_tokenizer_destroy(tok);
+    ql_llama_destroy(m);
+    ql_lora_destroy(lora);
+    return rc ? fail(rc) : 0;
+}
+
+static int cmd_generate(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"model", required_argument, NULL, OPT_MODEL},
+        {"adapter", required_argument, NULL, OPT_ADAPTER},
+        {"quantizer", required_argument, NULL, 'q'},
+        {"prompt", required_argument, NULL, OPT_PROMPT},
+        {"max-new-tokens", required_argument, NULL, OPT_MAX_NEW_TOKENS},
+        {"temperature", required_argument, NULL, OPT_TEMPERATURE},
+        {"top-p", required_argument, NULL, OPT_TOP_P},
+        {"seed", required_argument, NULL, OPT_SEED},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *prompt = "", *quantizer = NULL, *adapter = NULL;
+    long max_new = 128, seed = 0;
+    double temperature = 0.0, top_p = 1.0;
+    int c, bad = 0;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_MODEL: model = optarg; break;
+        case OPT_ADAPTER: adapter = optarg; break;
+        case 'q': quantizer = optarg; break;
+        case OPT_PROMPT: prompt = optarg; break;
+        case OPT_MAX_NEW_TOKENS: bad |= parse_long_arg("--max-new-tokens", optarg, 0, 1L << 20, &max_new); break;
+        case OPT_TEMPERATURE: bad |= parse_float_arg("--temperature", optarg, 0.0, 100.0, &temperature); break;
+        case OPT_TOP_P: bad |= parse_float_arg("--top-p", optarg, 0.0, 1.0, &top_p); break;
+        case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &seed); break;
+        default: return 2;
+        }
+    }
+    if (bad) return 2;
+    if (optind != argc) return usage_error("generate: unexpected argument '%s'", argv[optind]);
+    if (!model) return usage_error("generate: --model DIR is required%s", "");
+    ql_llama *m = NULL;
+    ql_tokenizer *tok = NULL;
+    ql_lora *lora = NULL;
+    char *text = NULL;
+    char qbuf[512];
+    ql_generate_opts gopts = {.max_new_tokens = (int)max_new, .temperature = (float)temperature,
+                              .top_p = (float)top_p, .seed = (uint64_t)seed};
+    int rc = load_with_adapter(model, adapter, quantizer, qbuf, sizeof qbuf, &m, &lora);
+    if (rc == QL_OK) rc = ql_tokenizer_load(model, &tok);
+    if (rc == QL_OK) rc = ql_generate(m, tok, prompt, &gopts, &text);
+    if (rc == QL_OK) printf("%s\n", text);
+    free(text);
+    ql_tokenizer_destroy(tok);
+    ql_llama_destroy(m);
+    ql_lora_destroy(lora);
+    return rc ? fail(rc) : 0;
+}
 
 static int cmd_quantize(int argc, char **argv)
 {
@@ -185,5 +550,9 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "quantize")) return cmd_quantize(argc - 1, argv + 1);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "compare")) return cmd_compare(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "generate")) return cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
+    if (!strcmp(cmd, "merge")) return cmd_merge(argc - 1, argv + 1);
     return usage_error("unknown command '%s'", cmd);
 }

@@ -41,6 +41,10 @@ typedef struct ql_linear {
     float *dense;          /* [out, in] or NULL */
     const ql_qz *qz;       /* with state when quantized */
     ql_qstate *state;
+    /* An attached LoRA adapter (ql_lora_attach): y += scale * (x A^T) B^T */
+    const float *lora_a, *lora_b; /* [r, in], [out, r] or NULL */
+    int64_t lora_r;
+    float lora_scale;
 } ql_linear;
 
 typedef struct ql_llama_layer {
@@ -66,6 +70,10 @@ ql_llama_layer *ql_llama_layers(ql_llama *m);
 const float *ql_llama_embeddings(const ql_llama *m); /* [vocab, hidden] */
 /* "nf4:blocksize=64,double_quant=1" or "none" */
 const char *ql_llama_quantization(const ql_llama *m);
+
+/* The final norm weight [hidden] and output layer [vocab, hidden] (the
+ * embeddings when tied). */
+void ql_llama_output_weights(const ql_llama *m, const float **final_norm, const float **lm_head);
 
 /* Materialize a linear's weights as float32 [out, in] into `w`. */
 int ql_linear_weights(const ql_linear *l, float *w);

@@ -1,0 +1,146 @@
+#include "qlora/eval.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+#include "progress.h"
+#include "qlora/error.h"
+
+int ql_eval_nll(ql_llama *m, const ql_dataset *d, int progress, ql_eval_result *out)
+{
+    memset(out, 0, sizeof *out);
+    const ql_llama_config *c = ql_llama_get_config(m);
+    int32_t longest = 0;
+    for (size_t i = 0; i < d->n; i++)
+        if (d->examples[i].len > longest) longest = d->examples[i].len;
+    if (longest > c->max_positions)
+        return ql_error(QL_EINVAL, "an example has %d tokens, more than the model's %d positions", longest,
+                        c->max_positions);
+    ql_kv_cache *cache = NULL;
+    float *logits = malloc((size_t)(longest > 0 ? longest : 1) * (size_t)c->vocab * sizeof *logits);
+    int rc = logits ? ql_kv_cache_create(m, longest > 0 ? longest : 1, &cache) : ql_error(QL_ENOMEM, "out of memory");
+    ql_progress prog;
+    int64_t total_tokens = 0;
+    for (size_t i = 0; i < d->n; i++) total_tokens += d->examples[i].len;
+    ql_progress_begin(&prog, "eval", total_tokens, "tokens", progress);
+    int64_t seen = 0;
+    for (size_t i = 0; i < d->n && rc == QL_OK; i++) {
+        const ql_example *e = &d->examples[i];
+        if (e->len < 2) continue;
+        ql_kv_cache_reset(cache);
+        if ((rc = ql_llama_forward(m, cache, e->ids, e->len - 1, logits, 0))) break;
+        for (int32_t t = 0; t + 1 < e->len; t++) {
+            if (e->labels[t + 1] == -100) continue;
+            out->nll_sum += ql_token_nll(logits + (size_t)t * c->vocab, c->vocab, e->ids[t + 1]);
+            out->tokens++;
+        }
+        out->examples++;
+        seen += e->len;
+        ql_progress_update(&prog, seen, "");
+    }
+    if (rc == QL_OK) ql_progress_end(&prog);
+    ql_kv_cache_destroy(cache);
+    free(logits);
+    return rc;
+}
+
+/* xorshift64*: the sampler's generator, seeded by --seed */
+static double next_uniform(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return (double)((*s * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
+}
+
+typedef struct prob_index {
+    float p;
+    int32_t id;
+} prob_index;
+
+static int cmp_prob_desc(const void *a, const void *b)
+{
+    float x = ((const prob_index *)a)->p, y = ((const prob_index *)b)->p;
+    if (x != y) return x > y ? -1 : 1;
+    return ((const prob_index *)a)->id - ((const prob_index *)b)->id;
+}
+
+static int32_t sample(const float *logits, int V, const ql_generate_opts *o, uint64_t *rng, prob_index *work)
+{
+    if (o->temperature <= 0.0f) {
+        int32_t best = 0;
+        for (int i = 1; i < V; i++)
+            if (logits[i] > logits[best]) best = i;
+        return best;
+    }
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    double sum = 0;
+    for (int i = 0; i < V; i++) {
+        work[i].p = expf((logits[i] - mx) / o->temperature);
+        work[i].id = i;
+        sum += work[i].p;
+    }
+    qsort(work, (size_t)V, sizeof *work, cmp_prob_desc);
+    int keep = V;
+    if (o->top_p > 0.0f && o->top_p < 1.0f) {
+        double acc = 0;
+        for (int i = 0; i < V; i++) {
+            acc += work[i].p / sum;
+            if (acc >= o->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    double kept = 0;
+    for (int i = 0; i < keep; i++) kept += work[i].p;
+    double r = next_uniform(rng) * kept;
+    for (int i = 0; i < keep; i++) {
+        r -= work[i].p;
+        if (r <= 0) return work[i].id;
+    }
+    return work[keep - 1].id;
+}
+
+int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const ql_generate_opts *o, char **text)
+{
+    *text = NULL;
+    const ql_llama_config *c = ql_llama_get_config(m);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int rc = ql_tokenizer_encode(tok, prompt, strlen(prompt), 1, &ids, &n);
+    if (rc) return rc;
+    int cap = (int)n + o->max_new_tokens;
+    if (cap > c->max_positions) cap = c->max_positions;
+    if ((int)n >= cap) {
+        free(ids);
+        return ql_error(QL_EINVAL, "the prompt has %zu tokens; the model takes %d", n, c->max_positions);
+    }
+    ql_kv_cache *cache = NULL;
+    float *logits = malloc((size_t)c->vocab * sizeof *logits);
+    prob_index *work = malloc((size_t)c->vocab * sizeof *work);
+    int32_t *out = malloc((size_t)(o->max_new_tokens > 0 ? o->max_new_tokens : 1) * sizeof *out);
+    int produced = 0;
+    uint64_t rng = o->seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
+    if (!logits || !work || !out) rc = ql_error(QL_ENOMEM, "out of memory");
+    if (rc == QL_OK) rc = ql_kv_cache_create(m, cap, &cache);
+    if (rc == QL_OK) rc = ql_llama_forward(m, cache, ids, (int)n, logits, 1);
+    while (rc == QL_OK && produced < o->max_new_tokens && ql_kv_cache_length(cache) < cap) {
+        int32_t next = sample(logits, c->vocab, o, &rng, work);
+        if (next == ql_tokenizer_eos(tok)) break;
+        out[produced++] = next;
+        if (ql_kv_cache_length(cache) >= cap) break;
+        rc = ql_llama_forward(m, cache, &next, 1, logits, 1);
+    }
+    if (rc == QL_OK) rc = ql_tokenizer_decode(tok, out, (size_t)produced, 1, text);
+    ql_kv_cache_destroy(cache);
+    free(logits);
+    free(work);
+    free(out);
+    free(ids);
+    return rc;
+}

@@ -1,0 +1,376 @@
+#include "qlora/lora.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "json_out.h"
+#include "qlora/dtype.h"
+#include "qlora/error.h"
+#include "qlora/fs.h"
+#include "qlora/safetensors.h"
+
+static const char *const module_names[QL_MOD_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"};
+static const char *const module_paths[QL_MOD_COUNT] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                       "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                                       "mlp.down_proj"};
+
+const char *ql_lora_module_name(int module) { return module >= 0 && module < QL_MOD_COUNT ? module_names[module] : "?"; }
+const char *ql_lora_module_path(int module) { return module >= 0 && module < QL_MOD_COUNT ? module_paths[module] : "?"; }
+
+int ql_lora_modules_parse(const char *list, uint32_t *mask)
+{
+    *mask = 0;
+    if (!list || !strcmp(list, "all") || !strcmp(list, "all-linear")) {
+        *mask = QL_LORA_ALL_MODULES;
+        return QL_OK;
+    }
+    char *copy = strdup(list), *save = NULL;
+    if (!copy) return ql_error(QL_ENOMEM, "out of memory");
+    int rc = QL_OK;
+    for (char *tok = strtok_r(copy, ",", &save); tok && rc == QL_OK; tok = strtok_r(NULL, ",", &save)) {
+        int found = -1;
+        for (int k = 0; k < QL_MOD_COUNT; k++)
+            if (!strcmp(tok, module_names[k])) found = k;
+        if (found < 0)
+            rc = ql_error(QL_EINVAL, "--lora-modules: unknown module '%s' (use all or q_proj,k_proj,v_proj,o_proj,"
+                                     "gate_proj,up_proj,down_proj)", tok);
+        else *mask |= 1u << found;
+    }
+    free(copy);
+    if (rc == QL_OK && *mask == 0) rc = ql_error(QL_EINVAL, "--lora-modules is empty");
+    return rc;
+}
+
+static void module_shape(const ql_llama_config *c, int module, int64_t *out, int64_t *in)
+{
+    int64_t H = c->hidden, I = c->intermediate, qd = (int64_t)c->n_heads * c->head_dim,
+            kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    switch (module) {
+    case QL_MOD_Q: *out = qd, *in = H; break;
+    case QL_MOD_K:
+    case QL_MOD_V: *out = kvd, *in = H; break;
+    case QL_MOD_O: *out = H, *in = qd; break;
+    case QL_MOD_GATE:
+    case QL_MOD_UP: *out = I, *in = H; break;
+    default: *out = H, *in = I; break;
+    }
+}
+
+/* splitmix64: the initialisation generator */
+static uint64_t splitmix64(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static int lora_alloc(const ql_llama_config *c, const ql_lora_config *cfg, ql_lora **out)
+{
+    if (cfg->r <= 0 || cfg->r > 65536) return ql_error(QL_EINVAL, "--lora-r must be from 1 to 65536, not %d", cfg->r);
+    if (!(cfg->alpha > 0)) return ql_error(QL_EINVAL, "--lora-alpha must be positive");
+    if (!(cfg->dropout >= 0 && cfg->dropout < 1)) return ql_error(QL_EINVAL, "--lora-dropout must be in [0, 1)");
+    if (!(cfg->modules & QL_LORA_ALL_MODULES)) return ql_error(QL_EINVAL, "no LoRA target modules");
+    ql_lora *l = calloc(1, sizeof *l);
+    if (!l) return ql_error(QL_ENOMEM, "out of memory");
+    l->cfg = *cfg;
+    l->scaling = cfg->alpha / (float)cfg->r;
+    l->n_layers = c->n_layers;
+    l->pairs = calloc((size_t)c->n_layers * QL_MOD_COUNT, sizeof *l->pairs);
+    if (!l->pairs) {
+        free(l);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    size_t total = 0;
+    for (int i = 0; i < c->n_layers; i++)
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            if (!(cfg->modules & (1u << k))) continue;
+            int64_t o, in;
+            module_shape(c, k, &o, &in);
+            total += (size_t)(cfg->r * in + o * cfg->r);
+        }
+    l->n_params = total;
+    l->params = calloc(total, sizeof(float));
+    l->grads = calloc(total, sizeof(float));
+    if (!l->params || !l->grads) {
+        ql_lora_destroy(l);
+        return ql_error(QL_ENOMEM, "out of memory for %zu LoRA parameters", total);
+    }
+    size_t off = 0;
+    for (int i = 0; i < c->n_layers; i++)
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            if (!(cfg->modules & (1u << k))) continue;
+            ql_lora_pair *p = &l->pairs[i * QL_MOD_COUNT + k];
+            module_shape(c, k, &p->out, &p->in);
+            p->A = l->params + off;
+            p->dA = l->grads + off;
+            off += (size_t)(cfg->r * p->in);
+            p->B = l->params + off;
+            p->dB = l->grads + off;
+            off += (size_t)(p->out * cfg->r);
+        }
+    *out = l;
+    return QL_OK;
+}
+
+int ql_lora_create(const ql_llama *m, const ql_lora_config *cfg, uint64_t seed, ql_lora **out)
+{
+    *out = NULL;
+    ql_lora *l;
+    int rc = lora_alloc(ql_llama_get_config(m), cfg, &l);
+    if (rc) return rc;
+    uint64_t s = seed ^ 0x6C6F7261ull; /* "lora" */
+    for (int i = 0; i < l->n_layers; i++)
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            ql_lora_pair *p = &l->pairs[i * QL_MOD_COUNT + k];
+            if (!p->A) continue;
+            double bound = 1.0 / sqrt((double)p->in);
+            for (int64_t j = 0; j < cfg->r * p->in; j++) {
+                double u = (double)(splitmix64(&s) >> 11) / 9007199254740992.0;
+                p->A[j] = (float)((2.0 * u - 1.0) * bound);
+            }
+        }
+    *out = l;
+    return QL_OK;
+}
+
+void ql_lora_destroy(ql_lora *l)
+{
+    if (!l) return;
+    free(l->pairs);
+    free(l->params);
+    free(l->grads);
+    free(l);
+}
+
+ql_lora_pair *ql_lora_pair_at(ql_lora *l, int layer, int module)
+{
+    if (layer < 0 || layer >= l->n_layers || module < 0 || module >= QL_MOD_COUNT) return NULL;
+    ql_lora_pair *p = &l->pairs[layer * QL_MOD_COUNT + module];
+    return p->A ? p : NULL;
+}
+
+void ql_lora_attach(ql_llama *m, const ql_lora *l)
+{
+    const ql_llama_config *c = ql_llama_get_config(m);
+    for (int i = 0; i < c->n_layers; i++) {
+        ql_llama_layer *L = &ql_llama_layers(m)[i];
+        ql_linear *ls[QL_MOD_COUNT] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            const ql_lora_pair *p = l ? &l->pairs[i * QL_MOD_COUNT + k] : NULL;
+            ls[k]->lora_a = p ? p->A : NULL;
+            ls[k]->lora_b = p ? p->B : NULL;
+            ls[k]->lora_r = p && p->A ? l->cfg.r : 0;
+            ls[k]->lora_scale = l ? l->scaling : 0.0f;
+        }
+    }
+}
+
+static void peft_key(char *buf, size_t cap, int layer, int module, char which)
+{
+    snprintf(buf, cap, "base_model.model.model.layers.%d.%s.lora_%c.weight", layer, module_paths[module], which);
+}
+
+int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
+{
+    ql_st_writer *w;
+    int rc = ql_st_writer_create(&w);
+    if (rc) return rc;
+    ql_st_writer_set_metadata(w, "format", "pt");
+    for (int i = 0; i < l->n_layers && rc == QL_OK; i++)
+        for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
+            const ql_lora_pair *p = &l->pairs[i * QL_MOD_COUNT + k];
+            if (!p->A) continue;
+            char key[256];
+            peft_key(key, sizeof key, i, k, 'A');
+            ql_tensor a = {.name = key, .dtype = QL_DTYPE_F32, .ndim = 2, .data = p->A,
+                           .nbytes = (uint64_t)(l->cfg.r * p->in) * 4};
+            a.shape[0] = l->cfg.r;
+            a.shape[1] = p->in;
+            rc = ql_st_writer_add(w, &a);
+            if (rc) break;
+            peft_key(key, sizeof key, i, k, 'B');
+            ql_tensor b = {.name = key, .dtype = QL_DTYPE_F32, .ndim = 2, .data = p->B,
+                           .nbytes = (uint64_t)(p->out * l->cfg.r) * 4};
+            b.shape[0] = p->out;
+            b.shape[1] = l->cfg.r;
+            rc = ql_st_writer_add(w, &b);
+        }
+    char *path = ql_path_join(dir, "adapter_model.safetensors");
+    if (rc == QL_OK) rc = path ? ql_st_writer_save(w, path) : ql_error(QL_ENOMEM, "out of memory");
+    free(path);
+    ql_st_writer_destroy(w);
+    if (rc) return rc;
+
+    json_t *cfg = json_object();
+    json_t *targets = json_array();
+    for (int k = 0; k < QL_MOD_COUNT; k++)
+        if (l->cfg.modules & (1u << k)) json_array_append_new(targets, json_string(module_names[k]));
+    json_object_set_new(cfg, "alpha_pattern", json_object());
+    json_object_set_new(cfg, "base_model_name_or_path", json_string(base_model ? base_model : ""));
+    json_object_set_new(cfg, "bias", json_string("none"));
+    json_object_set_new(cfg, "fan_in_fan_out", json_false());
+    json_object_set_new(cfg, "inference_mode", json_true());
+    json_object_set_new(cfg, "init_lora_weights", json_true());
+    json_object_set_new(cfg, "layers_pattern", json_null());
+    json_object_set_new(cfg, "layers_to_transform", json_null());
+    json_object_set_new(cfg, "lora_alpha", json_real(l->cfg.alpha));
+    json_object_set_new(cfg, "lora_dropout", json_real(l->cfg.dropout));
+    json_object_set_new(cfg, "modules_to_save", json_null());
+    json_object_set_new(cfg, "peft_type", json_string("LORA"));
+    json_object_set_new(cfg, "r", json_integer(l->cfg.r));
+    json_object_set_new(cfg, "rank_pattern", json_object());
+    json_object_set_new(cfg, "revision", json_null());
+    json_object_set_new(cfg, "target_modules", targets);
+    json_object_set_new(cfg, "task_type", json_string("CAUSAL_LM"));
+    json_object_set_new(cfg, "use_dora", json_false());
+    json_object_set_new(cfg, "use_rslora", json_false());
+    char *text = ql_json_dumps_py(cfg, 2, 1);
+    json_decref(cfg);
+    if (!text) return ql_error(QL_ENOMEM, "out of memory");
+    path = ql_path_join(dir, "adapter_config.json");
+    rc = path ? ql_write_file_atomic(path, text, strlen(text)) : ql_error(QL_ENOMEM, "out of memory");
+    free(path);
+    free(text);
+    return rc;
+}
+
+int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
+{
+    *out = NULL;
+    char *path = ql_path_join(dir, "adapter_config.json");
+    json_error_t jerr;
+    json_t *cfg = path ? json_load_file(path, 0, &jerr) : NULL;
+    if (!cfg) {
+        int rc = ql_path_exists(path) ? ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text)
+                                      : ql_error(QL_ENOTFOUND, "%s is missing: not a PEFT adapter folder", path);
+        free(path);
+        return rc;
+    }
+    free(path);
+    ql_lora_config c = {0};
+    const char *ptype = json_string_value(json_object_get(cfg, "peft_type"));
+    json_t *jr = json_object_get(cfg, "r"), *ja = json_object_get(cfg, "lora_alpha"),
+           *jd = json_object_get(cfg, "lora_dropout"), *jt = json_object_get(cfg, "target_modules");
+    int rc = QL_OK;
+    if (!ptype || strcmp(ptype, "LORA") || !json_is_integer(jr) || !json_is_number(ja))
+        rc = ql_error(QL_EFORMAT, "%s/adapter_config.json: expected peft_type LORA with integer r and lora_alpha", dir);
+    if (rc == QL_OK) {
+        c.r = (int)json_integer_value(jr);
+        c.alpha = (float)json_number_value(ja);
+        c.dropout = json_is_number(jd) ? (float)json_number_value(jd) : 0.0f;
+        if (json_is_array(jt)) {
+            for (size_t i = 0; i < json_array_size(jt) && rc == QL_OK; i++) {
+                const char *t = json_string_value(json_array_get(jt, i));
+                int found = -1;
+                for (int k = 0; k < QL_MOD_COUNT; k++)
+                    if (t && !strcmp(t, module_names[k])) found = k;
+                if (found < 0) rc = ql_error(QL_ENOTSUP, "%s: target module '%s' is not supported", dir, t ? t : "?");
+                else c.modules |= 1u << found;
+            }
+        } else if (json_is_string(jt) && !strcmp(json_string_value(jt), "all-linear")) {
+            c.modules = QL_LORA_ALL_MODULES;
+        } else {
+            rc = ql_error(QL_EFORMAT, "%s/adapter_config.json: target_modules must be a list", dir);
+        }
+    }
+    json_decref(cfg);
+    ql_lora *l = NULL;
+    if (rc == QL_OK) rc = lora_alloc(ql_llama_get_config(m), &c, &l);
+    if (rc) return rc;
+    path = ql_path_join(dir, "adapter_model.safetensors");
+    ql_st_file *f = NULL;
+    rc = ql_st_open(path, &f);
+    free(path);
+    for (int i = 0; i < l->n_layers && rc == QL_OK; i++)
+        for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
+            ql_lora_pair *p = &l->pairs[i * QL_MOD_COUNT + k];
+            if (!p->A) continue;
+            for (int which = 0; which < 2 && rc == QL_OK; which++) {
+                char key[256];
+                peft_key(key, sizeof key, i, k, which ? 'B' : 'A');
+                const ql_tensor *t = ql_st_find(f, key);
+                int64_t d0 = which ? p->out : c.r, d1 = which ? c.r : p->in;
+                if (!t) {
+                    rc = ql_error(QL_EFORMAT, "%s: adapter tensor %s is missing", dir, key);
+                } else if (t->ndim != 2 || t->shape[0] != d0 || t->shape[1] != d1) {
+                    rc = ql_error(QL_EFORMAT, "%s: adapter tensor %s has shape [%lld, %lld] but this model needs [%lld, %lld]",
+                                  dir, key, (long long)t->shape[0], (long long)(t->ndim > 1 ? t->shape[1] : 0),
+                                  (long long)d0, (long long)d1);
+                } else {
+                    rc = ql_convert_to_f32(t->dtype, t->data, (size_t)(d0 * d1), which ? p->B : p->A);
+                    if (rc) ql_error_context("%s: %s", dir, key);
+                }
+            }
+        }
+    ql_st_close(f);
+    if (rc) {
+        ql_lora_destroy(l);
+        return rc;
+    }
+    *out = l;
+    return QL_OK;
+}
+
+/* ---- AdamW ---- */
+
+int ql_adamw_create(size_t n, float beta1, float beta2, float eps, float weight_decay, ql_adamw **out)
+{
+    ql_adamw *o = calloc(1, sizeof *o);
+    if (!o) return ql_error(QL_ENOMEM, "out of memory");
+    o->beta1 = beta1;
+    o->beta2 = beta2;
+    o->eps = eps;
+    o->weight_decay = weight_decay;
+    o->n = n;
+    o->m = calloc(n ? n : 1, sizeof(float));
+    o->v = calloc(n ? n : 1, sizeof(float));
+    if (!o->m || !o->v) {
+        ql_adamw_destroy(o);
+        return ql_error(QL_ENOMEM, "out of memory for optimizer state");
+    }
+    *out = o;
+    return QL_OK;
+}
+
+void ql_adamw_destroy(ql_adamw *o)
+{
+    if (!o) return;
+    free(o->m);
+    free(o->v);
+    free(o);
+}
+
+void ql_adamw_update(ql_adamw *o, float *params, const float *grads, float lr)
+{
+    o->step++;
+    const float bc1 = 1.0f - powf(o->beta1, (float)o->step);
+    const float bc2 = 1.0f - powf(o->beta2, (float)o->step);
+    const float step_size = lr / bc1;
+    const float bc2_sqrt = sqrtf(bc2);
+#pragma omp parallel for schedule(static) if (o->n > 65536)
+    for (size_t i = 0; i < o->n; i++) {
+        float p = params[i] * (1.0f - lr * o->weight_decay);
+        float g = grads[i];
+        o->m[i] = o->beta1 * o->m[i] + (1.0f - o->beta1) * g;
+        o->v[i] = o->beta2 * o->v[i] + (1.0f - o->beta2) * g * g;
+        float denom = sqrtf(o->v[i]) / bc2_sqrt + o->eps;
+        params[i] = p - step_size * o->m[i] / denom;
+    }
+}
+
+double ql_clip_grad_norm(float *grads, size_t n, double max_norm)
+{
+    double ss = 0;
+    for (size_t i = 0; i < n; i++) ss += (double)grads[i] * grads[i];
+    double norm = sqrt(ss);
+    if (max_norm > 0 && norm > max_norm) {
+        float coef = (float)(max_norm / (norm + 1e-6));
+        for (size_t i = 0; i < n; i++) grads[i] *= coef;
+    }
+    return norm;
+}

@@ -1,0 +1,176 @@
+#include "qlora/merge.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "json_out.h"
+#include "ops.h"
+#include "qlora/dtype.h"
+#include "qlora/error.h"
+#include "qlora/fs.h"
+#include "qlora/llama.h"
+#include "qlora/lora.h"
+#include "qlora/model.h"
+#include "qlora/safetensors.h"
+
+static int add_converted(ql_st_writer *w, const char *name, const float *src, int64_t d0, int64_t d1, int ndim, int dtype)
+{
+    size_t n = (size_t)(ndim == 2 ? d0 * d1 : d0);
+    size_t es = ql_dtype_size(dtype);
+    void *buf = malloc(n * es + 1);
+    if (!buf) return ql_error(QL_ENOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        if (dtype == QL_DTYPE_F32) ((float *)buf)[i] = src[i];
+        else if (dtype == QL_DTYPE_F16) ((uint16_t *)buf)[i] = ql_f32_to_f16(src[i]);
+        else ((uint16_t *)buf)[i] = ql_f32_to_bf16(src[i]);
+    }
+    ql_tensor t = {.name = name, .dtype = dtype, .ndim = ndim, .data = buf, .nbytes = n * es};
+    t.shape[0] = d0;
+    t.shape[1] = d1;
+    int rc = ql_st_writer_add(w, &t);
+    free(buf);
+    return rc;
+}
+
+/* "model.layers.0.mlp.up_proj.weight.absmax" belongs to a block linear */
+static int belongs_to_block_linear(const char *name)
+{
+    char buf[700];
+    for (const char *dot = strchr(name, '.'); dot; dot = strchr(dot + 1, '.')) {
+        int n = snprintf(buf, sizeof buf, "%.*s.weight", (int)(dot - name), name);
+        if (n > 0 && (size_t)n < sizeof buf && ql_is_block_linear(buf, NULL, 0)) return 1;
+    }
+    return 0;
+}
+
+static int run_quantizer(const char *adapter_dir, char *buf, size_t cap)
+{
+    char *path = ql_path_join(adapter_dir, "run_config.json");
+    json_t *rc = path ? json_load_file(path, 0, NULL) : NULL;
+    free(path);
+    const char *q = rc ? json_string_value(json_object_get(rc, "quantizer")) : NULL;
+    snprintf(buf, cap, "%s", q ? q : "none");
+    json_decref(rc);
+    return QL_OK;
+}
+
+int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir, const ql_merge_opts *opts)
+{
+    char spec[512];
+    if (opts->quantizer) snprintf(spec, sizeof spec, "%s", opts->quantizer);
+    else run_quantizer(adapter_dir, spec, sizeof spec);
+    ql_llama *m = NULL;
+    ql_lora *lora = NULL;
+    ql_model_files *mf = NULL;
+    ql_st_writer *w = NULL;
+    ql_outdir *od = NULL;
+    float *wbuf = NULL;
+    int rc;
+    ql_llama_load_opts lo = {.quantizer = spec, .progress = 0};
+    if ((rc = ql_llama_load(model_dir, &lo, &m))) goto done;
+    if ((rc = ql_lora_load_peft(m, adapter_dir, &lora))) goto done;
+    if ((rc = ql_model_files_open(model_dir, &mf))) goto done;
+    int dtype = opts->dtype;
+    const ql_tensor *emb = ql_model_files_find(mf, "model.embed_tokens.weight");
+    if (dtype < 0) dtype = emb && ql_dtype_is_float(emb->dtype) && emb->dtype != QL_DTYPE_F64 ? emb->dtype : QL_DTYPE_F32;
+    if (strcmp(ql_llama_quantization(m), "none") != 0)
+        fprintf(stderr,
+                "qlora: merging into the %s-dequantized base weights (the base the adapter was trained on), "
+                "not the original full-precision ones\n",
+                ql_llama_quantization(m));
+    if ((rc = ql_outdir_begin(out_dir, opts->force, &od))) goto done;
+    if ((rc = ql_st_writer_create(&w))) goto done;
+    ql_st_writer_set_metadata(w, "format", "pt");
+    const ql_llama_config *c = ql_llama_get_config(m);
+    int64_t maxw = 0;
+    for (int i = 0; i < c->n_layers; i++) {
+        ql_llama_layer *L = &ql_llama_layers(m)[i];
+        const ql_linear *ls[QL_MOD_COUNT] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (int k = 0; k < QL_MOD_COUNT; k++)
+            if (ls[k]->out * ls[k]->in > maxw) maxw = ls[k]->out * ls[k]->in;
+    }
+    wbuf = malloc((size_t)maxw * sizeof *wbuf);
+    if (!wbuf) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto done;
+    }
+    /* block linears: materialized base + scaling * B A */
+    for (int i = 0; i < c->n_layers && rc == QL_OK; i++) {
+        ql_llama_layer *L = &ql_llama_layers(m)[i];
+        const ql_linear *ls[QL_MOD_COUNT] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
+            const ql_linear *l = ls[k];
+            if ((rc = ql_linear_weights(l, wbuf))) break;
+            ql_lora_pair *p = ql_lora_pair_at(lora, i, k);
+            if (p) {
+                /* W[o, j] += s * sum_r B[o, r] A[r, j] */
+                for (int64_t o = 0; o < l->out; o++)
+                    for (int64_t r = 0; r < lora->cfg.r; r++) {
+                        float b = p->B[o * lora->cfg.r + r] * lora->scaling;
+                        if (b == 0.0f) continue;
+                        const float *a = p->A + r * l->in;
+                        float *row = wbuf + o * l->in;
+                        for (int64_t j = 0; j < l->in; j++) row[j] += b * a[j];
+                    }
+            }
+            char name[600];
+            snprintf(name, sizeof name, "%s.weight", l->name);
+            rc = add_converted(w, name, wbuf, l->out, l->in, 2, dtype);
+        }
+    }
+    /* everything else from the base checkpoint, converted to dtype */
+    for (size_t i = 0; i < ql_model_files_count(mf) && rc == QL_OK; i++) {
+        const ql_tensor *t = ql_model_files_at(mf, i);
+        if (ql_is_block_linear(t->name, NULL, 0)) continue;
+        if (belongs_to_block_linear(t->name)) continue; /* a pre-quantized base's side tensors */
+        if (!ql_dtype_is_float(t->dtype) || t->ndim > 2) {
+            rc = ql_st_writer_add(w, t);
+            continue;
+        }
+        size_t n = (size_t)ql_shape_numel(t->shape, t->ndim);
+        float *f = malloc((n ? n : 1) * sizeof *f);
+        if (!f) {
+            rc = ql_error(QL_ENOMEM, "out of memory");
+            break;
+        }
+        rc = ql_convert_to_f32(t->dtype, t->data, n, f);
+        if (rc == QL_OK) rc = add_converted(w, t->name, f, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, t->ndim, dtype);
+        free(f);
+    }
+    if (rc) goto done;
+    char *path = ql_path_join(ql_outdir_path(od), "model.safetensors");
+    rc = ql_st_writer_save(w, path);
+    free(path);
+    if (rc) goto done;
+    json_t *cfg = json_deep_copy(ql_model_files_config(mf));
+    json_object_del(cfg, "quantization_config");
+    json_object_set_new(cfg, "torch_dtype", json_string(ql_dtype_torch_name(dtype)));
+    char *text = ql_json_dumps_py(cfg, 2, 1);
+    json_decref(cfg);
+    path = ql_path_join(ql_outdir_path(od), "config.json");
+    rc = text ? ql_write_file_atomic(path, text, strlen(text)) : ql_error(QL_ENOMEM, "out of memory");
+    free(text);
+    free(path);
+    static const char *const copied[] = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                         "special_tokens_map.json", "generation_config.json"};
+    for (size_t i = 0; i < sizeof copied / sizeof copied[0] && rc == QL_OK; i++) {
+        char *src = ql_path_join(model_dir, copied[i]), *dst = ql_path_join(ql_outdir_path(od), copied[i]);
+        if (ql_path_exists(src)) rc = ql_copy_file_atomic(src, dst);
+        free(src);
+        free(dst);
+    }
+    if (rc) goto done;
+    rc = ql_outdir_commit(od);
+    od = NULL;
+    if (rc == QL_OK) fprintf(stderr, "wrote %s (%s)\n", out_dir, ql_dtype_torch_name(dtype));
+done:
+    ql_outdir_abandon(od);
+    free(wbuf);
+    ql_st_writer_destroy(w);
+    ql_model_files_close(mf);
+    ql_lora_destroy(lora);
+    ql_llama_destroy(m);
+    return rc;
+}

@@ -1,0 +1,368 @@
+/* CPU reference backward operators (see ops_backward.h).  Every output element
+ * is accumulated by one thread in a fixed order: no float reduction is split
+ * across threads, so results do not depend on the OpenMP thread count. */
+#include <math.h>
+#include <string.h>
+
+#include "ops.h"
+#include "ops_backward.h"
+
+/* Same 8-lane order as ops_cpu.c's dot, so the training attention forward
+ * reproduces ql_attention_forward bit for bit. */
+static float dot(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* y[n] += a * x[n]; restrict and the fixed 8-wide body let -O2 vectorize it
+ * (each element is still one multiply-add, in the caller's order) */
+static void axpy(float *restrict y, float a, const float *restrict x, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) y[i + k] += a * x[i + k];
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* Tiles: a few rows share each streamed row of the other operand, and a column
+ * strip keeps the rows being summed into in L1. */
+enum { ROW_TILE = 4, COL_TILE = 256 };
+
+/* dx[T, in] (+)= alpha * dy[T, out] * w[out, in], each element summed over o in order */
+static void matmul_nn(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out, float alpha,
+                      int accumulate)
+{
+    const int64_t nt = (T + ROW_TILE - 1) / ROW_TILE, ni = (in + COL_TILE - 1) / COL_TILE;
+#pragma omp parallel for collapse(2) schedule(static) if (T * in * out >= QL_PARALLEL_MIN_WORK)
+    for (int64_t tb = 0; tb < nt; tb++)
+        for (int64_t ib = 0; ib < ni; ib++) {
+            const int64_t t0 = tb * ROW_TILE, t1 = min64(T, t0 + ROW_TILE);
+            const int64_t i0 = ib * COL_TILE, i1 = min64(in, i0 + COL_TILE);
+            if (!accumulate)
+                for (int64_t t = t0; t < t1; t++) memset(dx + t * in + i0, 0, (size_t)(i1 - i0) * sizeof *dx);
+            for (int64_t o = 0; o < out; o++) {
+                const float *wo = w + o * in;
+                for (int64_t t = t0; t < t1; t++) {
+                    axpy(dx + t * in + i0, alpha * dy[t * out + o], wo + i0, i1 - i0);
+                }
+            }
+        }
+}
+
+/* dw[out, in] (+)= alpha * dy[T, out]^T * x[T, in], each element summed over t in order */
+static void matmul_tn(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out, float alpha,
+                      int accumulate)
+{
+    const int64_t no = (out + ROW_TILE - 1) / ROW_TILE, ni = (in + COL_TILE - 1) / COL_TILE;
+#pragma omp parallel for collapse(2) schedule(static) if (T * in * out >= QL_PARALLEL_MIN_WORK)
+    for (int64_t ob = 0; ob < no; ob++)
+        for (int64_t ib = 0; ib < ni; ib++) {
+            const int64_t o0 = ob * ROW_TILE, o1 = min64(out, o0 + ROW_TILE);
+            const int64_t i0 = ib * COL_TILE, i1 = min64(in, i0 + COL_TILE);
+            if (!accumulate)
+                for (int64_t o = o0; o < o1; o++) memset(dw + o * in + i0, 0, (size_t)(i1 - i0) * sizeof *dw);
+            for (int64_t t = 0; t < T; t++) {
+                const float *xt = x + t * in;
+                for (int64_t o = o0; o < o1; o++) {
+                    axpy(dw + o * in + i0, alpha * dy[t * out + o], xt + i0, i1 - i0);
+                }
+            }
+        }
+}
+
+void ql_matmul_backward_input(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out,
+                              int accumulate)
+{
+    matmul_nn(dx, dy, w, T, in, out, 1.0f, accumulate);
+}
+
+void ql_matmul_backward_weight(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
+                               int accumulate)
+{
+    matmul_tn(dw, dy, x, T, in, out, 1.0f, accumulate);
+}
+
+/* ---- LoRA ---- */
+
+void ql_lora_forward(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
+                     int64_t out, int64_t r, float scale)
+{
+    ql_matmul_nt(h, xd, a, T, in, r, 0);
+#pragma omp parallel for collapse(2) schedule(static) if (T * (in + out) * r >= QL_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t o = 0; o < out; o++) y[t * out + o] += scale * dot(h + t * r, b + o * r, r);
+}
+
+void ql_lora_backward(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
+                      const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
+                      int accumulate)
+{
+    matmul_nn(dh, dy, b, T, r, out, scale, 0); /* dh[T, r] = scale * dy[T, out] b[out, r] */
+    matmul_tn(db, dy, h, T, r, out, scale, 1); /* db[out, r] += scale * dy^T h */
+    matmul_tn(da, dh, xd, T, in, r, 1.0f, 1);  /* da[r, in] += dh^T xd */
+    if (dxd) matmul_nn(dxd, dh, a, T, in, r, 1.0f, accumulate);
+}
+
+/* ---- RMSNorm ---- */
+
+void ql_rmsnorm_backward(float *dx, float *dweight, const float *dy, const float *x, const float *weight,
+                         const float *rstd, int64_t T, int64_t C, int accumulate)
+{
+    /* out_c = w_c x_c r, r = (mean(x^2) + eps)^-1/2, dr/dx_c = -r^3 x_c / C:
+     * dx_c = r g_c - x_c r^3 / C * sum_j g_j x_j with g = dy * w */
+#pragma omp parallel for schedule(static) if (T * C * 8 >= QL_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * C, *dyt = dy + t * C;
+        const float r = rstd[t];
+        double gx = 0;
+        for (int64_t c = 0; c < C; c++) gx += (double)(dyt[c] * weight[c]) * xt[c];
+        const float coef = (float)(gx * r * r * r / (double)C);
+        float *d = dx + t * C;
+        for (int64_t c = 0; c < C; c++) {
+            float v = r * (dyt[c] * weight[c]) - coef * xt[c];
+            d[c] = accumulate ? d[c] + v : v;
+        }
+    }
+    if (!dweight) return;
+    enum { STRIP = 64 };
+    const int64_t ns = (C + STRIP - 1) / STRIP;
+#pragma omp parallel for schedule(static) if (T * C * 8 >= QL_PARALLEL_MIN_WORK)
+    for (int64_t sb = 0; sb < ns; sb++) {
+        const int64_t c0 = sb * STRIP, c1 = min64(C, c0 + STRIP);
+        float acc[STRIP] = {0};
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t c = c0; c < c1; c++) acc[c - c0] += dy[t * C + c] * (x[t * C + c] * rstd[t]);
+        for (int64_t c = c0; c < c1; c++) dweight[c] += acc[c - c0];
+    }
+}
+
+/* ---- RoPE ---- */
+
+void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, float theta)
+{
+    const int half = hd / 2;
+    /* forward: (a, b) -> (a c - b s, b c + a s); backward applies the transpose */
+#pragma omp parallel for schedule(static) if (T * nheads * hd * 8 >= QL_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < T; t++) {
+        const float pos = (float)(pos0 + t);
+        for (int i = 0; i < half; i++) {
+            const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)hd); /* as ql_rope_forward */
+            const float f = pos * inv;
+            const float c = cosf(f), s = sinf(f);
+            for (int h = 0; h < nheads; h++) {
+                float *v = dx + (t * nheads + h) * hd;
+                const float da = v[i], db = v[i + half];
+                v[i] = da * c + db * s;
+                v[i + half] = db * c - da * s;
+            }
+        }
+    }
+}
+
+/* ---- attention ---- */
+
+void ql_attention_forward_train(float *out, float *probs, const float *q, const float *k, const float *v, int64_t T,
+                                int nh, int nkv, int hd)
+{
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int group = nh / nkv;
+#pragma omp parallel for collapse(2) schedule(static) if (T * T * nh * hd >= QL_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++) {
+            const int64_t n = t + 1; /* causal: keys 0..t */
+            const int kvh = h / group;
+            const float *qt = q + (t * nh + h) * hd;
+            float *p = probs + ((int64_t)h * T + t) * T;
+            float mx = -INFINITY;
+            for (int64_t s = 0; s < n; s++) {
+                p[s] = dot(qt, k + (s * nkv + kvh) * hd, hd) * scale;
+                if (p[s] > mx) mx = p[s];
+            }
+            float sum = 0;
+            for (int64_t s = 0; s < n; s++) {
+                p[s] = expf(p[s] - mx);
+                sum += p[s];
+            }
+            float *o = out + (t * nh + h) * hd;
+            memset(o, 0, (size_t)hd * sizeof *o);
+            for (int64_t s = 0; s < n; s++) {
+                p[s] = p[s] / sum;
+                const float *vs = v + (s * nkv + kvh) * hd;
+                for (int d = 0; d < hd; d++) o[d] += p[s] * vs[d];
+            }
+            for (int64_t s = n; s < T; s++) p[s] = 0;
+        }
+}
+
+void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
+                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd)
+{
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int group = nh / nkv;
+    /* rows (t, h): softmax backward ds_s = p_s (dp_s - sum_j p_j dp_j), dp_s = dout_t . v_s; then dq */
+#pragma omp parallel for collapse(2) schedule(static) if (T * T * nh * hd >= QL_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++) {
+            const int kvh = h / group;
+            const float *p = probs + ((int64_t)h * T + t) * T;
+            float *ds = dscores + ((int64_t)h * T + t) * T;
+            const float *dot_ = dout + (t * nh + h) * hd;
+            double pdp = 0;
+            for (int64_t s = 0; s <= t; s++) {
+                ds[s] = dot(dot_, v + (s * nkv + kvh) * hd, hd);
+                pdp += (double)p[s] * ds[s];
+            }
+            for (int64_t s = 0; s <= t; s++) ds[s] = p[s] * (float)((double)ds[s] - pdp);
+            for (int64_t s = t + 1; s < T; s++) ds[s] = 0;
+            float *dqt = dq + (t * nh + h) * hd;
+            memset(dqt, 0, (size_t)hd * sizeof *dqt);
+            for (int64_t s = 0; s <= t; s++) axpy(dqt, ds[s] * scale, k + (s * nkv + kvh) * hd, hd);
+        }
+    /* kv rows (s, kvh): sum over the group's query heads, then queries t >= s */
+#pragma omp parallel for collapse(2) schedule(static) if (T * T * nh * hd >= QL_PARALLEL_MIN_WORK)
+    for (int64_t s = 0; s < T; s++)
+        for (int kvh = 0; kvh < nkv; kvh++) {
+            float *dks = dk + (s * nkv + kvh) * hd, *dvs = dv + (s * nkv + kvh) * hd;
+            memset(dks, 0, (size_t)hd * sizeof *dks);
+            memset(dvs, 0, (size_t)hd * sizeof *dvs);
+            for (int h = kvh * group; h < (kvh + 1) * group; h++)
+                for (int64_t t = s; t < T; t++) {
+                    const int64_t row = ((int64_t)h * T + t) * T;
+                    const float a = dscores[row + s] * scale, p = probs[row + s];
+                    axpy(dks, a, q + (t * nh + h) * hd, hd);
+                    axpy(dvs, p, dout + (t * nh + h) * hd, hd);
+                }
+        }
+}
+
+/* ---- SwiGLU ---- */
+
+void ql_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n)
+{
+#pragma omp parallel for schedule(static) if (n * 8 >= QL_PARALLEL_MIN_WORK)
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i], u = up[i], d = dout[i];
+        const float e = expf(-g);
+        const float sig = 1.0f / (1.0f + e), silu = g / (1.0f + e); /* silu as the forward computes it */
+        /* d silu / dg = sig (1 + g (1 - sig)) */
+        dgate[i] = d * u * (sig * (1.0f + g * (1.0f - sig)));
+        dup[i] = d * silu;
+    }
+}
+
+/* ---- cross-entropy ---- */
+
+static float cross_entropy_row(float *dl, const float *lg, int32_t target, int64_t V, int32_t ignore_index,
+                               float scale)
+{
+    if (target == ignore_index) {
+        if (dl) memset(dl, 0, (size_t)V * sizeof *dl);
+        return 0.0f;
+    }
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < V; i++)
+        if (lg[i] > mx) mx = lg[i];
+    double sum = 0;
+    for (int64_t i = 0; i < V; i++) sum += exp((double)lg[i] - mx);
+    const double lse = log(sum) + mx;
+    const double loss = lse - (double)lg[target]; /* read before dl (which may alias lg) is written */
+    if (dl)
+        for (int64_t i = 0; i < V; i++) {
+            double p = exp((double)lg[i] - lse);
+            dl[i] = (float)(scale * (p - (i == target ? 1.0 : 0.0)));
+        }
+    return (float)loss;
+}
+
+double ql_cross_entropy_forward_backward(float *losses, float *dlogits, const float *logits, const int32_t *targets,
+                                         int64_t T, int64_t V, int32_t ignore_index, float scale)
+{
+    for (int64_t t = 0; t < T; t++)
+        if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V)) return NAN;
+    double total = 0;
+    if (losses) {
+#pragma omp parallel for schedule(static) if (T * V * 8 >= QL_PARALLEL_MIN_WORK)
+        for (int64_t t = 0; t < T; t++)
+            losses[t] = cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
+                                          scale);
+        for (int64_t t = 0; t < T; t++) total += losses[t];
+    } else {
+        for (int64_t t = 0; t < T; t++)
+            total += cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
+                                       scale);
+    }
+    return total;
+}
+
+int64_t ql_count_targets(const int32_t *targets, int64_t T, int32_t ignore_index)
+{
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; t++) n += targets[t] != ignore_index;
+    return n;
+}
+
+/* ---- dropout ---- */
+
+#define SPLITMIX_GAMMA 0x9E3779B97F4A7C15ULL
+
+static uint64_t splitmix64_mix(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+uint64_t ql_splitmix64_next(uint64_t *state)
+{
+    *state += SPLITMIX_GAMMA;
+    return splitmix64_mix(*state);
+}
+
+/* the i-th output of the splitmix64 stream seeded with seed, as a 24-bit uniform in [0, 1) */
+static int dropout_keep(uint64_t seed, int64_t i, float p)
+{
+    uint64_t z = splitmix64_mix(seed + (uint64_t)(i + 1) * SPLITMIX_GAMMA);
+    return (float)(z >> 40) * 0x1p-24f >= p;
+}
+
+void ql_dropout_forward(float *out, uint8_t *mask, const float *x, int64_t n, float p, uint64_t seed)
+{
+    if (!(p > 0.0f) || p >= 1.0f) {
+        const int keep = !(p >= 1.0f);
+        for (int64_t i = 0; i < n; i++) out[i] = keep ? x[i] : 0.0f;
+        if (mask) memset(mask, keep, (size_t)n);
+        return;
+    }
+    const float inv = 1.0f / (1.0f - p);
+#pragma omp parallel for schedule(static) if (n * 8 >= QL_PARALLEL_MIN_WORK)
+    for (int64_t i = 0; i < n; i++) {
+        const int keep = dropout_keep(seed, i, p);
+        out[i] = keep ? x[i] * inv : 0.0f;
+        if (mask) mask[i] = (uint8_t)keep;
+    }
+}
+
+void ql_dropout_backward(float *dx, const float *dout, const uint8_t *mask, int64_t n, float p, uint64_t seed,
+                         int accumulate)
+{
+    if (p >= 1.0f) {
+        if (!accumulate) memset(dx, 0, (size_t)n * sizeof *dx);
+        return;
+    }
+    const int all = !(p > 0.0f);
+    const float inv = all ? 1.0f : 1.0f / (1.0f - p);
+#pragma omp parallel for schedule(static) if (n * 8 >= QL_PARALLEL_MIN_WORK)
+    for (int64_t i = 0; i < n; i++) {
+        const int keep = all || (mask ? mask[i] : dropout_keep(seed, i, p));
+        const float v = keep ? dout[i] * inv : 0.0f;
+        dx[i] = accumulate ? dx[i] + v : v;
+    }
+}

@@ -1,0 +1,39 @@
+/* Evaluation (mean NLL / perplexity over a dataset's target tokens) and text
+ * generation with a loaded model. */
+#ifndef QLORA_EVAL_H
+#define QLORA_EVAL_H
+
+#include <stdint.h>
+
+#include "dataset.h"
+#include "llama.h"
+#include "tokenizer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ql_eval_result {
+    int64_t examples;
+    int64_t tokens;  /* predicted (target) tokens */
+    double nll_sum;  /* natural log */
+} ql_eval_result;
+
+/* Each example runs as one sequence; token t+1 is scored from positions
+ * 0..t when its label is not -100. */
+int ql_eval_nll(ql_llama *m, const ql_dataset *d, int progress, ql_eval_result *out);
+
+typedef struct ql_generate_opts {
+    int max_new_tokens;
+    float temperature; /* 0: greedy */
+    float top_p;       /* 1: no nucleus cut */
+    uint64_t seed;
+} ql_generate_opts;
+
+/* Generated text only (the prompt is not repeated); caller frees. */
+int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const ql_generate_opts *opts, char **text);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

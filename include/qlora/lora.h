@@ -1,0 +1,82 @@
+/* LoRA adapters on the linear layers of a LLaMA model (PEFT conventions:
+ * y = x W^T + (alpha / r) * (dropout(x) A^T) B^T, A [r, in] kaiming-uniform,
+ * B [out, r] zeros), their AdamW optimizer, and PEFT adapter files. */
+#ifndef QLORA_LORA_H
+#define QLORA_LORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The seven linear modules of a decoder block, in PEFT's names. */
+enum { QL_MOD_Q, QL_MOD_K, QL_MOD_V, QL_MOD_O, QL_MOD_GATE, QL_MOD_UP, QL_MOD_DOWN, QL_MOD_COUNT };
+#define QL_LORA_ALL_MODULES 0x7fu
+
+const char *ql_lora_module_name(int module); /* "q_proj", ... */
+const char *ql_lora_module_path(int module); /* "self_attn.q_proj", ... */
+/* "all" or a comma-separated list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj */
+int ql_lora_modules_parse(const char *list, uint32_t *mask);
+
+typedef struct ql_lora_config {
+    int r;
+    float alpha;
+    float dropout;
+    uint32_t modules; /* bit per QL_MOD_* */
+} ql_lora_config;
+
+typedef struct ql_lora_pair {
+    int64_t in, out;
+    float *A, *B;   /* [r, in], [out, r] in the parameter arena */
+    float *dA, *dB; /* same layout in the gradient arena */
+} ql_lora_pair;
+
+typedef struct ql_lora {
+    ql_lora_config cfg;
+    float scaling;     /* alpha / r */
+    int n_layers;
+    ql_lora_pair *pairs; /* [n_layers * QL_MOD_COUNT]; A == NULL where not targeted */
+    float *params;       /* every A and B, one allocation */
+    float *grads;        /* gradients, same layout */
+    size_t n_params;
+} ql_lora;
+
+/* New adapters: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a =
+ * sqrt(5), as PEFT), B = 0, from a seeded generator. */
+int ql_lora_create(const ql_llama *m, const ql_lora_config *cfg, uint64_t seed, ql_lora **out);
+void ql_lora_destroy(ql_lora *l);
+ql_lora_pair *ql_lora_pair_at(ql_lora *l, int layer, int module); /* NULL if not targeted */
+
+/* Make the model's forward pass (ql_llama_forward: eval, generate) apply
+ * these adapters; NULL detaches.  The adapter must outlive the attachment. */
+void ql_lora_attach(ql_llama *m, const ql_lora *l);
+
+/* PEFT adapter folder: adapter_config.json + adapter_model.safetensors,
+ * written into `dir` (which must exist) atomically file by file. */
+int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model);
+/* Load a PEFT adapter for this model; shapes and targets must match. */
+int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out);
+
+/* AdamW as torch.optim.AdamW (decoupled weight decay, bias correction). */
+typedef struct ql_adamw {
+    float beta1, beta2, eps, weight_decay;
+    int64_t step;
+    size_t n;
+    float *m, *v;
+} ql_adamw;
+
+int ql_adamw_create(size_t n, float beta1, float beta2, float eps, float weight_decay, ql_adamw **out);
+void ql_adamw_destroy(ql_adamw *o);
+void ql_adamw_update(ql_adamw *o, float *params, const float *grads, float lr);
+/* Global L2 norm of grads; if max_norm > 0 and the norm exceeds it, scale
+ * grads by max_norm / (norm + 1e-6) as torch's clip_grad_norm_ does. */
+double ql_clip_grad_norm(float *grads, size_t n, double max_norm);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
