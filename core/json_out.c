@@ -142,3 +142,13 @@ char *ql_json_dumps_py(const json_t *v, int indent, int sort_keys)
     }
     return b.data;
 }
+
+json_t *ql_json_float(float f)
+{
+    char buf[32];
+    for (int p = 1; p <= 9; p++) {
+        snprintf(buf, sizeof buf, "%.*g", p, (double)f);
+        if (strtof(buf, NULL) == f) break;
+    }
+    return json_real(strtod(buf, NULL));
+}

@@ -9,4 +9,8 @@
 /* indent 0: one line; sort_keys as json.dumps(sort_keys=True).  Caller frees. */
 char *ql_json_dumps_py(const json_t *v, int indent, int sort_keys);
 
+/* A float as the shortest decimal that reads back as that float (not its
+ * double widening): 0.05f is written 0.05. */
+json_t *ql_json_float(float f);
+
 #endif

@@ -218,8 +218,8 @@ int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
     json_object_set_new(cfg, "init_lora_weights", json_true());
     json_object_set_new(cfg, "layers_pattern", json_null());
     json_object_set_new(cfg, "layers_to_transform", json_null());
-    json_object_set_new(cfg, "lora_alpha", json_real(l->cfg.alpha));
-    json_object_set_new(cfg, "lora_dropout", json_real(l->cfg.dropout));
+    json_object_set_new(cfg, "lora_alpha", ql_json_float(l->cfg.alpha));
+    json_object_set_new(cfg, "lora_dropout", ql_json_float(l->cfg.dropout));
     json_object_set_new(cfg, "modules_to_save", json_null());
     json_object_set_new(cfg, "peft_type", json_string("LORA"));
     json_object_set_new(cfg, "r", json_integer(l->cfg.r));

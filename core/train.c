@@ -88,13 +88,13 @@ static json_t *run_config(const ql_train_opts *o, const char *quantization)
     json_object_set_new(c, "max_examples", json_integer(o->data.max_examples));
     json_object_set_new(c, "train_on_source", json_boolean(o->data.train_on_source));
     json_object_set_new(c, "lora_r", json_integer(o->lora.r));
-    json_object_set_new(c, "lora_alpha", json_real(o->lora.alpha));
-    json_object_set_new(c, "lora_dropout", json_real(o->lora.dropout));
+    json_object_set_new(c, "lora_alpha", ql_json_float(o->lora.alpha));
+    json_object_set_new(c, "lora_dropout", ql_json_float(o->lora.dropout));
     json_object_set_new(c, "lora_modules", json_integer(o->lora.modules));
-    json_object_set_new(c, "lr", json_real(o->lr));
-    json_object_set_new(c, "weight_decay", json_real(o->weight_decay));
-    json_object_set_new(c, "max_grad_norm", json_real(o->max_grad_norm));
-    json_object_set_new(c, "warmup_ratio", json_real(o->warmup_ratio));
+    json_object_set_new(c, "lr", ql_json_float(o->lr));
+    json_object_set_new(c, "weight_decay", ql_json_float(o->weight_decay));
+    json_object_set_new(c, "max_grad_norm", ql_json_float(o->max_grad_norm));
+    json_object_set_new(c, "warmup_ratio", ql_json_float(o->warmup_ratio));
     json_object_set_new(c, "lr_scheduler", json_string(schedule_name(o->schedule)));
     json_object_set_new(c, "batch_size", json_integer(o->batch_size));
     json_object_set_new(c, "grad_accum", json_integer(o->grad_accum));
@@ -295,17 +295,6 @@ static int trim_metrics(const char *path, int64_t step)
     return rc;
 }
 
-/* A float as the shortest decimal that reads back as it (not its double widening). */
-static json_t *json_float(float f)
-{
-    char buf[32];
-    for (int p = 1; p <= 9; p++) {
-        snprintf(buf, sizeof buf, "%.*g", p, (double)f);
-        if (strtof(buf, NULL) == f) break;
-    }
-    return json_real(strtod(buf, NULL));
-}
-
 static int append_metrics(FILE *f, json_t *row, int echo)
 {
     char *text = ql_json_dumps_py(row, 0, 0);
@@ -484,7 +473,7 @@ int ql_train(const ql_train_opts *o)
         json_t *row = json_object();
         json_object_set_new(row, "step", json_integer(st.step));
         json_object_set_new(row, "loss", json_real(step_loss));
-        json_object_set_new(row, "lr", json_float(lr));
+        json_object_set_new(row, "lr", ql_json_float(lr));
         json_object_set_new(row, "grad_norm", json_real(norm));
         json_object_set_new(row, "tokens", json_integer((json_int_t)st.tokens_seen));
         json_object_set_new(row, "tokens_per_s", json_real(round(tps * 10) / 10));
