@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "qlora/mmlu.h"
 #include "qlora/qlora.h"
 #include "testutil.h"
 
@@ -346,6 +347,56 @@ START_TEST(bad_input)
 }
 END_TEST
 
+START_TEST(mmlu_scoring)
+{
+    char *out, *err;
+    char mmlu[1200];
+    snprintf(mmlu, sizeof mmlu, "%s/data/mmlu", tu_env("QLORA_SHARED"));
+    ck_assert_msg(qlora(&out, &err, "eval --model %s --quantizer=none --mmlu %s --shots 5 --max-examples 1 --quiet", model,
+                        mmlu) == 0, "%s", err);
+    json_t *res = json_loads(strrchr(out, '\n') ? out : out, 0, NULL);
+    ck_assert_msg(res != NULL, "not JSON: %s", out);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "subjects")), 57);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "questions")), 57);
+    double acc = json_number_value(json_object_get(res, "accuracy"));
+    ck_assert(acc >= 0.0 && acc <= 1.0);
+    ck_assert_uint_eq(json_object_size(json_object_get(res, "per_subject")), 57);
+    double a = json_number_value(json_object_get(json_object_get(res, "per_subject"), "anatomy"));
+    ck_assert(a == 0.0 || a == 1.0); /* one question per subject */
+    json_decref(res);
+    free(out);
+    free(err);
+    ck_assert_int_ne(qlora(NULL, &err, "eval --model %s --mmlu %s/nowhere", model, tmp), 0);
+    ck_assert_contains(err, "is not a folder of SUBJECT_test.csv files");
+    free(err);
+}
+END_TEST
+
+START_TEST(csv_records)
+{
+    const char *text = "question,choice0\n\"a, \"\"quoted\"\"\nline\",b\r\nlast,x";
+    size_t pos = 0;
+    char *f[4];
+    ck_assert_int_eq(ql_csv_record(text, strlen(text), &pos, f, 4), 2);
+    ck_assert_str_eq(f[0], "question");
+    free(f[0]);
+    free(f[1]);
+    ck_assert_int_eq(ql_csv_record(text, strlen(text), &pos, f, 4), 2);
+    ck_assert_str_eq(f[0], "a, \"quoted\"\nline");
+    ck_assert_str_eq(f[1], "b");
+    free(f[0]);
+    free(f[1]);
+    ck_assert_int_eq(ql_csv_record(text, strlen(text), &pos, f, 4), 2);
+    ck_assert_str_eq(f[1], "x");
+    free(f[0]);
+    free(f[1]);
+    ck_assert_int_eq(ql_csv_record(text, strlen(text), &pos, f, 4), 0);
+    const char *bad = "\"unterminated";
+    pos = 0;
+    ck_assert_int_eq(ql_csv_record(bad, strlen(bad), &pos, f, 4), -1);
+}
+END_TEST
+
 Suite *train_suite(void)
 {
     Suite *s = suite_create("train");
@@ -357,6 +408,8 @@ Suite *train_suite(void)
     tcase_add_test(t, eval_generate_merge_with_adapter);
     tcase_add_test(t, base_model_facts);
     tcase_add_test(t, bad_input);
+    tcase_add_test(t, mmlu_scoring);
+    tcase_add_test(t, csv_records);
     suite_add_tcase(s, t);
     return s;
 }

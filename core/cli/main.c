@@ -13,6 +13,7 @@
 #include "qlora/eval.h"
 #include "qlora/lora.h"
 #include "qlora/merge.h"
+#include "qlora/mmlu.h"
 #include "qlora/train.h"
 #include "qlora/qlora.h"
 
@@ -27,7 +28,8 @@ static const char usage_text[] =
     "  compare --quantizers=Q1,Q2,... MODEL_DIR [--json FILE] [--summary-only]\n"
     "                                      bits/param, bytes, error and time per quantizer and layer\n"
     "  eval --model DIR [--quantizer=Q] --data FILE --format text|alpaca|input-output|oasst1\n"
-    "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N]\n"
+    "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
+    "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--max-examples N per subject] [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
     "  generate --model DIR [--quantizer=Q] --prompt TEXT [--max-new-tokens N] [--temperature T]\n"
     "       [--top-p P] [--seed S]           prints only the generated text (temperature 0 = greedy)\n"
@@ -153,6 +155,9 @@ enum {
     OPT_GROUP_BY_LENGTH,
     OPT_TRAIN_ON_SOURCE,
     OPT_DTYPE,
+    OPT_MMLU,
+    OPT_SHOTS,
+    OPT_MMLU_SPLIT,
 };
 
 /* Strict number parsing for flags: the whole argument must be the number. */
@@ -352,9 +357,14 @@ static int cmd_eval(int argc, char **argv)
         {"source-max-len", required_argument, NULL, OPT_SOURCE_MAX_LEN},
         {"target-max-len", required_argument, NULL, OPT_TARGET_MAX_LEN},
         {"quiet", no_argument, NULL, OPT_QUIET},
+        {"mmlu", required_argument, NULL, OPT_MMLU},
+        {"shots", required_argument, NULL, OPT_SHOTS},
+        {"mmlu-split", required_argument, NULL, OPT_MMLU_SPLIT},
         {NULL, 0, NULL, 0},
     };
-    const char *model = NULL, *data = NULL, *format = "text", *quantizer = NULL, *adapter = NULL;
+    const char *model = NULL, *data = NULL, *format = "text", *quantizer = NULL, *adapter = NULL, *mmlu = NULL,
+               *mmlu_split = "test";
+    long shots = 5;
     long max_examples = 0, max_len = 0, source_max_len = 1024, target_max_len = 256;
     int progress = 1, c, bad = 0;
     optind = 1;
@@ -370,13 +380,32 @@ static int cmd_eval(int argc, char **argv)
         case OPT_SOURCE_MAX_LEN: bad |= parse_long_arg("--source-max-len", optarg, 1, 1L << 24, &source_max_len); break;
         case OPT_TARGET_MAX_LEN: bad |= parse_long_arg("--target-max-len", optarg, 1, 1L << 24, &target_max_len); break;
         case OPT_QUIET: progress = 0; break;
+        case OPT_MMLU: mmlu = optarg; break;
+        case OPT_MMLU_SPLIT: mmlu_split = optarg; break;
+        case OPT_SHOTS: bad |= parse_long_arg("--shots", optarg, 0, 64, &shots); break;
         default: return 2;
         }
     }
     if (bad) return 2;
     if (optind != argc) return usage_error("eval: unexpected argument '%s'", argv[optind]);
     if (!model) return usage_error("eval: --model DIR is required%s", "");
-    if (!data) return usage_error("eval: --data FILE is required%s", "");
+    if (mmlu && data) return usage_error("eval: give --data or --mmlu, not both%s", "");
+    if (mmlu) {
+        ql_llama *mm = NULL;
+        ql_tokenizer *tk = NULL;
+        ql_lora *lr = NULL;
+        char qb[512];
+        int rc2 = load_with_adapter(model, adapter, quantizer, qb, sizeof qb, &mm, &lr);
+        if (rc2 == QL_OK) rc2 = ql_tokenizer_load(model, &tk);
+        ql_mmlu_opts mo = {.dir = mmlu, .split = mmlu_split, .shots = (int)shots, .max_per_subject = max_examples,
+                           .progress = progress};
+        if (rc2 == QL_OK) rc2 = ql_mmlu_eval(mm, tk, &mo, stdout);
+        ql_tokenizer_destroy(tk);
+        ql_llama_destroy(mm);
+        ql_lora_destroy(lr);
+        return rc2 ? fail(rc2) : 0;
+    }
+    if (!data) return usage_error("eval: --data FILE (or --mmlu DIR) is required%s", "");
     ql_dataset_opts dopts = {.source_max_len = (int)source_max_len, .target_max_len = (int)target_max_len,
                              .max_len = (int)max_len, .train_on_source = 0, .max_examples = max_examples};
     int rc = ql_data_format_parse(format, &dopts.format);

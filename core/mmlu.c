@@ -1,0 +1,319 @@
+#include "qlora/mmlu.h"
+
+#include <dirent.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "json_out.h"
+#include "progress.h"
+#include "qlora/error.h"
+#include "qlora/fs.h"
+
+int ql_csv_record(const char *text, size_t len, size_t *pos, char **fields, int max_fields)
+{
+    size_t p = *pos;
+    if (p >= len) return 0;
+    int n = 0;
+    for (;;) {
+        size_t cap = 64, k = 0;
+        char *f = malloc(cap);
+        if (!f) return -1;
+        int quoted = p < len && text[p] == '"';
+        if (quoted) p++;
+        for (;;) {
+            if (p >= len) {
+                if (quoted) { /* unterminated quote */
+                    free(f);
+                    for (int i = 0; i < n; i++) free(fields[i]);
+                    return -1;
+                }
+                break;
+            }
+            char c = text[p];
+            if (quoted) {
+                if (c == '"') {
+                    if (p + 1 < len && text[p + 1] == '"') {
+                        p += 2;
+                        c = '"';
+                    } else {
+                        p++;
+                        quoted = 0;
+                        continue;
+                    }
+                } else {
+                    p++;
+                }
+            } else {
+                if (c == ',' || c == '\n' || c == '\r') break;
+                p++;
+            }
+            if (k + 2 > cap) {
+                char *g = realloc(f, cap *= 2);
+                if (!g) {
+                    free(f);
+                    return -1;
+                }
+                f = g;
+            }
+            f[k++] = c;
+        }
+        f[k] = '\0';
+        if (n < max_fields) fields[n++] = f;
+        else free(f);
+        if (p < len && text[p] == ',') {
+            p++;
+            continue;
+        }
+        if (p < len && text[p] == '\r') p++;
+        if (p < len && text[p] == '\n') p++;
+        break;
+    }
+    *pos = p;
+    return n;
+}
+
+typedef struct question {
+    char *field[6]; /* question, choice0..3, answer */
+} question;
+
+static void free_questions(question *q, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        for (int k = 0; k < 6; k++) free(q[i].field[k]);
+    free(q);
+}
+
+static int read_csv(const char *path, question **out, size_t *n)
+{
+    char *text;
+    size_t len, pos = 0;
+    *out = NULL;
+    *n = 0;
+    int rc = ql_read_file(path, &text, &len);
+    if (rc) return rc;
+    size_t cap = 0, line = 0;
+    question *qs = NULL;
+    for (;;) {
+        char *f[6] = {0};
+        int k = ql_csv_record(text, len, &pos, f, 6);
+        line++;
+        if (k == 0) break;
+        if (k != 6) {
+            for (int i = 0; i < 6; i++) free(f[i]);
+            free(text);
+            free_questions(qs, *n);
+            return ql_error(QL_EFORMAT, "%s: record %zu has %d fields, expected question,choice0..3,answer", path, line,
+                            k < 0 ? 0 : k);
+        }
+        if (line == 1 && !strcmp(f[0], "question")) { /* header */
+            for (int i = 0; i < 6; i++) free(f[i]);
+            continue;
+        }
+        if (strlen(f[5]) != 1 || f[5][0] < '0' || f[5][0] > '3') {
+            for (int i = 0; i < 6; i++) free(f[i]);
+            free(text);
+            free_questions(qs, *n);
+            return ql_error(QL_EFORMAT, "%s: record %zu: answer must be 0-3", path, line);
+        }
+        if (*n == cap) {
+            question *p = realloc(qs, (cap = cap ? cap * 2 : 64) * sizeof *p);
+            if (!p) {
+                for (int i = 0; i < 6; i++) free(f[i]);
+                free(text);
+                free_questions(qs, *n);
+                return ql_error(QL_ENOMEM, "out of memory");
+            }
+            qs = p;
+        }
+        memcpy(qs[*n].field, f, sizeof f);
+        (*n)++;
+    }
+    free(text);
+    *out = qs;
+    return QL_OK;
+}
+
+static const char letters[4] = {'A', 'B', 'C', 'D'};
+
+static void append(char **buf, size_t *len, size_t *cap, const char *s)
+{
+    size_t l = strlen(s);
+    if (*len + l + 1 > *cap) {
+        *cap = (*len + l + 1) * 2;
+        *buf = realloc(*buf, *cap);
+    }
+    memcpy(*buf + *len, s, l + 1);
+    *len += l;
+}
+
+static void format_question(char **buf, size_t *len, size_t *cap, const question *q, int with_answer)
+{
+    append(buf, len, cap, q->field[0]);
+    for (int c = 0; c < 4; c++) {
+        char head[8];
+        snprintf(head, sizeof head, "\n%c. ", letters[c]);
+        append(buf, len, cap, head);
+        append(buf, len, cap, q->field[1 + c]);
+    }
+    append(buf, len, cap, "\nAnswer:");
+    if (with_answer) {
+        char ans[8];
+        snprintf(ans, sizeof ans, " %c\n\n", letters[q->field[5][0] - '0']);
+        append(buf, len, cap, ans);
+    }
+}
+
+/* "The following are multiple choice questions (with answers) about X.\n\n"
+ * + shots dev questions with answers + the question. */
+static char *build_prompt(const char *subject, const question *dev, int shots, const question *q)
+{
+    size_t len = 0, cap = 1024;
+    char *buf = malloc(cap);
+    if (!buf) return NULL;
+    buf[0] = '\0';
+    char head[512];
+    char pretty[256];
+    snprintf(pretty, sizeof pretty, "%s", subject);
+    for (char *p = pretty; *p; p++)
+        if (*p == '_') *p = ' ';
+    snprintf(head, sizeof head, "The following are multiple choice questions (with answers) about %s.\n\n", pretty);
+    append(&buf, &len, &cap, head);
+    for (int s = 0; s < shots; s++) format_question(&buf, &len, &cap, &dev[s], 1);
+    format_question(&buf, &len, &cap, q, 0);
+    return buf;
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FILE *out)
+{
+    const char *split = o->split ? o->split : "test";
+    char *split_dir = ql_path_join(o->dir, split), *dev_dir = ql_path_join(o->dir, "dev");
+    DIR *d = split_dir ? opendir(split_dir) : NULL;
+    if (!d) {
+        int rc = ql_error(QL_ENOTFOUND, "MMLU: %s is not a folder of SUBJECT_%s.csv files", split_dir ? split_dir : "?", split);
+        free(split_dir);
+        free(dev_dir);
+        return rc;
+    }
+    char suffix[64];
+    snprintf(suffix, sizeof suffix, "_%s.csv", split);
+    char **subjects = NULL;
+    size_t ns = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t l = strlen(e->d_name), ls = strlen(suffix);
+        if (l <= ls || strcmp(e->d_name + l - ls, suffix)) continue;
+        subjects = realloc(subjects, (ns + 1) * sizeof *subjects);
+        subjects[ns++] = strndup(e->d_name, l - ls);
+    }
+    closedir(d);
+    int rc = QL_OK;
+    if (ns == 0) rc = ql_error(QL_ENOTFOUND, "MMLU: no *%s files in %s", suffix, split_dir);
+    if (ns) qsort(subjects, ns, sizeof *subjects, cmp_str);
+    /* token ids of the four letters, as qlora.py takes them: the first id of each letter alone */
+    int32_t letter_id[4];
+    for (int c = 0; c < 4 && rc == QL_OK; c++) {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        char s[2] = {letters[c], 0};
+        rc = ql_tokenizer_encode(tok, s, 1, 0, &ids, &n);
+        if (rc == QL_OK && n == 0) rc = ql_error(QL_EINVAL, "MMLU: the tokenizer gives no token for \"%c\"", letters[c]);
+        if (rc == QL_OK) letter_id[c] = ids[0];
+        free(ids);
+    }
+    const ql_llama_config *c = ql_llama_get_config(m);
+    float *logits = malloc((size_t)c->vocab * sizeof *logits);
+    ql_kv_cache *cache = NULL;
+    if (rc == QL_OK) rc = logits ? ql_kv_cache_create(m, c->max_positions, &cache) : ql_error(QL_ENOMEM, "out of memory");
+    json_t *per = json_object();
+    double sum_subject = 0;
+    int64_t correct_all = 0, total_all = 0, dropped_shots = 0;
+    ql_progress prog;
+    ql_progress_begin(&prog, "mmlu", (int64_t)ns, "subjects", o->progress);
+    for (size_t s = 0; s < ns && rc == QL_OK; s++) {
+        char name[600];
+        question *dev = NULL, *qs = NULL;
+        size_t ndev = 0, nq = 0;
+        snprintf(name, sizeof name, "%s/%s_dev.csv", dev_dir, subjects[s]);
+        rc = read_csv(name, &dev, &ndev);
+        if (rc == QL_OK) {
+            snprintf(name, sizeof name, "%s/%s%s", split_dir, subjects[s], suffix);
+            rc = read_csv(name, &qs, &nq);
+        }
+        if (rc == QL_OK && (size_t)o->shots > ndev)
+            rc = ql_error(QL_EINVAL, "MMLU: %s has %zu dev questions, fewer than --shots %d", subjects[s], ndev, o->shots);
+        size_t limit = o->max_per_subject > 0 && (size_t)o->max_per_subject < nq ? (size_t)o->max_per_subject : nq;
+        int64_t correct = 0;
+        for (size_t i = 0; i < limit && rc == QL_OK; i++) {
+            /* fewer shots when the prompt does not fit the model */
+            int32_t *ids = NULL;
+            size_t n = 0;
+            for (int shots = o->shots; shots >= 0; shots--) {
+                char *prompt = build_prompt(subjects[s], dev, shots, &qs[i]);
+                if (!prompt) {
+                    rc = ql_error(QL_ENOMEM, "out of memory");
+                    break;
+                }
+                free(ids);
+                ids = NULL;
+                rc = ql_tokenizer_encode(tok, prompt, strlen(prompt), 1, &ids, &n);
+                free(prompt);
+                if (rc || (int)n <= c->max_positions) break;
+                if (shots == 0) {
+                    /* keep the end (the question and "Answer:") */
+                    memmove(ids, ids + (n - (size_t)c->max_positions), (size_t)c->max_positions * sizeof *ids);
+                    n = (size_t)c->max_positions;
+                }
+                dropped_shots++;
+            }
+            if (rc == QL_OK) {
+                ql_kv_cache_reset(cache);
+                rc = ql_llama_forward(m, cache, ids, (int)n, logits, 1);
+            }
+            if (rc == QL_OK) {
+                int best = 0;
+                for (int k = 1; k < 4; k++)
+                    if (logits[letter_id[k]] > logits[letter_id[best]]) best = k;
+                correct += best == qs[i].field[5][0] - '0';
+            }
+            free(ids);
+        }
+        if (rc == QL_OK && limit > 0) {
+            double acc = (double)correct / (double)limit;
+            json_object_set_new(per, subjects[s], json_real(acc));
+            sum_subject += acc;
+            correct_all += correct;
+            total_all += (int64_t)limit;
+        }
+        free_questions(dev, ndev);
+        free_questions(qs, nq);
+        ql_progress_update(&prog, (int64_t)s + 1, subjects[s]);
+    }
+    if (rc == QL_OK) {
+        ql_progress_end(&prog);
+        json_t *res = json_object();
+        json_object_set_new(res, "mmlu_split", json_string(split));
+        json_object_set_new(res, "shots", json_integer(o->shots));
+        json_object_set_new(res, "subjects", json_integer((json_int_t)json_object_size(per)));
+        json_object_set_new(res, "questions", json_integer(total_all));
+        json_object_set_new(res, "accuracy", json_real(json_object_size(per) ? sum_subject / (double)json_object_size(per) : 0));
+        json_object_set_new(res, "accuracy_micro", json_real(total_all ? (double)correct_all / (double)total_all : 0));
+        json_object_set_new(res, "prompts_with_fewer_shots", json_integer(dropped_shots));
+        json_object_set_new(res, "per_subject", per);
+        per = NULL;
+        char *text = ql_json_dumps_py(res, 0, 0);
+        json_decref(res);
+        if (text) fprintf(out, "%s\n", text);
+        free(text);
+    }
+    json_decref(per);
+    ql_kv_cache_destroy(cache);
+    free(logits);
+    for (size_t i = 0; i < ns; i++) free(subjects[i]);
+    free(subjects);
+    free(split_dir);
+    free(dev_dir);
+    return rc;
+}

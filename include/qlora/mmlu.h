@@ -1,0 +1,37 @@
+/* MMLU evaluation as artidoro/qlora's qlora.py scores it: k-shot prompts from
+ * the dev split, the model's logits for the tokens of "A", "B", "C", "D" at
+ * the answer position, accuracy per subject and over subjects. */
+#ifndef QLORA_MMLU_H
+#define QLORA_MMLU_H
+
+#include <stdio.h>
+
+#include "llama.h"
+#include "tokenizer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ql_mmlu_opts {
+    const char *dir;         /* holds dev/ and test/ (or the split named) with SUBJECT_{dev,test}.csv */
+    const char *split;       /* "test" (default) or "dev"... any folder name */
+    int shots;               /* dev examples in each prompt (qlora.py: 5) */
+    int64_t max_per_subject; /* <= 0: all */
+    int progress;
+} ql_mmlu_opts;
+
+/* Prints one JSON object (accuracy = mean over subjects as qlora.py reports
+ * it, accuracy_micro over questions, per-subject accuracies) as the last
+ * line on `out`. */
+int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *opts, FILE *out);
+
+/* One CSV record (RFC 4180: quotes, doubled quotes, newlines in quotes) from
+ * text at *pos; fields are malloc'd.  Returns the field count, 0 at the end,
+ * -1 on a malformed record. */
+int ql_csv_record(const char *text, size_t len, size_t *pos, char **fields, int max_fields);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
