@@ -84,6 +84,8 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
     else if (rc) return rc;
     if ((rc = get_real(cfg, "rms_norm_eps", &c->rms_eps, 1e-6f)) || (rc = get_real(cfg, "rope_theta", &c->rope_theta, 10000.0f)))
         return rc;
+    json_t *sw = json_object_get(cfg, "sliding_window");
+    c->sliding_window = json_is_integer(sw) && json_integer_value(sw) > 0 ? (int)json_integer_value(sw) : 0;
     json_t *rs = json_object_get(cfg, "rope_scaling");
     if (rs && !json_is_null(rs))
         return ql_error(QL_ENOTSUP, "config.json: rope_scaling is not supported yet");
@@ -410,6 +412,10 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
     if (T <= 0) return QL_OK;
     if (past + T > cache->capacity)
         return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the cache of %d", past + T, cache->capacity);
+    if (c->sliding_window > 0 && past + T > c->sliding_window)
+        return ql_error(QL_ENOTSUP, "sequence of %d tokens is longer than the model's sliding attention window (%d): "
+                                    "sliding-window attention is not supported yet",
+                        past + T, c->sliding_window);
     for (int t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", tokens[t], t, c->vocab);

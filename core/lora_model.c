@@ -223,6 +223,10 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     if (T < 2) return QL_OK;
     if (T > c->max_positions)
         return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", T, c->max_positions);
+    if (c->sliding_window > 0 && T > c->sliding_window)
+        return ql_error(QL_ENOTSUP, "sequence of %d tokens is longer than the model's sliding attention window (%d): "
+                                    "sliding-window attention is not supported yet",
+                        T, c->sliding_window);
     for (int t = 0; t < T; t++)
         if (ids[t] < 0 || ids[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", ids[t], t, c->vocab);

@@ -347,6 +347,50 @@ START_TEST(bad_input)
 }
 END_TEST
 
+START_TEST(any_quantizer_trains)
+{
+    /* the same run over each quantizer: the plugin's materialize slot is all the engine uses */
+    const char *specs[4] = {"int8", "fp4:double_quant=0", "none", NULL};
+    char example[1200];
+    snprintf(example, sizeof example, "%s:group_size=64", tu_env("QLORA_EXAMPLE_PLUGIN"));
+    specs[3] = example;
+    double first_loss[4];
+    for (int i = 0; i < 4; i++) {
+        char run[1200], *err;
+        snprintf(run, sizeof run, "%s/q%d", tmp, i);
+        ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --quantizer=%s --output %s", model, data, specs[i], run) == 0,
+                      "%s: %s", specs[i], err);
+        free(err);
+        size_t n;
+        json_t *rows = read_rows(run, &n);
+        ck_assert_uint_eq(n, 2);
+        first_loss[i] = field(rows, 0, "loss");
+        ck_assert(isfinite(first_loss[i]) && first_loss[i] > 0.5);
+        json_decref(rows);
+    }
+    /* different bases give different (but close) losses */
+    ck_assert(first_loss[0] != first_loss[1] && first_loss[1] != first_loss[3]);
+    ck_assert(fabs(first_loss[0] - first_loss[2]) < 0.05); /* int8 is close to the dense base */
+}
+END_TEST
+
+START_TEST(prequantized_checkpoint_is_used_as_is)
+{
+    char q[1200], stories[1200], *out1, *out2, *err;
+    snprintf(q, sizeof q, "%s/quantized", tmp);
+    snprintf(stories, sizeof stories, "%s/data/tinystories/validation.txt", tu_env("QLORA_SHARED"));
+    ck_assert_int_eq(qlora(NULL, NULL, "quantize --quiet --quantizer=nf4 %s -o %s", model, q), 0);
+    ck_assert_int_eq(qlora(&out1, NULL, "eval --model %s --quantizer=nf4 --data %s --format text --max-examples 20 --quiet",
+                           model, stories), 0);
+    ck_assert_msg(qlora(&out2, &err, "eval --model %s --data %s --format text --max-examples 20 --quiet", q, stories) == 0,
+                  "%s", err);
+    ck_assert_str_eq(out1, out2); /* same bytes, same scores */
+    free(out1);
+    free(out2);
+    free(err);
+}
+END_TEST
+
 START_TEST(mmlu_scoring)
 {
     char *out, *err;
@@ -409,6 +453,8 @@ Suite *train_suite(void)
     tcase_add_test(t, base_model_facts);
     tcase_add_test(t, bad_input);
     tcase_add_test(t, mmlu_scoring);
+    tcase_add_test(t, any_quantizer_trains);
+    tcase_add_test(t, prequantized_checkpoint_is_used_as_is);
     tcase_add_test(t, csv_records);
     suite_add_tcase(s, t);
     return s;

@@ -27,6 +27,7 @@ typedef struct ql_llama_config {
     float rope_theta;
     int tied_embeddings;
     int bos_id, eos_id;
+    int sliding_window; /* Mistral's attention window; 0 when none */
 } ql_llama_config;
 
 /* Read and check config.json (a jansson json_t *).  An unsupported
