@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "bnb.h"
+#include "fastmath.h"
 #include "bnb4bit.h"
 #include "torch_mean.h"
 
@@ -196,15 +197,6 @@ static void block_scales(const ql_qstate *s, float *scale)
         scale[b] = map[s->absmax_codes[b]] * s->nested_absmax[b / NESTED_BLOCKSIZE] + s->offset;
 }
 
-static uint16_t to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
 int qlp_4bit_materialize(const ql_quantizer *q, const ql_qstate *s, int32_t out_dtype, void *out)
 {
     (void)q;
@@ -227,7 +219,7 @@ int qlp_4bit_materialize(const ql_quantizer *q, const ql_qstate *s, int32_t out_
             unsigned code = (i & 1) ? (byte & 0xfu) : (byte >> 4);
             float v = table[code] * scale[b];
             if (out_dtype == QL_DTYPE_F32) ((float *)out)[i] = v;
-            else ((uint16_t *)out)[i] = to_bf16(v);
+            else ((uint16_t *)out)[i] = qlp_f32_to_bf16(v);
         }
     }
     free(scale);

@@ -19,4 +19,32 @@ void qlp_4bit_free_state(const ql_quantizer *q, ql_qstate *s);
 int qlp_4bit_state_info(const ql_quantizer *q, const ql_qstate *s, ql_state_info *info);
 int qlp_4bit_checkpoint_config(const ql_quantizer *q, char *buf, size_t cap);
 
+/* The descriptor and entry point of a 4-bit plugin (nf4.c, fp4.c). */
+#define QLP_4BIT_PLUGIN(NAME, TYPE, DESCRIPTION)                                                  \
+    static int create_##NAME(const ql_option *options, size_t n, ql_quantizer **out)              \
+    {                                                                                             \
+        return qlp_4bit_create(TYPE, options, n, out);                                            \
+    }                                                                                             \
+    static const ql_quantizer_desc descriptor = {                                                 \
+        .struct_size = sizeof(ql_quantizer_desc),                                                 \
+        .abi_major = QL_QUANTIZER_ABI_MAJOR,                                                      \
+        .abi_minor = QL_QUANTIZER_ABI_MINOR,                                                      \
+        .name = #NAME,                                                                            \
+        .description = DESCRIPTION,                                                               \
+        .version = "1.0.0",                                                                       \
+        .init = qlp_4bit_init,                                                                    \
+        .create = create_##NAME,                                                                  \
+        .destroy = qlp_4bit_destroy,                                                              \
+        .describe = qlp_4bit_describe,                                                            \
+        .bits_per_param = qlp_4bit_bits_per_param,                                                \
+        .quantize = qlp_4bit_quantize,                                                            \
+        .materialize = qlp_4bit_materialize,                                                      \
+        .save = qlp_4bit_save,                                                                    \
+        .load = qlp_4bit_load,                                                                    \
+        .free_state = qlp_4bit_free_state,                                                        \
+        .state_info = qlp_4bit_state_info,                                                        \
+        .checkpoint_config = qlp_4bit_checkpoint_config,                                          \
+    };                                                                                            \
+    QL_PLUGIN_EXPORT const ql_quantizer_desc *ql_quantizer_entry(void) { return &descriptor; }
+
 #endif

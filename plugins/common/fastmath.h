@@ -30,6 +30,15 @@ static inline float qlp_max_ftz(float a, float b)
     return a > b ? a : b;
 }
 
+/* float32 -> bfloat16 bits, round to nearest even; NaN stays NaN. */
+static inline uint16_t qlp_f32_to_bf16(float f)
+{
+    uint32_t u = qlp_f2u(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
 /* rcp.approx.ftz.f32 as an sm_90 GPU computes it (bit-exact; see fastmath.c). */
 float qlp_rcp_approx_ftz(float x);
 /* __fdividef(a, b) under fast math: a * rcp.approx(b), flushed. */

@@ -146,15 +146,6 @@ static int quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float 
     return QL_OK;
 }
 
-static uint16_t to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
 static int materialize(const ql_quantizer *q, const ql_qstate *s, int32_t out_dtype, void *out)
 {
     (void)q;
@@ -167,7 +158,7 @@ static int materialize(const ql_quantizer *q, const ql_qstate *s, int32_t out_dt
             /* CB * SCB * (1/127), in that order, as bitsandbytes dequantizes */
             float v = (float)s->codes[r * cols + c] * s->scb[r] * 7.874015718698502e-3f;
             if (out_dtype == QL_DTYPE_F32) ((float *)out)[r * cols + c] = v;
-            else ((uint16_t *)out)[r * cols + c] = to_bf16(v);
+            else ((uint16_t *)out)[r * cols + c] = qlp_f32_to_bf16(v);
         }
     }
     return QL_OK;
