@@ -14,6 +14,8 @@
 
 struct ql_llama {
     ql_llama_config cfg;
+    char *dir;      /* the folder it was loaded from */
+    json_t *config; /* its config.json */
     ql_qz *qz;              /* quantizer of the block linears, or NULL */
     char quantization[600]; /* "nf4:..." or "none" */
     float *embed;           /* [vocab, hidden] */
@@ -231,6 +233,8 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         return ql_error(QL_ENOMEM, "out of memory");
     }
     json_t *cfg = ql_model_files_config(mf);
+    m->dir = strdup(dir);
+    m->config = json_deep_copy(cfg);
     if ((rc = ql_llama_config_parse(cfg, &m->cfg))) goto fail;
     const ql_llama_config *c = &m->cfg;
     char spec[512];
@@ -325,8 +329,13 @@ void ql_llama_destroy(ql_llama *m)
     free(m->final_norm);
     free(m->scratch_w);
     ql_qz_close(m->qz);
+    free(m->dir);
+    json_decref(m->config);
     free(m);
 }
+
+const char *ql_llama_dir(const ql_llama *m) { return m->dir; }
+const void *ql_llama_config_json(const ql_llama *m) { return m->config; }
 
 const ql_llama_config *ql_llama_get_config(const ql_llama *m) { return &m->cfg; }
 ql_llama_layer *ql_llama_layers(ql_llama *m) { return m->layers; }

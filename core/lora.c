@@ -252,6 +252,27 @@ int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
         return rc;
     }
     free(path);
+    /* The base the adapter names: when it is another folder here with another
+     * config, say so (shapes are checked below; matching shapes still apply). */
+    const char *base = json_string_value(json_object_get(cfg, "base_model_name_or_path"));
+    if (base && *base && ql_is_dir(base)) {
+        char *a = realpath(base, NULL), *b = realpath(ql_llama_dir(m), NULL);
+        char *bcfg_path = ql_path_join(base, "config.json");
+        json_t *bcfg = bcfg_path ? json_load_file(bcfg_path, 0, NULL) : NULL;
+        json_t *mine = json_deep_copy(ql_llama_config_json(m));
+        if (bcfg) json_object_del(bcfg, "quantization_config");
+        if (mine) json_object_del(mine, "quantization_config");
+        if (a && b && strcmp(a, b) != 0 && (!bcfg || !mine || !json_equal(bcfg, mine)))
+            fprintf(stderr,
+                    "qlora: warning: adapter %s was trained on %s, whose config differs from %s's; applying it "
+                    "because the shapes match\n",
+                    dir, base, ql_llama_dir(m));
+        json_decref(bcfg);
+        json_decref(mine);
+        free(bcfg_path);
+        free(a);
+        free(b);
+    }
     ql_lora_config c = {0};
     const char *ptype = json_string_value(json_object_get(cfg, "peft_type"));
     json_t *jr = json_object_get(cfg, "r"), *ja = json_object_get(cfg, "lora_alpha"),

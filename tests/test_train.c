@@ -391,6 +391,76 @@ START_TEST(prequantized_checkpoint_is_used_as_is)
 }
 END_TEST
 
+static void copy_into(const char *from_dir, const char *name, const char *to_dir)
+{
+    char a[1300], b[1300];
+    snprintf(a, sizeof a, "%s/%s", from_dir, name);
+    snprintf(b, sizeof b, "%s/%s", to_dir, name);
+    ck_assert_int_eq(ql_copy_file_atomic(a, b), QL_OK);
+}
+
+START_TEST(untied_bf16_model_and_foreign_adapter)
+{
+    /* a tiny untied BF16 LLaMA with grouped-query attention: loads, evaluates, trains */
+    char tiny[1200], stories[1200], *out, *err;
+    snprintf(tiny, sizeof tiny, "%s/tiny", tmp);
+    snprintf(stories, sizeof stories, "%s/data/tinystories/validation.txt", tu_env("QLORA_SHARED"));
+    const int B = QL_DTYPE_BF16;
+    tu_tensor t[] = {
+        {"model.embed_tokens.weight", B, 2, {512, 16}, NULL},
+        {"model.norm.weight", B, 1, {16}, NULL},
+        {"lm_head.weight", B, 2, {512, 16}, NULL},
+        {"model.layers.0.input_layernorm.weight", B, 1, {16}, NULL},
+        {"model.layers.0.post_attention_layernorm.weight", B, 1, {16}, NULL},
+        {"model.layers.0.self_attn.q_proj.weight", B, 2, {16, 16}, NULL},
+        {"model.layers.0.self_attn.k_proj.weight", B, 2, {8, 16}, NULL},
+        {"model.layers.0.self_attn.v_proj.weight", B, 2, {8, 16}, NULL},
+        {"model.layers.0.self_attn.o_proj.weight", B, 2, {16, 16}, NULL},
+        {"model.layers.0.mlp.gate_proj.weight", B, 2, {24, 16}, NULL},
+        {"model.layers.0.mlp.up_proj.weight", B, 2, {24, 16}, NULL},
+        {"model.layers.0.mlp.down_proj.weight", B, 2, {16, 24}, NULL},
+    };
+    tu_write_model(tiny, t, sizeof t / sizeof t[0],
+                   "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 16, \"intermediate_size\": 24, "
+                   "\"num_hidden_layers\": 1, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 512, "
+                   "\"max_position_embeddings\": 128, \"rms_norm_eps\": 1e-5, \"tie_word_embeddings\": false}");
+    copy_into(model, "tokenizer.json", tiny);
+    copy_into(model, "tokenizer_config.json", tiny);
+    ck_assert_msg(qlora(&out, &err, "eval --model %s --quantizer=nf4 --data %s --format text --max-examples 5 --quiet", tiny,
+                        stories) == 0, "%s", err);
+    json_t *res = json_loads(strrchr(out, '{'), 0, NULL);
+    double nll = json_number_value(json_object_get(res, "nll"));
+    ck_assert_msg(nll > 5.5 && nll < 7.0, "untrained 512-way model should score near ln 512 = 6.24, got %g", nll);
+    json_decref(res);
+    free(out);
+    free(err);
+    char run[1200];
+    snprintf(run, sizeof run, "%s/tiny_run", tmp);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --max-len 128 --output %s", tiny, data, run) == 0, "%s", err);
+    free(err);
+    /* the stories260K adapter of another run on a copy whose config differs: warned, applied (shapes match) */
+    char copy[1200], srun[1200];
+    snprintf(copy, sizeof copy, "%s/stories_copy", tmp);
+    snprintf(srun, sizeof srun, "%s/stories_run", tmp);
+    ck_assert_int_eq(ql_mkdir_p(copy), QL_OK);
+    copy_into(model, "model.safetensors", copy);
+    copy_into(model, "tokenizer.json", copy);
+    copy_into(model, "tokenizer_config.json", copy);
+    char cfgp[1300];
+    snprintf(cfgp, sizeof cfgp, "%s/config.json", model);
+    json_t *cfg = json_load_file(cfgp, 0, NULL);
+    json_object_set_new(cfg, "rope_theta", json_real(20000.0));
+    snprintf(cfgp, sizeof cfgp, "%s/config.json", copy);
+    ck_assert_int_eq(json_dump_file(cfg, cfgp, 0), 0);
+    json_decref(cfg);
+    ck_assert_int_eq(qlora(NULL, NULL, TRAIN_ARGS " --steps 1 --output %s", model, data, srun), 0);
+    ck_assert_int_eq(qlora(NULL, &err, "generate --model %s --adapter %s --max-new-tokens 3", copy, srun), 0);
+    ck_assert_contains(err, "was trained on");
+    ck_assert_contains(err, "config differs");
+    free(err);
+}
+END_TEST
+
 START_TEST(mmlu_scoring)
 {
     char *out, *err;
@@ -454,6 +524,7 @@ Suite *train_suite(void)
     tcase_add_test(t, bad_input);
     tcase_add_test(t, mmlu_scoring);
     tcase_add_test(t, any_quantizer_trains);
+    tcase_add_test(t, untied_bf16_model_and_foreign_adapter);
     tcase_add_test(t, prequantized_checkpoint_is_used_as_is);
     tcase_add_test(t, csv_records);
     suite_add_tcase(s, t);
