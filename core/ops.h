@@ -9,6 +9,25 @@
  * costs more than it saves, and much more when the cores are shared. */
 #define QL_PARALLEL_MIN_WORK (INT64_C(1) << 22)
 
+/* Dot product in a fixed 8-lane order (vectorizable, and the same result in
+ * every operator that uses it). */
+static inline float ql_dot(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One query row of causal attention over n keys: p[n] gets the softmax
+ * probabilities, o[hd] the weighted values.  k, v rows are `stride` floats
+ * apart (nkv * hd), starting at this kv head. */
+void ql_attention_row(float *o, float *p, const float *qt, const float *k, const float *v, int64_t n, int64_t stride,
+                      int hd, float scale);
+
 /* y[T, out] = x[T, in] * w[out, in]^T (+ y if accumulate) */
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
 /* out[T, C] = x / rms(x) * weight; rstd[T] = 1 / rms (may be NULL) */

@@ -4,23 +4,12 @@
 
 #include "ops.h"
 
-static float dot(const float *a, const float *b, int64_t n)
-{
-    float acc[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate)
 {
 #pragma omp parallel for collapse(2) schedule(static) if (T * in * out >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int64_t o = 0; o < out; o++) {
-            float v = dot(x + t * in, w + o * in, in);
+            float v = ql_dot(x + t * in, w + o * in, in);
             y[t * out + o] = accumulate ? y[t * out + o] + v : v;
         }
 }
@@ -68,29 +57,33 @@ void ql_attention_forward(float *out, const float *q, const float *k, const floa
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
             int64_t n = past + t + 1; /* causal: keys 0..past+t */
-            int kvh = h / group;
-            const float *qt = q + (t * nh + h) * hd;
             float *scores = malloc((size_t)n * sizeof *scores);
             if (!scores) continue;
-            float mx = -INFINITY;
-            for (int64_t s = 0; s < n; s++) {
-                scores[s] = dot(qt, k + (s * nkv + kvh) * hd, hd) * scale;
-                if (scores[s] > mx) mx = scores[s];
-            }
-            float sum = 0;
-            for (int64_t s = 0; s < n; s++) {
-                scores[s] = expf(scores[s] - mx);
-                sum += scores[s];
-            }
-            float *o = out + (t * nh + h) * hd;
-            memset(o, 0, (size_t)hd * sizeof *o);
-            for (int64_t s = 0; s < n; s++) {
-                float p = scores[s] / sum;
-                const float *vs = v + (s * nkv + kvh) * hd;
-                for (int d = 0; d < hd; d++) o[d] += p * vs[d];
-            }
+            ql_attention_row(out + (t * nh + h) * hd, scores, q + (t * nh + h) * hd, k + (h / group) * hd,
+                             v + (h / group) * hd, n, (int64_t)nkv * hd, hd, scale);
             free(scores);
         }
+}
+
+void ql_attention_row(float *o, float *p, const float *qt, const float *k, const float *v, int64_t n, int64_t stride,
+                      int hd, float scale)
+{
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < n; s++) {
+        p[s] = ql_dot(qt, k + s * stride, hd) * scale;
+        if (p[s] > mx) mx = p[s];
+    }
+    float sum = 0;
+    for (int64_t s = 0; s < n; s++) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    memset(o, 0, (size_t)hd * sizeof *o);
+    for (int64_t s = 0; s < n; s++) {
+        p[s] = p[s] / sum;
+        const float *vs = v + s * stride;
+        for (int d = 0; d < hd; d++) o[d] += p[s] * vs[d];
+    }
 }
 
 void ql_swiglu_forward(float *out, const float *gate, const float *up, int64_t n)

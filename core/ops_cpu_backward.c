@@ -7,19 +7,6 @@
 #include "ops.h"
 #include "ops_backward.h"
 
-/* Same 8-lane order as ops_cpu.c's dot, so the training attention forward
- * reproduces ql_attention_forward bit for bit. */
-static float dot(const float *a, const float *b, int64_t n)
-{
-    float acc[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* y[n] += a * x[n]; restrict and the fixed 8-wide body let -O2 vectorize it
@@ -98,7 +85,7 @@ void ql_lora_forward(float *y, float *h, const float *xd, const float *a, const 
     ql_matmul_nt(h, xd, a, T, in, r, 0);
 #pragma omp parallel for collapse(2) schedule(static) if (T * (in + out) * r >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
-        for (int64_t o = 0; o < out; o++) y[t * out + o] += scale * dot(h + t * r, b + o * r, r);
+        for (int64_t o = 0; o < out; o++) y[t * out + o] += scale * ql_dot(h + t * r, b + o * r, r);
 }
 
 void ql_lora_backward(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
@@ -178,27 +165,10 @@ void ql_attention_forward_train(float *out, float *probs, const float *q, const 
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
             const int64_t n = t + 1; /* causal: keys 0..t */
-            const int kvh = h / group;
-            const float *qt = q + (t * nh + h) * hd;
             float *p = probs + ((int64_t)h * T + t) * T;
-            float mx = -INFINITY;
-            for (int64_t s = 0; s < n; s++) {
-                p[s] = dot(qt, k + (s * nkv + kvh) * hd, hd) * scale;
-                if (p[s] > mx) mx = p[s];
-            }
-            float sum = 0;
-            for (int64_t s = 0; s < n; s++) {
-                p[s] = expf(p[s] - mx);
-                sum += p[s];
-            }
-            float *o = out + (t * nh + h) * hd;
-            memset(o, 0, (size_t)hd * sizeof *o);
-            for (int64_t s = 0; s < n; s++) {
-                p[s] = p[s] / sum;
-                const float *vs = v + (s * nkv + kvh) * hd;
-                for (int d = 0; d < hd; d++) o[d] += p[s] * vs[d];
-            }
-            for (int64_t s = n; s < T; s++) p[s] = 0;
+            ql_attention_row(out + (t * nh + h) * hd, p, q + (t * nh + h) * hd, k + (h / group) * hd,
+                             v + (h / group) * hd, n, (int64_t)nkv * hd, hd, scale);
+            memset(p + n, 0, (size_t)(T - n) * sizeof *p);
         }
 }
 
@@ -217,7 +187,7 @@ void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, cons
             const float *dot_ = dout + (t * nh + h) * hd;
             double pdp = 0;
             for (int64_t s = 0; s <= t; s++) {
-                ds[s] = dot(dot_, v + (s * nkv + kvh) * hd, hd);
+                ds[s] = ql_dot(dot_, v + (s * nkv + kvh) * hd, hd);
                 pdp += (double)p[s] * ds[s];
             }
             for (int64_t s = 0; s <= t; s++) ds[s] = p[s] * (float)((double)ds[s] - pdp);
