@@ -83,6 +83,7 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
     if ((rc = ql_outdir_begin(out_dir, opts->force, &od))) goto done;
     if ((rc = ql_st_writer_create(&w))) goto done;
     ql_st_writer_set_metadata(w, "format", "pt");
+    if ((rc = ql_st_writer_spill_to(w, ql_outdir_path(od)))) goto done;
     const ql_llama_config *c = ql_llama_get_config(m);
     int64_t maxw = 0;
     for (int i = 0; i < c->n_layers; i++) {

@@ -154,6 +154,7 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
     if ((rc = ql_outdir_begin(out_dir, opts->force, &od))) goto done;
     if ((rc = ql_st_writer_create(&w))) goto done;
     ql_st_writer_set_metadata(w, "format", "pt");
+    if ((rc = ql_st_writer_spill_to(w, ql_outdir_path(od)))) goto done;
 
     ql_progress prog;
     ql_progress_begin(&prog, "quantize", (int64_t)nlin, "layers", opts->progress);

@@ -13,6 +13,7 @@
 
 #include "qlora/dtype.h"
 #include "qlora/error.h"
+#include "qlora/fs.h"
 
 /* Headers larger than this are refused rather than parsed (safetensors' own limit). */
 #define ST_MAX_HEADER (100u * 1024u * 1024u)
@@ -307,10 +308,17 @@ const char *ql_st_metadata(const ql_st_file *f, const char *key)
 
 /* ---- writer ---- */
 
+/* Tensor data is kept in memory, or, once a spill folder is set, appended to
+ * an unlinked temporary file there: a 65B model's output never has to fit in
+ * memory.  `data` of a spilled tensor is NULL and `spill_offset` says where. */
 struct ql_st_writer {
     ql_tensor *tensors;
+    uint64_t *spill_offset;
     size_t count, cap;
     json_t *meta;
+    char *spill_dir;
+    int spill_fd;
+    uint64_t spill_size;
 };
 
 int ql_st_writer_create(ql_st_writer **out)
@@ -320,8 +328,16 @@ int ql_st_writer_create(ql_st_writer **out)
         free(w);
         return ql_error(QL_ENOMEM, "out of memory");
     }
+    w->spill_fd = -1;
     *out = w;
     return QL_OK;
+}
+
+int ql_st_writer_spill_to(ql_st_writer *w, const char *dir)
+{
+    free(w->spill_dir);
+    w->spill_dir = strdup(dir);
+    return w->spill_dir ? QL_OK : ql_error(QL_ENOMEM, "out of memory");
 }
 
 void ql_st_writer_destroy(ql_st_writer *w)
@@ -332,6 +348,9 @@ void ql_st_writer_destroy(ql_st_writer *w)
         free((void *)w->tensors[i].data);
     }
     free(w->tensors);
+    free(w->spill_offset);
+    if (w->spill_fd >= 0) close(w->spill_fd);
+    free(w->spill_dir);
     json_decref(w->meta);
     free(w);
 }
@@ -355,22 +374,81 @@ int ql_st_writer_add(ql_st_writer *w, const ql_tensor *t)
     if (w->count == w->cap) {
         size_t cap = w->cap ? w->cap * 2 : 64;
         ql_tensor *p = realloc(w->tensors, cap * sizeof *p);
-        if (!p) return ql_error(QL_ENOMEM, "out of memory");
-        w->tensors = p;
+        uint64_t *o = p ? realloc(w->spill_offset, cap * sizeof *o) : NULL;
+        if (p) w->tensors = p;
+        if (!p || !o) return ql_error(QL_ENOMEM, "out of memory");
+        w->spill_offset = o;
         w->cap = cap;
     }
     ql_tensor c = *t;
     c.name = strdup(t->name);
-    void *data = malloc(t->nbytes ? t->nbytes : 1);
-    if (!c.name || !data) {
-        free((char *)c.name);
-        free(data);
-        return ql_error(QL_ENOMEM, "out of memory copying tensor '%s'", t->name);
+    if (!c.name) return ql_error(QL_ENOMEM, "out of memory");
+    if (w->spill_dir) {
+        if (w->spill_fd < 0) {
+            char *tmpl = ql_path_join(w->spill_dir, ".tensors.XXXXXX");
+            w->spill_fd = tmpl ? mkstemp(tmpl) : -1;
+            if (w->spill_fd >= 0) unlink(tmpl); /* gone with the descriptor, whatever happens */
+            int e = errno;
+            free(tmpl);
+            if (w->spill_fd < 0) {
+                free((char *)c.name);
+                return ql_error(QL_EIO, "cannot create a temporary file in %s: %s", w->spill_dir, strerror(e));
+            }
+        }
+        const char *p = t->data;
+        uint64_t left = t->nbytes, at = w->spill_size;
+        while (left > 0) {
+            ssize_t n = pwrite(w->spill_fd, p, left > (1u << 30) ? (1u << 30) : (size_t)left, (off_t)at);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+                int e = errno;
+                free((char *)c.name);
+                return ql_error(QL_EIO, "cannot write tensor '%s' to a temporary file in %s: %s", t->name,
+                                w->spill_dir, strerror(e));
+            }
+            p += n;
+            at += (uint64_t)n;
+            left -= (uint64_t)n;
+        }
+        w->spill_offset[w->count] = w->spill_size;
+        w->spill_size = at;
+        c.data = NULL;
+    } else {
+        void *data = malloc(t->nbytes ? t->nbytes : 1);
+        if (!data) {
+            free((char *)c.name);
+            return ql_error(QL_ENOMEM, "out of memory copying tensor '%s'", t->name);
+        }
+        if (t->nbytes) memcpy(data, t->data, t->nbytes);
+        c.data = data;
     }
-    if (t->nbytes) memcpy(data, t->data, t->nbytes);
-    c.data = data;
     w->tensors[w->count++] = c;
     return QL_OK;
+}
+
+static int write_all(int fd, const void *data, size_t len);
+
+/* Write tensor i's bytes to fd, from memory or from the spill file. */
+static int write_tensor_data(const ql_st_writer *w, size_t i, int fd)
+{
+    const ql_tensor *t = &w->tensors[i];
+    if (t->data) return write_all(fd, t->data, t->nbytes);
+    enum { CHUNK = 1 << 20 };
+    char *buf = malloc(CHUNK);
+    if (!buf) return -1;
+    uint64_t at = w->spill_offset[i], left = t->nbytes;
+    int rc = 0;
+    while (left > 0 && rc == 0) {
+        ssize_t n = pread(w->spill_fd, buf, left < CHUNK ? (size_t)left : CHUNK, (off_t)at);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0 || write_all(fd, buf, (size_t)n)) rc = -1;
+        else {
+            at += (uint64_t)n;
+            left -= (uint64_t)n;
+        }
+    }
+    free(buf);
+    return rc;
 }
 
 int ql_st_writer_set_metadata(ql_st_writer *w, const char *key, const char *value)
@@ -452,7 +530,7 @@ int ql_st_writer_save(ql_st_writer *w, const char *path)
     static const char spaces[8] = "        ";
     if (write_all(fd, len8, 8) || write_all(fd, header, hlen) || write_all(fd, spaces, padded - hlen)) goto io_error;
     for (size_t i = 0; i < w->count; i++)
-        if (write_all(fd, order[i]->data, order[i]->nbytes)) goto io_error;
+        if (write_tensor_data(w, (size_t)(order[i] - w->tensors), fd)) goto io_error;
     if (fchmod(fd, 0644) || fsync(fd)) goto io_error;
     if (close(fd) != 0) {
         fd = -1;

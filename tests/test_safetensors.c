@@ -227,6 +227,46 @@ START_TEST(test_find_many_names)
 }
 END_TEST
 
+START_TEST(test_writer_spills_to_disk)
+{
+    char *dir = fresh_dir();
+    ql_st_writer *w;
+    ck_assert_int_eq(ql_st_writer_create(&w), QL_OK);
+    ck_assert_int_eq(ql_st_writer_spill_to(w, dir), QL_OK);
+    float big[3000];
+    for (int i = 0; i < 3000; i++) big[i] = (float)i * 0.5f;
+    uint8_t small[5] = {1, 2, 3, 4, 5};
+    ql_tensor a = {.name = "big", .dtype = QL_DTYPE_F32, .ndim = 2, .shape = {30, 100}, .data = big, .nbytes = sizeof big};
+    ql_tensor b = {.name = "small", .dtype = QL_DTYPE_U8, .ndim = 1, .shape = {5}, .data = small, .nbytes = 5};
+    ck_assert_int_eq(ql_st_writer_add(w, &b), QL_OK);
+    ck_assert_int_eq(ql_st_writer_add(w, &a), QL_OK);
+    big[0] = -1.0f; /* the writer kept its own copy */
+    char *path = join(dir, "spilled.safetensors");
+    ck_assert_int_eq(ql_st_writer_save(w, path), QL_OK);
+    ql_st_writer_destroy(w);
+    ql_st_file *f;
+    ck_assert_int_eq(ql_st_open(path, &f), QL_OK);
+    const ql_tensor *rb = ql_st_find(f, "big"), *rs = ql_st_find(f, "small");
+    ck_assert_ptr_nonnull(rb);
+    ck_assert_ptr_nonnull(rs);
+    ck_assert_float_eq(((const float *)rb->data)[0], 0.0f);
+    ck_assert_float_eq(((const float *)rb->data)[2999], 1499.5f);
+    ck_assert_int_eq(memcmp(rs->data, small, 5), 0);
+    ql_st_close(f);
+    /* the spill file was unlinked at creation: only the output is left */
+    DIR *d = opendir(dir);
+    int entries = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) entries++;
+    closedir(d);
+    ck_assert_int_eq(entries, 1);
+    free(path);
+    ql_remove_tree(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(test_writer_refuses_bad_tensors)
 {
     ql_st_writer *w;
@@ -888,6 +928,7 @@ Suite *safetensors_suite(void)
     tcase_add_test(tc, test_round_trip_dtypes_shapes_metadata);
     tcase_add_test(tc, test_find_many_names);
     tcase_add_test(tc, test_writer_refuses_bad_tensors);
+    tcase_add_test(tc, test_writer_spills_to_disk);
     tcase_add_test(tc, test_empty_header_is_valid);
     suite_add_tcase(s, tc);
 

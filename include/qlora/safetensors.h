@@ -29,6 +29,10 @@ uint64_t ql_st_file_size(const ql_st_file *f);
 typedef struct ql_st_writer ql_st_writer;
 
 int ql_st_writer_create(ql_st_writer **out);
+/* From now on keep added tensors' data in an (unlinked) temporary file in
+ * `dir` instead of memory: for outputs larger than memory.  Put it on the
+ * destination's file system so it has the room. */
+int ql_st_writer_spill_to(ql_st_writer *w, const char *dir);
 void ql_st_writer_destroy(ql_st_writer *w);
 /* Copies name and data.  Duplicate names are an error. */
 int ql_st_writer_add(ql_st_writer *w, const ql_tensor *t);
