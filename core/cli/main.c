@@ -31,8 +31,9 @@ static const char usage_text[] =
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--max-examples N per subject] [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
-    "  generate --model DIR [--quantizer=Q] --prompt TEXT [--max-new-tokens N] [--temperature T]\n"
-    "       [--top-p P] [--seed S]           prints only the generated text (temperature 0 = greedy)\n"
+    "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens N]\n"
+    "       [--temperature T] [--top-p P] [--seed S]\n"
+    "                                      prints only the generated text (temperature 0 = greedy)\n"
     "  train --model DIR --data FILE --format F --output RUN_DIR [--quantizer=nf4|none|Q] [--resume CKPT]\n"
     "       [--lora-r 64] [--lora-alpha 16] [--lora-dropout 0.05] [--lora-modules all|q_proj,...]\n"
     "       [--lr 2e-4] [--weight-decay 0] [--max-grad-norm 0.3] [--lr-scheduler constant|linear|cosine]\n"
@@ -304,6 +305,7 @@ static int cmd_train(int argc, char **argv)
     if (optind != argc) return usage_error("train: unexpected argument '%s'", argv[optind]);
     if (!o.model_dir) return usage_error("train: --model DIR is required%s", "");
     if (!o.data_path) return usage_error("train: --data FILE is required%s", "");
+    if (!o.output_dir && !o.resume_from) return usage_error("train: --output RUN_DIR (or --resume CHECKPOINT) is required%s", "");
     if (o.eval_steps > 0 && !o.eval_data_path) return usage_error("train: --eval-steps needs --eval-data FILE%s", "");
     if ((rc = ql_data_format_parse(format, &o.data.format))) return fail(rc);
     rc = ql_train(&o);
