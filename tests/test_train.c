@@ -2,6 +2,7 @@
  * resume, gradient checkpointing, the run folder's files, PEFT adapters,
  * eval/generate/merge with an adapter, and every bad-input message. */
 #include <check.h>
+#include <dirent.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -461,6 +462,52 @@ START_TEST(untied_bf16_model_and_foreign_adapter)
 }
 END_TEST
 
+START_TEST(kill_mid_run_leaves_good_checkpoints)
+{
+    /* SIGKILL a run that saves every step, at several moments; every
+     * checkpoint-N left behind is whole, and the newest resumes */
+    for (int attempt = 0; attempt < 3; attempt++) {
+        char run[1200], *err;
+        snprintf(run, sizeof run, "%s/killed%d", tmp, attempt);
+        snprintf(cmd, sizeof cmd,
+                 "OMP_NUM_THREADS=1 %s " TRAIN_ARGS " --steps 200 --save-steps 1 --output %s >/dev/null 2>&1 & "
+                 "pid=$!; sleep %.2f; kill -9 $pid; wait $pid 2>/dev/null; true",
+                 tu_env("QLORA_BIN"), model, data, run, 0.6 + 0.37 * attempt);
+        tu_run(cmd, NULL, NULL);
+        DIR *d = opendir(run);
+        ck_assert_ptr_nonnull(d);
+        int newest = -1, whole = 0;
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            int n;
+            char rest[8];
+            if (sscanf(e->d_name, "checkpoint-%d%7s", &n, rest) != 1) continue; /* skips *.tmp.* folders */
+            const char *files[] = {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
+                                   "trainer_state.json"};
+            for (size_t k = 0; k < 4; k++) {
+                char path[1600];
+                snprintf(path, sizeof path, "%s/%s/%s", run, e->d_name, files[k]);
+                ck_assert_msg(ql_path_exists(path), "%s is missing: a checkpoint was left half-written", path);
+            }
+            whole++;
+            if (n > newest) newest = n;
+        }
+        closedir(d);
+        if (newest < 0) continue; /* killed before the first save: nothing to check */
+        ck_assert(whole >= 1);
+        char ckpt[1300];
+        snprintf(ckpt, sizeof ckpt, "%s/checkpoint-%d", run, newest);
+        ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps %d --save-steps 1 --resume %s", model, data, newest + 1, ckpt) == 0,
+                      "resume from %s: %s", ckpt, err);
+        free(err);
+        size_t nrows;
+        json_t *rows = read_rows(run, &nrows);
+        ck_assert_uint_eq(nrows, (size_t)newest + 1);
+        json_decref(rows);
+    }
+}
+END_TEST
+
 START_TEST(mmlu_scoring)
 {
     char *out, *err;
@@ -525,6 +572,7 @@ Suite *train_suite(void)
     tcase_add_test(t, mmlu_scoring);
     tcase_add_test(t, any_quantizer_trains);
     tcase_add_test(t, untied_bf16_model_and_foreign_adapter);
+    tcase_add_test(t, kill_mid_run_leaves_good_checkpoints);
     tcase_add_test(t, prequantized_checkpoint_is_used_as_is);
     tcase_add_test(t, csv_records);
     suite_add_tcase(s, t);
