@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "ops.h"
 #include "progress.h"
 #include "qlora/dtype.h"
@@ -13,6 +14,7 @@
 #include "qlora/model.h"
 
 struct ql_llama {
+    const ql_backend *be; /* where the forward pass runs */
     ql_llama_config cfg;
     char *dir;      /* the folder it was loaded from */
     json_t *config; /* its config.json */
@@ -27,6 +29,7 @@ struct ql_llama {
 };
 
 struct ql_kv_cache {
+    const ql_backend *be;
     int n_layers, capacity, len, kv_dim;
     float *k; /* [n_layers, capacity, kv_dim] */
     float *v;
@@ -233,6 +236,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         return ql_error(QL_ENOMEM, "out of memory");
     }
     json_t *cfg = ql_model_files_config(mf);
+    m->be = ql_backend_cpu();
     m->dir = strdup(dir);
     m->config = json_deep_copy(cfg);
     if ((rc = ql_llama_config_parse(cfg, &m->cfg))) goto fail;
@@ -298,7 +302,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         ql_progress_update(&prog, i + 1, "");
     }
     ql_progress_end(&prog);
-    m->scratch_w = malloc((size_t)m->scratch_w_len * sizeof(float));
+    m->scratch_w = m->be->alloc((size_t)m->scratch_w_len * sizeof(float));
     if (!m->scratch_w) {
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto fail;
@@ -327,7 +331,7 @@ void ql_llama_destroy(ql_llama *m)
     if (m->lm_head != m->embed) free(m->lm_head);
     free(m->embed);
     free(m->final_norm);
-    free(m->scratch_w);
+    if (m->scratch_w) m->be->free(m->scratch_w);
     ql_qz_close(m->qz);
     free(m->dir);
     json_decref(m->config);
@@ -335,6 +339,7 @@ void ql_llama_destroy(ql_llama *m)
 }
 
 const char *ql_llama_dir(const ql_llama *m) { return m->dir; }
+const ql_backend *ql_llama_backend(const ql_llama *m) { return m->be; }
 const void *ql_llama_config_json(const ql_llama *m) { return m->config; }
 
 const ql_llama_config *ql_llama_get_config(const ql_llama *m) { return &m->cfg; }
@@ -358,23 +363,23 @@ int ql_linear_weights(const ql_linear *l, float *w)
     return rc ? ql_error_context("materializing %s", l->name) : QL_OK;
 }
 
-/* y[T, out] = x[T, in] W^T, materializing a quantized W into scratch first */
+/* y[T, out] = x[T, in] W^T (+ the attached LoRA), materializing a quantized
+ * W into the scratch buffer first */
 static int linear_forward(ql_llama *m, const ql_linear *l, const float *x, int64_t T, float *y)
 {
+    const ql_backend *be = m->be;
     const float *w = l->dense;
     if (!w) {
-        int rc = ql_linear_weights(l, m->scratch_w);
+        int rc = be->materialize(l, m->scratch_w);
         if (rc) return rc;
         w = m->scratch_w;
     }
-    ql_matmul_nt(y, x, w, T, l->in, l->out, 0);
+    be->matmul_nt(y, x, w, T, l->in, l->out, 0);
     if (l->lora_a) {
-        float *h = malloc((size_t)(T * l->lora_r) * sizeof *h);
+        float *h = be->alloc((size_t)(T * l->lora_r) * sizeof *h);
         if (!h) return ql_error(QL_ENOMEM, "out of memory");
-        ql_matmul_nt(h, x, l->lora_a, T, l->in, l->lora_r, 0);
-        for (int64_t i = 0; i < T * l->lora_r; i++) h[i] *= l->lora_scale;
-        ql_matmul_nt(y, h, l->lora_b, T, l->lora_r, l->out, 1);
-        free(h);
+        be->lora_forward(y, h, x, l->lora_a, l->lora_b, T, l->in, l->out, l->lora_r, l->lora_scale);
+        be->free(h);
     }
     return QL_OK;
 }
@@ -389,8 +394,9 @@ int ql_kv_cache_create(const ql_llama *m, int capacity, ql_kv_cache **out)
     c->capacity = capacity;
     c->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
     size_t n = (size_t)c->n_layers * (size_t)capacity * (size_t)c->kv_dim;
-    c->k = malloc(n * sizeof(float));
-    c->v = malloc(n * sizeof(float));
+    c->be = m->be;
+    c->k = c->be->alloc(n * sizeof(float));
+    c->v = c->be->alloc(n * sizeof(float));
     if (!c->k || !c->v) {
         ql_kv_cache_destroy(c);
         return ql_error(QL_ENOMEM, "out of memory for a %d-token cache", capacity);
@@ -402,8 +408,8 @@ int ql_kv_cache_create(const ql_llama *m, int capacity, ql_kv_cache **out)
 void ql_kv_cache_destroy(ql_kv_cache *c)
 {
     if (!c) return;
-    free(c->k);
-    free(c->v);
+    if (c->k) c->be->free(c->k);
+    if (c->v) c->be->free(c->v);
     free(c);
 }
 
@@ -428,49 +434,49 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
     for (int t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", tokens[t], t, c->vocab);
+    const ql_backend *be = m->be;
     int rc = QL_OK;
     size_t wide = (size_t)T * (size_t)(I > qd ? I : qd);
-    float *x = malloc((size_t)T * H * sizeof *x), *xn = malloc((size_t)T * H * sizeof *xn);
-    float *q = malloc((size_t)T * qd * sizeof *q), *att = malloc((size_t)T * qd * sizeof *att);
-    float *g = malloc(wide * sizeof *g), *u = malloc(wide * sizeof *u), *tmp = malloc((size_t)T * H * sizeof *tmp);
-    if (!x || !xn || !q || !att || !g || !u || !tmp) {
+    int64_t rows = logits ? (last_only ? 1 : T) : 0;
+    float *x = be->alloc((size_t)T * H * sizeof *x), *xn = be->alloc((size_t)T * H * sizeof *xn);
+    float *q = be->alloc((size_t)T * qd * sizeof *q), *att = be->alloc((size_t)T * qd * sizeof *att);
+    float *g = be->alloc(wide * sizeof *g), *u = be->alloc(wide * sizeof *u);
+    float *tmp = be->alloc((size_t)T * H * sizeof *tmp), *out = be->alloc((size_t)rows * c->vocab * sizeof *out);
+    if (!x || !xn || !q || !att || !g || !u || !tmp || !out) {
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
-    for (int t = 0; t < T; t++) memcpy(x + t * H, m->embed + (int64_t)tokens[t] * H, (size_t)H * sizeof *x);
+    be->embedding(x, m->embed, tokens, T, H);
     for (int l = 0; l < c->n_layers; l++) {
         ql_llama_layer *L = &m->layers[l];
         float *kc = cache->k + ((size_t)l * cache->capacity) * kvd;
         float *vc = cache->v + ((size_t)l * cache->capacity) * kvd;
-        ql_rmsnorm_forward(xn, NULL, x, L->attn_norm, T, H, c->rms_eps);
+        be->rmsnorm_forward(xn, NULL, x, L->attn_norm, T, H, c->rms_eps);
         if ((rc = linear_forward(m, &L->q, xn, T, q))) goto done;
         if ((rc = linear_forward(m, &L->k, xn, T, kc + (size_t)past * kvd))) goto done;
         if ((rc = linear_forward(m, &L->v, xn, T, vc + (size_t)past * kvd))) goto done;
-        ql_rope_forward(q, T, c->n_heads, (int)hd, past, c->rope_theta);
-        ql_rope_forward(kc + (size_t)past * kvd, T, c->n_kv_heads, (int)hd, past, c->rope_theta);
-        ql_attention_forward(att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd);
+        be->rope_forward(q, T, c->n_heads, (int)hd, past, c->rope_theta);
+        be->rope_forward(kc + (size_t)past * kvd, T, c->n_kv_heads, (int)hd, past, c->rope_theta);
+        be->attention_forward(att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd);
         if ((rc = linear_forward(m, &L->o, att, T, tmp))) goto done;
-        ql_add_inplace(x, tmp, (int64_t)T * H);
-        ql_rmsnorm_forward(xn, NULL, x, L->mlp_norm, T, H, c->rms_eps);
+        be->add_inplace(x, tmp, (int64_t)T * H);
+        be->rmsnorm_forward(xn, NULL, x, L->mlp_norm, T, H, c->rms_eps);
         if ((rc = linear_forward(m, &L->gate, xn, T, g))) goto done;
         if ((rc = linear_forward(m, &L->up, xn, T, u))) goto done;
-        ql_swiglu_forward(g, g, u, (int64_t)T * I);
+        be->swiglu_forward(g, g, u, (int64_t)T * I);
         if ((rc = linear_forward(m, &L->down, g, T, tmp))) goto done;
-        ql_add_inplace(x, tmp, (int64_t)T * H);
+        be->add_inplace(x, tmp, (int64_t)T * H);
     }
     cache->len += T;
     if (logits) {
         int64_t first = last_only ? T - 1 : 0;
-        ql_rmsnorm_forward(xn, NULL, x + first * H, m->final_norm, T - first, H, c->rms_eps);
-        ql_matmul_nt(logits, xn, m->lm_head, T - first, H, c->vocab, 0);
+        be->rmsnorm_forward(xn, NULL, x + first * H, m->final_norm, T - first, H, c->rms_eps);
+        be->matmul_nt(out, xn, m->lm_head, T - first, H, c->vocab, 0);
+        be->download(logits, out, (size_t)rows * c->vocab * sizeof *out);
     }
-done:
-    free(x);
-    free(xn);
-    free(q);
-    free(att);
-    free(g);
-    free(u);
-    free(tmp);
+done:;
+    float *bufs[] = {x, xn, q, att, g, u, tmp, out};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) be->free(bufs[i]);
     return rc;
 }

@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ops.h"
+#include "backend.h"
 #include "ops_backward.h"
 #include "qlora/error.h"
 
@@ -31,59 +31,60 @@ static int64_t module_in(const dims *d, int k)
     return k == QL_MOD_O ? d->qd : k == QL_MOD_DOWN ? d->I : d->H;
 }
 
-static void acts_free(layer_acts *a)
+static void acts_free(const ql_backend *be, layer_acts *a)
 {
     float **all[] = {&a->x, &a->xn1, &a->rstd1, &a->q, &a->k, &a->v, &a->probs, &a->att,
                      &a->xmid, &a->xn2, &a->rstd2, &a->gate, &a->up, &a->hm};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
-        free(*all[i]);
+        if (*all[i]) be->free(*all[i]);
         *all[i] = NULL;
     }
     for (int k = 0; k < QL_MOD_COUNT; k++) {
-        free(a->xd[k]);
-        free(a->h[k]);
+        if (a->xd[k]) be->free(a->xd[k]);
+        if (a->h[k]) be->free(a->h[k]);
         a->xd[k] = a->h[k] = NULL;
     }
 }
 
-static int acts_alloc(layer_acts *a, const dims *d, const ql_lora *lora, int layer)
+static int acts_alloc(const ql_backend *be, layer_acts *a, const dims *d, const ql_lora *lora, int layer)
 {
     memset(a, 0, sizeof *a);
     size_t T = (size_t)d->T;
-    a->x = malloc(T * d->H * 4);
-    a->xn1 = malloc(T * d->H * 4);
-    a->rstd1 = malloc(T * 4);
-    a->q = malloc(T * d->qd * 4);
-    a->k = malloc(T * d->kvd * 4);
-    a->v = malloc(T * d->kvd * 4);
-    a->probs = malloc((size_t)d->nh * T * T * 4);
-    a->att = malloc(T * d->qd * 4);
-    a->xmid = malloc(T * d->H * 4);
-    a->xn2 = malloc(T * d->H * 4);
-    a->rstd2 = malloc(T * 4);
-    a->gate = malloc(T * d->I * 4);
-    a->up = malloc(T * d->I * 4);
-    a->hm = malloc(T * d->I * 4);
+    a->x = be->alloc(T * d->H * 4);
+    a->xn1 = be->alloc(T * d->H * 4);
+    a->rstd1 = be->alloc(T * 4);
+    a->q = be->alloc(T * d->qd * 4);
+    a->k = be->alloc(T * d->kvd * 4);
+    a->v = be->alloc(T * d->kvd * 4);
+    a->probs = be->alloc((size_t)d->nh * T * T * 4);
+    a->att = be->alloc(T * d->qd * 4);
+    a->xmid = be->alloc(T * d->H * 4);
+    a->xn2 = be->alloc(T * d->H * 4);
+    a->rstd2 = be->alloc(T * 4);
+    a->gate = be->alloc(T * d->I * 4);
+    a->up = be->alloc(T * d->I * 4);
+    a->hm = be->alloc(T * d->I * 4);
     int ok = a->x && a->xn1 && a->rstd1 && a->q && a->k && a->v && a->probs && a->att && a->xmid && a->xn2 &&
              a->rstd2 && a->gate && a->up && a->hm;
     if (lora)
         for (int k = 0; k < QL_MOD_COUNT && ok; k++) {
             if (!lora->pairs[layer * QL_MOD_COUNT + k].A) continue;
-            a->h[k] = malloc(T * (size_t)d->r * 4);
+            a->h[k] = be->alloc(T * (size_t)d->r * 4);
             ok = a->h[k] != NULL;
             if (ok && lora->cfg.dropout > 0) {
-                a->xd[k] = malloc(T * (size_t)module_in(d, k) * 4);
+                a->xd[k] = be->alloc(T * (size_t)module_in(d, k) * 4);
                 ok = a->xd[k] != NULL;
             }
         }
     if (!ok) {
-        acts_free(a);
+        acts_free(be, a);
         return ql_error(QL_ENOMEM, "out of memory for activations of a %lld-token sequence", (long long)d->T);
     }
     return QL_OK;
 }
 
 typedef struct ctx {
+    const ql_backend *be;
     ql_llama *m;
     ql_lora *lora;
     const ql_llama_config *c;
@@ -108,7 +109,7 @@ static const ql_linear *layer_linear(ql_llama_layer *L, int k)
 static const float *weights(ctx *x, const ql_linear *l)
 {
     if (l->dense) return l->dense;
-    if (ql_linear_weights(l, x->w)) return NULL;
+    if (x->be->materialize(l, x->w)) return NULL;
     return x->w;
 }
 
@@ -119,15 +120,15 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
     const ql_linear *l = layer_linear(L, k);
     const float *w = weights(x, l);
     if (!w) return ql_error_code();
-    ql_matmul_nt(y, in, w, x->d.T, l->in, l->out, 0);
+    x->be->matmul_nt(y, in, w, x->d.T, l->in, l->out, 0);
     ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
     if (p) {
         const float *xd = in;
         if (x->dropout) {
-            ql_dropout_forward(a->xd[k], NULL, in, x->d.T * l->in, x->lora->cfg.dropout, module_seed(x, i, k));
+            x->be->dropout_forward(a->xd[k], NULL, in, x->d.T * l->in, x->lora->cfg.dropout, module_seed(x, i, k));
             xd = a->xd[k];
         }
-        ql_lora_forward(y, a->h[k], xd, p->A, p->B, x->d.T, l->in, l->out, x->lora->cfg.r, x->lora->scaling);
+        x->be->lora_forward(y, a->h[k], xd, p->A, p->B, x->d.T, l->in, l->out, x->lora->cfg.r, x->lora->scaling);
     }
     return QL_OK;
 }
@@ -140,17 +141,17 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
     const ql_linear *l = layer_linear(L, k);
     const float *w = weights(x, l); /* materialized again: nothing was kept */
     if (!w) return ql_error_code();
-    ql_matmul_backward_input(din, dy, w, x->d.T, l->in, l->out, accumulate);
+    x->be->matmul_backward_input(din, dy, w, x->d.T, l->in, l->out, accumulate);
     ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
     if (p) {
         const float *xd = x->dropout ? a->xd[k] : in;
         float scale = x->lora->scaling;
         if (x->dropout) {
-            ql_lora_backward(dxd_scratch, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.T, l->in, l->out,
+            x->be->lora_backward(dxd_scratch, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.T, l->in, l->out,
                              x->lora->cfg.r, scale, 0);
-            ql_dropout_backward(din, dxd_scratch, NULL, x->d.T * l->in, x->lora->cfg.dropout, module_seed(x, i, k), 1);
+            x->be->dropout_backward(din, dxd_scratch, NULL, x->d.T * l->in, x->lora->cfg.dropout, module_seed(x, i, k), 1);
         } else {
-            ql_lora_backward(din, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.T, l->in, l->out,
+            x->be->lora_backward(din, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.T, l->in, l->out,
                              x->lora->cfg.r, scale, 1);
         }
     }
@@ -164,21 +165,21 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
     const ql_llama_config *c = x->c;
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     int rc;
-    ql_rmsnorm_forward(a->xn1, a->rstd1, a->x, L->attn_norm, d->T, d->H, c->rms_eps);
+    x->be->rmsnorm_forward(a->xn1, a->rstd1, a->x, L->attn_norm, d->T, d->H, c->rms_eps);
     if ((rc = linear_fwd(x, i, QL_MOD_Q, a, a->xn1, a->q)) || (rc = linear_fwd(x, i, QL_MOD_K, a, a->xn1, a->k)) ||
         (rc = linear_fwd(x, i, QL_MOD_V, a, a->xn1, a->v)))
         return rc;
-    ql_rope_forward(a->q, d->T, d->nh, (int)d->hd, 0, c->rope_theta);
-    ql_rope_forward(a->k, d->T, d->nkv, (int)d->hd, 0, c->rope_theta);
-    ql_attention_forward_train(a->att, a->probs, a->q, a->k, a->v, d->T, d->nh, d->nkv, (int)d->hd);
+    x->be->rope_forward(a->q, d->T, d->nh, (int)d->hd, 0, c->rope_theta);
+    x->be->rope_forward(a->k, d->T, d->nkv, (int)d->hd, 0, c->rope_theta);
+    x->be->attention_forward_train(a->att, a->probs, a->q, a->k, a->v, d->T, d->nh, d->nkv, (int)d->hd);
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
-    ql_add_inplace(a->xmid, a->x, d->T * d->H);
-    ql_rmsnorm_forward(a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->T, d->H, c->rms_eps);
+    x->be->add_inplace(a->xmid, a->x, d->T * d->H);
+    x->be->rmsnorm_forward(a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->T, d->H, c->rms_eps);
     if ((rc = linear_fwd(x, i, QL_MOD_GATE, a, a->xn2, a->gate)) || (rc = linear_fwd(x, i, QL_MOD_UP, a, a->xn2, a->up)))
         return rc;
-    ql_swiglu_forward(a->hm, a->gate, a->up, d->T * d->I);
+    x->be->swiglu_forward(a->hm, a->gate, a->up, d->T * d->I);
     if ((rc = linear_fwd(x, i, QL_MOD_DOWN, a, a->hm, out))) return rc;
-    ql_add_inplace(out, a->xmid, d->T * d->H);
+    x->be->add_inplace(out, a->xmid, d->T * d->H);
     return QL_OK;
 }
 
@@ -195,24 +196,24 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     int rc;
     /* MLP */
     if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh, s->dxd))) return rc;
-    ql_swiglu_backward(s->dgate, s->dup, s->dhm, a->gate, a->up, d->T * d->I);
+    x->be->swiglu_backward(s->dgate, s->dup, s->dhm, a->gate, a->up, d->T * d->I);
     if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dgate, s->dxn, 0, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_UP, a, a->xn2, s->dup, s->dxn, 1, s->dh, s->dxd)))
         return rc;
-    memcpy(s->dmid, dout, (size_t)(d->T * d->H) * 4);
-    ql_rmsnorm_backward(s->dmid, NULL, s->dxn, a->xmid, L->mlp_norm, a->rstd2, d->T, d->H, 1);
+    x->be->copy(s->dmid, dout, (size_t)(d->T * d->H) * 4);
+    x->be->rmsnorm_backward(s->dmid, NULL, s->dxn, a->xmid, L->mlp_norm, a->rstd2, d->T, d->H, 1);
     /* attention */
     if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->dxd))) return rc;
-    ql_attention_backward(s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, d->T, d->nh, d->nkv,
+    x->be->attention_backward(s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, d->T, d->nh, d->nkv,
                           (int)d->hd);
-    ql_rope_backward(s->dq, d->T, d->nh, (int)d->hd, 0, c->rope_theta);
-    ql_rope_backward(s->dk, d->T, d->nkv, (int)d->hd, 0, c->rope_theta);
+    x->be->rope_backward(s->dq, d->T, d->nh, (int)d->hd, 0, c->rope_theta);
+    x->be->rope_backward(s->dk, d->T, d->nkv, (int)d->hd, 0, c->rope_theta);
     if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, s->dq, s->dxn, 0, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, s->dk, s->dxn, 1, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh, s->dxd)))
         return rc;
-    memcpy(dx, s->dmid, (size_t)(d->T * d->H) * 4);
-    ql_rmsnorm_backward(dx, NULL, s->dxn, a->x, L->attn_norm, a->rstd1, d->T, d->H, 1);
+    x->be->copy(dx, s->dmid, (size_t)(d->T * d->H) * 4);
+    x->be->rmsnorm_backward(dx, NULL, s->dxn, a->x, L->attn_norm, a->rstd1, d->T, d->H, 1);
     return QL_OK;
 }
 
@@ -231,7 +232,8 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
         if (ids[t] < 0 || ids[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", ids[t], t, c->vocab);
     int backward = opts->backward && lora;
-    ctx x = {.m = m, .lora = backward || lora ? lora : NULL, .c = c, .seed = opts->dropout_seed};
+    const ql_backend *be = ql_llama_backend(m);
+    ctx x = {.be = be, .m = m, .lora = lora, .c = c, .seed = opts->dropout_seed};
     x.dropout = backward && lora->cfg.dropout > 0;
     dims *d = &x.d;
     d->T = T;
@@ -255,25 +257,25 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     int rc = QL_OK;
     layer_acts *acts = calloc((size_t)(keep_all ? nl : 1), sizeof *acts);
     float **inputs = calloc((size_t)nl + 1, sizeof *inputs); /* layer inputs, and the final hidden state */
-    float *logits = malloc((size_t)T * d->V * 4);
-    float *xnf = malloc((size_t)T * d->H * 4), *rstdf = malloc((size_t)T * 4);
-    int32_t *targets = malloc((size_t)T * sizeof *targets);
-    x.w = malloc((size_t)maxw * 4);
+    float *logits = be->alloc((size_t)T * d->V * 4);
+    float *xnf = be->alloc((size_t)T * d->H * 4), *rstdf = be->alloc((size_t)T * 4);
+    int32_t *targets = malloc((size_t)T * sizeof *targets); /* host */
+    x.w = be->alloc((size_t)maxw * 4);
     bwd_scratch s = {0};
     if (!acts || !inputs || !logits || !xnf || !rstdf || !targets || !x.w) {
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
     for (int i = 0; i <= nl && rc == QL_OK; i++)
-        if (!(inputs[i] = malloc((size_t)T * d->H * 4))) rc = ql_error(QL_ENOMEM, "out of memory");
-    for (int i = 0; i < (keep_all ? nl : 1) && rc == QL_OK; i++) rc = acts_alloc(&acts[i], d, x.lora, i);
+        if (!(inputs[i] = be->alloc((size_t)T * d->H * 4))) rc = ql_error(QL_ENOMEM, "out of memory");
+    for (int i = 0; i < (keep_all ? nl : 1) && rc == QL_OK; i++) rc = acts_alloc(be, &acts[i], d, x.lora, i);
     if (rc) goto done;
 
     /* forward */
-    for (int t = 0; t < T; t++) memcpy(inputs[0] + (size_t)t * d->H, ql_llama_embeddings(m) + (size_t)ids[t] * d->H, (size_t)d->H * 4);
+    be->embedding(inputs[0], ql_llama_embeddings(m), ids, T, d->H);
     for (int i = 0; i < nl && rc == QL_OK; i++) {
         layer_acts *a = &acts[keep_all ? i : 0];
-        memcpy(a->x, inputs[i], (size_t)(T * d->H) * 4);
+        be->copy(a->x, inputs[i], (size_t)(T * d->H) * 4);
         rc = layer_fwd(&x, i, a, inputs[i + 1]);
     }
     if (rc) goto done;
@@ -281,46 +283,45 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     (void)Ls;
     const float *final_norm = NULL, *lm_head = NULL;
     ql_llama_output_weights(m, &final_norm, &lm_head);
-    ql_rmsnorm_forward(xnf, rstdf, inputs[nl], final_norm, T, d->H, c->rms_eps);
-    ql_matmul_nt(logits, xnf, lm_head, T, d->H, d->V, 0);
+    be->rmsnorm_forward(xnf, rstdf, inputs[nl], final_norm, T, d->H, c->rms_eps);
+    be->matmul_nt(logits, xnf, lm_head, T, d->H, d->V, 0);
     for (int t = 0; t + 1 < T; t++) targets[t] = labels[t + 1] == QL_IGNORE_INDEX ? QL_IGNORE_INDEX : ids[t + 1];
     targets[T - 1] = QL_IGNORE_INDEX;
     int64_t count = ql_count_targets(targets, T, QL_IGNORE_INDEX);
-    double sum = ql_cross_entropy_forward_backward(NULL, backward ? logits : NULL, logits, targets, T, d->V,
-                                                   QL_IGNORE_INDEX, opts->loss_scale);
+    double sum = be->cross_entropy(backward ? logits : NULL, logits, targets, T, d->V, QL_IGNORE_INDEX, opts->loss_scale);
     *loss_sum += sum;
     *n_targets += count;
     if (!backward || count == 0) goto done;
 
     /* backward: dlogits (in `logits`) -> final norm -> layers */
-    s.dhm = malloc((size_t)(T * d->I) * 4);
-    s.dgate = malloc((size_t)(T * d->I) * 4);
-    s.dup = malloc((size_t)(T * d->I) * 4);
-    s.dxn = malloc((size_t)(T * d->H) * 4);
-    s.datt = malloc((size_t)(T * d->qd) * 4);
-    s.dq = malloc((size_t)(T * d->qd) * 4);
-    s.dk = malloc((size_t)(T * d->kvd) * 4);
-    s.dv = malloc((size_t)(T * d->kvd) * 4);
-    s.dscores = malloc((size_t)d->nh * T * T * 4);
-    s.dh = malloc((size_t)(T * (d->r > 0 ? d->r : 1)) * 4);
+    s.dhm = be->alloc((size_t)(T * d->I) * 4);
+    s.dgate = be->alloc((size_t)(T * d->I) * 4);
+    s.dup = be->alloc((size_t)(T * d->I) * 4);
+    s.dxn = be->alloc((size_t)(T * d->H) * 4);
+    s.datt = be->alloc((size_t)(T * d->qd) * 4);
+    s.dq = be->alloc((size_t)(T * d->qd) * 4);
+    s.dk = be->alloc((size_t)(T * d->kvd) * 4);
+    s.dv = be->alloc((size_t)(T * d->kvd) * 4);
+    s.dscores = be->alloc((size_t)d->nh * T * T * 4);
+    s.dh = be->alloc((size_t)(T * (d->r > 0 ? d->r : 1)) * 4);
     int64_t widest = d->I > d->qd ? d->I : d->qd;
     if (d->H > widest) widest = d->H;
-    s.dxd = malloc((size_t)(T * widest) * 4);
-    s.dmid = malloc((size_t)(T * d->H) * 4);
-    float *grad = malloc((size_t)(T * d->H) * 4), *grad2 = malloc((size_t)(T * d->H) * 4);
+    s.dxd = be->alloc((size_t)(T * widest) * 4);
+    s.dmid = be->alloc((size_t)(T * d->H) * 4);
+    float *grad = be->alloc((size_t)(T * d->H) * 4), *grad2 = be->alloc((size_t)(T * d->H) * 4);
     if (!s.dhm || !s.dgate || !s.dup || !s.dxn || !s.datt || !s.dq || !s.dk || !s.dv || !s.dscores || !s.dh ||
         !s.dxd || !s.dmid || !grad || !grad2) {
-        free(grad);
-        free(grad2);
+        if (grad) be->free(grad);
+        if (grad2) be->free(grad2);
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
-    ql_matmul_backward_input(s.dxn, logits, lm_head, T, d->H, d->V, 0);
-    ql_rmsnorm_backward(grad, NULL, s.dxn, inputs[nl], final_norm, rstdf, T, d->H, 0);
+    be->matmul_backward_input(s.dxn, logits, lm_head, T, d->H, d->V, 0);
+    be->rmsnorm_backward(grad, NULL, s.dxn, inputs[nl], final_norm, rstdf, T, d->H, 0);
     for (int i = nl - 1; i >= 0 && rc == QL_OK; i--) {
         layer_acts *a = &acts[keep_all ? i : 0];
         if (!keep_all) { /* recompute this layer's activations from its saved input */
-            memcpy(a->x, inputs[i], (size_t)(T * d->H) * 4);
+            be->copy(a->x, inputs[i], (size_t)(T * d->H) * 4);
             rc = layer_fwd(&x, i, a, grad2);
             if (rc) break;
         }
@@ -329,21 +330,20 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
         grad = grad2;
         grad2 = tmp;
     }
-    free(grad);
-    free(grad2);
+    be->free(grad);
+    be->free(grad2);
 done:
     if (acts)
-        for (int i = 0; i < (keep_all ? nl : 1); i++) acts_free(&acts[i]);
+        for (int i = 0; i < (keep_all ? nl : 1); i++) acts_free(be, &acts[i]);
     free(acts);
     if (inputs)
-        for (int i = 0; i <= nl; i++) free(inputs[i]);
+        for (int i = 0; i <= nl; i++)
+            if (inputs[i]) be->free(inputs[i]);
     free(inputs);
-    free(logits);
-    free(xnf);
-    free(rstdf);
+    float *bufs[] = {logits, xnf, rstdf, x.w, s.dhm, s.dgate, s.dup, s.dxn, s.datt, s.dq, s.dk, s.dv, s.dscores,
+                     s.dh, s.dxd, s.dmid};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) be->free(bufs[i]);
     free(targets);
-    free(x.w);
-    float **sc[] = {&s.dhm, &s.dgate, &s.dup, &s.dxn, &s.datt, &s.dq, &s.dk, &s.dv, &s.dscores, &s.dh, &s.dxd, &s.dmid};
-    for (size_t i = 0; i < sizeof sc / sizeof sc[0]; i++) free(*sc[i]);
     return rc;
 }

@@ -15,6 +15,7 @@
 #include <omp.h>
 #endif
 
+#include "backend.h"
 #include "ops.h"
 #include "ops_backward.h"
 
@@ -714,11 +715,36 @@ START_TEST(block_end_to_end)
 }
 END_TEST
 
+/* The model and trainer call operators only through the backend table: the
+ * CPU one must fill every slot, and its slots are the reference operators. */
+START_TEST(cpu_backend_is_complete)
+{
+    const ql_backend *be = ql_backend_cpu();
+    ck_assert_str_eq(be->name, "cpu");
+    const char *base = (const char *)be + sizeof be->name;
+    size_t slots = (sizeof *be - sizeof be->name) / sizeof(void (*)(void));
+    ck_assert_uint_ge(slots, 25);
+    for (size_t i = 0; i < slots; i++) {
+        void (*fn)(void);
+        memcpy(&fn, base + i * sizeof fn, sizeof fn);
+        ck_assert_msg(fn != NULL, "cpu backend slot %zu is NULL", i);
+    }
+    ck_assert(be->matmul_nt == ql_matmul_nt);
+    ck_assert(be->attention_backward == ql_attention_backward);
+    float *p = be->alloc(64);
+    ck_assert_ptr_nonnull(p);
+    be->zero(p, 64);
+    ck_assert_float_eq(p[15], 0.0f);
+    be->free(p);
+}
+END_TEST
+
 Suite *ops_suite(void)
 {
     Suite *s = suite_create("ops");
     TCase *tc = tcase_create("linear");
     tcase_add_test(tc, linear_grads);
+    tcase_add_test(tc, cpu_backend_is_complete);
     tcase_add_test(tc, linear_tiles_vs_reference);
     tcase_add_loop_test(tc, lora_grads, 0, 2);
     suite_add_tcase(s, tc);
