@@ -55,6 +55,10 @@ typedef struct strbuf {
 static void sb_add(strbuf *b, const char *s, size_t n)
 {
     if (b->oom) return;
+    if (n > (SIZE_MAX >> 2) || b->len > (SIZE_MAX >> 2)) { /* also tells the compiler the sizes are sane */
+        b->oom = 1;
+        return;
+    }
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->len + n + 1) cap *= 2;

@@ -154,7 +154,7 @@ static uint64_t parse_hex64(const char *s)
 static void encode_ok(const ql_tokenizer *t, const char *s, size_t n, int add_special, int32_t **ids, size_t *count)
 {
     int rc = ql_tokenizer_encode(t, s, n, add_special, ids, count);
-    ck_assert_msg(rc == QL_OK, "encoding \"%.*s\": %s", (int)(n > 80 ? 80 : n), s, ql_error_message());
+    ck_assert_msg(rc == QL_OK, "encoding \"%.*s\": %s", (int)(n > 80 ? 80 : n), s ? s : "", ql_error_message());
     ck_assert_ptr_nonnull(*ids);
 }
 
