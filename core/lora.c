@@ -239,6 +239,18 @@ int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
     return rc;
 }
 
+int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap)
+{
+    char *path = ql_path_join(run_dir, "run_config.json");
+    json_t *rc = path ? json_load_file(path, 0, NULL) : NULL;
+    free(path);
+    const char *q = rc ? json_string_value(json_object_get(rc, "quantizer")) : NULL;
+    int status = q ? QL_OK : QL_ENOTFOUND;
+    if (q) snprintf(buf, cap, "%s", q);
+    json_decref(rc);
+    return status;
+}
+
 int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
 {
     *out = NULL;

@@ -45,22 +45,11 @@ static int belongs_to_block_linear(const char *name)
     return 0;
 }
 
-static int run_quantizer(const char *adapter_dir, char *buf, size_t cap)
-{
-    char *path = ql_path_join(adapter_dir, "run_config.json");
-    json_t *rc = path ? json_load_file(path, 0, NULL) : NULL;
-    free(path);
-    const char *q = rc ? json_string_value(json_object_get(rc, "quantizer")) : NULL;
-    snprintf(buf, cap, "%s", q ? q : "none");
-    json_decref(rc);
-    return QL_OK;
-}
-
 int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir, const ql_merge_opts *opts)
 {
     char spec[512];
     if (opts->quantizer) snprintf(spec, sizeof spec, "%s", opts->quantizer);
-    else run_quantizer(adapter_dir, spec, sizeof spec);
+    else if (ql_lora_run_quantizer(adapter_dir, spec, sizeof spec) != QL_OK) snprintf(spec, sizeof spec, "none");
     ql_llama *m = NULL;
     ql_lora *lora = NULL;
     ql_model_files *mf = NULL;

@@ -194,17 +194,7 @@ static int load_with_adapter(const char *model, const char *adapter, const char 
 {
     *m = NULL;
     *lora = NULL;
-    if (adapter && !quantizer) {
-        char *path = ql_path_join(adapter, "run_config.json");
-        json_t *rc = path ? json_load_file(path, 0, NULL) : NULL;
-        const char *q = rc ? json_string_value(json_object_get(rc, "quantizer")) : NULL;
-        if (q) {
-            snprintf(qbuf, cap, "%s", q);
-            quantizer = qbuf;
-        }
-        json_decref(rc);
-        free(path);
-    }
+    if (adapter && !quantizer && ql_lora_run_quantizer(adapter, qbuf, cap) == QL_OK) quantizer = qbuf;
     ql_llama_load_opts lopts = {.quantizer = quantizer, .progress = 0};
     int rc = ql_llama_load(model, &lopts, m);
     if (rc == QL_OK && adapter) {
@@ -392,25 +382,10 @@ static int cmd_eval(int argc, char **argv)
     if (optind != argc) return usage_error("eval: unexpected argument '%s'", argv[optind]);
     if (!model) return usage_error("eval: --model DIR is required%s", "");
     if (mmlu && data) return usage_error("eval: give --data or --mmlu, not both%s", "");
-    if (mmlu) {
-        ql_llama *mm = NULL;
-        ql_tokenizer *tk = NULL;
-        ql_lora *lr = NULL;
-        char qb[512];
-        int rc2 = load_with_adapter(model, adapter, quantizer, qb, sizeof qb, &mm, &lr);
-        if (rc2 == QL_OK) rc2 = ql_tokenizer_load(model, &tk);
-        ql_mmlu_opts mo = {.dir = mmlu, .split = mmlu_split, .shots = (int)shots, .max_per_subject = max_examples,
-                           .progress = progress};
-        if (rc2 == QL_OK) rc2 = ql_mmlu_eval(mm, tk, &mo, stdout);
-        ql_tokenizer_destroy(tk);
-        ql_llama_destroy(mm);
-        ql_lora_destroy(lr);
-        return rc2 ? fail(rc2) : 0;
-    }
-    if (!data) return usage_error("eval: --data FILE (or --mmlu DIR) is required%s", "");
+    if (!mmlu && !data) return usage_error("eval: --data FILE (or --mmlu DIR) is required%s", "");
     ql_dataset_opts dopts = {.source_max_len = (int)source_max_len, .target_max_len = (int)target_max_len,
                              .max_len = (int)max_len, .train_on_source = 0, .max_examples = max_examples};
-    int rc = ql_data_format_parse(format, &dopts.format);
+    int rc = mmlu ? QL_OK : ql_data_format_parse(format, &dopts.format);
     if (rc) return fail(rc);
     ql_llama *m = NULL;
     ql_tokenizer *tok = NULL;
@@ -420,6 +395,12 @@ static int cmd_eval(int argc, char **argv)
     if ((rc = load_with_adapter(model, adapter, quantizer, qbuf, sizeof qbuf, &m, &lora)) ||
         (rc = ql_tokenizer_load(model, &tok)))
         goto done;
+    if (mmlu) {
+        ql_mmlu_opts mo = {.dir = mmlu, .split = mmlu_split, .shots = (int)shots, .max_per_subject = max_examples,
+                           .progress = progress};
+        rc = ql_mmlu_eval(m, tok, &mo, stdout);
+        goto done;
+    }
     if (dopts.max_len <= 0) dopts.max_len = ql_llama_get_config(m)->max_positions;
     if ((rc = ql_dataset_load(data, tok, &dopts, &d))) goto done;
     ql_eval_result r;

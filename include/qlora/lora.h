@@ -58,6 +58,9 @@ void ql_lora_attach(ql_llama *m, const ql_lora *l);
 /* PEFT adapter folder: adapter_config.json + adapter_model.safetensors,
  * written into `dir` (which must exist) atomically file by file. */
 int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model);
+/* The base quantizer a `qlora train` run folder records in run_config.json
+ * (QL_ENOTFOUND when there is none, e.g. a plain peft adapter folder). */
+int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap);
 /* Load a PEFT adapter for this model; shapes and targets must match. */
 int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out);
 
