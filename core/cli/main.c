@@ -8,7 +8,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <jansson.h>
 
 #include "qlora/eval.h"
 #include "qlora/lora.h"
