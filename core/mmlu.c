@@ -87,50 +87,44 @@ static void free_questions(question *q, size_t n)
 static int read_csv(const char *path, question **out, size_t *n)
 {
     char *text;
-    size_t len, pos = 0;
+    size_t len, pos = 0, count = 0, cap = 0, line = 0;
+    question *qs = NULL;
     *out = NULL;
     *n = 0;
     int rc = ql_read_file(path, &text, &len);
     if (rc) return rc;
-    size_t cap = 0, line = 0;
-    question *qs = NULL;
     for (;;) {
         char *f[6] = {0};
         int k = ql_csv_record(text, len, &pos, f, 6);
         line++;
         if (k == 0) break;
         if (k != 6) {
-            for (int i = 0; i < 6; i++) free(f[i]);
-            free(text);
-            free_questions(qs, *n);
-            return ql_error(QL_EFORMAT, "%s: record %zu has %d fields, expected question,choice0..3,answer", path, line,
-                            k < 0 ? 0 : k);
-        }
-        if (line == 1 && !strcmp(f[0], "question")) { /* header */
+            rc = ql_error(QL_EFORMAT, "%s: record %zu has %d fields, expected question,choice0..3,answer", path, line,
+                          k < 0 ? 0 : k);
+        } else if (line == 1 && !strcmp(f[0], "question")) { /* header */
             for (int i = 0; i < 6; i++) free(f[i]);
             continue;
-        }
-        if (strlen(f[5]) != 1 || f[5][0] < '0' || f[5][0] > '3') {
-            for (int i = 0; i < 6; i++) free(f[i]);
-            free(text);
-            free_questions(qs, *n);
-            return ql_error(QL_EFORMAT, "%s: record %zu: answer must be 0-3", path, line);
-        }
-        if (*n == cap) {
+        } else if (strlen(f[5]) != 1 || f[5][0] < '0' || f[5][0] > '3') {
+            rc = ql_error(QL_EFORMAT, "%s: record %zu: answer must be 0-3", path, line);
+        } else if (count == cap) {
             question *p = realloc(qs, (cap = cap ? cap * 2 : 64) * sizeof *p);
-            if (!p) {
-                for (int i = 0; i < 6; i++) free(f[i]);
-                free(text);
-                free_questions(qs, *n);
-                return ql_error(QL_ENOMEM, "out of memory");
-            }
-            qs = p;
+            if (!p) rc = ql_error(QL_ENOMEM, "out of memory");
+            else qs = p;
         }
-        memcpy(qs[*n].field, f, sizeof f);
-        (*n)++;
+        if (rc) {
+            for (int i = 0; i < 6; i++) free(f[i]);
+            break;
+        }
+        memcpy(qs[count].field, f, sizeof f);
+        count++;
     }
     free(text);
+    if (rc) {
+        free_questions(qs, count);
+        return rc;
+    }
     *out = qs;
+    *n = count;
     return QL_OK;
 }
 

@@ -435,6 +435,20 @@ START_TEST(untied_bf16_model_and_foreign_adapter)
     json_decref(res);
     free(out);
     free(err);
+    /* the same model with a sliding attention window shorter than the stories: refused by name */
+    char cfgp[1300];
+    snprintf(cfgp, sizeof cfgp, "%s/config.json", tiny);
+    json_t *tc = json_load_file(cfgp, 0, NULL);
+    json_object_set_new(tc, "sliding_window", json_integer(8));
+    ck_assert_int_eq(json_dump_file(tc, cfgp, 0), 0);
+    json_decref(tc);
+    ck_assert_int_ne(qlora(NULL, &err, "eval --model %s --data %s --format text --max-examples 2 --quiet", tiny, stories), 0);
+    ck_assert_contains(err, "sliding attention window (8)");
+    free(err);
+    tc = json_load_file(cfgp, 0, NULL);
+    json_object_del(tc, "sliding_window");
+    ck_assert_int_eq(json_dump_file(tc, cfgp, 0), 0);
+    json_decref(tc);
     char run[1200];
     snprintf(run, sizeof run, "%s/tiny_run", tmp);
     ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --max-len 128 --output %s", tiny, data, run) == 0, "%s", err);
@@ -447,7 +461,6 @@ START_TEST(untied_bf16_model_and_foreign_adapter)
     copy_into(model, "model.safetensors", copy);
     copy_into(model, "tokenizer.json", copy);
     copy_into(model, "tokenizer_config.json", copy);
-    char cfgp[1300];
     snprintf(cfgp, sizeof cfgp, "%s/config.json", model);
     json_t *cfg = json_load_file(cfgp, 0, NULL);
     json_object_set_new(cfg, "rope_theta", json_real(20000.0));
@@ -529,6 +542,25 @@ START_TEST(mmlu_scoring)
     free(err);
     ck_assert_int_ne(qlora(NULL, &err, "eval --model %s --mmlu %s/nowhere", model, tmp), 0);
     ck_assert_contains(err, "is not a folder of SUBJECT_test.csv files");
+    free(err);
+    /* a malformed CSV record is named */
+    char bad[1200], path[1300];
+    snprintf(bad, sizeof bad, "%s/badmmlu", tmp);
+    snprintf(path, sizeof path, "%s/dev", bad);
+    ck_assert_int_eq(ql_mkdir_p(path), QL_OK);
+    snprintf(path, sizeof path, "%s/test", bad);
+    ck_assert_int_eq(ql_mkdir_p(path), QL_OK);
+    const char *csv = "question,choice0,choice1,choice2,choice3,answer\nq,a,b,c,d,1\nonly,three,fields\n";
+    snprintf(path, sizeof path, "%s/dev/x_dev.csv", bad);
+    ck_assert_int_eq(ql_write_file_atomic(path, csv, strlen(csv)), QL_OK);
+    snprintf(path, sizeof path, "%s/test/x_test.csv", bad);
+    ck_assert_int_eq(ql_write_file_atomic(path, csv, strlen(csv)), QL_OK);
+    ck_assert_int_ne(qlora(NULL, &err, "eval --model %s --mmlu %s --shots 1 --quiet", model, bad), 0);
+    ck_assert_contains(err, "record 3 has 3 fields");
+    free(err);
+    /* train without a run folder */
+    ck_assert_int_eq(qlora(NULL, &err, "train --model %s --data %s", model, data), 2);
+    ck_assert_contains(err, "--output RUN_DIR (or --resume CHECKPOINT) is required");
     free(err);
 }
 END_TEST
