@@ -92,27 +92,46 @@ int64_t ql_shape_numel(const int64_t *shape, int ndim)
     return n;
 }
 
+/* Tensor data sits at whatever offset the file gives it (safetensors aligns
+ * nothing), so every element is loaded through memcpy, never through a
+ * pointer of the element's type. */
+static uint16_t load_u16(const unsigned char *p, size_t i)
+{
+    uint16_t v;
+    memcpy(&v, p + i * 2, 2);
+    return v;
+}
+
+static uint32_t load_u32(const unsigned char *p, size_t i)
+{
+    uint32_t v;
+    memcpy(&v, p + i * 4, 4);
+    return v;
+}
+
+static double load_f64(const unsigned char *p, size_t i)
+{
+    double v;
+    memcpy(&v, p + i * 8, 8);
+    return v;
+}
+
 int ql_convert_to_f32(int dtype, const void *src, size_t n, float *dst)
 {
+    const unsigned char *s = src;
     switch (dtype) {
     case QL_DTYPE_F32:
-        memcpy(dst, src, n * 4);
+        if (n) memcpy(dst, src, n * 4);
         return QL_OK;
-    case QL_DTYPE_F16: {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = ql_f16_to_f32(s[i]);
+    case QL_DTYPE_F16:
+        for (size_t i = 0; i < n; i++) dst[i] = ql_f16_to_f32(load_u16(s, i));
         return QL_OK;
-    }
-    case QL_DTYPE_BF16: {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = ql_bf16_to_f32(s[i]);
+    case QL_DTYPE_BF16:
+        for (size_t i = 0; i < n; i++) dst[i] = ql_bf16_to_f32(load_u16(s, i));
         return QL_OK;
-    }
-    case QL_DTYPE_F64: {
-        const double *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = (float)s[i];
+    case QL_DTYPE_F64:
+        for (size_t i = 0; i < n; i++) dst[i] = (float)load_f64(s, i);
         return QL_OK;
-    }
     default:
         return ql_error(QL_ENOTSUP, "cannot convert %s to float32", ql_dtype_name(dtype));
     }
@@ -120,31 +139,24 @@ int ql_convert_to_f32(int dtype, const void *src, size_t n, float *dst)
 
 int64_t ql_first_nonfinite(int dtype, const void *src, size_t n)
 {
+    const unsigned char *s = src;
     switch (dtype) {
-    case QL_DTYPE_F32: {
-        const uint32_t *s = src;
+    case QL_DTYPE_F32:
         for (size_t i = 0; i < n; i++)
-            if ((s[i] & 0x7f800000u) == 0x7f800000u) return (int64_t)i;
+            if ((load_u32(s, i) & 0x7f800000u) == 0x7f800000u) return (int64_t)i;
         return -1;
-    }
-    case QL_DTYPE_F16: {
-        const uint16_t *s = src;
+    case QL_DTYPE_F16:
         for (size_t i = 0; i < n; i++)
-            if ((s[i] & 0x7c00u) == 0x7c00u) return (int64_t)i;
+            if ((load_u16(s, i) & 0x7c00u) == 0x7c00u) return (int64_t)i;
         return -1;
-    }
-    case QL_DTYPE_BF16: {
-        const uint16_t *s = src;
+    case QL_DTYPE_BF16:
         for (size_t i = 0; i < n; i++)
-            if ((s[i] & 0x7f80u) == 0x7f80u) return (int64_t)i;
+            if ((load_u16(s, i) & 0x7f80u) == 0x7f80u) return (int64_t)i;
         return -1;
-    }
-    case QL_DTYPE_F64: {
-        const double *s = src;
+    case QL_DTYPE_F64:
         for (size_t i = 0; i < n; i++)
-            if (!isfinite(s[i])) return (int64_t)i;
+            if (!isfinite(load_f64(s, i))) return (int64_t)i;
         return -1;
-    }
     default:
         return -1;
     }

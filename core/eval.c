@@ -13,8 +13,14 @@ int ql_eval_nll(ql_llama *m, const ql_dataset *d, int progress, ql_eval_result *
     memset(out, 0, sizeof *out);
     const ql_llama_config *c = ql_llama_get_config(m);
     int32_t longest = 0;
-    for (size_t i = 0; i < d->n; i++)
-        if (d->examples[i].len > longest) longest = d->examples[i].len;
+    for (size_t i = 0; i < d->n; i++) {
+        const ql_example *e = &d->examples[i];
+        if (e->len > longest) longest = e->len;
+        /* the forward pass checks the ids it reads; the last one is only a target */
+        if (e->len > 0 && (e->ids[e->len - 1] < 0 || e->ids[e->len - 1] >= c->vocab))
+            return ql_error(QL_EINVAL, "example %zu has token id %d, outside the model's vocabulary (%d)", i,
+                            e->ids[e->len - 1], c->vocab);
+    }
     if (longest > c->max_positions)
         return ql_error(QL_EINVAL, "an example has %d tokens, more than the model's %d positions", longest,
                         c->max_positions);
@@ -110,16 +116,18 @@ int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const 
 {
     *text = NULL;
     const ql_llama_config *c = ql_llama_get_config(m);
+    if (o->max_new_tokens < 1) return ql_error(QL_EINVAL, "max_new_tokens must be >= 1 (got %d)", o->max_new_tokens);
     int32_t *ids = NULL;
     size_t n = 0;
     int rc = ql_tokenizer_encode(tok, prompt, strlen(prompt), 1, &ids, &n);
     if (rc) return rc;
-    int cap = (int)n + o->max_new_tokens;
-    if (cap > c->max_positions) cap = c->max_positions;
-    if ((int)n >= cap) {
+    if (n > (size_t)c->max_positions - 1) {
         free(ids);
-        return ql_error(QL_EINVAL, "the prompt has %zu tokens; the model takes %d", n, c->max_positions);
+        return ql_error(QL_EINVAL, "the prompt has %zu tokens; the model takes %d, so no room is left to generate", n,
+                        c->max_positions);
     }
+    int64_t cap64 = (int64_t)n + o->max_new_tokens;
+    int cap = cap64 > c->max_positions ? c->max_positions : (int)cap64;
     ql_kv_cache *cache = NULL;
     float *logits = malloc((size_t)c->vocab * sizeof *logits);
     prob_index *work = malloc((size_t)c->vocab * sizeof *work);

@@ -11,6 +11,7 @@
 #include "progress.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
+#include "qlora/fs.h"
 #include "qlora/model.h"
 
 struct ql_llama {
@@ -37,12 +38,16 @@ struct ql_kv_cache {
 
 /* ---- config ---- */
 
+/* Every field read from config.json is type- and range-checked; an absent or
+ * null field takes its default, anything else of the wrong type is an error
+ * naming config.json and the field. */
+
 static int get_int(json_t *cfg, const char *key, int *out, int required)
 {
     json_t *v = json_object_get(cfg, key);
     if (!v || json_is_null(v)) return required ? ql_error(QL_EFORMAT, "config.json: missing \"%s\"", key) : QL_ENOTFOUND;
     if (!json_is_integer(v) || json_integer_value(v) <= 0 || json_integer_value(v) > (1 << 30))
-        return ql_error(QL_EFORMAT, "config.json: \"%s\" must be a positive integer", key);
+        return ql_error(QL_EFORMAT, "config.json: \"%s\" must be a positive integer (at most 2^30)", key);
     *out = (int)json_integer_value(v);
     return QL_OK;
 }
@@ -54,9 +59,54 @@ static int get_real(json_t *cfg, const char *key, float *out, float fallback)
         *out = fallback;
         return QL_OK;
     }
-    if (!json_is_number(v) || !(json_number_value(v) > 0))
+    if (!json_is_number(v) || !(json_number_value(v) > 0) || !(json_number_value(v) <= 3.0e38))
         return ql_error(QL_EFORMAT, "config.json: \"%s\" must be a positive number", key);
     *out = (float)json_number_value(v);
+    if (!(*out > 0)) return ql_error(QL_EFORMAT, "config.json: \"%s\" %g is too small for float32", key, json_number_value(v));
+    return QL_OK;
+}
+
+static int get_bool(json_t *cfg, const char *key, int *out, int fallback)
+{
+    json_t *v = json_object_get(cfg, key);
+    if (!v || json_is_null(v)) {
+        *out = fallback;
+        return QL_OK;
+    }
+    if (!json_is_boolean(v)) return ql_error(QL_EFORMAT, "config.json: \"%s\" must be true or false", key);
+    *out = json_is_true(v);
+    return QL_OK;
+}
+
+static int get_string(json_t *cfg, const char *key, const char **out)
+{
+    json_t *v = json_object_get(cfg, key);
+    *out = NULL;
+    if (!v || json_is_null(v)) return QL_OK;
+    if (!json_is_string(v)) return ql_error(QL_EFORMAT, "config.json: \"%s\" must be a string", key);
+    *out = json_string_value(v);
+    return QL_OK;
+}
+
+/* A token id: an integer in [0, vocab_size), or for eos_token_id also a
+ * non-empty list of them (the first is used); absent or null keeps *out. */
+static int get_token_id(json_t *cfg, const char *key, int vocab, int allow_list, int *out)
+{
+    json_t *v = json_object_get(cfg, key);
+    if (!v || json_is_null(v)) return QL_OK;
+    size_t n = allow_list && json_is_array(v) ? json_array_size(v) : 1;
+    if (allow_list && json_is_array(v) && n == 0)
+        return ql_error(QL_EFORMAT, "config.json: \"%s\" is an empty list", key);
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = allow_list && json_is_array(v) ? json_array_get(v, i) : v;
+        if (!json_is_integer(e))
+            return ql_error(QL_EFORMAT, "config.json: \"%s\" must be an integer token id%s", key,
+                            allow_list ? " or a list of them" : "");
+        if (json_integer_value(e) < 0 || json_integer_value(e) >= vocab)
+            return ql_error(QL_EFORMAT, "config.json: \"%s\" %lld is outside the vocabulary (vocab_size %d)", key,
+                            (long long)json_integer_value(e), vocab);
+        if (i == 0) *out = (int)json_integer_value(e);
+    }
     return QL_OK;
 }
 
@@ -64,10 +114,17 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
 {
     json_t *cfg = (json_t *)config_json;
     memset(c, 0, sizeof *c);
+    if (!json_is_object(cfg)) return ql_error(QL_EFORMAT, "config.json is not a JSON object");
     json_t *arch = json_object_get(cfg, "architectures");
-    const char *name = json_is_array(arch) ? json_string_value(json_array_get(arch, 0)) : NULL;
+    const char *name = NULL, *mt;
+    int rc;
+    if (arch && !json_is_null(arch)) {
+        if (!json_is_array(arch) || json_array_size(arch) == 0 || !json_is_string(json_array_get(arch, 0)))
+            return ql_error(QL_EFORMAT, "config.json: \"architectures\" must be a list of names");
+        name = json_string_value(json_array_get(arch, 0));
+    }
+    if ((rc = get_string(cfg, "model_type", &mt))) return rc;
     if (!name) {
-        const char *mt = json_string_value(json_object_get(cfg, "model_type"));
         if (mt && !strcmp(mt, "llama")) name = "LlamaForCausalLM";
         else if (mt && !strcmp(mt, "mistral")) name = "MistralForCausalLM";
         else return ql_error(QL_ENOTSUP, "config.json names no architecture (model_type %s)", mt ? mt : "missing");
@@ -76,7 +133,6 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
         return ql_error(QL_ENOTSUP, "unsupported architecture %s: qlora supports LlamaForCausalLM and MistralForCausalLM",
                         name);
     snprintf(c->architecture, sizeof c->architecture, "%s", name);
-    int rc;
     if ((rc = get_int(cfg, "hidden_size", &c->hidden, 1)) || (rc = get_int(cfg, "intermediate_size", &c->intermediate, 1)) ||
         (rc = get_int(cfg, "num_hidden_layers", &c->n_layers, 1)) ||
         (rc = get_int(cfg, "num_attention_heads", &c->n_heads, 1)) || (rc = get_int(cfg, "vocab_size", &c->vocab, 1)))
@@ -85,27 +141,44 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
     else if (rc) return rc;
     if ((rc = get_int(cfg, "head_dim", &c->head_dim, 0)) == QL_ENOTFOUND) c->head_dim = c->hidden / c->n_heads;
     else if (rc) return rc;
+    if (c->head_dim == 0)
+        return ql_error(QL_EFORMAT, "config.json: hidden_size %d is smaller than num_attention_heads %d", c->hidden,
+                        c->n_heads);
+    if ((int64_t)c->head_dim * c->n_heads > (1 << 30))
+        return ql_error(QL_EFORMAT, "config.json: num_attention_heads %d times head dimension %d is too large", c->n_heads,
+                        c->head_dim);
     if ((rc = get_int(cfg, "max_position_embeddings", &c->max_positions, 0)) == QL_ENOTFOUND) c->max_positions = 2048;
     else if (rc) return rc;
     if ((rc = get_real(cfg, "rms_norm_eps", &c->rms_eps, 1e-6f)) || (rc = get_real(cfg, "rope_theta", &c->rope_theta, 10000.0f)))
         return rc;
     json_t *sw = json_object_get(cfg, "sliding_window");
-    c->sliding_window = json_is_integer(sw) && json_integer_value(sw) > 0 ? (int)json_integer_value(sw) : 0;
+    if (sw && !json_is_null(sw)) {
+        if (!json_is_integer(sw) || json_integer_value(sw) < 0 || json_integer_value(sw) > (1 << 30))
+            return ql_error(QL_EFORMAT, "config.json: \"sliding_window\" must be null or a non-negative integer");
+        c->sliding_window = (int)json_integer_value(sw);
+    }
     json_t *rs = json_object_get(cfg, "rope_scaling");
     if (rs && !json_is_null(rs))
         return ql_error(QL_ENOTSUP, "config.json: rope_scaling is not supported yet");
+    const char *act;
+    if ((rc = get_string(cfg, "hidden_act", &act))) return rc;
+    if (act && strcmp(act, "silu") != 0)
+        return ql_error(QL_ENOTSUP, "config.json: hidden_act '%s' is not supported (only silu)", act);
+    int bias;
+    if ((rc = get_bool(cfg, "attention_bias", &bias, 0))) return rc;
+    if (bias) return ql_error(QL_ENOTSUP, "config.json: attention_bias true is not supported");
+    if ((rc = get_bool(cfg, "mlp_bias", &bias, 0))) return rc;
+    if (bias) return ql_error(QL_ENOTSUP, "config.json: mlp_bias true is not supported");
     if (c->n_heads % c->n_kv_heads)
         return ql_error(QL_EFORMAT, "config.json: num_attention_heads %d is not a multiple of num_key_value_heads %d",
                         c->n_heads, c->n_kv_heads);
     if (c->head_dim % 2) return ql_error(QL_EFORMAT, "config.json: head dimension %d is odd", c->head_dim);
-    json_t *tie = json_object_get(cfg, "tie_word_embeddings");
-    c->tied_embeddings = tie ? json_is_true(tie) : 0;
-    c->bos_id = 1;
-    c->eos_id = 2;
-    json_t *b = json_object_get(cfg, "bos_token_id"), *e = json_object_get(cfg, "eos_token_id");
-    if (json_is_integer(b)) c->bos_id = (int)json_integer_value(b);
-    if (json_is_integer(e)) c->eos_id = (int)json_integer_value(e);
-    if (json_is_array(e) && json_is_integer(json_array_get(e, 0))) c->eos_id = (int)json_integer_value(json_array_get(e, 0));
+    if ((rc = get_bool(cfg, "tie_word_embeddings", &c->tied_embeddings, 0))) return rc;
+    c->bos_id = 1 < c->vocab ? 1 : 0;
+    c->eos_id = 2 < c->vocab ? 2 : 0;
+    if ((rc = get_token_id(cfg, "bos_token_id", c->vocab, 0, &c->bos_id)) ||
+        (rc = get_token_id(cfg, "eos_token_id", c->vocab, 1, &c->eos_id)))
+        return rc;
     return QL_OK;
 }
 
@@ -149,32 +222,87 @@ static const ql_tensor *files_get(void *ctx, const char *suffix)
     return ql_model_files_find(r->mf, name);
 }
 
-/* The quantizer named by a pre-quantized checkpoint's quantization_config. */
-static int prequantized_spec(json_t *cfg, char *spec, size_t cap)
+/* The quantizer a pre-quantized checkpoint's quantization_config names, and
+ * the field it was read from.  The text is untrusted: it is only checked here
+ * and opened by ql_qz_open_from_file, which takes plugin names only. */
+static int prequantized_spec(json_t *cfg, const char *file, const char **spec, const char **field)
 {
     json_t *qc = json_object_get(cfg, "quantization_config");
     if (!qc || json_is_null(qc)) return QL_ENOTFOUND;
-    const char *method = json_string_value(json_object_get(qc, "quant_method"));
+    if (!json_is_object(qc)) return ql_error(QL_EFORMAT, "%s: quantization_config must be an object", file);
+    json_t *mv = json_object_get(qc, "quant_method");
+    if (mv && !json_is_string(mv)) return ql_error(QL_EFORMAT, "%s: quantization_config.quant_method must be a string", file);
+    const char *method = json_string_value(mv);
     if (method && !strcmp(method, "bitsandbytes")) {
         if (json_is_true(json_object_get(qc, "load_in_4bit")) || json_is_true(json_object_get(qc, "_load_in_4bit"))) {
-            const char *t = json_string_value(json_object_get(qc, "bnb_4bit_quant_type"));
-            snprintf(spec, cap, "%s", t ? t : "fp4");
+            *field = "quantization_config.bnb_4bit_quant_type";
+            json_t *t = json_object_get(qc, "bnb_4bit_quant_type");
+            if (!t || json_is_null(t)) {
+                *spec = "fp4";
+                return QL_OK;
+            }
+            int rc = ql_qz_check_from_file(json_string_value(t), file, *field);
+            if (rc) return rc;
+            *spec = json_string_value(t);
+            if (strcmp(*spec, "nf4") && strcmp(*spec, "fp4"))
+                return ql_error(QL_ENOTSUP, "%s: %s is '%s'; bitsandbytes' 4-bit types are nf4 and fp4", file, *field,
+                                *spec);
             return QL_OK;
         }
         if (json_is_true(json_object_get(qc, "load_in_8bit")) || json_is_true(json_object_get(qc, "_load_in_8bit"))) {
-            snprintf(spec, cap, "int8");
+            *spec = "int8";
+            *field = "quantization_config.load_in_8bit";
             return QL_OK;
         }
     }
     if (method && !strcmp(method, "qlora")) {
-        const char *q = json_string_value(json_object_get(qc, "quantizer"));
+        json_t *q = json_object_get(qc, "quantizer");
         if (q) {
-            snprintf(spec, cap, "%s", q);
+            /* checked when opened: a path here is refused unless the command
+             * line gives that plugin (open_prequantized) */
+            *field = "quantization_config.quantizer";
+            *spec = json_string_value(q);
+            if (!*spec) return ql_error(QL_EFORMAT, "%s: %s is not a string", file, *field);
             return QL_OK;
         }
     }
-    return ql_error(QL_ENOTSUP, "config.json: quantization_config with quant_method '%s' is not supported",
+    return ql_error(QL_ENOTSUP, "%s: quantization_config with quant_method '%s' is not supported", file,
                     method ? method : "(none)");
+}
+
+/* The quantizer of a checkpoint that config.json says is quantized with
+ * `file_spec`: a plugin found by name on the search path, or the plugin the
+ * user gave by path on the command line when it is that plugin.  A path in
+ * the file itself is never loaded (docs/security.md). */
+static int open_prequantized(ql_llama *m, const char *dir, const char *file, const char *field, const char *file_spec,
+                             const ql_llama_load_opts *opts)
+{
+    const char *given = opts ? opts->quantizer : NULL;
+    int rc, differs = 0;
+    if (given && strcmp(given, "none") != 0) {
+        if (!opts->quantizer_file && ql_qz_spec_is_path(given)) {
+            ql_qz *q;
+            if ((rc = ql_qz_open(given, &q))) return rc;
+            if (ql_qz_matches(q, file_spec)) {
+                m->qz = q;
+                return QL_OK;
+            }
+            ql_qz_close(q);
+            differs = 1;
+        } else {
+            differs = !ql_qz_same_name(given, file_spec);
+        }
+    }
+    if ((rc = ql_qz_open_from_file(file_spec, file, field, &m->qz))) return rc;
+    if (differs) {
+        if (opts->quantizer_file)
+            fprintf(stderr, "qlora: warning: %s is already quantized with %s; using it as it is, not the %s that %s names\n",
+                    dir, m->qz->desc->name, given, opts->quantizer_file);
+        else
+            fprintf(stderr, "qlora: warning: %s is already quantized with %s; using it as it is, not --quantizer=%s\n",
+                    dir, m->qz->desc->name, given);
+    }
+    return QL_OK;
 }
 
 static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, ql_linear *l, const char *prefix,
@@ -241,28 +369,29 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
     m->config = json_deep_copy(cfg);
     if ((rc = ql_llama_config_parse(cfg, &m->cfg))) goto fail;
     const ql_llama_config *c = &m->cfg;
-    char spec[512];
     int prequantized = 0;
-    rc = prequantized_spec(cfg, spec, sizeof spec);
-    if (rc == QL_OK) {
-        prequantized = 1;
-        if (opts && opts->quantizer && strcmp(opts->quantizer, "none") && strncmp(opts->quantizer, spec, strlen(spec)))
-            fprintf(stderr, "qlora: warning: %s is already quantized with %s; using it as it is, not --quantizer=%s\n", dir,
-                    spec, opts->quantizer);
-    } else if (rc == QL_ENOTFOUND) {
-        rc = QL_OK;
-        const char *q = opts && opts->quantizer ? opts->quantizer : "none";
-        snprintf(spec, sizeof spec, "%s", q);
-    } else {
+    const char *file_spec = NULL, *field = NULL;
+    char *cfg_file = ql_path_join(dir, "config.json");
+    if (!cfg_file) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
         goto fail;
     }
-    if (strcmp(spec, "none") != 0) {
-        if ((rc = ql_qz_open(spec, &m->qz))) goto fail;
+    rc = prequantized_spec(cfg, cfg_file, &file_spec, &field);
+    if (rc == QL_OK) {
+        prequantized = 1;
+        rc = open_prequantized(m, dir, cfg_file, field, file_spec, opts);
+    } else if (rc == QL_ENOTFOUND) {
+        const char *q = opts && opts->quantizer ? opts->quantizer : "none";
+        if (strcmp(q, "none") == 0) rc = QL_OK;
+        else if (opts->quantizer_file) rc = ql_qz_open_from_file(q, opts->quantizer_file, "quantizer", &m->qz);
+        else rc = ql_qz_open(q, &m->qz);
+    }
+    free(cfg_file);
+    if (rc) goto fail;
+    if (m->qz)
         snprintf(m->quantization, sizeof m->quantization, "%s%s%s", m->qz->desc->name, m->qz->options[0] ? ":" : "",
                  m->qz->options);
-    } else {
-        snprintf(m->quantization, sizeof m->quantization, "none");
-    }
+    else snprintf(m->quantization, sizeof m->quantization, "none");
     int64_t H = c->hidden, I = c->intermediate, qd = (int64_t)c->n_heads * c->head_dim,
             kvd = (int64_t)c->n_kv_heads * c->head_dim;
     if ((rc = load_dense(mf, "model.embed_tokens.weight", c->vocab, H, &m->embed))) goto fail;

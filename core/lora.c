@@ -1,10 +1,13 @@
 #include "qlora/lora.h"
 
+#include <dirent.h>
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "json_out.h"
 #include "qlora/dtype.h"
@@ -175,37 +178,24 @@ static void peft_key(char *buf, size_t cap, int layer, int module, char which)
     snprintf(buf, cap, "base_model.model.model.layers.%d.%s.lora_%c.weight", layer, module_paths[module], which);
 }
 
-int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
-{
-    ql_st_writer *w;
-    int rc = ql_st_writer_create(&w);
-    if (rc) return rc;
-    ql_st_writer_set_metadata(w, "format", "pt");
-    for (int i = 0; i < l->n_layers && rc == QL_OK; i++)
-        for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
-            const ql_lora_pair *p = &l->pairs[i * QL_MOD_COUNT + k];
-            if (!p->A) continue;
-            char key[256];
-            peft_key(key, sizeof key, i, k, 'A');
-            ql_tensor a = {.name = key, .dtype = QL_DTYPE_F32, .ndim = 2, .data = p->A,
-                           .nbytes = (uint64_t)(l->cfg.r * p->in) * 4};
-            a.shape[0] = l->cfg.r;
-            a.shape[1] = p->in;
-            rc = ql_st_writer_add(w, &a);
-            if (rc) break;
-            peft_key(key, sizeof key, i, k, 'B');
-            ql_tensor b = {.name = key, .dtype = QL_DTYPE_F32, .ndim = 2, .data = p->B,
-                           .nbytes = (uint64_t)(p->out * l->cfg.r) * 4};
-            b.shape[0] = p->out;
-            b.shape[1] = l->cfg.r;
-            rc = ql_st_writer_add(w, &b);
-        }
-    char *path = ql_path_join(dir, "adapter_model.safetensors");
-    if (rc == QL_OK) rc = path ? ql_st_writer_save(w, path) : ql_error(QL_ENOMEM, "out of memory");
-    free(path);
-    ql_st_writer_destroy(w);
-    if (rc) return rc;
+/* What an adapter's weights mean besides their shapes, as one line: written
+ * into adapter_model.safetensors' metadata beside the weights, and compared
+ * with adapter_config.json on load, so a pair whose two files come from
+ * different writes is refused instead of applied with the wrong scale. */
+#define ADAPTER_SIGNATURE_KEY "qlora_adapter"
 
+static void adapter_signature(const ql_lora_config *c, char *buf, size_t cap)
+{
+    int n = snprintf(buf, cap, "r=%d lora_alpha=%.9g target_modules=", c->r, (double)c->alpha);
+    for (int k = 0, first = 1; k < QL_MOD_COUNT && n > 0 && (size_t)n < cap; k++)
+        if (c->modules & (1u << k)) {
+            n += snprintf(buf + n, cap - (size_t)n, "%s%s", first ? "" : ",", module_names[k]);
+            first = 0;
+        }
+}
+
+static char *adapter_config_text(const ql_lora *l, const char *base_model)
+{
     json_t *cfg = json_object();
     json_t *targets = json_array();
     for (int k = 0; k < QL_MOD_COUNT; k++)
@@ -231,10 +221,51 @@ int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
     json_object_set_new(cfg, "use_rslora", json_false());
     char *text = ql_json_dumps_py(cfg, 2, 1);
     json_decref(cfg);
-    if (!text) return ql_error(QL_ENOMEM, "out of memory");
-    path = ql_path_join(dir, "adapter_config.json");
-    rc = path ? ql_write_file_atomic(path, text, strlen(text)) : ql_error(QL_ENOMEM, "out of memory");
-    free(path);
+    return text;
+}
+
+/* The pair is replaced so that a crash at any moment leaves it old, absent
+ * (adapter_config.json missing) or new, never mixed: the old config goes
+ * first, then the weights are renamed into place, then the new config, each
+ * step durable (the folder is fsynced) before the next. */
+int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
+{
+    char *text = adapter_config_text(l, base_model);
+    char *cfg_path = ql_path_join(dir, "adapter_config.json");
+    char *model_path = ql_path_join(dir, "adapter_model.safetensors");
+    char signature[256];
+    adapter_signature(&l->cfg, signature, sizeof signature);
+    ql_st_writer *w = NULL;
+    int rc = text && cfg_path && model_path ? ql_st_writer_create(&w) : ql_error(QL_ENOMEM, "out of memory");
+    if (rc == QL_OK) rc = ql_st_writer_set_metadata(w, "format", "pt");
+    if (rc == QL_OK) rc = ql_st_writer_set_metadata(w, ADAPTER_SIGNATURE_KEY, signature);
+    for (int i = 0; i < l->n_layers && rc == QL_OK; i++)
+        for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
+            const ql_lora_pair *p = &l->pairs[i * QL_MOD_COUNT + k];
+            if (!p->A) continue;
+            char key[256];
+            peft_key(key, sizeof key, i, k, 'A');
+            ql_tensor a = {.name = key, .dtype = QL_DTYPE_F32, .ndim = 2, .data = p->A,
+                           .nbytes = (uint64_t)(l->cfg.r * p->in) * 4};
+            a.shape[0] = l->cfg.r;
+            a.shape[1] = p->in;
+            rc = ql_st_writer_add(w, &a);
+            if (rc) break;
+            peft_key(key, sizeof key, i, k, 'B');
+            ql_tensor b = {.name = key, .dtype = QL_DTYPE_F32, .ndim = 2, .data = p->B,
+                           .nbytes = (uint64_t)(p->out * l->cfg.r) * 4};
+            b.shape[0] = p->out;
+            b.shape[1] = l->cfg.r;
+            rc = ql_st_writer_add(w, &b);
+        }
+    if (rc == QL_OK && unlink(cfg_path) != 0 && errno != ENOENT)
+        rc = ql_error(QL_EIO, "cannot remove the old %s: %s", cfg_path, strerror(errno));
+    /* the writer fsyncs the folder after its rename, which also makes the unlink durable */
+    if (rc == QL_OK) rc = ql_st_writer_save(w, model_path);
+    if (rc == QL_OK) rc = ql_write_file_atomic(cfg_path, text, strlen(text));
+    ql_st_writer_destroy(w);
+    free(model_path);
+    free(cfg_path);
     free(text);
     return rc;
 }
@@ -242,37 +273,180 @@ int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
 int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap)
 {
     char *path = ql_path_join(run_dir, "run_config.json");
-    json_t *rc = path ? json_load_file(path, 0, NULL) : NULL;
+    if (!path) return ql_error(QL_ENOMEM, "out of memory");
+    if (!ql_path_exists(path)) {
+        free(path);
+        return QL_ENOTFOUND;
+    }
+    json_error_t jerr;
+    json_t *cfg = json_load_file(path, 0, &jerr);
+    int rc = QL_OK;
+    json_t *q = json_is_object(cfg) ? json_object_get(cfg, "quantizer") : NULL;
+    if (!cfg) rc = ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text);
+    else if (!json_is_object(cfg)) rc = ql_error(QL_EFORMAT, "%s is not a JSON object", path);
+    else if (!q) rc = QL_ENOTFOUND;
+    /* The text names the base's quantizer, not code to load: a plugin name
+     * only (the command line's --quantizer=PATH is how a path is given). */
+    else if ((rc = ql_qz_check_from_file(json_string_value(q), path, "quantizer")) == QL_OK) {
+        const char *s = json_string_value(q);
+        if (strlen(s) >= cap) rc = ql_error(QL_EINVAL, "%s: quantizer is %zu characters, longer than %zu", path, strlen(s), cap - 1);
+        else memcpy(buf, s, strlen(s) + 1);
+    }
+    json_decref(cfg);
     free(path);
-    const char *q = rc ? json_string_value(json_object_get(rc, "quantizer")) : NULL;
-    int status = q ? QL_OK : QL_ENOTFOUND;
-    if (q) snprintf(buf, cap, "%s", q);
-    json_decref(rc);
-    return status;
+    return rc;
+}
+
+/* adapter_config.json fields that change what the weights mean in ways this
+ * engine does not implement: each must be absent or neutral (null, false,
+ * "none", {} or []), or the adapter is refused by name. */
+static const char *const unsupported_fields[] = {
+    "use_rslora",   "use_dora",        "use_qalora",       "fan_in_fan_out",   "bias",
+    "rank_pattern", "alpha_pattern",   "layers_to_transform", "layer_replication", "exclude_modules",
+    "lora_bias",    "modules_to_save", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
+};
+
+static int is_neutral(const json_t *v)
+{
+    return !v || json_is_null(v) || json_is_false(v) || (json_is_string(v) && !strcmp(json_string_value(v), "none")) ||
+           (json_is_object(v) && json_object_size(v) == 0) || (json_is_array(v) && json_array_size(v) == 0);
+}
+
+/* A short rendering of a JSON value for messages. */
+static void json_brief(const json_t *v, char *buf, size_t cap)
+{
+    char *s = v ? json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
+    snprintf(buf, cap, "%s", s ? s : "(absent)");
+    if (s && strlen(s) >= cap && cap > 4) memcpy(buf + cap - 4, "...", 4);
+    free(s);
+}
+
+static int parse_adapter_config(const char *path, json_t *cfg, ql_lora_config *c)
+{
+    char val[96];
+    if (!json_is_object(cfg)) return ql_error(QL_EFORMAT, "%s is not a JSON object", path);
+    json_t *v = json_object_get(cfg, "peft_type");
+    if (!json_is_string(v) || strcmp(json_string_value(v), "LORA") != 0) {
+        json_brief(v, val, sizeof val);
+        return ql_error(QL_ENOTSUP, "%s: peft_type is %s; only LORA adapters are supported", path, val);
+    }
+    v = json_object_get(cfg, "base_model_name_or_path");
+    if (v && !json_is_null(v) && !json_is_string(v)) {
+        json_brief(v, val, sizeof val);
+        return ql_error(QL_EFORMAT, "%s: base_model_name_or_path must be a string, not %s", path, val);
+    }
+    v = json_object_get(cfg, "r");
+    if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 65536) {
+        json_brief(v, val, sizeof val);
+        return ql_error(QL_EFORMAT, "%s: r must be an integer from 1 to 65536, not %s", path, val);
+    }
+    c->r = (int)json_integer_value(v);
+    v = json_object_get(cfg, "lora_alpha");
+    double alpha = json_is_number(v) ? json_number_value(v) : NAN;
+    if (!(alpha > 0 && alpha <= 1e6)) {
+        json_brief(v, val, sizeof val);
+        return ql_error(QL_EFORMAT, "%s: lora_alpha must be a positive number up to 1e6, not %s", path, val);
+    }
+    c->alpha = (float)alpha;
+    v = json_object_get(cfg, "lora_dropout");
+    double dropout = !v || json_is_null(v) ? 0.0 : json_is_number(v) ? json_number_value(v) : NAN;
+    if (!(dropout >= 0 && dropout < 1)) {
+        json_brief(v, val, sizeof val);
+        return ql_error(QL_EFORMAT, "%s: lora_dropout must be a number in [0, 1), not %s", path, val);
+    }
+    c->dropout = (float)dropout;
+    v = json_object_get(cfg, "target_modules");
+    c->modules = 0;
+    if (json_is_string(v) && !strcmp(json_string_value(v), "all-linear")) {
+        c->modules = QL_LORA_ALL_MODULES;
+    } else if (json_is_array(v) && json_array_size(v) > 0) {
+        for (size_t i = 0; i < json_array_size(v); i++) {
+            json_t *t = json_array_get(v, i);
+            int found = -1;
+            for (int k = 0; k < QL_MOD_COUNT; k++)
+                if (json_is_string(t) && !strcmp(json_string_value(t), module_names[k])) found = k;
+            if (found < 0) {
+                json_brief(t, val, sizeof val);
+                return ql_error(QL_ENOTSUP,
+                                "%s: target_modules entry %s is not supported (q_proj, k_proj, v_proj, o_proj, "
+                                "gate_proj, up_proj, down_proj)",
+                                path, val);
+            }
+            c->modules |= 1u << found;
+        }
+    } else {
+        json_brief(v, val, sizeof val);
+        return ql_error(QL_EFORMAT, "%s: target_modules must be a non-empty list of module names or \"all-linear\", not %s",
+                        path, val);
+    }
+    for (size_t i = 0; i < sizeof unsupported_fields / sizeof unsupported_fields[0]; i++) {
+        v = json_object_get(cfg, unsupported_fields[i]);
+        if (is_neutral(v)) continue;
+        json_brief(v, val, sizeof val);
+        return ql_error(QL_ENOTSUP, "%s: %s = %s is not supported (qlora applies plain LoRA only)", path,
+                        unsupported_fields[i], val);
+    }
+    return QL_OK;
+}
+
+/* The newest checkpoint-N folder of a run folder, for messages ("" if none). */
+static void newest_checkpoint(const char *dir, char *buf, size_t cap)
+{
+    buf[0] = '\0';
+    DIR *d = opendir(dir);
+    if (!d) return;
+    long long best = -1;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        long long n;
+        int used = 0;
+        if (sscanf(e->d_name, "checkpoint-%lld%n", &n, &used) == 1 && e->d_name[used] == '\0' && n > best) best = n;
+    }
+    closedir(d);
+    if (best >= 0) snprintf(buf, cap, "%s/checkpoint-%lld", dir, best);
 }
 
 int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
 {
     *out = NULL;
     char *path = ql_path_join(dir, "adapter_config.json");
-    json_error_t jerr;
-    json_t *cfg = path ? json_load_file(path, 0, &jerr) : NULL;
-    if (!cfg) {
-        int rc = ql_path_exists(path) ? ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text)
-                                      : ql_error(QL_ENOTFOUND, "%s is missing: not a PEFT adapter folder", path);
+    char *model_path = ql_path_join(dir, "adapter_model.safetensors");
+    if (!path || !model_path) {
         free(path);
+        free(model_path);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    json_error_t jerr;
+    json_t *cfg = json_load_file(path, 0, &jerr);
+    if (!cfg) {
+        int rc;
+        char ckpt[4200];
+        if (ql_path_exists(path)) {
+            rc = ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text);
+        } else if (ql_path_exists(model_path)) {
+            /* what a run leaves when it stops between the two files of its final adapter */
+            newest_checkpoint(dir, ckpt, sizeof ckpt);
+            rc = ql_error(QL_EFORMAT,
+                          "%s is missing beside %s: the adapter's files were being replaced when its writer stopped%s%s",
+                          path, model_path, ckpt[0] ? "; a whole copy is in " : "", ckpt);
+        } else {
+            rc = ql_error(QL_ENOTFOUND, "%s is missing: not a PEFT adapter folder", path);
+        }
+        free(path);
+        free(model_path);
         return rc;
     }
-    free(path);
+    ql_lora_config c = {0};
+    int rc = parse_adapter_config(path, cfg, &c);
     /* The base the adapter names: when it is another folder here with another
      * config, say so (shapes are checked below; matching shapes still apply). */
-    const char *base = json_string_value(json_object_get(cfg, "base_model_name_or_path"));
+    const char *base = rc ? NULL : json_string_value(json_object_get(cfg, "base_model_name_or_path"));
     if (base && *base && ql_is_dir(base)) {
         char *a = realpath(base, NULL), *b = realpath(ql_llama_dir(m), NULL);
         char *bcfg_path = ql_path_join(base, "config.json");
         json_t *bcfg = bcfg_path ? json_load_file(bcfg_path, 0, NULL) : NULL;
         json_t *mine = json_deep_copy(ql_llama_config_json(m));
-        if (bcfg) json_object_del(bcfg, "quantization_config");
+        if (json_is_object(bcfg)) json_object_del(bcfg, "quantization_config");
         if (mine) json_object_del(mine, "quantization_config");
         if (a && b && strcmp(a, b) != 0 && (!bcfg || !mine || !json_equal(bcfg, mine)))
             fprintf(stderr,
@@ -285,41 +459,24 @@ int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
         free(a);
         free(b);
     }
-    ql_lora_config c = {0};
-    const char *ptype = json_string_value(json_object_get(cfg, "peft_type"));
-    json_t *jr = json_object_get(cfg, "r"), *ja = json_object_get(cfg, "lora_alpha"),
-           *jd = json_object_get(cfg, "lora_dropout"), *jt = json_object_get(cfg, "target_modules");
-    int rc = QL_OK;
-    if (!ptype || strcmp(ptype, "LORA") || !json_is_integer(jr) || !json_is_number(ja))
-        rc = ql_error(QL_EFORMAT, "%s/adapter_config.json: expected peft_type LORA with integer r and lora_alpha", dir);
-    if (rc == QL_OK) {
-        c.r = (int)json_integer_value(jr);
-        c.alpha = (float)json_number_value(ja);
-        c.dropout = json_is_number(jd) ? (float)json_number_value(jd) : 0.0f;
-        if (json_is_array(jt)) {
-            for (size_t i = 0; i < json_array_size(jt) && rc == QL_OK; i++) {
-                const char *t = json_string_value(json_array_get(jt, i));
-                int found = -1;
-                for (int k = 0; k < QL_MOD_COUNT; k++)
-                    if (t && !strcmp(t, module_names[k])) found = k;
-                if (found < 0) rc = ql_error(QL_ENOTSUP, "%s: target module '%s' is not supported", dir, t ? t : "?");
-                else c.modules |= 1u << found;
-            }
-        } else if (json_is_string(jt) && !strcmp(json_string_value(jt), "all-linear")) {
-            c.modules = QL_LORA_ALL_MODULES;
-        } else {
-            rc = ql_error(QL_EFORMAT, "%s/adapter_config.json: target_modules must be a list", dir);
-        }
-    }
     json_decref(cfg);
     ql_lora *l = NULL;
     if (rc == QL_OK) rc = lora_alloc(ql_llama_get_config(m), &c, &l);
-    if (rc) return rc;
-    path = ql_path_join(dir, "adapter_model.safetensors");
     ql_st_file *f = NULL;
-    rc = ql_st_open(path, &f);
-    free(path);
-    for (int i = 0; i < l->n_layers && rc == QL_OK; i++)
+    if (rc == QL_OK) rc = ql_st_open(model_path, &f);
+    if (rc == QL_OK) {
+        /* written by qlora: the weights name the config they were written with */
+        const char *saved = ql_st_metadata(f, ADAPTER_SIGNATURE_KEY);
+        char mine[256];
+        adapter_signature(&c, mine, sizeof mine);
+        if (saved && strcmp(saved, mine) != 0)
+            rc = ql_error(QL_EFORMAT,
+                          "%s and %s are not a pair: the weights were written with %s, the config says %s (a write "
+                          "was interrupted, or the files come from different adapters)",
+                          model_path, path, saved, mine);
+    }
+    size_t expected = 0;
+    for (int i = 0; i < (l ? l->n_layers : 0) && rc == QL_OK; i++)
         for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
             ql_lora_pair *p = &l->pairs[i * QL_MOD_COUNT + k];
             if (!p->A) continue;
@@ -328,6 +485,8 @@ int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
                 peft_key(key, sizeof key, i, k, which ? 'B' : 'A');
                 const ql_tensor *t = ql_st_find(f, key);
                 int64_t d0 = which ? p->out : c.r, d1 = which ? c.r : p->in;
+                float *dst = which ? p->B : p->A;
+                expected++;
                 if (!t) {
                     rc = ql_error(QL_EFORMAT, "%s: adapter tensor %s is missing", dir, key);
                 } else if (t->ndim != 2 || t->shape[0] != d0 || t->shape[1] != d1) {
@@ -335,12 +494,23 @@ int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
                                   dir, key, (long long)t->shape[0], (long long)(t->ndim > 1 ? t->shape[1] : 0),
                                   (long long)d0, (long long)d1);
                 } else {
-                    rc = ql_convert_to_f32(t->dtype, t->data, (size_t)(d0 * d1), which ? p->B : p->A);
+                    rc = ql_convert_to_f32(t->dtype, t->data, (size_t)(d0 * d1), dst);
                     if (rc) ql_error_context("%s: %s", dir, key);
+                    for (int64_t j = 0; rc == QL_OK && j < d0 * d1; j++)
+                        if (!isfinite(dst[j]))
+                            rc = ql_error(QL_ENUMERIC, "%s: adapter tensor %s has a non-finite value (%g) at index %lld",
+                                          model_path, key, (double)dst[j], (long long)j);
                 }
             }
         }
+    if (rc == QL_OK && ql_st_count(f) != expected)
+        rc = ql_error(QL_EFORMAT,
+                      "%s has %zu tensors, but %s (r %d, %d target modules) on this model's %d layers needs exactly "
+                      "%zu: the files are not a pair",
+                      model_path, ql_st_count(f), path, c.r, __builtin_popcount(c.modules), l->n_layers, expected);
     ql_st_close(f);
+    free(path);
+    free(model_path);
     if (rc) {
         ql_lora_destroy(l);
         return rc;

@@ -15,9 +15,11 @@
 #include "qlora/model.h"
 #include "qlora/safetensors.h"
 
-static int add_converted(ql_st_writer *w, const char *name, const float *src, int64_t d0, int64_t d1, int ndim, int dtype)
+/* Add `src` (float32, of the given shape; ndim 0 is a scalar of one element)
+ * to the output as dtype. */
+static int add_converted(ql_st_writer *w, const char *name, const float *src, const int64_t *shape, int ndim, int dtype)
 {
-    size_t n = (size_t)(ndim == 2 ? d0 * d1 : d0);
+    size_t n = (size_t)ql_shape_numel(shape, ndim);
     size_t es = ql_dtype_size(dtype);
     void *buf = malloc(n * es + 1);
     if (!buf) return ql_error(QL_ENOMEM, "out of memory");
@@ -27,8 +29,7 @@ static int add_converted(ql_st_writer *w, const char *name, const float *src, in
         else ((uint16_t *)buf)[i] = ql_f32_to_bf16(src[i]);
     }
     ql_tensor t = {.name = name, .dtype = dtype, .ndim = ndim, .data = buf, .nbytes = n * es};
-    t.shape[0] = d0;
-    t.shape[1] = d1;
+    for (int d = 0; d < ndim; d++) t.shape[d] = shape[d];
     int rc = ql_st_writer_add(w, &t);
     free(buf);
     return rc;
@@ -47,9 +48,21 @@ static int belongs_to_block_linear(const char *name)
 
 int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir, const ql_merge_opts *opts)
 {
-    char spec[512];
-    if (opts->quantizer) snprintf(spec, sizeof spec, "%s", opts->quantizer);
-    else if (ql_lora_run_quantizer(adapter_dir, spec, sizeof spec) != QL_OK) snprintf(spec, sizeof spec, "none");
+    /* The base the adapter was trained on: --quantizer, else what the run's
+     * run_config.json names (a plugin name only: it is a file, not the user). */
+    char spec[QL_QZ_SPEC_MAX + 1];
+    char *run_config = NULL;
+    if (opts->quantizer) {
+        if (strlen(opts->quantizer) >= sizeof spec)
+            return ql_error(QL_EINVAL, "--quantizer is %zu characters, longer than the %d allowed",
+                            strlen(opts->quantizer), QL_QZ_SPEC_MAX);
+        snprintf(spec, sizeof spec, "%s", opts->quantizer);
+    } else {
+        int qrc = ql_lora_run_quantizer(adapter_dir, spec, sizeof spec);
+        if (qrc == QL_ENOTFOUND) snprintf(spec, sizeof spec, "none");
+        else if (qrc) return qrc;
+        else if (!(run_config = ql_path_join(adapter_dir, "run_config.json"))) return ql_error(QL_ENOMEM, "out of memory");
+    }
     ql_llama *m = NULL;
     ql_lora *lora = NULL;
     ql_model_files *mf = NULL;
@@ -57,8 +70,10 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
     ql_outdir *od = NULL;
     float *wbuf = NULL;
     int rc;
-    ql_llama_load_opts lo = {.quantizer = spec, .progress = 0};
-    if ((rc = ql_llama_load(model_dir, &lo, &m))) goto done;
+    ql_llama_load_opts lo = {.quantizer = spec, .quantizer_file = run_config, .progress = 0};
+    rc = ql_llama_load(model_dir, &lo, &m);
+    free(run_config);
+    if (rc) goto done;
     if ((rc = ql_lora_load_peft(m, adapter_dir, &lora))) goto done;
     if ((rc = ql_model_files_open(model_dir, &mf))) goto done;
     int dtype = opts->dtype;
@@ -69,7 +84,8 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
                 "qlora: merging into the %s-dequantized base weights (the base the adapter was trained on), "
                 "not the original full-precision ones\n",
                 ql_llama_quantization(m));
-    if ((rc = ql_outdir_begin(out_dir, opts->force, &od))) goto done;
+    const char *const inputs[] = {model_dir, adapter_dir};
+    if ((rc = ql_outdir_begin(out_dir, "merged-model", opts->force, inputs, 2, &od))) goto done;
     if ((rc = ql_st_writer_create(&w))) goto done;
     ql_st_writer_set_metadata(w, "format", "pt");
     if ((rc = ql_st_writer_spill_to(w, ql_outdir_path(od)))) goto done;
@@ -107,7 +123,8 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
             }
             char name[600];
             snprintf(name, sizeof name, "%s.weight", l->name);
-            rc = add_converted(w, name, wbuf, l->out, l->in, 2, dtype);
+            const int64_t shape[2] = {l->out, l->in};
+            rc = add_converted(w, name, wbuf, shape, 2, dtype);
         }
     }
     /* everything else from the base checkpoint, converted to dtype */
@@ -126,7 +143,7 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
             break;
         }
         rc = ql_convert_to_f32(t->dtype, t->data, n, f);
-        if (rc == QL_OK) rc = add_converted(w, t->name, f, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, t->ndim, dtype);
+        if (rc == QL_OK) rc = add_converted(w, t->name, f, t->shape, t->ndim, dtype);
         free(f);
     }
     if (rc) goto done;
@@ -156,6 +173,7 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
     od = NULL;
     if (rc == QL_OK) fprintf(stderr, "wrote %s (%s)\n", out_dir, ql_dtype_torch_name(dtype));
 done:
+    if (rc == QL_EIO && od) ql_error_context("writing %s (nothing there was changed)", out_dir);
     ql_outdir_abandon(od);
     free(wbuf);
     ql_st_writer_destroy(w);

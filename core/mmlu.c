@@ -1,6 +1,7 @@
 #include "qlora/mmlu.h"
 
 #include <dirent.h>
+#include <limits.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,27 +11,35 @@
 #include "qlora/error.h"
 #include "qlora/fs.h"
 
+/* Free what a failed record kept, so the caller never sees stale pointers. */
+static int csv_fail(char **fields, int kept, char *current, int code)
+{
+    free(current);
+    for (int i = 0; i < kept; i++) {
+        free(fields[i]);
+        fields[i] = NULL;
+    }
+    return code;
+}
+
 int ql_csv_record(const char *text, size_t len, size_t *pos, char **fields, int max_fields)
 {
     size_t p = *pos;
     if (p >= len) return 0;
-    int n = 0;
+    int n = 0, kept = 0;
     for (;;) {
         size_t cap = 64, k = 0;
         char *f = malloc(cap);
-        if (!f) return -1;
+        if (!f) return csv_fail(fields, kept, NULL, QL_CSV_NOMEM);
         int quoted = p < len && text[p] == '"';
         if (quoted) p++;
         for (;;) {
             if (p >= len) {
-                if (quoted) { /* unterminated quote */
-                    free(f);
-                    for (int i = 0; i < n; i++) free(fields[i]);
-                    return -1;
-                }
+                if (quoted) return csv_fail(fields, kept, f, QL_CSV_UNTERMINATED);
                 break;
             }
             char c = text[p];
+            if (c == '\0') return csv_fail(fields, kept, f, QL_CSV_NUL);
             if (quoted) {
                 if (c == '"') {
                     if (p + 1 < len && text[p + 1] == '"') {
@@ -50,17 +59,17 @@ int ql_csv_record(const char *text, size_t len, size_t *pos, char **fields, int 
             }
             if (k + 2 > cap) {
                 char *g = realloc(f, cap *= 2);
-                if (!g) {
-                    free(f);
-                    return -1;
-                }
+                if (!g) return csv_fail(fields, kept, f, QL_CSV_NOMEM);
                 f = g;
             }
             f[k++] = c;
         }
         f[k] = '\0';
-        if (n < max_fields) fields[n++] = f;
+        /* fields past max_fields are counted, not kept: the caller sees the true width */
+        if (kept < max_fields) fields[kept++] = f;
         else free(f);
+        if (n == INT_MAX) return csv_fail(fields, kept, NULL, QL_CSV_NOMEM);
+        n++;
         if (p < len && text[p] == ',') {
             p++;
             continue;
@@ -87,7 +96,7 @@ static void free_questions(question *q, size_t n)
 static int read_csv(const char *path, question **out, size_t *n)
 {
     char *text;
-    size_t len, pos = 0, count = 0, cap = 0, line = 0;
+    size_t len, pos = 0, count = 0, cap = 0, record = 0;
     question *qs = NULL;
     *out = NULL;
     *n = 0;
@@ -96,23 +105,29 @@ static int read_csv(const char *path, question **out, size_t *n)
     for (;;) {
         char *f[6] = {0};
         int k = ql_csv_record(text, len, &pos, f, 6);
-        line++;
+        record++;
         if (k == 0) break;
-        if (k != 6) {
-            rc = ql_error(QL_EFORMAT, "%s: record %zu has %d fields, expected question,choice0..3,answer", path, line,
-                          k < 0 ? 0 : k);
-        } else if (line == 1 && !strcmp(f[0], "question")) { /* header */
+        if (k == QL_CSV_UNTERMINATED) {
+            rc = ql_error(QL_EFORMAT, "%s: record %zu has a quoted field that is never closed", path, record);
+        } else if (k == QL_CSV_NUL) {
+            rc = ql_error(QL_EFORMAT, "%s: record %zu has a NUL byte in a field", path, record);
+        } else if (k < 0) {
+            rc = ql_error(QL_ENOMEM, "out of memory reading %s", path);
+        } else if (k != 6) {
+            rc = ql_error(QL_EFORMAT, "%s: record %zu has %d fields, expected question,choice0..3,answer", path, record,
+                          k);
+        } else if (record == 1 && !strcmp(f[0], "question")) { /* header */
             for (int i = 0; i < 6; i++) free(f[i]);
             continue;
         } else if (strlen(f[5]) != 1 || f[5][0] < '0' || f[5][0] > '3') {
-            rc = ql_error(QL_EFORMAT, "%s: record %zu: answer must be 0-3", path, line);
+            rc = ql_error(QL_EFORMAT, "%s: record %zu: answer must be 0-3", path, record);
         } else if (count == cap) {
             question *p = realloc(qs, (cap = cap ? cap * 2 : 64) * sizeof *p);
             if (!p) rc = ql_error(QL_ENOMEM, "out of memory");
             else qs = p;
         }
         if (rc) {
-            for (int i = 0; i < 6; i++) free(f[i]);
+            for (int i = 0; i < 6; i++) free(f[i]); /* NULL after a failed record */
             break;
         }
         memcpy(qs[count].field, f, sizeof f);
@@ -130,12 +145,21 @@ static int read_csv(const char *path, question **out, size_t *n)
 
 static const char letters[4] = {'A', 'B', 'C', 'D'};
 
+/* Appends s; on a failed allocation frees *buf and leaves it NULL (later appends do nothing). */
 static void append(char **buf, size_t *len, size_t *cap, const char *s)
 {
+    if (!*buf) return;
     size_t l = strlen(s);
     if (*len + l + 1 > *cap) {
-        *cap = (*len + l + 1) * 2;
-        *buf = realloc(*buf, *cap);
+        size_t want = (*len + l + 1) * 2;
+        char *p = realloc(*buf, want);
+        if (!p) {
+            free(*buf);
+            *buf = NULL;
+            return;
+        }
+        *buf = p;
+        *cap = want;
     }
     memcpy(*buf + *len, s, l + 1);
     *len += l;
@@ -178,15 +202,35 @@ static char *build_prompt(const char *subject, const question *dev, int shots, c
     return buf;
 }
 
+/* DIR/SUBJECTSUFFIX, or NULL when out of memory */
+static char *subject_file(const char *dir, const char *subject, const char *suffix)
+{
+    size_t ls = strlen(subject), lx = strlen(suffix);
+    char *base = malloc(ls + lx + 1);
+    if (!base) return NULL;
+    memcpy(base, subject, ls);
+    memcpy(base + ls, suffix, lx + 1);
+    char *p = ql_path_join(dir, base);
+    free(base);
+    return p;
+}
+
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FILE *out)
 {
     const char *split = o->split ? o->split : "test";
     char *split_dir = ql_path_join(o->dir, split), *dev_dir = ql_path_join(o->dir, "dev");
-    DIR *d = split_dir ? opendir(split_dir) : NULL;
+    if (!split_dir || !dev_dir || strlen(split) > 48 || strchr(split, '/')) {
+        int rc = split_dir && dev_dir ? ql_error(QL_EINVAL, "MMLU: split name '%s' is not a folder name of at most 48 characters", split)
+                                      : ql_error(QL_ENOMEM, "out of memory");
+        free(split_dir);
+        free(dev_dir);
+        return rc;
+    }
+    DIR *d = opendir(split_dir);
     if (!d) {
-        int rc = ql_error(QL_ENOTFOUND, "MMLU: %s is not a folder of SUBJECT_%s.csv files", split_dir ? split_dir : "?", split);
+        int rc = ql_error(QL_ENOTFOUND, "MMLU: %s is not a folder of SUBJECT_%s.csv files", split_dir, split);
         free(split_dir);
         free(dev_dir);
         return rc;
@@ -196,15 +240,18 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     char **subjects = NULL;
     size_t ns = 0;
     struct dirent *e;
-    while ((e = readdir(d))) {
+    int rc = QL_OK;
+    while (rc == QL_OK && (e = readdir(d))) {
         size_t l = strlen(e->d_name), ls = strlen(suffix);
         if (l <= ls || strcmp(e->d_name + l - ls, suffix)) continue;
-        subjects = realloc(subjects, (ns + 1) * sizeof *subjects);
-        subjects[ns++] = strndup(e->d_name, l - ls);
+        char **grown = realloc(subjects, (ns + 1) * sizeof *subjects);
+        char *name = grown ? strndup(e->d_name, l - ls) : NULL;
+        if (grown) subjects = grown;
+        if (!name) rc = ql_error(QL_ENOMEM, "out of memory");
+        else subjects[ns++] = name;
     }
     closedir(d);
-    int rc = QL_OK;
-    if (ns == 0) rc = ql_error(QL_ENOTFOUND, "MMLU: no *%s files in %s", suffix, split_dir);
+    if (rc == QL_OK && ns == 0) rc = ql_error(QL_ENOTFOUND, "MMLU: no *%s files in %s", suffix, split_dir);
     if (ns) qsort(subjects, ns, sizeof *subjects, cmp_str);
     /* token ids of the four letters, as qlora.py takes them: the first id of each letter alone */
     int32_t letter_id[4];
@@ -214,6 +261,9 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         char s[2] = {letters[c], 0};
         rc = ql_tokenizer_encode(tok, s, 1, 0, &ids, &n);
         if (rc == QL_OK && n == 0) rc = ql_error(QL_EINVAL, "MMLU: the tokenizer gives no token for \"%c\"", letters[c]);
+        if (rc == QL_OK && (ids[0] < 0 || ids[0] >= ql_llama_get_config(m)->vocab))
+            rc = ql_error(QL_EINVAL, "MMLU: the token of \"%c\" (id %d) is outside the model's vocabulary (%d)",
+                          letters[c], ids[0], ql_llama_get_config(m)->vocab);
         if (rc == QL_OK) letter_id[c] = ids[0];
         free(ids);
     }
@@ -227,15 +277,15 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     ql_progress prog;
     ql_progress_begin(&prog, "mmlu", (int64_t)ns, "subjects", o->progress);
     for (size_t s = 0; s < ns && rc == QL_OK; s++) {
-        char name[600];
         question *dev = NULL, *qs = NULL;
         size_t ndev = 0, nq = 0;
-        snprintf(name, sizeof name, "%s/%s_dev.csv", dev_dir, subjects[s]);
-        rc = read_csv(name, &dev, &ndev);
-        if (rc == QL_OK) {
-            snprintf(name, sizeof name, "%s/%s%s", split_dir, subjects[s], suffix);
-            rc = read_csv(name, &qs, &nq);
-        }
+        char *dev_name = subject_file(dev_dir, subjects[s], "_dev.csv");
+        char *test_name = subject_file(split_dir, subjects[s], suffix);
+        rc = dev_name && test_name ? read_csv(dev_name, &dev, &ndev) : ql_error(QL_ENOMEM, "out of memory");
+        if (rc == QL_OK) rc = read_csv(test_name, &qs, &nq);
+        if (rc == QL_OK && nq == 0) rc = ql_error(QL_EFORMAT, "MMLU: %s holds no questions", test_name);
+        free(dev_name);
+        free(test_name);
         if (rc == QL_OK && (size_t)o->shots > ndev)
             rc = ql_error(QL_EINVAL, "MMLU: %s has %zu dev questions, fewer than --shots %d", subjects[s], ndev, o->shots);
         size_t limit = o->max_per_subject > 0 && (size_t)o->max_per_subject < nq ? (size_t)o->max_per_subject : nq;

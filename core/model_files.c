@@ -27,7 +27,12 @@ static int load_json_object(const char *path, json_t **out)
     json_error_t err;
     *out = NULL;
     if (!ql_path_exists(path)) return ql_error(QL_ENOTFOUND, "%s is missing", path);
-    json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &err);
+    char *text;
+    size_t len;
+    int rc = ql_read_file(path, &text, &len); /* refuses FIFOs and other special files */
+    if (rc) return rc;
+    json_t *j = json_loadb(text, len, JSON_REJECT_DUPLICATES, &err);
+    free(text);
     if (!j) return ql_error(QL_EFORMAT, "%s is not valid JSON: %s (line %d, column %d)", path, err.text, err.line, err.column);
     if (!json_is_object(j)) {
         json_decref(j);

@@ -2,11 +2,19 @@
 
 #include <dirent.h>
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ql_config.h"
@@ -120,6 +128,19 @@ static const ql_host_api host_api = {
 
 /* ---- loading ---- */
 
+/* In a probe's child process, the write end of the pipe to the parent: each
+ * plugin call is announced on it first, so that a crash can be reported with
+ * the call it happened in.  -1 elsewhere. */
+static int probe_fd = -1;
+
+static void probe_stage(const char *stage)
+{
+    if (probe_fd < 0) return;
+    char line[64];
+    int n = snprintf(line, sizeof line, "stage %s\n", stage);
+    if (n > 0 && write(probe_fd, line, (size_t)n) < 0) probe_fd = -1;
+}
+
 struct ql_plugin {
     char *path;
     void *handle;
@@ -188,6 +209,7 @@ int ql_plugin_open(const char *path, ql_plugin **out)
     *out = NULL;
     if (!ql_path_exists(path)) return ql_error(QL_ENOTFOUND, "plugin file %s does not exist", path);
     dlerror();
+    probe_stage("dlopen");
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!h) {
         const char *e = dlerror();
@@ -203,6 +225,7 @@ int ql_plugin_open(const char *path, ql_plugin **out)
     }
     ql_quantizer_entry_fn entry;
     memcpy(&entry, &sym, sizeof entry);
+    probe_stage(QL_QUANTIZER_ENTRY_NAME);
     const ql_quantizer_desc *d = entry();
     int rc = validate(path, d);
     if (rc) {
@@ -219,6 +242,7 @@ int ql_plugin_open(const char *path, ql_plugin **out)
     size_t have = d->struct_size < sizeof p->desc ? d->struct_size : sizeof p->desc;
     memcpy(&p->desc, d, have);
     p->handle = h;
+    probe_stage("init");
     rc = p->desc.init(&host_api);
     if (rc) {
         ql_error_context("plugin %s: init failed", path);
@@ -232,6 +256,7 @@ int ql_plugin_open(const char *path, ql_plugin **out)
 void ql_plugin_close(ql_plugin *p)
 {
     if (!p) return;
+    probe_stage("dlclose");
     if (p->handle) dlclose(p->handle);
     free(p->path);
     free(p);
@@ -387,36 +412,172 @@ int ql_plugin_find(const char *name, ql_plugin **out)
 
 /* ---- spec: name[:k=v,...] or path[:k=v,...] ---- */
 
-static int looks_like_path(const char *s) { return strchr(s, '/') != NULL || strstr(s, ".so") != NULL; }
+int ql_qz_spec_is_path(const char *s) { return strchr(s, '/') != NULL || strstr(s, ".so") != NULL; }
 
-int ql_qz_open(const char *spec, ql_qz **out)
+/* Untrusted text for a message: printable ASCII as it is, other bytes as
+ * \xNN, at most about 200 characters. */
+static void quote_for_message(const char *s, char *buf, size_t cap)
+{
+    size_t k = 0;
+    for (const unsigned char *p = (const unsigned char *)s; *p && k + 8 < cap; p++) {
+        if (k >= 200) {
+            k += (size_t)snprintf(buf + k, cap - k, "...");
+            break;
+        }
+        if (*p >= 0x20 && *p < 0x7f && *p != '\\') buf[k++] = (char)*p;
+        else k += (size_t)snprintf(buf + k, cap - k, "\\x%02x", *p);
+    }
+    buf[k < cap ? k : cap - 1] = '\0';
+}
+
+static int option_key_char(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; }
+static int option_value_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.' ||
+           c == '+' || c == '-';
+}
+
+/* "name" or "name:k=v,k=v" with the grammar of ql_qz_open_from_file; on
+ * failure *why says what is wrong. */
+static int valid_name_spec(const char *spec, const char **why)
+{
+    size_t len = strlen(spec);
+    if (len > QL_QZ_SPEC_MAX) return *why = "longer than the 511 characters allowed", 0;
+    const char *colon = strchr(spec, ':');
+    size_t nl = colon ? (size_t)(colon - spec) : len;
+    char name[64];
+    if (nl == 0 || nl >= sizeof name) return *why = "not a plugin name (1-63 characters of [a-z0-9_-])", 0;
+    memcpy(name, spec, nl);
+    name[nl] = '\0';
+    if (!valid_name(name)) return *why = "not a plugin name (1-63 characters of [a-z0-9_-])", 0;
+    if (!colon) return 1;
+    size_t nopt = 0;
+    const char *p = colon + 1;
+    for (;;) {
+        const char *k = p;
+        while (option_key_char(*p)) p++;
+        if (p == k || p - k > 63 || *p != '=')
+            return *why = "options that are not key=value,... (keys of [a-z0-9_], values of [A-Za-z0-9_.+-])", 0;
+        const char *v = ++p;
+        while (option_value_char(*p)) p++;
+        if (p == v || p - v > 63 || (*p != ',' && *p != '\0'))
+            return *why = "options that are not key=value,... (keys of [a-z0-9_], values of [A-Za-z0-9_.+-])", 0;
+        if (++nopt > QL_QZ_MAX_OPTIONS) return *why = "more than 32 options", 0;
+        if (*p == '\0') return 1;
+        p++;
+    }
+}
+
+int ql_qz_check_from_file(const char *spec, const char *file, const char *field)
+{
+    char shown[256];
+    if (!spec) return ql_error(QL_EFORMAT, "%s: %s is not a string", file, field);
+    const char *why = NULL;
+    if (valid_name_spec(spec, &why)) return QL_OK;
+    quote_for_message(spec, shown, sizeof shown);
+    /* a plugin name with bad options is not a path, whatever the options hold */
+    char name[64];
+    size_t nl = strcspn(spec, ":");
+    int name_ok = nl < sizeof name && spec[nl] == ':';
+    if (name_ok) {
+        memcpy(name, spec, nl);
+        name[nl] = '\0';
+        name_ok = valid_name(name);
+    }
+    if (!name_ok && (ql_qz_spec_is_path(spec) || strchr(spec, '.')))
+        return ql_error(QL_EINVAL,
+                        "%s: %s is '%s', a path: qlora never loads code named in a file, only plugins found by name "
+                        "on the plugin search path ($%s, the installed plugin folder); if you trust that plugin, pass "
+                        "it on the command line with --quantizer=PATH",
+                        file, field, shown, QL_PLUGIN_PATH_ENV);
+    return ql_error(QL_EINVAL,
+                    "%s: %s is '%s', %s; a file may only name a plugin on the plugin search path (if you trust a "
+                    "plugin elsewhere, pass it on the command line with --quantizer=PATH)",
+                    file, field, shown, why);
+}
+
+/* The plugin-name part of a name spec, or "" for a path. */
+static void spec_name(const char *spec, char *name, size_t cap)
+{
+    name[0] = '\0';
+    if (ql_qz_spec_is_path(spec)) return;
+    size_t n = strcspn(spec, ":");
+    if (n >= cap) return;
+    memcpy(name, spec, n);
+    name[n] = '\0';
+}
+
+int ql_qz_same_name(const char *a, const char *b)
+{
+    char na[128], nb[128];
+    spec_name(a, na, sizeof na);
+    spec_name(b, nb, sizeof nb);
+    return na[0] && strcmp(na, nb) == 0;
+}
+
+int ql_qz_matches(const ql_qz *q, const char *file_spec)
+{
+    if (!q || !file_spec) return 0;
+    if (!ql_qz_spec_is_path(file_spec)) {
+        char n[128];
+        spec_name(file_spec, n, sizeof n);
+        return strcmp(n, q->desc->name) == 0;
+    }
+    /* A path: the part before options, then the very file, or its name. */
+    char path[QL_QZ_SPEC_MAX + 1];
+    if (strlen(file_spec) > QL_QZ_SPEC_MAX) return 0;
+    snprintf(path, sizeof path, "%s", file_spec);
+    char *colon = strrchr(path, ':');
+    if (colon && strchr(colon + 1, '=')) *colon = '\0';
+    char *a = realpath(path, NULL), *b = realpath(ql_plugin_path(q->plugin), NULL);
+    int same = a && b && strcmp(a, b) == 0;
+    free(a);
+    free(b);
+    if (same) return 1;
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    size_t lp = strlen(plugin_prefix), ls = strlen(plugin_suffix), lb = strlen(base);
+    if (!strncmp(base, plugin_prefix, lp)) base += lp, lb -= lp;
+    if (lb > ls && !strcmp(base + lb - ls, plugin_suffix)) lb -= ls;
+    return lb == strlen(q->desc->name) && strncmp(base, q->desc->name, lb) == 0;
+}
+
+static int qz_open(const char *spec, int may_be_path, ql_qz **out)
 {
     *out = NULL;
     if (!spec || !*spec) return ql_error(QL_EINVAL, "empty quantizer name");
+    size_t len = strlen(spec);
+    if (len > QL_QZ_SPEC_MAX)
+        return ql_error(QL_EINVAL, "quantizer spec is %zu characters, longer than the %d allowed: '%.60s...'", len,
+                        QL_QZ_SPEC_MAX, spec);
     ql_qz *q = calloc(1, sizeof *q);
     if (!q) return ql_error(QL_ENOMEM, "out of memory");
-    snprintf(q->spec, sizeof q->spec, "%s", spec);
-    char target[512], opts[512] = "";
-    snprintf(target, sizeof target, "%s", spec);
+    memcpy(q->spec, spec, len + 1);
+    char target[QL_QZ_SPEC_MAX + 1], opts[QL_QZ_SPEC_MAX + 1] = "";
+    memcpy(target, spec, len + 1);
     /* A name has no ':', so its options start at the first one; a path may
      * hold ':' itself, so there the options are what follows the last ':'
      * when that looks like options. */
+    int is_path = ql_qz_spec_is_path(target);
     char *colon = strchr(target, ':');
-    if (colon && looks_like_path(target)) {
+    if (colon && is_path) {
         colon = strrchr(target, ':');
         if (!strchr(colon + 1, '=') && colon[1] != '\0') colon = NULL;
     }
     if (colon) {
         *colon = '\0';
-        snprintf(opts, sizeof opts, "%s", colon + 1);
+        memcpy(opts, colon + 1, strlen(colon + 1) + 1);
     }
-    int rc = looks_like_path(target) ? ql_plugin_open(target, &q->plugin) : ql_plugin_find(target, &q->plugin);
+    is_path = ql_qz_spec_is_path(target);
+    int rc;
+    if (is_path && !may_be_path) /* ql_qz_check_from_file refuses these first; this is the backstop */
+        rc = ql_error(QL_EINVAL, "quantizer '%s' is a path, which only the command line may give", target);
+    else rc = is_path ? ql_plugin_open(target, &q->plugin) : ql_plugin_find(target, &q->plugin);
     if (rc) {
         free(q);
         return rc;
     }
     q->desc = ql_plugin_desc(q->plugin);
-    ql_option options[32];
+    ql_option options[QL_QZ_MAX_OPTIONS];
     size_t nopt = 0;
     char *save = NULL;
     for (char *tok = strtok_r(opts, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
@@ -425,22 +586,29 @@ int ql_qz_open(const char *spec, ql_qz **out)
             rc = ql_error(QL_EINVAL, "quantizer %s: option '%s' is not key=value", q->desc->name, tok);
             goto fail;
         }
-        if (nopt == sizeof options / sizeof options[0]) {
-            rc = ql_error(QL_EINVAL, "quantizer %s: too many options", q->desc->name);
+        if (nopt == QL_QZ_MAX_OPTIONS) {
+            rc = ql_error(QL_EINVAL, "quantizer %s: more than %d options", q->desc->name, QL_QZ_MAX_OPTIONS);
             goto fail;
         }
         *eq = '\0';
         options[nopt++] = (ql_option){tok, eq + 1};
     }
     ql_error_clear();
+    probe_stage("create");
     rc = q->desc->create(options, nopt, &q->inst);
     if (rc) {
         if (!ql_error_message()[0]) ql_error(rc, "create failed");
         ql_error_context("quantizer %s", q->desc->name);
         goto fail;
     }
+    probe_stage("describe");
     rc = q->desc->describe(q->inst, q->options, sizeof q->options);
     if (rc) goto fail;
+    if (!memchr(q->options, '\0', sizeof q->options)) {
+        rc = ql_error(QL_EABI, "quantizer %s: describe() wrote no terminating NUL in %zu bytes", q->desc->name,
+                      sizeof q->options);
+        goto fail;
+    }
     *out = q;
     return QL_OK;
 fail:
@@ -448,10 +616,241 @@ fail:
     return rc;
 }
 
+int ql_qz_open(const char *spec, ql_qz **out) { return qz_open(spec, 1, out); }
+
+int ql_qz_open_from_file(const char *spec, const char *file, const char *field, ql_qz **out)
+{
+    *out = NULL;
+    int rc = ql_qz_check_from_file(spec, file, field);
+    if (rc) return rc;
+    rc = qz_open(spec, 0, out);
+    if (rc) ql_error_context("%s: %s", file, field);
+    return rc;
+}
+
 void ql_qz_close(ql_qz *q)
 {
     if (!q) return;
-    if (q->inst) q->desc->destroy(q->inst);
+    if (q->inst) {
+        probe_stage("destroy");
+        q->desc->destroy(q->inst);
+    }
     ql_plugin_close(q->plugin);
     free(q);
+}
+
+/* ---- probing a plugin in a child process ---- */
+
+static const struct {
+    int sig;
+    const char *name;
+} signal_names[] = {
+    {SIGSEGV, "SIGSEGV"}, {SIGBUS, "SIGBUS"},   {SIGABRT, "SIGABRT"}, {SIGFPE, "SIGFPE"},   {SIGILL, "SIGILL"},
+    {SIGKILL, "SIGKILL"}, {SIGTERM, "SIGTERM"}, {SIGPIPE, "SIGPIPE"}, {SIGSYS, "SIGSYS"},   {SIGTRAP, "SIGTRAP"},
+    {SIGALRM, "SIGALRM"}, {SIGXCPU, "SIGXCPU"}, {SIGXFSZ, "SIGXFSZ"}, {SIGHUP, "SIGHUP"},   {SIGINT, "SIGINT"},
+    {SIGQUIT, "SIGQUIT"}, {SIGUSR1, "SIGUSR1"}, {SIGUSR2, "SIGUSR2"},
+};
+
+static const char *signal_name(int sig)
+{
+    for (size_t i = 0; i < sizeof signal_names / sizeof signal_names[0]; i++)
+        if (signal_names[i].sig == sig) return signal_names[i].name;
+    return "a signal";
+}
+
+static void write_all(int fd, const char *s, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, s, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void probe_child(const char *path, int fd)
+{
+    /* A plugin that prints must not mix into the parent's listing. */
+    dup2(STDERR_FILENO, STDOUT_FILENO);
+    probe_fd = fd;
+    ql_qz *q = NULL;
+    json_t *j;
+    int rc = ql_qz_open(path, &q);
+    if (rc == QL_OK) {
+        const ql_quantizer_desc *d = q->desc;
+        probe_stage("bits_per_param");
+        double bpp = d->bits_per_param(q->inst, 4096, 4096);
+        j = json_pack("{s:i, s:s, s:s, s:s, s:s, s:i, s:i, s:f}", "status", QL_OK, "name", d->name, "description",
+                      d->description, "version", d->version ? d->version : "", "options", q->options, "abi_major",
+                      (int)d->abi_major, "abi_minor", (int)d->abi_minor, "bits_per_param", isfinite(bpp) ? bpp : -1.0);
+        ql_qz_close(q);
+    } else {
+        j = json_pack("{s:i, s:s}", "status", rc, "error", ql_error_message());
+    }
+    char *text = j ? json_dumps(j, JSON_COMPACT | JSON_ENSURE_ASCII) : NULL;
+    json_decref(j);
+    int ok = text != NULL;
+    if (ok) {
+        write_all(fd, "result ", 7);
+        write_all(fd, text, strlen(text));
+        write_all(fd, "\n", 1);
+    }
+    free(text);
+    close(fd);
+    _exit(ok ? 0 : 3);
+}
+
+static const char *stage_words(const char *stage)
+{
+    if (!strcmp(stage, "dlopen")) return "while being loaded (dlopen, its constructors)";
+    if (!strcmp(stage, "dlclose")) return "while being unloaded (dlclose, its destructors)";
+    if (!strcmp(stage, "")) return "before loading";
+    return NULL;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static char *dup_json_string(json_t *o, const char *key)
+{
+    const char *s = json_string_value(json_object_get(o, key));
+    return strdup(s ? s : "");
+}
+
+void ql_plugin_info_free(ql_plugin_info *info)
+{
+    if (!info) return;
+    free(info->path);
+    free(info->name);
+    free(info->description);
+    free(info->version);
+    free(info->options);
+    free(info->error);
+    memset(info, 0, sizeof *info);
+}
+
+/* Keep the message as info->error too. */
+static int probe_fail(ql_plugin_info *out, int code)
+{
+    out->error = strdup(ql_error_message());
+    return code;
+}
+
+int ql_plugin_probe(const char *path, double timeout_s, ql_plugin_info *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!(out->path = strdup(path))) return ql_error(QL_ENOMEM, "out of memory");
+    int fds[2];
+    if (pipe(fds) != 0) return probe_fail(out, ql_error(QL_EIO, "plugin %s: pipe: %s", path, strerror(errno)));
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return probe_fail(out, ql_error(QL_EIO, "plugin %s: fork: %s", path, strerror(errno)));
+    }
+    if (pid == 0) {
+        close(fds[0]);
+        probe_child(path, fds[1]);
+    }
+    close(fds[1]);
+    fcntl(fds[0], F_SETFD, FD_CLOEXEC);
+
+    /* Read everything the child says until it closes the pipe, the answer
+     * grows past a sane size, or the time is up. */
+    enum { max_answer = 1 << 20 };
+    char *buf = malloc(max_answer + 1);
+    size_t len = 0;
+    int timed_out = 0;
+    double deadline = now_s() + timeout_s;
+    while (buf && len < max_answer) {
+        double left = deadline - now_s();
+        if (left <= 0) {
+            timed_out = 1;
+            break;
+        }
+        struct pollfd pfd = {.fd = fds[0], .events = POLLIN};
+        int pr = poll(&pfd, 1, left < 1e6 ? (int)(left * 1000) + 1 : 1000000000);
+        if (pr < 0 && errno == EINTR) continue;
+        if (pr == 0) continue; /* the deadline check above ends it */
+        if (pr < 0) break;
+        ssize_t r = read(fds[0], buf + len, max_answer - len);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        len += (size_t)r;
+    }
+    close(fds[0]);
+    if (timed_out || len >= max_answer) kill(pid, SIGKILL);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!buf) return probe_fail(out, ql_error(QL_ENOMEM, "out of memory"));
+    buf[len] = '\0';
+
+    /* The last call announced, and the result line if one came. */
+    char stage[64] = "";
+    json_t *result = NULL;
+    for (char *line = buf, *next; line && *line; line = next) {
+        next = strchr(line, '\n');
+        if (next) *next++ = '\0';
+        if (!strncmp(line, "stage ", 6)) snprintf(stage, sizeof stage, "%s", line + 6);
+        else if (!strncmp(line, "result ", 7)) {
+            json_decref(result);
+            result = json_loads(line + 7, 0, NULL);
+        }
+    }
+    free(buf);
+    char where[128];
+    const char *words = stage_words(stage);
+    if (words) snprintf(where, sizeof where, "%s", words);
+    else snprintf(where, sizeof where, "in its %s() call", stage);
+
+    int rc;
+    if (timed_out)
+        rc = ql_error(QL_EINTERNAL, "plugin %s: no answer after %g s %s; stopped it", path, timeout_s, where);
+    else if (len >= max_answer)
+        rc = ql_error(QL_EINTERNAL, "plugin %s: wrote more than %d bytes to the probe pipe; stopped it", path,
+                      max_answer);
+    else if (WIFSIGNALED(status))
+        rc = ql_error(QL_EINTERNAL, "plugin %s: crashed %s: killed by signal %s (%s)", path, where,
+                      signal_name(WTERMSIG(status)), strsignal(WTERMSIG(status)));
+    /* After the result line the plugin is closed and unloaded: the exit
+     * status no longer speaks for it (a leak checker may set it). */
+    else if (!result)
+        rc = ql_error(QL_EINTERNAL, "plugin %s: the process exited with status %d %s", path,
+                      WIFEXITED(status) ? WEXITSTATUS(status) : -1, where);
+    else {
+        json_int_t code = json_integer_value(json_object_get(result, "status"));
+        if (code != QL_OK) {
+            const char *msg = json_string_value(json_object_get(result, "error"));
+            rc = ql_error(code > 0 && code <= INT_MAX ? (int)code : QL_EINTERNAL, "%s",
+                          msg && *msg ? msg : "plugin failed to load");
+        } else {
+            out->name = dup_json_string(result, "name");
+            out->description = dup_json_string(result, "description");
+            out->version = dup_json_string(result, "version");
+            out->options = dup_json_string(result, "options");
+            out->abi_major = (unsigned)json_integer_value(json_object_get(result, "abi_major"));
+            out->abi_minor = (unsigned)json_integer_value(json_object_get(result, "abi_minor"));
+            out->bits_per_param = json_number_value(json_object_get(result, "bits_per_param"));
+            rc = out->name && out->description && out->version && out->options ? QL_OK
+                                                                                 : ql_error(QL_ENOMEM, "out of memory");
+        }
+    }
+    json_decref(result);
+    if (rc) {
+        free(out->name);
+        free(out->description);
+        free(out->version);
+        free(out->options);
+        out->name = out->description = out->version = out->options = NULL;
+        return probe_fail(out, rc);
+    }
+    return QL_OK;
 }

@@ -106,6 +106,16 @@ static int write_config(const ql_model_files *m, const ql_qz *q, const char *dir
         return ql_error(QL_EFORMAT, "quantizer %s wrote a quantization_config that is not a JSON object: %s",
                         q->desc->name, err.text);
     }
+    /* A qlora checkpoint names its quantizer by plugin name, so that it loads
+     * wherever the plugin is installed: a path (the plugin's own, or the one
+     * the user gave) would be refused when loading (docs/security.md). */
+    const char *method = json_string_value(json_object_get(qc, "quant_method"));
+    if (method && !strcmp(method, "qlora")) {
+        const char *named = json_string_value(json_object_get(qc, "quantizer"));
+        if (!named || ql_qz_check_from_file(named, "", "") != QL_OK || !ql_qz_matches(q, named))
+            json_object_set_new(qc, "quantizer", json_string(q->desc->name));
+        ql_error_clear();
+    }
     json_t *cfg = json_deep_copy(ql_model_files_config(m));
     if (!cfg) {
         json_decref(qc);
@@ -151,7 +161,8 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
                       model_dir);
         goto done;
     }
-    if ((rc = ql_outdir_begin(out_dir, opts->force, &od))) goto done;
+    const char *const inputs[] = {model_dir};
+    if ((rc = ql_outdir_begin(out_dir, "quantized-model", opts->force, inputs, 1, &od))) goto done;
     if ((rc = ql_st_writer_create(&w))) goto done;
     ql_st_writer_set_metadata(w, "format", "pt");
     if ((rc = ql_st_writer_spill_to(w, ql_outdir_path(od)))) goto done;
@@ -221,6 +232,7 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
            ql_now() - t0);
     printf("wrote %s\n", out_dir);
 done:
+    if (rc == QL_EIO && od) ql_error_context("writing %s (nothing there was changed)", out_dir);
     ql_outdir_abandon(od);
     ql_st_writer_destroy(w);
     ql_qz_close(q);

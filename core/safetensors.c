@@ -108,8 +108,15 @@ static int parse_header(ql_st_file *f, const char *text, uint64_t hlen, uint64_t
                     rc = bad(f->path, "__metadata__ value of '%s' is not a string", mk);
                     goto done;
                 }
-                f->meta_keys[f->meta_count] = strdup(mk);
-                f->meta_values[f->meta_count] = strdup(json_string_value(mv));
+                char *k = strdup(mk), *v = strdup(json_string_value(mv));
+                if (!k || !v) {
+                    free(k);
+                    free(v);
+                    rc = ql_error(QL_ENOMEM, "out of memory reading %s", f->path);
+                    goto done;
+                }
+                f->meta_keys[f->meta_count] = k;
+                f->meta_values[f->meta_count] = v;
                 f->meta_count++;
             }
             continue;
@@ -176,12 +183,16 @@ static int parse_header(ql_st_file *f, const char *text, uint64_t hlen, uint64_t
             goto done;
         }
         t->name = strdup(key);
+        if (!t->name) {
+            rc = ql_error(QL_ENOMEM, "out of memory reading %s", f->path);
+            goto done;
+        }
         t->data = data + begin;
         t->nbytes = need;
         spans[count] = (span){begin, end, count};
         count++;
+        f->count = count; /* ql_st_close frees the names parsed so far, whatever fails next */
     }
-    f->count = count;
     qsort(spans, count, sizeof *spans, cmp_span);
     size_t widest = 0; /* the earlier span reaching furthest */
     for (size_t i = 1; i < count; i++) {
@@ -215,13 +226,19 @@ done:
 int ql_st_open(const char *path, ql_st_file **out)
 {
     *out = NULL;
-    int fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0)
         return ql_error(errno == ENOENT ? QL_ENOTFOUND : QL_EIO, "cannot open %s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
+        int e = errno;
         close(fd);
-        return ql_error(QL_EIO, "cannot stat %s: %s", path, strerror(errno));
+        return ql_error(QL_EIO, "cannot stat %s: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return ql_error(QL_EINVAL, "%s is not a regular file", path);
     }
     ql_st_file *f = calloc(1, sizeof *f);
     if (!f) {
@@ -231,6 +248,10 @@ int ql_st_open(const char *path, ql_st_file **out)
     f->path = strdup(path);
     f->size = (uint64_t)st.st_size;
     int rc = QL_OK;
+    if (!f->path) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto fail;
+    }
     if (f->size < 8) {
         rc = bad(path, "file is %llu bytes, shorter than the 8-byte header length", (unsigned long long)f->size);
         goto fail;

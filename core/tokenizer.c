@@ -1747,8 +1747,13 @@ static int load_model(ql_tokenizer *t, const char *path, json_t *model)
             return OOM();
         if ((size_t)json_integer_value(val) > max_id) max_id = (size_t)json_integer_value(val);
     }
-    if (max_id >= ((size_t)1 << 26))
-        return ql_error(QL_EFORMAT, "%s: model.vocab uses id %zu for %zu tokens; ids must be dense", path, max_id, count);
+    /* ids index tables of max_id + 1 entries.  The library allows holes (a
+     * vocabulary with deleted entries), but at most as many holes as entries
+     * here, which keeps memory proportional to the file. */
+    if (count && max_id / 2 >= count)
+        return ql_error(QL_EFORMAT,
+                        "%s: model.vocab uses id %zu but has only %zu entries; ids must be below twice the entry count",
+                        path, max_id, count);
     t->n_ids = count ? max_id + 1 : 0;
 
     /* unk */
@@ -2100,8 +2105,10 @@ static int add_post(ql_tokenizer *t, const char *path, json_t *p)
     if (!strcmp(type, "BertProcessing") || !strcmp(type, "RobertaProcessing")) {
         json_t *cls = json_object_get(p, "cls"), *sep = json_object_get(p, "sep");
         json_t *c1 = json_array_get(cls, 1), *s1 = json_array_get(sep, 1);
-        if (!json_is_integer(c1) || !json_is_integer(s1))
-            return ql_error(QL_EFORMAT, "%s: %s needs \"cls\" and \"sep\" as [token, id]", path, type);
+        if (!json_is_integer(c1) || !json_is_integer(s1) || json_integer_value(c1) < 0 ||
+            json_integer_value(c1) > INT32_MAX || json_integer_value(s1) < 0 || json_integer_value(s1) > INT32_MAX)
+            return ql_error(QL_EFORMAT, "%s: %s needs \"cls\" and \"sep\" as [token, id] with ids from 0 to 2^31-1", path,
+                            type);
         if (iv_push(&t->prefix_ids, (int32_t)json_integer_value(c1)) ||
             iv_push(&t->suffix_ids, (int32_t)json_integer_value(s1)))
             return OOM();
@@ -2240,6 +2247,22 @@ static int build_id_tables(ql_tokenizer *t)
     return QL_OK;
 }
 
+/* A JSON file read through ql_read_file, which refuses what is not a regular file. */
+static int read_json(const char *path, size_t flags, json_t **out)
+{
+    *out = NULL;
+    char *text;
+    size_t len;
+    int rc = ql_read_file(path, &text, &len);
+    if (rc) return rc;
+    json_error_t err;
+    *out = json_loadb(text, len, flags, &err);
+    free(text);
+    if (!*out)
+        return ql_error(QL_EFORMAT, "%s is not valid JSON: %s (line %d, column %d)", path, err.text, err.line, err.column);
+    return QL_OK;
+}
+
 /* Optional JSON object file; *out NULL when absent. */
 static int load_optional(const char *dir, const char *name, json_t **out)
 {
@@ -2248,13 +2271,12 @@ static int load_optional(const char *dir, const char *name, json_t **out)
     if (!path) return OOM();
     int rc = QL_OK;
     if (ql_path_exists(path)) {
-        json_error_t err;
-        json_t *j = json_load_file(path, 0, &err);
-        if (!j) rc = ql_error(QL_EFORMAT, "%s is not valid JSON: %s (line %d, column %d)", path, err.text, err.line, err.column);
-        else if (!json_is_object(j)) {
+        json_t *j = NULL;
+        rc = read_json(path, 0, &j);
+        if (rc == QL_OK && !json_is_object(j)) {
             json_decref(j);
             rc = ql_error(QL_EFORMAT, "%s is not a JSON object", path);
-        } else {
+        } else if (rc == QL_OK) {
             *out = j;
         }
     }
@@ -2262,20 +2284,43 @@ static int load_optional(const char *dir, const char *name, json_t **out)
     return rc;
 }
 
-/* bos_token / eos_token of tokenizer_config.json: a string or {"content": ...}. */
-static int32_t config_token(const ql_tokenizer *t, json_t *cfg, const char *key)
+/* bos_token / eos_token of tokenizer_config.json: a string or {"content": ...};
+ * *id -1 when absent, null or not a token. */
+static int config_token(const ql_tokenizer *t, const char *dir, json_t *cfg, const char *key, int32_t *id)
 {
+    *id = -1;
     json_t *v = json_object_get(cfg, key);
+    if (!v || json_is_null(v)) return QL_OK;
     if (json_is_object(v)) v = json_object_get(v, "content");
-    return json_is_string(v) ? ql_tokenizer_token_id(t, json_string_value(v)) : -1;
+    if (!json_is_string(v))
+        return ql_error(QL_EFORMAT, "%s/tokenizer_config.json: \"%s\" must be a string or {\"content\": string}", dir,
+                        key);
+    *id = ql_tokenizer_token_id(t, json_string_value(v));
+    return QL_OK;
 }
 
-static int32_t config_id(const ql_tokenizer *t, json_t *cfg, const char *key)
+/* bos_token_id / eos_token_id of config.json: absent or null leaves *id -1;
+ * an id (or for eos a list of ids, the first used) must be a token of the
+ * vocabulary, anything else is an error naming the file and the field. */
+static int config_id(const ql_tokenizer *t, const char *dir, json_t *cfg, const char *key, int allow_list, int32_t *id)
 {
+    *id = -1;
     json_t *v = json_object_get(cfg, key);
-    if (json_is_array(v)) v = json_array_get(v, 0);
-    if (!json_is_integer(v) || json_integer_value(v) < 0 || (size_t)json_integer_value(v) >= t->n_ids) return -1;
-    return (int32_t)json_integer_value(v);
+    if (!v || json_is_null(v)) return QL_OK;
+    size_t n = allow_list && json_is_array(v) ? json_array_size(v) : 1;
+    if (allow_list && json_is_array(v) && n == 0)
+        return ql_error(QL_EFORMAT, "%s/config.json: \"%s\" is an empty list", dir, key);
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = allow_list && json_is_array(v) ? json_array_get(v, i) : v;
+        if (!json_is_integer(e))
+            return ql_error(QL_EFORMAT, "%s/config.json: \"%s\" must be an integer token id%s", dir, key,
+                            allow_list ? " or a list of them" : "");
+        if (json_integer_value(e) < 0 || (json_int_t)json_integer_value(e) >= (json_int_t)t->n_ids)
+            return ql_error(QL_EFORMAT, "%s/config.json: \"%s\" %lld is not an id of the tokenizer (%zu ids)", dir, key,
+                            (long long)json_integer_value(e), t->n_ids);
+        if (i == 0) *id = (int32_t)json_integer_value(e);
+    }
+    return QL_OK;
 }
 
 static int load_configs(ql_tokenizer *t, const char *dir)
@@ -2289,10 +2334,15 @@ static int load_configs(ql_tokenizer *t, const char *dir)
             return rc;
         }
     }
-    t->bos = config_token(t, tc, "bos_token");
-    if (t->bos < 0) t->bos = config_id(t, mc, "bos_token_id");
-    t->eos = config_token(t, tc, "eos_token");
-    if (t->eos < 0) t->eos = config_id(t, mc, "eos_token_id");
+    int32_t bos_id, eos_id;
+    if ((rc = config_id(t, dir, mc, "bos_token_id", 0, &bos_id)) || (rc = config_id(t, dir, mc, "eos_token_id", 1, &eos_id)) ||
+        (rc = config_token(t, dir, tc, "bos_token", &t->bos)) || (rc = config_token(t, dir, tc, "eos_token", &t->eos))) {
+        json_decref(tc);
+        json_decref(mc);
+        return rc;
+    }
+    if (t->bos < 0) t->bos = bos_id;
+    if (t->eos < 0) t->eos = eos_id;
     if (t->bos < 0 && t->prefix_ids.len) t->bos = t->prefix_ids.p[0];
     if (t->eos < 0 && t->suffix_ids.len) t->eos = t->suffix_ids.p[t->suffix_ids.len - 1];
 
@@ -2317,12 +2367,9 @@ static int load_configs(ql_tokenizer *t, const char *dir)
 static int load_tokenizer_json(ql_tokenizer *t, const char *path)
 {
     if (!ql_path_exists(path)) return ql_error(QL_ENOTFOUND, "%s is missing", path);
-    json_error_t err;
-    json_t *root = json_load_file(path, JSON_ALLOW_NUL, &err);
-    if (!root)
-        return ql_error(QL_EFORMAT, "%s is not valid JSON: %s (line %d, column %d)", path, err.text, err.line,
-                        err.column);
-    int rc = QL_OK;
+    json_t *root;
+    int rc = read_json(path, JSON_ALLOW_NUL, &root);
+    if (rc) return rc;
     size_t cap;
     const char *version;
     if (!json_is_object(root)) {

@@ -1,18 +1,24 @@
 #include "qlora/train.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <libgen.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "json_out.h"
 #include "lora_model.h"
 #include "ops_backward.h"
 #include "progress.h"
+#include "train_internal.h"
+#include "qlora/dtype.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
 #include "qlora/safetensors.h"
@@ -153,7 +159,7 @@ static int save_checkpoint(const ql_train_opts *o, const char *run_dir, const ql
     dest = ql_path_join(run_dir, name);
     if (!dest) return ql_error(QL_ENOMEM, "out of memory");
     ql_outdir *od;
-    int rc = ql_outdir_begin(dest, 1, &od);
+    int rc = ql_outdir_begin(dest, "checkpoint", 1, NULL, 0, &od);
     if (rc) {
         free(dest);
         return rc;
@@ -199,37 +205,147 @@ static int save_checkpoint(const ql_train_opts *o, const char *run_dir, const ql
     return rc;
 }
 
-static int load_checkpoint(const char *ckpt, ql_lora *lora, ql_adamw *opt, state *st, json_t *config)
+/* The facts a checkpoint must agree with: those of the run resuming it. */
+typedef struct resume_ctx {
+    const char *ckpt;
+    json_t *config;
+    int64_t total;        /* optimizer steps of this run */
+    int grad_accum;
+    int batch_size;
+    int max_len;          /* tokens per example at most (<= 0: no bound) */
+} resume_ctx;
+
+static void brief(const json_t *v, char *buf, size_t cap)
 {
-    char *path = ql_path_join(ckpt, "trainer_state.json");
+    char *s = v ? json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
+    snprintf(buf, cap, "%s", s ? s : "(absent)");
+    if (s && strlen(s) >= cap && cap > 4) memcpy(buf + cap - 4, "...", 4);
+    free(s);
+}
+
+/* An integer field of trainer_state.json in [lo, hi]. */
+static int state_int(const char *file, json_t *ts, const char *key, int64_t lo, int64_t hi, int64_t *out)
+{
+    json_t *v = json_object_get(ts, key);
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi) {
+        char val[64];
+        brief(v, val, sizeof val);
+        return ql_error(QL_EFORMAT, "%s: %s must be an integer from %lld to %lld, not %s", file, key, (long long)lo,
+                        (long long)hi, val);
+    }
+    *out = json_integer_value(v);
+    return QL_OK;
+}
+
+static int load_trainer_state(const resume_ctx *rx, const ql_lora *lora, state *st)
+{
+    char *path = ql_path_join(rx->ckpt, "trainer_state.json");
+    if (!path) return ql_error(QL_ENOMEM, "out of memory");
     json_error_t jerr;
     json_t *ts = json_load_file(path, 0, &jerr);
     int rc = QL_OK;
-    if (!ts) {
+    int64_t fmt = 0, params = 0;
+    char val[64];
+    if (rx->grad_accum < 1 || rx->batch_size < 1) rc = ql_error(QL_EINVAL, "grad_accum and batch_size must be >= 1");
+    else if (!ts)
         rc = ql_path_exists(path) ? ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text)
-                                  : ql_error(QL_ENOTFOUND, "%s is not a checkpoint: trainer_state.json is missing", ckpt);
-        free(path);
-        return rc;
-    }
-    free(path);
-    json_t *fmt = json_object_get(ts, "format");
-    if (!json_is_integer(fmt) || json_integer_value(fmt) != CHECKPOINT_FORMAT)
-        rc = ql_error(QL_EFORMAT, "%s: checkpoint format %lld, this qlora reads format %d", ckpt,
-                      json_is_integer(fmt) ? (long long)json_integer_value(fmt) : -1LL, CHECKPOINT_FORMAT);
-    if (rc == QL_OK) rc = config_mismatch(json_object_get(ts, "config"), config, ckpt);
+                                  : ql_error(QL_ENOTFOUND, "%s is not a checkpoint: trainer_state.json is missing", rx->ckpt);
+    else if (!json_is_object(ts))
+        rc = ql_error(QL_EFORMAT, "%s is not a JSON object", path);
     if (rc == QL_OK) {
-        st->step = json_integer_value(json_object_get(ts, "global_step"));
-        st->micro_done = json_integer_value(json_object_get(ts, "micro_batches_done"));
-        st->tokens_seen = json_number_value(json_object_get(ts, "tokens_seen"));
+        json_t *f = json_object_get(ts, "format");
+        if (!json_is_integer(f) || (fmt = json_integer_value(f)) != CHECKPOINT_FORMAT) {
+            brief(f, val, sizeof val);
+            rc = ql_error(QL_EFORMAT, "%s: checkpoint format %s, this qlora reads format %d", path, val, CHECKPOINT_FORMAT);
+        }
     }
+    if (rc == QL_OK && !json_is_object(json_object_get(ts, "config")))
+        rc = ql_error(QL_EFORMAT, "%s: config (the run's settings) is missing or not an object", path);
+    if (rc == QL_OK) rc = config_mismatch(json_object_get(ts, "config"), rx->config, path);
+    /* checkpoints are saved after an optimizer step, never before the first */
+    if (rc == QL_OK) rc = state_int(path, ts, "global_step", 1, INT64_MAX, &st->step);
+    if (rc == QL_OK && st->step >= rx->total)
+        rc = ql_error(QL_EINVAL, "%s is at step %lld (global_step in %s), already at or past --steps %lld", rx->ckpt,
+                      (long long)st->step, path, (long long)rx->total);
+    if (rc == QL_OK) {
+        /* a checkpoint-N folder holds step N */
+        char name[4096];
+        snprintf(name, sizeof name, "%s", rx->ckpt);
+        size_t l = strlen(name);
+        while (l > 1 && name[l - 1] == '/') name[--l] = '\0';
+        const char *base = strrchr(name, '/') ? strrchr(name, '/') + 1 : name;
+        long long n;
+        int used = 0;
+        if (sscanf(base, "checkpoint-%lld%n", &n, &used) == 1 && base[used] == '\0' && n != st->step)
+            rc = ql_error(QL_EFORMAT, "%s: global_step is %lld, but the folder is %s", path, (long long)st->step, base);
+    }
+    /* every optimizer step consumes grad_accum micro-batches */
+    if (rc == QL_OK) rc = state_int(path, ts, "micro_batches_done", 0, INT64_MAX, &st->micro_done);
+    if (rc == QL_OK && (st->step > INT64_MAX / rx->grad_accum || st->micro_done != st->step * rx->grad_accum))
+        rc = ql_error(QL_EFORMAT, "%s: micro_batches_done is %lld, but global_step %lld with grad_accum %d means %lld", path,
+                      (long long)st->micro_done, (long long)st->step, rx->grad_accum,
+                      (long long)(st->step * rx->grad_accum));
+    if (rc == QL_OK) {
+        json_t *v = json_object_get(ts, "tokens_seen");
+        double t = json_is_number(v) ? json_number_value(v) : NAN;
+        double most = rx->max_len > 0 ? (double)st->micro_done * rx->batch_size * rx->max_len : INFINITY;
+        if (!(t >= 0 && t <= most && t == floor(t))) {
+            brief(v, val, sizeof val);
+            rc = ql_error(QL_EFORMAT, "%s: tokens_seen must be a whole number from 0 to %.0f (%lld micro-batches of %d "
+                                      "sequences of at most %d tokens), not %s",
+                          path, most, (long long)st->micro_done, rx->batch_size, rx->max_len, val);
+        } else {
+            st->tokens_seen = t;
+        }
+    }
+    if (rc == QL_OK) rc = state_int(path, ts, "lora_parameters", 0, INT64_MAX, &params);
+    if (rc == QL_OK && (uint64_t)params != (uint64_t)lora->n_params)
+        rc = ql_error(QL_EFORMAT, "%s: lora_parameters is %lld, but this run's adapter has %zu", path, (long long)params,
+                      lora->n_params);
     json_decref(ts);
+    free(path);
+    return rc;
+}
+
+/* Every value of x[0..n) finite (and >= 0 when nonneg). */
+static int check_values(const char *file, const char *name, const float *x, size_t n, int nonneg)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]) || (nonneg && x[i] < 0))
+            return ql_error(QL_ENUMERIC, "%s: tensor %s has %s value %g at index %zu", file, name,
+                            isfinite(x[i]) ? "a negative" : "a non-finite", (double)x[i], i);
+    return QL_OK;
+}
+
+/* A tensor of the given dtype and shape, copied into dst. */
+static int take_tensor(const ql_st_file *f, const char *file, const char *name, int dtype, int ndim, const int64_t *shape,
+                       void *dst, size_t nbytes)
+{
+    const ql_tensor *t = ql_st_find(f, name);
+    if (!t) return ql_error(QL_EFORMAT, "%s: tensor %s is missing", file, name);
+    int same = t->dtype == dtype && t->ndim == ndim && t->nbytes == nbytes;
+    for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
+    if (!same) {
+        char want[64] = "", got[64] = "";
+        for (int d = 0, k = 0; d < ndim; d++) k += snprintf(want + k, sizeof want - (size_t)k, d ? ", %lld" : "%lld", (long long)shape[d]);
+        for (int d = 0, k = 0; d < t->ndim && d < 4; d++)
+            k += snprintf(got + k, sizeof got - (size_t)k, d ? ", %lld" : "%lld", (long long)t->shape[d]);
+        return ql_error(QL_EFORMAT, "%s: tensor %s is %s [%s], this run needs %s [%s]", file, name,
+                        ql_dtype_name(t->dtype), got, ql_dtype_name(dtype), want);
+    }
+    memcpy(dst, t->data, nbytes);
+    return QL_OK;
+}
+
+static int load_checkpoint(const resume_ctx *rx, ql_lora *lora, ql_adamw *opt, state *st)
+{
+    int rc = load_trainer_state(rx, lora, st);
     if (rc) return rc;
     /* adapter weights */
-    path = ql_path_join(ckpt, "adapter_model.safetensors");
+    char *path = ql_path_join(rx->ckpt, "adapter_model.safetensors");
     ql_st_file *f = NULL;
-    rc = ql_st_open(path, &f);
-    free(path);
-    if (rc) return rc;
+    rc = path ? ql_st_open(path, &f) : ql_error(QL_ENOMEM, "out of memory");
+    size_t expected = 0;
     for (int i = 0; i < lora->n_layers && rc == QL_OK; i++)
         for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
             ql_lora_pair *p = ql_lora_pair_at(lora, i, k);
@@ -238,29 +354,70 @@ static int load_checkpoint(const char *ckpt, ql_lora *lora, ql_adamw *opt, state
                 char key[256];
                 snprintf(key, sizeof key, "base_model.model.model.layers.%d.%s.lora_%c.weight", i, ql_lora_module_path(k),
                          which ? 'B' : 'A');
-                const ql_tensor *t = ql_st_find(f, key);
-                size_t n = (size_t)(which ? p->out * lora->cfg.r : lora->cfg.r * p->in);
-                if (!t || t->dtype != QL_DTYPE_F32 || t->nbytes != n * 4)
-                    rc = ql_error(QL_EFORMAT, "%s: adapter tensor %s is missing or has the wrong shape", ckpt, key);
-                else memcpy(which ? p->B : p->A, t->data, n * 4);
+                int64_t shape[2] = {which ? p->out : lora->cfg.r, which ? lora->cfg.r : p->in};
+                float *dst = which ? p->B : p->A;
+                size_t n = (size_t)(shape[0] * shape[1]);
+                rc = take_tensor(f, path, key, QL_DTYPE_F32, 2, shape, dst, n * 4);
+                if (rc == QL_OK) rc = check_values(path, key, dst, n, 0);
+                expected++;
             }
         }
+    if (rc == QL_OK && ql_st_count(f) != expected)
+        rc = ql_error(QL_EFORMAT, "%s has %zu tensors, this run's adapter has %zu", path, ql_st_count(f), expected);
     ql_st_close(f);
-    if (rc) return rc;
-    path = ql_path_join(ckpt, "optimizer.safetensors");
-    rc = ql_st_open(path, &f);
     free(path);
     if (rc) return rc;
-    const ql_tensor *m = ql_st_find(f, "adamw.m"), *v = ql_st_find(f, "adamw.v"), *s = ql_st_find(f, "adamw.step");
-    if (!m || !v || !s || m->nbytes != opt->n * 4 || v->nbytes != opt->n * 4 || s->dtype != QL_DTYPE_I64)
-        rc = ql_error(QL_EFORMAT, "%s/optimizer.safetensors does not match %zu LoRA parameters", ckpt, opt->n);
-    else {
-        memcpy(opt->m, m->data, opt->n * 4);
-        memcpy(opt->v, v->data, opt->n * 4);
-        memcpy(&opt->step, s->data, 8);
-    }
+    /* optimizer state */
+    path = ql_path_join(rx->ckpt, "optimizer.safetensors");
+    rc = path ? ql_st_open(path, &f) : ql_error(QL_ENOMEM, "out of memory");
+    int64_t n = (int64_t)opt->n, step = 0;
+    if (rc == QL_OK) rc = take_tensor(f, path, "adamw.m", QL_DTYPE_F32, 1, &n, opt->m, opt->n * 4);
+    if (rc == QL_OK) rc = check_values(path, "adamw.m", opt->m, opt->n, 0);
+    if (rc == QL_OK) rc = take_tensor(f, path, "adamw.v", QL_DTYPE_F32, 1, &n, opt->v, opt->n * 4);
+    if (rc == QL_OK) rc = check_values(path, "adamw.v", opt->v, opt->n, 1);
+    if (rc == QL_OK) rc = take_tensor(f, path, "adamw.step", QL_DTYPE_I64, 0, NULL, &step, 8);
+    /* one AdamW update per optimizer step */
+    if (rc == QL_OK && step != st->step)
+        rc = ql_error(QL_EFORMAT, "%s: adamw.step is %lld, but trainer_state.json's global_step is %lld", path,
+                      (long long)step, (long long)st->step);
+    if (rc == QL_OK && ql_st_count(f) != 3)
+        rc = ql_error(QL_EFORMAT, "%s has %zu tensors; a qlora optimizer state has exactly adamw.m, adamw.v and adamw.step",
+                      path, ql_st_count(f));
+    if (rc == QL_OK) opt->step = step;
     ql_st_close(f);
+    free(path);
     return rc;
+}
+
+/* For fuzz/fuzz_checkpoint.c (core/train_internal.h). */
+int ql_train_load_checkpoint(const char *ckpt, json_t *config, int64_t total, int grad_accum, int batch_size,
+                             int max_len, ql_lora *lora, ql_adamw *opt, int64_t *step, int64_t *micro_done,
+                             double *tokens_seen)
+{
+    resume_ctx rx = {.ckpt = ckpt, .config = config, .total = total, .grad_accum = grad_accum, .batch_size = batch_size,
+                     .max_len = max_len};
+    state st = {0};
+    int rc = load_checkpoint(&rx, lora, opt, &st);
+    if (rc == QL_OK) {
+        *step = st.step;
+        *micro_done = st.micro_done;
+        *tokens_seen = st.tokens_seen;
+    }
+    return rc;
+}
+
+/* ---- metrics.jsonl ---- */
+
+/* A file of the run folder that qlora reads or appends to: a regular file
+ * there, or absent; never followed out of the folder through a link. */
+static int check_run_file(const char *path)
+{
+    struct stat sb;
+    if (lstat(path, &sb) != 0) return errno == ENOENT ? QL_OK : ql_error(QL_EIO, "cannot look at %s: %s", path, strerror(errno));
+    if (S_ISLNK(sb.st_mode))
+        return ql_error(QL_EINVAL, "%s is a symbolic link; qlora reads and writes only plain files inside a run folder", path);
+    if (!S_ISREG(sb.st_mode)) return ql_error(QL_EINVAL, "%s is not a regular file", path);
+    return QL_OK;
 }
 
 /* metrics.jsonl keeps rows up to `step` (a resumed run rewrites what follows) */
@@ -268,9 +425,9 @@ static int trim_metrics(const char *path, int64_t step)
 {
     char *data;
     size_t len;
-    if (!ql_path_exists(path)) return QL_OK;
-    int rc = ql_read_file(path, &data, &len);
-    if (rc) return rc;
+    int rc = check_run_file(path);
+    if (rc || !ql_path_exists(path)) return rc;
+    if ((rc = ql_read_file(path, &data, &len))) return rc;
     char *out = malloc(len + 1);
     size_t k = 0;
     if (!out) {
@@ -280,7 +437,7 @@ static int trim_metrics(const char *path, int64_t step)
     for (char *line = data; line < data + len;) {
         char *nl = memchr(line, '\n', (size_t)(data + len - line));
         size_t ll = nl ? (size_t)(nl - line) + 1 : (size_t)(data + len - line);
-        json_t *row = json_loadb(line, nl ? (size_t)(nl - line) : ll, 0, NULL);
+        json_t *row = nl ? json_loadb(line, (size_t)(nl - line), 0, NULL) : NULL; /* a row without its newline is cut */
         json_t *s = row ? json_object_get(row, "step") : NULL;
         if (row && json_is_integer(s) && json_integer_value(s) <= step) {
             memcpy(out + k, line, ll);
@@ -295,16 +452,209 @@ static int trim_metrics(const char *path, int64_t step)
     return rc;
 }
 
-static int append_metrics(FILE *f, json_t *row, int echo)
+typedef struct metrics_file {
+    int fd;
+    char *path;
+} metrics_file;
+
+static int metrics_open(const char *run_dir, metrics_file *mf)
+{
+    mf->fd = -1;
+    if (!(mf->path = ql_path_join(run_dir, "metrics.jsonl"))) return ql_error(QL_ENOMEM, "out of memory");
+    int rc = check_run_file(mf->path);
+    if (rc) return rc;
+    mf->fd = open(mf->path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (mf->fd < 0) return ql_error(QL_EIO, "cannot open %s: %s", mf->path, strerror(errno));
+    struct stat sb;
+    if (fstat(mf->fd, &sb) != 0 || !S_ISREG(sb.st_mode)) return ql_error(QL_EINVAL, "%s is not a regular file", mf->path);
+    return QL_OK;
+}
+
+static void metrics_close(metrics_file *mf)
+{
+    if (mf->fd >= 0) close(mf->fd);
+    free(mf->path);
+    mf->fd = -1;
+    mf->path = NULL;
+}
+
+/* One whole row, durable before the next step; a row that does not fit is
+ * cut back off, so the file only ever holds whole rows. */
+static int append_metrics(metrics_file *mf, json_t *row, int echo)
 {
     char *text = ql_json_dumps_py(row, 0, 0);
-    if (!text) return ql_error(QL_ENOMEM, "out of memory");
-    fprintf(f, "%s\n", text);
-    fflush(f);
-    fsync(fileno(f));
-    if (echo) printf("%s\n", text), fflush(stdout);
-    free(text);
+    size_t len = text ? strlen(text) : 0;
+    char *line = text ? realloc(text, len + 2) : NULL;
+    if (!line) {
+        free(text);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    line[len++] = '\n';
+    line[len] = '\0';
+    int rc = QL_OK;
+    struct stat sb;
+    off_t before = fstat(mf->fd, &sb) == 0 ? sb.st_size : -1;
+    for (size_t done = 0; done < len && rc == QL_OK;) {
+        ssize_t w = write(mf->fd, line + done, len - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) rc = ql_error(QL_EIO, "cannot write %s: %s", mf->path, w < 0 ? strerror(errno) : "no progress");
+        else done += (size_t)w;
+    }
+    if (rc && before >= 0 && ftruncate(mf->fd, before) != 0) { /* the error above is the one to report */ }
+    if (rc == QL_OK && fsync(mf->fd) != 0) rc = ql_error(QL_EIO, "cannot flush %s: %s", mf->path, strerror(errno));
+    if (rc == QL_OK && echo) printf("%s", line), fflush(stdout);
+    free(line);
+    return rc;
+}
+
+/* ---- the run folder ---- */
+
+/* RUN/.qlora-lock, held with flock for the whole run (a resumed one too),
+ * holding the pid: a second train on the folder is refused while this one
+ * lives, and the kernel drops the lock however this process ends. */
+#define RUN_LOCK ".qlora-lock"
+
+static int lock_run_dir(const char *run_dir, int *fd_out)
+{
+    *fd_out = -1;
+    char *path = ql_path_join(run_dir, RUN_LOCK);
+    if (!path) return ql_error(QL_ENOMEM, "out of memory");
+    int rc = QL_OK;
+    int fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
+    struct stat sb;
+    if (fd < 0)
+        rc = errno == ELOOP ? ql_error(QL_EINVAL, "%s is a symbolic link; a run folder's lock must be a plain file", path)
+                            : ql_error(QL_EIO, "cannot open the run folder's lock %s: %s", path, strerror(errno));
+    else if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode))
+        rc = ql_error(QL_EINVAL, "%s is not a regular file; a run folder's lock must be a plain file", path);
+    else if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK) {
+            char buf[32] = "";
+            ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+            long pid = n > 0 ? strtol(buf, NULL, 10) : 0;
+            char who[48] = "another process";
+            if (pid > 0) snprintf(who, sizeof who, "process %ld", pid);
+            rc = ql_error(QL_EEXIST,
+                          "run folder %s is in use by another qlora train (%s, which holds %s); wait for it to end or "
+                          "choose another --output",
+                          run_dir, who, path);
+        } else {
+            rc = ql_error(QL_EIO, "cannot lock %s: %s", path, strerror(errno));
+        }
+    } else {
+        char text[32];
+        int len = snprintf(text, sizeof text, "%ld\n", (long)getpid());
+        if (ftruncate(fd, 0) != 0 || pwrite(fd, text, (size_t)len, 0) != len)
+            rc = ql_error(QL_EIO, "cannot write %s: %s", path, strerror(errno));
+    }
+    free(path);
+    if (rc) {
+        if (fd >= 0) close(fd);
+        return rc;
+    }
+    *fd_out = fd;
     return QL_OK;
+}
+
+/* The run's inputs: a folder holding one of them is never replaced. */
+static size_t run_inputs(const ql_train_opts *o, const char *in[3])
+{
+    size_t n = 0;
+    in[n++] = o->model_dir;
+    in[n++] = o->data_path;
+    if (o->eval_data_path) in[n++] = o->eval_data_path;
+    return n;
+}
+
+static int check_new_run_dir(const ql_train_opts *o, const char *run_dir)
+{
+    if (!ql_path_exists(run_dir)) return QL_OK;
+    if (!o->force)
+        return ql_error(QL_EEXIST,
+                        "run folder %s already exists: continue it with --resume %s/checkpoint-N, or replace it with --force",
+                        run_dir, run_dir);
+    const char *in[3];
+    size_t n = run_inputs(o, in);
+    return ql_output_check_replace(run_dir, "run", in, n);
+}
+
+/* A new run folder, made with one mkdir (two runs never share one), locked
+ * and marked as a qlora run.  With --force an earlier run there (not one
+ * still training, not one holding this run's inputs) is renamed aside first
+ * and removed once the new folder is in place. */
+static int create_run_dir(const ql_train_opts *o, const char *run_dir, int *lock_fd)
+{
+    *lock_fd = -1;
+    int rc = check_new_run_dir(o, run_dir);
+    if (rc) return rc;
+    char old[4200] = "";
+    int old_fd = -1;
+    if (ql_path_exists(run_dir)) {
+        if ((rc = lock_run_dir(run_dir, &old_fd))) return rc;
+        snprintf(old, sizeof old, "%s.replaced.XXXXXX", run_dir);
+        /* rename(2) over the empty folder mkdtemp made is one step */
+        if (!mkdtemp(old) || rename(run_dir, old) != 0) {
+            rc = ql_error(QL_EIO, "cannot move the earlier run %s aside: %s", run_dir, strerror(errno));
+            if (old[0] && ql_is_dir(old)) rmdir(old);
+            close(old_fd);
+            return rc;
+        }
+    } else {
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%s", run_dir);
+        if ((rc = ql_mkdir_p(dirname(parent)))) return rc;
+    }
+    if (mkdir(run_dir, 0777) != 0) {
+        int e = errno;
+        rc = e == EEXIST ? ql_error(QL_EEXIST, "run folder %s was created by someone else meanwhile (another qlora train?)%s%s",
+                                    run_dir, old[0] ? "; the earlier run is now " : "", old)
+                         : ql_error(QL_EIO, "cannot create the run folder %s: %s", run_dir, strerror(e));
+        if (old_fd >= 0) close(old_fd);
+        return rc;
+    }
+    rc = lock_run_dir(run_dir, lock_fd);
+    if (rc == QL_OK) rc = ql_output_mark(run_dir, "run");
+    if (old[0]) {
+        int saved = ql_error_code();
+        char msg[4096];
+        snprintf(msg, sizeof msg, "%s", ql_error_message());
+        if (ql_remove_tree(old) != QL_OK)
+            fprintf(stderr, "qlora: warning: cannot remove the replaced run %s: %s\n", old, ql_error_message());
+        ql_error(saved, "%s", msg);
+        close(old_fd);
+    }
+    return rc;
+}
+
+/* The folder a resumed run writes into: an existing qlora run folder. */
+static int open_resume_dir(const char *run_dir, int *lock_fd)
+{
+    *lock_fd = -1;
+    char *cfg = ql_path_join(run_dir, "run_config.json"), *mark = ql_path_join(run_dir, QL_OUTPUT_MARKER);
+    int rc = QL_OK;
+    if (!cfg || !mark) rc = ql_error(QL_ENOMEM, "out of memory");
+    else if (!ql_is_dir(run_dir)) rc = ql_error(QL_ENOTFOUND, "run folder %s does not exist", run_dir);
+    else if (!ql_path_exists(cfg)) rc = ql_error(QL_EINVAL, "%s is not a qlora run folder: run_config.json is missing", run_dir);
+    if (rc == QL_OK) rc = lock_run_dir(run_dir, lock_fd);
+    /* folders of qlora before markers have none */
+    if (rc == QL_OK && !ql_path_exists(mark)) rc = ql_output_mark(run_dir, "run");
+    free(cfg);
+    free(mark);
+    return rc;
+}
+
+/* Append where training stopped and what is left to resume from. */
+static int stopped(int rc, const char *run_dir, int64_t at_step, int64_t last_saved, int64_t total)
+{
+    char msg[4096];
+    snprintf(msg, sizeof msg, "%s", ql_error_message());
+    if (last_saved == total)
+        return ql_error(rc, "%s; the final adapter is whole in %s/checkpoint-%lld", msg, run_dir, (long long)last_saved);
+    if (last_saved > 0)
+        return ql_error(rc, "%s; training stopped at step %lld: the last good checkpoint is checkpoint-%lld in %s", msg,
+                        (long long)at_step, (long long)last_saved, run_dir);
+    return ql_error(rc, "%s; training stopped at step %lld: the last good checkpoint is none (no checkpoint was saved yet)",
+                    msg, (long long)at_step);
 }
 
 /* ---- evaluation ---- */
@@ -339,9 +689,15 @@ int ql_train(const ql_train_opts *o)
     ql_lora *lora = NULL;
     ql_adamw *opt = NULL;
     json_t *config = NULL;
-    FILE *metrics = NULL;
+    metrics_file metrics = {.fd = -1, .path = NULL};
     size_t *order = NULL;
     char run_dir[4096];
+    int lock_fd = -1;
+    int created = 0;          /* this run made run_dir */
+    int started = 0;          /* the training loop has begun */
+    int64_t last_saved = -1;  /* the newest whole checkpoint of this run folder */
+    int64_t total = 0;
+    state st = {0};
     int tty = isatty(STDERR_FILENO);
     int echo_rows = o->progress && !isatty(STDOUT_FILENO);
 
@@ -349,19 +705,23 @@ int ql_train(const ql_train_opts *o)
     if (!(o->lr > 0)) return ql_error(QL_EINVAL, "--lr must be positive");
     if (o->resume_from) {
         char tmp[4096];
-        snprintf(tmp, sizeof tmp, "%s", o->resume_from);
+        if (snprintf(tmp, sizeof tmp, "%s", o->resume_from) >= (int)sizeof tmp)
+            return ql_error(QL_EINVAL, "--resume %s: path too long", o->resume_from);
         size_t l = strlen(tmp);
         while (l > 1 && tmp[l - 1] == '/') tmp[--l] = '\0';
         if (!ql_is_dir(tmp)) return ql_error(QL_ENOTFOUND, "--resume %s: no such checkpoint folder", o->resume_from);
+        char *ts = ql_path_join(tmp, "trainer_state.json");
+        int found = ts && ql_path_exists(ts);
+        free(ts);
+        if (!found) return ql_error(QL_ENOTFOUND, "%s is not a checkpoint: trainer_state.json is missing", o->resume_from);
         snprintf(run_dir, sizeof run_dir, "%s", o->output_dir ? o->output_dir : dirname(tmp));
     } else {
         if (!o->output_dir) return ql_error(QL_EINVAL, "--output RUN_DIR is required");
-        snprintf(run_dir, sizeof run_dir, "%s", o->output_dir);
-        if (ql_path_exists(run_dir) && !o->force)
-            return ql_error(QL_EEXIST,
-                            "run folder %s already exists: continue it with --resume %s/checkpoint-N, or replace it with "
-                            "--force",
-                            run_dir, run_dir);
+        if (snprintf(run_dir, sizeof run_dir, "%s", o->output_dir) >= (int)sizeof run_dir)
+            return ql_error(QL_EINVAL, "--output %s: path too long", o->output_dir);
+        size_t l = strlen(run_dir);
+        while (l > 1 && run_dir[l - 1] == '/') run_dir[--l] = '\0';
+        if ((rc = check_new_run_dir(o, run_dir))) return rc; /* before the slow part; checked again at creation */
     }
 
     ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0};
@@ -384,33 +744,30 @@ int ql_train(const ql_train_opts *o)
     config = run_config(&effective, ql_llama_quantization(m));
 
     const int64_t mb_per_epoch = ((int64_t)d->n + o->batch_size - 1) / o->batch_size;
-    int64_t total = o->steps;
+    total = o->steps;
     if (total <= 0) {
         total = (int64_t)floor(o->epochs * (double)mb_per_epoch / (double)o->grad_accum);
         if (total < 1) total = 1;
     }
-    state st = {0};
     if (o->resume_from) {
-        if ((rc = load_checkpoint(o->resume_from, lora, opt, &st, config))) goto done;
-        if (st.step >= total) {
-            rc = ql_error(QL_EINVAL, "%s is at step %lld, already at or past --steps %lld", o->resume_from,
-                          (long long)st.step, (long long)total);
-            goto done;
-        }
+        /* lock first: nothing of the folder is read while another run writes it */
+        if ((rc = open_resume_dir(run_dir, &lock_fd))) goto done;
+        resume_ctx rx = {.ckpt = o->resume_from, .config = config, .total = total, .grad_accum = o->grad_accum,
+                         .batch_size = o->batch_size, .max_len = dopts.max_len};
+        if ((rc = load_checkpoint(&rx, lora, opt, &st))) goto done;
+        last_saved = st.step;
     } else {
-        if (ql_path_exists(run_dir) && (rc = ql_remove_tree(run_dir))) goto done;
-        if ((rc = ql_mkdir_p(run_dir))) goto done;
+        if ((rc = create_run_dir(o, run_dir, &lock_fd))) goto done;
+        created = 1;
         if ((rc = write_json_file(run_dir, "run_config.json", config))) goto done;
     }
-    char *mpath = ql_path_join(run_dir, "metrics.jsonl");
-    if (!mpath) {
-        rc = ql_error(QL_ENOMEM, "out of memory");
-        goto done;
+    if ((rc = metrics_open(run_dir, &metrics))) goto done;
+    if (o->resume_from) {
+        /* appends go to the trimmed file, so open it again after the rename */
+        if ((rc = trim_metrics(metrics.path, st.step))) goto done;
+        metrics_close(&metrics);
+        if ((rc = metrics_open(run_dir, &metrics))) goto done;
     }
-    if (o->resume_from) rc = trim_metrics(mpath, st.step);
-    if (rc == QL_OK && !(metrics = fopen(mpath, "a"))) rc = ql_error(QL_EIO, "cannot open %s: %s", mpath, strerror(errno));
-    free(mpath);
-    if (rc) goto done;
 
     order = malloc(d->n * sizeof *order);
     if (!order) {
@@ -418,8 +775,8 @@ int ql_train(const ql_train_opts *o)
         goto done;
     }
     int64_t order_epoch = -1;
-    int64_t last_saved = o->resume_from ? st.step : -1;
     const int64_t start_step = st.step;
+    started = 1;
     double t_start = ql_now();
     double tokens_at_start = st.tokens_seen;
     for (int64_t step = st.step; step < total; step++) {
@@ -457,11 +814,9 @@ int ql_train(const ql_train_opts *o)
         }
         double norm = ql_clip_grad_norm(lora->grads, lora->n_params, o->max_grad_norm);
         if (!isfinite(step_loss) || !isfinite(norm)) {
-            char last[64] = "none (no checkpoint was saved yet)";
-            if (last_saved >= 0) snprintf(last, sizeof last, "checkpoint-%lld", (long long)last_saved);
-            rc = ql_error(QL_ENUMERIC, "loss is %s at step %lld (gradient norm %g): stopped; the last good checkpoint is %s in %s",
+            rc = ql_error(QL_ENUMERIC, "loss is %s at step %lld (gradient norm %g)",
                           isnan(step_loss) ? "NaN" : isfinite(step_loss) ? "finite but the gradient is not" : "infinite",
-                          (long long)step + 1, norm, last, run_dir);
+                          (long long)step + 1, norm);
             goto done;
         }
         float lr = ql_lr_at(o, step, total);
@@ -478,8 +833,9 @@ int ql_train(const ql_train_opts *o)
         json_object_set_new(row, "tokens", json_integer((json_int_t)st.tokens_seen));
         json_object_set_new(row, "tokens_per_s", json_real(round(tps * 10) / 10));
         json_object_set_new(row, "epoch", json_real(round((double)st.micro_done / (double)mb_per_epoch * 1e4) / 1e4));
-        append_metrics(metrics, row, echo_rows);
+        rc = append_metrics(&metrics, row, echo_rows);
         json_decref(row);
+        if (rc) goto done;
         if (o->progress && tty) {
             double eta = elapsed / (double)(st.step - start_step) * (double)(total - st.step);
             fprintf(stderr, "\r\033[Ktrain %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  elapsed %.0fs  ETA %.0fs",
@@ -497,8 +853,9 @@ int ql_train(const ql_train_opts *o)
             json_object_set_new(er, "eval_loss", json_real(el));
             json_object_set_new(er, "eval_ppl", json_real(exp(el)));
             json_object_set_new(er, "eval_tokens", json_integer(et));
-            append_metrics(metrics, er, echo_rows);
+            rc = append_metrics(&metrics, er, echo_rows);
             json_decref(er);
+            if (rc) goto done;
         }
         if (save_now) {
             if ((rc = save_checkpoint(o, run_dir, lora, opt, &st, config))) goto done;
@@ -506,11 +863,24 @@ int ql_train(const ql_train_opts *o)
         }
     }
     if (o->progress && tty) fputc('\n', stderr);
-    /* the final adapter at the top of the run folder, loadable by peft */
+    /* the final adapter at the top of the run folder, loadable by peft; the
+     * last checkpoint (saved above) holds the same adapter whole */
     if ((rc = ql_lora_save_peft(lora, run_dir, o->model_dir))) goto done;
     fprintf(stderr, "wrote %s (adapter after %lld steps)\n", run_dir, (long long)st.step);
 done:
-    if (metrics) fclose(metrics);
+    if (o->progress && tty && rc && started) fputc('\n', stderr);
+    if (rc && started) stopped(rc, run_dir, st.step + (last_saved == total ? 0 : 1), last_saved, total);
+    /* a new run that stopped before its first checkpoint holds nothing to
+     * resume: leave the path as it was before the run */
+    if (rc && created && last_saved < 1) {
+        char msg[4096];
+        snprintf(msg, sizeof msg, "%s", ql_error_message());
+        metrics_close(&metrics);
+        if (ql_remove_tree(run_dir) == QL_OK) ql_error(rc, "%s; removed the new run folder %s", msg, run_dir);
+        else ql_error(rc, "%s (and the new run folder %s could not be removed: %s)", msg, run_dir, ql_error_message());
+    }
+    metrics_close(&metrics);
+    if (lock_fd >= 0) close(lock_fd);
     free(order);
     json_decref(config);
     ql_adamw_destroy(opt);

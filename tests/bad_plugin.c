@@ -1,10 +1,31 @@
 /* A plugin with one deliberate defect per build (-DBAD_<KIND>), for the
  * loader's refusal paths, plus BAD_FAILQUANT: valid, but its third quantize
- * call fails, to check that an interrupted run leaves nothing behind. */
+ * call fails, to check that an interrupted run leaves nothing behind.
+ * For tests/test_security.c: BAD_CRASHINIT raises SIGSEGV in init,
+ * BAD_EXITINIT calls exit(3) there, BAD_HANGINIT never returns from it, and
+ * BAD_MARKER is a valid plugin named "marker" whose constructor appends a
+ * line to the file $QLORA_TEST_MARKER names, so a test sees whether the
+ * file was ever loaded. */
 #include <qlora/quantizer.h>
 
+#include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#ifdef BAD_MARKER
+__attribute__((constructor)) static void leave_marker(void)
+{
+    const char *path = getenv("QLORA_TEST_MARKER");
+    if (!path || !*path) return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd < 0) return;
+    if (write(fd, "loaded\n", 7) != 7) {
+    }
+    close(fd);
+}
+#endif
 
 static const ql_host_api *host;
 struct ql_quantizer {
@@ -18,6 +39,15 @@ struct ql_qstate {
 static int init(const ql_host_api *h)
 {
     host = h;
+#ifdef BAD_CRASHINIT
+    raise(SIGSEGV);
+#endif
+#ifdef BAD_EXITINIT
+    exit(3);
+#endif
+#ifdef BAD_HANGINIT
+    for (;;) pause();
+#endif
     return QL_OK;
 }
 static int create(const ql_option *o, size_t n, ql_quantizer **out)
@@ -44,7 +74,12 @@ static double bits(const ql_quantizer *q, int64_t r, int64_t c)
 static int quantize(const ql_quantizer *cq, const ql_matrix_desc *m, const float *w, ql_qstate **out)
 {
     ql_quantizer *q = (ql_quantizer *)cq;
+#ifdef BAD_FAILQUANT
     if (++q->calls == 3) return host->error(QL_EINTERNAL, "planned failure on call 3 (%s)", m->name);
+#else
+    q->calls++;
+    (void)m;
+#endif
     ql_qstate *s = calloc(1, sizeof *s);
     s->rows = m->rows;
     s->cols = m->cols;
@@ -72,10 +107,28 @@ static int save(const ql_quantizer *q, const ql_qstate *s, const ql_tensor_write
 static int load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tensor_reader *r, ql_qstate **out)
 {
     (void)q;
+#ifdef BAD_MARKER
+    /* what save() wrote: the matrix as F32 "weight" */
+    const ql_tensor *t = r->get(r->ctx, "weight");
+    if (!t || t->dtype != QL_DTYPE_F32 || t->ndim != 2 || t->nbytes != (uint64_t)(t->shape[0] * t->shape[1]) * 4 ||
+        (m->rows && (t->shape[0] != m->rows || t->shape[1] != m->cols)))
+        return QL_ENOTFOUND;
+    ql_qstate *s = calloc(1, sizeof *s);
+    if (!s || !(s->w = malloc(t->nbytes))) {
+        free(s);
+        return QL_ENOMEM;
+    }
+    s->rows = t->shape[0];
+    s->cols = t->shape[1];
+    memcpy(s->w, t->data, t->nbytes);
+    *out = s;
+    return QL_OK;
+#else
     (void)m;
     (void)r;
     (void)out;
     return QL_ENOTFOUND;
+#endif
 }
 static void free_state(const ql_quantizer *q, ql_qstate *s)
 {
@@ -95,7 +148,12 @@ static int info(const ql_quantizer *q, const ql_qstate *s, ql_state_info *i)
 static int config(const ql_quantizer *q, char *buf, size_t cap)
 {
     (void)q;
+#ifdef BAD_MARKER
+    /* names itself by a path, which the host replaces with the plugin name */
+    strncpy(buf, "{\"quant_method\": \"qlora\", \"quantizer\": \"./qlora_bad_marker.so\"}", cap);
+#else
     strncpy(buf, "{\"quant_method\": \"test\"}", cap);
+#endif
     return QL_OK;
 }
 
@@ -117,6 +175,8 @@ static const ql_quantizer_desc descriptor = {
 #endif
 #ifdef BAD_NAME
     .name = "Bad Name!",
+#elif defined(BAD_MARKER)
+    .name = "marker",
 #else
     .name = "bad",
 #endif

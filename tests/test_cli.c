@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "qlora/qlora.h"
@@ -311,7 +312,7 @@ START_TEST(test_quantize_nf4_default)
     free(out);
     free(err);
     assert_dir_is(parent, "out");
-    assert_dir_is(dest, "config.json model.safetensors tokenizer.json tokenizer_config.json");
+    assert_dir_is(dest, ".qlora-output config.json model.safetensors tokenizer.json tokenizer_config.json");
 
     /* tokenizer files copied byte for byte */
     static const char *const copied[] = {"tokenizer.json", "tokenizer_config.json"};
@@ -923,11 +924,13 @@ START_TEST(test_output_exists_and_force)
     assert_dir_is(dest, "keep.txt");
     assert_dir_is(parent, "out");
 
+    /* --force replaces only an earlier qlora output of the same kind (tests/test_outputs.c has the refusals) */
+    ck_assert_int_eq(ql_output_mark(dest, "quantized-model"), QL_OK);
     st = qlora(&out, &err, "quantize --quiet --force '%s' -o '%s'", model, dest);
     ck_assert_msg(st == 0, "exit %d: %s", st, err);
     free(out);
     free(err);
-    assert_dir_is(dest, "config.json model.safetensors tokenizer.json tokenizer_config.json");
+    assert_dir_is(dest, ".qlora-output config.json model.safetensors tokenizer.json tokenizer_config.json");
     assert_dir_is(parent, "out");
     free(marker);
     ql_remove_tree(parent);
@@ -1233,11 +1236,12 @@ START_TEST(test_plugin_fails_midway)
     ck_assert_int_eq(ql_mkdir_p(dest), QL_OK);
     char *marker = join(dest, "keep.txt");
     spit(marker, "mine", 4);
+    ck_assert_int_eq(ql_output_mark(dest, "quantized-model"), QL_OK);
     st = qlora(&out, &err, "quantize --quiet --force '--quantizer=%s' '%s' -o '%s'", plugin, model, dest);
     ck_assert_int_eq(st, QL_EINTERNAL);
     ck_assert_contains(err, "planned failure on call 3");
     assert_dir_is(parent, "out");
-    assert_dir_is(dest, "keep.txt");
+    assert_dir_is(dest, ".qlora-output keep.txt");
     free(out);
     free(err);
     free(marker);
@@ -1292,6 +1296,322 @@ START_TEST(test_abi_refusal)
 }
 END_TEST
 
+/* ---- input readers (issue 6) ---- */
+
+/* A copy of stories260K in a fresh folder (config.json, weights, tokenizer files). */
+static char *copy_stories(const char *parent, const char *name)
+{
+    char *real = model_dir(), *dir = join(parent, name);
+    ck_assert_int_eq(ql_mkdir_p(dir), QL_OK);
+    static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"};
+    for (size_t i = 0; i < 4; i++) {
+        char *a = join(real, files[i]), *b = join(dir, files[i]);
+        ck_assert_int_eq(ql_copy_file_atomic(a, b), QL_OK);
+        free(a);
+        free(b);
+    }
+    free(real);
+    return dir;
+}
+
+static void write_text_file(const char *dir, const char *name, const char *text, size_t len)
+{
+    char *p = join(dir, name);
+    spit(p, text, len);
+    free(p);
+}
+
+/* `eval --mmlu` on a test CSV `csv` (len bytes) beside a good dev CSV: exits
+ * non-zero with a message naming the file and `needle`. */
+static void mmlu_refuses(const char *model, const char *root, const char *csv, size_t len, const char *needle)
+{
+    char *test = join(root, "test");
+    write_text_file(test, "x_test.csv", csv, len);
+    char *out, *err;
+    int st = qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --quiet", model, root);
+    ck_assert_msg(st == QL_EFORMAT, "exit %d for test csv \"%.*s\": %s", st, (int)len, csv, err);
+    char *file = join(test, "x_test.csv");
+    ck_assert_contains(err, file);
+    ck_assert_contains(err, needle);
+    free(file);
+    free(test);
+    free(out);
+    free(err);
+}
+
+START_TEST(test_mmlu_bad_csv)
+{
+    char *model = model_dir(), *root = fresh_dir();
+    char *dev = join(root, "dev"), *test = join(root, "test");
+    ck_assert_int_eq(ql_mkdir_p(dev), QL_OK);
+    ck_assert_int_eq(ql_mkdir_p(test), QL_OK);
+    const char *good = "q one,a,b,c,d,1\nq two,a,b,c,d,2\n";
+    write_text_file(dev, "x_dev.csv", good, strlen(good));
+    /* the reference: the same files score */
+    write_text_file(test, "x_test.csv", good, strlen(good));
+    char *out, *err;
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --quiet", model, root) == 0, "%s", err);
+    ck_assert_contains(out, "\"questions\": 2");
+    free(out);
+    free(err);
+    /* an unterminated quote (was a double free) */
+    const char *unterminated = "q one,a,b,c,d,1\na,\"";
+    mmlu_refuses(model, root, unterminated, strlen(unterminated), "record 2 has a quoted field that is never closed");
+    /* extra fields are not dropped */
+    const char *eight = "q one,a,b,c,d,1,extra,more\n";
+    mmlu_refuses(model, root, eight, strlen(eight), "record 1 has 8 fields, expected question,choice0..3,answer");
+    /* a NUL byte does not cut the field */
+    const char nul[] = "q one,a,b,c,d,1\nq\0two,a,b,c,d,2\n";
+    mmlu_refuses(model, root, nul, sizeof nul - 1, "record 2 has a NUL byte in a field");
+    /* no questions: not an accuracy of 0 over 0 */
+    mmlu_refuses(model, root, "", 0, "holds no questions");
+    const char *header = "question,choice0,choice1,choice2,choice3,answer\n";
+    mmlu_refuses(model, root, header, strlen(header), "holds no questions");
+    /* the dev file is read the same way */
+    write_text_file(test, "x_test.csv", good, strlen(good));
+    write_text_file(dev, "x_dev.csv", unterminated, strlen(unterminated));
+    ck_assert_int_eq(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --quiet", model, root), QL_EFORMAT);
+    ck_assert_contains(err, "x_dev.csv: record 2 has a quoted field that is never closed");
+    free(out);
+    free(err);
+    free(dev);
+    free(test);
+    free(root);
+    free(model);
+}
+END_TEST
+
+START_TEST(test_generate_max_new_tokens_zero)
+{
+    char *model = model_dir(), *out, *err;
+    ck_assert_int_eq(qlora(&out, &err, "generate --model '%s' --prompt 'Once' --max-new-tokens 0", model), 2);
+    ck_assert_contains(err, "--max-new-tokens=0: expected an integer from 1 to");
+    ck_assert(!tu_contains(err, "prompt"));
+    free(out);
+    free(err);
+    ck_assert_msg(qlora(&out, &err, "generate --model '%s' --prompt 'Once' --max-new-tokens 1", model) == 0, "%s", err);
+    free(out);
+    free(err);
+    free(model);
+}
+END_TEST
+
+/* config.json fields of the wrong type or out of range: an error naming
+ * config.json and the field, whichever command reads it. */
+START_TEST(test_config_fields_checked)
+{
+    char *parent = fresh_dir();
+    char *model = copy_stories(parent, "model");
+    char *cfg_path = join(model, "config.json");
+    char *data = join(tu_env("QLORA_SHARED"), "data/alpaca/alpaca_en_demo.json");
+    static const struct {
+        const char *key, *value, *needle;
+    } cases[] = {
+        {"eos_token_id", "\"2\"", "config.json: \"eos_token_id\" must be an integer token id"},
+        {"eos_token_id", "512", "config.json: \"eos_token_id\" 512 is outside the vocabulary (vocab_size 512)"},
+        {"bos_token_id", "-1", "config.json: \"bos_token_id\" -1 is outside the vocabulary"},
+        {"bos_token_id", "[1]", "config.json: \"bos_token_id\" must be an integer token id"},
+        {"tie_word_embeddings", "\"true\"", "config.json: \"tie_word_embeddings\" must be true or false"},
+        {"sliding_window", "-4", "config.json: \"sliding_window\" must be null or a non-negative integer"},
+        {"hidden_act", "\"gelu\"", "config.json: hidden_act 'gelu' is not supported"},
+        {"model_type", "7", "config.json: \"model_type\" must be a string"},
+        {"architectures", "\"LlamaForCausalLM\"", "config.json: \"architectures\" must be a list of names"},
+        {"rms_norm_eps", "\"1e-5\"", "config.json: \"rms_norm_eps\" must be a positive number"},
+        {"num_attention_heads", "128", "hidden_size 64 is smaller than num_attention_heads 128"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        json_t *cfg = load_json_file(cfg_path);
+        json_error_t jerr;
+        json_t *v = json_loads(cases[i].value, JSON_DECODE_ANY, &jerr);
+        ck_assert_ptr_nonnull(v);
+        json_object_set_new(cfg, cases[i].key, v);
+        ck_assert_int_eq(json_dump_file(cfg, cfg_path, JSON_INDENT(2)), 0);
+        json_decref(cfg);
+        char *out, *err;
+        int st = qlora(&out, &err, "generate --model '%s' --prompt 'Once' --max-new-tokens 2", model);
+        ck_assert_msg(st != 0 && tu_contains(err, cases[i].needle), "%s = %s: exit %d, stderr:\n%s", cases[i].key,
+                      cases[i].value, st, err);
+        free(out);
+        free(err);
+        st = qlora(&out, &err, "eval --model '%s' --data '%s' --format alpaca --max-examples 1 --quiet", model, data);
+        ck_assert_msg(st != 0 && tu_contains(err, cases[i].needle), "eval with %s = %s: exit %d, stderr:\n%s",
+                      cases[i].key, cases[i].value, st, err);
+        free(out);
+        free(err);
+        /* back to the original */
+        char *real = model_dir(), *real_cfg = join(real, "config.json");
+        ck_assert_int_eq(ql_copy_file_atomic(real_cfg, cfg_path), QL_OK);
+        free(real_cfg);
+        free(real);
+    }
+    free(data);
+    free(cfg_path);
+    free(model);
+    free(parent);
+}
+END_TEST
+
+/* A FIFO as --data, --eval-data or a tokenizer file: refused at once, no hang
+ * (`timeout` turns a hang into exit 124). */
+START_TEST(test_fifo_inputs_refused)
+{
+    char *parent = fresh_dir();
+    char *model = model_dir();
+    char *fifo = join(parent, "data.json");
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    char *data = join(tu_env("QLORA_SHARED"), "data/alpaca/alpaca_en_demo.json");
+    char cmd[8192];
+    char *out, *err;
+    const char *const forms[] = {
+        "eval --model '%s' --data '%s' --format alpaca --quiet",
+        "train --model '%s' --data '%s' --format alpaca --steps 1 --quiet --output '%s/run1'",
+        "train --model '%s' --data '%s' --eval-data '%s' --eval-steps 1 --format alpaca --steps 1 --quiet --output '%s/run2'",
+    };
+    for (int i = 0; i < 3; i++) {
+        char args[4096];
+        if (i == 0) snprintf(args, sizeof args, forms[0], model, fifo);
+        else if (i == 1) snprintf(args, sizeof args, forms[1], model, fifo, parent);
+        else snprintf(args, sizeof args, forms[2], model, data, fifo, parent);
+        snprintf(cmd, sizeof cmd, "timeout 30 '%s' %s", tu_env("QLORA_BIN"), args);
+        int st = tu_run(cmd, &out, &err);
+        ck_assert_msg(st != 0 && st != 124, "%s: exit %d", args, st);
+        ck_assert_contains(err, fifo);
+        ck_assert_contains(err, "is not a regular file");
+        free(out);
+        free(err);
+    }
+    /* MMLU files and the tokenizer of a model folder */
+    char *root = join(parent, "mmlu"), *dev = join(root, "dev"), *test = join(root, "test");
+    ck_assert_int_eq(ql_mkdir_p(dev), QL_OK);
+    ck_assert_int_eq(ql_mkdir_p(test), QL_OK);
+    write_text_file(dev, "x_dev.csv", "q,a,b,c,d,1\n", 12);
+    char *csv = join(test, "x_test.csv");
+    ck_assert_int_eq(mkfifo(csv, 0600), 0);
+    snprintf(cmd, sizeof cmd, "timeout 30 '%s' eval --model '%s' --mmlu '%s' --shots 1 --quiet", tu_env("QLORA_BIN"),
+             model, root);
+    int st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st != 0 && st != 124, "mmlu: exit %d", st);
+    ck_assert_contains(err, csv);
+    ck_assert_contains(err, "is not a regular file");
+    free(out);
+    free(err);
+    char *copy = copy_stories(parent, "model");
+    char *tj = join(copy, "tokenizer.json");
+    unlink(tj);
+    ck_assert_int_eq(mkfifo(tj, 0600), 0);
+    snprintf(cmd, sizeof cmd, "timeout 30 '%s' generate --model '%s' --prompt x --max-new-tokens 1", tu_env("QLORA_BIN"),
+             copy);
+    st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st != 0 && st != 124, "generate: exit %d", st);
+    ck_assert_contains(err, tj);
+    ck_assert_contains(err, "is not a regular file");
+    free(out);
+    free(err);
+    /* config.json too (read by the model loader) */
+    char *real = model_dir(), *real_tj = join(real, "tokenizer.json"), *cj = join(copy, "config.json");
+    unlink(tj);
+    ck_assert_int_eq(ql_copy_file_atomic(real_tj, tj), QL_OK);
+    unlink(cj);
+    ck_assert_int_eq(mkfifo(cj, 0600), 0);
+    st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st != 0 && st != 124, "generate with a FIFO config.json: exit %d", st);
+    ck_assert_contains(err, cj);
+    ck_assert_contains(err, "is not a regular file");
+    free(out);
+    free(err);
+    unlink(cj);
+    free(cj);
+    free(real_tj);
+    free(real);
+    unlink(tj);
+    unlink(csv);
+    unlink(fifo);
+    free(tj);
+    free(copy);
+    free(csv);
+    free(root);
+    free(dev);
+    free(test);
+    free(data);
+    free(fifo);
+    free(model);
+    free(parent);
+}
+END_TEST
+
+/* merge keeps a 0-d (scalar) F32 tensor of the base: shape [] is one element. */
+START_TEST(test_merge_zero_dim_tensor)
+{
+    char *parent = fresh_dir();
+    char *model = copy_stories(parent, "model");
+    /* the base's tensors plus a scalar */
+    char *st_path = join(model, "model.safetensors");
+    ql_st_file *in;
+    ck_assert_int_eq(ql_st_open(st_path, &in), QL_OK);
+    ql_st_writer *w;
+    ck_assert_int_eq(ql_st_writer_create(&w), QL_OK);
+    for (size_t i = 0; i < ql_st_count(in); i++) ck_assert_int_eq(ql_st_writer_add(w, ql_st_at(in, i)), QL_OK);
+    const float scalar = 0.625f;
+    ql_tensor t0 = {.name = "model.extra_scale", .dtype = QL_DTYPE_F32, .ndim = 0, .data = &scalar, .nbytes = 4};
+    ck_assert_int_eq(ql_st_writer_add(w, &t0), QL_OK);
+    ck_assert_int_eq(ql_st_writer_save(w, st_path), QL_OK);
+    ql_st_writer_destroy(w);
+    ql_st_close(in);
+    /* a PEFT adapter by hand: r 1 on q_proj of the 5 layers (64 x 64) */
+    char *adapter = join(parent, "adapter");
+    ck_assert_int_eq(ql_mkdir_p(adapter), QL_OK);
+    const char *acfg = "{\"peft_type\": \"LORA\", \"r\": 1, \"lora_alpha\": 2, \"lora_dropout\": 0.0, "
+                       "\"target_modules\": [\"q_proj\"], \"bias\": \"none\", \"task_type\": \"CAUSAL_LM\"}";
+    write_text_file(adapter, "adapter_config.json", acfg, strlen(acfg));
+    ck_assert_int_eq(ql_st_writer_create(&w), QL_OK);
+    static float a[64], b[64];
+    tu_randn(a, 64, 3, 0.1f);
+    tu_randn(b, 64, 4, 0.1f);
+    for (int l = 0; l < 5; l++) {
+        char na[200], nb[200];
+        snprintf(na, sizeof na, "base_model.model.model.layers.%d.self_attn.q_proj.lora_A.weight", l);
+        snprintf(nb, sizeof nb, "base_model.model.model.layers.%d.self_attn.q_proj.lora_B.weight", l);
+        ql_tensor ta = {.name = na, .dtype = QL_DTYPE_F32, .ndim = 2, .shape = {1, 64}, .data = a, .nbytes = sizeof a};
+        ql_tensor tb = {.name = nb, .dtype = QL_DTYPE_F32, .ndim = 2, .shape = {64, 1}, .data = b, .nbytes = sizeof b};
+        ck_assert_int_eq(ql_st_writer_add(w, &ta), QL_OK);
+        ck_assert_int_eq(ql_st_writer_add(w, &tb), QL_OK);
+    }
+    char *ap = join(adapter, "adapter_model.safetensors");
+    ck_assert_int_eq(ql_st_writer_save(w, ap), QL_OK);
+    ql_st_writer_destroy(w);
+    char *merged = join(parent, "merged"), *out, *err;
+    int st = qlora(&out, &err, "merge --model '%s' --adapter '%s' -o '%s' --quantizer=none", model, adapter, merged);
+    ck_assert_msg(st == 0, "merge: exit %d: %s", st, err);
+    free(out);
+    free(err);
+    char *mp = join(merged, "model.safetensors");
+    ql_st_file *m;
+    ck_assert_msg(ql_st_open(mp, &m) == QL_OK, "%s", ql_error_message());
+    const ql_tensor *s0 = ql_st_find(m, "model.extra_scale");
+    ck_assert_ptr_nonnull(s0);
+    ck_assert_int_eq(s0->ndim, 0);
+    ck_assert_int_eq(s0->dtype, QL_DTYPE_F32);
+    ck_assert_uint_eq(s0->nbytes, 4);
+    float v;
+    memcpy(&v, s0->data, 4);
+    ck_assert_float_eq(v, 0.625f);
+    ql_st_close(m);
+    /* to bf16 as well */
+    st = qlora(&out, &err, "merge --model '%s' --adapter '%s' -o '%s/m16' --quantizer=none --dtype bf16", model, adapter,
+               parent);
+    ck_assert_msg(st == 0, "merge --dtype bf16: exit %d: %s", st, err);
+    free(out);
+    free(err);
+    free(mp);
+    free(merged);
+    free(ap);
+    free(adapter);
+    free(st_path);
+    free(model);
+    free(parent);
+}
+END_TEST
+
 Suite *cli_suite(void)
 {
     Suite *s = suite_create("cli");
@@ -1330,6 +1650,15 @@ Suite *cli_suite(void)
     tcase_add_test(tc, test_nonfinite_weights);
     tcase_add_test(tc, test_already_quantized);
     tcase_add_test(tc, test_plugin_fails_midway);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("readers");
+    tcase_set_timeout(tc, 240);
+    tcase_add_test(tc, test_mmlu_bad_csv);
+    tcase_add_test(tc, test_generate_max_new_tokens_zero);
+    tcase_add_test(tc, test_config_fields_checked);
+    tcase_add_test(tc, test_fifo_inputs_refused);
+    tcase_add_test(tc, test_merge_zero_dim_tensor);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("abi");

@@ -9,11 +9,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "qlora/dataset.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
+#include "qlora/mmlu.h"
 
 /* ---- helpers ---- */
 
@@ -663,6 +665,76 @@ START_TEST(test_order_group_by_length)
 }
 END_TEST
 
+/* ---- input readers (issue 6) ---- */
+
+/* A FIFO as --data (or --eval-data, which loads the same way) is refused at
+ * once instead of waiting for a writer forever. */
+START_TEST(test_fifo_is_refused)
+{
+    ql_tokenizer *t = load_tokenizer();
+    ql_dataset_opts o = opts_of(QL_FMT_ALPACA, 1024, 256, 0);
+    char *p = write_tmp("placeholder", "");
+    unlink(p);
+    ck_assert_int_eq(mkfifo(p, 0600), 0);
+    load_fails(p, t, &o, QL_EINVAL, p, "is not a regular file");
+    o.format = QL_FMT_TEXT;
+    load_fails("/dev/null", t, &o, QL_EINVAL, "/dev/null is not a regular file", NULL);
+    unlink(p);
+    free(p);
+    ql_tokenizer_destroy(t);
+    remove_tmp();
+}
+END_TEST
+
+static void free_fields(char **f, int n)
+{
+    for (int i = 0; i < n; i++) {
+        free(f[i]);
+        f[i] = NULL;
+    }
+}
+
+/* MMLU's CSV records: a failed record leaves no field behind (the caller's
+ * cleanup must not free them twice), extra fields are counted, NUL bytes are
+ * an error rather than a silent cut. */
+START_TEST(test_csv_records)
+{
+    char *f[6] = {0};
+    size_t pos = 0;
+    const char *unterminated = "a,\"";
+    ck_assert_int_eq(ql_csv_record(unterminated, strlen(unterminated), &pos, f, 6), QL_CSV_UNTERMINATED);
+    for (int i = 0; i < 6; i++) ck_assert_ptr_null(f[i]);
+    free_fields(f, 6); /* what read_csv does after any record: harmless now */
+
+    const char *eight = "q,a,b,c,d,1,extra,more\nnext,row\n";
+    pos = 0;
+    ck_assert_int_eq(ql_csv_record(eight, strlen(eight), &pos, f, 6), 8);
+    ck_assert_str_eq(f[5], "1");
+    ck_assert_uint_eq(pos, strlen("q,a,b,c,d,1,extra,more\n"));
+    free_fields(f, 6);
+    ck_assert_int_eq(ql_csv_record(eight, strlen(eight), &pos, f, 6), 2);
+    free_fields(f, 6);
+
+    const char nul[] = "q,a\0b,c\n";
+    pos = 0;
+    ck_assert_int_eq(ql_csv_record(nul, sizeof nul - 1, &pos, f, 6), QL_CSV_NUL);
+    for (int i = 0; i < 6; i++) ck_assert_ptr_null(f[i]);
+    const char qnul[] = "\"q\0\",a\n";
+    pos = 0;
+    ck_assert_int_eq(ql_csv_record(qnul, sizeof qnul - 1, &pos, f, 6), QL_CSV_NUL);
+    ck_assert_ptr_null(f[0]);
+
+    /* a quoted field with a doubled quote, a comma and a newline */
+    const char *quoted = "\"x \"\"y\"\", z\nw\",2\r\n";
+    pos = 0;
+    ck_assert_int_eq(ql_csv_record(quoted, strlen(quoted), &pos, f, 6), 2);
+    ck_assert_str_eq(f[0], "x \"y\", z\nw");
+    ck_assert_str_eq(f[1], "2");
+    ck_assert_uint_eq(pos, strlen(quoted));
+    free_fields(f, 6);
+}
+END_TEST
+
 Suite *dataset_suite(void)
 {
     Suite *s = suite_create("dataset");
@@ -690,6 +762,12 @@ Suite *dataset_suite(void)
 
     tc = tcase_create("errors");
     tcase_add_test(tc, test_bad_files);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("readers");
+    tcase_set_timeout(tc, 20); /* a reader that waits on a FIFO fails by timing out */
+    tcase_add_test(tc, test_fifo_is_refused);
+    tcase_add_test(tc, test_csv_records);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("order");

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "qlora/qlora.h"
 #include "testutil.h"
@@ -603,7 +605,7 @@ START_TEST(test_outdir_refuses_existing)
     char *dest = join(dir, "out");
     ck_assert_int_eq(ql_mkdir_p(dest), QL_OK);
     ql_outdir *o = (ql_outdir *)0x1;
-    ck_assert_int_eq(ql_outdir_begin(dest, 0, &o), QL_EEXIST);
+    ck_assert_int_eq(ql_outdir_begin(dest, "test", 0, NULL, 0, &o), QL_EEXIST);
     ck_assert_ptr_null(o);
     ck_assert_contains(ql_error_message(), dest);
     ck_assert_contains(ql_error_message(), "already exists");
@@ -611,7 +613,7 @@ START_TEST(test_outdir_refuses_existing)
     /* a plain file in the way counts too */
     char *file = join(dir, "file");
     spit(file, "x", 1);
-    ck_assert_int_eq(ql_outdir_begin(file, 0, &o), QL_EEXIST);
+    ck_assert_int_eq(ql_outdir_begin(file, "test", 0, NULL, 0, &o), QL_EEXIST);
     ck_assert_contains(ql_error_message(), "already exists");
     char names[1024];
     list_dir(dir, names, sizeof names);
@@ -628,10 +630,10 @@ START_TEST(test_outdir_abandon)
     char *dir = fresh_dir();
     char *dest = join(dir, "out");
     ql_outdir *o;
-    ck_assert_int_eq(ql_outdir_begin(dest, 0, &o), QL_OK);
+    ck_assert_int_eq(ql_outdir_begin(dest, "test", 0, NULL, 0, &o), QL_OK);
     const char *tmp = ql_outdir_path(o);
     char prefix[512];
-    snprintf(prefix, sizeof prefix, "%s.tmp.", dest);
+    snprintf(prefix, sizeof prefix, "%s/.out.qlora-tmp.%ld.", dir, (long)getpid());
     ck_assert_int_eq(strncmp(tmp, prefix, strlen(prefix)), 0);
     ck_assert(ql_is_dir(tmp));
     ck_assert(!ql_path_exists(dest));
@@ -664,7 +666,7 @@ START_TEST(test_outdir_commit)
     /* the parent is created; a trailing slash is ignored */
     char with_slash[512];
     snprintf(with_slash, sizeof with_slash, "%s/", dest);
-    ck_assert_int_eq(ql_outdir_begin(with_slash, 0, &o), QL_OK);
+    ck_assert_int_eq(ql_outdir_begin(with_slash, "test", 0, NULL, 0, &o), QL_OK);
     char *f = join(ql_outdir_path(o), "a.txt");
     spit(f, "A", 1);
     free(f);
@@ -672,7 +674,7 @@ START_TEST(test_outdir_commit)
     ck_assert(ql_is_dir(dest));
     char names[1024];
     list_dir(dest, names, sizeof names);
-    ck_assert_str_eq(names, "a.txt");
+    ck_assert_str_eq(names, ".qlora-output a.txt");
     char *parent = join(dir, "nested");
     list_dir(parent, names, sizeof names);
     ck_assert_str_eq(names, "out");
@@ -690,8 +692,9 @@ START_TEST(test_outdir_force_replaces)
     ck_assert_int_eq(ql_mkdir_p(dest), QL_OK);
     char *old = join(dest, "old.txt");
     spit(old, "old", 3);
+    ck_assert_int_eq(ql_output_mark(dest, "test"), QL_OK); /* --force replaces only a marked earlier output */
     ql_outdir *o;
-    ck_assert_int_eq(ql_outdir_begin(dest, 1, &o), QL_OK);
+    ck_assert_int_eq(ql_outdir_begin(dest, "test", 1, NULL, 0, &o), QL_OK);
     /* replaced only at commit */
     ck_assert(ql_path_exists(old));
     char *f = join(ql_outdir_path(o), "new.txt");
@@ -700,7 +703,7 @@ START_TEST(test_outdir_force_replaces)
     ck_assert_int_eq(ql_outdir_commit(o), QL_OK);
     char names[1024];
     list_dir(dest, names, sizeof names);
-    ck_assert_str_eq(names, "new.txt");
+    ck_assert_str_eq(names, ".qlora-output new.txt");
     list_dir(dir, names, sizeof names);
     ck_assert_str_eq(names, "out"); /* no .tmp. or .old. leftovers */
     char *nf = join(dest, "new.txt");
@@ -711,10 +714,10 @@ START_TEST(test_outdir_force_replaces)
     free(nf);
 
     /* force with an abandoned run leaves the existing folder alone */
-    ck_assert_int_eq(ql_outdir_begin(dest, 1, &o), QL_OK);
+    ck_assert_int_eq(ql_outdir_begin(dest, "test", 1, NULL, 0, &o), QL_OK);
     ql_outdir_abandon(o);
     list_dir(dest, names, sizeof names);
-    ck_assert_str_eq(names, "new.txt");
+    ck_assert_str_eq(names, ".qlora-output new.txt");
     list_dir(dir, names, sizeof names);
     ck_assert_str_eq(names, "out");
     free(old);
@@ -920,6 +923,170 @@ START_TEST(test_dtype_names)
 }
 END_TEST
 
+/* ---- input readers (issue 6) ---- */
+
+/* A header that fails after some tensors were parsed frees their names (the
+ * leak shows under ASan/LSan and valgrind, which the sanitizer job runs). */
+START_TEST(test_header_error_after_names_frees_them)
+{
+    char *dir = fresh_dir();
+    char *p = write_st(dir, "late.safetensors",
+                       "{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                       "\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]},"
+                       "\"c\":{\"dtype\":\"Q9\",\"shape\":[1],\"data_offsets\":[2,3]}}",
+                       3);
+    expect_open_error(p, QL_EFORMAT, "tensor 'c' has unknown dtype 'Q9'");
+    free(p);
+    /* the same after the overlap check, which runs once every name is parsed */
+    p = write_st(dir, "overlap.safetensors",
+                 "{\"a\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]},"
+                 "\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[1,3]}}",
+                 3);
+    expect_open_error(p, QL_EFORMAT, "overlap");
+    free(p);
+    /* metadata parsed, then a bad tensor */
+    p = write_st(dir, "meta.safetensors",
+                 "{\"__metadata__\":{\"format\":\"pt\",\"k\":\"v\"},"
+                 "\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                 "\"b\":{\"dtype\":\"U8\",\"shape\":[5],\"data_offsets\":[1,2]}}",
+                 2);
+    expect_open_error(p, QL_EFORMAT, "tensor 'b' of shape [5] and dtype U8 needs 5 bytes");
+    free(p);
+    free(dir);
+}
+END_TEST
+
+/* Float tensors at offsets that are not a multiple of their size: every
+ * dtype conversion loads through memcpy (UBSan: no misaligned load). */
+START_TEST(test_unaligned_float_tensors)
+{
+    char *dir = fresh_dir();
+    /* one U8 byte first puts every later tensor at an odd offset */
+    const char *header = "{\"pad\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                         "\"d\":{\"dtype\":\"F64\",\"shape\":[3],\"data_offsets\":[1,25]},"
+                         "\"f\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[25,33]},"
+                         "\"h\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[33,37]},"
+                         "\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[37,41]}}";
+    /* pad the header so the data area itself starts 8-byte aligned: only the offsets are odd */
+    size_t hl = strlen(header), padded = (hl + 7) & ~(size_t)7;
+    char *htext = malloc(padded + 1);
+    memcpy(htext, header, hl);
+    memset(htext + hl, ' ', padded - hl);
+    htext[padded] = '\0';
+    uint8_t data[41] = {0};
+    const double dv[3] = {0.5, -3.0, INFINITY};
+    const float fv[2] = {1.5f, -2.25f};
+    const uint16_t hv[2] = {0x3c00, 0xc000}, bv[2] = {0x3f80, 0x7f80};
+    memcpy(data + 1, dv, sizeof dv);
+    memcpy(data + 25, fv, sizeof fv);
+    memcpy(data + 33, hv, sizeof hv);
+    memcpy(data + 37, bv, sizeof bv);
+    size_t total = 8 + padded + sizeof data;
+    uint8_t *buf = malloc(total);
+    for (int i = 0; i < 8; i++) buf[i] = (uint8_t)((uint64_t)padded >> (8 * i));
+    memcpy(buf + 8, htext, padded);
+    memcpy(buf + 8 + padded, data, sizeof data);
+    char *path = join(dir, "odd.safetensors");
+    spit(path, buf, total);
+    ql_st_file *f;
+    ck_assert_msg(ql_st_open(path, &f) == QL_OK, "%s", ql_error_message());
+    const ql_tensor *t = ql_st_find(f, "d");
+    ck_assert_ptr_nonnull(t);
+    ck_assert_uint_eq((uintptr_t)t->data % 8, 1);
+    float out[3];
+    ck_assert_int_eq(ql_convert_to_f32(QL_DTYPE_F64, t->data, 3, out), QL_OK);
+    ck_assert_float_eq(out[0], 0.5f);
+    ck_assert_float_eq(out[1], -3.0f);
+    ck_assert_int_eq(ql_first_nonfinite(QL_DTYPE_F64, t->data, 3), 2);
+    t = ql_st_find(f, "f");
+    ck_assert_uint_eq((uintptr_t)t->data % 4, 1);
+    ck_assert_int_eq(ql_convert_to_f32(QL_DTYPE_F32, t->data, 2, out), QL_OK);
+    ck_assert_float_eq(out[1], -2.25f);
+    ck_assert_int_eq(ql_first_nonfinite(QL_DTYPE_F32, t->data, 2), -1);
+    t = ql_st_find(f, "h");
+    ck_assert_uint_eq((uintptr_t)t->data % 2, 1);
+    ck_assert_int_eq(ql_convert_to_f32(QL_DTYPE_F16, t->data, 2, out), QL_OK);
+    ck_assert_float_eq(out[1], -2.0f);
+    ck_assert_int_eq(ql_first_nonfinite(QL_DTYPE_F16, t->data, 2), -1);
+    t = ql_st_find(f, "b");
+    ck_assert_uint_eq((uintptr_t)t->data % 2, 1);
+    ck_assert_int_eq(ql_convert_to_f32(QL_DTYPE_BF16, t->data, 2, out), QL_OK);
+    ck_assert_float_eq(out[0], 1.0f);
+    ck_assert_int_eq(ql_first_nonfinite(QL_DTYPE_BF16, t->data, 2), 1);
+    ql_st_close(f);
+    free(buf);
+    free(htext);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* safetensors' shape [] is a scalar of one element, in the reader and the writer. */
+START_TEST(test_zero_dim_tensor)
+{
+    char *dir = fresh_dir();
+    ql_st_writer *w;
+    ck_assert_int_eq(ql_st_writer_create(&w), QL_OK);
+    const float one = 0.75f;
+    ql_tensor t = {.name = "scalar", .dtype = QL_DTYPE_F32, .ndim = 0, .data = &one, .nbytes = 4};
+    ck_assert_msg(ql_st_writer_add(w, &t) == QL_OK, "%s", ql_error_message());
+    t.nbytes = 0;
+    t.name = "empty_scalar";
+    ck_assert_int_eq(ql_st_writer_add(w, &t), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "shape needs 4 bytes but 0 given");
+    char *path = join(dir, "scalar.safetensors");
+    ck_assert_int_eq(ql_st_writer_save(w, path), QL_OK);
+    ql_st_writer_destroy(w);
+    size_t len;
+    char *raw = slurp(path, &len);
+    ck_assert_contains(raw + 8, "\"scalar\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,4]}");
+    free(raw);
+    ql_st_file *f;
+    ck_assert_msg(ql_st_open(path, &f) == QL_OK, "%s", ql_error_message());
+    const ql_tensor *r = ql_st_find(f, "scalar");
+    ck_assert_ptr_nonnull(r);
+    ck_assert_int_eq(r->ndim, 0);
+    ck_assert_uint_eq(r->nbytes, 4);
+    ck_assert_int_eq(ql_shape_numel(r->shape, r->ndim), 1);
+    float v;
+    memcpy(&v, r->data, 4);
+    ck_assert_float_eq(v, 0.75f);
+    ql_st_close(f);
+    free(path);
+    /* a 0-d header entry spanning no bytes is refused */
+    path = write_st(dir, "bad.safetensors", "{\"s\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,0]}}", 0);
+    expect_open_error(path, QL_EFORMAT, "needs 4 bytes but data_offsets span 0");
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* A FIFO (or anything not a regular file) is refused at once, never waited on. */
+START_TEST(test_fifo_is_refused)
+{
+    char *dir = fresh_dir();
+    char *path = join(dir, "model.safetensors");
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    ql_st_file *f = (ql_st_file *)0x1;
+    ck_assert_int_eq(ql_st_open(path, &f), QL_EINVAL);
+    ck_assert_ptr_null(f);
+    ck_assert_contains(ql_error_message(), path);
+    ck_assert_contains(ql_error_message(), "is not a regular file");
+    char *data = (char *)0x1;
+    size_t len;
+    ck_assert_int_eq(ql_read_file(path, &data, &len), QL_EINVAL);
+    ck_assert_ptr_null(data);
+    ck_assert_contains(ql_error_message(), "is not a regular file");
+    /* a folder too */
+    ck_assert_int_eq(ql_st_open(dir, &f), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "is not a regular file");
+    ck_assert_int_eq(ql_read_file(dir, &data, &len), QL_EINVAL);
+    unlink(path);
+    free(path);
+    free(dir);
+}
+END_TEST
+
 Suite *safetensors_suite(void)
 {
     Suite *s = suite_create("safetensors");
@@ -962,6 +1129,14 @@ Suite *safetensors_suite(void)
     tcase_add_test(tc, test_convert_to_f32);
     tcase_add_test(tc, test_first_nonfinite);
     tcase_add_test(tc, test_dtype_names);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("readers");
+    tcase_set_timeout(tc, 20); /* a reader that waits on a FIFO fails by timing out */
+    tcase_add_test(tc, test_header_error_after_names_frees_them);
+    tcase_add_test(tc, test_unaligned_float_tensors);
+    tcase_add_test(tc, test_zero_dim_tensor);
+    tcase_add_test(tc, test_fifo_is_refused);
     suite_add_tcase(s, tc);
     return s;
 }

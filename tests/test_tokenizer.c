@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "qlora/error.h"
@@ -762,6 +764,123 @@ START_TEST(test_bad_files)
 }
 END_TEST
 
+/* ---- input readers (issue 6) ---- */
+
+static long max_rss_kib(void)
+{
+    struct rusage ru;
+    ck_assert_int_eq(getrusage(RUSAGE_SELF, &ru), 0);
+    return ru.ru_maxrss;
+}
+
+/* Ids index tables of max id + 1 entries: a 60-byte file naming id
+ * 67,108,863 is refused before any table is allocated, by name. */
+START_TEST(test_vocab_ids_bounded_by_entries)
+{
+    char *dir = tmpdir();
+    write_text(dir, "tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 67108863}, \"merges\": []}}");
+    long before = max_rss_kib();
+    ql_tokenizer *t = (ql_tokenizer *)1;
+    ck_assert_int_eq(ql_tokenizer_load(dir, &t), QL_EFORMAT);
+    ck_assert_ptr_null(t);
+    assert_contains(ql_error_message(), "tokenizer.json: model.vocab uses id 67108863 but has only 1 entries");
+    long grew = max_rss_kib() - before;
+    ck_assert_msg(grew < 64 * 1024, "loading a 70-byte tokenizer.json took %ld KiB", grew);
+    /* holes are allowed (the library allows them), up to as many as entries */
+    write_text(dir, "tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 3}, \"merges\": []}}");
+    t = load_ok(dir);
+    ck_assert_uint_eq(ql_tokenizer_vocab_size(t), 4);
+    ql_tokenizer_destroy(t);
+    write_text(dir, "tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 4}, \"merges\": []}}");
+    ck_assert_int_eq(ql_tokenizer_load(dir, &t), QL_EFORMAT);
+    assert_contains(ql_error_message(), "model.vocab uses id 4 but has only 2 entries");
+    ql_remove_tree(dir);
+    free(dir);
+}
+END_TEST
+
+/* Ids the post-processor adds are range-checked before they are narrowed. */
+START_TEST(test_post_processor_ids_range)
+{
+    patched_fails("{\"set\": {\"post_processor\": {\"type\": \"BertProcessing\", \"cls\": [\"<s>\", 4294967297], "
+                  "\"sep\": [\"</s>\", 2]}}}",
+                  QL_EFORMAT, "BertProcessing needs \"cls\" and \"sep\" as [token, id] with ids from 0 to 2^31-1");
+    patched_fails("{\"set\": {\"post_processor\": {\"type\": \"RobertaProcessing\", \"cls\": [\"<s>\", 1], "
+                  "\"sep\": [\"</s>\", -2]}}}",
+                  QL_EFORMAT, "with ids from 0 to 2^31-1");
+}
+END_TEST
+
+static void config_fails(const char *dir, const char *name, const char *text, const char *n1, const char *n2)
+{
+    write_text(dir, name, text);
+    ql_tokenizer *t = (ql_tokenizer *)1;
+    int rc = ql_tokenizer_load(dir, &t);
+    ck_assert_msg(rc == QL_EFORMAT, "%s = %s: got %s (%s)", name, text, ql_status_name(rc), ql_error_message());
+    ck_assert_ptr_null(t);
+    assert_contains(ql_error_message(), name);
+    assert_contains(ql_error_message(), n1);
+    if (n2) assert_contains(ql_error_message(), n2);
+}
+
+/* config.json's ids and tokenizer_config.json's tokens: a wrong type is an
+ * error naming the file and the field, not silently ignored. */
+START_TEST(test_config_fields_typed)
+{
+    char *dir = tmpdir();
+    char *src = shared_path("models/stories260K/tokenizer.json"), *dst = join(dir, "tokenizer.json");
+    ck_assert_int_eq(ql_copy_file_atomic(src, dst), QL_OK);
+    free(src);
+    free(dst);
+    config_fails(dir, "config.json", "{\"eos_token_id\": \"2\"}", "\"eos_token_id\" must be an integer token id", NULL);
+    config_fails(dir, "config.json", "{\"bos_token_id\": 1.0}", "\"bos_token_id\" must be an integer token id", NULL);
+    config_fails(dir, "config.json", "{\"bos_token_id\": [1]}", "\"bos_token_id\" must be an integer token id", NULL);
+    config_fails(dir, "config.json", "{\"eos_token_id\": [2, \"x\"]}", "\"eos_token_id\" must be an integer", NULL);
+    config_fails(dir, "config.json", "{\"eos_token_id\": []}", "\"eos_token_id\" is an empty list", NULL);
+    config_fails(dir, "config.json", "{\"eos_token_id\": 512}", "\"eos_token_id\" 512 is not an id of the tokenizer",
+                 "512 ids");
+    config_fails(dir, "config.json", "{\"bos_token_id\": -1}", "\"bos_token_id\" -1 is not an id", NULL);
+    write_text(dir, "config.json", "{\"bos_token_id\": null, \"eos_token_id\": [2, 1]}");
+    config_fails(dir, "tokenizer_config.json", "{\"eos_token\": 2}", "\"eos_token\" must be a string or {\"content\": string}",
+                 NULL);
+    config_fails(dir, "tokenizer_config.json", "{\"bos_token\": {\"content\": 1}}", "\"bos_token\" must be a string", NULL);
+    /* null is "not set" */
+    write_text(dir, "tokenizer_config.json", "{\"bos_token\": null, \"eos_token\": {\"content\": \"</s>\"}}");
+    ql_tokenizer *t = load_ok(dir);
+    ck_assert_int_eq(ql_tokenizer_eos(t), 2);
+    ql_tokenizer_destroy(t);
+    ql_remove_tree(dir);
+    free(dir);
+}
+END_TEST
+
+/* A FIFO in place of tokenizer.json or a config file is refused at once. */
+START_TEST(test_fifo_files_refused)
+{
+    char *dir = tmpdir();
+    static const char *const names[] = {"tokenizer.json", "tokenizer_config.json", "config.json"};
+    char *src = shared_path("models/stories260K/tokenizer.json");
+    for (size_t i = 0; i < 3; i++) {
+        char *tj = join(dir, "tokenizer.json");
+        unlink(tj);
+        if (i) ck_assert_int_eq(ql_copy_file_atomic(src, tj), QL_OK);
+        char *p = join(dir, names[i]);
+        ck_assert_int_eq(mkfifo(p, 0600), 0);
+        ql_tokenizer *t = (ql_tokenizer *)1;
+        ck_assert_int_eq(ql_tokenizer_load(dir, &t), QL_EINVAL);
+        ck_assert_ptr_null(t);
+        assert_contains(ql_error_message(), p);
+        assert_contains(ql_error_message(), "is not a regular file");
+        unlink(p);
+        free(p);
+        free(tj);
+    }
+    free(src);
+    ql_remove_tree(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(test_bad_text)
 {
     /* no byte fallback: bytes that are not UTF-8 have nowhere to go */
@@ -836,6 +955,14 @@ Suite *tokenizer_suite(void)
     tcase_add_test(tc, test_bad_tokenizer_json);
     tcase_add_test(tc, test_bad_files);
     tcase_add_test(tc, test_bad_text);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("readers");
+    tcase_set_timeout(tc, 30); /* a reader that waits on a FIFO fails by timing out */
+    tcase_add_test(tc, test_vocab_ids_bounded_by_entries);
+    tcase_add_test(tc, test_post_processor_ids_range);
+    tcase_add_test(tc, test_config_fields_typed);
+    tcase_add_test(tc, test_fifo_files_refused);
     suite_add_tcase(s, tc);
     return s;
 }

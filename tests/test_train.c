@@ -3,11 +3,15 @@
  * eval/generate/merge with an adapter, and every bad-input message. */
 #include <check.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "qlora/mmlu.h"
 #include "qlora/qlora.h"
@@ -590,6 +594,582 @@ START_TEST(csv_records)
 }
 END_TEST
 
+/* ---- checkpoints, adapters and the run folder against bad files, crashes,
+ * full disks, concurrent runs and --force ---- */
+
+/* One trained run shared by the loop tests below (made once per test case,
+ * in the parent process): checkpoint-1, checkpoint-2 and the final adapter. */
+static char base_dir[1024], base_data[1200], base_run[1200];
+
+static void base_setup(void)
+{
+    snprintf(base_dir, sizeof base_dir, "%s", tu_tmpdir());
+    snprintf(model, sizeof model, "%s/models/stories260K", tu_env("QLORA_SHARED"));
+    snprintf(base_data, sizeof base_data, "%s/small.json", base_dir);
+    FILE *f = fopen(base_data, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("[", f);
+    for (int i = 0; i < 12; i++)
+        fprintf(f, "%s{\"instruction\": \"Tell a story about a dog number %d.\", \"input\": \"\", \"output\": "
+                   "\"Once upon a time there was a dog. It ran %d times.\"}",
+                i ? ", " : "", i, i);
+    fputs("]\n", f);
+    fclose(f);
+    snprintf(base_run, sizeof base_run, "%s/run", base_dir);
+    char *err;
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --save-steps 1 --output %s", model, base_data, base_run) == 0,
+                  "%s", err);
+    free(err);
+}
+
+static void base_teardown(void) { ql_remove_tree(base_dir); }
+
+static void sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void sh(const char *fmt, ...)
+{
+    char line[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    char *err;
+    ck_assert_msg(tu_run(line, NULL, &err) == 0, "%s: %s", line, err);
+    free(err);
+}
+
+/* Every file under dir (but the lock, whose pid changes) with its SHA-256. */
+static char *digest(const char *dir)
+{
+    char line[2048], *out;
+    snprintf(line, sizeof line, "(cd '%s' && find . -type f ! -name .qlora-lock | LC_ALL=C sort | xargs -r sha256sum)", dir);
+    ck_assert_int_eq(tu_run(line, &out, NULL), 0);
+    ck_assert_msg(strstr(out, "./") != NULL, "no files under %s", dir);
+    return out;
+}
+
+enum { M_NONE, M_JSON, M_FILE, M_SHAPE, M_DTYPE, M_VALUE, M_DROP, M_ADD };
+
+typedef struct mutation {
+    const char *file;   /* the file to change */
+    int op;
+    const char *key;    /* M_JSON: a key ("config.lora_r" reaches into config); tensors: the tensor's name */
+    const char *value;  /* M_JSON: the new value's JSON (NULL: delete the key); M_FILE: the whole text */
+    int dtype, ndim;    /* M_SHAPE, M_DTYPE */
+    int64_t shape[2];
+    double num;         /* M_VALUE: element 0 becomes this */
+    const char *expect; /* in the message (beside the file's name); NULL: the command succeeds */
+    const char *absent; /* not in the message */
+} mutation;
+
+static void mutate_json(const char *path, const mutation *mu)
+{
+    if (mu->op == M_FILE) {
+        ck_assert_int_eq(ql_write_file_atomic(path, mu->value, strlen(mu->value)), QL_OK);
+        return;
+    }
+    json_t *root = json_load_file(path, 0, NULL), *obj = root;
+    ck_assert_ptr_nonnull(root);
+    char key[128];
+    snprintf(key, sizeof key, "%s", mu->key);
+    char *dot = strchr(key, '.');
+    if (dot) {
+        *dot = '\0';
+        obj = json_object_get(root, key);
+        memmove(key, dot + 1, strlen(dot + 1) + 1);
+    }
+    if (mu->value) {
+        json_error_t je;
+        json_t *v = json_loads(mu->value, JSON_DECODE_ANY, &je);
+        ck_assert_msg(v != NULL, "%s: %s", mu->value, je.text);
+        json_object_set_new(obj, key, v);
+    } else {
+        json_object_del(obj, key);
+    }
+    ck_assert_int_eq(json_dump_file(root, path, JSON_INDENT(2)), 0);
+    json_decref(root);
+}
+
+static void mutate_tensors(const char *path, const mutation *mu)
+{
+    ql_st_file *f;
+    ck_assert_int_eq(ql_st_open(path, &f), QL_OK);
+    ql_st_writer *w;
+    ck_assert_int_eq(ql_st_writer_create(&w), QL_OK);
+    const char *meta[] = {"format", "qlora_adapter"};
+    for (int i = 0; i < 2; i++)
+        if (ql_st_metadata(f, meta[i])) ck_assert_int_eq(ql_st_writer_set_metadata(w, meta[i], ql_st_metadata(f, meta[i])), QL_OK);
+    int found = 0;
+    for (size_t i = 0; i < ql_st_count(f); i++) {
+        ql_tensor t = *ql_st_at(f, i);
+        void *buf = NULL;
+        if (!strcmp(t.name, mu->key)) {
+            found = 1;
+            if (mu->op == M_DROP) continue;
+            if (mu->op == M_SHAPE || mu->op == M_DTYPE) {
+                if (mu->op == M_SHAPE) {
+                    t.ndim = mu->ndim;
+                    for (int d = 0; d < 2; d++) t.shape[d] = mu->shape[d];
+                } else {
+                    t.dtype = mu->dtype;
+                }
+                uint64_t numel = 1;
+                for (int d = 0; d < t.ndim; d++) numel *= (uint64_t)t.shape[d];
+                t.nbytes = numel * ql_dtype_size(t.dtype);
+                buf = calloc(1, t.nbytes + 8);
+            } else if (mu->op == M_VALUE) {
+                buf = malloc(t.nbytes);
+                memcpy(buf, t.data, t.nbytes);
+                if (t.dtype == QL_DTYPE_I64) ((int64_t *)buf)[0] = (int64_t)mu->num;
+                else ((float *)buf)[0] = (float)mu->num;
+            }
+            if (buf) t.data = buf;
+        }
+        ck_assert_int_eq(ql_st_writer_add(w, &t), QL_OK);
+        free(buf);
+    }
+    if (mu->op == M_ADD) {
+        float one = 1;
+        ql_tensor t = {.name = mu->key, .dtype = QL_DTYPE_F32, .ndim = 1, .shape = {1}, .data = &one, .nbytes = 4};
+        ck_assert_int_eq(ql_st_writer_add(w, &t), QL_OK);
+    } else {
+        ck_assert_msg(found, "no tensor %s in %s", mu->key, path);
+    }
+    ql_st_close(f);
+    ck_assert_int_eq(ql_st_writer_save(w, path), QL_OK);
+    ql_st_writer_destroy(w);
+}
+
+static void apply_mutation(const char *dir, const mutation *mu)
+{
+    if (mu->op == M_NONE) return;
+    char path[1400];
+    snprintf(path, sizeof path, "%s/%s", dir, mu->file);
+    if (mu->op == M_JSON || mu->op == M_FILE) mutate_json(path, mu);
+    else mutate_tensors(path, mu);
+}
+
+#define Q_A "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+#define D_B "base_model.model.model.layers.4.mlp.down_proj.lora_B.weight"
+#define TS "trainer_state.json"
+#define OPT "optimizer.safetensors"
+#define AD "adapter_model.safetensors"
+#define I64 QL_DTYPE_I64
+#define F16 QL_DTYPE_F16
+
+/* Resumed with --steps 3 from checkpoint-1 (global_step 1, grad_accum 2, r 4). */
+static const mutation ckpt_mutations[] = {
+    {TS, M_NONE, NULL, NULL, 0, 0, {0}, 0, NULL, NULL}, /* the untouched copy resumes */
+    {TS, M_FILE, NULL, "[1, 2]", 0, 0, {0}, 0, "is not a JSON object", NULL},
+    {TS, M_FILE, NULL, "{\"format\": ", 0, 0, {0}, 0, "is not valid JSON", NULL},
+    {TS, M_JSON, "format", "2", 0, 0, {0}, 0, "checkpoint format 2", NULL},
+    {TS, M_JSON, "format", "\"1\"", 0, 0, {0}, 0, "checkpoint format \"1\"", NULL},
+    {TS, M_JSON, "global_step", "-3", 0, 0, {0}, 0, "global_step must be an integer from 1", NULL},
+    {TS, M_JSON, "global_step", "0", 0, 0, {0}, 0, "global_step must be an integer from 1", NULL},
+    {TS, M_JSON, "global_step", "\"x\"", 0, 0, {0}, 0, "global_step must be an integer from 1 to", NULL},
+    {TS, M_JSON, "global_step", NULL, 0, 0, {0}, 0, "global_step must be an integer from 1 to 9223372036854775807, not (absent)", NULL},
+    {TS, M_JSON, "global_step", "2", 0, 0, {0}, 0, "global_step is 2, but the folder is checkpoint-1", NULL},
+    {TS, M_JSON, "global_step", "7", 0, 0, {0}, 0, "is at step 7 (global_step in", NULL},
+    {TS, M_JSON, "micro_batches_done", "-5", 0, 0, {0}, 0, "micro_batches_done must be an integer from 0", NULL},
+    {TS, M_JSON, "micro_batches_done", "4611686018427387904", 0, 0, {0}, 0, "micro_batches_done is 4611686018427387904, but global_step 1 with grad_accum 2 means 2", NULL},
+    {TS, M_JSON, "micro_batches_done", "3", 0, 0, {0}, 0, "micro_batches_done is 3", NULL},
+    {TS, M_JSON, "micro_batches_done", "2.0", 0, 0, {0}, 0, "micro_batches_done must be an integer", NULL},
+    {TS, M_JSON, "tokens_seen", "-1", 0, 0, {0}, 0, "tokens_seen must be a whole number", NULL},
+    {TS, M_JSON, "tokens_seen", "\"many\"", 0, 0, {0}, 0, "tokens_seen must be a whole number", NULL},
+    {TS, M_JSON, "tokens_seen", "1e30", 0, 0, {0}, 0, "tokens_seen must be a whole number", NULL},
+    {TS, M_JSON, "tokens_seen", "10.5", 0, 0, {0}, 0, "tokens_seen must be a whole number", NULL},
+    {TS, M_JSON, "lora_parameters", "5", 0, 0, {0}, 0, "lora_parameters is 5, but this run's adapter has", NULL},
+    {TS, M_JSON, "lora_parameters", "null", 0, 0, {0}, 0, "lora_parameters must be an integer", NULL},
+    {TS, M_JSON, "config", NULL, 0, 0, {0}, 0, "config (the run's settings) is missing", NULL},
+    {TS, M_JSON, "config", "7", 0, 0, {0}, 0, "config (the run's settings) is missing or not an object", NULL},
+    {TS, M_JSON, "config.lora_r", "8", 0, 0, {0}, 0, "lora_r = 8, but this run has lora_r = 4", NULL},
+    {OPT, M_SHAPE, "adamw.step", NULL, I64, 1, {0}, 0, "tensor adamw.step is I64 [0], this run needs I64 []", NULL},
+    {OPT, M_DTYPE, "adamw.step", NULL, QL_DTYPE_F64, 0, {0}, 0, "tensor adamw.step is F64", NULL},
+    {OPT, M_VALUE, "adamw.step", NULL, 0, 0, {0}, 7, "adamw.step is 7, but trainer_state.json's global_step is 1", NULL},
+    {OPT, M_DROP, "adamw.step", NULL, 0, 0, {0}, 0, "tensor adamw.step is missing", NULL},
+    {OPT, M_SHAPE, "adamw.m", NULL, 0, 1, {5}, 0, "tensor adamw.m is F32 [5], this run needs F32 [", NULL},
+    {OPT, M_DTYPE, "adamw.m", NULL, F16, 0, {0}, 0, "tensor adamw.m is F16", NULL},
+    {OPT, M_VALUE, "adamw.m", NULL, 0, 0, {0}, NAN, "tensor adamw.m has a non-finite value nan at index 0", NULL},
+    {OPT, M_VALUE, "adamw.v", NULL, 0, 0, {0}, -1, "tensor adamw.v has a negative value -1 at index 0", NULL},
+    {OPT, M_VALUE, "adamw.v", NULL, 0, 0, {0}, INFINITY, "tensor adamw.v has a non-finite value", NULL},
+    {OPT, M_ADD, "junk", NULL, 0, 0, {0}, 0, "has 4 tensors", NULL},
+    {AD, M_SHAPE, Q_A, NULL, 0, 2, {4, 63}, 0, "q_proj.lora_A.weight is F32 [4, 63], this run needs F32 [4, 64]", NULL},
+    {AD, M_SHAPE, Q_A, NULL, 0, 1, {256}, 0, "q_proj.lora_A.weight is F32 [256], this run needs F32 [4, 64]", NULL},
+    {AD, M_DTYPE, D_B, NULL, F16, 0, {0}, 0, "down_proj.lora_B.weight is F16 [64, 4], this run needs F32 [64, 4]", NULL},
+    {AD, M_VALUE, D_B, NULL, 0, 0, {0}, INFINITY, "down_proj.lora_B.weight has a non-finite value inf", NULL},
+    {AD, M_DROP, Q_A, NULL, 0, 0, {0}, 0, "q_proj.lora_A.weight is missing", NULL},
+    {AD, M_ADD, "base_model.model.lm_head.lora_A.weight", NULL, 0, 0, {0}, 0, "has 71 tensors, this run's adapter has 70", NULL},
+};
+#define N_CKPT_MUTATIONS ((int)(sizeof ckpt_mutations / sizeof ckpt_mutations[0]))
+
+START_TEST(checkpoint_fields_are_checked)
+{
+    const mutation *mu = &ckpt_mutations[_i];
+    char run[1200], ckpt[1300], *err;
+    snprintf(run, sizeof run, "%s/ckpt%d", tmp, _i);
+    sh("cp -a '%s' '%s'", base_run, run);
+    snprintf(ckpt, sizeof ckpt, "%s/checkpoint-1", run);
+    apply_mutation(ckpt, mu);
+    int st = qlora(NULL, &err, TRAIN_ARGS " --steps 3 --resume %s", model, base_data, ckpt);
+    if (!mu->expect) {
+        ck_assert_msg(st == 0, "the untouched checkpoint does not resume: %s", err);
+    } else {
+        ck_assert_msg(st != 0 && st < 128, "#%d (%s %s): exit %d\n%s", _i, mu->file, mu->key ? mu->key : "", st, err);
+        ck_assert_contains(err, mu->file);
+        ck_assert_contains(err, mu->expect);
+    }
+    free(err);
+}
+END_TEST
+
+#define AC "adapter_config.json"
+
+/* Loaded for generate from a copy of a run's final adapter (r 4, alpha 16, all modules). */
+static const mutation adapter_mutations[] = {
+    {AC, M_NONE, NULL, NULL, 0, 0, {0}, 0, NULL, NULL},
+    {AC, M_FILE, NULL, "[1]", 0, 0, {0}, 0, "adapter_config.json is not a JSON object", NULL},
+    {AC, M_JSON, "r", "4294967300", 0, 0, {0}, 0, "adapter_config.json: r must be an integer from 1 to 65536, not 4294967300", NULL},
+    {AC, M_JSON, "r", "0", 0, 0, {0}, 0, "adapter_config.json: r must be an integer from 1 to 65536, not 0", NULL},
+    {AC, M_JSON, "r", "\"4\"", 0, 0, {0}, 0, "adapter_config.json: r must be an integer", NULL},
+    {AC, M_JSON, "r", NULL, 0, 0, {0}, 0, "adapter_config.json: r must be an integer from 1 to 65536, not (absent)", NULL},
+    {AC, M_JSON, "lora_alpha", "-1", 0, 0, {0}, 0, "adapter_config.json: lora_alpha must be a positive number", "--lora-alpha"},
+    {AC, M_JSON, "lora_alpha", "\"16\"", 0, 0, {0}, 0, "adapter_config.json: lora_alpha must be a positive number", NULL},
+    {AC, M_JSON, "lora_dropout", "1.5", 0, 0, {0}, 0, "adapter_config.json: lora_dropout must be a number in [0, 1)", "--lora-dropout"},
+    {AC, M_JSON, "lora_dropout", "\"x\"", 0, 0, {0}, 0, "adapter_config.json: lora_dropout must be", NULL},
+    {AC, M_JSON, "peft_type", "\"IA3\"", 0, 0, {0}, 0, "adapter_config.json: peft_type is \"IA3\"", NULL},
+    {AC, M_JSON, "peft_type", NULL, 0, 0, {0}, 0, "adapter_config.json: peft_type is (absent)", NULL},
+    {AC, M_JSON, "target_modules", "[]", 0, 0, {0}, 0, "adapter_config.json: target_modules must be a non-empty list", NULL},
+    {AC, M_JSON, "target_modules", "\"q_proj\"", 0, 0, {0}, 0, "adapter_config.json: target_modules must be", NULL},
+    {AC, M_JSON, "target_modules", "[\"q_proj\", 3]", 0, 0, {0}, 0, "adapter_config.json: target_modules entry 3", NULL},
+    {AC, M_JSON, "target_modules", "[\"lm_head\"]", 0, 0, {0}, 0, "target_modules entry \"lm_head\" is not supported", NULL},
+    {AC, M_JSON, "base_model_name_or_path", "5", 0, 0, {0}, 0, "adapter_config.json: base_model_name_or_path must be a string", NULL},
+    {AC, M_JSON, "use_rslora", "true", 0, 0, {0}, 0, "adapter_config.json: use_rslora = true is not supported", NULL},
+    {AC, M_JSON, "use_dora", "true", 0, 0, {0}, 0, "adapter_config.json: use_dora = true is not supported", NULL},
+    {AC, M_JSON, "bias", "\"all\"", 0, 0, {0}, 0, "adapter_config.json: bias = \"all\" is not supported", NULL},
+    {AC, M_JSON, "rank_pattern", "{\"q_proj\": 8}", 0, 0, {0}, 0, "adapter_config.json: rank_pattern", NULL},
+    {AC, M_JSON, "layers_to_transform", "[0]", 0, 0, {0}, 0, "adapter_config.json: layers_to_transform = [0]", NULL},
+    {AC, M_JSON, "fan_in_fan_out", "true", 0, 0, {0}, 0, "adapter_config.json: fan_in_fan_out = true", NULL},
+    {AC, M_JSON, "modules_to_save", "[\"lm_head\"]", 0, 0, {0}, 0, "adapter_config.json: modules_to_save", NULL},
+    /* a config of the right shapes that is not the one the weights were written with */
+    {AC, M_JSON, "lora_alpha", "32", 0, 0, {0}, 0, "are not a pair: the weights were written with r=4 lora_alpha=16", NULL},
+    {AC, M_JSON, "target_modules", "[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\"]", 0, 0, {0}, 0,
+     "are not a pair", NULL},
+    {AD, M_ADD, "base_model.model.lm_head.lora_A.weight", NULL, 0, 0, {0}, 0, "has 71 tensors, but", NULL},
+    {AD, M_VALUE, Q_A, NULL, 0, 0, {0}, NAN, "q_proj.lora_A.weight has a non-finite value", NULL},
+};
+#define N_ADAPTER_MUTATIONS ((int)(sizeof adapter_mutations / sizeof adapter_mutations[0]))
+
+START_TEST(adapter_config_fields_are_checked)
+{
+    const mutation *mu = &adapter_mutations[_i];
+    char dir[1200], *err;
+    snprintf(dir, sizeof dir, "%s/adapter%d", tmp, _i);
+    sh("mkdir '%s' && cp '%s/adapter_config.json' '%s/adapter_model.safetensors' '%s'", dir, base_run, base_run, dir);
+    apply_mutation(dir, mu);
+    int st = qlora(NULL, &err, "generate --model %s --quantizer=none --adapter %s --max-new-tokens 1", model, dir);
+    if (!mu->expect) {
+        ck_assert_msg(st == 0, "the untouched adapter does not load: %s", err);
+    } else {
+        ck_assert_msg(st != 0 && st < 128, "#%d (%s): exit %d\n%s", _i, mu->key ? mu->key : "", st, err);
+        ck_assert_contains(err, mu->file);
+        ck_assert_contains(err, mu->expect);
+        if (mu->absent) ck_assert_msg(!tu_contains(err, mu->absent), "'%s' in: %s", mu->absent, err);
+    }
+    free(err);
+}
+END_TEST
+
+/* The states a crash can leave the top-level adapter pair in, each loaded:
+ * old pair (with a writer's temporary beside it), config removed before the
+ * new weights or after them (a kill between the two renames). */
+START_TEST(final_adapter_crash_states)
+{
+    char run[1200], path[1400], *err;
+    snprintf(run, sizeof run, "%s/crash", tmp);
+    sh("cp -a '%s' '%s'", base_run, run);
+    /* a temporary of the next write beside the old pair: the old pair loads */
+    sh("head -c 100 '%s/adapter_model.safetensors' > '%s/adapter_model.safetensors.tmp.AbC123'", run, run);
+    ck_assert_msg(qlora(NULL, &err, "generate --model %s --quantizer=none --adapter %s --max-new-tokens 1", model, run) == 0,
+                  "%s", err);
+    free(err);
+    /* the old config removed, the weights not yet replaced (or replaced): refused, pointing at the whole copy */
+    snprintf(path, sizeof path, "%s/adapter_config.json", run);
+    ck_assert_int_eq(unlink(path), 0);
+    ck_assert_int_ne(qlora(NULL, &err, "generate --model %s --quantizer=none --adapter %s --max-new-tokens 1", model, run), 0);
+    ck_assert_contains(err, "adapter_config.json is missing beside");
+    ck_assert_contains(err, "adapter_model.safetensors");
+    ck_assert_contains(err, "a whole copy is in");
+    ck_assert_contains(err, "/checkpoint-2");
+    free(err);
+    /* a real kill right after the weights' rename, and one right after the config's */
+    const char *shim = getenv("QLORA_FAULT_WRITE");
+    if (!shim || !*shim) return;
+    const char *after[2] = {"adapter_model.safetensors", "adapter_config.json"};
+    for (int k = 0; k < 2; k++) {
+        char killed[1200];
+        snprintf(killed, sizeof killed, "%s/killed%d", tmp, k);
+        snprintf(cmd, sizeof cmd, "LD_PRELOAD='%s' QL_FAULT_KILL_RENAME='%s/%s' OMP_NUM_THREADS=2 %s " TRAIN_ARGS
+                                  " --steps 1 --output %s",
+                 shim, killed, after[k], tu_env("QLORA_BIN"), model, base_data, killed);
+        int st = tu_run(cmd, NULL, NULL);
+        ck_assert_msg(st == 128 || st == 137, "not killed after renaming %s: exit %d", after[k], st);
+        int gen = qlora(NULL, &err, "generate --model %s --quantizer=none --adapter %s --max-new-tokens 1", model, killed);
+        if (k == 0) {
+            ck_assert_int_ne(gen, 0);
+            ck_assert_contains(err, "a whole copy is in");
+            ck_assert_contains(err, "/checkpoint-1");
+        } else {
+            ck_assert_msg(gen == 0, "the pair written before the kill does not load: %s", err);
+        }
+        free(err);
+        /* the checkpoint's copy is whole either way */
+        snprintf(path, sizeof path, "%s/checkpoint-1", killed);
+        ck_assert_msg(qlora(NULL, &err, "generate --model %s --quantizer=none --adapter %s --max-new-tokens 1", model, path) == 0,
+                      "%s", err);
+        free(err);
+    }
+}
+END_TEST
+
+/* Whichever flock the other run holds, a second train on its folder is refused
+ * by name, and nothing of the folder changes. */
+START_TEST(run_folder_is_locked)
+{
+    char run[1200], lock[1300], *err;
+    snprintf(run, sizeof run, "%s/locked", tmp);
+    ck_assert_int_eq(qlora(NULL, NULL, TRAIN_ARGS " --steps 1 --output %s", model, data, run), 0);
+    char *before = digest(run);
+    snprintf(lock, sizeof lock, "%s/.qlora-lock", run);
+    int fd = open(lock, O_RDWR);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(flock(fd, LOCK_EX | LOCK_NB), 0);
+    ck_assert_int_eq(ftruncate(fd, 0), 0);
+    char mine[64], text[32];
+    snprintf(text, sizeof text, "%ld\n", (long)getpid());
+    ck_assert_int_eq(pwrite(fd, text, strlen(text), 0), (ssize_t)strlen(text));
+    snprintf(mine, sizeof mine, "in use by another qlora train (process %ld", (long)getpid());
+    int st = qlora(NULL, &err, TRAIN_ARGS " --steps 2 --resume %s/checkpoint-1", model, data, run);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, mine);
+    ck_assert_contains(err, run);
+    free(err);
+    st = qlora(NULL, &err, TRAIN_ARGS " --steps 2 --output %s --force", model, data, run);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, mine);
+    free(err);
+    char *after = digest(run);
+    ck_assert_str_eq(before, after);
+    free(after);
+    close(fd); /* the other run ends: now it resumes */
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --resume %s/checkpoint-1", model, data, run) == 0, "%s", err);
+    free(err);
+    free(before);
+}
+END_TEST
+
+/* Two trains started at once on one new folder: one runs, the other is refused. */
+START_TEST(two_runs_one_folder)
+{
+    char run[1200], path[1400];
+    snprintf(run, sizeof run, "%s/shared", tmp);
+    snprintf(cmd, sizeof cmd,
+             "for k in 1 2; do (OMP_NUM_THREADS=1 %s " TRAIN_ARGS " --steps 6 --output %s 2>%s/err$k; echo $? >%s/rc$k) & "
+             "done; wait",
+             tu_env("QLORA_BIN"), model, data, run, tmp, tmp);
+    tu_run(cmd, NULL, NULL);
+    int rc[2], ok = 0;
+    char *err[2];
+    for (int k = 0; k < 2; k++) {
+        char *t;
+        size_t len;
+        snprintf(path, sizeof path, "%s/rc%d", tmp, k + 1);
+        ck_assert_int_eq(ql_read_file(path, &t, &len), QL_OK);
+        rc[k] = atoi(t);
+        free(t);
+        snprintf(path, sizeof path, "%s/err%d", tmp, k + 1);
+        ck_assert_int_eq(ql_read_file(path, &err[k], &len), QL_OK);
+        ok += rc[k] == 0;
+    }
+    ck_assert_msg(ok == 1, "exits %d and %d:\n%s\n%s", rc[0], rc[1], err[0], err[1]);
+    const char *loser = rc[0] ? err[0] : err[1];
+    ck_assert_msg(tu_contains(loser, "already exists") || tu_contains(loser, "in use by another qlora train") ||
+                      tu_contains(loser, "created by someone else"),
+                  "%s", loser);
+    free(err[0]);
+    free(err[1]);
+    size_t n;
+    json_t *rows = read_rows(run, &n);
+    ck_assert_uint_eq(n, 6);
+    for (size_t i = 0; i < n; i++) ck_assert_double_eq(field(rows, i, "step"), (double)(i + 1));
+    json_decref(rows);
+}
+END_TEST
+
+/* A real failing write (RLIMIT_FSIZE: writes past 5632 bytes fail with EFBIG)
+ * hits metrics.jsonl after the checkpoints at 10, 20, 30: training stops,
+ * names the file and the last good checkpoint, and leaves whole rows only. */
+START_TEST(metrics_write_error_stops_training)
+{
+    char run[1200], *err;
+    snprintf(run, sizeof run, "%s/fsize", tmp);
+    snprintf(cmd, sizeof cmd,
+             "trap '' XFSZ; ulimit -f 11; OMP_NUM_THREADS=2 %s train --model %s --data %s --format alpaca --lora-r 1 "
+             "--lora-modules q_proj --batch-size 1 --grad-accum 1 --quiet --steps 80 --save-steps 10 --output %s",
+             tu_env("QLORA_BIN"), model, data, run);
+    int st = tu_run(cmd, NULL, &err);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "cannot write");
+    ck_assert_contains(err, "/metrics.jsonl: File too large");
+    const char *at = strstr(err, "the last good checkpoint is checkpoint-");
+    ck_assert_msg(at != NULL, "%s", err);
+    int last = atoi(at + strlen("the last good checkpoint is checkpoint-"));
+    ck_assert_msg(last >= 10 && last % 10 == 0, "%s", err);
+    free(err);
+    size_t n;
+    json_t *rows = read_rows(run, &n); /* every row whole */
+    ck_assert_msg(n >= (size_t)last && n < 80, "%zu rows", n);
+    json_decref(rows);
+    char ckpt[1300];
+    snprintf(ckpt, sizeof ckpt, "%s/checkpoint-%d", run, last);
+    ck_assert_msg(qlora(NULL, &err, "train --model %s --data %s --format alpaca --lora-r 1 --lora-modules q_proj "
+                                    "--batch-size 1 --grad-accum 1 --quiet --steps %d --save-steps 10 --resume %s",
+                        model, data, last + 1, ckpt) == 0,
+                  "%s", err);
+    free(err);
+    rows = read_rows(run, &n);
+    ck_assert_uint_eq(n, (size_t)last + 1);
+    json_decref(rows);
+}
+END_TEST
+
+/* A disk full before the first checkpoint: the new run folder goes, nothing is
+ * left beside it, and the message says why. */
+START_TEST(full_disk_before_first_checkpoint)
+{
+    char parent[1200], run[1300], *err, *out;
+    snprintf(parent, sizeof parent, "%s/disk", tmp);
+    ck_assert_int_eq(ql_mkdir_p(parent), QL_OK);
+    snprintf(run, sizeof run, "%s/run", parent);
+    snprintf(cmd, sizeof cmd, "trap '' XFSZ; ulimit -f 11; OMP_NUM_THREADS=2 %s " TRAIN_ARGS " --steps 3 --save-steps 1 --output %s",
+             tu_env("QLORA_BIN"), model, data, run);
+    int st = tu_run(cmd, NULL, &err);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "File too large");
+    ck_assert_contains(err, "no checkpoint was saved");
+    ck_assert_contains(err, "removed the new run folder");
+    free(err);
+    snprintf(cmd, sizeof cmd, "ls -A '%s'", parent);
+    ck_assert_int_eq(tu_run(cmd, &out, NULL), 0);
+    ck_assert_msg(out[0] == '\0', "left behind: %s", out);
+    free(out);
+}
+END_TEST
+
+/* A resumed run reads and writes only plain files inside its folder. */
+START_TEST(run_files_are_not_followed)
+{
+    char run[1200], path[1300], outside[1300], *err;
+    snprintf(run, sizeof run, "%s/links", tmp);
+    ck_assert_int_eq(qlora(NULL, NULL, TRAIN_ARGS " --steps 1 --output %s", model, data, run), 0);
+    snprintf(outside, sizeof outside, "%s/outside.jsonl", tmp);
+    const char *keep = "{\"step\": 1, \"mine\": true}\n";
+    ck_assert_int_eq(ql_write_file_atomic(outside, keep, strlen(keep)), QL_OK);
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
+    ck_assert_int_eq(unlink(path), 0);
+    ck_assert_int_eq(symlink(outside, path), 0);
+    int st = qlora(NULL, &err, TRAIN_ARGS " --steps 2 --resume %s/checkpoint-1", model, data, run);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "metrics.jsonl is a symbolic link");
+    free(err);
+    char *text;
+    size_t len;
+    ck_assert_int_eq(ql_read_file(outside, &text, &len), QL_OK);
+    ck_assert_str_eq(text, keep);
+    free(text);
+}
+END_TEST
+
+/* --force replaces an earlier run folder, and nothing else. */
+START_TEST(force_replaces_only_earlier_runs)
+{
+    char mcopy[1200], earlier[1200], path[1400], *err;
+    /* the model folder as the output */
+    snprintf(mcopy, sizeof mcopy, "%s/model", tmp);
+    sh("cp -a '%s' '%s'", model, mcopy);
+    char *model_before = digest(mcopy);
+    int st = qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s --force", mcopy, data, mcopy);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, mcopy);
+    ck_assert_contains(err, "--force will not replace it");
+    free(err);
+    char *model_after = digest(mcopy);
+    ck_assert_str_eq(model_before, model_after);
+    free(model_after);
+    /* an earlier run holding this run's data or eval data */
+    snprintf(earlier, sizeof earlier, "%s/earlier", tmp);
+    ck_assert_int_eq(qlora(NULL, NULL, TRAIN_ARGS " --steps 1 --output %s", model, data, earlier), 0);
+    snprintf(path, sizeof path, "%s/d.json", earlier);
+    ck_assert_int_eq(ql_copy_file_atomic(data, path), QL_OK);
+    char *run_before = digest(earlier);
+    st = qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s --force", model, path, earlier);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "--force will not replace it");
+    ck_assert_contains(err, "d.json");
+    free(err);
+    st = qlora(NULL, &err, TRAIN_ARGS " --steps 1 --eval-data %s --output %s --force", model, data, path, earlier);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "--force will not replace it");
+    free(err);
+    char *run_after = digest(earlier);
+    ck_assert_str_eq(run_before, run_after);
+    free(run_after);
+    /* a folder qlora did not write, a link to a run, a FIFO */
+    char plain[1200], link[1200], fifo[1200];
+    snprintf(plain, sizeof plain, "%s/plain", tmp);
+    sh("mkdir '%s' && echo mine > '%s/notes.txt'", plain, plain);
+    st = qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s --force", model, data, plain);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "is not a qlora output");
+    free(err);
+    snprintf(path, sizeof path, "%s/notes.txt", plain);
+    ck_assert(ql_path_exists(path));
+    snprintf(link, sizeof link, "%s/link", tmp);
+    ck_assert_int_eq(symlink(earlier, link), 0);
+    st = qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s --force", model, data, link);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "is a symbolic link");
+    free(err);
+    snprintf(fifo, sizeof fifo, "%s/fifo", tmp);
+    ck_assert_int_eq(mkfifo(fifo, 0644), 0);
+    st = qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s --force", model, data, fifo);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    ck_assert_contains(err, "is a FIFO");
+    free(err);
+    run_after = digest(earlier);
+    ck_assert_str_eq(run_before, run_after);
+    free(run_after);
+    /* an earlier run is replaced whole: nothing of it is left, beside it either */
+    snprintf(path, sizeof path, "%s/d.json", earlier);
+    ck_assert_int_eq(unlink(path), 0);
+    ck_assert_int_eq(qlora(NULL, NULL, TRAIN_ARGS " --steps 2 --save-steps 1 --output %s --force", model, data, earlier), 0);
+    snprintf(path, sizeof path, "%s/checkpoint-2", earlier);
+    ck_assert(ql_path_exists(path));
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s --force", model, data, earlier) == 0, "%s", err);
+    free(err);
+    ck_assert(!ql_path_exists(path));
+    size_t n;
+    json_t *rows = read_rows(earlier, &n);
+    ck_assert_uint_eq(n, 1);
+    json_decref(rows);
+    char *out;
+    snprintf(cmd, sizeof cmd, "(ls -A '%s' | grep -c earlier)", tmp);
+    tu_run(cmd, &out, NULL);
+    ck_assert_msg(atoi(out) == 1, "beside the run: %s", out);
+    free(out);
+    free(run_before);
+    free(model_before);
+}
+END_TEST
+
 Suite *train_suite(void)
 {
     Suite *s = suite_create("train");
@@ -607,7 +1187,21 @@ Suite *train_suite(void)
     tcase_add_test(t, kill_mid_run_leaves_good_checkpoints);
     tcase_add_test(t, prequantized_checkpoint_is_used_as_is);
     tcase_add_test(t, csv_records);
+    tcase_add_test(t, run_folder_is_locked);
+    tcase_add_test(t, two_runs_one_folder);
+    tcase_add_test(t, metrics_write_error_stops_training);
+    tcase_add_test(t, full_disk_before_first_checkpoint);
+    tcase_add_test(t, run_files_are_not_followed);
+    tcase_add_test(t, force_replaces_only_earlier_runs);
     suite_add_tcase(s, t);
+    TCase *c = tcase_create("checkpoint_files");
+    tcase_add_unchecked_fixture(c, base_setup, base_teardown);
+    tcase_add_checked_fixture(c, setup, teardown);
+    tcase_set_timeout(c, 240);
+    tcase_add_loop_test(c, checkpoint_fields_are_checked, 0, N_CKPT_MUTATIONS);
+    tcase_add_loop_test(c, adapter_config_fields_are_checked, 0, N_ADAPTER_MUTATIONS);
+    tcase_add_test(c, final_adapter_crash_states);
+    suite_add_tcase(s, c);
     return s;
 }
 

@@ -1,6 +1,7 @@
 /* The qlora command. */
 #include <errno.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -75,27 +76,35 @@ static int cmd_quantizers(int argc, char **argv)
     if (rc) return fail(rc);
     if (!as_json) printf("%-10s %-10s %-5s %-8s %-s\n", "name", "bits/param", "ABI", "version", "description / file");
     else printf("[");
-    int bad = 0;
+    /* Each plugin is opened in a child process: one that crashes, exits or
+     * hangs is reported by name and the others are still listed. */
+    int bad = 0, listed = 0;
     for (size_t i = 0; i < n; i++) {
-        ql_qz *q;
-        if (ql_qz_open(paths[i], &q) != QL_OK) {
-            fprintf(stderr, "qlora: warning: %s\n", ql_error_message());
+        ql_plugin_info d;
+        if (ql_plugin_probe(paths[i], 10.0, &d) != QL_OK) {
+            fprintf(stderr, "qlora: error: %s\n", d.error ? d.error : ql_error_message());
+            ql_plugin_info_free(&d);
             bad++;
             continue;
         }
-        const ql_quantizer_desc *d = q->desc;
         /* bits/param of a 4096 x 4096 matrix with default options */
-        double bpp = d->bits_per_param(q->inst, 4096, 4096);
-        if (as_json)
-            printf("%s\n  {\"name\": \"%s\", \"description\": \"%s\", \"bits_per_param\": %.4f, \"abi\": \"%u.%u\", "
-                   "\"version\": \"%s\", \"options\": \"%s\", \"file\": \"%s\"}",
-                   i - (size_t)bad ? "," : "", d->name, d->description, bpp, d->abi_major, d->abi_minor,
-                   d->version ? d->version : "", q->options, ql_plugin_path(q->plugin));
-        else
-            printf("%-10s %-10.3f %u.%-3u %-8s %s\n%-37s defaults: %s\n%-37s %s\n", d->name, bpp, d->abi_major,
-                   d->abi_minor, d->version ? d->version : "", d->description, "", q->options[0] ? q->options : "(none)",
-                   "", ql_plugin_path(q->plugin));
-        ql_qz_close(q);
+        if (as_json) {
+            /* the plugin's strings are escaped by jansson */
+            char abi[32];
+            snprintf(abi, sizeof abi, "%u.%u", d.abi_major, d.abi_minor);
+            json_t *j = json_pack("{s:s, s:s, s:f, s:s, s:s, s:s, s:s}", "name", d.name, "description", d.description,
+                                  "bits_per_param", round(d.bits_per_param * 1e4) / 1e4, "abi", abi, "version",
+                                  d.version, "options", d.options, "file", d.path);
+            char *text = j ? json_dumps(j, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
+            printf("%s\n  %s", listed ? "," : "", text ? text : "null");
+            free(text);
+            json_decref(j);
+        } else
+            printf("%-10s %-10.3f %u.%-3u %-8s %s\n%-37s defaults: %s\n%-37s %s\n", d.name, d.bits_per_param,
+                   d.abi_major, d.abi_minor, d.version, d.description, "", d.options[0] ? d.options : "(none)", "",
+                   d.path);
+        listed++;
+        ql_plugin_info_free(&d);
     }
     if (as_json) printf("\n]\n");
     if (n == 0) {
@@ -193,9 +202,20 @@ static int load_with_adapter(const char *model, const char *adapter, const char 
 {
     *m = NULL;
     *lora = NULL;
-    if (adapter && !quantizer && ql_lora_run_quantizer(adapter, qbuf, cap) == QL_OK) quantizer = qbuf;
-    ql_llama_load_opts lopts = {.quantizer = quantizer, .progress = 0};
+    /* The run's run_config.json names its base quantizer; as a file, it may
+     * name a plugin only (ql_lora_run_quantizer checks, the load re-checks). */
+    char *run_config = NULL;
+    if (adapter && !quantizer) {
+        int qrc = ql_lora_run_quantizer(adapter, qbuf, cap);
+        if (qrc != QL_OK && qrc != QL_ENOTFOUND) return qrc;
+        if (qrc == QL_OK) {
+            quantizer = qbuf;
+            if (!(run_config = ql_path_join(adapter, "run_config.json"))) return ql_error(QL_ENOMEM, "out of memory");
+        }
+    }
+    ql_llama_load_opts lopts = {.quantizer = quantizer, .quantizer_file = run_config, .progress = 0};
     int rc = ql_llama_load(model, &lopts, m);
+    free(run_config);
     if (rc == QL_OK && adapter) {
         rc = ql_lora_load_peft(*m, adapter, lora);
         if (rc == QL_OK) ql_lora_attach(*m, *lora);
@@ -440,7 +460,7 @@ static int cmd_generate(int argc, char **argv)
         case OPT_ADAPTER: adapter = optarg; break;
         case 'q': quantizer = optarg; break;
         case OPT_PROMPT: prompt = optarg; break;
-        case OPT_MAX_NEW_TOKENS: bad |= parse_long_arg("--max-new-tokens", optarg, 0, 1L << 20, &max_new); break;
+        case OPT_MAX_NEW_TOKENS: bad |= parse_long_arg("--max-new-tokens", optarg, 1, 1L << 20, &max_new); break;
         case OPT_TEMPERATURE: bad |= parse_float_arg("--temperature", optarg, 0.0, 100.0, &temperature); break;
         case OPT_TOP_P: bad |= parse_float_arg("--top-p", optarg, 0.0, 1.0, &top_p); break;
         case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &seed); break;

@@ -61,6 +61,11 @@ typedef struct ql_llama_load_opts {
      * quantizer spec for the block linears.  A checkpoint that is already
      * quantized is used as it is. */
     const char *quantizer;
+    /* NULL when `quantizer` comes from the command line, which may name a
+     * plugin by path; otherwise the file it was read from (a run folder's
+     * run_config.json, field "quantizer"), and then only a plugin name on the
+     * search path is taken (ql_qz_open_from_file). */
+    const char *quantizer_file;
     int progress;
 } ql_llama_load_opts;
 

@@ -56,12 +56,21 @@ ql_lora_pair *ql_lora_pair_at(ql_lora *l, int layer, int module); /* NULL if not
 void ql_lora_attach(ql_llama *m, const ql_lora *l);
 
 /* PEFT adapter folder: adapter_config.json + adapter_model.safetensors,
- * written into `dir` (which must exist) atomically file by file. */
+ * written into `dir` (which must exist) so that a crash leaves the pair old,
+ * absent (the config removed first) or new: the weights are renamed into
+ * place before the new config.  The weights' metadata ("qlora_adapter")
+ * names the r, lora_alpha and target modules they were written with. */
 int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model);
 /* The base quantizer a `qlora train` run folder records in run_config.json
- * (QL_ENOTFOUND when there is none, e.g. a plain peft adapter folder). */
+ * (QL_ENOTFOUND when there is none, e.g. a plain peft adapter folder).  The
+ * file is untrusted: anything but a plugin name with options (a path above
+ * all) is an error naming the file and field; open what it returns with
+ * ql_llama_load_opts.quantizer_file set to RUN_DIR/run_config.json. */
 int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap);
-/* Load a PEFT adapter for this model; shapes and targets must match. */
+/* Load a PEFT adapter for this model: every adapter_config.json field read
+ * is type- and range-checked, unsupported variants (rslora, dora, ...) are
+ * refused by name, the tensors must be exactly those of the config, of its
+ * shapes and finite, and qlora-written weights must name this config. */
 int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out);
 
 /* AdamW as torch.optim.AdamW (decoupled weight decay, bias correction). */

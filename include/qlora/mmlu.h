@@ -27,8 +27,10 @@ typedef struct ql_mmlu_opts {
 int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *opts, FILE *out);
 
 /* One CSV record (RFC 4180: quotes, doubled quotes, newlines in quotes) from
- * text at *pos; fields are malloc'd.  Returns the field count, 0 at the end,
- * -1 on a malformed record. */
+ * text at *pos; fields are malloc'd.  Returns the record's field count (fields
+ * past max_fields are counted but not kept), 0 at the end, or a negative
+ * QL_CSV_* code; on failure every field is freed and set to NULL. */
+enum { QL_CSV_UNTERMINATED = -1, QL_CSV_NUL = -2, QL_CSV_NOMEM = -3 };
 int ql_csv_record(const char *text, size_t len, size_t *pos, char **fields, int max_fields);
 
 #ifdef __cplusplus
