@@ -5,6 +5,8 @@
 #include <string.h>
 
 #include "pyfloat.h"
+#include "qlora/error.h"
+#include "qlora/fs.h"
 
 typedef struct buf {
     char *data;
@@ -151,4 +153,20 @@ json_t *ql_json_float(float f)
         if (strtof(buf, NULL) == f) break;
     }
     return json_real(strtod(buf, NULL));
+}
+
+json_t *ql_json_load_path(const char *path, size_t flags, json_error_t *err)
+{
+    char *text;
+    size_t len;
+    if (ql_read_file(path, &text, &len) != QL_OK) {
+        if (err) {
+            memset(err, 0, sizeof *err);
+            snprintf(err->text, sizeof err->text, "%s", ql_error_message());
+        }
+        return NULL;
+    }
+    json_t *j = json_loadb(text, len, flags, err);
+    free(text);
+    return j;
 }

@@ -13,4 +13,8 @@ char *ql_json_dumps_py(const json_t *v, int indent, int sort_keys);
  * double widening): 0.05f is written 0.05. */
 json_t *ql_json_float(float f);
 
+/* json_load_file, but through ql_read_file: a FIFO or other special file is
+ * refused instead of blocking.  On failure err->text holds the reason. */
+json_t *ql_json_load_path(const char *path, size_t flags, json_error_t *err);
+
 #endif

@@ -279,7 +279,7 @@ int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap)
         return QL_ENOTFOUND;
     }
     json_error_t jerr;
-    json_t *cfg = json_load_file(path, 0, &jerr);
+    json_t *cfg = ql_json_load_path(path, 0, &jerr);
     int rc = QL_OK;
     json_t *q = json_is_object(cfg) ? json_object_get(cfg, "quantizer") : NULL;
     if (!cfg) rc = ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text);
@@ -417,7 +417,7 @@ int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
         return ql_error(QL_ENOMEM, "out of memory");
     }
     json_error_t jerr;
-    json_t *cfg = json_load_file(path, 0, &jerr);
+    json_t *cfg = ql_json_load_path(path, 0, &jerr);
     if (!cfg) {
         int rc;
         char ckpt[4200];
@@ -444,7 +444,7 @@ int ql_lora_load_peft(const ql_llama *m, const char *dir, ql_lora **out)
     if (base && *base && ql_is_dir(base)) {
         char *a = realpath(base, NULL), *b = realpath(ql_llama_dir(m), NULL);
         char *bcfg_path = ql_path_join(base, "config.json");
-        json_t *bcfg = bcfg_path ? json_load_file(bcfg_path, 0, NULL) : NULL;
+        json_t *bcfg = bcfg_path ? ql_json_load_path(bcfg_path, 0, NULL) : NULL;
         json_t *mine = json_deep_copy(ql_llama_config_json(m));
         if (json_is_object(bcfg)) json_object_del(bcfg, "quantization_config");
         if (mine) json_object_del(mine, "quantization_config");

@@ -563,11 +563,7 @@ int ql_st_writer_save(ql_st_writer *w, const char *path)
     {
         char dir[4096];
         snprintf(dir, sizeof dir, "%s", path);
-        int dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY);
-        if (dfd >= 0) {
-            fsync(dfd);
-            close(dfd);
-        }
+        rc = ql_fsync_dir(dirname(dir)); /* the rename is durable only once its folder is */
     }
     goto done;
 io_error:

@@ -242,7 +242,7 @@ static int load_trainer_state(const resume_ctx *rx, const ql_lora *lora, state *
     char *path = ql_path_join(rx->ckpt, "trainer_state.json");
     if (!path) return ql_error(QL_ENOMEM, "out of memory");
     json_error_t jerr;
-    json_t *ts = json_load_file(path, 0, &jerr);
+    json_t *ts = ql_json_load_path(path, 0, &jerr);
     int rc = QL_OK;
     int64_t fmt = 0, params = 0;
     char val[64];

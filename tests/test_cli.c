@@ -1521,6 +1521,26 @@ START_TEST(test_fifo_inputs_refused)
     free(err);
     unlink(cj);
     free(cj);
+    /* an adapter folder's adapter_config.json and run_config.json (read by eval --adapter) */
+    const char *const adapter_files[] = {"adapter_config.json", "run_config.json"};
+    for (int i = 0; i < 2; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "adapter%d", i);
+        char *ad = join(parent, name), *f = join(ad, adapter_files[i]);
+        ck_assert_int_eq(ql_mkdir_p(ad), QL_OK);
+        ck_assert_int_eq(mkfifo(f, 0600), 0);
+        snprintf(cmd, sizeof cmd, "timeout 30 '%s' generate --model '%s' --adapter '%s' --prompt x --max-new-tokens 1",
+                 tu_env("QLORA_BIN"), real, ad);
+        st = tu_run(cmd, &out, &err);
+        ck_assert_msg(st != 0 && st != 124, "generate with a FIFO %s: exit %d", adapter_files[i], st);
+        ck_assert_contains(err, f);
+        ck_assert_contains(err, "is not a regular file");
+        free(out);
+        free(err);
+        unlink(f);
+        free(f);
+        free(ad);
+    }
     free(real_tj);
     free(real);
     unlink(tj);
