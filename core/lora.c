@@ -258,10 +258,20 @@ int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
             b.shape[1] = l->cfg.r;
             rc = ql_st_writer_add(w, &b);
         }
+    /* The new weights are written whole under a staging name first, so a
+     * failed write (a full disk) leaves the earlier pair as it was; only then
+     * the old config goes, the weights take their name, and the new config
+     * is written last. */
+    char *staged = rc == QL_OK ? ql_path_join(dir, ".adapter_model.safetensors.qlora-new") : NULL;
+    if (rc == QL_OK && !staged) rc = ql_error(QL_ENOMEM, "out of memory");
+    if (rc == QL_OK) rc = ql_st_writer_save(w, staged);
     if (rc == QL_OK && unlink(cfg_path) != 0 && errno != ENOENT)
         rc = ql_error(QL_EIO, "cannot remove the old %s: %s", cfg_path, strerror(errno));
-    /* the writer fsyncs the folder after its rename, which also makes the unlink durable */
-    if (rc == QL_OK) rc = ql_st_writer_save(w, model_path);
+    if (rc == QL_OK && rename(staged, model_path) != 0)
+        rc = ql_error(QL_EIO, "cannot rename %s to %s: %s", staged, model_path, strerror(errno));
+    if (rc == QL_OK) rc = ql_fsync_dir(dir); /* the unlink and the rename are durable before the new config */
+    if (rc && staged) unlink(staged);
+    free(staged);
     if (rc == QL_OK) rc = ql_write_file_atomic(cfg_path, text, strlen(text));
     ql_st_writer_destroy(w);
     free(model_path);

@@ -215,7 +215,7 @@ static int has_temporaries(const char *dir)
 {
     char names[8192];
     list_dir(dir, names, sizeof names);
-    return strstr(names, "qlora-tmp") || strstr(names, ".tmp.") || strstr(names, ".old.");
+    return strstr(names, "qlora-tmp") || strstr(names, "qlora-new") || strstr(names, ".tmp.") || strstr(names, ".old.");
 }
 
 static char fixtures[64];
@@ -840,6 +840,50 @@ START_TEST(test_train_write_faults)
 }
 END_TEST
 
+/* The final adapter at the top of a run folder: a write that fails while
+ * replacing it leaves the earlier pair as it was, loadable. */
+START_TEST(test_final_adapter_write_fault)
+{
+    char *parent = strdup(tu_tmpdir());
+    char *data = join(parent, "d.json");
+    spit(data, "[{\"instruction\": \"Tell a story.\", \"input\": \"\", \"output\": \"Once upon a time there was a cat.\"},"
+               " {\"instruction\": \"Name a pet.\", \"input\": \"\", \"output\": \"A cat.\"}]");
+    char *run = join(parent, "run"), *model = model_dir(), *err;
+#define TRAIN "train --quiet --model '%s' --data '%s' --format alpaca --lora-r 4 --batch-size 1 --save-steps 1 "
+    int st = qlora_env(&err, "", TRAIN "--steps 1 --output '%s'", model, data, run);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    free(err);
+    char *cfg = join(run, "adapter_config.json"), *weights = join(run, "adapter_model.safetensors");
+    size_t cl, wl;
+    char *cfg0 = slurp(cfg, &cl), *weights0 = slurp(weights, &wl);
+    char *ckpt = join(run, "checkpoint-1");
+    char settings[2048];
+    /* the top-level weights only (checkpoint-N are written in folders of their own) */
+    snprintf(settings, sizeof settings, "QL_FAULT_PATH='%s/[.a]adapter_model.safetensors*' QL_FAULT_AFTER_BYTES=100", run);
+    st = qlora_env(&err, faults(settings), TRAIN "--steps 2 --resume '%s' --output '%s'", model, data, ckpt, run);
+    ck_assert_msg(st != 0 && st < 128, "exit %d: %s", st, err);
+    free(err);
+    size_t cl1 = 0, wl1 = 0;
+    char *cfg1 = ql_path_exists(cfg) ? slurp(cfg, &cl1) : NULL, *weights1 = slurp(weights, &wl1);
+    ck_assert_msg(cfg1 != NULL, "%s is gone after a failed write of the new adapter", cfg);
+    ck_assert_msg(cl1 == cl && !memcmp(cfg1, cfg0, cl), "%s changed", cfg);
+    ck_assert_msg(wl1 == wl && !memcmp(weights1, weights0, wl), "%s changed", weights);
+    ck_assert_msg(!has_temporaries(run), "temporaries left in %s", run);
+    /* and the earlier adapter still loads */
+    st = qlora_env(&err, "", "generate --model '%s' --adapter '%s' --prompt x --max-new-tokens 1", model, run);
+    ck_assert_msg(st == 0, "the earlier adapter no longer loads: exit %d: %s", st, err);
+    free(err);
+#undef TRAIN
+    free(cfg0), free(weights0), free(cfg1), free(weights1);
+    free(cfg), free(weights), free(ckpt);
+    free(model);
+    free(run);
+    free(data);
+    ql_remove_tree(parent);
+    free(parent);
+}
+END_TEST
+
 Suite *outputs_suite(void)
 {
     Suite *s = suite_create("outputs");
@@ -873,6 +917,7 @@ Suite *outputs_suite(void)
     tc = tcase_create("train_faults");
     tcase_set_timeout(tc, 240);
     tcase_add_loop_test(tc, test_train_write_faults, 0, (int)(sizeof train_faults / sizeof train_faults[0]));
+    tcase_add_test(tc, test_final_adapter_write_fault);
     suite_add_tcase(s, tc);
     return s;
 }
