@@ -155,6 +155,78 @@ json_t *ql_json_float(float f)
     return json_real(strtod(buf, NULL));
 }
 
+/* Is the integer literal d[0..n) (digits only) beyond json_int_t? */
+static int int_overflows(const char *d, size_t n, int negative)
+{
+    static const char max[] = "9223372036854775807", min[] = "9223372036854775808";
+    const char *lim = negative ? min : max;
+    while (n > 1 && d[0] == '0') d++, n--;
+    if (n != sizeof max - 1) return n > sizeof max - 1;
+    return memcmp(d, lim, n) > 0;
+}
+
+/* End of the number literal starting at i (sign, digits, fraction,
+ * exponent); *big when it is an integer beyond json_int_t. */
+static size_t number_end(const char *text, size_t len, size_t i, int *big)
+{
+    size_t s = i + (text[i] == '-'), e = s;
+    while (e < len && text[e] >= '0' && text[e] <= '9') e++;
+    int is_int = e == len || (text[e] != '.' && text[e] != 'e' && text[e] != 'E');
+    *big = is_int && e > s && int_overflows(text + s, e - s, text[i] == '-');
+    while (e < len && (text[e] == '.' || text[e] == 'e' || text[e] == 'E' || text[e] == '+' || text[e] == '-' ||
+                       (text[e] >= '0' && text[e] <= '9')))
+        e++;
+    return e;
+}
+
+json_t *ql_json_loadb(const char *text, size_t len, size_t flags, json_error_t *err)
+{
+    /* first pass: count the integer literals (outside strings) that overflow */
+    size_t extra = 0;
+    int in_str = 0, big;
+    for (size_t i = 0; i < len; i++) {
+        char c = text[i];
+        if (in_str) {
+            if (c == '\\') i++;
+            else if (c == '"') in_str = 0;
+        } else if (c == '"') {
+            in_str = 1;
+        } else if (c == '-' || (c >= '0' && c <= '9')) {
+            i = number_end(text, len, i, &big) - 1;
+            extra += big ? 2 : 0;
+        }
+    }
+    if (!extra) return json_loadb(text, len, flags, err);
+    /* second pass: copy, appending ".0" to each of them */
+    char *t = malloc(len + extra);
+    if (!t) {
+        if (err) {
+            memset(err, 0, sizeof *err);
+            snprintf(err->text, sizeof err->text, "out of memory");
+        }
+        return NULL;
+    }
+    size_t o = 0;
+    in_str = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = text[i];
+        if (!in_str && (c == '-' || (c >= '0' && c <= '9'))) {
+            size_t e = number_end(text, len, i, &big);
+            memcpy(t + o, text + i, e - i);
+            o += e - i;
+            if (big) t[o++] = '.', t[o++] = '0';
+            i = e - 1;
+            continue;
+        }
+        t[o++] = c;
+        if (in_str && c == '\\' && i + 1 < len) t[o++] = text[++i];
+        else if (c == '"') in_str = !in_str;
+    }
+    json_t *j = json_loadb(t, o, flags, err);
+    free(t);
+    return j;
+}
+
 json_t *ql_json_load_path(const char *path, size_t flags, json_error_t *err)
 {
     char *text;
@@ -166,7 +238,7 @@ json_t *ql_json_load_path(const char *path, size_t flags, json_error_t *err)
         }
         return NULL;
     }
-    json_t *j = json_loadb(text, len, flags, err);
+    json_t *j = ql_json_loadb(text, len, flags, err);
     free(text);
     return j;
 }

@@ -1,5 +1,7 @@
 #include "qlora/model.h"
 
+#include "json_out.h"
+
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,7 +33,7 @@ static int load_json_object(const char *path, json_t **out)
     size_t len;
     int rc = ql_read_file(path, &text, &len); /* refuses FIFOs and other special files */
     if (rc) return rc;
-    json_t *j = json_loadb(text, len, JSON_REJECT_DUPLICATES, &err);
+    json_t *j = ql_json_loadb(text, len, JSON_REJECT_DUPLICATES, &err);
     free(text);
     if (!j) return ql_error(QL_EFORMAT, "%s is not valid JSON: %s (line %d, column %d)", path, err.text, err.line, err.column);
     if (!json_is_object(j)) {

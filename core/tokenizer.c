@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_out.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
 
@@ -2256,7 +2257,7 @@ static int read_json(const char *path, size_t flags, json_t **out)
     int rc = ql_read_file(path, &text, &len);
     if (rc) return rc;
     json_error_t err;
-    *out = json_loadb(text, len, flags, &err);
+    *out = ql_json_loadb(text, len, flags, &err);
     free(text);
     if (!*out)
         return ql_error(QL_EFORMAT, "%s is not valid JSON: %s (line %d, column %d)", path, err.text, err.line, err.column);

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "json_out.h"
 #include "qlora/qlora.h"
 #include "testutil.h"
 
@@ -1087,6 +1088,40 @@ START_TEST(test_fifo_is_refused)
 }
 END_TEST
 
+/* JSON integers beyond 64 bits (transformers writes model_max_length =
+ * 1000000000000000019884624838656) read as reals; the rest stay integers,
+ * digits inside strings are left alone, and the limits are exact. */
+START_TEST(json_big_integers)
+{
+    const char *text = "{\"model_max_length\": 1000000000000000019884624838656, \"n\": 9223372036854775807,"
+                       " \"m\": -9223372036854775808, \"over\": 9223372036854775808, \"under\": -9223372036854775809,"
+                       " \"s\": \"12345678901234567890123\\\" 99999999999999999999\", \"r\": 1.5e300,"
+                       " \"a\": [1, 18446744073709551616]}";
+    json_error_t err;
+    json_t *j = ql_json_loadb(text, strlen(text), JSON_REJECT_DUPLICATES, &err);
+    ck_assert_msg(j != NULL, "%s", err.text);
+    json_t *v = json_object_get(j, "model_max_length");
+    ck_assert(json_is_real(v));
+    ck_assert_double_eq(json_real_value(v), 1e30);
+    ck_assert(json_is_integer(json_object_get(j, "n")));
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "n")), INT64_MAX);
+    ck_assert(json_is_integer(json_object_get(j, "m")));
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "m")), INT64_MIN);
+    ck_assert(json_is_real(json_object_get(j, "over")));
+    ck_assert_double_eq(json_real_value(json_object_get(j, "over")), 9223372036854775808.0);
+    ck_assert(json_is_real(json_object_get(j, "under")));
+    ck_assert_str_eq(json_string_value(json_object_get(j, "s")), "12345678901234567890123\" 99999999999999999999");
+    ck_assert(json_is_real(json_object_get(j, "r")));
+    ck_assert(json_is_real(json_array_get(json_object_get(j, "a"), 1)));
+    ck_assert(json_is_integer(json_array_get(json_object_get(j, "a"), 0)));
+    json_decref(j);
+    /* plain text is json_loadb's, errors included */
+    ck_assert_ptr_null(ql_json_loadb("{\"a\": 1, \"a\": 2}", 16, JSON_REJECT_DUPLICATES, &err));
+    ck_assert_ptr_null(ql_json_loadb("{\"a\": 1e999}", 12, 0, &err));
+    ck_assert_ptr_null(ql_json_loadb("[1, 2", 5, 0, &err));
+}
+END_TEST
+
 Suite *safetensors_suite(void)
 {
     Suite *s = suite_create("safetensors");
@@ -1131,6 +1166,9 @@ Suite *safetensors_suite(void)
     tcase_add_test(tc, test_dtype_names);
     suite_add_tcase(s, tc);
 
+    tc = tcase_create("json");
+    tcase_add_test(tc, json_big_integers);
+    suite_add_tcase(s, tc);
     tc = tcase_create("readers");
     tcase_set_timeout(tc, 20); /* a reader that waits on a FIFO fails by timing out */
     tcase_add_test(tc, test_header_error_after_names_frees_them);
