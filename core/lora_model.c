@@ -344,7 +344,7 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
             if (!l->dense && l->out * l->in > maxw) maxw = l->out * l->in;
         }
     ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, 4);
-    lm->logit_rows = LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
+    lm->logit_rows = o->logit_rows > 0 ? o->logit_rows : LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
     if (lm->logit_rows < 1) lm->logit_rows = 1;
     if (lm->logit_rows > d.R) lm->logit_rows = d.R;
     ql_plan_add(p, QL_ROLE_LOGITS, (void **)&lm->logits, lm->logit_rows * d.V, 4);

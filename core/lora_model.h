@@ -27,6 +27,7 @@ typedef struct ql_lora_model_opts {
     int backward;      /* 0: plan for loss only (evaluation) */
     int allocate;      /* 0: compute the plan only (--dry-run) */
     const ql_adamw *opt; /* counted in the plan when not NULL */
+    int64_t logit_rows;  /* logits rows computed at a time; 0: as many as fit in 64 MiB */
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the
