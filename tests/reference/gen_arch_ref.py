@@ -122,6 +122,9 @@ def main():
             # base_model.model.model.layers.{l}.{self_attn|mlp}.{m}.lora_{A|B}.default.weight
             parts = pname.split(".")
             out[f"grad.{parts[4]}.{parts[6]}.{parts[7][-1]}"] = p.grad.detach().float().contiguous()
+        for extra_file in ("generation_config.json", "adapter/README.md"):  # not read by the tests
+            if os.path.exists(os.path.join(d, extra_file)):
+                os.remove(os.path.join(d, extra_file))
         save_file(out, os.path.join(d, "reference.safetensors"),
                   metadata={"torch": torch.__version__, "transformers": transformers.__version__})
         print(f"{name}: loss {loss.item():.6f}, layer types {getattr(model.config, 'layer_types', None)}, "
