@@ -4,6 +4,7 @@
  * on its own (__fmul_rn, __fadd_rn: no contraction into FMA, as the C side
  * is built with -ffp-contract=off), and bfloat16 rounding is the reference's
  * qlp_f32_to_bf16. */
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -159,9 +160,11 @@ __global__ void __launch_bounds__(256) materialize_vec8(Tables tab, Src s, void 
  * instruction of a warp is contiguous; all loads are issued before the
  * first use.  The block index is a shift (block sizes are powers of two).
  * Needs cols and blocksize multiples of 8. */
-constexpr int kV3Threads = 128, kV3Groups = 4;
-
-template <bool BF16>
+/* Variants 4 and 5 are the same kernel with more groups a thread and the
+ * hardware's bf16x2 rounding (cvt.rn.bf16x2.f32, the reference's rounding
+ * for every non-NaN value; a group whose scale is NaN takes the software
+ * rounding, so NaN payloads match too). */
+template <bool BF16, int kV3Threads, int kV3Groups, bool HW>
 __global__ void __launch_bounds__(kV3Threads) materialize_rows8(Tables tab, Src s, int block_shift, void *__restrict__ out,
                                                                 int64_t ld, int64_t cols, int64_t row0, int64_t nrows)
 {
@@ -202,10 +205,18 @@ __global__ void __launch_bounds__(kV3Threads) materialize_rows8(Tables tab, Src 
             }
             int64_t o = r * ld + (int64_t)g * 8;
             if (BF16) {
-                uint4 h = make_uint4((uint32_t)f32_to_bf16(v[0]) | ((uint32_t)f32_to_bf16(v[1]) << 16),
-                                     (uint32_t)f32_to_bf16(v[2]) | ((uint32_t)f32_to_bf16(v[3]) << 16),
-                                     (uint32_t)f32_to_bf16(v[4]) | ((uint32_t)f32_to_bf16(v[5]) << 16),
-                                     (uint32_t)f32_to_bf16(v[6]) | ((uint32_t)f32_to_bf16(v[7]) << 16));
+                uint4 h;
+                if (HW && sc[k] == sc[k]) {
+                    __nv_bfloat162 b0 = __floats2bfloat162_rn(v[0], v[1]), b1 = __floats2bfloat162_rn(v[2], v[3]),
+                                   b2 = __floats2bfloat162_rn(v[4], v[5]), b3 = __floats2bfloat162_rn(v[6], v[7]);
+                    h = make_uint4(*reinterpret_cast<uint32_t *>(&b0), *reinterpret_cast<uint32_t *>(&b1),
+                                   *reinterpret_cast<uint32_t *>(&b2), *reinterpret_cast<uint32_t *>(&b3));
+                } else {
+                    h = make_uint4((uint32_t)f32_to_bf16(v[0]) | ((uint32_t)f32_to_bf16(v[1]) << 16),
+                                   (uint32_t)f32_to_bf16(v[2]) | ((uint32_t)f32_to_bf16(v[3]) << 16),
+                                   (uint32_t)f32_to_bf16(v[4]) | ((uint32_t)f32_to_bf16(v[5]) << 16),
+                                   (uint32_t)f32_to_bf16(v[6]) | ((uint32_t)f32_to_bf16(v[7]) << 16));
+                }
                 *reinterpret_cast<uint4 *>(static_cast<uint16_t *>(out) + o) = h;
             } else {
                 float4 *dst = reinterpret_cast<float4 *>(static_cast<float *>(out) + o);
@@ -214,6 +225,16 @@ __global__ void __launch_bounds__(kV3Threads) materialize_rows8(Tables tab, Src 
             }
         }
     }
+}
+
+template <bool BF16, int THREADS, int GROUPS, bool HW>
+void launch_rows8(const Tables &tab, const Src &s, int shift, const qlp_4bit_cuda_args *a, cudaStream_t st)
+{
+    int per_row = (int)(a->cols / 8);
+    dim3 grid((unsigned)((per_row + THREADS * GROUPS - 1) / (THREADS * GROUPS)),
+              (unsigned)(a->nrows < 65535 ? a->nrows : 65535));
+    materialize_rows8<BF16, THREADS, GROUPS, HW><<<grid, THREADS, 0, st>>>(tab, s, shift, a->out, a->ld, a->cols, a->row0,
+                                                                           a->nrows);
 }
 
 /* Any shape, alignment and block size: one element a thread. */
@@ -262,17 +283,19 @@ extern "C" int qlp_4bit_cuda_materialize(const qlp_4bit_cuda_args *a, char *err,
     size_t esize = a->bf16 ? 2 : 4;
     uintptr_t addr = reinterpret_cast<uintptr_t>(a->out);
     /* QLP_MATERIALIZE_VARIANT picks a kernel for the benchmark and the gpu
-     * suite (3: rows in 2-D, the default; 2: warp-contiguous groups of 8;
+     * suite (5, the default: rows in 2-D, 128 threads with 8 groups of 8 and
+     * hardware bf16 rounding; 3: 128 threads, 4 groups, software rounding;
+     * 4: 256 threads, 8 groups; 6, 7: 64 threads with 8 / 16 groups; 2: warp-contiguous groups of 8;
      * 1: 16 a thread; 0: generic) */
     static int variant = -1;
     if (variant < 0) {
         const char *v = getenv("QLP_MATERIALIZE_VARIANT");
-        variant = v && *v >= '0' && *v <= '3' ? *v - '0' : 3;
+        variant = v && *v >= '0' && *v <= '7' ? *v - '0' : 5;
     }
     int shift = 0;
     while ((1 << shift) < a->blocksize) shift++;
     bool pow2 = (1 << shift) == a->blocksize;
-    bool rows8 = variant == 3 && addr % 16 == 0 && (a->ld * esize) % 16 == 0 && a->cols % 8 == 0 &&
+    bool rows8 = variant >= 3 && addr % 16 == 0 && (a->ld * esize) % 16 == 0 && a->cols % 8 == 0 &&
                  a->blocksize % 8 == 0 && pow2 && reinterpret_cast<uintptr_t>(a->packed) % 4 == 0 &&
                  a->cols / 8 < (1 << 30);
     bool aligned = addr % 16 == 0 && (a->ld * esize) % 16 == 0;
@@ -282,13 +305,22 @@ extern "C" int qlp_4bit_cuda_materialize(const qlp_4bit_cuda_args *a, char *err,
                 reinterpret_cast<uintptr_t>(a->packed) % 4 == 0;
     if (a->nrows > 0 && a->cols > 0) {
         if (rows8) {
-            int per_row = (int)(a->cols / 8);
-            dim3 grid((unsigned)((per_row + kV3Threads * kV3Groups - 1) / (kV3Threads * kV3Groups)),
-                      (unsigned)(a->nrows < 65535 ? a->nrows : 65535));
-            if (a->bf16)
-                materialize_rows8<true><<<grid, kV3Threads, 0, st>>>(tab, s, shift, a->out, a->ld, a->cols, a->row0, a->nrows);
-            else
-                materialize_rows8<false><<<grid, kV3Threads, 0, st>>>(tab, s, shift, a->out, a->ld, a->cols, a->row0, a->nrows);
+            if (variant == 3) {
+                if (a->bf16) launch_rows8<true, 128, 4, false>(tab, s, shift, a, st);
+                else launch_rows8<false, 128, 4, false>(tab, s, shift, a, st);
+            } else if (variant == 4) {
+                if (a->bf16) launch_rows8<true, 256, 8, true>(tab, s, shift, a, st);
+                else launch_rows8<false, 256, 8, true>(tab, s, shift, a, st);
+            } else if (variant == 5) {
+                if (a->bf16) launch_rows8<true, 128, 8, true>(tab, s, shift, a, st);
+                else launch_rows8<false, 128, 8, true>(tab, s, shift, a, st);
+            } else if (variant == 6) {
+                if (a->bf16) launch_rows8<true, 64, 8, true>(tab, s, shift, a, st);
+                else launch_rows8<false, 64, 8, true>(tab, s, shift, a, st);
+            } else {
+                if (a->bf16) launch_rows8<true, 64, 16, true>(tab, s, shift, a, st);
+                else launch_rows8<false, 64, 16, true>(tab, s, shift, a, st);
+            }
         } else if (vec8) {
             int64_t warps_needed = (a->nrows * (a->cols / 8) + 127) / 128;
             int grid = grid_for(warps_needed * 32, threads);
