@@ -35,20 +35,22 @@ typedef struct hf_form {
 
 /* Flip `supported` to 1 as the branches adding each feature land. */
 static const hf_form forms[] = {
-    /* FAILS on main: the transformers-5 form keeps rope_theta in
-     * rope_parameters, which qlora ignores, running with 10000 instead of
-     * 50000 (logits off by ~0.3); the fix reads rope_parameters.rope_theta. */
+    /* Failed on main before rope_parameters was read (core/llama.c): the
+     * transformers-5 form keeps rope_theta there, and qlora ran with 10000
+     * instead of 50000 (logits off by 0.058 relative). */
     {"llama", "llama", 1, NULL},
     {"llama_tf4", "llama", 1, NULL},
-    /* FAILS on main: as llama (rope_parameters.rope_theta 20000). */
     {"llama_tied", "llama_tied", 1, NULL},
-    /* FAIL on main: rope_parameters with a rope_type other than default is
-     * neither read nor refused (only a top-level rope_scaling is refused). */
+    /* Each loaded and ran silently wrong on main (rope_parameters.rope_type
+     * was neither read nor refused); now refused until the rope branch. */
     {"llama_rope_linear", "llama_rope_linear", 0, "rope"},
     {"llama_rope_dynamic", "llama_rope_dynamic", 0, "rope"},
     {"llama_rope_yarn", "llama_rope_yarn", 0, "rope"},
     {"llama_rope_llama3", "llama_rope_llama3", 0, "rope"},
     {"llama_rope_llama3_tf4", "llama_rope_llama3", 0, "rope_scaling"},
+    /* The 12-token sequence fits the 16-token window and must come out right
+     * (on main it did not: rope_parameters); longer ones are refused until
+     * the arch branch. */
     {"mistral_sliding", "mistral_sliding", 0, "sliding"},
     {"qwen2", "qwen2", 0, "Qwen2ForCausalLM"},
     {"qwen3", "qwen3", 0, "Qwen3ForCausalLM"},
