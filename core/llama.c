@@ -267,6 +267,17 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
     json_t *rs = json_object_get(cfg, "rope_scaling");
     if (rs && !json_is_null(rs))
         return ql_error(QL_ENOTSUP, "config.json: rope_scaling is not supported yet");
+    /* transformers 5 writes rope_theta and the scaling into rope_parameters
+     * (which wins over a top-level rope_theta there) */
+    json_t *rp = json_object_get(cfg, "rope_parameters");
+    if (rp && !json_is_null(rp)) {
+        const char *rt;
+        if (!json_is_object(rp)) return ql_error(QL_EFORMAT, "config.json: \"rope_parameters\" must be an object");
+        if ((rc = get_string(rp, "rope_type", &rt)) || (!rt && (rc = get_string(rp, "type", &rt)))) return rc;
+        if (rt && strcmp(rt, "default") != 0)
+            return ql_error(QL_ENOTSUP, "config.json: rope_parameters.rope_type '%s' is not supported yet", rt);
+        if ((rc = get_real(rp, "rope_theta", &c->rope_theta, c->rope_theta))) return rc;
+    }
     const char *act;
     if ((rc = get_string(cfg, "hidden_act", &act))) return rc;
     if (act && strcmp(act, "silu") != 0)
