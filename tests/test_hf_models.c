@@ -48,12 +48,11 @@ static const hf_form forms[] = {
     {"llama_rope_yarn", "llama_rope_yarn", 0, "rope"},
     {"llama_rope_llama3", "llama_rope_llama3", 0, "rope"},
     {"llama_rope_llama3_tf4", "llama_rope_llama3", 0, "rope_scaling"},
-    /* The 12-token sequence fits the 16-token window and must come out right
-     * (on main it did not: rope_parameters); longer ones are refused until
-     * the arch branch. */
-    {"mistral_sliding", "mistral_sliding", 0, "sliding"},
-    {"qwen2", "qwen2", 0, "Qwen2ForCausalLM"},
-    {"qwen3", "qwen3", 0, "Qwen3ForCausalLM"},
+    /* Sliding window 16 against sequences of 12, 20 and 40 tokens (banded
+     * attention), q/k/v biases, per-head q/k norms with head_dim 24. */
+    {"mistral_sliding", "mistral_sliding", 1, NULL},
+    {"qwen2", "qwen2", 1, NULL},
+    {"qwen3", "qwen3", 1, NULL},
 };
 enum { NFORMS = sizeof forms / sizeof forms[0] };
 
