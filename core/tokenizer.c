@@ -18,6 +18,7 @@
 
 #include <jansson.h>
 #include <stdint.h>
+#include <utf8proc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -637,7 +638,7 @@ typedef struct trie {
     uint8_t first[256]; /* bytes that start some pattern */
 } trie;
 
-typedef enum { NORM_PREPEND, NORM_REPLACE } norm_kind;
+typedef enum { NORM_PREPEND, NORM_REPLACE, NORM_NFC } norm_kind;
 typedef struct norm_op {
     norm_kind kind;
     size_t a, alen, b, blen; /* pool: prepend text, or pattern and content */
@@ -877,6 +878,41 @@ static int replace_all(sbuf *out, const char *s, size_t n, const char *pat, size
     return sb_add(out, s + i, n - i);
 }
 
+/* Unicode NFC (normalizers/unicode.rs) of s, appended to out.  utf8proc
+ * composes; bytes that are not UTF-8 (only byte-level and byte-fallback
+ * models take them) stay as they are and split the text into runs that are
+ * normalized one by one. */
+static int nfc(sbuf *out, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        size_t j = i;
+        while (j < n) {
+            uint32_t cp;
+            int l = utf8_len((const unsigned char *)s + j, n - j, &cp);
+            if (!l) break;
+            j += (size_t)l;
+        }
+        if (j > i) {
+            utf8proc_uint8_t *dst = NULL;
+            utf8proc_ssize_t m = utf8proc_map((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(j - i), &dst,
+                                              UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+            if (m < 0) return -1; /* only UTF8PROC_ERROR_NOMEM: the run is valid UTF-8 */
+            int rc = sb_add(out, dst, (size_t)m);
+            free(dst);
+            if (rc) return -1;
+            i = j;
+        }
+        if (i < n) {
+            uint32_t cp;
+            if (!utf8_len((const unsigned char *)s + i, n - i, &cp)) {
+                if (sb_add(out, s + i, 1)) return -1;
+                i++;
+            }
+        }
+    }
+    return 0;
+}
+
 /* Normalize s into out (cleared first); tmp is scratch. */
 static int normalize(const ql_tokenizer *t, const char *s, size_t n, sbuf *out, sbuf *tmp)
 {
@@ -888,6 +924,8 @@ static int normalize(const ql_tokenizer *t, const char *s, size_t n, sbuf *out, 
         if (op->kind == NORM_PREPEND) {
             if (out->len == 0) continue;
             if (sb_add(tmp, pool_str(t, op->a), op->alen) || sb_add(tmp, out->p, out->len)) return -1;
+        } else if (op->kind == NORM_NFC) {
+            if (sb_reserve(tmp, out->len) || nfc(tmp, out->p, out->len)) return -1;
         } else {
             if (replace_all(tmp, out->p, out->len, pool_str(t, op->a), op->alen, pool_str(t, op->b), op->blen))
                 return -1;
@@ -1878,9 +1916,11 @@ static int add_norm(ql_tokenizer *t, const char *path, json_t *n, size_t *cap)
         if (pool_add(t, a, al, &op.a) || pool_add(t, b, bl, &op.b)) return OOM();
         op.alen = al;
         op.blen = bl;
+    } else if (!strcmp(type, "NFC")) {
+        op.kind = NORM_NFC;
     } else {
-        return ql_error(QL_ENOTSUP, "%s: normalizer type '%s' is not supported (Prepend, Replace, Sequence are)", path,
-                        type);
+        return ql_error(QL_ENOTSUP, "%s: normalizer type '%s' is not supported (NFC, Prepend, Replace, Sequence are)",
+                        path, type);
     }
     if (grow((void **)&t->norm, cap, t->n_norm + 1, sizeof *t->norm)) return OOM();
     t->norm[t->n_norm++] = op;
