@@ -991,6 +991,85 @@ START_TEST(test_bad_tokenizer_json)
                   "\"special_tokens\": {}}}}",
                   QL_EFORMAT, "special token '<x>' without ids");
     patched_fails("{\"set\": {\"added_tokens\": {\"content\": \"x\"}}}", QL_EFORMAT, "\"added_tokens\" must be an array");
+    /* fields no pipeline here knows are refused by name, never skipped */
+    patched_fails("{\"set\": {\"normalizer\": {\"type\": \"NFD\"}}}", QL_ENOTSUP, "normalizer type 'NFD' is not supported");
+    patched_fails("{\"set\": {\"normalizer\": {\"type\": \"NFC\", \"form\": 1}}}", QL_ENOTSUP,
+                  "normalizer NFC field \"form\" is not supported");
+    patched_fails("{\"set\": {\"normalizer\": {\"type\": \"Sequence\", \"normalizers\": [{\"type\": \"Prepend\", "
+                  "\"prepend\": \"x\", \"once\": true}]}}}",
+                  QL_ENOTSUP, "normalizer Prepend field \"once\" is not supported");
+    patched_fails("{\"set\": {\"sparkle\": 1}}", QL_ENOTSUP, "top-level field \"sparkle\" is not supported");
+    patched_fails("{\"model\": {\"cache_capacity\": 10}}", QL_ENOTSUP, "model BPE field \"cache_capacity\" is not supported");
+    patched_fails("{\"set\": {\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"lowercase\": true}}}",
+                  QL_ENOTSUP, "pre_tokenizer ByteLevel field \"lowercase\" is not supported");
+    patched_fails("{\"set\": {\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"x\"}, "
+                  "\"behavior\": \"Isolated\", \"invert\": false, \"limit\": 2}}}",
+                  QL_ENOTSUP, "pre_tokenizer Split field \"limit\" is not supported");
+    patched_fails("{\"set\": {\"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": \"_\", \"lower\": 1}}}",
+                  QL_ENOTSUP, "pre_tokenizer Metaspace field \"lower\" is not supported");
+    patched_fails("{\"set\": {\"decoder\": {\"type\": \"Sequence\", \"decoders\": [{\"type\": \"Fuse\", \"sep\": \" \"}]}}}",
+                  QL_ENOTSUP, "decoder Fuse field \"sep\" is not supported");
+    patched_fails("{\"set\": {\"decoder\": {\"type\": \"Strip\", \"content\": \" \", \"start\": 1, \"stop\": 0, "
+                  "\"all\": true}}}",
+                  QL_ENOTSUP, "decoder Strip field \"all\" is not supported");
+    patched_fails("{\"set\": {\"post_processor\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"x\": 0}}}",
+                  QL_ENOTSUP, "post_processor ByteLevel field \"x\" is not supported");
+    patched_fails("{\"set\": {\"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": [], \"triple\": []}}}",
+                  QL_ENOTSUP, "post_processor TemplateProcessing field \"triple\" is not supported");
+    patched_fails("{\"added_tokens_append\": [{\"id\": 0, \"content\": \"[X]\", \"special\": true, \"casefold\": true}]}",
+                  QL_ENOTSUP, "added_tokens[3] field \"casefold\" is not supported");
+}
+END_TEST
+
+/* tokenizer_config.json fields with which transformers would give other ids than tokenizer.json alone. */
+static void config_refused(const char *dir, int code, const char *text, const char *n1, const char *n2)
+{
+    write_text(dir, "tokenizer_config.json", text);
+    ql_tokenizer *t = (ql_tokenizer *)1;
+    int rc = ql_tokenizer_load(dir, &t);
+    ck_assert_msg(rc == code, "tokenizer_config.json = %s: got %s (%s)", text, ql_status_name(rc), ql_error_message());
+    ck_assert_ptr_null(t);
+    assert_contains(ql_error_message(), "tokenizer_config.json");
+    assert_contains(ql_error_message(), n1);
+    if (n2) assert_contains(ql_error_message(), n2);
+}
+
+START_TEST(test_config_refusals)
+{
+    char *qwen = fixture_dir("qwen2"), *src = join(qwen, "tokenizer.json");
+    char *dir = tmpdir(), *dst = join(dir, "tokenizer.json");
+    ck_assert_int_eq(ql_copy_file_atomic(src, dst), QL_OK);
+    config_refused(dir, QL_ENOTSUP, "{\"split_special_tokens\": true}",
+                 "\"split_special_tokens\": true (special tokens in the text encoded as plain text) is not supported",
+                 NULL);
+    config_refused(dir, QL_ENOTSUP, "{\"add_prefix_space\": true}",
+                 "\"add_prefix_space\": true makes transformers rebuild the pre-tokenizer",
+                 "only null or false (as tokenizer.json's ByteLevel) is supported");
+    config_refused(dir, QL_EFORMAT, "{\"add_bos_token\": \"yes\"}",
+                 "\"add_bos_token\" must be true, false or null", NULL);
+    config_refused(dir, QL_EFORMAT, "{\"split_special_tokens\": 1}",
+                 "\"split_special_tokens\" must be true, false or null", NULL);
+    write_text(dir, "tokenizer_config.json", "{\"split_special_tokens\": false, \"add_prefix_space\": false, "
+                                             "\"model_max_length\": 1000000000000000019884624838656}");
+    ql_tokenizer *t = load_ok(dir);
+    ql_tokenizer_destroy(t);
+    free(src);
+    free(dst);
+    free(qwen);
+    ql_remove_tree(dir);
+    free(dir);
+
+    /* a SentencePiece-style file: any add_prefix_space is refused */
+    dir = tmpdir();
+    src = shared_path("models/stories260K/tokenizer.json");
+    dst = join(dir, "tokenizer.json");
+    ck_assert_int_eq(ql_copy_file_atomic(src, dst), QL_OK);
+    config_refused(dir, QL_ENOTSUP, "{\"add_prefix_space\": false}",
+                 "\"add_prefix_space\": false makes transformers rebuild the pre-tokenizer", "only null is supported");
+    free(src);
+    free(dst);
+    ql_remove_tree(dir);
+    free(dir);
 }
 END_TEST
 
@@ -1216,6 +1295,7 @@ Suite *tokenizer_suite(void)
     tcase_add_test(tc, test_vocab_ids_bounded_by_entries);
     tcase_add_test(tc, test_post_processor_ids_range);
     tcase_add_test(tc, test_config_fields_typed);
+    tcase_add_test(tc, test_config_refusals);
     tcase_add_test(tc, test_fifo_files_refused);
     suite_add_tcase(s, tc);
     return s;
