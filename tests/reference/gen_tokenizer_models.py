@@ -150,8 +150,26 @@ def split_regex(regex):
     return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
 
 
+def unreachable_words(corpus, vocab, merges, regex, count):
+    """The `count` most frequent pre-tokenized words that the merges split into several
+    tokens: added to the vocabulary without a merge, they are reached only through
+    ignore_merges, as many of LLaMA 3's (tiktoken) tokens are."""
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in merges]))
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    freq = {}
+    for text in corpus[:3000]:
+        for w, _ in pre.pre_tokenize_str(text):
+            freq[w] = freq.get(w, 0) + 1
+    words = [w for w, _ in sorted(freq.items(), key=lambda x: (-x[1], x[0]))
+             if w not in vocab and len(bpe.model.tokenize(w)) > 1]
+    return words[:count]
+
+
 def llama3(corpus):
     vocab, merges = train_bytelevel(corpus, ref.LLAMA3_RE, False, 3000)
+    for w in unreachable_words(corpus, vocab, merges, ref.LLAMA3_RE, 64):
+        vocab[w] = len(vocab)
     base = len(vocab)
     specials = {s: base + i for i, s in enumerate(LLAMA3_SPECIALS)}
     tj = {
@@ -337,7 +355,7 @@ def main():
 
     notes = {
         "llama3": "LLaMA 3.x: no normalizer; Split(LLaMA-3 regex, Isolated) + ByteLevel(no prefix, no regex); BPE "
-                  "ignore_merges; post Sequence[ByteLevel, Template <|begin_of_text|> $A]; decoder ByteLevel",
+                  "ignore_merges (64 vocabulary words no merge reaches); post Sequence[ByteLevel, Template <|begin_of_text|> $A]; decoder ByteLevel",
         "qwen2": "Qwen2: NFC; Split(Qwen2 regex, Isolated) + ByteLevel; BPE; post and decoder ByteLevel",
         "qwen2.5": "Qwen2.5: as Qwen2, with the Qwen2.5 added tokens (some not special)",
         "qwen3": "Qwen3: as Qwen2.5, plus <think> </think> <tool_response> (not special)",
