@@ -1,5 +1,6 @@
-/* CPU reference operators (internal).  Outputs first, shapes in comments;
- * every operator has a plain C loop that the CUDA backend must match. */
+/* CPU operators (internal).  Outputs first, shapes in comments; every
+ * operator has a plain C loop that the CUDA backend must match (the matrix
+ * products run through OpenBLAS and keep theirs as *_ref). */
 #ifndef QL_OPS_H
 #define QL_OPS_H
 
@@ -28,8 +29,13 @@ static inline float ql_dot(const float *a, const float *b, int64_t n)
 void ql_attention_row(float *o, float *p, const float *qt, const float *k, const float *v, int64_t n, int64_t stride,
                       int hd, float scale);
 
-/* y[T, out] = x[T, in] * w[out, in]^T (+ y if accumulate) */
+/* y[T, out] = x[T, in] * w[out, in]^T (+ y if accumulate), through OpenBLAS
+ * (ops_blas.h: bit-reproducible for a given thread count) */
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
+/* The same product as plain C loops (ql_dot per element, each summed by one
+ * thread: identical for any thread count), the reference the BLAS path is
+ * checked against. */
+void ql_matmul_nt_ref(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
 /* out[T, C] = x / rms(x) * weight; rstd[T] = 1 / rms (may be NULL) */
 void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *weight, int64_t T, int64_t C,
                         float eps);

@@ -3,8 +3,18 @@
 #include <string.h>
 
 #include "ops.h"
+#include "ops_blas.h"
 
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate)
+{
+    if (!ql_blas_fits(T, in, out)) {
+        ql_matmul_nt_ref(y, x, w, T, in, out, accumulate);
+        return;
+    }
+    ql_sgemm(0, 1, T, out, in, 1.0f, x, in, w, in, y, out, accumulate);
+}
+
+void ql_matmul_nt_ref(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate)
 {
 #pragma omp parallel for collapse(2) schedule(static) if (T * in * out >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
