@@ -272,7 +272,7 @@ void ql_swiglu_backward(float *dgate, float *dup, const float *dout, const float
 #pragma omp parallel for schedule(static) if (n * 8 >= QL_PARALLEL_MIN_WORK)
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i], u = up[i], d = dout[i];
-        const float e = expf(-g);
+        const float e = ql_expf(-g);
         const float sig = 1.0f / (1.0f + e), silu = g / (1.0f + e); /* silu as the forward computes it */
         /* d silu / dg = sig (1 + g (1 - sig)) */
         dgate[i] = d * u * (sig * (1.0f + g * (1.0f - sig)));
@@ -289,19 +289,17 @@ static float cross_entropy_row(float *dl, const float *lg, int32_t target, int64
         if (dl) memset(dl, 0, (size_t)V * sizeof *dl);
         return 0.0f;
     }
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < V; i++)
-        if (lg[i] > mx) mx = lg[i];
-    double sum = 0;
-    for (int64_t i = 0; i < V; i++) sum += exp((double)lg[i] - mx);
-    const double lse = log(sum) + mx;
-    const double loss = lse - (double)lg[target]; /* read before dl (which may alias lg) is written */
-    if (dl)
-        for (int64_t i = 0; i < V; i++) {
-            double p = exp((double)lg[i] - lse);
-            dl[i] = (float)(scale * (p - (i == target ? 1.0 : 0.0)));
-        }
-    return (float)loss;
+    const double lt = (double)lg[target]; /* read before dl (which may alias lg) is written */
+    double sum;
+    const double lse = ql_log_sum_exp(dl, &sum, lg, V); /* dl = exp(lg - max), summing to sum */
+    if (dl) {
+        /* softmax = exp(lg - max) / sum: one multiply by the inverse */
+        const float inv = (float)(1.0 / sum), si = scale * inv;
+        const float pt = dl[target] * inv;
+        for (int64_t i = 0; i < V; i++) dl[i] = si * dl[i];
+        dl[target] = scale * (pt - 1.0f);
+    }
+    return (float)(lse - lt);
 }
 
 double ql_cross_entropy_forward_backward(float *losses, float *dlogits, const float *logits, const int32_t *targets,
@@ -309,17 +307,21 @@ double ql_cross_entropy_forward_backward(float *losses, float *dlogits, const fl
 {
     for (int64_t t = 0; t < T; t++)
         if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V)) return NAN;
+    /* rows in parallel, their float losses summed in row order: chunks keep that
+     * without allocating when the caller wants no losses[] */
+    enum { CHUNK = 256 };
+    float chunk[CHUNK];
     double total = 0;
-    if (losses) {
-#pragma omp parallel for schedule(static) if (T * V * 8 >= QL_PARALLEL_MIN_WORK)
-        for (int64_t t = 0; t < T; t++)
-            losses[t] = cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
-                                          scale);
-        for (int64_t t = 0; t < T; t++) total += losses[t];
-    } else {
-        for (int64_t t = 0; t < T; t++)
-            total += cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
-                                       scale);
+    for (int64_t t0 = 0; t0 < T; t0 += CHUNK) {
+        const int64_t n = T - t0 < CHUNK ? T - t0 : CHUNK;
+        float *ls = losses ? losses + t0 : chunk;
+#pragma omp parallel for schedule(static) if (n * V * 8 >= QL_PARALLEL_MIN_WORK)
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t t = t0 + j;
+            ls[j] = cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
+                                      scale);
+        }
+        for (int64_t j = 0; j < n; j++) total += ls[j];
     }
     return total;
 }

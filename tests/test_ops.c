@@ -281,6 +281,49 @@ START_TEST(blas_matches_reference)
 }
 END_TEST
 
+/* ---- ql_expf and the log-sum-exp of the loss ---- */
+
+START_TEST(expf_within_1_5_ulp)
+{
+    double worst = 0;
+    float at = 0;
+    for (int64_t i = 0; i <= 2000000 + 2 * 140; i++) {
+        /* 2M points across the range, then +-2^-k down to the smallest floats */
+        const float x = i <= 2000000 ? (float)(-87.33 + 176.05 * (double)i / 2000000)
+                                     : (i % 2 ? -1.0f : 1.0f) * ldexpf(1.0f, -(int)((i - 2000000) / 2));
+        const double want = exp((double)x);
+        const double ulp = (double)nextafterf((float)want, INFINITY) - (double)(float)want;
+        const double e = fabs((double)ql_expf(x) - want) / ulp;
+        if (e > worst) worst = e, at = x;
+    }
+    printf("  ql_expf: %.3f ulp at most (at %.9g)\n", worst, (double)at);
+    ck_assert_msg(worst < 1.5, "ql_expf is %.3f ulp off at %.9g", worst, (double)at);
+    ck_assert(ql_expf(0.0f) == 1.0f);
+    ck_assert(ql_expf(-INFINITY) == 0.0f && ql_expf(-100.0f) == 0.0f);
+    ck_assert(ql_expf(INFINITY) == INFINITY && ql_expf(100.0f) == INFINITY);
+    ck_assert(isnan(ql_expf(NAN)));
+}
+END_TEST
+
+START_TEST(log_sum_exp_vs_double)
+{
+    const int64_t V = 49152 + 5;
+    float *x = randn(V, 501, 4), *e = fnew(V);
+    double mx = -INFINITY, sum = 0;
+    for (int64_t i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    for (int64_t i = 0; i < V; i++) sum += exp((double)x[i] - mx);
+    const double want = log(sum) + mx;
+    double got_sum;
+    const double got = ql_log_sum_exp(e, &got_sum, x, V);
+    ck_assert_msg(fabs(got - want) < 1e-6, "log-sum-exp %.9f, in double %.9f", got, want);
+    ck_assert_msg(fabs(got_sum - sum) < 1e-6 * sum, "sum %.9g, in double %.9g", got_sum, sum);
+    ck_assert_double_eq(ql_log_sum_exp(NULL, NULL, x, V), got);
+    for (int64_t i = 0; i < V; i++) ck_assert(e[i] == ql_expf((float)(x[i] - (float)mx)));
+    ck_assert(fabs(ql_token_nll(x, V, 7) - (want - x[7])) < 1e-6);
+    tfree_all();
+}
+END_TEST
+
 /* ---- LoRA (with input dropout) ---- */
 
 typedef struct {
@@ -890,6 +933,9 @@ Suite *ops_suite(void)
     tc = tcase_create("loss_dropout");
     tcase_add_test(tc, cross_entropy_grads);
     tcase_add_test(tc, dropout_mask_and_grads);
+    tcase_add_test(tc, expf_within_1_5_ulp);
+    tcase_add_test(tc, log_sum_exp_vs_double);
+    tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
 #ifdef _OPENMP
     tc = tcase_create("determinism");
