@@ -9,8 +9,11 @@
  * - Parameter gradients (rmsnorm dweight, LoRA dA/dB, ql_matmul_backward_weight
  *   with accumulate = 1) add, so micro-batches accumulate; the caller zeroes them
  *   once per optimizer step.
- * - Every output element is summed by one thread in a fixed order, so results
- *   are bitwise identical for any OpenMP thread count.
+ * - The matrix products (matmul backward, LoRA) run through OpenBLAS: bitwise
+ *   identical for a given thread count (ops_blas.h), and checked against the
+ *   plain C *_ref loops.  In everything else each output element is summed by
+ *   one thread in a fixed order, so results are bitwise identical for any
+ *   OpenMP thread count.
  * - Nothing here allocates; scratch buffers are parameters.
  *
  * Training forward for one layer (past == 0), keeping what backward reads:
@@ -38,6 +41,13 @@ void ql_matmul_backward_input(float *dx, const float *dy, const float *w, int64_
 void ql_matmul_backward_weight(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
                                int accumulate);
 
+/* The same as plain C loops, each element summed by one thread (identical for
+ * any thread count): the references of the two above. */
+void ql_matmul_backward_input_ref(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out,
+                                  int accumulate);
+void ql_matmul_backward_weight_ref(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
+                                   int accumulate);
+
 /* ---- LoRA: y = x w^T + scale * (xd a^T) b^T, xd = dropout(x) ---- */
 
 /* h[T, r] = xd[T, in] * a[r, in]^T;  y[T, out] += scale * h * b[out, r]^T
@@ -51,6 +61,13 @@ void ql_lora_forward(float *y, float *h, const float *xd, const float *a, const 
 void ql_lora_backward(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
                       const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
                       int accumulate);
+
+/* Plain C references of the two above. */
+void ql_lora_forward_ref(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
+                         int64_t out, int64_t r, float scale);
+void ql_lora_backward_ref(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
+                          const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
+                          int accumulate);
 
 /* ---- normalization, position, attention, MLP ---- */
 
