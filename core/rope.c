@@ -203,8 +203,12 @@ int ql_rope_config_parse(const void *config_json, int max_positions, int head_di
                                     "rotates)");
     ql_rope_config a, b;
     if (rp && (rc = parse_params(rp, "rope_parameters", theta, omp, max_positions, head_dim, &b))) return rc;
-    if ((th || rs || !rp) && (rc = parse_params(rs, "rope_scaling", theta, omp, max_positions, head_dim, &a))) return rc;
-    if (rp && (th || rs) && !same_rope(&a, &b))
+    if ((rs || !rp) && (rc = parse_params(rs, "rope_scaling", theta, omp, max_positions, head_dim, &a))) return rc;
+    /* a top-level rope_theta beside rope_parameters only fills in a missing rope_theta */
+    if (rp && !rs && th && b.theta != theta)
+        return ql_error(QL_EFORMAT, "config.json: rope_parameters.rope_theta %g and the top-level rope_theta %g disagree",
+                        b.theta, theta);
+    if (rp && rs && !same_rope(&a, &b))
         return ql_error(QL_EFORMAT, "config.json: rope_parameters (rope_type %s, rope_theta %g, factor %g) and the 4.x "
                                     "rope_theta/rope_scaling (rope_type %s, rope_theta %g, factor %g) disagree",
                         type_names[b.type], b.theta, b.factor, type_names[a.type], a.theta, a.factor);
@@ -241,9 +245,10 @@ void ql_rope_inv_freq(float *inv, float *attn_scale, const ql_rope_config *r, in
                                          (double)d / (d - 2));
             default_inv_freq(inv, (float)base, d);
         } else {
-            /* recomputed from a tensor seq_len: the base is a float32 scalar */
+            /* recomputed from a tensor seq_len: the base is a float32 scalar (torch raises it to the
+             * Python exponent in double precision, then rounds) */
             float s = (float)r->factor * (float)seq_len / (float)r->original_max_positions - (float)(r->factor - 1);
-            float base = (float)r->theta * powf(s, (float)((double)d / (d - 2)));
+            float base = (float)r->theta * (float)pow((double)s, (double)d / (d - 2));
             default_inv_freq(inv, base, d);
         }
         break;
