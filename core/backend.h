@@ -32,9 +32,9 @@ typedef struct ql_backend {
     void (*rope_forward)(float *x, int64_t T, int nheads, int hd, int pos0, const float *inv_freq /* host [hd/2] */,
                          float attn_scale);
     void (*attention_forward)(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
-                              int nh, int nkv, int hd);
+                              int nh, int nkv, int hd, int window);
     void (*attention_forward_train)(float *out, float *probs, const float *q, const float *k, const float *v,
-                                    int64_t T, int nh, int nkv, int hd);
+                                    int64_t T, int nh, int nkv, int hd, int window);
     void (*swiglu_forward)(float *out, const float *gate, const float *up, int64_t n);
     void (*add_inplace)(float *x, const float *y, int64_t n);
     void (*lora_forward)(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
@@ -48,7 +48,8 @@ typedef struct ql_backend {
     void (*rope_backward)(float *dx, int64_t T, int nheads, int hd, int pos0, const float *inv_freq /* host [hd/2] */,
                           float attn_scale);
     void (*attention_backward)(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
-                               const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd);
+                               const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                               int window);
     void (*swiglu_backward)(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
                             int64_t n);
     void (*lora_backward)(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd,

@@ -13,6 +13,8 @@ typedef struct layer_acts {
     float *x;                 /* [T, H] layer input */
     float *xn1, *rstd1;       /* [T, H], [T] */
     float *q, *k, *v;         /* [T, qd], [T, kvd] x2, rotated q and k */
+    float *qpre, *kpre;       /* [T, qd], [T, kvd] q, k before the per-head norm (qk_norm only) */
+    float *rstdq, *rstdk;     /* [T, nh], [T, nkv] (qk_norm only) */
     float *probs;             /* [nh, T, T] */
     float *att;               /* [T, qd] */
     float *xmid;              /* [T, H] */
@@ -34,8 +36,9 @@ static int64_t module_in(const dims *d, int k)
 
 static void acts_free(const ql_backend *be, layer_acts *a)
 {
-    float **all[] = {&a->x, &a->xn1, &a->rstd1, &a->q, &a->k, &a->v, &a->probs, &a->att,
-                     &a->xmid, &a->xn2, &a->rstd2, &a->gate, &a->up, &a->hm};
+    float **all[] = {&a->x,    &a->xn1,  &a->rstd1, &a->q,    &a->k,     &a->v,    &a->qpre,
+                     &a->kpre, &a->rstdq, &a->rstdk, &a->probs, &a->att, &a->xmid, &a->xn2,
+                     &a->rstd2, &a->gate, &a->up,  &a->hm};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         if (*all[i]) be->free(*all[i]);
         *all[i] = NULL;
@@ -47,7 +50,7 @@ static void acts_free(const ql_backend *be, layer_acts *a)
     }
 }
 
-static int acts_alloc(const ql_backend *be, layer_acts *a, const dims *d, const ql_lora *lora, int layer)
+static int acts_alloc(const ql_backend *be, layer_acts *a, const dims *d, const ql_lora *lora, int layer, int qk_norm)
 {
     memset(a, 0, sizeof *a);
     size_t T = (size_t)d->T;
@@ -67,6 +70,13 @@ static int acts_alloc(const ql_backend *be, layer_acts *a, const dims *d, const 
     a->hm = be->alloc(T * d->I * 4);
     int ok = a->x && a->xn1 && a->rstd1 && a->q && a->k && a->v && a->probs && a->att && a->xmid && a->xn2 &&
              a->rstd2 && a->gate && a->up && a->hm;
+    if (ok && qk_norm) {
+        a->qpre = be->alloc(T * d->qd * 4);
+        a->kpre = be->alloc(T * d->kvd * 4);
+        a->rstdq = be->alloc(T * (size_t)d->nh * 4);
+        a->rstdk = be->alloc(T * (size_t)d->nkv * 4);
+        ok = a->qpre && a->kpre && a->rstdq && a->rstdk;
+    }
     if (lora)
         for (int k = 0; k < QL_MOD_COUNT && ok; k++) {
             if (!lora->pairs[layer * QL_MOD_COUNT + k].A) continue;
@@ -124,6 +134,8 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
     const float *w = weights(x, l);
     if (!w) return ql_error_code();
     x->be->matmul_nt(y, in, w, x->d.T, l->in, l->out, 0);
+    if (l->bias) /* frozen: no gradient, and dy passes through it unchanged */
+        for (int64_t t = 0; t < x->d.T; t++) x->be->add_inplace(y + t * l->out, l->bias, l->out);
     ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
     if (p) {
         const float *xd = in;
@@ -169,12 +181,17 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     int rc;
     x->be->rmsnorm_forward(a->xn1, a->rstd1, a->x, L->attn_norm, d->T, d->H, c->rms_eps);
-    if ((rc = linear_fwd(x, i, QL_MOD_Q, a, a->xn1, a->q)) || (rc = linear_fwd(x, i, QL_MOD_K, a, a->xn1, a->k)) ||
+    float *qp = L->q_norm ? a->qpre : a->q, *kp = L->q_norm ? a->kpre : a->k;
+    if ((rc = linear_fwd(x, i, QL_MOD_Q, a, a->xn1, qp)) || (rc = linear_fwd(x, i, QL_MOD_K, a, a->xn1, kp)) ||
         (rc = linear_fwd(x, i, QL_MOD_V, a, a->xn1, a->v)))
         return rc;
+    if (L->q_norm) {
+        x->be->rmsnorm_forward(a->q, a->rstdq, a->qpre, L->q_norm, d->T * d->nh, d->hd, c->rms_eps);
+        x->be->rmsnorm_forward(a->k, a->rstdk, a->kpre, L->k_norm, d->T * d->nkv, d->hd, c->rms_eps);
+    }
     x->be->rope_forward(a->q, d->T, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     x->be->rope_forward(a->k, d->T, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
-    x->be->attention_forward_train(a->att, a->probs, a->q, a->k, a->v, d->T, d->nh, d->nkv, (int)d->hd);
+    x->be->attention_forward_train(a->att, a->probs, a->q, a->k, a->v, d->T, d->nh, d->nkv, (int)d->hd, L->window);
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
     x->be->add_inplace(a->xmid, a->x, d->T * d->H);
     x->be->rmsnorm_forward(a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->T, d->H, c->rms_eps);
@@ -188,6 +205,7 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
 
 typedef struct bwd_scratch {
     float *dhm, *dgate, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dxd, *dmid;
+    float *dqpre, *dkpre; /* [T, qd], [T, kvd] through the per-head q/k norm (qk_norm only) */
 } bwd_scratch;
 
 /* Given dout[T, H] = dL/d(layer output), write dx[T, H] = dL/d(layer input). */
@@ -207,11 +225,18 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     /* attention */
     if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->dxd))) return rc;
     x->be->attention_backward(s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, d->T, d->nh, d->nkv,
-                          (int)d->hd);
+                              (int)d->hd, L->window);
     x->be->rope_backward(s->dq, d->T, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     x->be->rope_backward(s->dk, d->T, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
-    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, s->dq, s->dxn, 0, s->dh, s->dxd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, s->dk, s->dxn, 1, s->dh, s->dxd)) ||
+    const float *dqp = s->dq, *dkp = s->dk;
+    if (L->q_norm) { /* frozen norm weights: only the input gradient */
+        x->be->rmsnorm_backward(s->dqpre, NULL, s->dq, a->qpre, L->q_norm, a->rstdq, d->T * d->nh, d->hd, 0);
+        x->be->rmsnorm_backward(s->dkpre, NULL, s->dk, a->kpre, L->k_norm, a->rstdk, d->T * d->nkv, d->hd, 0);
+        dqp = s->dqpre;
+        dkp = s->dkpre;
+    }
+    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, dqp, s->dxn, 0, s->dh, s->dxd)) ||
+        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, dkp, s->dxn, 1, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh, s->dxd)))
         return rc;
     x->be->copy(dx, s->dmid, (size_t)(d->T * d->H) * 4);
@@ -226,10 +251,6 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     if (T < 2) return QL_OK;
     if (T > c->max_positions)
         return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", T, c->max_positions);
-    if (c->sliding_window > 0 && T > c->sliding_window)
-        return ql_error(QL_ENOTSUP, "sequence of %d tokens is longer than the model's sliding attention window (%d): "
-                                    "sliding-window attention is not supported yet",
-                        T, c->sliding_window);
     for (int t = 0; t < T; t++)
         if (ids[t] < 0 || ids[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", ids[t], t, c->vocab);
@@ -271,7 +292,7 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     }
     for (int i = 0; i <= nl && rc == QL_OK; i++)
         if (!(inputs[i] = be->alloc((size_t)T * d->H * 4))) rc = ql_error(QL_ENOMEM, "out of memory");
-    for (int i = 0; i < (keep_all ? nl : 1) && rc == QL_OK; i++) rc = acts_alloc(be, &acts[i], d, x.lora, i);
+    for (int i = 0; i < (keep_all ? nl : 1) && rc == QL_OK; i++) rc = acts_alloc(be, &acts[i], d, x.lora, i, c->qk_norm);
     if (rc) goto done;
     ql_llama_rope(x.inv_freq, &x.rope_scale, m, T);
 
@@ -312,9 +333,13 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     if (d->H > widest) widest = d->H;
     s.dxd = be->alloc((size_t)(T * widest) * 4);
     s.dmid = be->alloc((size_t)(T * d->H) * 4);
+    if (c->qk_norm) {
+        s.dqpre = be->alloc((size_t)(T * d->qd) * 4);
+        s.dkpre = be->alloc((size_t)(T * d->kvd) * 4);
+    }
     float *grad = be->alloc((size_t)(T * d->H) * 4), *grad2 = be->alloc((size_t)(T * d->H) * 4);
     if (!s.dhm || !s.dgate || !s.dup || !s.dxn || !s.datt || !s.dq || !s.dk || !s.dv || !s.dscores || !s.dh ||
-        !s.dxd || !s.dmid || !grad || !grad2) {
+        !s.dxd || !s.dmid || !grad || !grad2 || (c->qk_norm && (!s.dqpre || !s.dkpre))) {
         if (grad) be->free(grad);
         if (grad2) be->free(grad2);
         rc = ql_error(QL_ENOMEM, "out of memory");
@@ -345,7 +370,7 @@ done:
             if (inputs[i]) be->free(inputs[i]);
     free(inputs);
     float *bufs[] = {logits, xnf, rstdf, x.w, s.dhm, s.dgate, s.dup, s.dxn, s.datt, s.dq, s.dk, s.dv, s.dscores,
-                     s.dh, s.dxd, s.dmid};
+                     s.dh, s.dxd, s.dmid, s.dqpre, s.dkpre};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(bufs[i]);
     free(targets);

@@ -30,7 +30,7 @@ void ql_attention_row(float *o, float *p, const float *qt, const float *k, const
 
 /* y[T, out] = x[T, in] * w[out, in]^T (+ y if accumulate) */
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
-/* out[T, C] = x / rms(x) * weight; rstd[T] = 1 / rms (may be NULL) */
+/* out[T, C] = x / rms(x) * weight; rstd[T] = 1 / rms (may be NULL); out may alias x */
 void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *weight, int64_t T, int64_t C,
                         float eps);
 /* Rotary embedding in place on x[T, nheads, hd] for positions pos0..pos0+T-1,
@@ -39,9 +39,11 @@ void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *we
  * is a host array (ql_rope_inv_freq, core/rope.h). */
 void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, const float *inv_freq, float attn_scale);
 /* Causal grouped-query attention for T new positions after `past` cached
- * ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T, nh, hd]. */
+ * ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T, nh, hd].
+ * window > 0 bands it: the query at position i sees keys j with
+ * i - window < j <= i (transformers' sliding window); 0 is full causal. */
 void ql_attention_forward(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
-                          int nh, int nkv, int hd);
+                          int nh, int nkv, int hd, int window);
 /* out[n] = silu(gate[n]) * up[n] */
 void ql_swiglu_forward(float *out, const float *gate, const float *up, int64_t n);
 /* x[n] += y[n] */

@@ -65,16 +65,19 @@ void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, const 
 
 /* ql_attention_forward for a training sequence (past == 0) that also keeps the
  * softmax probabilities: q[T, nh, hd]; k, v[T, nkv, hd]; out[T, nh, hd];
- * probs[nh, T, T] (row t holds keys 0..t, zeros above the diagonal).
- * out is bitwise equal to ql_attention_forward's. */
+ * probs[nh, T, T] (row t holds keys s0..t, s0 = max(0, t - window + 1) when
+ * window > 0, else 0; zeros elsewhere).  out is bitwise equal to
+ * ql_attention_forward's with the same window. */
 void ql_attention_forward_train(float *out, float *probs, const float *q, const float *k, const float *v, int64_t T,
-                                int nh, int nkv, int hd);
-/* Causal GQA backward: dq[T, nh, hd], dk, dv[T, nkv, hd] written (dk/dv sum over
- * the nh/nkv query heads sharing a kv head); dscores[nh, T, T] is scratch and is
- * left holding the gradient of the scaled pre-softmax scores (zero above the
- * diagonal).  q, k are the rotated values the forward consumed. */
+                                int nh, int nkv, int hd, int window);
+/* Causal (banded when window > 0) GQA backward: dq[T, nh, hd], dk, dv[T, nkv, hd]
+ * written (dk/dv sum over the nh/nkv query heads sharing a kv head);
+ * dscores[nh, T, T] is scratch and is left holding the gradient of the scaled
+ * pre-softmax scores (zero outside the band).  q, k are the rotated values the
+ * forward consumed; window as the forward's. */
 void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
-                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd);
+                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                           int window);
 
 /* Backward of out = silu(gate) * up: dgate[n], dup[n] written.  Elementwise:
  * any output may alias any input. */

@@ -45,18 +45,20 @@ void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, const fl
 }
 
 void ql_attention_forward(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
-                          int nh, int nkv, int hd)
+                          int nh, int nkv, int hd, int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
+    const int64_t stride = (int64_t)nkv * hd;
 #pragma omp parallel for collapse(2) schedule(static) if ((T + past) * T * nh * hd >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
-            int64_t n = past + t + 1; /* causal: keys 0..past+t */
+            /* causal: keys s0..past+t, s0 > past+t - window when banded */
+            const int64_t pos = past + t, s0 = window > 0 && pos >= window ? pos - window + 1 : 0, n = pos - s0 + 1;
             float *scores = malloc((size_t)n * sizeof *scores);
             if (!scores) continue;
-            ql_attention_row(out + (t * nh + h) * hd, scores, q + (t * nh + h) * hd, k + (h / group) * hd,
-                             v + (h / group) * hd, n, (int64_t)nkv * hd, hd, scale);
+            ql_attention_row(out + (t * nh + h) * hd, scores, q + (t * nh + h) * hd, k + s0 * stride + (h / group) * hd,
+                             v + s0 * stride + (h / group) * hd, n, stride, hd, scale);
             free(scores);
         }
 }

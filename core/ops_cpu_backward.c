@@ -156,24 +156,30 @@ void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, const 
 
 /* ---- attention ---- */
 
+/* first key a query at position t sees: t - window + 1 when banded */
+static int64_t band_start(int64_t t, int window) { return window > 0 && t >= window ? t - window + 1 : 0; }
+
 void ql_attention_forward_train(float *out, float *probs, const float *q, const float *k, const float *v, int64_t T,
-                                int nh, int nkv, int hd)
+                                int nh, int nkv, int hd, int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
+    const int64_t stride = (int64_t)nkv * hd;
 #pragma omp parallel for collapse(2) schedule(static) if (T * T * nh * hd >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
-            const int64_t n = t + 1; /* causal: keys 0..t */
+            const int64_t s0 = band_start(t, window), n = t - s0 + 1; /* keys s0..t */
             float *p = probs + ((int64_t)h * T + t) * T;
-            ql_attention_row(out + (t * nh + h) * hd, p, q + (t * nh + h) * hd, k + (h / group) * hd,
-                             v + (h / group) * hd, n, (int64_t)nkv * hd, hd, scale);
-            memset(p + n, 0, (size_t)(T - n) * sizeof *p);
+            memset(p, 0, (size_t)s0 * sizeof *p);
+            ql_attention_row(out + (t * nh + h) * hd, p + s0, q + (t * nh + h) * hd, k + s0 * stride + (h / group) * hd,
+                             v + s0 * stride + (h / group) * hd, n, stride, hd, scale);
+            memset(p + t + 1, 0, (size_t)(T - t - 1) * sizeof *p);
         }
 }
 
 void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
-                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd)
+                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                           int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
@@ -182,29 +188,32 @@ void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, cons
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
             const int kvh = h / group;
+            const int64_t s0 = band_start(t, window);
             const float *p = probs + ((int64_t)h * T + t) * T;
             float *ds = dscores + ((int64_t)h * T + t) * T;
             const float *dot_ = dout + (t * nh + h) * hd;
             double pdp = 0;
-            for (int64_t s = 0; s <= t; s++) {
+            for (int64_t s = s0; s <= t; s++) {
                 ds[s] = ql_dot(dot_, v + (s * nkv + kvh) * hd, hd);
                 pdp += (double)p[s] * ds[s];
             }
-            for (int64_t s = 0; s <= t; s++) ds[s] = p[s] * (float)((double)ds[s] - pdp);
+            for (int64_t s = s0; s <= t; s++) ds[s] = p[s] * (float)((double)ds[s] - pdp);
+            for (int64_t s = 0; s < s0; s++) ds[s] = 0;
             for (int64_t s = t + 1; s < T; s++) ds[s] = 0;
             float *dqt = dq + (t * nh + h) * hd;
             memset(dqt, 0, (size_t)hd * sizeof *dqt);
-            for (int64_t s = 0; s <= t; s++) axpy(dqt, ds[s] * scale, k + (s * nkv + kvh) * hd, hd);
+            for (int64_t s = s0; s <= t; s++) axpy(dqt, ds[s] * scale, k + (s * nkv + kvh) * hd, hd);
         }
-    /* kv rows (s, kvh): sum over the group's query heads, then queries t >= s */
+    /* kv rows (s, kvh): sum over the group's query heads, then the queries t >= s that see key s */
 #pragma omp parallel for collapse(2) schedule(static) if (T * T * nh * hd >= QL_PARALLEL_MIN_WORK)
     for (int64_t s = 0; s < T; s++)
         for (int kvh = 0; kvh < nkv; kvh++) {
             float *dks = dk + (s * nkv + kvh) * hd, *dvs = dv + (s * nkv + kvh) * hd;
+            const int64_t t1 = window > 0 ? min64(T, s + window) : T; /* queries s..t1-1 */
             memset(dks, 0, (size_t)hd * sizeof *dks);
             memset(dvs, 0, (size_t)hd * sizeof *dvs);
             for (int h = kvh * group; h < (kvh + 1) * group; h++)
-                for (int64_t t = s; t < T; t++) {
+                for (int64_t t = s; t < t1; t++) {
                     const int64_t row = ((int64_t)h * T + t) * T;
                     const float a = dscores[row + s] * scale, p = probs[row + s];
                     axpy(dks, a, q + (t * nh + h) * hd, hd);

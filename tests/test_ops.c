@@ -347,7 +347,7 @@ typedef struct {
 static double attn_loss(void *p)
 {
     attn_ctx *s = p;
-    ql_attention_forward_train(s->out, s->probs, s->q, s->k, s->v, s->T, s->nh, s->nkv, s->hd);
+    ql_attention_forward_train(s->out, s->probs, s->q, s->k, s->v, s->T, s->nh, s->nkv, s->hd, 0);
     return dotd(s->c, s->out, s->T * s->nh * s->hd);
 }
 
@@ -368,7 +368,7 @@ START_TEST(attention_grads)
     attn_loss(&s);
     /* the training forward reproduces the inference forward bit for bit */
     float *ref = fnew(nq);
-    ql_attention_forward(ref, s.q, s.k, s.v, s.T, 0, s.nh, s.nkv, s.hd);
+    ql_attention_forward(ref, s.q, s.k, s.v, s.T, 0, s.nh, s.nkv, s.hd, 0);
     assert_bitwise("attention_forward_train out", s.out, ref, nq);
     for (int h = 0; h < s.nh; h++)
         for (int64_t t = 0; t < s.T; t++) {
@@ -383,7 +383,7 @@ START_TEST(attention_grads)
         }
     float *dq = fnew(nq), *dk = fnew(nkv), *dv = fnew(nkv), *ds = fnew((int64_t)s.nh * s.T * s.T);
     for (int64_t i = 0; i < (int64_t)s.nh * s.T * s.T; i++) ds[i] = NAN; /* scratch need not be clean */
-    ql_attention_backward(dq, dk, dv, ds, s.c, s.q, s.k, s.v, s.probs, s.T, s.nh, s.nkv, s.hd);
+    ql_attention_backward(dq, dk, dv, ds, s.c, s.q, s.k, s.v, s.probs, s.T, s.nh, s.nkv, s.hd, 0);
     char name[64];
     snprintf(name, sizeof name, "attn T=%d nh=%d nkv=%d hd=%d dq", (int)s.T, s.nh, s.nkv, s.hd);
     fd_check_ex(name, attn_loss, &s, s.q, dq, nq, s.T == 1); /* one key: the softmax is constant */
@@ -582,8 +582,8 @@ START_TEST(same_bits_any_thread_count)
         ql_matmul_backward_input(r[0], dy, w, T, in, out, 0);
         ql_matmul_backward_weight(r[1], dy, x, T, in, out, 0);
         ql_rmsnorm_backward(r[2], r[3], dyc, x, nw, rs, T, C, 0);
-        ql_attention_forward_train(ao, r[12], q, k, v, at, nh, nkv, hd);
-        ql_attention_backward(r[4], r[5], r[6], r[7], dout, q, k, v, r[12], at, nh, nkv, hd);
+        ql_attention_forward_train(ao, r[12], q, k, v, at, nh, nkv, hd, 0);
+        ql_attention_backward(r[4], r[5], r[6], r[7], dout, q, k, v, r[12], at, nh, nkv, hd, 0);
         float *losses = fnew(16);
         loss[run] = ql_cross_entropy_forward_backward(losses, r[8], logits, tg, 16, V, QL_IGNORE_INDEX, 0.1f);
         ql_swiglu_backward(r[9], r[10], dn, g, u, n);
@@ -632,7 +632,7 @@ static double block_forward(void *ctx)
     ql_matmul_nt(b->v, b->xn1, b->wv, T, C, kvd, 0);
     ql_rope_forward(b->q, T, (int)b->nh, (int)b->hd, 0, b->inv, 1.0f);
     ql_rope_forward(b->k, T, (int)b->nkv, (int)b->hd, 0, b->inv, 1.0f);
-    ql_attention_forward_train(b->att, b->probs, b->q, b->k, b->v, T, (int)b->nh, (int)b->nkv, (int)b->hd);
+    ql_attention_forward_train(b->att, b->probs, b->q, b->k, b->v, T, (int)b->nh, (int)b->nkv, (int)b->hd, 0);
     ql_matmul_nt(b->tmp, b->att, b->wo, T, qd, C, 0);
     memcpy(b->x1, b->x0, (size_t)(T * C) * sizeof(float));
     ql_add_inplace(b->x1, b->tmp, T * C);
@@ -675,7 +675,7 @@ static void block_backward(block *b, float *dx0, float *daq, float *dbq, float *
     ql_rmsnorm_backward(dres, NULL, dxn, b->x1, b->w_mn, b->rstd2, T, C, 1); /* dres = dL/dx1 */
     /* x1 = x0 + o_proj(attention(rope(q), rope(k), v)) */
     ql_matmul_backward_input(datt, dres, b->wo, T, qd, C, 0);
-    ql_attention_backward(dq, dk, dv, dscores, datt, b->q, b->k, b->v, b->probs, T, nh, nkv, hd);
+    ql_attention_backward(dq, dk, dv, dscores, datt, b->q, b->k, b->v, b->probs, T, nh, nkv, hd, 0);
     ql_rope_backward(dq, T, nh, hd, 0, b->inv, 1.0f);
     ql_rope_backward(dk, T, nkv, hd, 0, b->inv, 1.0f);
     ql_matmul_backward_input(dxn, dq, b->wq, T, C, qd, 0);

@@ -1,4 +1,5 @@
-/* LLaMA-family decoder models (LlamaForCausalLM, MistralForCausalLM): load
+/* LLaMA-family decoder models (LlamaForCausalLM, MistralForCausalLM,
+ * Qwen2ForCausalLM, Qwen3ForCausalLM): load
  * from a Hugging Face folder, optionally quantizing the block linears through
  * a plugin, and run the forward pass on the CPU reference backend. */
 #ifndef QLORA_LLAMA_H
@@ -55,7 +56,14 @@ typedef struct ql_llama_config {
                 * converted to float32 whatever it says */
     int tied_embeddings;
     int bos_id, eos_id;
-    int sliding_window; /* Mistral's attention window; 0 when none */
+    /* Sliding-window attention: in a sliding layer query i sees keys j with
+     * i - W < j <= i (W = sliding_window).  0 when no layer slides. */
+    int sliding_window;
+    int n_sliding_layers; /* how many layers slide (ql_llama_layer.window) */
+    int qkv_bias;         /* q, k, v projections have biases (Qwen2; attention_bias) */
+    int o_bias;           /* o_proj has a bias (Qwen3 / Llama attention_bias) */
+    int mlp_bias;         /* gate, up, down have biases (Llama mlp_bias) */
+    int qk_norm;          /* RMSNorm over head_dim on each q and k head before RoPE (Qwen3) */
 } ql_llama_config;
 
 /* Read and check config.json (a jansson json_t *).  An unsupported
@@ -68,6 +76,7 @@ typedef struct ql_linear {
     const char *name; /* module prefix */
     int64_t out, in;
     float *dense;          /* [out, in] or NULL */
+    float *bias;           /* [out] dense float32, frozen, or NULL */
     const ql_qz *qz;       /* with state when quantized */
     ql_qstate *state;
     /* An attached LoRA adapter (ql_lora_attach): y += scale * (x A^T) B^T */
@@ -79,6 +88,9 @@ typedef struct ql_linear {
 typedef struct ql_llama_layer {
     float *attn_norm; /* [hidden] */
     float *mlp_norm;  /* [hidden] */
+    float *q_norm;    /* [head_dim] per-head RMSNorm of q before RoPE (Qwen3), or NULL */
+    float *k_norm;    /* [head_dim] the same for k, or NULL */
+    int window;       /* sliding attention window; 0 = full causal */
     ql_linear q, k, v, o, gate, up, down;
 } ql_llama_layer;
 
