@@ -69,6 +69,8 @@ int main(int argc, char **argv)
 {
     int64_t T = 256, H = 576, I = 1536, V = 49152, r = 16;
     int L = 30, nh = 9, nkv = 3, hd = 64;
+    float inv_freq[32]; /* default rope, theta 100000 as the 135M model */
+    for (int i = 0; i < hd / 2; i++) inv_freq[i] = 1.0f / powf(100000.0f, (float)(2 * i) / (float)hd);
     static const struct option opts[] = {{"tokens", required_argument, NULL, 't'},
                                          {"repeat", required_argument, NULL, 'r'},
                                          {NULL, 0, NULL, 0}};
@@ -120,8 +122,8 @@ int main(int argc, char **argv)
     TIME("token_nll (eval) 49152", 0, for (int64_t t = 0; t + 1 < T; t++) ql_token_nll(y + t * V, V, tg[t]));
     TIME("attention_forward_train", L, ql_attention_forward_train(att, probs, q, k, v, T, nh, nkv, hd, 0));
     TIME("attention_backward", L, ql_attention_backward(dq, dk, dv, dsc, att, q, k, v, probs, T, nh, nkv, hd, 0));
-    TIME("rope_forward q+k", L, (ql_rope_forward(q, T, nh, hd, 0, 10000.0f), ql_rope_forward(k, T, nkv, hd, 0, 10000.0f)));
-    TIME("rope_backward q+k", L, (ql_rope_backward(dq, T, nh, hd, 0, 10000.0f), ql_rope_backward(dk, T, nkv, hd, 0, 10000.0f)));
+    TIME("rope_forward q+k", L, (ql_rope_forward(q, T, nh, hd, 0, inv_freq, 1.0f), ql_rope_forward(k, T, nkv, hd, 0, inv_freq, 1.0f)));
+    TIME("rope_backward q+k", L, (ql_rope_backward(dq, T, nh, hd, 0, inv_freq, 1.0f), ql_rope_backward(dk, T, nkv, hd, 0, inv_freq, 1.0f)));
     TIME("rmsnorm_forward", 2 * L + 1, ql_rmsnorm_forward(dx, rs, x, nw, T, H, 1e-5f));
     TIME("rmsnorm_backward", 2 * L + 1, ql_rmsnorm_backward(dx, NULL, dy, x, nw, rs, T, H, 1));
     TIME("swiglu_forward", L, ql_swiglu_forward(dx, x, dy, T * I));

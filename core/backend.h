@@ -29,7 +29,8 @@ typedef struct ql_backend {
     void (*matmul_nt)(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
     void (*rmsnorm_forward)(float *out, float *rstd, const float *x, const float *weight, int64_t T, int64_t C,
                             float eps);
-    void (*rope_forward)(float *x, int64_t T, int nheads, int hd, int pos0, float theta);
+    void (*rope_forward)(float *x, int64_t T, int nheads, int hd, int pos0, const float *inv_freq /* host [hd/2] */,
+                         float attn_scale);
     void (*attention_forward)(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
                               int nh, int nkv, int hd, int window);
     void (*attention_forward_train)(float *out, float *probs, const float *q, const float *k, const float *v,
@@ -44,7 +45,8 @@ typedef struct ql_backend {
                                   int accumulate);
     void (*rmsnorm_backward)(float *dx, float *dweight, const float *dy, const float *x, const float *weight,
                              const float *rstd, int64_t T, int64_t C, int accumulate);
-    void (*rope_backward)(float *dx, int64_t T, int nheads, int hd, int pos0, float theta);
+    void (*rope_backward)(float *dx, int64_t T, int nheads, int hd, int pos0, const float *inv_freq /* host [hd/2] */,
+                          float attn_scale);
     void (*attention_backward)(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
                                const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
                                int window);

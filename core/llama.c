@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "ops.h"
 #include "progress.h"
+#include "rope.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
@@ -27,6 +28,7 @@ struct ql_llama {
     ql_llama_layer *layers; /* [n_layers] */
     float *scratch_w;       /* materialized weights of one linear, reused */
     int64_t scratch_w_len;
+    int64_t rope_cached_len; /* dynamic rope: transformers' max_seq_len_cached (ql_rope_dynamic_len) */
 };
 
 struct ql_kv_cache {
@@ -261,23 +263,28 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
                         c->head_dim);
     if ((rc = get_int(cfg, "max_position_embeddings", &c->max_positions, 0)) == QL_ENOTFOUND) c->max_positions = 2048;
     else if (rc) return rc;
-    if ((rc = get_real(cfg, "rms_norm_eps", &c->rms_eps, 1e-6f)) || (rc = get_real(cfg, "rope_theta", &c->rope_theta, 10000.0f)))
-        return rc;
-    if ((rc = sliding_layers(cfg, c, kind, NULL))) return rc;
-    json_t *rs = json_object_get(cfg, "rope_scaling");
-    if (rs && !json_is_null(rs))
-        return ql_error(QL_ENOTSUP, "config.json: rope_scaling is not supported yet");
-    /* transformers 5 writes rope_theta and the scaling into rope_parameters
-     * (which wins over a top-level rope_theta there) */
-    json_t *rp = json_object_get(cfg, "rope_parameters");
-    if (rp && !json_is_null(rp)) {
-        const char *rt;
-        if (!json_is_object(rp)) return ql_error(QL_EFORMAT, "config.json: \"rope_parameters\" must be an object");
-        if ((rc = get_string(rp, "rope_type", &rt)) || (!rt && (rc = get_string(rp, "type", &rt)))) return rc;
-        if (rt && strcmp(rt, "default") != 0)
-            return ql_error(QL_ENOTSUP, "config.json: rope_parameters.rope_type '%s' is not supported yet", rt);
-        if ((rc = get_real(rp, "rope_theta", &c->rope_theta, c->rope_theta))) return rc;
+    if ((rc = get_real(cfg, "rms_norm_eps", &c->rms_eps, 1e-6f))) return rc;
+    if ((rc = ql_rope_config_parse(cfg, c->max_positions, c->head_dim, &c->rope))) return rc;
+    c->max_len = c->max_positions;
+    if (c->rope.type == QL_ROPE_DYNAMIC) {
+        double n = (double)c->max_positions * c->rope.factor;
+        c->max_len = n > (double)(1 << 30) ? 1 << 30 : n > c->max_positions ? (int)n : c->max_positions;
     }
+    /* dtype (transformers 5) or torch_dtype (4.x): recorded; the weights become float32 either way */
+    const char *dt[2];
+    if ((rc = get_string(cfg, "dtype", &dt[0])) || (rc = get_string(cfg, "torch_dtype", &dt[1]))) return rc;
+    if (dt[0] && dt[1] && strcmp(dt[0], dt[1]))
+        return ql_error(QL_EFORMAT, "config.json: \"dtype\" %s and \"torch_dtype\" %s disagree", dt[0], dt[1]);
+    c->dtype = QL_DTYPE_F32;
+    if (dt[0] || dt[1]) {
+        const char *d = dt[0] ? dt[0] : dt[1];
+        if (!strcmp(d, "bfloat16")) c->dtype = QL_DTYPE_BF16;
+        else if (!strcmp(d, "float16")) c->dtype = QL_DTYPE_F16;
+        else if (strcmp(d, "float32"))
+            return ql_error(QL_ENOTSUP, "config.json: \"%s\" '%s' is not supported (float32, bfloat16 or float16)",
+                            dt[0] ? "dtype" : "torch_dtype", d);
+    }
+    if ((rc = sliding_layers(cfg, c, kind, NULL))) return rc;
     const char *act;
     if ((rc = get_string(cfg, "hidden_act", &act))) return rc;
     if (act && strcmp(act, "silu") != 0)
@@ -695,6 +702,13 @@ int ql_kv_cache_length(const ql_kv_cache *c) { return c->len; }
 
 /* ---- forward ---- */
 
+void ql_llama_rope(float *inv_freq, float *attn_scale, ql_llama *m, int64_t seq_len)
+{
+    const ql_rope_config *r = &m->cfg.rope;
+    if (r->type == QL_ROPE_DYNAMIC) seq_len = ql_rope_dynamic_len(&m->rope_cached_len, r, seq_len);
+    ql_rope_inv_freq(inv_freq, attn_scale, r, m->cfg.head_dim, seq_len);
+}
+
 int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int T, float *logits, int last_only)
 {
     const ql_llama_config *c = &m->cfg;
@@ -715,10 +729,12 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
     float *q = be->alloc((size_t)T * qd * sizeof *q), *att = be->alloc((size_t)T * qd * sizeof *att);
     float *g = be->alloc(wide * sizeof *g), *u = be->alloc(wide * sizeof *u);
     float *tmp = be->alloc((size_t)T * H * sizeof *tmp), *out = be->alloc((size_t)rows * c->vocab * sizeof *out);
-    if (!x || !xn || !q || !att || !g || !u || !tmp || !out) {
+    float *inv_freq = malloc((size_t)(hd / 2) * sizeof *inv_freq), rope_scale; /* host */
+    if (!x || !xn || !q || !att || !g || !u || !tmp || !out || !inv_freq) {
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
+    ql_llama_rope(inv_freq, &rope_scale, m, past + T);
     be->embedding(x, m->embed, tokens, T, H);
     for (int l = 0; l < c->n_layers; l++) {
         ql_llama_layer *L = &m->layers[l];
@@ -733,8 +749,8 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
             be->rmsnorm_forward(kc + (size_t)past * kvd, NULL, kc + (size_t)past * kvd, L->k_norm,
                                 (int64_t)T * c->n_kv_heads, hd, c->rms_eps);
         }
-        be->rope_forward(q, T, c->n_heads, (int)hd, past, c->rope_theta);
-        be->rope_forward(kc + (size_t)past * kvd, T, c->n_kv_heads, (int)hd, past, c->rope_theta);
+        be->rope_forward(q, T, c->n_heads, (int)hd, past, inv_freq, rope_scale);
+        be->rope_forward(kc + (size_t)past * kvd, T, c->n_kv_heads, (int)hd, past, inv_freq, rope_scale);
         be->attention_forward(att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd, L->window);
         if ((rc = linear_forward(m, &L->o, att, T, tmp))) goto done;
         be->add_inplace(x, tmp, (int64_t)T * H);
@@ -756,5 +772,6 @@ done:;
     float *bufs[] = {x, xn, q, att, g, u, tmp, out};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(bufs[i]);
+    free(inv_freq);
     return rc;
 }

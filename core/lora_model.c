@@ -6,6 +6,7 @@
 #include "backend.h"
 #include "ops_backward.h"
 #include "qlora/error.h"
+#include "rope.h"
 
 /* Activations of one decoder layer for one sequence. */
 typedef struct layer_acts {
@@ -102,6 +103,8 @@ typedef struct ctx {
     float *w;             /* scratch for one materialized weight matrix */
     uint64_t seed;
     int dropout;          /* dropout active */
+    float *inv_freq;      /* host [hd/2]: rotary frequencies of this sequence */
+    float rope_scale;     /* and the factor on cos and sin */
 } ctx;
 
 static uint64_t module_seed(const ctx *x, int layer, int module)
@@ -186,8 +189,8 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
         x->be->rmsnorm_forward(a->q, a->rstdq, a->qpre, L->q_norm, d->T * d->nh, d->hd, c->rms_eps);
         x->be->rmsnorm_forward(a->k, a->rstdk, a->kpre, L->k_norm, d->T * d->nkv, d->hd, c->rms_eps);
     }
-    x->be->rope_forward(a->q, d->T, d->nh, (int)d->hd, 0, c->rope_theta);
-    x->be->rope_forward(a->k, d->T, d->nkv, (int)d->hd, 0, c->rope_theta);
+    x->be->rope_forward(a->q, d->T, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    x->be->rope_forward(a->k, d->T, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     x->be->attention_forward_train(a->att, a->probs, a->q, a->k, a->v, d->T, d->nh, d->nkv, (int)d->hd, L->window);
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
     x->be->add_inplace(a->xmid, a->x, d->T * d->H);
@@ -209,7 +212,6 @@ typedef struct bwd_scratch {
 static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx, bwd_scratch *s)
 {
     const dims *d = &x->d;
-    const ql_llama_config *c = x->c;
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     int rc;
     /* MLP */
@@ -224,8 +226,8 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->dxd))) return rc;
     x->be->attention_backward(s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, d->T, d->nh, d->nkv,
                               (int)d->hd, L->window);
-    x->be->rope_backward(s->dq, d->T, d->nh, (int)d->hd, 0, c->rope_theta);
-    x->be->rope_backward(s->dk, d->T, d->nkv, (int)d->hd, 0, c->rope_theta);
+    x->be->rope_backward(s->dq, d->T, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    x->be->rope_backward(s->dk, d->T, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     const float *dqp = s->dq, *dkp = s->dk;
     if (L->q_norm) { /* frozen norm weights: only the input gradient */
         x->be->rmsnorm_backward(s->dqpre, NULL, s->dq, a->qpre, L->q_norm, a->rstdq, d->T * d->nh, d->hd, 0);
@@ -247,8 +249,8 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
 {
     const ql_llama_config *c = ql_llama_get_config(m);
     if (T < 2) return QL_OK;
-    if (T > c->max_positions)
-        return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", T, c->max_positions);
+    if (T > c->max_len)
+        return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", T, c->max_len);
     for (int t = 0; t < T; t++)
         if (ids[t] < 0 || ids[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", ids[t], t, c->vocab);
@@ -282,8 +284,9 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     float *xnf = be->alloc((size_t)T * d->H * 4), *rstdf = be->alloc((size_t)T * 4);
     int32_t *targets = malloc((size_t)T * sizeof *targets); /* host */
     x.w = be->alloc((size_t)maxw * 4);
+    x.inv_freq = malloc((size_t)(d->hd / 2) * sizeof *x.inv_freq);
     bwd_scratch s = {0};
-    if (!acts || !inputs || !logits || !xnf || !rstdf || !targets || !x.w) {
+    if (!acts || !inputs || !logits || !xnf || !rstdf || !targets || !x.w || !x.inv_freq) {
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
@@ -291,6 +294,7 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
         if (!(inputs[i] = be->alloc((size_t)T * d->H * 4))) rc = ql_error(QL_ENOMEM, "out of memory");
     for (int i = 0; i < (keep_all ? nl : 1) && rc == QL_OK; i++) rc = acts_alloc(be, &acts[i], d, x.lora, i, c->qk_norm);
     if (rc) goto done;
+    ql_llama_rope(x.inv_freq, &x.rope_scale, m, T);
 
     /* forward */
     be->embedding(inputs[0], ql_llama_embeddings(m), ids, T, d->H);
@@ -370,5 +374,6 @@ done:
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(bufs[i]);
     free(targets);
+    free(x.inv_freq);
     return rc;
 }

@@ -74,8 +74,10 @@ void ql_matmul_nt_ref(float *y, const float *x, const float *w, int64_t T, int64
 void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *weight, int64_t T, int64_t C,
                         float eps);
 /* Rotary embedding in place on x[T, nheads, hd] for positions pos0..pos0+T-1,
- * rotating halves (x[:hd/2], x[hd/2:]) as transformers' rotate_half does. */
-void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, float theta);
+ * rotating halves (x[:hd/2], x[hd/2:]) as transformers' rotate_half does:
+ * angle (float)pos * inv_freq[i], cos and sin times attn_scale.  inv_freq[hd/2]
+ * is a host array (ql_rope_inv_freq, core/rope.h). */
+void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, const float *inv_freq, float attn_scale);
 /* Causal grouped-query attention for T new positions after `past` cached
  * ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T, nh, hd].
  * window > 0 bands it: the query at position i sees keys j with

@@ -78,7 +78,7 @@ void ql_rmsnorm_backward(float *dx, float *dweight, const float *dy, const float
 
 /* Backward of ql_rope_forward, in place on dx[T, nheads, hd] (the inverse
  * rotation, same angles as the forward). */
-void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, float theta);
+void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, const float *inv_freq, float attn_scale);
 
 /* ql_attention_forward for a training sequence (past == 0) that also keeps the
  * softmax probabilities: q[T, nh, hd]; k, v[T, nkv, hd]; out[T, nh, hd];

@@ -36,17 +36,14 @@ void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *we
     }
 }
 
-void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, float theta)
+void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, const float *inv, float attn_scale)
 {
     int half = hd / 2;
-    float *inv = malloc((size_t)half * sizeof *inv);
-    if (!inv) return;
-    for (int i = 0; i < half; i++) inv[i] = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
     for (int64_t t = 0; t < T; t++) {
         float pos = (float)(pos0 + t);
         for (int i = 0; i < half; i++) {
             float f = pos * inv[i];
-            float c = cosf(f), s = sinf(f);
+            float c = cosf(f) * attn_scale, s = sinf(f) * attn_scale;
             for (int h = 0; h < nheads; h++) {
                 float *v = x + (t * nheads + h) * hd;
                 float a = v[i], b = v[i + half];
@@ -55,7 +52,6 @@ void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, float th
             }
         }
     }
-    free(inv);
 }
 
 void ql_attention_forward(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,

@@ -185,17 +185,17 @@ void ql_rmsnorm_backward(float *dx, float *dweight, const float *dy, const float
 
 /* ---- RoPE ---- */
 
-void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, float theta)
+void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, const float *inv_freq, float attn_scale)
 {
     const int half = hd / 2;
-    /* forward: (a, b) -> (a c - b s, b c + a s); backward applies the transpose */
+    /* forward: (a, b) -> (a c - b s, b c + a s) with c, s scaled by attn_scale;
+     * backward applies the transpose */
 #pragma omp parallel for schedule(static) if (T * nheads * hd * 8 >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++) {
         const float pos = (float)(pos0 + t);
         for (int i = 0; i < half; i++) {
-            const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)hd); /* as ql_rope_forward */
-            const float f = pos * inv;
-            const float c = cosf(f), s = sinf(f);
+            const float f = pos * inv_freq[i]; /* as ql_rope_forward */
+            const float c = cosf(f) * attn_scale, s = sinf(f) * attn_scale;
             for (int h = 0; h < nheads; h++) {
                 float *v = dx + (t * nheads + h) * hd;
                 const float da = v[i], db = v[i + half];

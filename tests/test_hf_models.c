@@ -41,13 +41,13 @@ static const hf_form forms[] = {
     {"llama", "llama", 1, NULL},
     {"llama_tf4", "llama", 1, NULL},
     {"llama_tied", "llama_tied", 1, NULL},
-    /* Each loaded and ran silently wrong on main (rope_parameters.rope_type
-     * was neither read nor refused); now refused until the rope branch. */
-    {"llama_rope_linear", "llama_rope_linear", 0, "rope"},
-    {"llama_rope_dynamic", "llama_rope_dynamic", 0, "rope"},
-    {"llama_rope_yarn", "llama_rope_yarn", 0, "rope"},
-    {"llama_rope_llama3", "llama_rope_llama3", 0, "rope"},
-    {"llama_rope_llama3_tf4", "llama_rope_llama3", 0, "rope_scaling"},
+    /* Each loaded and ran silently wrong before rope_parameters.rope_type was
+     * read (core/rope.c). */
+    {"llama_rope_linear", "llama_rope_linear", 1, NULL},
+    {"llama_rope_dynamic", "llama_rope_dynamic", 1, NULL},
+    {"llama_rope_yarn", "llama_rope_yarn", 1, NULL},
+    {"llama_rope_llama3", "llama_rope_llama3", 1, NULL},
+    {"llama_rope_llama3_tf4", "llama_rope_llama3", 1, NULL},
     /* Sliding window 16 against sequences of 12, 20 and 40 tokens (banded
      * attention), q/k/v biases, per-head q/k norms with head_dim 24. */
     {"mistral_sliding", "mistral_sliding", 1, NULL},

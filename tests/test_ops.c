@@ -18,6 +18,7 @@
 #include "backend.h"
 #include "ops.h"
 #include "ops_backward.h"
+#include "rope.h"
 
 #define FD_STEP 0x1p-7
 #define FD_TOL 5e-3
@@ -423,6 +424,7 @@ typedef struct {
     float *x, *c, *y;
     int64_t T;
     int nheads, hd, pos0;
+    float inv[8], scale; /* yarn frequencies and attention factor: cos and sin are scaled */
 } rope_ctx;
 
 static double rope_loss(void *p)
@@ -430,7 +432,7 @@ static double rope_loss(void *p)
     rope_ctx *s = p;
     int64_t n = s->T * s->nheads * s->hd;
     memcpy(s->y, s->x, (size_t)n * sizeof *s->y);
-    ql_rope_forward(s->y, s->T, s->nheads, s->hd, s->pos0, 10000.0f);
+    ql_rope_forward(s->y, s->T, s->nheads, s->hd, s->pos0, s->inv, s->scale);
     return dotd(s->c, s->y, n);
 }
 
@@ -445,9 +447,13 @@ START_TEST(rope_grads)
     s.x = randn(n, 31 + _i, 1);
     s.c = randn(n, 41 + _i, 1);
     s.y = fnew(n);
+    const ql_rope_config yarn = {.type = QL_ROPE_YARN, .theta = 10000, .factor = 4, .original_max_positions = 64,
+                                 .beta_fast = 32, .beta_slow = 1, .truncate = 1, .attention_factor = 1.25};
+    ql_rope_inv_freq(s.inv, &s.scale, &yarn, s.hd, s.T + s.pos0);
+    ck_assert_float_eq(s.scale, 1.25f);
     float *dx = fnew(n);
     memcpy(dx, s.c, (size_t)n * sizeof *dx);
-    ql_rope_backward(dx, s.T, s.nheads, s.hd, s.pos0, 10000.0f);
+    ql_rope_backward(dx, s.T, s.nheads, s.hd, s.pos0, s.inv, s.scale);
     char name[64];
     snprintf(name, sizeof name, "rope T=%d nheads=%d hd=%d pos0=%d dx", (int)s.T, s.nheads, s.hd, s.pos0);
     fd_check(name, rope_loss, &s, s.x, dx, n);
@@ -773,7 +779,8 @@ END_TEST
 
 typedef struct block {
     int64_t T, C, nh, nkv, hd, I, V, r;
-    float eps, theta, lscale, p;
+    float eps, lscale, p;
+    float inv[2]; /* rotary frequencies of hd 4, theta 10000 */
     uint64_t seed_q, seed_d;
     const int32_t *targets;
     float *x0;                                       /* [T, C] input (embeddings) */
@@ -795,8 +802,8 @@ static double block_forward(void *ctx)
     ql_lora_forward(b->q, b->hq, b->xdq, b->aq, b->bq, T, C, qd, b->r, b->lscale);
     ql_matmul_nt(b->k, b->xn1, b->wk, T, C, kvd, 0);
     ql_matmul_nt(b->v, b->xn1, b->wv, T, C, kvd, 0);
-    ql_rope_forward(b->q, T, (int)b->nh, (int)b->hd, 0, b->theta);
-    ql_rope_forward(b->k, T, (int)b->nkv, (int)b->hd, 0, b->theta);
+    ql_rope_forward(b->q, T, (int)b->nh, (int)b->hd, 0, b->inv, 1.0f);
+    ql_rope_forward(b->k, T, (int)b->nkv, (int)b->hd, 0, b->inv, 1.0f);
     ql_attention_forward_train(b->att, b->probs, b->q, b->k, b->v, T, (int)b->nh, (int)b->nkv, (int)b->hd, 0);
     ql_matmul_nt(b->tmp, b->att, b->wo, T, qd, C, 0);
     memcpy(b->x1, b->x0, (size_t)(T * C) * sizeof(float));
@@ -841,8 +848,8 @@ static void block_backward(block *b, float *dx0, float *daq, float *dbq, float *
     /* x1 = x0 + o_proj(attention(rope(q), rope(k), v)) */
     ql_matmul_backward_input(datt, dres, b->wo, T, qd, C, 0);
     ql_attention_backward(dq, dk, dv, dscores, datt, b->q, b->k, b->v, b->probs, T, nh, nkv, hd, 0);
-    ql_rope_backward(dq, T, nh, hd, 0, b->theta);
-    ql_rope_backward(dk, T, nkv, hd, 0, b->theta);
+    ql_rope_backward(dq, T, nh, hd, 0, b->inv, 1.0f);
+    ql_rope_backward(dk, T, nkv, hd, 0, b->inv, 1.0f);
     ql_matmul_backward_input(dxn, dq, b->wq, T, C, qd, 0);
     ql_lora_backward(dxdq, daq, dbq, dh, dq, b->xdq, b->hq, b->aq, b->bq, T, C, qd, r, b->lscale, 0);
     ql_dropout_backward(dxn, dxdq, NULL, T * C, b->p, b->seed_q, 1); /* mask re-created from the seed */
@@ -856,7 +863,7 @@ START_TEST(block_end_to_end)
 {
     static const int32_t targets[5] = {2, 7, QL_IGNORE_INDEX, 0, 9};
     block b = {.T = 5, .C = 8, .nh = 4, .nkv = 2, .hd = 4, .I = 12, .V = 10, .r = 2,
-               .eps = 1e-5f, .theta = 10000.0f, .lscale = 2.0f, .p = 0.25f, .seed_q = 17, .seed_d = 18,
+               .eps = 1e-5f, .inv = {1.0f, 0.01f}, .lscale = 2.0f, .p = 0.25f, .seed_q = 17, .seed_d = 18,
                .targets = targets};
     const int64_t T = b.T, C = b.C, I = b.I, V = b.V, r = b.r, qd = b.nh * b.hd, kvd = b.nkv * b.hd;
     uint64_t seed = 200;

@@ -14,6 +14,32 @@
 extern "C" {
 #endif
 
+/* Rotary position embedding as transformers computes it (its rope_type). */
+typedef enum ql_rope_type {
+    QL_ROPE_DEFAULT, /* inv_freq[i] = theta^(-2i/d) */
+    QL_ROPE_LINEAR,  /* inv_freq / factor */
+    QL_ROPE_DYNAMIC, /* NTK: theta grows with the sequence length past max_position_embeddings */
+    QL_ROPE_YARN,    /* interpolation/extrapolation blend by a linear ramp, cos and sin scaled */
+    QL_ROPE_LLAMA3,  /* Llama 3.1: low frequencies / factor, a smooth band in between */
+} ql_rope_type;
+
+/* config.json's rope_parameters (transformers 5) or rope_theta and
+ * rope_scaling (4.x), read into one description.  Numbers stay doubles as
+ * transformers keeps them in Python; they are rounded to float32 where it
+ * does (core/rope.c). */
+typedef struct ql_rope_config {
+    ql_rope_type type;
+    double theta;            /* rope_theta, 10000 when absent */
+    double factor;           /* 1 for default */
+    /* yarn, llama3: original_max_position_embeddings (max_position_embeddings
+     * when absent); dynamic: max_position_embeddings */
+    int original_max_positions;
+    double low_freq_factor, high_freq_factor; /* llama3 */
+    double beta_fast, beta_slow;              /* yarn: 32 and 1 when absent (or 0) */
+    int truncate;                             /* yarn: floor/ceil the correction range (true when absent) */
+    double attention_factor; /* yarn: given, or from factor, mscale and mscale_all_dim; 1 for the others */
+} ql_rope_config;
+
 typedef struct ql_llama_config {
     char architecture[64];
     int hidden;        /* hidden_size */
@@ -24,8 +50,14 @@ typedef struct ql_llama_config {
     int head_dim;      /* hidden / n_heads unless config says */
     int vocab;         /* vocab_size */
     int max_positions; /* max_position_embeddings */
+    /* The longest sequence qlora runs: max_positions, except with dynamic
+     * RoPE, which exists to run past it: max_positions * factor (the length
+     * at which its NTK base reaches factor times the trained context). */
+    int max_len;
     float rms_eps;
-    float rope_theta;
+    ql_rope_config rope;
+    int dtype; /* dtype or torch_dtype: QL_DTYPE_F32 (also when absent), _BF16 or _F16; weights are
+                * converted to float32 whatever it says */
     int tied_embeddings;
     int bos_id, eos_id;
     /* Sliding-window attention: in a sliding layer query i sees keys j with
