@@ -32,8 +32,9 @@
  * (ql_be_batch.len, host, 0 <= len[b] <= T).  Padded rows of the residual
  * stream are zero: ops marked "masked" write zeros there (and ignore what
  * their inputs hold there); row-wise ops map zero rows to zero rows
- * (rmsnorm, matmul, LoRA, SwiGLU, add), and anything they produce in a padded
- * row of an intermediate (e.g. a bias) is ignored by the next masked op.  So
+ * (rmsnorm, matmul, LoRA, SwiGLU, add; the training step adds linear biases
+ * to valid rows only), and anything a row-wise op produces in a padded row of
+ * an intermediate is ignored by the next masked op.  So
  * padded rows carry no loss and no gradient, and sums over rows (LoRA
  * gradients) get exact zeros from them.
  *
@@ -87,19 +88,26 @@ typedef struct ql_backend {
                            int64_t C, float eps);
     /* masked (padded rows untouched): rotary embedding in place on x[B*T,
      * nheads, hd]; row (b, t) at position pos0 + t, halves rotated as
-     * transformers' rotate_half. */
-    int (*rope_forward)(ql_be_ctx *ctx, float *x, const ql_be_batch *mb, int nheads, int hd, int pos0, float theta);
+     * transformers' rotate_half: angle (float)pos * inv_freq[b, i], cos and
+     * sin times attn_scale.  inv_freq: host [B, hd/2], sequence b's table
+     * (ql_llama_rope for its own length: dynamic RoPE differs per sequence). */
+    int (*rope_forward)(ql_be_ctx *ctx, float *x, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                        const float *inv_freq, float attn_scale);
     /* Generation (one sequence, KV cache): causal GQA for T new rows after
-     * `past` cached ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T, nh, hd]. */
+     * `past` cached ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T,
+     * nh, hd].  window > 0 bands it: the query at position i sees keys j with
+     * i - window < j <= i (transformers' sliding window); 0 is full causal. */
     int (*attention_forward)(ql_be_ctx *ctx, float *out, const float *q, const float *k, const float *v, int64_t T,
-                             int64_t past, int nh, int nkv, int hd);
-    /* masked, training: causal GQA of each sequence over its own valid rows:
-     * q[B*T, nh, hd]; k, v[B*T, nkv, hd]; out[B*T, nh, hd] (padded rows 0);
-     * probs[B, nh, T, T] kept for backward: sequence b's block holds, in its
-     * first nh*len[b]*len[b] floats, the [nh, len, len] probabilities (row t
-     * holds keys 0..t, zeros above the diagonal); the rest is unspecified. */
+                             int64_t past, int nh, int nkv, int hd, int window);
+    /* masked, training: causal (banded when window > 0, as attention_forward)
+     * GQA of each sequence over its own valid rows: q[B*T, nh, hd]; k, v[B*T,
+     * nkv, hd]; out[B*T, nh, hd] (padded rows 0); probs[B, nh, T, T] kept for
+     * backward: sequence b's block holds, in its first nh*len[b]*len[b]
+     * floats, the [nh, len, len] probabilities (row t holds keys s0..t, s0 =
+     * max(0, t - window + 1) when window > 0, else 0; zeros elsewhere); the
+     * rest is unspecified. */
     int (*attention_forward_train)(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
-                                   const float *v, const ql_be_batch *mb, int nh, int nkv, int hd);
+                                   const float *v, const ql_be_batch *mb, int nh, int nkv, int hd, int window);
     /* out[n] = silu(gate[n]) * up[n]; out may alias gate or up */
     int (*swiglu_forward)(ql_be_ctx *ctx, float *out, const float *gate, const float *up, int64_t n);
     /* x[n] += y[n] */
@@ -121,14 +129,17 @@ typedef struct ql_backend {
      * over rows when not NULL */
     int (*rmsnorm_backward)(ql_be_ctx *ctx, float *dx, float *dweight, const float *dy, const float *x,
                             const float *weight, const float *rstd, int64_t rows, int64_t C, int accumulate);
-    /* masked (padded rows untouched): the inverse rotation of rope_forward, in place */
-    int (*rope_backward)(ql_be_ctx *ctx, float *dx, const ql_be_batch *mb, int nheads, int hd, int pos0, float theta);
-    /* masked: backward of attention_forward_train.  dq[B*T, nh, hd], dk, dv[B*T,
-     * nkv, hd] written (padded rows 0); dscores[B, nh, T, T] is scratch laid out
-     * as probs.  q, k are the rotated values the forward consumed. */
+    /* masked (padded rows untouched): the inverse rotation of rope_forward
+     * (same inv_freq and attn_scale), in place */
+    int (*rope_backward)(ql_be_ctx *ctx, float *dx, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                         const float *inv_freq, float attn_scale);
+    /* masked: backward of attention_forward_train (same window).  dq[B*T, nh,
+     * hd], dk, dv[B*T, nkv, hd] written (padded rows 0); dscores[B, nh, T, T]
+     * is scratch laid out as probs.  q, k are the rotated values the forward
+     * consumed. */
     int (*attention_backward)(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
                               const float *q, const float *k, const float *v, const float *probs,
-                              const ql_be_batch *mb, int nh, int nkv, int hd);
+                              const ql_be_batch *mb, int nh, int nkv, int hd, int window);
     /* dgate[n], dup[n] of out = silu(gate) * up; outputs may alias inputs */
     int (*swiglu_backward)(ql_be_ctx *ctx, float *dgate, float *dup, const float *dout, const float *gate,
                            const float *up, int64_t n);

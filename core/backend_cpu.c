@@ -83,19 +83,20 @@ static int cpu_rmsnorm_forward(ql_be_ctx *ctx, float *out, float *rstd, const fl
 }
 
 static int cpu_rope_forward(ql_be_ctx *ctx, float *x, const ql_be_batch *mb, int nheads, int hd, int pos0,
-                            float theta)
+                            const float *inv_freq, float attn_scale)
 {
     (void)ctx;
     for (int64_t b = 0; b < mb->B; b++)
-        ql_rope_forward(x + b * mb->T * nheads * hd, mb->len[b], nheads, hd, pos0, theta);
+        ql_rope_forward(x + b * mb->T * nheads * hd, mb->len[b], nheads, hd, pos0, inv_freq + b * (hd / 2),
+                        attn_scale);
     return QL_OK;
 }
 
 static int cpu_attention_forward(ql_be_ctx *ctx, float *out, const float *q, const float *k, const float *v,
-                                 int64_t T, int64_t past, int nh, int nkv, int hd)
+                                 int64_t T, int64_t past, int nh, int nkv, int hd, int window)
 {
     (void)ctx;
-    ql_attention_forward(out, q, k, v, T, past, nh, nkv, hd);
+    ql_attention_forward(out, q, k, v, T, past, nh, nkv, hd, window);
     return QL_OK;
 }
 
@@ -106,7 +107,8 @@ static void zero_tail(float *x, int64_t len, int64_t T, int64_t width)
 }
 
 static int cpu_attention_forward_train(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
-                                       const float *v, const ql_be_batch *mb, int nh, int nkv, int hd)
+                                       const float *v, const ql_be_batch *mb, int nh, int nkv, int hd,
+                                       int window)
 {
     (void)ctx;
     const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
@@ -114,7 +116,7 @@ static int cpu_attention_forward_train(ql_be_ctx *ctx, float *out, float *probs,
         const int64_t n = mb->len[b];
         if (n > 0)
             ql_attention_forward_train(out + b * T * qd, probs + b * nh * T * T, q + b * T * qd, k + b * T * kvd,
-                                       v + b * T * kvd, n, nh, nkv, hd);
+                                       v + b * T * kvd, n, nh, nkv, hd, window);
         zero_tail(out + b * T * qd, n, T, qd);
     }
     return QL_OK;
@@ -171,17 +173,18 @@ static int cpu_rmsnorm_backward(ql_be_ctx *ctx, float *dx, float *dweight, const
 }
 
 static int cpu_rope_backward(ql_be_ctx *ctx, float *dx, const ql_be_batch *mb, int nheads, int hd, int pos0,
-                             float theta)
+                             const float *inv_freq, float attn_scale)
 {
     (void)ctx;
     for (int64_t b = 0; b < mb->B; b++)
-        ql_rope_backward(dx + b * mb->T * nheads * hd, mb->len[b], nheads, hd, pos0, theta);
+        ql_rope_backward(dx + b * mb->T * nheads * hd, mb->len[b], nheads, hd, pos0, inv_freq + b * (hd / 2),
+                         attn_scale);
     return QL_OK;
 }
 
 static int cpu_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
                                   const float *q, const float *k, const float *v, const float *probs,
-                                  const ql_be_batch *mb, int nh, int nkv, int hd)
+                                  const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
     (void)ctx;
     const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
@@ -189,7 +192,7 @@ static int cpu_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *d
         const int64_t n = mb->len[b], sq = b * T * qd, skv = b * T * kvd, sp = b * nh * T * T;
         if (n > 0)
             ql_attention_backward(dq + sq, dk + skv, dv + skv, dscores + sp, dout + sq, q + sq, k + skv, v + skv,
-                                  probs + sp, n, nh, nkv, hd);
+                                  probs + sp, n, nh, nkv, hd, window);
         zero_tail(dq + sq, n, T, qd);
         zero_tail(dk + skv, n, T, kvd);
         zero_tail(dv + skv, n, T, kvd);

@@ -21,9 +21,9 @@ int ql_eval_nll(ql_llama *m, const ql_dataset *d, int progress, ql_eval_result *
             return ql_error(QL_EINVAL, "example %zu has token id %d, outside the model's vocabulary (%d)", i,
                             e->ids[e->len - 1], c->vocab);
     }
-    if (longest > c->max_positions)
+    if (longest > c->max_len)
         return ql_error(QL_EINVAL, "an example has %d tokens, more than the model's %d positions", longest,
-                        c->max_positions);
+                        c->max_len);
     ql_kv_cache *cache = NULL;
     float *logits = malloc((size_t)(longest > 0 ? longest : 1) * (size_t)c->vocab * sizeof *logits);
     int rc = logits ? ql_kv_cache_create(m, longest > 0 ? longest : 1, &cache) : ql_error(QL_ENOMEM, "out of memory");
@@ -121,13 +121,13 @@ int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const 
     size_t n = 0;
     int rc = ql_tokenizer_encode(tok, prompt, strlen(prompt), 1, &ids, &n);
     if (rc) return rc;
-    if (n > (size_t)c->max_positions - 1) {
+    if (n > (size_t)c->max_len - 1) {
         free(ids);
         return ql_error(QL_EINVAL, "the prompt has %zu tokens; the model takes %d, so no room is left to generate", n,
-                        c->max_positions);
+                        c->max_len);
     }
     int64_t cap64 = (int64_t)n + o->max_new_tokens;
-    int cap = cap64 > c->max_positions ? c->max_positions : (int)cap64;
+    int cap = cap64 > c->max_len ? c->max_len : (int)cap64;
     ql_kv_cache *cache = NULL;
     float *logits = malloc((size_t)c->vocab * sizeof *logits);
     prob_index *work = malloc((size_t)c->vocab * sizeof *work);

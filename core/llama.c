@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "ops.h"
 #include "progress.h"
+#include "rope.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
@@ -27,6 +28,7 @@ struct ql_llama {
     ql_llama_layer *layers; /* [n_layers] */
     float *scratch_w;       /* materialized weights of one linear, reused */
     int64_t scratch_w_len;
+    int64_t rope_cached_len; /* dynamic rope: transformers' max_seq_len_cached (ql_rope_dynamic_len) */
 };
 
 struct ql_kv_cache {
@@ -110,6 +112,113 @@ static int get_token_id(json_t *cfg, const char *key, int vocab, int allow_list,
     return QL_OK;
 }
 
+/* The architectures transformers reads with the arithmetic implemented here,
+ * and the model_type that names each when "architectures" is absent. */
+enum { ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3, ARCH_COUNT };
+static const struct {
+    const char *name, *model_type;
+} archs[ARCH_COUNT] = {
+    [ARCH_LLAMA] = {"LlamaForCausalLM", "llama"},
+    [ARCH_MISTRAL] = {"MistralForCausalLM", "mistral"},
+    [ARCH_QWEN2] = {"Qwen2ForCausalLM", "qwen2"},
+    [ARCH_QWEN3] = {"Qwen3ForCausalLM", "qwen3"},
+};
+
+static int arch_of(const char *name)
+{
+    for (int a = 0; a < ARCH_COUNT; a++)
+        if (!strcmp(name, archs[a].name)) return a;
+    return -1;
+}
+
+/* sliding_window as a window size: null is none (0); absent takes the
+ * transformers default of 4096 (Mistral, and Qwen with use_sliding_window). */
+static int get_window(json_t *cfg, int *out)
+{
+    json_t *sw = json_object_get(cfg, "sliding_window");
+    *out = 4096;
+    if (!sw) return QL_OK;
+    if (json_is_null(sw)) {
+        *out = 0;
+        return QL_OK;
+    }
+    if (!json_is_integer(sw) || json_integer_value(sw) < 0 || json_integer_value(sw) > (1 << 30))
+        return ql_error(QL_EFORMAT, "config.json: \"sliding_window\" must be null or a non-negative integer");
+    if (json_integer_value(sw) == 0)
+        return ql_error(QL_EFORMAT, "config.json: \"sliding_window\" 0 leaves no key to attend to (null means no window)");
+    *out = (int)json_integer_value(sw);
+    return QL_OK;
+}
+
+/* Which layers attend through the sliding window, as transformers reads the
+ * config: Mistral slides every layer (sliding_window; null: none); Qwen2/3
+ * only with use_sliding_window true, then the layers that layer_types names
+ * "sliding_attention", or without layer_types those from max_window_layers
+ * on; Llama has no window (its sliding_window field is not read).  Sets
+ * c->sliding_window and c->n_sliding_layers; windows[n_layers] (may be NULL)
+ * gets each layer's window, 0 for full causal attention. */
+static int sliding_layers(json_t *cfg, ql_llama_config *c, int arch, int *windows)
+{
+    json_t *sw = json_object_get(cfg, "sliding_window");
+    if (sw && !json_is_null(sw) &&
+        (!json_is_integer(sw) || json_integer_value(sw) < 0 || json_integer_value(sw) > (1 << 30)))
+        return ql_error(QL_EFORMAT, "config.json: \"sliding_window\" must be null or a non-negative integer");
+    int W = 0, rc;
+    c->sliding_window = c->n_sliding_layers = 0;
+    if (windows) memset(windows, 0, (size_t)c->n_layers * sizeof *windows);
+    if (arch == ARCH_LLAMA) return QL_OK;
+    if (arch == ARCH_MISTRAL) {
+        if ((rc = get_window(cfg, &W))) return rc;
+        if (W == 0) return QL_OK;
+        c->sliding_window = W;
+        c->n_sliding_layers = c->n_layers;
+        if (windows)
+            for (int i = 0; i < c->n_layers; i++) windows[i] = W;
+        return QL_OK;
+    }
+    int use;
+    if ((rc = get_bool(cfg, "use_sliding_window", &use, 0))) return rc;
+    if (use && (rc = get_window(cfg, &W))) return rc;
+    json_t *lt = json_object_get(cfg, "layer_types");
+    int first = 28; /* max_window_layers */
+    json_t *mw = json_object_get(cfg, "max_window_layers");
+    if (mw && !json_is_null(mw)) {
+        if (!json_is_integer(mw) || json_integer_value(mw) < 0 || json_integer_value(mw) > (1 << 30))
+            return ql_error(QL_EFORMAT, "config.json: \"max_window_layers\" must be a non-negative integer");
+        first = (int)json_integer_value(mw);
+    }
+    if (lt && !json_is_null(lt)) {
+        if (!json_is_array(lt) || json_array_size(lt) != (size_t)c->n_layers)
+            return ql_error(QL_EFORMAT, "config.json: \"layer_types\" must be a list of num_hidden_layers (%d) names",
+                            c->n_layers);
+        for (int i = 0; i < c->n_layers; i++) {
+            const char *t = json_string_value(json_array_get(lt, (size_t)i));
+            int slides = t && !strcmp(t, "sliding_attention");
+            if (!slides && !(t && !strcmp(t, "full_attention")))
+                return ql_error(QL_ENOTSUP,
+                                "config.json: \"layer_types\"[%d] is %s%s%s: only \"full_attention\" and "
+                                "\"sliding_attention\" are supported",
+                                i, t ? "'" : "", t ? t : "not a string", t ? "'" : "");
+            if (slides && W == 0)
+                return ql_error(QL_EFORMAT,
+                                "config.json: \"layer_types\"[%d] is sliding_attention but no sliding window is set "
+                                "(use_sliding_window %s, sliding_window %s)",
+                                i, use ? "true" : "false", use ? "null" : "not used");
+            if (slides) {
+                c->n_sliding_layers++;
+                if (windows) windows[i] = W;
+            }
+        }
+    } else if (W > 0) {
+        for (int i = first; i < c->n_layers; i++) {
+            c->n_sliding_layers++;
+            if (windows) windows[i] = W;
+        }
+    }
+    if (c->n_sliding_layers) c->sliding_window = W;
+    return QL_OK;
+}
+
 int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
 {
     json_t *cfg = (json_t *)config_json;
@@ -125,12 +234,15 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
     }
     if ((rc = get_string(cfg, "model_type", &mt))) return rc;
     if (!name) {
-        if (mt && !strcmp(mt, "llama")) name = "LlamaForCausalLM";
-        else if (mt && !strcmp(mt, "mistral")) name = "MistralForCausalLM";
-        else return ql_error(QL_ENOTSUP, "config.json names no architecture (model_type %s)", mt ? mt : "missing");
+        for (int a = 0; a < ARCH_COUNT && !name; a++)
+            if (mt && !strcmp(mt, archs[a].model_type)) name = archs[a].name;
+        if (!name) return ql_error(QL_ENOTSUP, "config.json names no architecture (model_type %s)", mt ? mt : "missing");
     }
-    if (strcmp(name, "LlamaForCausalLM") != 0 && strcmp(name, "MistralForCausalLM") != 0)
-        return ql_error(QL_ENOTSUP, "unsupported architecture %s: qlora supports LlamaForCausalLM and MistralForCausalLM",
+    const int kind = arch_of(name);
+    if (kind < 0)
+        return ql_error(QL_ENOTSUP,
+                        "unsupported architecture %s: qlora supports LlamaForCausalLM, MistralForCausalLM, "
+                        "Qwen2ForCausalLM and Qwen3ForCausalLM",
                         name);
     snprintf(c->architecture, sizeof c->architecture, "%s", name);
     if ((rc = get_int(cfg, "hidden_size", &c->hidden, 1)) || (rc = get_int(cfg, "intermediate_size", &c->intermediate, 1)) ||
@@ -139,7 +251,9 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
         return rc;
     if ((rc = get_int(cfg, "num_key_value_heads", &c->n_kv_heads, 0)) == QL_ENOTFOUND) c->n_kv_heads = c->n_heads;
     else if (rc) return rc;
-    if ((rc = get_int(cfg, "head_dim", &c->head_dim, 0)) == QL_ENOTFOUND) c->head_dim = c->hidden / c->n_heads;
+    /* Qwen3Config's head_dim defaults to 128, not hidden_size / heads */
+    if ((rc = get_int(cfg, "head_dim", &c->head_dim, 0)) == QL_ENOTFOUND)
+        c->head_dim = kind == ARCH_QWEN3 ? 128 : c->hidden / c->n_heads;
     else if (rc) return rc;
     if (c->head_dim == 0)
         return ql_error(QL_EFORMAT, "config.json: hidden_size %d is smaller than num_attention_heads %d", c->hidden,
@@ -149,26 +263,41 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
                         c->head_dim);
     if ((rc = get_int(cfg, "max_position_embeddings", &c->max_positions, 0)) == QL_ENOTFOUND) c->max_positions = 2048;
     else if (rc) return rc;
-    if ((rc = get_real(cfg, "rms_norm_eps", &c->rms_eps, 1e-6f)) || (rc = get_real(cfg, "rope_theta", &c->rope_theta, 10000.0f)))
-        return rc;
-    json_t *sw = json_object_get(cfg, "sliding_window");
-    if (sw && !json_is_null(sw)) {
-        if (!json_is_integer(sw) || json_integer_value(sw) < 0 || json_integer_value(sw) > (1 << 30))
-            return ql_error(QL_EFORMAT, "config.json: \"sliding_window\" must be null or a non-negative integer");
-        c->sliding_window = (int)json_integer_value(sw);
+    if ((rc = get_real(cfg, "rms_norm_eps", &c->rms_eps, 1e-6f))) return rc;
+    if ((rc = ql_rope_config_parse(cfg, c->max_positions, c->head_dim, &c->rope))) return rc;
+    c->max_len = c->max_positions;
+    if (c->rope.type == QL_ROPE_DYNAMIC) {
+        double n = (double)c->max_positions * c->rope.factor;
+        c->max_len = n > (double)(1 << 30) ? 1 << 30 : n > c->max_positions ? (int)n : c->max_positions;
     }
-    json_t *rs = json_object_get(cfg, "rope_scaling");
-    if (rs && !json_is_null(rs))
-        return ql_error(QL_ENOTSUP, "config.json: rope_scaling is not supported yet");
+    /* dtype (transformers 5) or torch_dtype (4.x): recorded; the weights become float32 either way */
+    const char *dt[2];
+    if ((rc = get_string(cfg, "dtype", &dt[0])) || (rc = get_string(cfg, "torch_dtype", &dt[1]))) return rc;
+    if (dt[0] && dt[1] && strcmp(dt[0], dt[1]))
+        return ql_error(QL_EFORMAT, "config.json: \"dtype\" %s and \"torch_dtype\" %s disagree", dt[0], dt[1]);
+    c->dtype = QL_DTYPE_F32;
+    if (dt[0] || dt[1]) {
+        const char *d = dt[0] ? dt[0] : dt[1];
+        if (!strcmp(d, "bfloat16")) c->dtype = QL_DTYPE_BF16;
+        else if (!strcmp(d, "float16")) c->dtype = QL_DTYPE_F16;
+        else if (strcmp(d, "float32"))
+            return ql_error(QL_ENOTSUP, "config.json: \"%s\" '%s' is not supported (float32, bfloat16 or float16)",
+                            dt[0] ? "dtype" : "torch_dtype", d);
+    }
+    if ((rc = sliding_layers(cfg, c, kind, NULL))) return rc;
     const char *act;
     if ((rc = get_string(cfg, "hidden_act", &act))) return rc;
     if (act && strcmp(act, "silu") != 0)
         return ql_error(QL_ENOTSUP, "config.json: hidden_act '%s' is not supported (only silu)", act);
-    int bias;
-    if ((rc = get_bool(cfg, "attention_bias", &bias, 0))) return rc;
-    if (bias) return ql_error(QL_ENOTSUP, "config.json: attention_bias true is not supported");
-    if ((rc = get_bool(cfg, "mlp_bias", &bias, 0))) return rc;
-    if (bias) return ql_error(QL_ENOTSUP, "config.json: mlp_bias true is not supported");
+    /* Biases as each architecture's modules have them: Qwen2 always on q, k, v
+     * (never o); Qwen3 and Llama on q, k, v and o with attention_bias, Llama on
+     * the MLP with mlp_bias; Mistral never (it reads neither field). */
+    int abias, mbias;
+    if ((rc = get_bool(cfg, "attention_bias", &abias, 0)) || (rc = get_bool(cfg, "mlp_bias", &mbias, 0))) return rc;
+    c->qkv_bias = kind == ARCH_QWEN2 || ((kind == ARCH_QWEN3 || kind == ARCH_LLAMA) && abias);
+    c->o_bias = (kind == ARCH_QWEN3 || kind == ARCH_LLAMA) && abias;
+    c->mlp_bias = kind == ARCH_LLAMA && mbias;
+    c->qk_norm = kind == ARCH_QWEN3;
     if (c->n_heads % c->n_kv_heads)
         return ql_error(QL_EFORMAT, "config.json: num_attention_heads %d is not a multiple of num_key_value_heads %d",
                         c->n_heads, c->n_kv_heads);
@@ -306,7 +435,7 @@ static int open_prequantized(ql_llama *m, const char *dir, const char *file, con
 }
 
 static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, ql_linear *l, const char *prefix,
-                       int64_t out, int64_t in)
+                       int64_t out, int64_t in, int has_bias)
 {
     l->name = strdup(prefix);
     l->out = out;
@@ -314,6 +443,12 @@ static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, 
     if (!l->name) return ql_error(QL_ENOMEM, "out of memory");
     if (out * in > m->scratch_w_len) m->scratch_w_len = out * in;
     char wname[600];
+    /* the bias stays dense float32 (never quantized) in every checkpoint */
+    snprintf(wname, sizeof wname, "%s.bias", prefix);
+    if (has_bias) {
+        int brc = load_dense(mf, wname, out, 0, &l->bias);
+        if (brc) return brc;
+    }
     snprintf(wname, sizeof wname, "%s.weight", prefix);
     if (prequantized) {
         files_reader fr = {mf, prefix};
@@ -349,6 +484,7 @@ static void free_linear(ql_linear *l)
 {
     free((char *)l->name);
     free(l->dense);
+    free(l->bias);
     if (l->state) l->qz->desc->free_state(l->qz->inst, l->state);
 }
 
@@ -356,6 +492,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
 {
     *out = NULL;
     ql_model_files *mf = NULL;
+    int *windows = NULL; /* [n_layers] */
     int rc = ql_model_files_open(dir, &mf);
     if (rc) return rc;
     ql_llama *m = calloc(1, sizeof *m);
@@ -402,7 +539,10 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         m->lm_head = m->embed;
     }
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
-    if (!m->layers) {
+    windows = calloc((size_t)c->n_layers, sizeof *windows);
+    if (m->layers && windows) rc = sliding_layers(cfg, &m->cfg, arch_of(c->architecture), windows);
+    if (rc) goto fail;
+    if (!m->layers || !windows) {
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto fail;
     }
@@ -415,18 +555,27 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         if ((rc = load_dense(mf, n, H, 0, &L->attn_norm))) goto fail;
         snprintf(n, sizeof n, "model.layers.%d.post_attention_layernorm.weight", i);
         if ((rc = load_dense(mf, n, H, 0, &L->mlp_norm))) goto fail;
+        if (c->qk_norm) {
+            snprintf(n, sizeof n, "model.layers.%d.self_attn.q_norm.weight", i);
+            if ((rc = load_dense(mf, n, c->head_dim, 0, &L->q_norm))) goto fail;
+            snprintf(n, sizeof n, "model.layers.%d.self_attn.k_norm.weight", i);
+            if ((rc = load_dense(mf, n, c->head_dim, 0, &L->k_norm))) goto fail;
+        }
+        L->window = windows[i];
         struct {
             ql_linear *l;
             const char *what;
             int64_t out, in;
+            int bias;
         } lin[] = {
-            {&L->q, "self_attn.q_proj", qd, H}, {&L->k, "self_attn.k_proj", kvd, H}, {&L->v, "self_attn.v_proj", kvd, H},
-            {&L->o, "self_attn.o_proj", H, qd}, {&L->gate, "mlp.gate_proj", I, H},   {&L->up, "mlp.up_proj", I, H},
-            {&L->down, "mlp.down_proj", H, I},
+            {&L->q, "self_attn.q_proj", qd, H, c->qkv_bias},  {&L->k, "self_attn.k_proj", kvd, H, c->qkv_bias},
+            {&L->v, "self_attn.v_proj", kvd, H, c->qkv_bias}, {&L->o, "self_attn.o_proj", H, qd, c->o_bias},
+            {&L->gate, "mlp.gate_proj", I, H, c->mlp_bias},   {&L->up, "mlp.up_proj", I, H, c->mlp_bias},
+            {&L->down, "mlp.down_proj", H, I, c->mlp_bias},
         };
         for (size_t k = 0; k < sizeof lin / sizeof lin[0]; k++) {
             snprintf(p, sizeof p, "model.layers.%d.%s", i, lin[k].what);
-            if ((rc = load_linear(m, mf, prequantized, lin[k].l, p, lin[k].out, lin[k].in))) goto fail;
+            if ((rc = load_linear(m, mf, prequantized, lin[k].l, p, lin[k].out, lin[k].in, lin[k].bias))) goto fail;
         }
         ql_progress_update(&prog, i + 1, "");
     }
@@ -436,9 +585,11 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         goto fail;
     }
     ql_model_files_close(mf);
+    free(windows);
     *out = m;
     return QL_OK;
 fail:
+    free(windows);
     ql_model_files_close(mf);
     ql_llama_destroy(m);
     return rc;
@@ -452,6 +603,8 @@ void ql_llama_destroy(ql_llama *m)
             ql_llama_layer *L = &m->layers[i];
             free(L->attn_norm);
             free(L->mlp_norm);
+            free(L->q_norm);
+            free(L->k_norm);
             ql_linear *ls[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
             for (size_t k = 0; k < 7; k++) free_linear(ls[k]);
         }
@@ -504,6 +657,8 @@ static void linear_forward(ql_llama *m, const ql_linear *l, const float *x, int6
         w = m->scratch_w;
     }
     ql_be(ctx, matmul_nt, y, x, w, T, l->in, l->out, 0);
+    if (l->bias) /* frozen, after the matmul */
+        for (int64_t t = 0; t < T; t++) ql_be(ctx, add_inplace, y + t * l->out, l->bias, l->out);
     if (l->lora_a) ql_be(ctx, lora_forward, y, h, x, l->lora_a, l->lora_b, T, l->in, l->out, l->lora_r, l->lora_scale);
 }
 
@@ -542,6 +697,13 @@ int ql_kv_cache_length(const ql_kv_cache *c) { return c->len; }
 
 /* ---- forward ---- */
 
+void ql_llama_rope(float *inv_freq, float *attn_scale, ql_llama *m, int64_t seq_len)
+{
+    const ql_rope_config *r = &m->cfg.rope;
+    if (r->type == QL_ROPE_DYNAMIC) seq_len = ql_rope_dynamic_len(&m->rope_cached_len, r, seq_len);
+    ql_rope_inv_freq(inv_freq, attn_scale, r, m->cfg.head_dim, seq_len);
+}
+
 int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int T, float *logits, int last_only)
 {
     const ql_llama_config *c = &m->cfg;
@@ -551,10 +713,6 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
     if (T <= 0) return QL_OK;
     if (past + T > cache->capacity)
         return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the cache of %d", past + T, cache->capacity);
-    if (c->sliding_window > 0 && past + T > c->sliding_window)
-        return ql_error(QL_ENOTSUP, "sequence of %d tokens is longer than the model's sliding attention window (%d): "
-                                    "sliding-window attention is not supported yet",
-                        past + T, c->sliding_window);
     for (int t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", tokens[t], t, c->vocab);
@@ -572,6 +730,7 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
     }
     /* per call buffers (one sequence of T new tokens) */
     float *x = NULL, *xn = NULL, *q = NULL, *att = NULL, *g = NULL, *u = NULL, *tmp = NULL, *out = NULL, *h = NULL;
+    float *inv_freq = malloc((size_t)(hd / 2) * sizeof *inv_freq), rope_scale; /* host */
     ql_be(ctx, alloc, (void **)&x, (size_t)T * H * sizeof *x);
     ql_be(ctx, alloc, (void **)&xn, (size_t)T * H * sizeof *xn);
     ql_be(ctx, alloc, (void **)&q, (size_t)T * qd * sizeof *q);
@@ -581,12 +740,14 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
     ql_be(ctx, alloc, (void **)&tmp, (size_t)T * H * sizeof *tmp);
     ql_be(ctx, alloc, (void **)&out, (size_t)rows * c->vocab * sizeof *out);
     ql_be(ctx, alloc, (void **)&h, (size_t)T * r_max * sizeof *h);
+    if (!inv_freq) ql_be_record(ctx, ql_error(QL_ENOMEM, "out of memory"));
     if ((rc = ql_be_check(ctx))) {
         ql_error_context("generation buffers for %d tokens", T);
         goto done;
     }
     const int32_t len = T;
     const ql_be_batch one = {.B = 1, .T = T, .len = &len};
+    ql_llama_rope(inv_freq, &rope_scale, m, past + T);
     ql_be(ctx, embedding, x, m->embed, tokens, &one, H);
     for (int l = 0; l < c->n_layers; l++) {
         ql_llama_layer *L = &m->layers[l];
@@ -596,9 +757,14 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
         linear_forward(m, &L->q, xn, T, q, h);
         linear_forward(m, &L->k, xn, T, kc + (size_t)past * kvd, h);
         linear_forward(m, &L->v, xn, T, vc + (size_t)past * kvd, h);
-        ql_be(ctx, rope_forward, q, &one, c->n_heads, (int)hd, past, c->rope_theta);
-        ql_be(ctx, rope_forward, kc + (size_t)past * kvd, &one, c->n_kv_heads, (int)hd, past, c->rope_theta);
-        ql_be(ctx, attention_forward, att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd);
+        if (L->q_norm) { /* per head, in place: each element is read before it is written */
+            ql_be(ctx, rmsnorm_forward, q, NULL, q, L->q_norm, (int64_t)T * c->n_heads, hd, c->rms_eps);
+            ql_be(ctx, rmsnorm_forward, kc + (size_t)past * kvd, NULL, kc + (size_t)past * kvd, L->k_norm,
+                  (int64_t)T * c->n_kv_heads, hd, c->rms_eps);
+        }
+        ql_be(ctx, rope_forward, q, &one, c->n_heads, (int)hd, past, inv_freq, rope_scale);
+        ql_be(ctx, rope_forward, kc + (size_t)past * kvd, &one, c->n_kv_heads, (int)hd, past, inv_freq, rope_scale);
+        ql_be(ctx, attention_forward, att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd, L->window);
         linear_forward(m, &L->o, att, T, tmp, h);
         ql_be(ctx, add_inplace, x, tmp, (int64_t)T * H);
         ql_be(ctx, rmsnorm_forward, xn, NULL, x, L->mlp_norm, T, H, c->rms_eps);
@@ -618,5 +784,6 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
 done:;
     float *bufs[] = {x, xn, q, att, g, u, tmp, out, h};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ctx->be->free(ctx, bufs[i]);
+    free(inv_freq);
     return rc;
 }

@@ -6,12 +6,15 @@
 #include "ops_backward.h"
 #include "plan.h"
 #include "qlora/error.h"
+#include "rope.h"
 
 /* Activations of one decoder layer for a micro-batch of R = B*T rows. */
 typedef struct layer_acts {
     float *x;                 /* [R, H] layer input (the plan's inputs[i]) */
     float *xn1, *rstd1;       /* [R, H], [R] */
     float *q, *k, *v;         /* [R, qd], [R, kvd] x2, rotated q and k */
+    float *qpre, *kpre;       /* [R, qd], [R, kvd] q, k before the per-head norm (qk_norm only) */
+    float *rstdq, *rstdk;     /* [R, nh], [R, nkv] (qk_norm only) */
     float *probs;             /* [B, nh, T, T] */
     float *att;               /* [R, qd] */
     float *xmid;              /* [R, H] */
@@ -29,6 +32,7 @@ typedef struct dims {
 
 typedef struct bwd_scratch {
     float *dhm, *dgate, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dxd, *dmid;
+    float *dqpre, *dkpre; /* [R, qd], [R, kvd] through the per-head q/k norm (qk_norm only) */
     float *grad, *grad2; /* [R, H] the gradient flowing down the residual stream */
 } bwd_scratch;
 
@@ -51,6 +55,7 @@ struct ql_lora_model {
     int32_t *h_ids, *h_labels, *h_len, *targets;
     uint64_t *h_seeds;
     float *losses;
+    float *inv_freq; /* [Bmax, hd/2] each sequence's rotary frequencies */
 };
 
 /* What one step works on (the model, this micro-batch's dims and seeds). */
@@ -65,6 +70,8 @@ typedef struct ctx {
     uint64_t *seeds; /* [B] scratch: one module's per-sequence dropout seeds */
     const uint64_t *seq_seeds;
     int dropout;     /* dropout active */
+    const float *inv_freq; /* host [B, hd/2]: sequence b's rotary frequencies */
+    float rope_scale;      /* and the factor on cos and sin */
 } ctx;
 
 static int64_t module_in(const dims *d, int k)
@@ -105,6 +112,10 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
     const ql_linear *l = layer_linear(L, k);
     const float *w = weights(x, l);
     ql_be(x->be, matmul_nt, y, in, w, x->d.R, l->in, l->out, 0);
+    if (l->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
+        for (int64_t b = 0; b < x->mb.B; b++)
+            for (int64_t t = 0; t < x->mb.len[b]; t++)
+                ql_be(x->be, add_inplace, y + (b * x->d.T + t) * l->out, l->bias, l->out);
     ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
     if (p) {
         const float *xd = in;
@@ -151,12 +162,18 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     int rc;
     ql_be(x->be, rmsnorm_forward, a->xn1, a->rstd1, a->x, L->attn_norm, d->R, d->H, c->rms_eps);
-    if ((rc = linear_fwd(x, i, QL_MOD_Q, a, a->xn1, a->q)) || (rc = linear_fwd(x, i, QL_MOD_K, a, a->xn1, a->k)) ||
+    float *qp = L->q_norm ? a->qpre : a->q, *kp = L->q_norm ? a->kpre : a->k;
+    if ((rc = linear_fwd(x, i, QL_MOD_Q, a, a->xn1, qp)) || (rc = linear_fwd(x, i, QL_MOD_K, a, a->xn1, kp)) ||
         (rc = linear_fwd(x, i, QL_MOD_V, a, a->xn1, a->v)))
         return rc;
-    ql_be(x->be, rope_forward, a->q, &x->mb, d->nh, (int)d->hd, 0, c->rope_theta);
-    ql_be(x->be, rope_forward, a->k, &x->mb, d->nkv, (int)d->hd, 0, c->rope_theta);
-    ql_be(x->be, attention_forward_train, a->att, a->probs, a->q, a->k, a->v, &x->mb, d->nh, d->nkv, (int)d->hd);
+    if (L->q_norm) { /* per head: rows of hd */
+        ql_be(x->be, rmsnorm_forward, a->q, a->rstdq, a->qpre, L->q_norm, d->R * d->nh, d->hd, c->rms_eps);
+        ql_be(x->be, rmsnorm_forward, a->k, a->rstdk, a->kpre, L->k_norm, d->R * d->nkv, d->hd, c->rms_eps);
+    }
+    ql_be(x->be, rope_forward, a->q, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    ql_be(x->be, rope_forward, a->k, &x->mb, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    ql_be(x->be, attention_forward_train, a->att, a->probs, a->q, a->k, a->v, &x->mb, d->nh, d->nkv, (int)d->hd,
+          L->window);
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
     ql_be(x->be, add_inplace, a->xmid, a->x, d->R * d->H);
     ql_be(x->be, rmsnorm_forward, a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->R, d->H, c->rms_eps);
@@ -172,7 +189,6 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
 static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx, bwd_scratch *s)
 {
     const dims *d = &x->d;
-    const ql_llama_config *c = x->c;
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     int rc;
     /* MLP */
@@ -186,11 +202,18 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     /* attention */
     if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->dxd))) return rc;
     ql_be(x->be, attention_backward, s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, &x->mb,
-          d->nh, d->nkv, (int)d->hd);
-    ql_be(x->be, rope_backward, s->dq, &x->mb, d->nh, (int)d->hd, 0, c->rope_theta);
-    ql_be(x->be, rope_backward, s->dk, &x->mb, d->nkv, (int)d->hd, 0, c->rope_theta);
-    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, s->dq, s->dxn, 0, s->dh, s->dxd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, s->dk, s->dxn, 1, s->dh, s->dxd)) ||
+          d->nh, d->nkv, (int)d->hd, L->window);
+    ql_be(x->be, rope_backward, s->dq, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    ql_be(x->be, rope_backward, s->dk, &x->mb, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    const float *dqp = s->dq, *dkp = s->dk;
+    if (L->q_norm) { /* frozen norm weights: only the input gradient */
+        ql_be(x->be, rmsnorm_backward, s->dqpre, NULL, s->dq, a->qpre, L->q_norm, a->rstdq, d->R * d->nh, d->hd, 0);
+        ql_be(x->be, rmsnorm_backward, s->dkpre, NULL, s->dk, a->kpre, L->k_norm, a->rstdk, d->R * d->nkv, d->hd, 0);
+        dqp = s->dqpre;
+        dkp = s->dkpre;
+    }
+    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, dqp, s->dxn, 0, s->dh, s->dxd)) ||
+        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, dkp, s->dxn, 1, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh, s->dxd)))
         return rc;
     ql_be(x->be, copy, dx, s->dmid, (size_t)(d->R * d->H) * 4);
@@ -212,9 +235,11 @@ static uint64_t base_bytes(ql_llama *m)
     for (int i = 0; i < c->n_layers; i++) {
         ql_llama_layer *L = &ql_llama_layers(m)[i];
         b += 2 * (uint64_t)c->hidden * 4;
+        if (L->q_norm) b += 2 * (uint64_t)c->head_dim * 4;
         for (int k = 0; k < QL_MOD_COUNT; k++) {
             const ql_linear *l = layer_linear(L, k);
             ql_state_info info = {0};
+            if (l->bias) b += (uint64_t)l->out * 4;
             if (l->dense) b += (uint64_t)(l->out * l->in) * 4;
             else if (l->qz->desc->state_info && l->qz->desc->state_info(l->qz->inst, l->state, &info) == QL_OK)
                 b += info.bytes;
@@ -234,6 +259,13 @@ static void plan_acts(ql_lora_model *lm, layer_acts *a, int layer, const dims *d
     ql_plan_add(p, A, (void **)&a->q, R * d->qd, 4);
     ql_plan_add(p, A, (void **)&a->k, R * d->kvd, 4);
     ql_plan_add(p, A, (void **)&a->v, R * d->kvd, 4);
+    a->qpre = a->kpre = a->rstdq = a->rstdk = NULL;
+    if (lm->c->qk_norm) {
+        ql_plan_add(p, A, (void **)&a->qpre, R * d->qd, 4);
+        ql_plan_add(p, A, (void **)&a->kpre, R * d->kvd, 4);
+        ql_plan_add(p, A, (void **)&a->rstdq, R * d->nh, 4);
+        ql_plan_add(p, A, (void **)&a->rstdk, R * d->nkv, 4);
+    }
     ql_plan_add(p, A, (void **)&a->probs, B * d->nh * d->T * d->T, 4);
     ql_plan_add(p, A, (void **)&a->att, R * d->qd, 4);
     ql_plan_add(p, A, (void **)&a->xmid, R * d->H, 4);
@@ -328,6 +360,10 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_plan_add(p, S, (void **)&s->dq, d.R * d.qd, 4);
         ql_plan_add(p, S, (void **)&s->dk, d.R * d.kvd, 4);
         ql_plan_add(p, S, (void **)&s->dv, d.R * d.kvd, 4);
+        if (c->qk_norm) {
+            ql_plan_add(p, S, (void **)&s->dqpre, d.R * d.qd, 4);
+            ql_plan_add(p, S, (void **)&s->dkpre, d.R * d.kvd, 4);
+        }
         ql_plan_add(p, S, (void **)&s->dscores, B * d.nh * T * T, 4);
         ql_plan_add(p, S, (void **)&s->dh, d.R * (d.r > 0 ? d.r : 1), 4);
         int64_t widest = d.I > d.qd ? d.I : d.qd;
@@ -355,6 +391,7 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     ql_plan_add(p, H, (void **)&lm->losses, d.R, 4);
     ql_plan_add(p, H, (void **)&lm->h_len, B, 4);
     ql_plan_add(p, H, (void **)&lm->h_seeds, 2 * B, 8); /* sequence seeds, then one module's */
+    ql_plan_add(p, H, (void **)&lm->inv_freq, B * (d.hd / 2), 4);
     int rc = o->allocate ? ql_plan_alloc(p) : QL_OK;
     if (rc) {
         ql_lora_model_destroy(lm);
@@ -427,13 +464,8 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
         const int32_t *ids = mb->ids + (int64_t)b * mb->T;
         if (len < 0 || len > mb->T)
             return ql_error(QL_EINVAL, "sequence %d of the micro-batch has length %d, outside 0..%d", b, len, mb->T);
-        if (len > c->max_positions)
-            return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", len,
-                            c->max_positions);
-        if (c->sliding_window > 0 && len > c->sliding_window)
-            return ql_error(QL_ENOTSUP, "sequence of %d tokens is longer than the model's sliding attention window "
-                                        "(%d): sliding-window attention is not supported yet",
-                            len, c->sliding_window);
+        if (len > c->max_len)
+            return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", len, c->max_len);
         for (int t = 0; t < len; t++)
             if (ids[t] < 0 || ids[t] >= c->vocab)
                 return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", ids[t], t,
@@ -446,6 +478,16 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
     dims *d = &x.d;
     set_dims(d, c, lm->lora, mb->B, mb->T);
     x.mb = (ql_be_batch){.B = mb->B, .T = mb->T, .len = mb->len};
+    /* each sequence's rotary table for its own length, in order, as one-sequence
+     * steps take it (dynamic RoPE keeps the model's state; a sequence too short
+     * for a loss leaves that state alone) */
+    const int half = c->head_dim / 2;
+    for (int b = 0; b < mb->B; b++) {
+        float *tab = lm->inv_freq + (int64_t)b * half;
+        if (mb->len[b] >= 2) ql_llama_rope(tab, &x.rope_scale, m, mb->len[b]);
+        else ql_rope_inv_freq(tab, &x.rope_scale, &c->rope, c->head_dim, 1);
+    }
+    x.inv_freq = lm->inv_freq;
     const int64_t R = d->R, H = d->H, V = d->V;
     const int nl = c->n_layers;
     const int keep_all = backward && lm->keep_all;

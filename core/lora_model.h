@@ -59,7 +59,10 @@ typedef struct ql_lora_step_opts {
 } ql_lora_step_opts;
 
 /* Loss over a micro-batch: in sequence b, position t predicts ids[b, t+1]
- * where labels[b, t+1] != -100 (t + 1 < len[b]).  Adds the summed NLL to
+ * where labels[b, t+1] != -100 (t + 1 < len[b]).  Each sequence rotates with
+ * the RoPE table for its own length (ql_llama_rope(len[b]), taken in order b
+ * = 0..B-1 as B one-sequence steps take it: dynamic RoPE past
+ * max_position_embeddings is per sequence, and keeps the model's state).  Adds the summed NLL to
  * *loss_sum (summed per sequence, in order, as B one-sequence steps would)
  * and the count to *n_targets; with backward, adds loss_scale *
  * d(sum)/dparams into lora->grads. */

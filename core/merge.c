@@ -35,10 +35,17 @@ static int add_converted(ql_st_writer *w, const char *name, const float *src, co
     return rc;
 }
 
-/* "model.layers.0.mlp.up_proj.weight.absmax" belongs to a block linear */
+/* "model.layers.0.mlp.up_proj.weight.absmax" belongs to a block linear; its
+ * bias "model.layers.0.self_attn.q_proj.bias" (never quantized) does not: it is
+ * copied like any other tensor */
 static int belongs_to_block_linear(const char *name)
 {
     char buf[700];
+    size_t n = strlen(name);
+    if (n > 5 && !strcmp(name + n - 5, ".bias") && n - 5 + sizeof ".weight" <= sizeof buf) {
+        snprintf(buf, sizeof buf, "%.*s.weight", (int)(n - 5), name);
+        if (ql_is_block_linear(buf, NULL, 0)) return 0;
+    }
     for (const char *dot = strchr(name, '.'); dot; dot = strchr(dot + 1, '.')) {
         int n = snprintf(buf, sizeof buf, "%.*s.weight", (int)(dot - name), name);
         if (n > 0 && (size_t)n < sizeof buf && ql_is_block_linear(buf, NULL, 0)) return 1;

@@ -270,7 +270,7 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     const ql_llama_config *c = ql_llama_get_config(m);
     float *logits = malloc((size_t)c->vocab * sizeof *logits);
     ql_kv_cache *cache = NULL;
-    if (rc == QL_OK) rc = logits ? ql_kv_cache_create(m, c->max_positions, &cache) : ql_error(QL_ENOMEM, "out of memory");
+    if (rc == QL_OK) rc = logits ? ql_kv_cache_create(m, c->max_len, &cache) : ql_error(QL_ENOMEM, "out of memory");
     json_t *per = json_object();
     double sum_subject = 0;
     int64_t correct_all = 0, total_all = 0, dropped_shots = 0;
@@ -304,11 +304,11 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                 ids = NULL;
                 rc = ql_tokenizer_encode(tok, prompt, strlen(prompt), 1, &ids, &n);
                 free(prompt);
-                if (rc || (int)n <= c->max_positions) break;
+                if (rc || (int)n <= c->max_len) break;
                 if (shots == 0) {
                     /* keep the end (the question and "Answer:") */
-                    memmove(ids, ids + (n - (size_t)c->max_positions), (size_t)c->max_positions * sizeof *ids);
-                    n = (size_t)c->max_positions;
+                    memmove(ids, ids + (n - (size_t)c->max_len), (size_t)c->max_len * sizeof *ids);
+                    n = (size_t)c->max_len;
                 }
                 dropped_shots++;
             }

@@ -9,8 +9,11 @@
  * - Parameter gradients (rmsnorm dweight, LoRA dA/dB, ql_matmul_backward_weight
  *   with accumulate = 1) add, so micro-batches accumulate; the caller zeroes them
  *   once per optimizer step.
- * - Every output element is summed by one thread in a fixed order, so results
- *   are bitwise identical for any OpenMP thread count.
+ * - The matrix products (matmul backward, LoRA) run through OpenBLAS: bitwise
+ *   identical for a given thread count (ops_blas.h), and checked against the
+ *   plain C *_ref loops.  In everything else each output element is summed by
+ *   one thread in a fixed order, so results are bitwise identical for any
+ *   OpenMP thread count.
  * - Nothing here allocates; scratch buffers are parameters.
  *
  * Training forward for one layer (past == 0), keeping what backward reads:
@@ -38,6 +41,13 @@ void ql_matmul_backward_input(float *dx, const float *dy, const float *w, int64_
 void ql_matmul_backward_weight(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
                                int accumulate);
 
+/* The same as plain C loops, each element summed by one thread (identical for
+ * any thread count): the references of the two above. */
+void ql_matmul_backward_input_ref(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out,
+                                  int accumulate);
+void ql_matmul_backward_weight_ref(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
+                                   int accumulate);
+
 /* ---- LoRA: y = x w^T + scale * (xd a^T) b^T, xd = dropout(x) ---- */
 
 /* h[T, r] = xd[T, in] * a[r, in]^T;  y[T, out] += scale * h * b[out, r]^T
@@ -52,6 +62,13 @@ void ql_lora_backward(float *dxd, float *da, float *db, float *dh, const float *
                       const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
                       int accumulate);
 
+/* Plain C references of the two above. */
+void ql_lora_forward_ref(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
+                         int64_t out, int64_t r, float scale);
+void ql_lora_backward_ref(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
+                          const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
+                          int accumulate);
+
 /* ---- normalization, position, attention, MLP ---- */
 
 /* Backward of ql_rmsnorm_forward (out = weight * x * rstd) with its rstd[T]:
@@ -61,20 +78,23 @@ void ql_rmsnorm_backward(float *dx, float *dweight, const float *dy, const float
 
 /* Backward of ql_rope_forward, in place on dx[T, nheads, hd] (the inverse
  * rotation, same angles as the forward). */
-void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, float theta);
+void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, const float *inv_freq, float attn_scale);
 
 /* ql_attention_forward for a training sequence (past == 0) that also keeps the
  * softmax probabilities: q[T, nh, hd]; k, v[T, nkv, hd]; out[T, nh, hd];
- * probs[nh, T, T] (row t holds keys 0..t, zeros above the diagonal).
- * out is bitwise equal to ql_attention_forward's. */
+ * probs[nh, T, T] (row t holds keys s0..t, s0 = max(0, t - window + 1) when
+ * window > 0, else 0; zeros elsewhere).  out is bitwise equal to
+ * ql_attention_forward's with the same window. */
 void ql_attention_forward_train(float *out, float *probs, const float *q, const float *k, const float *v, int64_t T,
-                                int nh, int nkv, int hd);
-/* Causal GQA backward: dq[T, nh, hd], dk, dv[T, nkv, hd] written (dk/dv sum over
- * the nh/nkv query heads sharing a kv head); dscores[nh, T, T] is scratch and is
- * left holding the gradient of the scaled pre-softmax scores (zero above the
- * diagonal).  q, k are the rotated values the forward consumed. */
+                                int nh, int nkv, int hd, int window);
+/* Causal (banded when window > 0) GQA backward: dq[T, nh, hd], dk, dv[T, nkv, hd]
+ * written (dk/dv sum over the nh/nkv query heads sharing a kv head);
+ * dscores[nh, T, T] is scratch and is left holding the gradient of the scaled
+ * pre-softmax scores (zero outside the band).  q, k are the rotated values the
+ * forward consumed; window as the forward's. */
 void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
-                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd);
+                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                           int window);
 
 /* Backward of out = silu(gate) * up: dgate[n], dup[n] written.  Elementwise:
  * any output may alias any input. */

@@ -3,8 +3,18 @@
 #include <string.h>
 
 #include "ops.h"
+#include "ops_blas.h"
 
 void ql_matmul_nt(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate)
+{
+    if (!ql_blas_fits(T, in, out)) {
+        ql_matmul_nt_ref(y, x, w, T, in, out, accumulate);
+        return;
+    }
+    ql_sgemm(0, 1, T, out, in, 1.0f, x, in, w, in, y, out, accumulate);
+}
+
+void ql_matmul_nt_ref(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate)
 {
 #pragma omp parallel for collapse(2) schedule(static) if (T * in * out >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
@@ -26,17 +36,14 @@ void ql_rmsnorm_forward(float *out, float *rstd, const float *x, const float *we
     }
 }
 
-void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, float theta)
+void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, const float *inv, float attn_scale)
 {
     int half = hd / 2;
-    float *inv = malloc((size_t)half * sizeof *inv);
-    if (!inv) return;
-    for (int i = 0; i < half; i++) inv[i] = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
     for (int64_t t = 0; t < T; t++) {
         float pos = (float)(pos0 + t);
         for (int i = 0; i < half; i++) {
             float f = pos * inv[i];
-            float c = cosf(f), s = sinf(f);
+            float c = cosf(f) * attn_scale, s = sinf(f) * attn_scale;
             for (int h = 0; h < nheads; h++) {
                 float *v = x + (t * nheads + h) * hd;
                 float a = v[i], b = v[i + half];
@@ -45,22 +52,23 @@ void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, float th
             }
         }
     }
-    free(inv);
 }
 
 void ql_attention_forward(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
-                          int nh, int nkv, int hd)
+                          int nh, int nkv, int hd, int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
+    const int64_t stride = (int64_t)nkv * hd;
 #pragma omp parallel for collapse(2) schedule(static) if ((T + past) * T * nh * hd >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
-            int64_t n = past + t + 1; /* causal: keys 0..past+t */
+            /* causal: keys s0..past+t, s0 > past+t - window when banded */
+            const int64_t pos = past + t, s0 = window > 0 && pos >= window ? pos - window + 1 : 0, n = pos - s0 + 1;
             float *scores = malloc((size_t)n * sizeof *scores);
             if (!scores) continue;
-            ql_attention_row(out + (t * nh + h) * hd, scores, q + (t * nh + h) * hd, k + (h / group) * hd,
-                             v + (h / group) * hd, n, (int64_t)nkv * hd, hd, scale);
+            ql_attention_row(out + (t * nh + h) * hd, scores, q + (t * nh + h) * hd, k + s0 * stride + (h / group) * hd,
+                             v + s0 * stride + (h / group) * hd, n, stride, hd, scale);
             free(scores);
         }
 }
@@ -90,7 +98,7 @@ void ql_swiglu_forward(float *out, const float *gate, const float *up, int64_t n
 {
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = g / (1.0f + ql_expf(-g)) * up[i];
     }
 }
 
@@ -99,12 +107,47 @@ void ql_add_inplace(float *x, const float *y, int64_t n)
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+double ql_log_sum_exp(float *e, double *sum_e, const float *x, int64_t V)
+{
+    float m8[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8)
+        for (int k = 0; k < 8; k++) m8[k] = x[i + k] > m8[k] ? x[i + k] : m8[k];
+    float mx = m8[0];
+    for (int k = 1; k < 8; k++) mx = m8[k] > mx ? m8[k] : mx;
+    for (; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    if (!(mx > -INFINITY)) { /* all -inf (or empty): log 0; NaN stays NaN */
+        if (e)
+            for (int64_t j = 0; j < V; j++) e[j] = x[j] == x[j] ? 0.0f : x[j];
+        if (sum_e) *sum_e = 0;
+        return mx == mx ? -INFINITY : (double)mx;
+    }
+    enum { BLOCK = 256 };
+    double sum = 0;
+    for (int64_t b0 = 0; b0 < V; b0 += BLOCK) {
+        const int64_t b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+        float acc[8] = {0};
+        int64_t j = b0;
+        if (e) {
+            for (; j + 8 <= b1; j += 8)
+                for (int k = 0; k < 8; k++) {
+                    const float v = ql_expf(x[j + k] - mx);
+                    e[j + k] = v;
+                    acc[k] += v;
+                }
+            for (; j < b1; j++) acc[0] += e[j] = ql_expf(x[j] - mx);
+        } else {
+            for (; j + 8 <= b1; j += 8)
+                for (int k = 0; k < 8; k++) acc[k] += ql_expf(x[j + k] - mx);
+            for (; j < b1; j++) acc[0] += ql_expf(x[j] - mx);
+        }
+        sum += (double)(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+    }
+    if (sum_e) *sum_e = sum;
+    return log(sum) + (double)mx;
+}
+
 double ql_token_nll(const float *logits, int64_t V, int32_t target)
 {
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < V; i++)
-        if (logits[i] > mx) mx = logits[i];
-    double sum = 0;
-    for (int64_t i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
-    return log(sum) + mx - (double)logits[target];
+    return ql_log_sum_exp(NULL, NULL, logits, V) - (double)logits[target];
 }

@@ -1,11 +1,14 @@
-/* CPU reference backward operators (see ops_backward.h).  Every output element
- * is accumulated by one thread in a fixed order: no float reduction is split
- * across threads, so results do not depend on the OpenMP thread count. */
+/* CPU backward operators (see ops_backward.h).  The matrix products run
+ * through OpenBLAS (ops_blas.h: the same bits for a given thread count); the
+ * rest, and the *_ref loops the products are checked against, accumulate
+ * every output element in one thread in a fixed order: no float reduction is
+ * split across threads, so they do not depend on the OpenMP thread count. */
 #include <math.h>
 #include <string.h>
 
 #include "ops.h"
 #include "ops_backward.h"
+#include "ops_blas.h"
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -65,37 +68,86 @@ static void matmul_tn(float *dw, const float *dy, const float *x, int64_t T, int
         }
 }
 
+void ql_matmul_backward_input_ref(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out,
+                                  int accumulate)
+{
+    matmul_nn(dx, dy, w, T, in, out, 1.0f, accumulate);
+}
+
+void ql_matmul_backward_weight_ref(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
+                                   int accumulate)
+{
+    matmul_tn(dw, dy, x, T, in, out, 1.0f, accumulate);
+}
+
+/* dx[T, in] (+)= alpha * dy[T, out] * w[out, in] */
+static void gemm_nn(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out, float alpha,
+                    int accumulate)
+{
+    if (ql_blas_fits(T, in, out)) ql_sgemm(0, 0, T, in, out, alpha, dy, out, w, in, dx, in, accumulate);
+    else matmul_nn(dx, dy, w, T, in, out, alpha, accumulate);
+}
+
+/* dw[out, in] (+)= alpha * dy[T, out]^T * x[T, in] */
+static void gemm_tn(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out, float alpha,
+                    int accumulate)
+{
+    if (ql_blas_fits(T, in, out)) ql_sgemm(1, 0, out, in, T, alpha, dy, out, x, in, dw, in, accumulate);
+    else matmul_tn(dw, dy, x, T, in, out, alpha, accumulate);
+}
+
 void ql_matmul_backward_input(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out,
                               int accumulate)
 {
-    matmul_nn(dx, dy, w, T, in, out, 1.0f, accumulate);
+    gemm_nn(dx, dy, w, T, in, out, 1.0f, accumulate);
 }
 
 void ql_matmul_backward_weight(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
                                int accumulate)
 {
-    matmul_tn(dw, dy, x, T, in, out, 1.0f, accumulate);
+    gemm_tn(dw, dy, x, T, in, out, 1.0f, accumulate);
 }
 
 /* ---- LoRA ---- */
 
-void ql_lora_forward(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
-                     int64_t out, int64_t r, float scale)
+void ql_lora_forward_ref(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
+                         int64_t out, int64_t r, float scale)
 {
-    ql_matmul_nt(h, xd, a, T, in, r, 0);
+    ql_matmul_nt_ref(h, xd, a, T, in, r, 0);
 #pragma omp parallel for collapse(2) schedule(static) if (T * (in + out) * r >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int64_t o = 0; o < out; o++) y[t * out + o] += scale * ql_dot(h + t * r, b + o * r, r);
+}
+
+void ql_lora_forward(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
+                     int64_t out, int64_t r, float scale)
+{
+    if (!ql_blas_fits(T, in, out) || !ql_blas_fits(r, 0, 0)) {
+        ql_lora_forward_ref(y, h, xd, a, b, T, in, out, r, scale);
+        return;
+    }
+    ql_sgemm(0, 1, T, r, in, 1.0f, xd, in, a, in, h, r, 0);   /* h[T, r] = xd a^T */
+    ql_sgemm(0, 1, T, out, r, scale, h, r, b, r, y, out, 1); /* y[T, out] += scale * h b^T */
+}
+
+void ql_lora_backward_ref(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
+                          const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
+                          int accumulate)
+{
+    matmul_nn(dh, dy, b, T, r, out, scale, 0); /* dh[T, r] = scale * dy[T, out] b[out, r] */
+    matmul_tn(db, dy, h, T, r, out, scale, 1); /* db[out, r] += scale * dy^T h */
+    matmul_tn(da, dh, xd, T, in, r, 1.0f, 1);  /* da[r, in] += dh^T xd */
+    if (dxd) matmul_nn(dxd, dh, a, T, in, r, 1.0f, accumulate);
 }
 
 void ql_lora_backward(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
                       const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
                       int accumulate)
 {
-    matmul_nn(dh, dy, b, T, r, out, scale, 0); /* dh[T, r] = scale * dy[T, out] b[out, r] */
-    matmul_tn(db, dy, h, T, r, out, scale, 1); /* db[out, r] += scale * dy^T h */
-    matmul_tn(da, dh, xd, T, in, r, 1.0f, 1);  /* da[r, in] += dh^T xd */
-    if (dxd) matmul_nn(dxd, dh, a, T, in, r, 1.0f, accumulate);
+    gemm_nn(dh, dy, b, T, r, out, scale, 0); /* dh[T, r] = scale * dy[T, out] b[out, r] */
+    gemm_tn(db, dy, h, T, r, out, scale, 1); /* db[out, r] += scale * dy^T h */
+    gemm_tn(da, dh, xd, T, in, r, 1.0f, 1);  /* da[r, in] += dh^T xd */
+    if (dxd) gemm_nn(dxd, dh, a, T, in, r, 1.0f, accumulate);
 }
 
 /* ---- RMSNorm ---- */
@@ -133,17 +185,17 @@ void ql_rmsnorm_backward(float *dx, float *dweight, const float *dy, const float
 
 /* ---- RoPE ---- */
 
-void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, float theta)
+void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, const float *inv_freq, float attn_scale)
 {
     const int half = hd / 2;
-    /* forward: (a, b) -> (a c - b s, b c + a s); backward applies the transpose */
+    /* forward: (a, b) -> (a c - b s, b c + a s) with c, s scaled by attn_scale;
+     * backward applies the transpose */
 #pragma omp parallel for schedule(static) if (T * nheads * hd * 8 >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++) {
         const float pos = (float)(pos0 + t);
         for (int i = 0; i < half; i++) {
-            const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)hd); /* as ql_rope_forward */
-            const float f = pos * inv;
-            const float c = cosf(f), s = sinf(f);
+            const float f = pos * inv_freq[i]; /* as ql_rope_forward */
+            const float c = cosf(f) * attn_scale, s = sinf(f) * attn_scale;
             for (int h = 0; h < nheads; h++) {
                 float *v = dx + (t * nheads + h) * hd;
                 const float da = v[i], db = v[i + half];
@@ -156,24 +208,30 @@ void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, float 
 
 /* ---- attention ---- */
 
+/* first key a query at position t sees: t - window + 1 when banded */
+static int64_t band_start(int64_t t, int window) { return window > 0 && t >= window ? t - window + 1 : 0; }
+
 void ql_attention_forward_train(float *out, float *probs, const float *q, const float *k, const float *v, int64_t T,
-                                int nh, int nkv, int hd)
+                                int nh, int nkv, int hd, int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
+    const int64_t stride = (int64_t)nkv * hd;
 #pragma omp parallel for collapse(2) schedule(static) if (T * T * nh * hd >= QL_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
-            const int64_t n = t + 1; /* causal: keys 0..t */
+            const int64_t s0 = band_start(t, window), n = t - s0 + 1; /* keys s0..t */
             float *p = probs + ((int64_t)h * T + t) * T;
-            ql_attention_row(out + (t * nh + h) * hd, p, q + (t * nh + h) * hd, k + (h / group) * hd,
-                             v + (h / group) * hd, n, (int64_t)nkv * hd, hd, scale);
-            memset(p + n, 0, (size_t)(T - n) * sizeof *p);
+            memset(p, 0, (size_t)s0 * sizeof *p);
+            ql_attention_row(out + (t * nh + h) * hd, p + s0, q + (t * nh + h) * hd, k + s0 * stride + (h / group) * hd,
+                             v + s0 * stride + (h / group) * hd, n, stride, hd, scale);
+            memset(p + t + 1, 0, (size_t)(T - t - 1) * sizeof *p);
         }
 }
 
 void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
-                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd)
+                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                           int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
@@ -182,29 +240,32 @@ void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, cons
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
             const int kvh = h / group;
+            const int64_t s0 = band_start(t, window);
             const float *p = probs + ((int64_t)h * T + t) * T;
             float *ds = dscores + ((int64_t)h * T + t) * T;
             const float *dot_ = dout + (t * nh + h) * hd;
             double pdp = 0;
-            for (int64_t s = 0; s <= t; s++) {
+            for (int64_t s = s0; s <= t; s++) {
                 ds[s] = ql_dot(dot_, v + (s * nkv + kvh) * hd, hd);
                 pdp += (double)p[s] * ds[s];
             }
-            for (int64_t s = 0; s <= t; s++) ds[s] = p[s] * (float)((double)ds[s] - pdp);
+            for (int64_t s = s0; s <= t; s++) ds[s] = p[s] * (float)((double)ds[s] - pdp);
+            for (int64_t s = 0; s < s0; s++) ds[s] = 0;
             for (int64_t s = t + 1; s < T; s++) ds[s] = 0;
             float *dqt = dq + (t * nh + h) * hd;
             memset(dqt, 0, (size_t)hd * sizeof *dqt);
-            for (int64_t s = 0; s <= t; s++) axpy(dqt, ds[s] * scale, k + (s * nkv + kvh) * hd, hd);
+            for (int64_t s = s0; s <= t; s++) axpy(dqt, ds[s] * scale, k + (s * nkv + kvh) * hd, hd);
         }
-    /* kv rows (s, kvh): sum over the group's query heads, then queries t >= s */
+    /* kv rows (s, kvh): sum over the group's query heads, then the queries t >= s that see key s */
 #pragma omp parallel for collapse(2) schedule(static) if (T * T * nh * hd >= QL_PARALLEL_MIN_WORK)
     for (int64_t s = 0; s < T; s++)
         for (int kvh = 0; kvh < nkv; kvh++) {
             float *dks = dk + (s * nkv + kvh) * hd, *dvs = dv + (s * nkv + kvh) * hd;
+            const int64_t t1 = window > 0 ? min64(T, s + window) : T; /* queries s..t1-1 */
             memset(dks, 0, (size_t)hd * sizeof *dks);
             memset(dvs, 0, (size_t)hd * sizeof *dvs);
             for (int h = kvh * group; h < (kvh + 1) * group; h++)
-                for (int64_t t = s; t < T; t++) {
+                for (int64_t t = s; t < t1; t++) {
                     const int64_t row = ((int64_t)h * T + t) * T;
                     const float a = dscores[row + s] * scale, p = probs[row + s];
                     axpy(dks, a, q + (t * nh + h) * hd, hd);
@@ -220,7 +281,7 @@ void ql_swiglu_backward(float *dgate, float *dup, const float *dout, const float
 #pragma omp parallel for schedule(static) if (n * 8 >= QL_PARALLEL_MIN_WORK)
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i], u = up[i], d = dout[i];
-        const float e = expf(-g);
+        const float e = ql_expf(-g);
         const float sig = 1.0f / (1.0f + e), silu = g / (1.0f + e); /* silu as the forward computes it */
         /* d silu / dg = sig (1 + g (1 - sig)) */
         dgate[i] = d * u * (sig * (1.0f + g * (1.0f - sig)));
@@ -237,19 +298,17 @@ static float cross_entropy_row(float *dl, const float *lg, int32_t target, int64
         if (dl) memset(dl, 0, (size_t)V * sizeof *dl);
         return 0.0f;
     }
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < V; i++)
-        if (lg[i] > mx) mx = lg[i];
-    double sum = 0;
-    for (int64_t i = 0; i < V; i++) sum += exp((double)lg[i] - mx);
-    const double lse = log(sum) + mx;
-    const double loss = lse - (double)lg[target]; /* read before dl (which may alias lg) is written */
-    if (dl)
-        for (int64_t i = 0; i < V; i++) {
-            double p = exp((double)lg[i] - lse);
-            dl[i] = (float)(scale * (p - (i == target ? 1.0 : 0.0)));
-        }
-    return (float)loss;
+    const double lt = (double)lg[target]; /* read before dl (which may alias lg) is written */
+    double sum;
+    const double lse = ql_log_sum_exp(dl, &sum, lg, V); /* dl = exp(lg - max), summing to sum */
+    if (dl) {
+        /* softmax = exp(lg - max) / sum: one multiply by the inverse */
+        const float inv = (float)(1.0 / sum), si = scale * inv;
+        const float pt = dl[target] * inv;
+        for (int64_t i = 0; i < V; i++) dl[i] = si * dl[i];
+        dl[target] = scale * (pt - 1.0f);
+    }
+    return (float)(lse - lt);
 }
 
 double ql_cross_entropy_forward_backward(float *losses, float *dlogits, const float *logits, const int32_t *targets,
@@ -257,17 +316,21 @@ double ql_cross_entropy_forward_backward(float *losses, float *dlogits, const fl
 {
     for (int64_t t = 0; t < T; t++)
         if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V)) return NAN;
+    /* rows in parallel, their float losses summed in row order: chunks keep that
+     * without allocating when the caller wants no losses[] */
+    enum { CHUNK = 256 };
+    float chunk[CHUNK];
     double total = 0;
-    if (losses) {
-#pragma omp parallel for schedule(static) if (T * V * 8 >= QL_PARALLEL_MIN_WORK)
-        for (int64_t t = 0; t < T; t++)
-            losses[t] = cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
-                                          scale);
-        for (int64_t t = 0; t < T; t++) total += losses[t];
-    } else {
-        for (int64_t t = 0; t < T; t++)
-            total += cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
-                                       scale);
+    for (int64_t t0 = 0; t0 < T; t0 += CHUNK) {
+        const int64_t n = T - t0 < CHUNK ? T - t0 : CHUNK;
+        float *ls = losses ? losses + t0 : chunk;
+#pragma omp parallel for schedule(static) if (n * V * 8 >= QL_PARALLEL_MIN_WORK)
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t t = t0 + j;
+            ls[j] = cross_entropy_row(dlogits ? dlogits + t * V : NULL, logits + t * V, targets[t], V, ignore_index,
+                                      scale);
+        }
+        for (int64_t j = 0; j < n; j++) total += ls[j];
     }
     return total;
 }

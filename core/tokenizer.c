@@ -18,6 +18,7 @@
 
 #include <jansson.h>
 #include <stdint.h>
+#include <utf8proc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -637,7 +638,7 @@ typedef struct trie {
     uint8_t first[256]; /* bytes that start some pattern */
 } trie;
 
-typedef enum { NORM_PREPEND, NORM_REPLACE } norm_kind;
+typedef enum { NORM_PREPEND, NORM_REPLACE, NORM_NFC } norm_kind;
 typedef struct norm_op {
     norm_kind kind;
     size_t a, alen, b, blen; /* pool: prepend text, or pattern and content */
@@ -680,6 +681,7 @@ struct ql_tokenizer {
     int byte_fallback, fuse_unk, ignore_merges;
     size_t prefix, prefix_len, suffix, suffix_len; /* continuing_subword_prefix, end_of_word_suffix */
     int byte_level;       /* a ByteLevel pre-tokenizer is present */
+    int byte_prefix_space; /* that ByteLevel's add_prefix_space (the first one's) */
 
     /* ids -> strings; SIZE_MAX offset: no token */
     size_t n_ids;
@@ -877,6 +879,41 @@ static int replace_all(sbuf *out, const char *s, size_t n, const char *pat, size
     return sb_add(out, s + i, n - i);
 }
 
+/* Unicode NFC (normalizers/unicode.rs) of s, appended to out.  utf8proc
+ * composes; bytes that are not UTF-8 (only byte-level and byte-fallback
+ * models take them) stay as they are and split the text into runs that are
+ * normalized one by one. */
+static int nfc(sbuf *out, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        size_t j = i;
+        while (j < n) {
+            uint32_t cp;
+            int l = utf8_len((const unsigned char *)s + j, n - j, &cp);
+            if (!l) break;
+            j += (size_t)l;
+        }
+        if (j > i) {
+            utf8proc_uint8_t *dst = NULL;
+            utf8proc_ssize_t m = utf8proc_map((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(j - i), &dst,
+                                              UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+            if (m < 0) return -1; /* only UTF8PROC_ERROR_NOMEM: the run is valid UTF-8 */
+            int rc = sb_add(out, dst, (size_t)m);
+            free(dst);
+            if (rc) return -1;
+            i = j;
+        }
+        if (i < n) {
+            uint32_t cp;
+            if (!utf8_len((const unsigned char *)s + i, n - i, &cp)) {
+                if (sb_add(out, s + i, 1)) return -1;
+                i++;
+            }
+        }
+    }
+    return 0;
+}
+
 /* Normalize s into out (cleared first); tmp is scratch. */
 static int normalize(const ql_tokenizer *t, const char *s, size_t n, sbuf *out, sbuf *tmp)
 {
@@ -888,6 +925,8 @@ static int normalize(const ql_tokenizer *t, const char *s, size_t n, sbuf *out, 
         if (op->kind == NORM_PREPEND) {
             if (out->len == 0) continue;
             if (sb_add(tmp, pool_str(t, op->a), op->alen) || sb_add(tmp, out->p, out->len)) return -1;
+        } else if (op->kind == NORM_NFC) {
+            if (sb_reserve(tmp, out->len) || nfc(tmp, out->p, out->len)) return -1;
         } else {
             if (replace_all(tmp, out->p, out->len, pool_str(t, op->a), op->alen, pool_str(t, op->b), op->blen))
                 return -1;
@@ -1683,6 +1722,25 @@ static const char *type_of(json_t *o)
     return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
+/* Refuse a field the library would read but this tokenizer does not know:
+ * every component's fields are listed (`keys`, NULL-terminated), so a file
+ * written by a newer library, or a hand-edited one, is not silently read
+ * differently. */
+static int check_keys(const char *path, const char *what, json_t *o, const char *const *keys)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach(o, key, v)
+    {
+        size_t k = 0;
+        while (keys[k] && strcmp(keys[k], key) != 0) k++;
+        if (!keys[k]) return ql_error(QL_ENOTSUP, "%s: %s field \"%s\" is not supported", path, what, key);
+    }
+    return QL_OK;
+}
+
+#define KEYS(...) ((const char *const[]){__VA_ARGS__, NULL})
+
 /* The one character of a Metaspace replacement / Strip content. */
 static int single_char(const char *where, const char *key, const char *s, size_t n, uint32_t *cp)
 {
@@ -1706,7 +1764,10 @@ static int load_model(ql_tokenizer *t, const char *path, json_t *model)
         return ql_error(QL_EFORMAT, "%s: BPE model needs a \"vocab\" object and a \"merges\" array", path);
     char where[64];
     snprintf(where, sizeof where, "model");
-    int rc;
+    int rc = check_keys(path, "model BPE", model,
+                        KEYS("type", "dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix",
+                             "fuse_unk", "byte_fallback", "ignore_merges", "vocab", "merges"));
+    if (rc) return rc;
     json_t *dropout = json_object_get(model, "dropout");
     if (dropout && !json_is_null(dropout)) {
         if (!json_is_number(dropout)) return ql_error(QL_EFORMAT, "%s: model.dropout must be a number or null", path);
@@ -1849,6 +1910,8 @@ static int add_norm(ql_tokenizer *t, const char *path, json_t *n, size_t *cap)
     if (!strcmp(type, "Sequence")) {
         json_t *list = json_object_get(n, "normalizers");
         if (!json_is_array(list)) return ql_error(QL_EFORMAT, "%s: Sequence normalizer needs \"normalizers\"", path);
+        int rc = check_keys(path, "normalizer Sequence", n, KEYS("type", "normalizers"));
+        if (rc) return rc;
         for (size_t i = 0; i < json_array_size(list); i++) {
             int rc = add_norm(t, path, json_array_get(list, i), cap);
             if (rc) return rc;
@@ -1862,6 +1925,7 @@ static int add_norm(ql_tokenizer *t, const char *path, json_t *n, size_t *cap)
     int rc;
     if (!strcmp(type, "Prepend")) {
         op.kind = NORM_PREPEND;
+        if ((rc = check_keys(path, "normalizer Prepend", n, KEYS("type", "prepend")))) return rc;
         if ((rc = get_str("normalizer Prepend", n, "prepend", &a, &al))) return ql_error_context("%s", path);
         if (!a) return ql_error(QL_EFORMAT, "%s: Prepend normalizer needs \"prepend\"", path);
         if (pool_add(t, a, al, &op.a)) return OOM();
@@ -1869,6 +1933,9 @@ static int add_norm(ql_tokenizer *t, const char *path, json_t *n, size_t *cap)
     } else if (!strcmp(type, "Replace")) {
         op.kind = NORM_REPLACE;
         json_t *pat = json_object_get(n, "pattern");
+        if ((rc = check_keys(path, "normalizer Replace", n, KEYS("type", "pattern", "content"))) ||
+            (rc = check_keys(path, "normalizer Replace pattern", pat, KEYS("String", "Regex"))))
+            return rc;
         if (json_is_object(pat) && json_object_get(pat, "Regex"))
             return ql_error(QL_ENOTSUP, "%s: normalizer Replace with a Regex pattern is not supported", path);
         if ((rc = get_str("normalizer Replace pattern", pat, "String", &a, &al)) ||
@@ -1878,9 +1945,12 @@ static int add_norm(ql_tokenizer *t, const char *path, json_t *n, size_t *cap)
         if (pool_add(t, a, al, &op.a) || pool_add(t, b, bl, &op.b)) return OOM();
         op.alen = al;
         op.blen = bl;
+    } else if (!strcmp(type, "NFC")) {
+        op.kind = NORM_NFC;
+        if ((rc = check_keys(path, "normalizer NFC", n, KEYS("type")))) return rc;
     } else {
-        return ql_error(QL_ENOTSUP, "%s: normalizer type '%s' is not supported (Prepend, Replace, Sequence are)", path,
-                        type);
+        return ql_error(QL_ENOTSUP, "%s: normalizer type '%s' is not supported (NFC, Prepend, Replace, Sequence are)",
+                        path, type);
     }
     if (grow((void **)&t->norm, cap, t->n_norm + 1, sizeof *t->norm)) return OOM();
     t->norm[t->n_norm++] = op;
@@ -1919,6 +1989,8 @@ static int add_pre(ql_tokenizer *t, const char *path, json_t *p, size_t *cap)
     if (!strcmp(type, "Sequence")) {
         json_t *list = json_object_get(p, "pretokenizers");
         if (!json_is_array(list)) return ql_error(QL_EFORMAT, "%s: Sequence pre_tokenizer needs \"pretokenizers\"", path);
+        int rc = check_keys(path, "pre_tokenizer Sequence", p, KEYS("type", "pretokenizers"));
+        if (rc) return rc;
         for (size_t i = 0; i < json_array_size(list); i++) {
             int rc = add_pre(t, path, json_array_get(list, i), cap);
             if (rc) return rc;
@@ -1930,6 +2002,9 @@ static int add_pre(ql_tokenizer *t, const char *path, json_t *p, size_t *cap)
     int rc;
     if (!strcmp(type, "Metaspace")) {
         op.kind = PRE_METASPACE;
+        if ((rc = check_keys(path, "pre_tokenizer Metaspace", p,
+                             KEYS("type", "replacement", "prepend_scheme", "split", "add_prefix_space", "str_rep"))))
+            return rc;
         const char *r;
         size_t rl;
         uint32_t cp;
@@ -1941,13 +2016,18 @@ static int add_pre(ql_tokenizer *t, const char *path, json_t *p, size_t *cap)
         if ((rc = get_bool("pre_tokenizer Metaspace", p, "split", 1, &op.split))) return ql_error_context("%s", path);
     } else if (!strcmp(type, "ByteLevel")) {
         op.kind = PRE_BYTELEVEL;
+        if ((rc = check_keys(path, "pre_tokenizer ByteLevel", p, KEYS("type", "add_prefix_space", "trim_offsets", "use_regex"))))
+            return rc;
         if ((rc = get_bool("pre_tokenizer ByteLevel", p, "add_prefix_space", 1, &op.add_prefix_space)) ||
             (rc = get_bool("pre_tokenizer ByteLevel", p, "use_regex", 1, &op.use_regex)))
             return ql_error_context("%s", path);
+        if (!t->byte_level) t->byte_prefix_space = op.add_prefix_space;
         t->byte_level = 1;
     } else if (!strcmp(type, "Split")) {
         op.kind = PRE_SPLIT;
         json_t *pat = json_object_get(p, "pattern");
+        if ((rc = check_keys(path, "pre_tokenizer Split", p, KEYS("type", "pattern", "behavior", "invert"))))
+            return rc;
         const char *re = NULL, *behavior = NULL;
         if (json_is_object(pat) && json_is_string(json_object_get(pat, "Regex")))
             re = json_string_value(json_object_get(pat, "Regex"));
@@ -1991,6 +2071,8 @@ static int add_dec(ql_tokenizer *t, const char *path, json_t *d, size_t *cap)
     if (!strcmp(type, "Sequence")) {
         json_t *list = json_object_get(d, "decoders");
         if (!json_is_array(list)) return ql_error(QL_EFORMAT, "%s: Sequence decoder needs \"decoders\"", path);
+        int rc = check_keys(path, "decoder Sequence", d, KEYS("type", "decoders"));
+        if (rc) return rc;
         for (size_t i = 0; i < json_array_size(list); i++) {
             int rc = add_dec(t, path, json_array_get(list, i), cap);
             if (rc) return rc;
@@ -2005,6 +2087,9 @@ static int add_dec(ql_tokenizer *t, const char *path, json_t *d, size_t *cap)
     if (!strcmp(type, "Replace")) {
         op.kind = DEC_REPLACE;
         json_t *pat = json_object_get(d, "pattern");
+        if ((rc = check_keys(path, "decoder Replace", d, KEYS("type", "pattern", "content"))) ||
+            (rc = check_keys(path, "decoder Replace pattern", pat, KEYS("String", "Regex"))))
+            return rc;
         if (json_is_object(pat) && json_object_get(pat, "Regex"))
             return ql_error(QL_ENOTSUP, "%s: decoder Replace with a Regex pattern is not supported", path);
         if ((rc = get_str("decoder Replace pattern", pat, "String", &a, &al)) ||
@@ -2016,10 +2101,13 @@ static int add_dec(ql_tokenizer *t, const char *path, json_t *d, size_t *cap)
         op.blen = bl;
     } else if (!strcmp(type, "ByteFallback")) {
         op.kind = DEC_BYTEFALLBACK;
+        if ((rc = check_keys(path, "decoder ByteFallback", d, KEYS("type")))) return rc;
     } else if (!strcmp(type, "Fuse")) {
         op.kind = DEC_FUSE;
+        if ((rc = check_keys(path, "decoder Fuse", d, KEYS("type")))) return rc;
     } else if (!strcmp(type, "Strip")) {
         op.kind = DEC_STRIP;
+        if ((rc = check_keys(path, "decoder Strip", d, KEYS("type", "content", "start", "stop")))) return rc;
         json_t *start = json_object_get(d, "start"), *stop = json_object_get(d, "stop");
         if ((rc = get_str("decoder Strip", d, "content", &a, &al)) ||
             (rc = single_char("decoder Strip", "content", a, al, &op.ch)))
@@ -2031,12 +2119,17 @@ static int add_dec(ql_tokenizer *t, const char *path, json_t *d, size_t *cap)
         op.stop = (size_t)json_integer_value(stop);
     } else if (!strcmp(type, "Metaspace")) {
         op.kind = DEC_METASPACE;
+        if ((rc = check_keys(path, "decoder Metaspace", d,
+                             KEYS("type", "replacement", "prepend_scheme", "split", "add_prefix_space", "str_rep"))))
+            return rc;
         if ((rc = get_str("decoder Metaspace", d, "replacement", &a, &al)) ||
             (rc = single_char("decoder Metaspace", "replacement", a, al, &op.ch)))
             return ql_error_context("%s", path);
         if ((rc = parse_scheme(path, d, &op.scheme))) return rc;
     } else if (!strcmp(type, "ByteLevel")) {
         op.kind = DEC_BYTELEVEL;
+        if ((rc = check_keys(path, "decoder ByteLevel", d, KEYS("type", "add_prefix_space", "trim_offsets", "use_regex"))))
+            return rc;
     } else {
         return ql_error(QL_ENOTSUP,
                         "%s: decoder type '%s' is not supported (Replace, ByteFallback, Fuse, Strip, Metaspace, "
@@ -2072,15 +2165,20 @@ static int add_post(ql_tokenizer *t, const char *path, json_t *p)
     if (!strcmp(type, "Sequence")) {
         json_t *list = json_object_get(p, "processors");
         if (!json_is_array(list)) return ql_error(QL_EFORMAT, "%s: Sequence post_processor needs \"processors\"", path);
+        int rc = check_keys(path, "post_processor Sequence", p, KEYS("type", "processors"));
+        if (rc) return rc;
         for (size_t i = 0; i < json_array_size(list); i++) {
             int rc = add_post(t, path, json_array_get(list, i));
             if (rc) return rc;
         }
         return QL_OK;
     }
-    if (!strcmp(type, "ByteLevel")) return QL_OK; /* only trims offsets */
+    if (!strcmp(type, "ByteLevel")) /* only trims offsets */
+        return check_keys(path, "post_processor ByteLevel", p, KEYS("type", "add_prefix_space", "trim_offsets", "use_regex"));
     if (!strcmp(type, "TemplateProcessing")) {
         json_t *single = json_object_get(p, "single"), *specials = json_object_get(p, "special_tokens");
+        int krc = check_keys(path, "post_processor TemplateProcessing", p, KEYS("type", "single", "pair", "special_tokens"));
+        if (krc) return krc;
         if (!json_is_array(single))
             return ql_error(QL_EFORMAT, "%s: TemplateProcessing needs a \"single\" template", path);
         int seen_seq = 0;
@@ -2104,6 +2202,11 @@ static int add_post(ql_tokenizer *t, const char *path, json_t *p)
         return QL_OK;
     }
     if (!strcmp(type, "BertProcessing") || !strcmp(type, "RobertaProcessing")) {
+        int krc = !strcmp(type, "BertProcessing")
+                      ? check_keys(path, "post_processor BertProcessing", p, KEYS("type", "sep", "cls"))
+                      : check_keys(path, "post_processor RobertaProcessing", p,
+                                   KEYS("type", "sep", "cls", "trim_offsets", "add_prefix_space"));
+        if (krc) return krc;
         json_t *cls = json_object_get(p, "cls"), *sep = json_object_get(p, "sep");
         json_t *c1 = json_array_get(cls, 1), *s1 = json_array_get(sep, 1);
         if (!json_is_integer(c1) || !json_is_integer(s1) || json_integer_value(c1) < 0 ||
@@ -2145,6 +2248,8 @@ static int load_added(ql_tokenizer *t, const char *path, json_t *list)
             rc = ql_error(QL_EFORMAT, "%s: %s must be an object", path, where);
             break;
         }
+        if ((rc = check_keys(path, where, o, KEYS("id", "content", "single_word", "lstrip", "rstrip", "normalized", "special"))))
+            break;
         if ((rc = get_str(where, o, "content", &content, &clen)) || (rc = get_bool(where, o, "special", 0, &flags[0])) ||
             (rc = get_bool(where, o, "normalized", !flags[0], &flags[1])) ||
             (rc = get_bool(where, o, "lstrip", 0, &flags[2])) || (rc = get_bool(where, o, "rstrip", 0, &flags[3])) ||
@@ -2349,6 +2454,32 @@ static int load_configs(ql_tokenizer *t, const char *dir)
 
     /* transformers' LlamaTokenizerFast.update_post_processor: these flags rebuild the template */
     json_t *ab = json_object_get(tc, "add_bos_token"), *ae = json_object_get(tc, "add_eos_token");
+    /* fields with which transformers gives other ids than tokenizer.json alone */
+    json_t *sst = json_object_get(tc, "split_special_tokens"), *aps = json_object_get(tc, "add_prefix_space");
+    const char *bad = NULL;
+    if (ab && !json_is_null(ab) && !json_is_boolean(ab)) bad = "add_bos_token";
+    else if (ae && !json_is_null(ae) && !json_is_boolean(ae)) bad = "add_eos_token";
+    else if (sst && !json_is_null(sst) && !json_is_boolean(sst)) bad = "split_special_tokens";
+    else if (aps && !json_is_null(aps) && !json_is_boolean(aps)) bad = "add_prefix_space";
+    if (bad) rc = ql_error(QL_EFORMAT, "%s/tokenizer_config.json: \"%s\" must be true, false or null", dir, bad);
+    else if (json_is_true(sst))
+        rc = ql_error(QL_ENOTSUP,
+                      "%s/tokenizer_config.json: \"split_special_tokens\": true (special tokens in the text encoded as "
+                      "plain text) is not supported",
+                      dir);
+    else if (json_is_boolean(aps) && (!t->byte_level || json_is_true(aps) != t->byte_prefix_space))
+        rc = ql_error(QL_ENOTSUP,
+                      "%s/tokenizer_config.json: \"add_prefix_space\": %s makes transformers rebuild the pre-tokenizer; "
+                      "only null%s is supported",
+                      dir, json_is_true(aps) ? "true" : "false",
+                      t->byte_level ? (t->byte_prefix_space ? " or true (as tokenizer.json's ByteLevel)"
+                                                            : " or false (as tokenizer.json's ByteLevel)")
+                                    : "");
+    if (rc) {
+        json_decref(tc);
+        json_decref(mc);
+        return rc;
+    }
     if (json_is_boolean(ab) || json_is_boolean(ae)) {
         int add_bos = json_is_boolean(ab) ? json_is_true(ab) : t->prefix_ids.len > 0;
         int add_eos = json_is_boolean(ae) ? json_is_true(ae) : t->suffix_ids.len > 0;
@@ -2377,6 +2508,10 @@ static int load_tokenizer_json(ql_tokenizer *t, const char *path)
         rc = ql_error(QL_EFORMAT, "%s is not a JSON object", path);
         goto done;
     }
+    if ((rc = check_keys(path, "top-level", root,
+                         KEYS("version", "truncation", "padding", "added_tokens", "normalizer", "pre_tokenizer", "model",
+                              "post_processor", "decoder"))))
+        goto done;
     if ((rc = get_str("tokenizer.json", root, "version", &version, NULL))) {
         rc = ql_error_context("%s", path);
         goto done;

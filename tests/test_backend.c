@@ -67,7 +67,11 @@ static double rel_max_diff(const float *a, const float *b, size_t n)
 }
 
 /* One-sequence steps (B = 1 each) against one micro-batch of all NSEQ,
- * padded to T (>= the longest): the same loss and LoRA gradients. */
+ * padded to T (>= the longest): the same loss and LoRA gradients, to float
+ * rounding: OpenBLAS sums a product over the micro-batch's B*T rows in its own
+ * blocked order where B one-sequence steps add T rows at a time (observed:
+ * gradients 1.5e-6 of their largest, the loss 1e-8 relative; a padded row
+ * leaking into a sum or a mask off by one is 1e-3 or more). */
 static void batched_vs_single(int checkpointing, float dropout, int pad_to, int64_t logit_rows)
 {
     ql_llama *m = load_model();
@@ -117,7 +121,7 @@ static void batched_vs_single(int checkpointing, float dropout, int pad_to, int6
     ck_assert_int_gt(n1, 40);
     ck_assert_msg(fabs(sumb - sum1) <= 1e-6 * fabs(sum1), "loss sum %.9g batched vs %.9g", sumb, sum1);
     double e = rel_max_diff(g1, l->grads, l->n_params);
-    ck_assert_msg(e <= 1e-6, "LoRA gradients differ: max |diff| / max |grad| = %.3g", e);
+    ck_assert_msg(e <= 1e-5, "LoRA gradients differ: max |diff| / max |grad| = %.3g", e);
     double gmax = 0;
     for (size_t i = 0; i < l->n_params; i++) gmax = fmax(gmax, fabs(g1[i]));
     ck_assert_msg(gmax > 1e-6, "gradients are all zero");

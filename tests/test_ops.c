@@ -18,6 +18,7 @@
 #include "backend.h"
 #include "ops.h"
 #include "ops_backward.h"
+#include "rope.h"
 
 #define FD_STEP 0x1p-7
 #define FD_TOL 5e-3
@@ -199,6 +200,131 @@ START_TEST(linear_tiles_vs_reference)
 }
 END_TEST
 
+/* ---- the BLAS products against their plain C references ---- */
+
+static const struct {
+    int64_t T, in, out, r;
+} blas_cfg[] = {
+    {1, 576, 1536, 16}, /* generation: one row, a gemv */
+    {1, 33, 7, 1},      {37, 129, 71, 4}, {256, 64, 300, 16}, {5, 1, 3, 1}, {3, 0, 4, 2}, {64, 576, 1536, 16},
+};
+
+static float *fnan(int64_t n)
+{
+    float *x = fnew(n);
+    for (int64_t i = 0; i < n; i++) x[i] = NAN;
+    return x;
+}
+
+/* got vs want with both written from the same start (accumulate = 1) or from
+ * NaN garbage (accumulate = 0: beta = 0 must not read the output) */
+START_TEST(blas_matches_reference)
+{
+    const int64_t T = blas_cfg[_i].T, in = blas_cfg[_i].in, out = blas_cfg[_i].out, r = blas_cfg[_i].r;
+    const float scale = 2.0f;
+    float *x = randn(T * in, 301, 1), *w = randn(out * in, 302, 1), *dy = randn(T * out, 303, 1);
+    float *a = randn(r * in, 304, 1), *b = randn(out * r, 305, 1);
+    char what[96];
+    for (int acc = 0; acc < 2; acc++) {
+        float *y = acc ? randn(T * out, 306, 1) : fnan(T * out), *yr = fnew(T * out);
+        memcpy(yr, y, (size_t)(T * out) * sizeof *y);
+        ql_matmul_nt(y, x, w, T, in, out, acc);
+        ql_matmul_nt_ref(yr, x, w, T, in, out, acc);
+        snprintf(what, sizeof what, "matmul_nt T=%lld in=%lld out=%lld acc=%d", (long long)T, (long long)in,
+                 (long long)out, acc);
+        assert_close(what, y, yr, T * out, 1e-5);
+
+        float *dx = acc ? randn(T * in, 307, 1) : fnan(T * in), *dxr = fnew(T * in);
+        memcpy(dxr, dx, (size_t)(T * in) * sizeof *dx);
+        ql_matmul_backward_input(dx, dy, w, T, in, out, acc);
+        ql_matmul_backward_input_ref(dxr, dy, w, T, in, out, acc);
+        snprintf(what, sizeof what, "matmul_backward_input T=%lld in=%lld out=%lld acc=%d", (long long)T,
+                 (long long)in, (long long)out, acc);
+        assert_close(what, dx, dxr, T * in, 1e-5);
+
+        float *dw = acc ? randn(out * in, 308, 1) : fnan(out * in), *dwr = fnew(out * in);
+        memcpy(dwr, dw, (size_t)(out * in) * sizeof *dw);
+        ql_matmul_backward_weight(dw, dy, x, T, in, out, acc);
+        ql_matmul_backward_weight_ref(dwr, dy, x, T, in, out, acc);
+        snprintf(what, sizeof what, "matmul_backward_weight T=%lld in=%lld out=%lld acc=%d", (long long)T,
+                 (long long)in, (long long)out, acc);
+        assert_close(what, dw, dwr, out * in, 1e-5);
+
+        /* LoRA: h is written (NaN before), y accumulates */
+        float *h = fnan(T * r), *hr = fnan(T * r), *ly = randn(T * out, 309, 1), *lyr = fnew(T * out);
+        memcpy(lyr, ly, (size_t)(T * out) * sizeof *ly);
+        ql_lora_forward(ly, h, x, a, b, T, in, out, r, scale);
+        ql_lora_forward_ref(lyr, hr, x, a, b, T, in, out, r, scale);
+        snprintf(what, sizeof what, "lora_forward h T=%lld in=%lld out=%lld r=%lld", (long long)T, (long long)in,
+                 (long long)out, (long long)r);
+        assert_close(what, h, hr, T * r, 1e-5);
+        snprintf(what, sizeof what, "lora_forward y T=%lld in=%lld out=%lld r=%lld", (long long)T, (long long)in,
+                 (long long)out, (long long)r);
+        assert_close(what, ly, lyr, T * out, 1e-5);
+
+        float *dxd = acc ? randn(T * in, 310, 1) : fnan(T * in), *dxdr = fnew(T * in);
+        memcpy(dxdr, dxd, (size_t)(T * in) * sizeof *dxd);
+        float *da = randn(r * in, 311, 1), *dar = fnew(r * in), *db = randn(out * r, 312, 1), *dbr = fnew(out * r);
+        memcpy(dar, da, (size_t)(r * in) * sizeof *da);
+        memcpy(dbr, db, (size_t)(out * r) * sizeof *db);
+        float *dh = fnan(T * r), *dhr = fnan(T * r);
+        ql_lora_backward(dxd, da, db, dh, dy, x, h, a, b, T, in, out, r, scale, acc);
+        ql_lora_backward_ref(dxdr, dar, dbr, dhr, dy, x, h, a, b, T, in, out, r, scale, acc);
+        snprintf(what, sizeof what, "lora_backward T=%lld in=%lld out=%lld r=%lld acc=%d: ", (long long)T,
+                 (long long)in, (long long)out, (long long)r, acc);
+        const size_t wl = strlen(what);
+        strcpy(what + wl, "dh"), assert_close(what, dh, dhr, T * r, 1e-5);
+        strcpy(what + wl, "dB"), assert_close(what, db, dbr, out * r, 1e-5);
+        strcpy(what + wl, "dA"), assert_close(what, da, dar, r * in, 1e-5);
+        strcpy(what + wl, "dxd"), assert_close(what, dxd, dxdr, T * in, 1e-5);
+    }
+    tfree_all();
+}
+END_TEST
+
+/* ---- ql_expf and the log-sum-exp of the loss ---- */
+
+START_TEST(expf_within_1_5_ulp)
+{
+    double worst = 0;
+    float at = 0;
+    for (int64_t i = 0; i <= 2000000 + 2 * 140; i++) {
+        /* 2M points across the range, then +-2^-k down to the smallest floats */
+        const float x = i <= 2000000 ? (float)(-87.33 + 176.05 * (double)i / 2000000)
+                                     : (i % 2 ? -1.0f : 1.0f) * ldexpf(1.0f, -(int)((i - 2000000) / 2));
+        const double want = exp((double)x);
+        const double ulp = (double)nextafterf((float)want, INFINITY) - (double)(float)want;
+        const double e = fabs((double)ql_expf(x) - want) / ulp;
+        if (e > worst) worst = e, at = x;
+    }
+    printf("  ql_expf: %.3f ulp at most (at %.9g)\n", worst, (double)at);
+    ck_assert_msg(worst < 1.5, "ql_expf is %.3f ulp off at %.9g", worst, (double)at);
+    ck_assert(ql_expf(0.0f) == 1.0f);
+    ck_assert(ql_expf(-INFINITY) == 0.0f && ql_expf(-100.0f) == 0.0f);
+    ck_assert(ql_expf(INFINITY) == INFINITY && ql_expf(100.0f) == INFINITY);
+    ck_assert(isnan(ql_expf(NAN)));
+}
+END_TEST
+
+START_TEST(log_sum_exp_vs_double)
+{
+    const int64_t V = 49152 + 5;
+    float *x = randn(V, 501, 4), *e = fnew(V);
+    double mx = -INFINITY, sum = 0;
+    for (int64_t i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    for (int64_t i = 0; i < V; i++) sum += exp((double)x[i] - mx);
+    const double want = log(sum) + mx;
+    double got_sum;
+    const double got = ql_log_sum_exp(e, &got_sum, x, V);
+    ck_assert_msg(fabs(got - want) < 1e-6, "log-sum-exp %.9f, in double %.9f", got, want);
+    ck_assert_msg(fabs(got_sum - sum) < 1e-6 * sum, "sum %.9g, in double %.9g", got_sum, sum);
+    ck_assert_double_eq(ql_log_sum_exp(NULL, NULL, x, V), got);
+    for (int64_t i = 0; i < V; i++) ck_assert(e[i] == ql_expf((float)(x[i] - (float)mx)));
+    ck_assert(fabs(ql_token_nll(x, V, 7) - (want - x[7])) < 1e-6);
+    tfree_all();
+}
+END_TEST
+
 /* ---- LoRA (with input dropout) ---- */
 
 typedef struct {
@@ -298,6 +424,7 @@ typedef struct {
     float *x, *c, *y;
     int64_t T;
     int nheads, hd, pos0;
+    float inv[8], scale; /* yarn frequencies and attention factor: cos and sin are scaled */
 } rope_ctx;
 
 static double rope_loss(void *p)
@@ -305,7 +432,7 @@ static double rope_loss(void *p)
     rope_ctx *s = p;
     int64_t n = s->T * s->nheads * s->hd;
     memcpy(s->y, s->x, (size_t)n * sizeof *s->y);
-    ql_rope_forward(s->y, s->T, s->nheads, s->hd, s->pos0, 10000.0f);
+    ql_rope_forward(s->y, s->T, s->nheads, s->hd, s->pos0, s->inv, s->scale);
     return dotd(s->c, s->y, n);
 }
 
@@ -320,9 +447,13 @@ START_TEST(rope_grads)
     s.x = randn(n, 31 + _i, 1);
     s.c = randn(n, 41 + _i, 1);
     s.y = fnew(n);
+    const ql_rope_config yarn = {.type = QL_ROPE_YARN, .theta = 10000, .factor = 4, .original_max_positions = 64,
+                                 .beta_fast = 32, .beta_slow = 1, .truncate = 1, .attention_factor = 1.25};
+    ql_rope_inv_freq(s.inv, &s.scale, &yarn, s.hd, s.T + s.pos0);
+    ck_assert_float_eq(s.scale, 1.25f);
     float *dx = fnew(n);
     memcpy(dx, s.c, (size_t)n * sizeof *dx);
-    ql_rope_backward(dx, s.T, s.nheads, s.hd, s.pos0, 10000.0f);
+    ql_rope_backward(dx, s.T, s.nheads, s.hd, s.pos0, s.inv, s.scale);
     char name[64];
     snprintf(name, sizeof name, "rope T=%d nheads=%d hd=%d pos0=%d dx", (int)s.T, s.nheads, s.hd, s.pos0);
     fd_check(name, rope_loss, &s, s.x, dx, n);
@@ -341,7 +472,7 @@ typedef struct {
 static double attn_loss(void *p)
 {
     attn_ctx *s = p;
-    ql_attention_forward_train(s->out, s->probs, s->q, s->k, s->v, s->T, s->nh, s->nkv, s->hd);
+    ql_attention_forward_train(s->out, s->probs, s->q, s->k, s->v, s->T, s->nh, s->nkv, s->hd, 0);
     return dotd(s->c, s->out, s->T * s->nh * s->hd);
 }
 
@@ -362,7 +493,7 @@ START_TEST(attention_grads)
     attn_loss(&s);
     /* the training forward reproduces the inference forward bit for bit */
     float *ref = fnew(nq);
-    ql_attention_forward(ref, s.q, s.k, s.v, s.T, 0, s.nh, s.nkv, s.hd);
+    ql_attention_forward(ref, s.q, s.k, s.v, s.T, 0, s.nh, s.nkv, s.hd, 0);
     assert_bitwise("attention_forward_train out", s.out, ref, nq);
     for (int h = 0; h < s.nh; h++)
         for (int64_t t = 0; t < s.T; t++) {
@@ -377,7 +508,7 @@ START_TEST(attention_grads)
         }
     float *dq = fnew(nq), *dk = fnew(nkv), *dv = fnew(nkv), *ds = fnew((int64_t)s.nh * s.T * s.T);
     for (int64_t i = 0; i < (int64_t)s.nh * s.T * s.T; i++) ds[i] = NAN; /* scratch need not be clean */
-    ql_attention_backward(dq, dk, dv, ds, s.c, s.q, s.k, s.v, s.probs, s.T, s.nh, s.nkv, s.hd);
+    ql_attention_backward(dq, dk, dv, ds, s.c, s.q, s.k, s.v, s.probs, s.T, s.nh, s.nkv, s.hd, 0);
     char name[64];
     snprintf(name, sizeof name, "attn T=%d nh=%d nkv=%d hd=%d dq", (int)s.T, s.nh, s.nkv, s.hd);
     fd_check_ex(name, attn_loss, &s, s.q, dq, nq, s.T == 1); /* one key: the softmax is constant */
@@ -549,9 +680,56 @@ START_TEST(dropout_mask_and_grads)
 }
 END_TEST
 
-/* ---- determinism across thread counts ---- */
+/* ---- determinism ---- */
 
 #ifdef _OPENMP
+/* The BLAS products: the same bits from the same inputs at a given thread
+ * count (OpenBLAS partitions the output by the thread count, so another count
+ * may round differently: that is not asserted, only reported). */
+START_TEST(blas_same_bits_for_a_thread_count)
+{
+    const int saved = omp_get_max_threads();
+    const int64_t T = 256, in = 576, out = 1536, r = 16;
+    float *x = randn(T * in, 401, 1), *w = randn(out * in, 402, 1), *dy = randn(T * out, 403, 1);
+    float *a = randn(r * in, 404, 1), *b = randn(out * r, 405, 1);
+    enum { NOUT = 7 };
+    static const char *what[NOUT] = {"matmul_nt", "matmul_backward_input", "matmul_backward_weight",
+                                     "lora_forward y", "lora_backward dA", "lora_backward dB", "lora_backward dxd"};
+    const int64_t len[NOUT] = {T * out, T * in, out * in, T * out, r * in, out * r, T * in};
+    static const int counts[3] = {1, 2, 4};
+    float *first[NOUT] = {0};
+    for (int c = 0; c < 3; c++) {
+        omp_set_num_threads(counts[c]);
+        float *res[2][NOUT];
+        for (int run = 0; run < 2; run++) {
+            float **o = res[run];
+            for (int k = 0; k < NOUT; k++) o[k] = fnew(len[k]);
+            float *h = fnew(T * r), *dh = fnew(T * r);
+            ql_matmul_nt(o[0], x, w, T, in, out, 0);
+            ql_matmul_backward_input(o[1], dy, w, T, in, out, 0);
+            ql_matmul_backward_weight(o[2], dy, x, T, in, out, 0);
+            memcpy(o[3], o[0], (size_t)len[0] * sizeof(float));
+            ql_lora_forward(o[3], h, x, a, b, T, in, out, r, 0.5f);
+            ql_lora_backward(o[6], o[4], o[5], dh, dy, x, h, a, b, T, in, out, r, 0.5f, 0);
+        }
+        for (int k = 0; k < NOUT; k++) {
+            char name[96];
+            snprintf(name, sizeof name, "%s, %d threads, run twice", what[k], counts[c]);
+            assert_bitwise(name, res[1][k], res[0][k], len[k]);
+        }
+        if (c == 0)
+            for (int k = 0; k < NOUT; k++) first[k] = res[0][k];
+        else
+            for (int k = 0; k < NOUT; k++)
+                if (memcmp(first[k], res[0][k], (size_t)len[k] * sizeof(float)))
+                    printf("  %s: %d threads round differently from 1 (allowed)\n", what[k], counts[c]);
+    }
+    omp_set_num_threads(saved);
+    tfree_all();
+}
+END_TEST
+
+/* The plain C operators: the same bits for any thread count. */
 START_TEST(same_bits_any_thread_count)
 {
     const int saved = omp_get_max_threads();
@@ -573,18 +751,18 @@ START_TEST(same_bits_any_thread_count)
         r[0] = fnew(T * in), r[1] = fnew(out * in), r[2] = fnew(T * C), r[3] = fnew(C);
         r[4] = fnew(at * nh * hd), r[5] = fnew(at * nkv * hd), r[6] = fnew(at * nkv * hd), r[7] = fnew(nh * at * at);
         r[8] = fnew(16 * V), r[9] = fnew(n), r[10] = fnew(n), r[11] = fnew(n), r[12] = fnew(nh * at * at);
-        ql_matmul_backward_input(r[0], dy, w, T, in, out, 0);
-        ql_matmul_backward_weight(r[1], dy, x, T, in, out, 0);
+        ql_matmul_backward_input_ref(r[0], dy, w, T, in, out, 0);
+        ql_matmul_backward_weight_ref(r[1], dy, x, T, in, out, 0);
         ql_rmsnorm_backward(r[2], r[3], dyc, x, nw, rs, T, C, 0);
-        ql_attention_forward_train(ao, r[12], q, k, v, at, nh, nkv, hd);
-        ql_attention_backward(r[4], r[5], r[6], r[7], dout, q, k, v, r[12], at, nh, nkv, hd);
+        ql_attention_forward_train(ao, r[12], q, k, v, at, nh, nkv, hd, 0);
+        ql_attention_backward(r[4], r[5], r[6], r[7], dout, q, k, v, r[12], at, nh, nkv, hd, 0);
         float *losses = fnew(16);
         loss[run] = ql_cross_entropy_forward_backward(losses, r[8], logits, tg, 16, V, QL_IGNORE_INDEX, 0.1f);
         ql_swiglu_backward(r[9], r[10], dn, g, u, n);
         ql_dropout_forward(r[11], NULL, g, n, 0.1f, 5);
     }
     omp_set_num_threads(saved);
-    static const char *what[13] = {"matmul dx", "matmul dW", "rmsnorm dx", "rmsnorm dweight", "attention dq",
+    static const char *what[13] = {"matmul dx (ref)", "matmul dW (ref)", "rmsnorm dx", "rmsnorm dweight", "attention dq",
                                    "attention dk", "attention dv", "attention dscores", "cross-entropy dlogits",
                                    "swiglu dgate", "swiglu dup", "dropout out", "attention probs"};
     const int64_t len[13] = {T * in, out * in, T * C, C, at * nh * hd, at * nkv * hd, at * nkv * hd, nh * at * at,
@@ -601,7 +779,8 @@ END_TEST
 
 typedef struct block {
     int64_t T, C, nh, nkv, hd, I, V, r;
-    float eps, theta, lscale, p;
+    float eps, lscale, p;
+    float inv[2]; /* rotary frequencies of hd 4, theta 10000 */
     uint64_t seed_q, seed_d;
     const int32_t *targets;
     float *x0;                                       /* [T, C] input (embeddings) */
@@ -623,9 +802,9 @@ static double block_forward(void *ctx)
     ql_lora_forward(b->q, b->hq, b->xdq, b->aq, b->bq, T, C, qd, b->r, b->lscale);
     ql_matmul_nt(b->k, b->xn1, b->wk, T, C, kvd, 0);
     ql_matmul_nt(b->v, b->xn1, b->wv, T, C, kvd, 0);
-    ql_rope_forward(b->q, T, (int)b->nh, (int)b->hd, 0, b->theta);
-    ql_rope_forward(b->k, T, (int)b->nkv, (int)b->hd, 0, b->theta);
-    ql_attention_forward_train(b->att, b->probs, b->q, b->k, b->v, T, (int)b->nh, (int)b->nkv, (int)b->hd);
+    ql_rope_forward(b->q, T, (int)b->nh, (int)b->hd, 0, b->inv, 1.0f);
+    ql_rope_forward(b->k, T, (int)b->nkv, (int)b->hd, 0, b->inv, 1.0f);
+    ql_attention_forward_train(b->att, b->probs, b->q, b->k, b->v, T, (int)b->nh, (int)b->nkv, (int)b->hd, 0);
     ql_matmul_nt(b->tmp, b->att, b->wo, T, qd, C, 0);
     memcpy(b->x1, b->x0, (size_t)(T * C) * sizeof(float));
     ql_add_inplace(b->x1, b->tmp, T * C);
@@ -668,9 +847,9 @@ static void block_backward(block *b, float *dx0, float *daq, float *dbq, float *
     ql_rmsnorm_backward(dres, NULL, dxn, b->x1, b->w_mn, b->rstd2, T, C, 1); /* dres = dL/dx1 */
     /* x1 = x0 + o_proj(attention(rope(q), rope(k), v)) */
     ql_matmul_backward_input(datt, dres, b->wo, T, qd, C, 0);
-    ql_attention_backward(dq, dk, dv, dscores, datt, b->q, b->k, b->v, b->probs, T, nh, nkv, hd);
-    ql_rope_backward(dq, T, nh, hd, 0, b->theta);
-    ql_rope_backward(dk, T, nkv, hd, 0, b->theta);
+    ql_attention_backward(dq, dk, dv, dscores, datt, b->q, b->k, b->v, b->probs, T, nh, nkv, hd, 0);
+    ql_rope_backward(dq, T, nh, hd, 0, b->inv, 1.0f);
+    ql_rope_backward(dk, T, nkv, hd, 0, b->inv, 1.0f);
     ql_matmul_backward_input(dxn, dq, b->wq, T, C, qd, 0);
     ql_lora_backward(dxdq, daq, dbq, dh, dq, b->xdq, b->hq, b->aq, b->bq, T, C, qd, r, b->lscale, 0);
     ql_dropout_backward(dxn, dxdq, NULL, T * C, b->p, b->seed_q, 1); /* mask re-created from the seed */
@@ -684,7 +863,7 @@ START_TEST(block_end_to_end)
 {
     static const int32_t targets[5] = {2, 7, QL_IGNORE_INDEX, 0, 9};
     block b = {.T = 5, .C = 8, .nh = 4, .nkv = 2, .hd = 4, .I = 12, .V = 10, .r = 2,
-               .eps = 1e-5f, .theta = 10000.0f, .lscale = 2.0f, .p = 0.25f, .seed_q = 17, .seed_d = 18,
+               .eps = 1e-5f, .inv = {1.0f, 0.01f}, .lscale = 2.0f, .p = 0.25f, .seed_q = 17, .seed_d = 18,
                .targets = targets};
     const int64_t T = b.T, C = b.C, I = b.I, V = b.V, r = b.r, qd = b.nh * b.hd, kvd = b.nkv * b.hd;
     uint64_t seed = 200;
@@ -756,6 +935,10 @@ Suite *ops_suite(void)
     tcase_add_test(tc, linear_tiles_vs_reference);
     tcase_add_loop_test(tc, lora_grads, 0, 2);
     suite_add_tcase(s, tc);
+    tc = tcase_create("blas");
+    tcase_add_loop_test(tc, blas_matches_reference, 0, (int)(sizeof blas_cfg / sizeof blas_cfg[0]));
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(s, tc);
     tc = tcase_create("layers");
     tcase_add_test(tc, rmsnorm_grads);
     tcase_add_loop_test(tc, rope_grads, 0, (int)(sizeof rope_cfg / sizeof rope_cfg[0]));
@@ -765,10 +948,14 @@ Suite *ops_suite(void)
     tc = tcase_create("loss_dropout");
     tcase_add_test(tc, cross_entropy_grads);
     tcase_add_test(tc, dropout_mask_and_grads);
+    tcase_add_test(tc, expf_within_1_5_ulp);
+    tcase_add_test(tc, log_sum_exp_vs_double);
+    tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
 #ifdef _OPENMP
     tc = tcase_create("determinism");
     tcase_add_test(tc, same_bits_any_thread_count);
+    tcase_add_test(tc, blas_same_bits_for_a_thread_count);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(s, tc);
 #endif

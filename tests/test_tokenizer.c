@@ -6,6 +6,7 @@
  * patches of stories260K's, or of a small byte-level BPE stored in the file).
  * Data come from $QLORA_SHARED, the reference from $QLORA_SOURCE_ROOT. */
 #include <check.h>
+#include <dirent.h>
 #include <jansson.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,6 +18,7 @@
 
 #include "qlora/error.h"
 #include "qlora/fs.h"
+#include "qlora/mmlu.h"
 #include "qlora/tokenizer.h"
 
 /* ---- helpers ---- */
@@ -674,6 +676,256 @@ START_TEST(test_variant)
 }
 END_TEST
 
+/* ---- against the library: tokenizers built like the models' (tests/reference/tokenizers/) ---- */
+
+/* gen_tokenizer_models.py's fixtures: LLaMA 3.x, Qwen2 / 2.5 / 3, Mistral v0.1 (LLaMA 2 style) and v0.3. */
+static const char *const fixture_names[] = {"llama3", "qwen2", "qwen2.5", "qwen3", "mistral-v0.1", "mistral-v0.3"};
+enum { N_FIXTURES = 6 };
+
+static char *fixture_dir(const char *name)
+{
+    char *base = join(env("QLORA_SOURCE_ROOT"), "tests/reference/tokenizers");
+    char *d = join(base, name);
+    free(base);
+    return d;
+}
+
+static json_t *fixture_expected(const char *name)
+{
+    char *d = fixture_dir(name), *p = join(d, "expected.json");
+    json_error_t err;
+    json_t *j = json_load_file(p, JSON_ALLOW_NUL, &err);
+    ck_assert_msg(j != NULL, "cannot read %s: %s", p, err.text);
+    free(p);
+    free(d);
+    return j;
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* mmlu/dev whole and the first 20 questions of each mmlu/test file, in file-name order, as
+ * "question\nA. c0\nB. c1\nC. c2\nD. c3\nAnswer:" (gen_tokenizer_models.py mmlu_examples). */
+static void read_mmlu(texts *out)
+{
+    static const char *const parts[] = {"data/mmlu/dev", "data/mmlu/test"};
+    for (int part = 0; part < 2; part++) {
+        char *dir = shared_path(parts[part]);
+        DIR *dp = opendir(dir);
+        ck_assert_msg(dp != NULL, "cannot open %s", dir);
+        char **names = NULL;
+        size_t nn = 0;
+        struct dirent *de;
+        while ((de = readdir(dp))) {
+            size_t l = strlen(de->d_name);
+            if (l < 4 || strcmp(de->d_name + l - 4, ".csv") != 0) continue;
+            names = realloc(names, (nn + 1) * sizeof *names);
+            ck_assert_ptr_nonnull(names);
+            names[nn++] = strdup(de->d_name);
+        }
+        closedir(dp);
+        qsort(names, nn, sizeof *names, cmp_str);
+        for (size_t f = 0; f < nn; f++) {
+            char *p = join(dir, names[f]), *data;
+            size_t len, pos = 0;
+            ck_assert_msg(ql_read_file(p, &data, &len) == QL_OK, "%s", ql_error_message());
+            char *fields[6];
+            int k = ql_csv_record(data, len, &pos, fields, 6);
+            ck_assert_msg(k == 6 && !strcmp(fields[0], "question") && !strcmp(fields[5], "answer"), "%s: header", p);
+            for (int i = 0; i < 6; i++) free(fields[i]);
+            for (int row = 0; part == 0 || row < 20; row++) {
+                k = ql_csv_record(data, len, &pos, fields, 6);
+                ck_assert_msg(k >= 0, "%s: bad CSV record", p);
+                if (k == 0) break;
+                ck_assert_msg(k >= 5, "%s: a record of %d fields", p, k);
+                char *s;
+                int n = asprintf(&s, "%s\nA. %s\nB. %s\nC. %s\nD. %s\nAnswer:", fields[0], fields[1], fields[2],
+                                 fields[3], fields[4]);
+                ck_assert_int_ge(n, 0);
+                texts_add(out, s, (size_t)n);
+                free(s);
+                for (int i = 0; i < k && i < 6; i++) free(fields[i]);
+            }
+            free(data);
+            free(p);
+            free(names[f]);
+        }
+        free(names);
+        free(dir);
+    }
+}
+
+/* The examples of set `name` (oasst1_chat: every oasst1 pair wrapped in the model's chat markup). */
+static void read_set(const char *name, json_t *chat, texts *out)
+{
+    if (!strcmp(name, "mmlu")) {
+        read_mmlu(out);
+        return;
+    }
+    if (strcmp(name, "oasst1_chat") != 0) {
+        read_dataset(name, out);
+        return;
+    }
+    texts pairs = {0};
+    read_dataset("oasst1", &pairs);
+    ck_assert_msg(json_array_size(chat) == 3, "chat markup is not three strings");
+    const char *part[3];
+    size_t plen[3];
+    for (int k = 0; k < 3; k++) {
+        part[k] = json_string_value(json_array_get(chat, (size_t)k));
+        plen[k] = json_string_length(json_array_get(chat, (size_t)k));
+    }
+    for (size_t i = 0; i + 1 < pairs.n; i += 2) {
+        size_t n = plen[0] + pairs.v[i].n + plen[1] + pairs.v[i + 1].n + plen[2], o = 0;
+        char *s = malloc(n + 1);
+        ck_assert_ptr_nonnull(s);
+        memcpy(s + o, part[0], plen[0]), o += plen[0];
+        memcpy(s + o, pairs.v[i].s, pairs.v[i].n), o += pairs.v[i].n;
+        memcpy(s + o, part[1], plen[1]), o += plen[1];
+        memcpy(s + o, pairs.v[i + 1].s, pairs.v[i + 1].n), o += pairs.v[i + 1].n;
+        memcpy(s + o, part[2], plen[2]);
+        texts_add(out, s, n);
+        free(s);
+    }
+    texts_free(&pairs);
+}
+
+static uint32_t parse_hex32(const char *s)
+{
+    uint32_t h = 0;
+    for (int i = 0; i < 8; i++) h = h * 16 + (uint32_t)(s[i] <= '9' ? s[i] - '0' : s[i] - 'a' + 10);
+    return h;
+}
+
+static int in_list(json_t *list, size_t i)
+{
+    for (size_t k = 0; k < json_array_size(list); k++)
+        if ((size_t)json_integer_value(json_array_get(list, k)) == i) return 1;
+    return 0;
+}
+
+START_TEST(test_model_fixture)
+{
+    const char *name = fixture_names[_i];
+    json_t *exp = fixture_expected(name);
+    char *dir = fixture_dir(name);
+    ql_tokenizer *t = load_ok(dir);
+
+    /* hand-picked strings: ids with and without special tokens, both decodes */
+    json_t *tricky = json_object_get(exp, "tricky");
+    ck_assert_msg(json_array_size(tricky) >= 90, "%s: %zu tricky strings", name, json_array_size(tricky));
+    for (size_t i = 0; i < json_array_size(tricky); i++) {
+        json_t *e = json_array_get(tricky, i), *tx = json_object_get(e, "text");
+        const char *s = json_string_value(tx);
+        for (int sp = 1; sp >= 0; sp--) {
+            int32_t *ids;
+            size_t n, dl;
+            char msg[1024];
+            encode_ok(t, s, json_string_length(tx), sp, &ids, &n);
+            ck_assert_msg(!ids_differ(ids, n, json_object_get(e, sp ? "ids" : "ids_plain"), msg, sizeof msg),
+                          "%s, string %zu \"%s\" (add_special %d): %s", name, i, s, sp, msg);
+            for (int skip = 1; sp && skip >= 0; skip--) {
+                json_t *want = json_object_get(e, skip ? "decoded" : "decoded_special");
+                char *d = decode_ok(t, ids, n, skip, &dl);
+                ck_assert_msg(dl == json_string_length(want) && memcmp(d, json_string_value(want), dl) == 0,
+                              "%s, string %zu \"%s\": decode (skip_special %d) gave \"%s\", want \"%s\"", name, i, s,
+                              skip, d, json_string_value(want));
+                free(d);
+            }
+            free(ids);
+        }
+    }
+
+    /* every example of every set, id for id (a 32-bit hash each), decodes and round trips */
+    json_t *sets = json_object_get(exp, "sets");
+    ck_assert_uint_eq(json_array_size(sets), 6);
+    for (size_t k = 0; k < json_array_size(sets); k++) {
+        json_t *w = json_array_get(sets, k);
+        const char *set = json_string_value(json_object_get(w, "name"));
+        texts ex = {0};
+        read_set(set, json_object_get(exp, "chat"), &ex);
+        ck_assert_msg(ex.n == (size_t)json_integer_value(json_object_get(w, "count")), "%s/%s: %zu examples, want %lld",
+                      name, set, ex.n, json_integer_value(json_object_get(w, "count")));
+        const char *hashes = json_string_value(json_object_get(w, "hashes"));
+        ck_assert_uint_eq(strlen(hashes), 8 * ex.n);
+        json_t *differs = json_object_get(w, "roundtrip_differs");
+        uint64_t hp = FNV_OFFSET, dh = FNV_OFFSET, dsh = FNV_OFFSET;
+        size_t tokens = 0, roundtrips = 0;
+        for (size_t i = 0; i < ex.n; i++) {
+            int32_t *ids, *plain;
+            size_t n, np, dl;
+            encode_ok(t, ex.v[i].s, ex.v[i].n, 1, &ids, &n);
+            uint32_t h = (uint32_t)hash_ids(FNV_OFFSET, ids, n);
+            ck_assert_msg(h == parse_hex32(hashes + 8 * i),
+                          "%s/%s example %zu of %zu: ids differ from the library's (%zu ids, hash %08x, want %.8s); "
+                          "text: \"%.160s\"",
+                          name, set, i, ex.n, n, h, hashes + 8 * i, ex.v[i].s);
+            tokens += n;
+            char *d = decode_ok(t, ids, n, 1, &dl);
+            dh = fnv1a(fnv1a(dh, d, dl), "", 1);
+            free(d);
+            d = decode_ok(t, ids, n, 0, &dl);
+            dsh = fnv1a(fnv1a(dsh, d, dl), "", 1);
+            free(d);
+            encode_ok(t, ex.v[i].s, ex.v[i].n, 0, &plain, &np);
+            hp = hash_ids(hp, plain, np);
+            d = decode_ok(t, plain, np, 0, &dl);
+            int same = dl == ex.v[i].n && memcmp(d, ex.v[i].s, dl) == 0;
+            ck_assert_msg(same != in_list(differs, i), "%s/%s example %zu: round trip %s, the library's %s", name, set,
+                          i, same ? "exact" : "differs", same ? "differs" : "is exact");
+            roundtrips += same;
+            free(d);
+            free(plain);
+            free(ids);
+        }
+        ck_assert_uint_eq(tokens, (size_t)json_integer_value(json_object_get(w, "tokens")));
+        ck_assert_msg(hp == parse_hex64(json_string_value(json_object_get(w, "hash_plain"))),
+                      "%s/%s: ids without special tokens differ from the library's", name, set);
+        ck_assert_msg(dh == parse_hex64(json_string_value(json_object_get(w, "decode_hash"))),
+                      "%s/%s: decodes (skip_special) differ from the library's", name, set);
+        ck_assert_msg(dsh == parse_hex64(json_string_value(json_object_get(w, "decode_special_hash"))),
+                      "%s/%s: decodes (keep special) differ from the library's", name, set);
+        ck_assert_uint_eq(roundtrips + json_array_size(differs), ex.n);
+        texts_free(&ex);
+    }
+    ql_tokenizer_destroy(t);
+    free(dir);
+    json_decref(exp);
+}
+END_TEST
+
+/* What the fixtures' tokenizer_config.json / config.json decide: BOS, EOS, what add_special adds. */
+START_TEST(test_model_fixture_configs)
+{
+    static const struct {
+        const char *name, *bos, *eos, *first; /* first: what add_special puts first, NULL: nothing */
+    } want[] = {
+        {"llama3", "<|begin_of_text|>", "<|eot_id|>", "<|begin_of_text|>"},
+        {"qwen2", "<|endoftext|>", "<|im_end|>", NULL},
+        {"qwen2.5", "<|endoftext|>", "<|im_end|>", NULL},
+        {"qwen3", "<|endoftext|>", "<|im_end|>", NULL},
+        {"mistral-v0.1", "<s>", "</s>", "<s>"},
+        {"mistral-v0.3", "<s>", "</s>", "<s>"},
+    };
+    for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
+        char *dir = fixture_dir(want[k].name);
+        ql_tokenizer *t = load_ok(dir);
+        ck_assert_int_eq(ql_tokenizer_bos(t), ql_tokenizer_token_id(t, want[k].bos));
+        ck_assert_int_eq(ql_tokenizer_eos(t), ql_tokenizer_token_id(t, want[k].eos));
+        ck_assert_int_ge(ql_tokenizer_bos(t), 0);
+        int32_t *ids, *plain;
+        size_t n, np;
+        encode_ok(t, "hi", 2, 1, &ids, &n);
+        encode_ok(t, "hi", 2, 0, &plain, &np);
+        ck_assert_uint_eq(n, np + (want[k].first != NULL));
+        if (want[k].first) ck_assert_int_eq(ids[0], ql_tokenizer_token_id(t, want[k].first));
+        free(ids);
+        free(plain);
+        ql_tokenizer_destroy(t);
+        free(dir);
+    }
+}
+END_TEST
+
 /* ---- bad input ---- */
 
 /* Load a patched stories260K tokenizer.json; expect `code` and `needle`. */
@@ -739,6 +991,85 @@ START_TEST(test_bad_tokenizer_json)
                   "\"special_tokens\": {}}}}",
                   QL_EFORMAT, "special token '<x>' without ids");
     patched_fails("{\"set\": {\"added_tokens\": {\"content\": \"x\"}}}", QL_EFORMAT, "\"added_tokens\" must be an array");
+    /* fields no pipeline here knows are refused by name, never skipped */
+    patched_fails("{\"set\": {\"normalizer\": {\"type\": \"NFD\"}}}", QL_ENOTSUP, "normalizer type 'NFD' is not supported");
+    patched_fails("{\"set\": {\"normalizer\": {\"type\": \"NFC\", \"form\": 1}}}", QL_ENOTSUP,
+                  "normalizer NFC field \"form\" is not supported");
+    patched_fails("{\"set\": {\"normalizer\": {\"type\": \"Sequence\", \"normalizers\": [{\"type\": \"Prepend\", "
+                  "\"prepend\": \"x\", \"once\": true}]}}}",
+                  QL_ENOTSUP, "normalizer Prepend field \"once\" is not supported");
+    patched_fails("{\"set\": {\"sparkle\": 1}}", QL_ENOTSUP, "top-level field \"sparkle\" is not supported");
+    patched_fails("{\"model\": {\"cache_capacity\": 10}}", QL_ENOTSUP, "model BPE field \"cache_capacity\" is not supported");
+    patched_fails("{\"set\": {\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"lowercase\": true}}}",
+                  QL_ENOTSUP, "pre_tokenizer ByteLevel field \"lowercase\" is not supported");
+    patched_fails("{\"set\": {\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"x\"}, "
+                  "\"behavior\": \"Isolated\", \"invert\": false, \"limit\": 2}}}",
+                  QL_ENOTSUP, "pre_tokenizer Split field \"limit\" is not supported");
+    patched_fails("{\"set\": {\"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": \"_\", \"lower\": 1}}}",
+                  QL_ENOTSUP, "pre_tokenizer Metaspace field \"lower\" is not supported");
+    patched_fails("{\"set\": {\"decoder\": {\"type\": \"Sequence\", \"decoders\": [{\"type\": \"Fuse\", \"sep\": \" \"}]}}}",
+                  QL_ENOTSUP, "decoder Fuse field \"sep\" is not supported");
+    patched_fails("{\"set\": {\"decoder\": {\"type\": \"Strip\", \"content\": \" \", \"start\": 1, \"stop\": 0, "
+                  "\"all\": true}}}",
+                  QL_ENOTSUP, "decoder Strip field \"all\" is not supported");
+    patched_fails("{\"set\": {\"post_processor\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"x\": 0}}}",
+                  QL_ENOTSUP, "post_processor ByteLevel field \"x\" is not supported");
+    patched_fails("{\"set\": {\"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": [], \"triple\": []}}}",
+                  QL_ENOTSUP, "post_processor TemplateProcessing field \"triple\" is not supported");
+    patched_fails("{\"added_tokens_append\": [{\"id\": 0, \"content\": \"[X]\", \"special\": true, \"casefold\": true}]}",
+                  QL_ENOTSUP, "added_tokens[3] field \"casefold\" is not supported");
+}
+END_TEST
+
+/* tokenizer_config.json fields with which transformers would give other ids than tokenizer.json alone. */
+static void config_refused(const char *dir, int code, const char *text, const char *n1, const char *n2)
+{
+    write_text(dir, "tokenizer_config.json", text);
+    ql_tokenizer *t = (ql_tokenizer *)1;
+    int rc = ql_tokenizer_load(dir, &t);
+    ck_assert_msg(rc == code, "tokenizer_config.json = %s: got %s (%s)", text, ql_status_name(rc), ql_error_message());
+    ck_assert_ptr_null(t);
+    assert_contains(ql_error_message(), "tokenizer_config.json");
+    assert_contains(ql_error_message(), n1);
+    if (n2) assert_contains(ql_error_message(), n2);
+}
+
+START_TEST(test_config_refusals)
+{
+    char *qwen = fixture_dir("qwen2"), *src = join(qwen, "tokenizer.json");
+    char *dir = tmpdir(), *dst = join(dir, "tokenizer.json");
+    ck_assert_int_eq(ql_copy_file_atomic(src, dst), QL_OK);
+    config_refused(dir, QL_ENOTSUP, "{\"split_special_tokens\": true}",
+                 "\"split_special_tokens\": true (special tokens in the text encoded as plain text) is not supported",
+                 NULL);
+    config_refused(dir, QL_ENOTSUP, "{\"add_prefix_space\": true}",
+                 "\"add_prefix_space\": true makes transformers rebuild the pre-tokenizer",
+                 "only null or false (as tokenizer.json's ByteLevel) is supported");
+    config_refused(dir, QL_EFORMAT, "{\"add_bos_token\": \"yes\"}",
+                 "\"add_bos_token\" must be true, false or null", NULL);
+    config_refused(dir, QL_EFORMAT, "{\"split_special_tokens\": 1}",
+                 "\"split_special_tokens\" must be true, false or null", NULL);
+    write_text(dir, "tokenizer_config.json", "{\"split_special_tokens\": false, \"add_prefix_space\": false, "
+                                             "\"model_max_length\": 1000000000000000019884624838656}");
+    ql_tokenizer *t = load_ok(dir);
+    ql_tokenizer_destroy(t);
+    free(src);
+    free(dst);
+    free(qwen);
+    ql_remove_tree(dir);
+    free(dir);
+
+    /* a SentencePiece-style file: any add_prefix_space is refused */
+    dir = tmpdir();
+    src = shared_path("models/stories260K/tokenizer.json");
+    dst = join(dir, "tokenizer.json");
+    ck_assert_int_eq(ql_copy_file_atomic(src, dst), QL_OK);
+    config_refused(dir, QL_ENOTSUP, "{\"add_prefix_space\": false}",
+                 "\"add_prefix_space\": false makes transformers rebuild the pre-tokenizer", "only null is supported");
+    free(src);
+    free(dst);
+    ql_remove_tree(dir);
+    free(dir);
 }
 END_TEST
 
@@ -949,6 +1280,8 @@ Suite *tokenizer_suite(void)
     tcase_add_test(tc, test_tricky_strings);
     tcase_add_loop_test(tc, test_dataset, 0, N_DATASETS);
     tcase_add_loop_test(tc, test_variant, 0, (int)n_variants());
+    tcase_add_loop_test(tc, test_model_fixture, 0, N_FIXTURES);
+    tcase_add_test(tc, test_model_fixture_configs);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");
@@ -962,6 +1295,7 @@ Suite *tokenizer_suite(void)
     tcase_add_test(tc, test_vocab_ids_bounded_by_entries);
     tcase_add_test(tc, test_post_processor_ids_range);
     tcase_add_test(tc, test_config_fields_typed);
+    tcase_add_test(tc, test_config_refusals);
     tcase_add_test(tc, test_fifo_files_refused);
     suite_add_tcase(s, tc);
     return s;

@@ -1,4 +1,5 @@
-/* LLaMA-family decoder models (LlamaForCausalLM, MistralForCausalLM): load
+/* LLaMA-family decoder models (LlamaForCausalLM, MistralForCausalLM,
+ * Qwen2ForCausalLM, Qwen3ForCausalLM): load
  * from a Hugging Face folder, optionally quantizing the block linears through
  * a plugin, and run the forward pass on the CPU reference backend. */
 #ifndef QLORA_LLAMA_H
@@ -13,6 +14,32 @@
 extern "C" {
 #endif
 
+/* Rotary position embedding as transformers computes it (its rope_type). */
+typedef enum ql_rope_type {
+    QL_ROPE_DEFAULT, /* inv_freq[i] = theta^(-2i/d) */
+    QL_ROPE_LINEAR,  /* inv_freq / factor */
+    QL_ROPE_DYNAMIC, /* NTK: theta grows with the sequence length past max_position_embeddings */
+    QL_ROPE_YARN,    /* interpolation/extrapolation blend by a linear ramp, cos and sin scaled */
+    QL_ROPE_LLAMA3,  /* Llama 3.1: low frequencies / factor, a smooth band in between */
+} ql_rope_type;
+
+/* config.json's rope_parameters (transformers 5) or rope_theta and
+ * rope_scaling (4.x), read into one description.  Numbers stay doubles as
+ * transformers keeps them in Python; they are rounded to float32 where it
+ * does (core/rope.c). */
+typedef struct ql_rope_config {
+    ql_rope_type type;
+    double theta;            /* rope_theta, 10000 when absent */
+    double factor;           /* 1 for default */
+    /* yarn, llama3: original_max_position_embeddings (max_position_embeddings
+     * when absent); dynamic: max_position_embeddings */
+    int original_max_positions;
+    double low_freq_factor, high_freq_factor; /* llama3 */
+    double beta_fast, beta_slow;              /* yarn: 32 and 1 when absent (or 0) */
+    int truncate;                             /* yarn: floor/ceil the correction range (true when absent) */
+    double attention_factor; /* yarn: given, or from factor, mscale and mscale_all_dim; 1 for the others */
+} ql_rope_config;
+
 typedef struct ql_llama_config {
     char architecture[64];
     int hidden;        /* hidden_size */
@@ -23,11 +50,24 @@ typedef struct ql_llama_config {
     int head_dim;      /* hidden / n_heads unless config says */
     int vocab;         /* vocab_size */
     int max_positions; /* max_position_embeddings */
+    /* The longest sequence qlora runs: max_positions, except with dynamic
+     * RoPE, which exists to run past it: max_positions * factor (the length
+     * at which its NTK base reaches factor times the trained context). */
+    int max_len;
     float rms_eps;
-    float rope_theta;
+    ql_rope_config rope;
+    int dtype; /* dtype or torch_dtype: QL_DTYPE_F32 (also when absent), _BF16 or _F16; weights are
+                * converted to float32 whatever it says */
     int tied_embeddings;
     int bos_id, eos_id;
-    int sliding_window; /* Mistral's attention window; 0 when none */
+    /* Sliding-window attention: in a sliding layer query i sees keys j with
+     * i - W < j <= i (W = sliding_window).  0 when no layer slides. */
+    int sliding_window;
+    int n_sliding_layers; /* how many layers slide (ql_llama_layer.window) */
+    int qkv_bias;         /* q, k, v projections have biases (Qwen2; attention_bias) */
+    int o_bias;           /* o_proj has a bias (Qwen3 / Llama attention_bias) */
+    int mlp_bias;         /* gate, up, down have biases (Llama mlp_bias) */
+    int qk_norm;          /* RMSNorm over head_dim on each q and k head before RoPE (Qwen3) */
 } ql_llama_config;
 
 /* Read and check config.json (a jansson json_t *).  An unsupported
@@ -40,6 +80,7 @@ typedef struct ql_linear {
     const char *name; /* module prefix */
     int64_t out, in;
     float *dense;          /* [out, in] or NULL */
+    float *bias;           /* [out] dense float32, frozen, or NULL */
     const ql_qz *qz;       /* with state when quantized */
     ql_qstate *state;
     /* An attached LoRA adapter (ql_lora_attach): y += scale * (x A^T) B^T */
@@ -51,6 +92,9 @@ typedef struct ql_linear {
 typedef struct ql_llama_layer {
     float *attn_norm; /* [hidden] */
     float *mlp_norm;  /* [hidden] */
+    float *q_norm;    /* [head_dim] per-head RMSNorm of q before RoPE (Qwen3), or NULL */
+    float *k_norm;    /* [head_dim] the same for k, or NULL */
+    int window;       /* sliding attention window; 0 = full causal */
     ql_linear q, k, v, o, gate, up, down;
 } ql_llama_layer;
 

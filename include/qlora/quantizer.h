@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 #define QL_QUANTIZER_ABI_MAJOR 1
-#define QL_QUANTIZER_ABI_MINOR 0
+#define QL_QUANTIZER_ABI_MINOR 1
 #define QL_QUANTIZER_ENTRY_NAME "ql_quantizer_entry"
 
 #if defined(_WIN32)
@@ -149,6 +149,30 @@ typedef struct ql_host_api {
     int (*num_threads)(void);
 } ql_host_api;
 
+/* ABI 1.1: one block of a packed state that the device needs.  The host
+ * copies `bytes` bytes from `data` into device memory that it plans and owns
+ * (one arena for the whole quantized base), at `align`, and hands the device
+ * addresses back to materialize_rows_device in the same order. */
+typedef struct ql_state_buffer {
+    const char *name; /* for messages and the memory plan, e.g. "packed" */
+    const void *data; /* host bytes, valid while the state lives */
+    uint64_t bytes;
+    uint64_t align; /* a power of two from 1 to 256 */
+} ql_state_buffer;
+
+#define QL_MAX_STATE_BUFFERS 16
+
+/* ABI 1.1: where materialize_rows_device writes rows [row0, row0 + nrows) of
+ * the dense row-major [rows, cols] matrix: row r at data + (r - row0) * ld
+ * elements of `dtype`.  data is device memory. */
+typedef struct ql_device_out {
+    int32_t dtype; /* QL_DTYPE_BF16 or QL_DTYPE_F32; anything else is QL_ENOTSUP */
+    int32_t reserved; /* 0 */
+    void *data;
+    int64_t ld; /* elements from one row to the next, >= cols */
+    int64_t row0, nrows;
+} ql_device_out;
+
 /* Optional-slot capability bits in ql_quantizer_desc.flags. */
 #define QL_QUANTIZER_HAS_CUDA 0x1u
 
@@ -203,6 +227,25 @@ typedef struct ql_quantizer_desc {
     int (*materialize_device)(const ql_quantizer *q, const ql_qstate *dev_state, int32_t out_dtype,
                               void *dev_out, void *stream);
     void (*free_device_state)(const ql_quantizer *q, ql_qstate *dev_state);
+
+    /* --- optional, ABI 1.1 (the host's GPU engine; see docs/plugin-abi.md) --- */
+    /* The buffers of state s that the device reads, at most
+     * QL_MAX_STATE_BUFFERS; *n gets how many.  The same state always gives
+     * the same list. */
+    int (*device_buffers)(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *bufs, uint32_t *n);
+    /* Bytes of device scratch that materialize_rows_device needs to write up
+     * to nrows rows of s (0 for none). */
+    uint64_t (*device_workspace)(const ql_quantizer *q, const ql_qstate *s, int64_t nrows);
+    /* Dense weights of rows out->row0 .. row0 + nrows - 1 on the device, from
+     * the device copies of device_buffers (dev_bufs[i] for buffer i; s itself
+     * stays on the host and is read for its shape and parameters only).  The
+     * values are bit for bit those of materialize().  Launches on `stream`
+     * (a cudaStream_t) and returns without waiting; a launch failure is
+     * QL_ECUDA with a message.  workspace has device_workspace(nrows) bytes.
+     * The plugin shares the host's CUDA runtime (libcudart.so, dynamically
+     * linked; docs/writing-a-quantizer.md). */
+    int (*materialize_rows_device)(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
+                                   const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream);
 } ql_quantizer_desc;
 
 /* The one symbol a plugin exports. */

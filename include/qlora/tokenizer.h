@@ -2,21 +2,29 @@
  *
  * Produces the ids the Hugging Face `tokenizers` library produces, and decodes
  * as it does, for:
- *  - SentencePiece-style BPE (LLaMA-2, Mistral, stories260K): normalizers
- *    Prepend / Replace(String) / Sequence, pre-tokenizer null or Metaspace,
+ *  - SentencePiece-style BPE (LLaMA-2, Mistral v0.1 and v0.3, stories260K):
+ *    normalizers Prepend / Replace(String) / Sequence, pre-tokenizer null or Metaspace,
  *    byte_fallback "<0xNN>" tokens, fuse_unk, decoders Replace / ByteFallback /
  *    Fuse / Strip / Metaspace;
- *  - byte-level BPE (GPT-2, LLaMA-3 style): pre-tokenizer ByteLevel, alone or
- *    after a Split with the GPT-2, LLaMA-3 or Qwen2 regex, and the ByteLevel
- *    decoder.
+ *  - byte-level BPE (GPT-2, LLaMA-3.x, Qwen2 / 2.5 / 3): pre-tokenizer ByteLevel,
+ *    alone or after a Split with the GPT-2, LLaMA-3 or Qwen2 regex, the NFC
+ *    normalizer (through utf8proc, Unicode 15; the library's tables are older,
+ *    so marks added since Unicode 11 compose or reorder as utf8proc says),
+ *    ignore_merges, and the ByteLevel decoder.
  * Added tokens (special or not, normalized or not, lstrip / rstrip /
  * single_word) are matched in the text as the library matches them.  Anything
- * else (Unigram, WordPiece, NFKC, arbitrary regexes, BPE dropout) fails to load
- * with QL_ENOTSUP and a message naming the unsupported type.  The file's
- * "truncation" and "padding" settings are ignored (callers cut and pad).
+ * else (Unigram, WordPiece, NFD / NFKC, arbitrary regexes, BPE dropout, and any
+ * field of a component that is not one of its known fields) fails to load
+ * with QL_ENOTSUP and a message naming the unsupported type or field.  The
+ * file's "truncation" and "padding" settings are ignored (callers cut and pad).
+ * tests/reference/tokenizers/ holds tokenizers built like those of LLaMA 3,
+ * Qwen2 / 2.5 / 3 and Mistral v0.1 / v0.3, checked id for id on the bundled data.
  *
  * Loading reads tokenizer.json and, when present, tokenizer_config.json
- * (bos_token, eos_token, add_bos_token, add_eos_token) and config.json
+ * (bos_token, eos_token, add_bos_token, add_eos_token; split_special_tokens
+ * true and an add_prefix_space that differs from tokenizer.json's are refused,
+ * as transformers would give other ids; clean_up_tokenization_spaces is a
+ * transformers decode step that decode does not apply) and config.json
  * (bos_token_id, eos_token_id).  A loaded tokenizer is read-only: encode and
  * decode may run from several threads at once. */
 #ifndef QLORA_TOKENIZER_H

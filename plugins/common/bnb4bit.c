@@ -11,6 +11,9 @@
 #include "bnb.h"
 #include "fastmath.h"
 #include "bnb4bit.h"
+#ifdef QLP_HAVE_CUDA
+#include "bnb4bit_cuda.h"
+#endif
 #include "torch_mean.h"
 
 enum { NESTED_BLOCKSIZE = 256 };
@@ -403,4 +406,73 @@ int qlp_4bit_checkpoint_config(const ql_quantizer *q, char *buf, size_t cap)
                      "\"load_in_8bit\": false}",
                      type_name(q->type), q->double_quant ? "true" : "false");
     return k > 0 && (size_t)k < cap ? QL_OK : host->error(QL_EINVAL, "buffer too small");
+}
+
+/* ---- device (ABI 1.1) ---- */
+
+int qlp_4bit_device_buffers(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *bufs, uint32_t *n)
+{
+    (void)q;
+    bufs[0] = (ql_state_buffer){.name = "packed", .data = s->packed, .bytes = (uint64_t)(s->n + 1) / 2, .align = 16};
+    if (!s->double_quant) {
+        bufs[1] = (ql_state_buffer){.name = "absmax", .data = s->absmax, .bytes = (uint64_t)s->nblocks * 4, .align = 16};
+        *n = 2;
+    } else {
+        bufs[1] = (ql_state_buffer){.name = "absmax_codes", .data = s->absmax_codes, .bytes = (uint64_t)s->nblocks,
+                                    .align = 16};
+        bufs[2] = (ql_state_buffer){.name = "nested_absmax", .data = s->nested_absmax,
+                                    .bytes = (uint64_t)s->nnested * 4, .align = 16};
+        *n = 3;
+    }
+    return QL_OK;
+}
+
+uint64_t qlp_4bit_device_workspace(const ql_quantizer *q, const ql_qstate *s, int64_t nrows)
+{
+    (void)q;
+    (void)s;
+    (void)nrows;
+    return 0;
+}
+
+int qlp_4bit_materialize_rows_device(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
+                                     const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream)
+{
+    (void)q;
+    (void)workspace;
+    (void)workspace_bytes;
+    if (out->dtype != QL_DTYPE_F32 && out->dtype != QL_DTYPE_BF16)
+        return host->error(QL_ENOTSUP, "%s materializes float32 or bfloat16, not dtype %d", type_name(s->type),
+                           out->dtype);
+    if (out->row0 < 0 || out->nrows < 0 || out->row0 + out->nrows > s->rows || out->ld < s->cols)
+        return host->error(QL_EINVAL, "%s: rows %lld..%lld with ld %lld do not fit a [%lld, %lld] matrix",
+                           type_name(s->type), (long long)out->row0, (long long)(out->row0 + out->nrows),
+                           (long long)out->ld, (long long)s->rows, (long long)s->cols);
+#ifdef QLP_HAVE_CUDA
+    qlp_4bit_cuda_args a = {.packed = dev_bufs[0],
+                            .absmax = s->double_quant ? NULL : dev_bufs[1],
+                            .absmax_codes = s->double_quant ? dev_bufs[1] : NULL,
+                            .nested = s->double_quant ? dev_bufs[2] : NULL,
+                            .offset = s->offset,
+                            .blocksize = s->blocksize,
+                            .double_quant = s->double_quant,
+                            .bf16 = out->dtype == QL_DTYPE_BF16,
+                            .cols = s->cols,
+                            .out = out->data,
+                            .ld = out->ld,
+                            .row0 = out->row0,
+                            .nrows = out->nrows,
+                            .stream = stream};
+    qlp_4bit_table(s->type, a.table);
+    if (s->type == QLP_FP4) a.table[8] = -0.0f; /* as qlp_4bit_materialize */
+    if (s->double_quant) qlp_dynamic_map_signed(a.map);
+    char err[256];
+    if (qlp_4bit_cuda_materialize(&a, err, sizeof err))
+        return host->error(QL_ECUDA, "%s materialize on the GPU: %s", type_name(s->type), err);
+    return QL_OK;
+#else
+    (void)dev_bufs;
+    (void)stream;
+    return host->error(QL_ENOTSUP, "this %s plugin was built without CUDA", type_name(s->type));
+#endif
 }

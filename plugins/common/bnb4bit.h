@@ -18,6 +18,19 @@ int qlp_4bit_load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tenso
 void qlp_4bit_free_state(const ql_quantizer *q, ql_qstate *s);
 int qlp_4bit_state_info(const ql_quantizer *q, const ql_qstate *s, ql_state_info *info);
 int qlp_4bit_checkpoint_config(const ql_quantizer *q, char *buf, size_t cap);
+int qlp_4bit_device_buffers(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *bufs, uint32_t *n);
+uint64_t qlp_4bit_device_workspace(const ql_quantizer *q, const ql_qstate *s, int64_t nrows);
+int qlp_4bit_materialize_rows_device(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
+                                     const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream);
+
+/* The device slots exist only in a plugin built with CUDA. */
+#ifdef QLP_HAVE_CUDA
+#define QLP_4BIT_DEVICE_SLOTS                                                                     \
+    .device_buffers = qlp_4bit_device_buffers, .device_workspace = qlp_4bit_device_workspace,   \
+    .materialize_rows_device = qlp_4bit_materialize_rows_device,
+#else
+#define QLP_4BIT_DEVICE_SLOTS
+#endif
 
 /* The descriptor and entry point of a 4-bit plugin (nf4.c, fp4.c). */
 #define QLP_4BIT_PLUGIN(NAME, TYPE, DESCRIPTION)                                                  \
@@ -44,6 +57,7 @@ int qlp_4bit_checkpoint_config(const ql_quantizer *q, char *buf, size_t cap);
         .free_state = qlp_4bit_free_state,                                                        \
         .state_info = qlp_4bit_state_info,                                                        \
         .checkpoint_config = qlp_4bit_checkpoint_config,                                          \
+        QLP_4BIT_DEVICE_SLOTS                                                                     \
     };                                                                                            \
     QL_PLUGIN_EXPORT const ql_quantizer_desc *ql_quantizer_entry(void) { return &descriptor; }
 

@@ -9,6 +9,9 @@
 #include <string.h>
 
 #include "fastmath.h"
+#ifdef QLP_HAVE_CUDA
+#include "int8_cuda.h"
+#endif
 
 static const ql_host_api *host;
 
@@ -231,6 +234,46 @@ static int checkpoint_config(const ql_quantizer *q, char *buf, size_t cap)
     return k > 0 && (size_t)k < cap ? QL_OK : host->error(QL_EINVAL, "buffer too small");
 }
 
+/* ---- device (ABI 1.1; only in a plugin built with CUDA) ---- */
+#ifdef QLP_HAVE_CUDA
+
+static int device_buffers(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *bufs, uint32_t *n)
+{
+    (void)q;
+    bufs[0] = (ql_state_buffer){.name = "codes", .data = s->codes, .bytes = (uint64_t)(s->rows * s->cols), .align = 16};
+    bufs[1] = (ql_state_buffer){.name = "SCB", .data = s->scb, .bytes = (uint64_t)s->rows * 4, .align = 16};
+    *n = 2;
+    return QL_OK;
+}
+
+static uint64_t device_workspace(const ql_quantizer *q, const ql_qstate *s, int64_t nrows)
+{
+    (void)q;
+    (void)s;
+    (void)nrows;
+    return 0;
+}
+
+static int materialize_rows_device(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
+                                   const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream)
+{
+    (void)q;
+    (void)workspace;
+    (void)workspace_bytes;
+    if (out->dtype != QL_DTYPE_F32 && out->dtype != QL_DTYPE_BF16)
+        return host->error(QL_ENOTSUP, "int8 materializes float32 or bfloat16, not dtype %d", out->dtype);
+    if (out->row0 < 0 || out->nrows < 0 || out->row0 + out->nrows > s->rows || out->ld < s->cols)
+        return host->error(QL_EINVAL, "int8: rows %lld..%lld with ld %lld do not fit a [%lld, %lld] matrix",
+                           (long long)out->row0, (long long)(out->row0 + out->nrows), (long long)out->ld,
+                           (long long)s->rows, (long long)s->cols);
+    char err[256];
+    if (qlp_int8_cuda_materialize(dev_bufs[0], dev_bufs[1], s->cols, out->dtype == QL_DTYPE_BF16, out->data, out->ld,
+                                  out->row0, out->nrows, stream, err, sizeof err))
+        return host->error(QL_ECUDA, "int8 materialize on the GPU: %s", err);
+    return QL_OK;
+}
+#endif
+
 static const ql_quantizer_desc descriptor = {
     .struct_size = sizeof(ql_quantizer_desc),
     .abi_major = QL_QUANTIZER_ABI_MAJOR,
@@ -250,6 +293,11 @@ static const ql_quantizer_desc descriptor = {
     .free_state = free_state,
     .state_info = state_info,
     .checkpoint_config = checkpoint_config,
+#ifdef QLP_HAVE_CUDA
+    .device_buffers = device_buffers,
+    .device_workspace = device_workspace,
+    .materialize_rows_device = materialize_rows_device,
+#endif
 };
 
 QL_PLUGIN_EXPORT const ql_quantizer_desc *ql_quantizer_entry(void) { return &descriptor; }
