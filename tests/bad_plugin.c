@@ -157,9 +157,21 @@ static int config(const ql_quantizer *q, char *buf, size_t cap)
     return QL_OK;
 }
 
+#ifdef BAD_V10
+/* A plugin built against ABI 1.0: its struct_size ends before the 1.1
+ * device slots.  The slots below hold garbage the host must never see. */
+static int never_called(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *b, uint32_t *n)
+{
+    (void)q, (void)s, (void)b, (void)n;
+    abort();
+}
+#endif
+
 static const ql_quantizer_desc descriptor = {
 #ifdef BAD_SIZE
     .struct_size = 40,
+#elif defined(BAD_V10)
+    .struct_size = offsetof(ql_quantizer_desc, device_buffers),
 #else
     .struct_size = sizeof(ql_quantizer_desc),
 #endif
@@ -170,6 +182,8 @@ static const ql_quantizer_desc descriptor = {
 #endif
 #ifdef BAD_MINOR
     .abi_minor = 99,
+#elif defined(BAD_V10)
+    .abi_minor = 0,
 #else
     .abi_minor = QL_QUANTIZER_ABI_MINOR,
 #endif
@@ -198,6 +212,12 @@ static const ql_quantizer_desc descriptor = {
     .free_state = free_state,
     .state_info = info,
     .checkpoint_config = config,
+#ifdef BAD_V10
+    .device_buffers = never_called,
+    .device_workspace = (uint64_t (*)(const ql_quantizer *, const ql_qstate *, int64_t))1,
+    .materialize_rows_device = (int (*)(const ql_quantizer *, const ql_qstate *, const void *const *,
+                                        const ql_device_out *, void *, uint64_t, void *))1,
+#endif
 };
 
 #ifndef BAD_NOENTRY

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ql_config.h"
 #include "qlora/qlora.h"
 #include "testutil.h"
 
@@ -233,6 +234,40 @@ START_TEST(abi_refusals)
 }
 END_TEST
 
+/* A plugin built against ABI 1.0 loads, and the 1.1 device slots past its
+ * struct_size read as absent whatever bytes lie there. */
+START_TEST(abi_1_0_plugin_loads_without_device_slots)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/qlora_bad_v10.so", tu_env("QLORA_TEST_PLUGINS"));
+    ql_plugin *p = NULL;
+    ck_assert_msg(ql_plugin_open(path, &p) == QL_OK, "%s", ql_error_message());
+    const ql_quantizer_desc *d = ql_plugin_desc(p);
+    ck_assert_int_eq(d->abi_minor, 0);
+    ck_assert(d->device_buffers == NULL);
+    ck_assert(d->device_workspace == NULL);
+    ck_assert(d->materialize_rows_device == NULL);
+    ck_assert(d->materialize != NULL);
+    ql_plugin_close(p);
+}
+END_TEST
+
+START_TEST(shipped_plugins_have_all_device_slots_or_none)
+{
+    const char *names[] = {"nf4", "fp4", "int8"};
+    for (size_t i = 0; i < 3; i++) {
+        ql_qz *q = NULL;
+        ck_assert_int_eq(ql_qz_open(names[i], &q), QL_OK);
+        int n = !!q->desc->device_buffers + !!q->desc->device_workspace + !!q->desc->materialize_rows_device;
+        ck_assert_msg(n == 0 || n == 3, "%s has %d of the 3 device slots", names[i], n);
+#if QL_HAVE_CUDA
+        ck_assert_msg(n == 3, "%s was built with CUDA but lacks its device slots", names[i]);
+#endif
+        ql_qz_close(q);
+    }
+}
+END_TEST
+
 START_TEST(not_a_shared_object)
 {
     const char *dir = tu_tmpdir();
@@ -277,6 +312,8 @@ Suite *plugins_suite(void)
     tcase_add_test(t, options_are_checked);
     tcase_add_test(t, unknown_quantizer_says_where_it_looked);
     tcase_add_loop_test(t, abi_refusals, 0, sizeof bad / sizeof bad[0]);
+    tcase_add_test(t, abi_1_0_plugin_loads_without_device_slots);
+    tcase_add_test(t, shipped_plugins_have_all_device_slots_or_none);
     tcase_add_test(t, not_a_shared_object);
     tcase_add_test(t, scan_finds_shipped_plugins);
     suite_add_tcase(s, t);
