@@ -1,10 +1,45 @@
-/* The compute backend (internal): every operator of the forward and backward
+/* The compute backend (internal).  Every operator of the forward and backward
  * passes, and the buffers they work on, go through this table, so a GPU
  * implementation fills it in op by op and the model, LoRA and trainer code
- * stay as they are.  Buffer pointers are the backend's memory (host memory
- * for the CPU backend, device memory for a CUDA one); token ids and targets
- * are host arrays.  Signatures and semantics are those of ops.h and
- * ops_backward.h, where each operator is documented. */
+ * stay as they are.
+ *
+ * Context.  Ops run on a ql_be_ctx: the backend's table, its private state
+ * (`impl`: for CUDA the stream, cuBLASLt handle and workspace; NULL on the
+ * CPU) and a sticky status.
+ *
+ * Status rule (one for every op).  Every table entry returns QL_OK or an
+ * error code, and reports its message with ql_error.  Nobody calls the table
+ * directly: callers go through ql_be(ctx, op, args...), which
+ *   - when ctx already holds an error, skips the op and returns that code;
+ *   - otherwise runs the op and, when it fails, records its code and message
+ *     in ctx (the first failure only) and returns the code.
+ * So a run of ops may go unchecked: after a failure the later ops are no-ops,
+ * and ql_be_check(ctx) at the end (or before reading results on the host)
+ * returns the first failure, with its message restored through ql_error,
+ * and clears it.  An asynchronous backend may report a failure at a later op
+ * or at ql_be_check; it never loses one.
+ *
+ * Memory.  Buffer pointers are the backend's memory (host memory for the CPU
+ * backend, device memory for a CUDA one).  Arguments documented as "host"
+ * (token ids, targets, lengths, seeds, per-row losses) are host arrays.
+ * Nothing in a training step allocates: buffers come from a memory plan
+ * (plan.h) made once.  Ops that need scratch take it as a parameter, except
+ * the generation op attention_forward (per call, a few rows).
+ *
+ * Micro-batches.  Training ops work on whole micro-batches of B sequences
+ * padded on the right to T positions: activations are [B*T, C] row-major,
+ * row b*T + t being position t of sequence b, valid iff t < len[b]
+ * (ql_be_batch.len, host, 0 <= len[b] <= T).  Padded rows of the residual
+ * stream are zero: ops marked "masked" write zeros there (and ignore what
+ * their inputs hold there); row-wise ops map zero rows to zero rows
+ * (rmsnorm, matmul, LoRA, SwiGLU, add; the training step adds linear biases
+ * to valid rows only), and anything a row-wise op produces in a padded row of
+ * an intermediate is ignored by the next masked op.  So
+ * padded rows carry no loss and no gradient, and sums over rows (LoRA
+ * gradients) get exact zeros from them.
+ *
+ * Accumulation.  Ops with an `accumulate` flag write (0) or add to (1) their
+ * first output; LoRA parameter gradients (da, db) always add. */
 #ifndef QL_BACKEND_H
 #define QL_BACKEND_H
 
@@ -13,60 +48,153 @@
 
 #include "qlora/llama.h"
 
+typedef struct ql_be_ctx ql_be_ctx;
+
+/* The shape of a micro-batch: B sequences right-padded to T rows each. */
+typedef struct ql_be_batch {
+    int64_t B, T;
+    const int32_t *len; /* host [B], 0 <= len[b] <= T */
+} ql_be_batch;
+
 typedef struct ql_backend {
     const char *name;
-    /* memory */
-    void *(*alloc)(size_t bytes); /* NULL when out of memory */
-    void (*free)(void *p);
-    void (*zero)(void *p, size_t bytes);
-    void (*copy)(void *dst, const void *src, size_t bytes);          /* backend to backend */
-    void (*upload)(void *dst, const void *host_src, size_t bytes);   /* host to backend */
-    void (*download)(void *host_dst, const void *src, size_t bytes); /* backend to host */
-    /* weights of a linear layer, dense [out, in] float32, into backend memory */
-    int (*materialize)(const ql_linear *l, float *w);
-    /* forward */
-    void (*embedding)(float *out, const float *table, const int32_t *ids, int64_t T, int64_t C);
-    void (*matmul_nt)(float *y, const float *x, const float *w, int64_t T, int64_t in, int64_t out, int accumulate);
-    void (*rmsnorm_forward)(float *out, float *rstd, const float *x, const float *weight, int64_t T, int64_t C,
-                            float eps);
-    void (*rope_forward)(float *x, int64_t T, int nheads, int hd, int pos0, const float *inv_freq /* host [hd/2] */,
-                         float attn_scale);
-    void (*attention_forward)(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
-                              int nh, int nkv, int hd, int window);
-    void (*attention_forward_train)(float *out, float *probs, const float *q, const float *k, const float *v,
-                                    int64_t T, int nh, int nkv, int hd, int window);
-    void (*swiglu_forward)(float *out, const float *gate, const float *up, int64_t n);
-    void (*add_inplace)(float *x, const float *y, int64_t n);
-    void (*lora_forward)(float *y, float *h, const float *xd, const float *a, const float *b, int64_t T, int64_t in,
-                         int64_t out, int64_t r, float scale);
-    void (*dropout_forward)(float *out, uint8_t *mask, const float *x, int64_t n, float p, uint64_t seed);
-    /* backward */
-    void (*matmul_backward_input)(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out,
-                                  int accumulate);
-    void (*rmsnorm_backward)(float *dx, float *dweight, const float *dy, const float *x, const float *weight,
-                             const float *rstd, int64_t T, int64_t C, int accumulate);
-    void (*rope_backward)(float *dx, int64_t T, int nheads, int hd, int pos0, const float *inv_freq /* host [hd/2] */,
-                          float attn_scale);
-    void (*attention_backward)(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
-                               const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
-                               int window);
-    void (*swiglu_backward)(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
-                            int64_t n);
-    void (*lora_backward)(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd,
-                          const float *h, const float *a, const float *b, int64_t T, int64_t in, int64_t out,
-                          int64_t r, float scale, int accumulate);
-    void (*dropout_backward)(float *dx, const float *dout, const uint8_t *mask, int64_t n, float p, uint64_t seed,
-                             int accumulate);
-    /* loss: summed token NLL over rows whose (host) target is not ignore_index;
-     * dlogits (may be NULL, may alias logits) = scale * (softmax - onehot) */
-    double (*cross_entropy)(float *dlogits, const float *logits, const int32_t *targets, int64_t T, int64_t V,
-                            int32_t ignore_index, float scale);
+    /* ---- context ---- */
+    int (*open)(ql_be_ctx *ctx);   /* fill ctx->impl (stream, handles); may be NULL */
+    void (*close)(ql_be_ctx *ctx); /* release ctx->impl; may be NULL */
+    int (*sync)(ql_be_ctx *ctx);   /* wait for queued work; report its first failure */
+
+    /* ---- memory ---- */
+    int (*alloc)(ql_be_ctx *ctx, void **out, size_t bytes); /* QL_ENOMEM (with the size) when it cannot */
+    void (*free)(ql_be_ctx *ctx, void *p);                  /* NULL is fine; never fails */
+    int (*zero)(ql_be_ctx *ctx, void *p, size_t bytes);
+    int (*copy)(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes);          /* backend to backend */
+    int (*upload)(ql_be_ctx *ctx, void *dst, const void *host_src, size_t bytes);   /* host to backend */
+    int (*download)(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes); /* backend to host; syncs */
+
+    /* Weights of a linear layer as dense float32 w[out, in] in backend memory
+     * (dequantized; w is scratch from the plan, nothing is kept). */
+    int (*materialize)(ql_be_ctx *ctx, const ql_linear *l, float *w);
+
+    /* ---- forward ---- */
+    /* masked: out[B*T, C] row (b, t) = table[ids[b*T + t]] for valid rows, 0
+     * for padded ones (their ids are not read).  ids: host [B*T]. */
+    int (*embedding)(ql_be_ctx *ctx, float *out, const float *table, const int32_t *ids, const ql_be_batch *mb,
+                     int64_t C);
+    /* y[rows, out] (+)= x[rows, in] w[out, in]^T */
+    int (*matmul_nt)(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in, int64_t out,
+                     int accumulate);
+    /* out[rows, C] = x / rms(x) * weight; rstd[rows] = 1 / rms (may be NULL) */
+    int (*rmsnorm_forward)(ql_be_ctx *ctx, float *out, float *rstd, const float *x, const float *weight, int64_t rows,
+                           int64_t C, float eps);
+    /* masked (padded rows untouched): rotary embedding in place on x[B*T,
+     * nheads, hd]; row (b, t) at position pos0 + t, halves rotated as
+     * transformers' rotate_half: angle (float)pos * inv_freq[b, i], cos and
+     * sin times attn_scale.  inv_freq: host [B, hd/2], sequence b's table
+     * (ql_llama_rope for its own length: dynamic RoPE differs per sequence). */
+    int (*rope_forward)(ql_be_ctx *ctx, float *x, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                        const float *inv_freq, float attn_scale);
+    /* Generation (one sequence, KV cache): causal GQA for T new rows after
+     * `past` cached ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T,
+     * nh, hd].  window > 0 bands it: the query at position i sees keys j with
+     * i - window < j <= i (transformers' sliding window); 0 is full causal. */
+    int (*attention_forward)(ql_be_ctx *ctx, float *out, const float *q, const float *k, const float *v, int64_t T,
+                             int64_t past, int nh, int nkv, int hd, int window);
+    /* masked, training: causal (banded when window > 0, as attention_forward)
+     * GQA of each sequence over its own valid rows: q[B*T, nh, hd]; k, v[B*T,
+     * nkv, hd]; out[B*T, nh, hd] (padded rows 0); probs[B, nh, T, T] kept for
+     * backward: sequence b's block holds, in its first nh*len[b]*len[b]
+     * floats, the [nh, len, len] probabilities (row t holds keys s0..t, s0 =
+     * max(0, t - window + 1) when window > 0, else 0; zeros elsewhere); the
+     * rest is unspecified. */
+    int (*attention_forward_train)(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
+                                   const float *v, const ql_be_batch *mb, int nh, int nkv, int hd, int window);
+    /* out[n] = silu(gate[n]) * up[n]; out may alias gate or up */
+    int (*swiglu_forward)(ql_be_ctx *ctx, float *out, const float *gate, const float *up, int64_t n);
+    /* x[n] += y[n] */
+    int (*add_inplace)(ql_be_ctx *ctx, float *x, const float *y, int64_t n);
+    /* h[rows, r] = xd a[r, in]^T;  y[rows, out] += scale * h b[out, r]^T */
+    int (*lora_forward)(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
+                        int64_t rows, int64_t in, int64_t out, int64_t r, float scale);
+    /* masked: inverted dropout of x[B*T, C] into out (may alias x).  Sequence
+     * b's valid rows get exactly the mask ql_dropout_forward gives for its
+     * len[b]*C elements and seed seeds[b] (host [B]); padded rows get 0. */
+    int (*dropout_forward)(ql_be_ctx *ctx, float *out, const float *x, const ql_be_batch *mb, int64_t C, float p,
+                           const uint64_t *seeds);
+
+    /* ---- backward ---- */
+    /* dx[rows, in] (+)= dy[rows, out] w[out, in] */
+    int (*matmul_backward_input)(ql_be_ctx *ctx, float *dx, const float *dy, const float *w, int64_t rows, int64_t in,
+                                 int64_t out, int accumulate);
+    /* dx[rows, C] (+)= d/dx of rmsnorm_forward (with its rstd); dweight[C] += sum
+     * over rows when not NULL */
+    int (*rmsnorm_backward)(ql_be_ctx *ctx, float *dx, float *dweight, const float *dy, const float *x,
+                            const float *weight, const float *rstd, int64_t rows, int64_t C, int accumulate);
+    /* masked (padded rows untouched): the inverse rotation of rope_forward
+     * (same inv_freq and attn_scale), in place */
+    int (*rope_backward)(ql_be_ctx *ctx, float *dx, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                         const float *inv_freq, float attn_scale);
+    /* masked: backward of attention_forward_train (same window).  dq[B*T, nh,
+     * hd], dk, dv[B*T, nkv, hd] written (padded rows 0); dscores[B, nh, T, T]
+     * is scratch laid out as probs.  q, k are the rotated values the forward
+     * consumed. */
+    int (*attention_backward)(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
+                              const float *q, const float *k, const float *v, const float *probs,
+                              const ql_be_batch *mb, int nh, int nkv, int hd, int window);
+    /* dgate[n], dup[n] of out = silu(gate) * up; outputs may alias inputs */
+    int (*swiglu_backward)(ql_be_ctx *ctx, float *dgate, float *dup, const float *dout, const float *gate,
+                           const float *up, int64_t n);
+    /* dh[rows, r] = scale * dy b (scratch); db[out, r] += scale * dy^T h;
+     * da[r, in] += dh^T xd; dxd[rows, in] (+)= dh a (dxd may be NULL).
+     * The sums over rows run in row order, so a zero row adds exact zeros. */
+    int (*lora_backward)(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd,
+                         const float *h, const float *a, const float *b, int64_t rows, int64_t in, int64_t out,
+                         int64_t r, float scale, int accumulate);
+    /* masked: dx[B*T, C] (+)= the dropout_forward mask (same seeds) times
+     * dout / (1 - p); padded rows of dx are left (accumulate) or zeroed. */
+    int (*dropout_backward)(ql_be_ctx *ctx, float *dx, const float *dout, const ql_be_batch *mb, int64_t C, float p,
+                            const uint64_t *seeds, int accumulate);
+
+    /* ---- loss ---- */
+    /* Token cross-entropy over logits[rows, V] with host targets[rows]: rows
+     * whose target is ignore_index count nothing (loss 0, zero gradient row).
+     * losses: host [rows], each row's loss (a synchronization point);
+     * dlogits[rows, V] (may be NULL, may alias logits) = scale * (softmax -
+     * onehot).  A target neither ignore_index nor in [0, V) is QL_EINVAL. */
+    int (*cross_entropy)(ql_be_ctx *ctx, float *losses, float *dlogits, const float *logits, const int32_t *targets,
+                         int64_t rows, int64_t V, int32_t ignore_index, float scale);
 } ql_backend;
 
-/* The backend a model runs on. */
-const ql_backend *ql_llama_backend(const ql_llama *m);
+struct ql_be_ctx {
+    const ql_backend *be;
+    void *impl;         /* the backend's state (stream, handles, workspace); NULL on the CPU */
+    int status;         /* QL_OK, or the code of the first failed op not yet checked */
+    char message[1024]; /* that failure's message */
+};
 
+/* ---- registry ---- */
+
+/* The backend called `name`: "cpu" (always built), "cuda" (when built and a
+ * device is present).  Unknown or unavailable names are an error saying why. */
+int ql_backend_find(const char *name, const ql_backend **out);
 /* The plain C reference backend (OpenMP loops). */
 const ql_backend *ql_backend_cpu(void);
+
+/* Open a context on backend `name` (ql_backend_find), or on `be` when given. */
+int ql_be_ctx_open(const char *name, const ql_backend *be, ql_be_ctx **out);
+void ql_be_ctx_close(ql_be_ctx *ctx);
+
+/* Record a failed op's code and message (ql_error_message()) in ctx unless it
+ * already holds one; returns the ctx's status. */
+int ql_be_record(ql_be_ctx *ctx, int rc);
+/* The first unchecked failure (QL_OK if none): its message is restored with
+ * ql_error and the ctx is cleared, so later ops run again. */
+int ql_be_check(ql_be_ctx *ctx);
+
+/* Run op `op` of ctx's backend under the status rule above. */
+#define ql_be(ctx, op, ...) \
+    ((ctx)->status ? (ctx)->status : ql_be_record((ctx), (ctx)->be->op((ctx), __VA_ARGS__)))
+
+/* The context a model's forward pass runs on (its backend). */
+ql_be_ctx *ql_llama_ctx(const ql_llama *m);
 
 #endif

@@ -1,30 +1,251 @@
+/* The CPU reference backend: the table of backend.h over the plain C
+ * operators of ops.h and ops_backward.h.  Micro-batch ops are adapters that
+ * run the per-sequence reference operator on each sequence's valid rows, so
+ * a batched step computes exactly what B one-sequence steps compute. */
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
 #include "ops.h"
 #include "ops_backward.h"
+#include "qlora/error.h"
 
-static void *cpu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
-static void cpu_free(void *p) { free(p); }
-static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
-static void cpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
-
-static int cpu_materialize(const ql_linear *l, float *w) { return ql_linear_weights(l, w); }
-
-static void cpu_embedding(float *out, const float *table, const int32_t *ids, int64_t T, int64_t C)
+static int cpu_alloc(ql_be_ctx *ctx, void **out, size_t bytes)
 {
-    for (int64_t t = 0; t < T; t++) memcpy(out + t * C, table + (int64_t)ids[t] * C, (size_t)C * sizeof *out);
+    (void)ctx;
+    *out = malloc(bytes ? bytes : 1);
+    if (!*out) return ql_error(QL_ENOMEM, "out of memory: cannot allocate %zu bytes (%.1f MiB)", bytes,
+                               (double)bytes / (1024.0 * 1024.0));
+    return QL_OK;
 }
 
-static double cpu_cross_entropy(float *dlogits, const float *logits, const int32_t *targets, int64_t T, int64_t V,
-                                int32_t ignore_index, float scale)
+static void cpu_free(ql_be_ctx *ctx, void *p)
 {
-    return ql_cross_entropy_forward_backward(NULL, dlogits, logits, targets, T, V, ignore_index, scale);
+    (void)ctx;
+    free(p);
+}
+
+static int cpu_sync(ql_be_ctx *ctx)
+{
+    (void)ctx;
+    return QL_OK;
+}
+
+static int cpu_zero(ql_be_ctx *ctx, void *p, size_t bytes)
+{
+    (void)ctx;
+    memset(p, 0, bytes);
+    return QL_OK;
+}
+
+static int cpu_copy(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes)
+{
+    (void)ctx;
+    memmove(dst, src, bytes);
+    return QL_OK;
+}
+
+static int cpu_materialize(ql_be_ctx *ctx, const ql_linear *l, float *w)
+{
+    (void)ctx;
+    return ql_linear_weights(l, w);
+}
+
+static int cpu_embedding(ql_be_ctx *ctx, float *out, const float *table, const int32_t *ids, const ql_be_batch *mb,
+                         int64_t C)
+{
+    (void)ctx;
+    for (int64_t b = 0; b < mb->B; b++)
+        for (int64_t t = 0; t < mb->T; t++) {
+            float *o = out + (b * mb->T + t) * C;
+            if (t < mb->len[b]) memcpy(o, table + (int64_t)ids[b * mb->T + t] * C, (size_t)C * sizeof *o);
+            else memset(o, 0, (size_t)C * sizeof *o);
+        }
+    return QL_OK;
+}
+
+static int cpu_matmul_nt(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in,
+                         int64_t out, int accumulate)
+{
+    (void)ctx;
+    ql_matmul_nt(y, x, w, rows, in, out, accumulate);
+    return QL_OK;
+}
+
+static int cpu_rmsnorm_forward(ql_be_ctx *ctx, float *out, float *rstd, const float *x, const float *weight,
+                               int64_t rows, int64_t C, float eps)
+{
+    (void)ctx;
+    ql_rmsnorm_forward(out, rstd, x, weight, rows, C, eps);
+    return QL_OK;
+}
+
+static int cpu_rope_forward(ql_be_ctx *ctx, float *x, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                            const float *inv_freq, float attn_scale)
+{
+    (void)ctx;
+    for (int64_t b = 0; b < mb->B; b++)
+        ql_rope_forward(x + b * mb->T * nheads * hd, mb->len[b], nheads, hd, pos0, inv_freq + b * (hd / 2),
+                        attn_scale);
+    return QL_OK;
+}
+
+static int cpu_attention_forward(ql_be_ctx *ctx, float *out, const float *q, const float *k, const float *v,
+                                 int64_t T, int64_t past, int nh, int nkv, int hd, int window)
+{
+    (void)ctx;
+    ql_attention_forward(out, q, k, v, T, past, nh, nkv, hd, window);
+    return QL_OK;
+}
+
+/* zero rows len..T of the [T, width] block of one sequence */
+static void zero_tail(float *x, int64_t len, int64_t T, int64_t width)
+{
+    if (len < T) memset(x + len * width, 0, (size_t)((T - len) * width) * sizeof *x);
+}
+
+static int cpu_attention_forward_train(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
+                                       const float *v, const ql_be_batch *mb, int nh, int nkv, int hd,
+                                       int window)
+{
+    (void)ctx;
+    const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
+    for (int64_t b = 0; b < mb->B; b++) {
+        const int64_t n = mb->len[b];
+        if (n > 0)
+            ql_attention_forward_train(out + b * T * qd, probs + b * nh * T * T, q + b * T * qd, k + b * T * kvd,
+                                       v + b * T * kvd, n, nh, nkv, hd, window);
+        zero_tail(out + b * T * qd, n, T, qd);
+    }
+    return QL_OK;
+}
+
+static int cpu_swiglu_forward(ql_be_ctx *ctx, float *out, const float *gate, const float *up, int64_t n)
+{
+    (void)ctx;
+    ql_swiglu_forward(out, gate, up, n);
+    return QL_OK;
+}
+
+static int cpu_add_inplace(ql_be_ctx *ctx, float *x, const float *y, int64_t n)
+{
+    (void)ctx;
+    ql_add_inplace(x, y, n);
+    return QL_OK;
+}
+
+static int cpu_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
+                            int64_t rows, int64_t in, int64_t out, int64_t r, float scale)
+{
+    (void)ctx;
+    ql_lora_forward(y, h, xd, a, b, rows, in, out, r, scale);
+    return QL_OK;
+}
+
+static int cpu_dropout_forward(ql_be_ctx *ctx, float *out, const float *x, const ql_be_batch *mb, int64_t C, float p,
+                               const uint64_t *seeds)
+{
+    (void)ctx;
+    for (int64_t b = 0; b < mb->B; b++) {
+        const int64_t off = b * mb->T * C;
+        ql_dropout_forward(out + off, NULL, x + off, mb->len[b] * C, p, seeds[b]);
+        zero_tail(out + off, mb->len[b], mb->T, C);
+    }
+    return QL_OK;
+}
+
+static int cpu_matmul_backward_input(ql_be_ctx *ctx, float *dx, const float *dy, const float *w, int64_t rows,
+                                     int64_t in, int64_t out, int accumulate)
+{
+    (void)ctx;
+    ql_matmul_backward_input(dx, dy, w, rows, in, out, accumulate);
+    return QL_OK;
+}
+
+static int cpu_rmsnorm_backward(ql_be_ctx *ctx, float *dx, float *dweight, const float *dy, const float *x,
+                                const float *weight, const float *rstd, int64_t rows, int64_t C, int accumulate)
+{
+    (void)ctx;
+    ql_rmsnorm_backward(dx, dweight, dy, x, weight, rstd, rows, C, accumulate);
+    return QL_OK;
+}
+
+static int cpu_rope_backward(ql_be_ctx *ctx, float *dx, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                             const float *inv_freq, float attn_scale)
+{
+    (void)ctx;
+    for (int64_t b = 0; b < mb->B; b++)
+        ql_rope_backward(dx + b * mb->T * nheads * hd, mb->len[b], nheads, hd, pos0, inv_freq + b * (hd / 2),
+                         attn_scale);
+    return QL_OK;
+}
+
+static int cpu_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
+                                  const float *q, const float *k, const float *v, const float *probs,
+                                  const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+{
+    (void)ctx;
+    const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
+    for (int64_t b = 0; b < mb->B; b++) {
+        const int64_t n = mb->len[b], sq = b * T * qd, skv = b * T * kvd, sp = b * nh * T * T;
+        if (n > 0)
+            ql_attention_backward(dq + sq, dk + skv, dv + skv, dscores + sp, dout + sq, q + sq, k + skv, v + skv,
+                                  probs + sp, n, nh, nkv, hd, window);
+        zero_tail(dq + sq, n, T, qd);
+        zero_tail(dk + skv, n, T, kvd);
+        zero_tail(dv + skv, n, T, kvd);
+    }
+    return QL_OK;
+}
+
+static int cpu_swiglu_backward(ql_be_ctx *ctx, float *dgate, float *dup, const float *dout, const float *gate,
+                               const float *up, int64_t n)
+{
+    (void)ctx;
+    ql_swiglu_backward(dgate, dup, dout, gate, up, n);
+    return QL_OK;
+}
+
+static int cpu_lora_backward(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy,
+                             const float *xd, const float *h, const float *a, const float *b, int64_t rows,
+                             int64_t in, int64_t out, int64_t r, float scale, int accumulate)
+{
+    (void)ctx;
+    ql_lora_backward(dxd, da, db, dh, dy, xd, h, a, b, rows, in, out, r, scale, accumulate);
+    return QL_OK;
+}
+
+static int cpu_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, const ql_be_batch *mb, int64_t C,
+                                float p, const uint64_t *seeds, int accumulate)
+{
+    (void)ctx;
+    for (int64_t b = 0; b < mb->B; b++) {
+        const int64_t off = b * mb->T * C;
+        ql_dropout_backward(dx + off, dout + off, NULL, mb->len[b] * C, p, seeds[b], accumulate);
+        if (!accumulate) zero_tail(dx + off, mb->len[b], mb->T, C);
+    }
+    return QL_OK;
+}
+
+static int cpu_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, const float *logits,
+                             const int32_t *targets, int64_t rows, int64_t V, int32_t ignore_index, float scale)
+{
+    (void)ctx;
+    for (int64_t t = 0; t < rows; t++)
+        if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V))
+            return ql_error(QL_EINVAL, "cross-entropy: target %d of row %lld is outside the vocabulary (%lld)",
+                            targets[t], (long long)t, (long long)V);
+    ql_cross_entropy_forward_backward(losses, dlogits, logits, targets, rows, V, ignore_index, scale);
+    return QL_OK;
 }
 
 static const ql_backend cpu_backend = {
     .name = "cpu",
+    .open = NULL,
+    .close = NULL,
+    .sync = cpu_sync,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .zero = cpu_zero,
@@ -33,23 +254,79 @@ static const ql_backend cpu_backend = {
     .download = cpu_copy,
     .materialize = cpu_materialize,
     .embedding = cpu_embedding,
-    .matmul_nt = ql_matmul_nt,
-    .rmsnorm_forward = ql_rmsnorm_forward,
-    .rope_forward = ql_rope_forward,
-    .attention_forward = ql_attention_forward,
-    .attention_forward_train = ql_attention_forward_train,
-    .swiglu_forward = ql_swiglu_forward,
-    .add_inplace = ql_add_inplace,
-    .lora_forward = ql_lora_forward,
-    .dropout_forward = ql_dropout_forward,
-    .matmul_backward_input = ql_matmul_backward_input,
-    .rmsnorm_backward = ql_rmsnorm_backward,
-    .rope_backward = ql_rope_backward,
-    .attention_backward = ql_attention_backward,
-    .swiglu_backward = ql_swiglu_backward,
-    .lora_backward = ql_lora_backward,
-    .dropout_backward = ql_dropout_backward,
+    .matmul_nt = cpu_matmul_nt,
+    .rmsnorm_forward = cpu_rmsnorm_forward,
+    .rope_forward = cpu_rope_forward,
+    .attention_forward = cpu_attention_forward,
+    .attention_forward_train = cpu_attention_forward_train,
+    .swiglu_forward = cpu_swiglu_forward,
+    .add_inplace = cpu_add_inplace,
+    .lora_forward = cpu_lora_forward,
+    .dropout_forward = cpu_dropout_forward,
+    .matmul_backward_input = cpu_matmul_backward_input,
+    .rmsnorm_backward = cpu_rmsnorm_backward,
+    .rope_backward = cpu_rope_backward,
+    .attention_backward = cpu_attention_backward,
+    .swiglu_backward = cpu_swiglu_backward,
+    .lora_backward = cpu_lora_backward,
+    .dropout_backward = cpu_dropout_backward,
     .cross_entropy = cpu_cross_entropy,
 };
 
 const ql_backend *ql_backend_cpu(void) { return &cpu_backend; }
+
+/* ---- registry and context ---- */
+
+int ql_backend_find(const char *name, const ql_backend **out)
+{
+    *out = NULL;
+    if (!name || !strcmp(name, "cpu")) {
+        *out = &cpu_backend;
+        return QL_OK;
+    }
+    if (!strcmp(name, "cuda"))
+        return ql_error(QL_ENOTSUP, "backend cuda is not available: this qlora was built without CUDA");
+    return ql_error(QL_EINVAL, "unknown backend %s: use cpu or cuda", name);
+}
+
+int ql_be_ctx_open(const char *name, const ql_backend *be, ql_be_ctx **out)
+{
+    *out = NULL;
+    int rc;
+    if (!be && (rc = ql_backend_find(name, &be))) return rc;
+    ql_be_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return ql_error(QL_ENOMEM, "out of memory");
+    ctx->be = be;
+    if (be->open && (rc = be->open(ctx))) {
+        free(ctx);
+        return rc;
+    }
+    *out = ctx;
+    return QL_OK;
+}
+
+void ql_be_ctx_close(ql_be_ctx *ctx)
+{
+    if (!ctx) return;
+    if (ctx->be->close) ctx->be->close(ctx);
+    free(ctx);
+}
+
+int ql_be_record(ql_be_ctx *ctx, int rc)
+{
+    if (rc != QL_OK && ctx->status == QL_OK) {
+        ctx->status = rc;
+        snprintf(ctx->message, sizeof ctx->message, "%s", ql_error_message());
+    }
+    return ctx->status;
+}
+
+int ql_be_check(ql_be_ctx *ctx)
+{
+    if (ctx->status == QL_OK) ql_be_record(ctx, ctx->be->sync(ctx));
+    int rc = ctx->status;
+    if (rc) ql_error(rc, "%s", ctx->message);
+    ctx->status = QL_OK;
+    ctx->message[0] = '\0';
+    return rc;
+}

@@ -16,7 +16,7 @@
 #include "qlora/model.h"
 
 struct ql_llama {
-    const ql_backend *be; /* where the forward pass runs */
+    ql_be_ctx *ctx; /* where the forward pass runs (its backend, status) */
     ql_llama_config cfg;
     char *dir;      /* the folder it was loaded from */
     json_t *config; /* its config.json */
@@ -32,7 +32,7 @@ struct ql_llama {
 };
 
 struct ql_kv_cache {
-    const ql_backend *be;
+    ql_be_ctx *ctx;
     int n_layers, capacity, len, kv_dim;
     float *k; /* [n_layers, capacity, kv_dim] */
     float *v;
@@ -501,7 +501,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         return ql_error(QL_ENOMEM, "out of memory");
     }
     json_t *cfg = ql_model_files_config(mf);
-    m->be = ql_backend_cpu();
+    if ((rc = ql_be_ctx_open("cpu", NULL, &m->ctx))) goto fail;
     m->dir = strdup(dir);
     m->config = json_deep_copy(cfg);
     if ((rc = ql_llama_config_parse(cfg, &m->cfg))) goto fail;
@@ -580,9 +580,8 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         ql_progress_update(&prog, i + 1, "");
     }
     ql_progress_end(&prog);
-    m->scratch_w = m->be->alloc((size_t)m->scratch_w_len * sizeof(float));
-    if (!m->scratch_w) {
-        rc = ql_error(QL_ENOMEM, "out of memory");
+    if ((rc = ql_be(m->ctx, alloc, (void **)&m->scratch_w, (size_t)m->scratch_w_len * sizeof(float)))) {
+        ql_be_check(m->ctx);
         goto fail;
     }
     ql_model_files_close(mf);
@@ -613,7 +612,8 @@ void ql_llama_destroy(ql_llama *m)
     if (m->lm_head != m->embed) free(m->lm_head);
     free(m->embed);
     free(m->final_norm);
-    if (m->scratch_w) m->be->free(m->scratch_w);
+    if (m->scratch_w) m->ctx->be->free(m->ctx, m->scratch_w);
+    ql_be_ctx_close(m->ctx);
     ql_qz_close(m->qz);
     free(m->dir);
     json_decref(m->config);
@@ -621,7 +621,7 @@ void ql_llama_destroy(ql_llama *m)
 }
 
 const char *ql_llama_dir(const ql_llama *m) { return m->dir; }
-const ql_backend *ql_llama_backend(const ql_llama *m) { return m->be; }
+ql_be_ctx *ql_llama_ctx(const ql_llama *m) { return m->ctx; }
 const void *ql_llama_config_json(const ql_llama *m) { return m->config; }
 
 const ql_llama_config *ql_llama_get_config(const ql_llama *m) { return &m->cfg; }
@@ -645,27 +645,21 @@ int ql_linear_weights(const ql_linear *l, float *w)
     return rc ? ql_error_context("materializing %s", l->name) : QL_OK;
 }
 
-/* y[T, out] = x[T, in] W^T (+ the attached LoRA), materializing a quantized
- * W into the scratch buffer first */
-static int linear_forward(ql_llama *m, const ql_linear *l, const float *x, int64_t T, float *y)
+/* y[T, out] = x[T, in] W^T (+ the attached LoRA; h is [T, r] scratch),
+ * materializing a quantized W into the scratch buffer first.  Ops follow the
+ * sticky status rule of backend.h: the caller checks once at the end. */
+static void linear_forward(ql_llama *m, const ql_linear *l, const float *x, int64_t T, float *y, float *h)
 {
-    const ql_backend *be = m->be;
+    ql_be_ctx *ctx = m->ctx;
     const float *w = l->dense;
     if (!w) {
-        int rc = be->materialize(l, m->scratch_w);
-        if (rc) return rc;
+        ql_be(ctx, materialize, l, m->scratch_w);
         w = m->scratch_w;
     }
-    be->matmul_nt(y, x, w, T, l->in, l->out, 0);
-    if (l->bias)
-        for (int64_t t = 0; t < T; t++) be->add_inplace(y + t * l->out, l->bias, l->out);
-    if (l->lora_a) {
-        float *h = be->alloc((size_t)(T * l->lora_r) * sizeof *h);
-        if (!h) return ql_error(QL_ENOMEM, "out of memory");
-        be->lora_forward(y, h, x, l->lora_a, l->lora_b, T, l->in, l->out, l->lora_r, l->lora_scale);
-        be->free(h);
-    }
-    return QL_OK;
+    ql_be(ctx, matmul_nt, y, x, w, T, l->in, l->out, 0);
+    if (l->bias) /* frozen, after the matmul */
+        for (int64_t t = 0; t < T; t++) ql_be(ctx, add_inplace, y + t * l->out, l->bias, l->out);
+    if (l->lora_a) ql_be(ctx, lora_forward, y, h, x, l->lora_a, l->lora_b, T, l->in, l->out, l->lora_r, l->lora_scale);
 }
 
 /* ---- cache ---- */
@@ -678,12 +672,13 @@ int ql_kv_cache_create(const ql_llama *m, int capacity, ql_kv_cache **out)
     c->capacity = capacity;
     c->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
     size_t n = (size_t)c->n_layers * (size_t)capacity * (size_t)c->kv_dim;
-    c->be = m->be;
-    c->k = c->be->alloc(n * sizeof(float));
-    c->v = c->be->alloc(n * sizeof(float));
-    if (!c->k || !c->v) {
+    c->ctx = m->ctx;
+    ql_be(c->ctx, alloc, (void **)&c->k, n * sizeof(float));
+    ql_be(c->ctx, alloc, (void **)&c->v, n * sizeof(float));
+    if (ql_be_check(c->ctx)) {
         ql_kv_cache_destroy(c);
-        return ql_error(QL_ENOMEM, "out of memory for a %d-token cache", capacity);
+        return ql_error(QL_ENOMEM, "out of memory for a %d-token cache (%.1f MiB)", capacity,
+                        2.0 * (double)n * sizeof(float) / (1024.0 * 1024.0));
     }
     *out = c;
     return QL_OK;
@@ -692,8 +687,8 @@ int ql_kv_cache_create(const ql_llama *m, int capacity, ql_kv_cache **out)
 void ql_kv_cache_destroy(ql_kv_cache *c)
 {
     if (!c) return;
-    if (c->k) c->be->free(c->k);
-    if (c->v) c->be->free(c->v);
+    if (c->k) c->ctx->be->free(c->ctx, c->k);
+    if (c->v) c->ctx->be->free(c->ctx, c->v);
     free(c);
 }
 
@@ -721,57 +716,74 @@ int ql_llama_forward(ql_llama *m, ql_kv_cache *cache, const int32_t *tokens, int
     for (int t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab)
             return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", tokens[t], t, c->vocab);
-    const ql_backend *be = m->be;
-    int rc = QL_OK;
+    ql_be_ctx *ctx = m->ctx;
+    int rc = ql_be_check(ctx); /* nothing left over from an earlier call */
+    if (rc) return rc;
     size_t wide = (size_t)T * (size_t)(I > qd ? I : qd);
     int64_t rows = logits ? (last_only ? 1 : T) : 0;
-    float *x = be->alloc((size_t)T * H * sizeof *x), *xn = be->alloc((size_t)T * H * sizeof *xn);
-    float *q = be->alloc((size_t)T * qd * sizeof *q), *att = be->alloc((size_t)T * qd * sizeof *att);
-    float *g = be->alloc(wide * sizeof *g), *u = be->alloc(wide * sizeof *u);
-    float *tmp = be->alloc((size_t)T * H * sizeof *tmp), *out = be->alloc((size_t)rows * c->vocab * sizeof *out);
+    int64_t r_max = 1;
+    for (int l = 0; l < c->n_layers; l++) {
+        ql_llama_layer *L = &m->layers[l];
+        const ql_linear *ls[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (size_t k = 0; k < 7; k++)
+            if (ls[k]->lora_a && ls[k]->lora_r > r_max) r_max = ls[k]->lora_r;
+    }
+    /* per call buffers (one sequence of T new tokens) */
+    float *x = NULL, *xn = NULL, *q = NULL, *att = NULL, *g = NULL, *u = NULL, *tmp = NULL, *out = NULL, *h = NULL;
     float *inv_freq = malloc((size_t)(hd / 2) * sizeof *inv_freq), rope_scale; /* host */
-    if (!x || !xn || !q || !att || !g || !u || !tmp || !out || !inv_freq) {
-        rc = ql_error(QL_ENOMEM, "out of memory");
+    ql_be(ctx, alloc, (void **)&x, (size_t)T * H * sizeof *x);
+    ql_be(ctx, alloc, (void **)&xn, (size_t)T * H * sizeof *xn);
+    ql_be(ctx, alloc, (void **)&q, (size_t)T * qd * sizeof *q);
+    ql_be(ctx, alloc, (void **)&att, (size_t)T * qd * sizeof *att);
+    ql_be(ctx, alloc, (void **)&g, wide * sizeof *g);
+    ql_be(ctx, alloc, (void **)&u, wide * sizeof *u);
+    ql_be(ctx, alloc, (void **)&tmp, (size_t)T * H * sizeof *tmp);
+    ql_be(ctx, alloc, (void **)&out, (size_t)rows * c->vocab * sizeof *out);
+    ql_be(ctx, alloc, (void **)&h, (size_t)T * r_max * sizeof *h);
+    if (!inv_freq) ql_be_record(ctx, ql_error(QL_ENOMEM, "out of memory"));
+    if ((rc = ql_be_check(ctx))) {
+        ql_error_context("generation buffers for %d tokens", T);
         goto done;
     }
+    const int32_t len = T;
+    const ql_be_batch one = {.B = 1, .T = T, .len = &len};
     ql_llama_rope(inv_freq, &rope_scale, m, past + T);
-    be->embedding(x, m->embed, tokens, T, H);
+    ql_be(ctx, embedding, x, m->embed, tokens, &one, H);
     for (int l = 0; l < c->n_layers; l++) {
         ql_llama_layer *L = &m->layers[l];
         float *kc = cache->k + ((size_t)l * cache->capacity) * kvd;
         float *vc = cache->v + ((size_t)l * cache->capacity) * kvd;
-        be->rmsnorm_forward(xn, NULL, x, L->attn_norm, T, H, c->rms_eps);
-        if ((rc = linear_forward(m, &L->q, xn, T, q))) goto done;
-        if ((rc = linear_forward(m, &L->k, xn, T, kc + (size_t)past * kvd))) goto done;
-        if ((rc = linear_forward(m, &L->v, xn, T, vc + (size_t)past * kvd))) goto done;
+        ql_be(ctx, rmsnorm_forward, xn, NULL, x, L->attn_norm, T, H, c->rms_eps);
+        linear_forward(m, &L->q, xn, T, q, h);
+        linear_forward(m, &L->k, xn, T, kc + (size_t)past * kvd, h);
+        linear_forward(m, &L->v, xn, T, vc + (size_t)past * kvd, h);
         if (L->q_norm) { /* per head, in place: each element is read before it is written */
-            be->rmsnorm_forward(q, NULL, q, L->q_norm, (int64_t)T * c->n_heads, hd, c->rms_eps);
-            be->rmsnorm_forward(kc + (size_t)past * kvd, NULL, kc + (size_t)past * kvd, L->k_norm,
-                                (int64_t)T * c->n_kv_heads, hd, c->rms_eps);
+            ql_be(ctx, rmsnorm_forward, q, NULL, q, L->q_norm, (int64_t)T * c->n_heads, hd, c->rms_eps);
+            ql_be(ctx, rmsnorm_forward, kc + (size_t)past * kvd, NULL, kc + (size_t)past * kvd, L->k_norm,
+                  (int64_t)T * c->n_kv_heads, hd, c->rms_eps);
         }
-        be->rope_forward(q, T, c->n_heads, (int)hd, past, inv_freq, rope_scale);
-        be->rope_forward(kc + (size_t)past * kvd, T, c->n_kv_heads, (int)hd, past, inv_freq, rope_scale);
-        be->attention_forward(att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd, L->window);
-        if ((rc = linear_forward(m, &L->o, att, T, tmp))) goto done;
-        be->add_inplace(x, tmp, (int64_t)T * H);
-        be->rmsnorm_forward(xn, NULL, x, L->mlp_norm, T, H, c->rms_eps);
-        if ((rc = linear_forward(m, &L->gate, xn, T, g))) goto done;
-        if ((rc = linear_forward(m, &L->up, xn, T, u))) goto done;
-        be->swiglu_forward(g, g, u, (int64_t)T * I);
-        if ((rc = linear_forward(m, &L->down, g, T, tmp))) goto done;
-        be->add_inplace(x, tmp, (int64_t)T * H);
+        ql_be(ctx, rope_forward, q, &one, c->n_heads, (int)hd, past, inv_freq, rope_scale);
+        ql_be(ctx, rope_forward, kc + (size_t)past * kvd, &one, c->n_kv_heads, (int)hd, past, inv_freq, rope_scale);
+        ql_be(ctx, attention_forward, att, q, kc, vc, T, past, c->n_heads, c->n_kv_heads, (int)hd, L->window);
+        linear_forward(m, &L->o, att, T, tmp, h);
+        ql_be(ctx, add_inplace, x, tmp, (int64_t)T * H);
+        ql_be(ctx, rmsnorm_forward, xn, NULL, x, L->mlp_norm, T, H, c->rms_eps);
+        linear_forward(m, &L->gate, xn, T, g, h);
+        linear_forward(m, &L->up, xn, T, u, h);
+        ql_be(ctx, swiglu_forward, g, g, u, (int64_t)T * I);
+        linear_forward(m, &L->down, g, T, tmp, h);
+        ql_be(ctx, add_inplace, x, tmp, (int64_t)T * H);
     }
-    cache->len += T;
     if (logits) {
         int64_t first = last_only ? T - 1 : 0;
-        be->rmsnorm_forward(xn, NULL, x + first * H, m->final_norm, T - first, H, c->rms_eps);
-        be->matmul_nt(out, xn, m->lm_head, T - first, H, c->vocab, 0);
-        be->download(logits, out, (size_t)rows * c->vocab * sizeof *out);
+        ql_be(ctx, rmsnorm_forward, xn, NULL, x + first * H, m->final_norm, T - first, H, c->rms_eps);
+        ql_be(ctx, matmul_nt, out, xn, m->lm_head, T - first, H, c->vocab, 0);
+        ql_be(ctx, download, logits, out, (size_t)rows * c->vocab * sizeof *out);
     }
+    if ((rc = ql_be_check(ctx)) == QL_OK) cache->len += T;
 done:;
-    float *bufs[] = {x, xn, q, att, g, u, tmp, out};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-        if (bufs[i]) be->free(bufs[i]);
+    float *bufs[] = {x, xn, q, att, g, u, tmp, out, h};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ctx->be->free(ctx, bufs[i]);
     free(inv_freq);
     return rc;
 }

@@ -3,114 +3,93 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
 #include "ops_backward.h"
+#include "plan.h"
 #include "qlora/error.h"
 #include "rope.h"
 
-/* Activations of one decoder layer for one sequence. */
+/* Activations of one decoder layer for a micro-batch of R = B*T rows. */
 typedef struct layer_acts {
-    float *x;                 /* [T, H] layer input */
-    float *xn1, *rstd1;       /* [T, H], [T] */
-    float *q, *k, *v;         /* [T, qd], [T, kvd] x2, rotated q and k */
-    float *qpre, *kpre;       /* [T, qd], [T, kvd] q, k before the per-head norm (qk_norm only) */
-    float *rstdq, *rstdk;     /* [T, nh], [T, nkv] (qk_norm only) */
-    float *probs;             /* [nh, T, T] */
-    float *att;               /* [T, qd] */
-    float *xmid;              /* [T, H] */
-    float *xn2, *rstd2;       /* [T, H], [T] */
-    float *gate, *up, *hm;    /* [T, I] x3 */
+    float *x;                 /* [R, H] layer input (the plan's inputs[i]) */
+    float *xn1, *rstd1;       /* [R, H], [R] */
+    float *q, *k, *v;         /* [R, qd], [R, kvd] x2, rotated q and k */
+    float *qpre, *kpre;       /* [R, qd], [R, kvd] q, k before the per-head norm (qk_norm only) */
+    float *rstdq, *rstdk;     /* [R, nh], [R, nkv] (qk_norm only) */
+    float *probs;             /* [B, nh, T, T] */
+    float *att;               /* [R, qd] */
+    float *xmid;              /* [R, H] */
+    float *xn2, *rstd2;       /* [R, H], [R] */
+    float *gate, *up, *hm;    /* [R, I] x3 */
     float *xd[QL_MOD_COUNT];  /* dropped LoRA inputs (NULL when the module has no adapter or p == 0) */
-    float *h[QL_MOD_COUNT];   /* [T, r] LoRA hidden */
+    float *h[QL_MOD_COUNT];   /* [R, r] LoRA hidden */
 } layer_acts;
 
 typedef struct dims {
     int64_t T, H, I, qd, kvd, hd, V, r;
     int nh, nkv;
+    int64_t R; /* rows of this micro-batch: B * T */
 } dims;
+
+typedef struct bwd_scratch {
+    float *dhm, *dgate, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dxd, *dmid;
+    float *dqpre, *dkpre; /* [R, qd], [R, kvd] through the per-head q/k norm (qk_norm only) */
+    float *grad, *grad2; /* [R, H] the gradient flowing down the residual stream */
+} bwd_scratch;
+
+struct ql_lora_model {
+    ql_llama *m;
+    ql_lora *lora;
+    const ql_llama_config *c;
+    ql_be_ctx *ctx;
+    ql_plan plan;
+    int Bmax, Tmax, checkpointing, backward, keep_all;
+    int64_t logit_rows; /* rows of logits computed at a time */
+    /* carved from the plan */
+    layer_acts *acts;   /* [n_layers] when keeping all, else [1] */
+    float **inputs;     /* [n_layers + 1] layer inputs, and the final hidden state */
+    float *xnf, *rstdf; /* final norm */
+    float *logits;      /* [logit_rows, V] */
+    float *w;           /* one materialized weight matrix */
+    bwd_scratch s;
+    /* host staging */
+    int32_t *h_ids, *h_labels, *h_len, *targets;
+    uint64_t *h_seeds;
+    float *losses;
+    float *inv_freq; /* [Bmax, hd/2] each sequence's rotary frequencies */
+};
+
+/* What one step works on (the model, this micro-batch's dims and seeds). */
+typedef struct ctx {
+    ql_lora_model *lm;
+    ql_be_ctx *be;
+    ql_llama *m;
+    ql_lora *lora;
+    const ql_llama_config *c;
+    dims d;
+    ql_be_batch mb;
+    uint64_t *seeds; /* [B] scratch: one module's per-sequence dropout seeds */
+    const uint64_t *seq_seeds;
+    int dropout;     /* dropout active */
+    const float *inv_freq; /* host [B, hd/2]: sequence b's rotary frequencies */
+    float rope_scale;      /* and the factor on cos and sin */
+} ctx;
 
 static int64_t module_in(const dims *d, int k)
 {
     return k == QL_MOD_O ? d->qd : k == QL_MOD_DOWN ? d->I : d->H;
 }
 
-static void acts_free(const ql_backend *be, layer_acts *a)
+/* sequence b's seed for (layer, module), as a one-sequence step derives it */
+static uint64_t module_seed(uint64_t seed, int layer, int module)
 {
-    float **all[] = {&a->x,    &a->xn1,  &a->rstd1, &a->q,    &a->k,     &a->v,    &a->qpre,
-                     &a->kpre, &a->rstdq, &a->rstdk, &a->probs, &a->att, &a->xmid, &a->xn2,
-                     &a->rstd2, &a->gate, &a->up,  &a->hm};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
-        if (*all[i]) be->free(*all[i]);
-        *all[i] = NULL;
-    }
-    for (int k = 0; k < QL_MOD_COUNT; k++) {
-        if (a->xd[k]) be->free(a->xd[k]);
-        if (a->h[k]) be->free(a->h[k]);
-        a->xd[k] = a->h[k] = NULL;
-    }
-}
-
-static int acts_alloc(const ql_backend *be, layer_acts *a, const dims *d, const ql_lora *lora, int layer, int qk_norm)
-{
-    memset(a, 0, sizeof *a);
-    size_t T = (size_t)d->T;
-    a->x = be->alloc(T * d->H * 4);
-    a->xn1 = be->alloc(T * d->H * 4);
-    a->rstd1 = be->alloc(T * 4);
-    a->q = be->alloc(T * d->qd * 4);
-    a->k = be->alloc(T * d->kvd * 4);
-    a->v = be->alloc(T * d->kvd * 4);
-    a->probs = be->alloc((size_t)d->nh * T * T * 4);
-    a->att = be->alloc(T * d->qd * 4);
-    a->xmid = be->alloc(T * d->H * 4);
-    a->xn2 = be->alloc(T * d->H * 4);
-    a->rstd2 = be->alloc(T * 4);
-    a->gate = be->alloc(T * d->I * 4);
-    a->up = be->alloc(T * d->I * 4);
-    a->hm = be->alloc(T * d->I * 4);
-    int ok = a->x && a->xn1 && a->rstd1 && a->q && a->k && a->v && a->probs && a->att && a->xmid && a->xn2 &&
-             a->rstd2 && a->gate && a->up && a->hm;
-    if (ok && qk_norm) {
-        a->qpre = be->alloc(T * d->qd * 4);
-        a->kpre = be->alloc(T * d->kvd * 4);
-        a->rstdq = be->alloc(T * (size_t)d->nh * 4);
-        a->rstdk = be->alloc(T * (size_t)d->nkv * 4);
-        ok = a->qpre && a->kpre && a->rstdq && a->rstdk;
-    }
-    if (lora)
-        for (int k = 0; k < QL_MOD_COUNT && ok; k++) {
-            if (!lora->pairs[layer * QL_MOD_COUNT + k].A) continue;
-            a->h[k] = be->alloc(T * (size_t)d->r * 4);
-            ok = a->h[k] != NULL;
-            if (ok && lora->cfg.dropout > 0) {
-                a->xd[k] = be->alloc(T * (size_t)module_in(d, k) * 4);
-                ok = a->xd[k] != NULL;
-            }
-        }
-    if (!ok) {
-        acts_free(be, a);
-        return ql_error(QL_ENOMEM, "out of memory for activations of a %lld-token sequence", (long long)d->T);
-    }
-    return QL_OK;
-}
-
-typedef struct ctx {
-    const ql_backend *be;
-    ql_llama *m;
-    ql_lora *lora;
-    const ql_llama_config *c;
-    dims d;
-    float *w;             /* scratch for one materialized weight matrix */
-    uint64_t seed;
-    int dropout;          /* dropout active */
-    float *inv_freq;      /* host [hd/2]: rotary frequencies of this sequence */
-    float rope_scale;     /* and the factor on cos and sin */
-} ctx;
-
-static uint64_t module_seed(const ctx *x, int layer, int module)
-{
-    uint64_t s = x->seed ^ ((uint64_t)(layer * QL_MOD_COUNT + module + 1) * 0xD1B54A32D192ED03ull);
+    uint64_t s = seed ^ ((uint64_t)(layer * QL_MOD_COUNT + module + 1) * 0xD1B54A32D192ED03ull);
     return ql_splitmix64_next(&s);
+}
+
+static const uint64_t *module_seeds(ctx *x, int layer, int module)
+{
+    for (int64_t b = 0; b < x->mb.B; b++) x->seeds[b] = module_seed(x->seq_seeds[b], layer, module);
+    return x->seeds;
 }
 
 static const ql_linear *layer_linear(ql_llama_layer *L, int k)
@@ -122,30 +101,32 @@ static const ql_linear *layer_linear(ql_llama_layer *L, int k)
 static const float *weights(ctx *x, const ql_linear *l)
 {
     if (l->dense) return l->dense;
-    if (x->be->materialize(l, x->w)) return NULL;
-    return x->w;
+    ql_be(x->be, materialize, l, x->lm->w);
+    return x->lm->w;
 }
 
-/* y = in W^T (+ LoRA) for module k of layer i */
+/* y = in W^T (+ LoRA) for module k of layer i, over all R rows */
 static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, float *y)
 {
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
     const float *w = weights(x, l);
-    if (!w) return ql_error_code();
-    x->be->matmul_nt(y, in, w, x->d.T, l->in, l->out, 0);
-    if (l->bias) /* frozen: no gradient, and dy passes through it unchanged */
-        for (int64_t t = 0; t < x->d.T; t++) x->be->add_inplace(y + t * l->out, l->bias, l->out);
+    ql_be(x->be, matmul_nt, y, in, w, x->d.R, l->in, l->out, 0);
+    if (l->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
+        for (int64_t b = 0; b < x->mb.B; b++)
+            for (int64_t t = 0; t < x->mb.len[b]; t++)
+                ql_be(x->be, add_inplace, y + (b * x->d.T + t) * l->out, l->bias, l->out);
     ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
     if (p) {
         const float *xd = in;
         if (x->dropout) {
-            x->be->dropout_forward(a->xd[k], NULL, in, x->d.T * l->in, x->lora->cfg.dropout, module_seed(x, i, k));
+            ql_be(x->be, dropout_forward, a->xd[k], in, &x->mb, l->in, x->lora->cfg.dropout, module_seeds(x, i, k));
             xd = a->xd[k];
         }
-        x->be->lora_forward(y, a->h[k], xd, p->A, p->B, x->d.T, l->in, l->out, x->lora->cfg.r, x->lora->scaling);
+        ql_be(x->be, lora_forward, y, a->h[k], xd, p->A, p->B, x->d.R, l->in, l->out, x->lora->cfg.r,
+              x->lora->scaling);
     }
-    return QL_OK;
+    return x->be->status;
 }
 
 /* din (+)= dy W (+ LoRA paths), and LoRA grads */
@@ -155,60 +136,56 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
     const float *w = weights(x, l); /* materialized again: nothing was kept */
-    if (!w) return ql_error_code();
-    x->be->matmul_backward_input(din, dy, w, x->d.T, l->in, l->out, accumulate);
+    ql_be(x->be, matmul_backward_input, din, dy, w, x->d.R, l->in, l->out, accumulate);
     ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
     if (p) {
         const float *xd = x->dropout ? a->xd[k] : in;
         float scale = x->lora->scaling;
         if (x->dropout) {
-            x->be->lora_backward(dxd_scratch, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.T, l->in, l->out,
-                             x->lora->cfg.r, scale, 0);
-            x->be->dropout_backward(din, dxd_scratch, NULL, x->d.T * l->in, x->lora->cfg.dropout, module_seed(x, i, k), 1);
+            ql_be(x->be, lora_backward, dxd_scratch, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.R,
+                  l->in, l->out, x->lora->cfg.r, scale, 0);
+            ql_be(x->be, dropout_backward, din, dxd_scratch, &x->mb, l->in, x->lora->cfg.dropout,
+                  module_seeds(x, i, k), 1);
         } else {
-            x->be->lora_backward(din, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.T, l->in, l->out,
-                             x->lora->cfg.r, scale, 1);
+            ql_be(x->be, lora_backward, din, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.R, l->in,
+                  l->out, x->lora->cfg.r, scale, 1);
         }
     }
-    return QL_OK;
+    return x->be->status;
 }
 
-/* Forward of layer i from a->x (already filled) to out[T, H]. */
+/* Forward of layer i from a->x to out[R, H]. */
 static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
 {
     const dims *d = &x->d;
     const ql_llama_config *c = x->c;
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     int rc;
-    x->be->rmsnorm_forward(a->xn1, a->rstd1, a->x, L->attn_norm, d->T, d->H, c->rms_eps);
+    ql_be(x->be, rmsnorm_forward, a->xn1, a->rstd1, a->x, L->attn_norm, d->R, d->H, c->rms_eps);
     float *qp = L->q_norm ? a->qpre : a->q, *kp = L->q_norm ? a->kpre : a->k;
     if ((rc = linear_fwd(x, i, QL_MOD_Q, a, a->xn1, qp)) || (rc = linear_fwd(x, i, QL_MOD_K, a, a->xn1, kp)) ||
         (rc = linear_fwd(x, i, QL_MOD_V, a, a->xn1, a->v)))
         return rc;
-    if (L->q_norm) {
-        x->be->rmsnorm_forward(a->q, a->rstdq, a->qpre, L->q_norm, d->T * d->nh, d->hd, c->rms_eps);
-        x->be->rmsnorm_forward(a->k, a->rstdk, a->kpre, L->k_norm, d->T * d->nkv, d->hd, c->rms_eps);
+    if (L->q_norm) { /* per head: rows of hd */
+        ql_be(x->be, rmsnorm_forward, a->q, a->rstdq, a->qpre, L->q_norm, d->R * d->nh, d->hd, c->rms_eps);
+        ql_be(x->be, rmsnorm_forward, a->k, a->rstdk, a->kpre, L->k_norm, d->R * d->nkv, d->hd, c->rms_eps);
     }
-    x->be->rope_forward(a->q, d->T, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
-    x->be->rope_forward(a->k, d->T, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
-    x->be->attention_forward_train(a->att, a->probs, a->q, a->k, a->v, d->T, d->nh, d->nkv, (int)d->hd, L->window);
+    ql_be(x->be, rope_forward, a->q, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    ql_be(x->be, rope_forward, a->k, &x->mb, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    ql_be(x->be, attention_forward_train, a->att, a->probs, a->q, a->k, a->v, &x->mb, d->nh, d->nkv, (int)d->hd,
+          L->window);
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
-    x->be->add_inplace(a->xmid, a->x, d->T * d->H);
-    x->be->rmsnorm_forward(a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->T, d->H, c->rms_eps);
+    ql_be(x->be, add_inplace, a->xmid, a->x, d->R * d->H);
+    ql_be(x->be, rmsnorm_forward, a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->R, d->H, c->rms_eps);
     if ((rc = linear_fwd(x, i, QL_MOD_GATE, a, a->xn2, a->gate)) || (rc = linear_fwd(x, i, QL_MOD_UP, a, a->xn2, a->up)))
         return rc;
-    x->be->swiglu_forward(a->hm, a->gate, a->up, d->T * d->I);
+    ql_be(x->be, swiglu_forward, a->hm, a->gate, a->up, d->R * d->I);
     if ((rc = linear_fwd(x, i, QL_MOD_DOWN, a, a->hm, out))) return rc;
-    x->be->add_inplace(out, a->xmid, d->T * d->H);
-    return QL_OK;
+    ql_be(x->be, add_inplace, out, a->xmid, d->R * d->H);
+    return x->be->status;
 }
 
-typedef struct bwd_scratch {
-    float *dhm, *dgate, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dxd, *dmid;
-    float *dqpre, *dkpre; /* [T, qd], [T, kvd] through the per-head q/k norm (qk_norm only) */
-} bwd_scratch;
-
-/* Given dout[T, H] = dL/d(layer output), write dx[T, H] = dL/d(layer input). */
+/* Given dout[R, H] = dL/d(layer output), write dx[R, H] = dL/d(layer input). */
 static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx, bwd_scratch *s)
 {
     const dims *d = &x->d;
@@ -216,22 +193,22 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     int rc;
     /* MLP */
     if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh, s->dxd))) return rc;
-    x->be->swiglu_backward(s->dgate, s->dup, s->dhm, a->gate, a->up, d->T * d->I);
+    ql_be(x->be, swiglu_backward, s->dgate, s->dup, s->dhm, a->gate, a->up, d->R * d->I);
     if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dgate, s->dxn, 0, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_UP, a, a->xn2, s->dup, s->dxn, 1, s->dh, s->dxd)))
         return rc;
-    x->be->copy(s->dmid, dout, (size_t)(d->T * d->H) * 4);
-    x->be->rmsnorm_backward(s->dmid, NULL, s->dxn, a->xmid, L->mlp_norm, a->rstd2, d->T, d->H, 1);
+    ql_be(x->be, copy, s->dmid, dout, (size_t)(d->R * d->H) * 4);
+    ql_be(x->be, rmsnorm_backward, s->dmid, NULL, s->dxn, a->xmid, L->mlp_norm, a->rstd2, d->R, d->H, 1);
     /* attention */
     if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->dxd))) return rc;
-    x->be->attention_backward(s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, d->T, d->nh, d->nkv,
-                              (int)d->hd, L->window);
-    x->be->rope_backward(s->dq, d->T, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
-    x->be->rope_backward(s->dk, d->T, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    ql_be(x->be, attention_backward, s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, &x->mb,
+          d->nh, d->nkv, (int)d->hd, L->window);
+    ql_be(x->be, rope_backward, s->dq, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
+    ql_be(x->be, rope_backward, s->dk, &x->mb, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     const float *dqp = s->dq, *dkp = s->dk;
     if (L->q_norm) { /* frozen norm weights: only the input gradient */
-        x->be->rmsnorm_backward(s->dqpre, NULL, s->dq, a->qpre, L->q_norm, a->rstdq, d->T * d->nh, d->hd, 0);
-        x->be->rmsnorm_backward(s->dkpre, NULL, s->dk, a->kpre, L->k_norm, a->rstdk, d->T * d->nkv, d->hd, 0);
+        ql_be(x->be, rmsnorm_backward, s->dqpre, NULL, s->dq, a->qpre, L->q_norm, a->rstdq, d->R * d->nh, d->hd, 0);
+        ql_be(x->be, rmsnorm_backward, s->dkpre, NULL, s->dk, a->kpre, L->k_norm, a->rstdk, d->R * d->nkv, d->hd, 0);
         dqp = s->dqpre;
         dkp = s->dkpre;
     }
@@ -239,27 +216,77 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
         (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, dkp, s->dxn, 1, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh, s->dxd)))
         return rc;
-    x->be->copy(dx, s->dmid, (size_t)(d->T * d->H) * 4);
-    x->be->rmsnorm_backward(dx, NULL, s->dxn, a->x, L->attn_norm, a->rstd1, d->T, d->H, 1);
-    return QL_OK;
+    ql_be(x->be, copy, dx, s->dmid, (size_t)(d->R * d->H) * 4);
+    ql_be(x->be, rmsnorm_backward, dx, NULL, s->dxn, a->x, L->attn_norm, a->rstd1, d->R, d->H, 1);
+    return x->be->status;
 }
 
-int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int32_t *labels, int T,
-                       const ql_lora_step_opts *opts, double *loss_sum, int64_t *n_targets)
+/* ---- the plan ---- */
+
+enum { LOGIT_CHUNK_BYTES = 64 << 20 }; /* logits of at most this many bytes exist at once */
+
+static uint64_t base_bytes(ql_llama *m)
 {
     const ql_llama_config *c = ql_llama_get_config(m);
-    if (T < 2) return QL_OK;
-    if (T > c->max_len)
-        return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", T, c->max_len);
-    for (int t = 0; t < T; t++)
-        if (ids[t] < 0 || ids[t] >= c->vocab)
-            return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", ids[t], t, c->vocab);
-    int backward = opts->backward && lora;
-    const ql_backend *be = ql_llama_backend(m);
-    ctx x = {.be = be, .m = m, .lora = lora, .c = c, .seed = opts->dropout_seed};
-    x.dropout = backward && lora->cfg.dropout > 0;
-    dims *d = &x.d;
+    const float *fn, *head;
+    ql_llama_output_weights(m, &fn, &head);
+    uint64_t b = (uint64_t)c->vocab * c->hidden * 4 + (uint64_t)c->hidden * 4;
+    if (head != ql_llama_embeddings(m)) b += (uint64_t)c->vocab * c->hidden * 4;
+    for (int i = 0; i < c->n_layers; i++) {
+        ql_llama_layer *L = &ql_llama_layers(m)[i];
+        b += 2 * (uint64_t)c->hidden * 4;
+        if (L->q_norm) b += 2 * (uint64_t)c->head_dim * 4;
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            const ql_linear *l = layer_linear(L, k);
+            ql_state_info info = {0};
+            if (l->bias) b += (uint64_t)l->out * 4;
+            if (l->dense) b += (uint64_t)(l->out * l->in) * 4;
+            else if (l->qz->desc->state_info && l->qz->desc->state_info(l->qz->inst, l->state, &info) == QL_OK)
+                b += info.bytes;
+        }
+    }
+    return b;
+}
+
+static void plan_acts(ql_lora_model *lm, layer_acts *a, int layer, const dims *d, int64_t B)
+{
+    ql_plan *p = &lm->plan;
+    const int64_t R = d->R;
+    int A = QL_ROLE_ACTS;
+    a->x = NULL; /* points at inputs[layer] during a step */
+    ql_plan_add(p, A, (void **)&a->xn1, R * d->H, 4);
+    ql_plan_add(p, A, (void **)&a->rstd1, R, 4);
+    ql_plan_add(p, A, (void **)&a->q, R * d->qd, 4);
+    ql_plan_add(p, A, (void **)&a->k, R * d->kvd, 4);
+    ql_plan_add(p, A, (void **)&a->v, R * d->kvd, 4);
+    a->qpre = a->kpre = a->rstdq = a->rstdk = NULL;
+    if (lm->c->qk_norm) {
+        ql_plan_add(p, A, (void **)&a->qpre, R * d->qd, 4);
+        ql_plan_add(p, A, (void **)&a->kpre, R * d->kvd, 4);
+        ql_plan_add(p, A, (void **)&a->rstdq, R * d->nh, 4);
+        ql_plan_add(p, A, (void **)&a->rstdk, R * d->nkv, 4);
+    }
+    ql_plan_add(p, A, (void **)&a->probs, B * d->nh * d->T * d->T, 4);
+    ql_plan_add(p, A, (void **)&a->att, R * d->qd, 4);
+    ql_plan_add(p, A, (void **)&a->xmid, R * d->H, 4);
+    ql_plan_add(p, A, (void **)&a->xn2, R * d->H, 4);
+    ql_plan_add(p, A, (void **)&a->rstd2, R, 4);
+    ql_plan_add(p, A, (void **)&a->gate, R * d->I, 4);
+    ql_plan_add(p, A, (void **)&a->up, R * d->I, 4);
+    ql_plan_add(p, A, (void **)&a->hm, R * d->I, 4);
+    for (int k = 0; k < QL_MOD_COUNT; k++) {
+        a->h[k] = a->xd[k] = NULL;
+        if (!lm->lora || !lm->lora->pairs[layer * QL_MOD_COUNT + k].A) continue;
+        ql_plan_add(p, A, (void **)&a->h[k], R * d->r, 4);
+        if (lm->backward && lm->lora->cfg.dropout > 0)
+            ql_plan_add(p, A, (void **)&a->xd[k], R * module_in(d, k), 4);
+    }
+}
+
+static void set_dims(dims *d, const ql_llama_config *c, const ql_lora *lora, int64_t B, int64_t T)
+{
     d->T = T;
+    d->R = B * T;
     d->H = c->hidden;
     d->I = c->intermediate;
     d->hd = c->head_dim;
@@ -269,111 +296,259 @@ int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int
     d->kvd = (int64_t)d->nkv * d->hd;
     d->V = c->vocab;
     d->r = lora ? lora->cfg.r : 0;
+}
+
+int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_lora_model_opts *o,
+                         ql_lora_model **out)
+{
+    *out = NULL;
+    const ql_llama_config *c = ql_llama_get_config(m);
+    if (o->batch < 1 || o->max_len < 1)
+        return ql_error(QL_EINVAL, "a micro-batch needs at least one sequence of one token (batch %d, length %d)",
+                        o->batch, o->max_len);
+    ql_lora_model *lm = calloc(1, sizeof *lm);
+    if (!lm) return ql_error(QL_ENOMEM, "out of memory");
+    lm->m = m;
+    lm->lora = lora;
+    lm->c = c;
+    lm->ctx = bctx ? bctx : ql_llama_ctx(m);
+    lm->Bmax = o->batch;
+    lm->Tmax = o->max_len;
+    lm->backward = o->backward && lora;
+    lm->checkpointing = o->checkpointing;
+    lm->keep_all = lm->backward && !o->checkpointing;
+    const int nl = c->n_layers;
+    lm->acts = calloc((size_t)(lm->keep_all ? nl : 1), sizeof *lm->acts);
+    lm->inputs = calloc((size_t)nl + 1, sizeof *lm->inputs);
+    if (!lm->acts || !lm->inputs) {
+        ql_lora_model_destroy(lm);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    dims d;
+    const int64_t B = o->batch, T = o->max_len;
+    set_dims(&d, c, lora, B, T);
+    ql_plan *p = &lm->plan;
+    ql_plan_init(p, lm->ctx);
+    int n_mod = 0;
+    for (int k = 0; k < QL_MOD_COUNT; k++) n_mod += lora && (lora->cfg.modules >> k & 1);
+    if (lora)
+        snprintf(p->shape, sizeof p->shape, "batch %d x %d tokens, gradient checkpointing %s, LoRA r %d on %d modules, "
+                 "dropout %g%s", o->batch, o->max_len, o->checkpointing ? "on" : "off", lora->cfg.r, n_mod,
+                 (double)lora->cfg.dropout, lm->backward ? "" : ", forward only");
+    else snprintf(p->shape, sizeof p->shape, "batch %d x %d tokens, base model, forward only", o->batch, o->max_len);
+    snprintf(p->advice, sizeof p->advice, "; reduce --batch-size (%d) or --max-len (%d)%s", o->batch, o->max_len,
+             lm->keep_all ? ", or turn on --gradient-checkpointing" : "");
+    ql_plan_held(p, QL_ROLE_BASE, base_bytes(m));
+    if (lora) {
+        ql_plan_held(p, QL_ROLE_LORA, (uint64_t)lora->n_params * 4);
+        ql_plan_held(p, QL_ROLE_GRADS, (uint64_t)lora->n_params * 4);
+    }
+    if (o->opt) ql_plan_held(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
+
+    for (int i = 0; i <= nl; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->inputs[i], d.R * d.H, 4);
+    for (int i = 0; i < (lm->keep_all ? nl : 1); i++) plan_acts(lm, &lm->acts[i], i, &d, B);
+    ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->xnf, d.R * d.H, 4);
+    ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->rstdf, d.R, 4);
+    if (lm->backward) {
+        bwd_scratch *s = &lm->s;
+        int S = QL_ROLE_BWD;
+        ql_plan_add(p, S, (void **)&s->dhm, d.R * d.I, 4);
+        ql_plan_add(p, S, (void **)&s->dgate, d.R * d.I, 4);
+        ql_plan_add(p, S, (void **)&s->dup, d.R * d.I, 4);
+        ql_plan_add(p, S, (void **)&s->dxn, d.R * d.H, 4);
+        ql_plan_add(p, S, (void **)&s->datt, d.R * d.qd, 4);
+        ql_plan_add(p, S, (void **)&s->dq, d.R * d.qd, 4);
+        ql_plan_add(p, S, (void **)&s->dk, d.R * d.kvd, 4);
+        ql_plan_add(p, S, (void **)&s->dv, d.R * d.kvd, 4);
+        if (c->qk_norm) {
+            ql_plan_add(p, S, (void **)&s->dqpre, d.R * d.qd, 4);
+            ql_plan_add(p, S, (void **)&s->dkpre, d.R * d.kvd, 4);
+        }
+        ql_plan_add(p, S, (void **)&s->dscores, B * d.nh * T * T, 4);
+        ql_plan_add(p, S, (void **)&s->dh, d.R * (d.r > 0 ? d.r : 1), 4);
+        int64_t widest = d.I > d.qd ? d.I : d.qd;
+        if (d.H > widest) widest = d.H;
+        if (lora && lora->cfg.dropout > 0) ql_plan_add(p, S, (void **)&s->dxd, d.R * widest, 4);
+        ql_plan_add(p, S, (void **)&s->dmid, d.R * d.H, 4);
+        ql_plan_add(p, S, (void **)&s->grad, d.R * d.H, 4);
+        ql_plan_add(p, S, (void **)&s->grad2, d.R * d.H, 4);
+    }
     int64_t maxw = 0;
-    for (int i = 0; i < c->n_layers; i++)
+    for (int i = 0; i < nl; i++)
         for (int k = 0; k < QL_MOD_COUNT; k++) {
             const ql_linear *l = layer_linear(&ql_llama_layers(m)[i], k);
-            if (l->out * l->in > maxw) maxw = l->out * l->in;
+            if (!l->dense && l->out * l->in > maxw) maxw = l->out * l->in;
         }
-    int nl = c->n_layers;
-    int keep_all = backward && !opts->checkpointing;
-    int rc = QL_OK;
-    layer_acts *acts = calloc((size_t)(keep_all ? nl : 1), sizeof *acts);
-    float **inputs = calloc((size_t)nl + 1, sizeof *inputs); /* layer inputs, and the final hidden state */
-    float *logits = be->alloc((size_t)T * d->V * 4);
-    float *xnf = be->alloc((size_t)T * d->H * 4), *rstdf = be->alloc((size_t)T * 4);
-    int32_t *targets = malloc((size_t)T * sizeof *targets); /* host */
-    x.w = be->alloc((size_t)maxw * 4);
-    x.inv_freq = malloc((size_t)(d->hd / 2) * sizeof *x.inv_freq);
-    bwd_scratch s = {0};
-    if (!acts || !inputs || !logits || !xnf || !rstdf || !targets || !x.w || !x.inv_freq) {
-        rc = ql_error(QL_ENOMEM, "out of memory");
-        goto done;
+    ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, 4);
+    lm->logit_rows = o->logit_rows > 0 ? o->logit_rows : LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
+    if (lm->logit_rows < 1) lm->logit_rows = 1;
+    if (lm->logit_rows > d.R) lm->logit_rows = d.R;
+    ql_plan_add(p, QL_ROLE_LOGITS, (void **)&lm->logits, lm->logit_rows * d.V, 4);
+    int H = QL_ROLE_HOST;
+    ql_plan_add(p, H, (void **)&lm->h_ids, d.R, 4);
+    ql_plan_add(p, H, (void **)&lm->h_labels, d.R, 4);
+    ql_plan_add(p, H, (void **)&lm->targets, d.R, 4);
+    ql_plan_add(p, H, (void **)&lm->losses, d.R, 4);
+    ql_plan_add(p, H, (void **)&lm->h_len, B, 4);
+    ql_plan_add(p, H, (void **)&lm->h_seeds, 2 * B, 8); /* sequence seeds, then one module's */
+    ql_plan_add(p, H, (void **)&lm->inv_freq, B * (d.hd / 2), 4);
+    int rc = o->allocate ? ql_plan_alloc(p) : QL_OK;
+    if (rc) {
+        ql_lora_model_destroy(lm);
+        return rc;
     }
-    for (int i = 0; i <= nl && rc == QL_OK; i++)
-        if (!(inputs[i] = be->alloc((size_t)T * d->H * 4))) rc = ql_error(QL_ENOMEM, "out of memory");
-    for (int i = 0; i < (keep_all ? nl : 1) && rc == QL_OK; i++) rc = acts_alloc(be, &acts[i], d, x.lora, i, c->qk_norm);
-    if (rc) goto done;
-    ql_llama_rope(x.inv_freq, &x.rope_scale, m, T);
+    *out = lm;
+    return QL_OK;
+}
+
+void ql_lora_model_destroy(ql_lora_model *lm)
+{
+    if (!lm) return;
+    ql_plan_free(&lm->plan);
+    free(lm->acts);
+    free(lm->inputs);
+    free(lm);
+}
+
+void ql_lora_model_print_plan(const ql_lora_model *lm, FILE *f) { ql_plan_print(&lm->plan, f); }
+
+uint64_t ql_lora_model_plan_bytes(const ql_lora_model *lm, int role)
+{
+    return role < 0 ? ql_plan_total(&lm->plan) : role < QL_ROLE_COUNT ? lm->plan.bytes[role] : 0;
+}
+
+int ql_lora_model_gather(ql_lora_model *lm, const ql_example *const *ex, int n, const uint64_t *seeds,
+                         ql_lora_batch *out)
+{
+    if (!lm->h_ids) return ql_error(QL_EINVAL, "the model's memory plan was not allocated (a dry run)");
+    if (n < 1 || n > lm->Bmax)
+        return ql_error(QL_EINVAL, "micro-batch of %d sequences: the plan is for 1 to %d", n, lm->Bmax);
+    int T = 0;
+    for (int b = 0; b < n; b++)
+        if (ex[b]->len > T) T = ex[b]->len;
+    if (T > lm->Tmax)
+        return ql_error(QL_EINVAL, "sequence of %d tokens: the memory plan is for at most %d", T, lm->Tmax);
+    uint64_t *sd = lm->h_seeds + lm->Bmax;
+    for (int b = 0; b < n; b++) {
+        int32_t len = ex[b]->len;
+        lm->h_len[b] = len;
+        sd[b] = seeds ? seeds[b] : 0;
+        memcpy(lm->h_ids + (int64_t)b * T, ex[b]->ids, (size_t)len * 4);
+        memcpy(lm->h_labels + (int64_t)b * T, ex[b]->labels, (size_t)len * 4);
+        for (int t = len; t < T; t++) {
+            lm->h_ids[(int64_t)b * T + t] = 0;
+            lm->h_labels[(int64_t)b * T + t] = QL_IGNORE_INDEX;
+        }
+    }
+    *out = (ql_lora_batch){.B = n, .T = T, .ids = lm->h_ids, .labels = lm->h_labels, .len = lm->h_len,
+                           .dropout_seeds = sd};
+    return QL_OK;
+}
+
+/* ---- the step ---- */
+
+int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,
+                       int64_t *n_targets)
+{
+    const ql_llama_config *c = lm->c;
+    ql_llama *m = lm->m;
+    if (!lm->h_ids) return ql_error(QL_EINVAL, "the model's memory plan was not allocated (a dry run)");
+    if (mb->B < 1 || mb->B > lm->Bmax || mb->T < 1 || mb->T > lm->Tmax)
+        return ql_error(QL_EINVAL, "micro-batch of %d x %d tokens: the memory plan is for at most %d x %d", mb->B,
+                        mb->T, lm->Bmax, lm->Tmax);
+    int backward = opts->backward && lm->lora;
+    if (backward && !lm->backward)
+        return ql_error(QL_EINVAL, "backward step on a model planned for the forward pass only");
+    for (int b = 0; b < mb->B; b++) {
+        const int len = mb->len[b];
+        const int32_t *ids = mb->ids + (int64_t)b * mb->T;
+        if (len < 0 || len > mb->T)
+            return ql_error(QL_EINVAL, "sequence %d of the micro-batch has length %d, outside 0..%d", b, len, mb->T);
+        if (len > c->max_len)
+            return ql_error(QL_EINVAL, "sequence of %d tokens exceeds the model's %d positions", len, c->max_len);
+        for (int t = 0; t < len; t++)
+            if (ids[t] < 0 || ids[t] >= c->vocab)
+                return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", ids[t], t,
+                                c->vocab);
+    }
+    ctx x = {.lm = lm, .be = lm->ctx, .m = m, .lora = lm->lora, .c = c, .seq_seeds = mb->dropout_seeds,
+             .seeds = lm->h_seeds};
+    x.dropout = backward && lm->lora->cfg.dropout > 0;
+    if (x.dropout && !mb->dropout_seeds) return ql_error(QL_EINVAL, "a dropout step needs per-sequence seeds");
+    dims *d = &x.d;
+    set_dims(d, c, lm->lora, mb->B, mb->T);
+    x.mb = (ql_be_batch){.B = mb->B, .T = mb->T, .len = mb->len};
+    /* each sequence's rotary table for its own length, in order, as one-sequence
+     * steps take it (dynamic RoPE keeps the model's state; a sequence too short
+     * for a loss leaves that state alone) */
+    const int half = c->head_dim / 2;
+    for (int b = 0; b < mb->B; b++) {
+        float *tab = lm->inv_freq + (int64_t)b * half;
+        if (mb->len[b] >= 2) ql_llama_rope(tab, &x.rope_scale, m, mb->len[b]);
+        else ql_rope_inv_freq(tab, &x.rope_scale, &c->rope, c->head_dim, 1);
+    }
+    x.inv_freq = lm->inv_freq;
+    const int64_t R = d->R, H = d->H, V = d->V;
+    const int nl = c->n_layers;
+    const int keep_all = backward && lm->keep_all;
+    ql_be_ctx *be = lm->ctx;
+    if (be->status) return ql_be_check(be); /* an earlier unchecked failure */
+
+    /* targets (host): row (b, t) predicts ids[b, t+1] */
+    int64_t count = 0;
+    for (int b = 0; b < mb->B; b++)
+        for (int64_t t = 0; t < mb->T; t++) {
+            int64_t row = b * mb->T + t;
+            int32_t y = QL_IGNORE_INDEX;
+            if (t + 1 < mb->len[b] && mb->labels[row + 1] != QL_IGNORE_INDEX) y = mb->ids[row + 1];
+            lm->targets[row] = y;
+            count += y != QL_IGNORE_INDEX;
+        }
+    int do_backward = backward && count > 0;
 
     /* forward */
-    be->embedding(inputs[0], ql_llama_embeddings(m), ids, T, d->H);
+    ql_be(be, embedding, lm->inputs[0], ql_llama_embeddings(m), mb->ids, &x.mb, H);
+    int rc = QL_OK;
     for (int i = 0; i < nl && rc == QL_OK; i++) {
-        layer_acts *a = &acts[keep_all ? i : 0];
-        be->copy(a->x, inputs[i], (size_t)(T * d->H) * 4);
-        rc = layer_fwd(&x, i, a, inputs[i + 1]);
+        layer_acts *a = &lm->acts[keep_all ? i : 0];
+        a->x = lm->inputs[i];
+        rc = layer_fwd(&x, i, a, lm->inputs[i + 1]);
     }
-    if (rc) goto done;
-    const ql_llama_layer *Ls = ql_llama_layers(m);
-    (void)Ls;
     const float *final_norm = NULL, *lm_head = NULL;
     ql_llama_output_weights(m, &final_norm, &lm_head);
-    be->rmsnorm_forward(xnf, rstdf, inputs[nl], final_norm, T, d->H, c->rms_eps);
-    be->matmul_nt(logits, xnf, lm_head, T, d->H, d->V, 0);
-    for (int t = 0; t + 1 < T; t++) targets[t] = labels[t + 1] == QL_IGNORE_INDEX ? QL_IGNORE_INDEX : ids[t + 1];
-    targets[T - 1] = QL_IGNORE_INDEX;
-    int64_t count = ql_count_targets(targets, T, QL_IGNORE_INDEX);
-    double sum = be->cross_entropy(backward ? logits : NULL, logits, targets, T, d->V, QL_IGNORE_INDEX, opts->loss_scale);
-    *loss_sum += sum;
+    ql_be(be, rmsnorm_forward, lm->xnf, lm->rstdf, lm->inputs[nl], final_norm, R, H, c->rms_eps);
+    /* logits a chunk of rows at a time: loss, dlogits in place, and their
+     * gradient into dxn, so [R, V] never exists whole */
+    for (int64_t r0 = 0; r0 < R && !be->status; r0 += lm->logit_rows) {
+        int64_t n = R - r0 < lm->logit_rows ? R - r0 : lm->logit_rows;
+        ql_be(be, matmul_nt, lm->logits, lm->xnf + r0 * H, lm_head, n, H, V, 0);
+        ql_be(be, cross_entropy, lm->losses + r0, do_backward ? lm->logits : NULL, lm->logits, lm->targets + r0, n,
+              V, QL_IGNORE_INDEX, opts->loss_scale);
+        if (do_backward) ql_be(be, matmul_backward_input, lm->s.dxn + r0 * H, lm->logits, lm_head, n, H, V, 0);
+    }
+    if ((rc = ql_be_check(be))) return rc;
+    for (int b = 0; b < mb->B; b++) {
+        double sum = 0; /* as one sequence's step sums it */
+        for (int64_t t = 0; t < mb->T; t++) sum += lm->losses[b * mb->T + t];
+        *loss_sum += sum;
+    }
     *n_targets += count;
-    if (!backward || count == 0) goto done;
+    if (!do_backward) return QL_OK;
 
-    /* backward: dlogits (in `logits`) -> final norm -> layers */
-    s.dhm = be->alloc((size_t)(T * d->I) * 4);
-    s.dgate = be->alloc((size_t)(T * d->I) * 4);
-    s.dup = be->alloc((size_t)(T * d->I) * 4);
-    s.dxn = be->alloc((size_t)(T * d->H) * 4);
-    s.datt = be->alloc((size_t)(T * d->qd) * 4);
-    s.dq = be->alloc((size_t)(T * d->qd) * 4);
-    s.dk = be->alloc((size_t)(T * d->kvd) * 4);
-    s.dv = be->alloc((size_t)(T * d->kvd) * 4);
-    s.dscores = be->alloc((size_t)d->nh * T * T * 4);
-    s.dh = be->alloc((size_t)(T * (d->r > 0 ? d->r : 1)) * 4);
-    int64_t widest = d->I > d->qd ? d->I : d->qd;
-    if (d->H > widest) widest = d->H;
-    s.dxd = be->alloc((size_t)(T * widest) * 4);
-    s.dmid = be->alloc((size_t)(T * d->H) * 4);
-    if (c->qk_norm) {
-        s.dqpre = be->alloc((size_t)(T * d->qd) * 4);
-        s.dkpre = be->alloc((size_t)(T * d->kvd) * 4);
-    }
-    float *grad = be->alloc((size_t)(T * d->H) * 4), *grad2 = be->alloc((size_t)(T * d->H) * 4);
-    if (!s.dhm || !s.dgate || !s.dup || !s.dxn || !s.datt || !s.dq || !s.dk || !s.dv || !s.dscores || !s.dh ||
-        !s.dxd || !s.dmid || !grad || !grad2 || (c->qk_norm && (!s.dqpre || !s.dkpre))) {
-        if (grad) be->free(grad);
-        if (grad2) be->free(grad2);
-        rc = ql_error(QL_ENOMEM, "out of memory");
-        goto done;
-    }
-    be->matmul_backward_input(s.dxn, logits, lm_head, T, d->H, d->V, 0);
-    be->rmsnorm_backward(grad, NULL, s.dxn, inputs[nl], final_norm, rstdf, T, d->H, 0);
+    /* backward: dxn -> final norm -> layers */
+    bwd_scratch *s = &lm->s;
+    float *grad = s->grad, *grad2 = s->grad2;
+    ql_be(be, rmsnorm_backward, grad, NULL, s->dxn, lm->inputs[nl], final_norm, lm->rstdf, R, H, 0);
     for (int i = nl - 1; i >= 0 && rc == QL_OK; i--) {
-        layer_acts *a = &acts[keep_all ? i : 0];
+        layer_acts *a = &lm->acts[keep_all ? i : 0];
         if (!keep_all) { /* recompute this layer's activations from its saved input */
-            be->copy(a->x, inputs[i], (size_t)(T * d->H) * 4);
-            rc = layer_fwd(&x, i, a, grad2);
-            if (rc) break;
+            a->x = lm->inputs[i];
+            if ((rc = layer_fwd(&x, i, a, grad2))) break;
         }
-        rc = layer_bwd(&x, i, a, grad, grad2, &s);
+        rc = layer_bwd(&x, i, a, grad, grad2, s);
         float *tmp = grad;
         grad = grad2;
         grad2 = tmp;
     }
-    be->free(grad);
-    be->free(grad2);
-done:
-    if (acts)
-        for (int i = 0; i < (keep_all ? nl : 1); i++) acts_free(be, &acts[i]);
-    free(acts);
-    if (inputs)
-        for (int i = 0; i <= nl; i++)
-            if (inputs[i]) be->free(inputs[i]);
-    free(inputs);
-    float *bufs[] = {logits, xnf, rstdf, x.w, s.dhm, s.dgate, s.dup, s.dxn, s.datt, s.dq, s.dk, s.dv, s.dscores,
-                     s.dh, s.dxd, s.dmid, s.dqpre, s.dkpre};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-        if (bufs[i]) be->free(bufs[i]);
-    free(targets);
-    free(x.inv_freq);
-    return rc;
+    return ql_be_check(be);
 }

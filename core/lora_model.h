@@ -1,25 +1,72 @@
 /* Forward and backward of a LLaMA model with LoRA adapters over frozen
- * (possibly quantized) weights, one sequence at a time (internal). */
+ * (possibly quantized) weights, a micro-batch at a time (internal).
+ *
+ * A ql_lora_model is made once per run for the largest micro-batch (B
+ * sequences of up to T tokens): it computes the memory plan (plan.h), and
+ * allocates its arenas unless only the plan is wanted; steps then allocate
+ * nothing.  Every linear is one matmul over the micro-batch's B*T rows, and
+ * quantized weights are materialized once per micro-batch and pass (again in
+ * backward: nothing is kept). */
 #ifndef QL_LORA_MODEL_H
 #define QL_LORA_MODEL_H
 
 #include <stdint.h>
+#include <stdio.h>
 
+#include "backend.h"
+#include "qlora/dataset.h"
 #include "qlora/llama.h"
 #include "qlora/lora.h"
 
+typedef struct ql_lora_model ql_lora_model;
+
+typedef struct ql_lora_model_opts {
+    int batch;         /* most sequences in a micro-batch */
+    int max_len;       /* most tokens in a sequence */
+    int checkpointing; /* keep only each layer's input; recompute the rest in backward */
+    int backward;      /* 0: plan for loss only (evaluation) */
+    int allocate;      /* 0: compute the plan only (--dry-run) */
+    const ql_adamw *opt; /* counted in the plan when not NULL */
+    int64_t logit_rows;  /* logits rows computed at a time; 0: as many as fit in 64 MiB */
+} ql_lora_model_opts;
+
+/* lora may be NULL (base model only, no backward); ctx NULL means the
+ * model's own (ql_llama_ctx).  An out-of-memory is QL_ENOMEM with the plan
+ * and what to reduce in the message. */
+int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *ctx, const ql_lora_model_opts *o,
+                         ql_lora_model **out);
+void ql_lora_model_destroy(ql_lora_model *lm);
+void ql_lora_model_print_plan(const ql_lora_model *lm, FILE *f);
+uint64_t ql_lora_model_plan_bytes(const ql_lora_model *lm, int role);
+
+/* A micro-batch: B sequences right-padded to T (the longest). */
+typedef struct ql_lora_batch {
+    int B, T;
+    const int32_t *ids;            /* host [B, T]; padding positions are not read */
+    const int32_t *labels;         /* host [B, T]; QL_IGNORE_INDEX where no loss is taken */
+    const int32_t *len;            /* host [B], each 0..T */
+    const uint64_t *dropout_seeds; /* host [B]: sequence b's LoRA dropout masks derive from seeds[b] */
+} ql_lora_batch;
+
+/* Gather n examples (n <= the planned batch) into the model's host staging,
+ * padded to the longest, with the given dropout seeds (NULL: zeros). */
+int ql_lora_model_gather(ql_lora_model *lm, const ql_example *const *ex, int n, const uint64_t *seeds,
+                         ql_lora_batch *out);
+
 typedef struct ql_lora_step_opts {
-    float loss_scale;      /* multiplies every gradient: 1 / (targets in the batch * accumulation) */
-    uint64_t dropout_seed; /* LoRA dropout masks derive from it (per layer and module) */
-    int checkpointing;     /* keep only each layer's input; recompute the rest in backward */
-    int backward;          /* 0: loss only (no dropout) */
+    float loss_scale; /* multiplies every gradient: 1 / (targets in the batch * accumulation) */
+    int backward;     /* 0: loss only (no dropout) */
 } ql_lora_step_opts;
 
-/* Loss over one sequence: position t predicts ids[t+1] where labels[t+1] !=
- * -100.  Adds the summed NLL to *loss_sum and the count to *n_targets; with
- * backward, adds loss_scale * d(sum)/dparams into lora->grads.  lora may be
- * NULL (base model only, no backward). */
-int ql_lora_model_step(ql_llama *m, ql_lora *lora, const int32_t *ids, const int32_t *labels, int T,
-                       const ql_lora_step_opts *opts, double *loss_sum, int64_t *n_targets);
+/* Loss over a micro-batch: in sequence b, position t predicts ids[b, t+1]
+ * where labels[b, t+1] != -100 (t + 1 < len[b]).  Each sequence rotates with
+ * the RoPE table for its own length (ql_llama_rope(len[b]), taken in order b
+ * = 0..B-1 as B one-sequence steps take it: dynamic RoPE past
+ * max_position_embeddings is per sequence, and keeps the model's state).  Adds the summed NLL to
+ * *loss_sum (summed per sequence, in order, as B one-sequence steps would)
+ * and the count to *n_targets; with backward, adds loss_scale *
+ * d(sum)/dparams into lora->grads. */
+int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,
+                       int64_t *n_targets);
 
 #endif

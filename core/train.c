@@ -659,13 +659,19 @@ static int stopped(int rc, const char *run_dir, int64_t at_step, int64_t last_sa
 
 /* ---- evaluation ---- */
 
-static int evaluate(ql_llama *m, ql_lora *lora, const ql_dataset *d, double *loss, int64_t *tokens)
+/* The mean loss over d's target tokens, `batch` sequences per step (ex: scratch for batch pointers). */
+static int evaluate(ql_lora_model *lm, const ql_dataset *d, int batch, const ql_example **ex, double *loss,
+                    int64_t *tokens)
 {
     double sum = 0;
     int64_t n = 0;
     ql_lora_step_opts so = {.loss_scale = 0, .backward = 0};
-    for (size_t i = 0; i < d->n; i++) {
-        int rc = ql_lora_model_step(m, lora, d->examples[i].ids, d->examples[i].labels, d->examples[i].len, &so, &sum, &n);
+    for (size_t i = 0; i < d->n; i += (size_t)batch) {
+        int k = 0;
+        for (; k < batch && i + (size_t)k < d->n; k++) ex[k] = &d->examples[i + (size_t)k];
+        ql_lora_batch mb;
+        int rc = ql_lora_model_gather(lm, ex, k, NULL, &mb);
+        if (rc == QL_OK) rc = ql_lora_model_step(lm, &mb, &so, &sum, &n);
         if (rc) return rc;
     }
     *loss = n ? sum / (double)n : NAN;
@@ -688,6 +694,9 @@ int ql_train(const ql_train_opts *o)
     ql_dataset *d = NULL, *ed = NULL;
     ql_lora *lora = NULL;
     ql_adamw *opt = NULL;
+    ql_lora_model *lm = NULL;
+    uint64_t *seeds = NULL;
+    const ql_example **batch = NULL;
     json_t *config = NULL;
     metrics_file metrics = {.fd = -1, .path = NULL};
     size_t *order = NULL;
@@ -715,13 +724,15 @@ int ql_train(const ql_train_opts *o)
         free(ts);
         if (!found) return ql_error(QL_ENOTFOUND, "%s is not a checkpoint: trainer_state.json is missing", o->resume_from);
         snprintf(run_dir, sizeof run_dir, "%s", o->output_dir ? o->output_dir : dirname(tmp));
+    } else if (o->dry_run && !o->output_dir) {
+        run_dir[0] = '\0';
     } else {
         if (!o->output_dir) return ql_error(QL_EINVAL, "--output RUN_DIR is required");
         if (snprintf(run_dir, sizeof run_dir, "%s", o->output_dir) >= (int)sizeof run_dir)
             return ql_error(QL_EINVAL, "--output %s: path too long", o->output_dir);
         size_t l = strlen(run_dir);
         while (l > 1 && run_dir[l - 1] == '/') run_dir[--l] = '\0';
-        if ((rc = check_new_run_dir(o, run_dir))) return rc; /* before the slow part; checked again at creation */
+        if (!o->dry_run && (rc = check_new_run_dir(o, run_dir))) return rc; /* before the slow part; checked again at creation */
     }
 
     ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0};
@@ -742,6 +753,27 @@ int ql_train(const ql_train_opts *o)
     ql_train_opts effective = *o;
     effective.data.max_len = dopts.max_len; /* the model's length when not given */
     config = run_config(&effective, ql_llama_quantization(m));
+
+    /* the memory plan, for the longest example of either set: made (and
+     * allocated) once, before anything is written */
+    int max_len = 1;
+    for (size_t i = 0; i < d->n; i++)
+        if (d->examples[i].len > max_len) max_len = d->examples[i].len;
+    for (size_t i = 0; ed && i < ed->n; i++)
+        if (ed->examples[i].len > max_len) max_len = ed->examples[i].len;
+    ql_lora_model_opts mo = {.batch = o->batch_size, .max_len = max_len, .checkpointing = o->gradient_checkpointing,
+                             .backward = 1, .allocate = !o->dry_run, .opt = opt};
+    if ((rc = ql_lora_model_create(m, lora, NULL, &mo, &lm))) goto done;
+    if (o->dry_run) {
+        ql_lora_model_print_plan(lm, stdout);
+        goto done;
+    }
+    seeds = malloc((size_t)o->batch_size * sizeof *seeds);
+    batch = malloc((size_t)o->batch_size * sizeof *batch);
+    if (!seeds || !batch) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto done;
+    }
 
     const int64_t mb_per_epoch = ((int64_t)d->n + o->batch_size - 1) / o->batch_size;
     total = o->steps;
@@ -799,16 +831,17 @@ int ql_train(const ql_train_opts *o)
             if (count == 0) continue;
             double sum = 0;
             int64_t n = 0;
-            for (int64_t j = first; j < last && rc == QL_OK; j++) {
+            for (int64_t j = first; j < last; j++) {
                 const ql_example *e = &d->examples[order[j]];
                 uint64_t seed = (uint64_t)o->seed * 0x9E3779B97F4A7C15ull ^ (uint64_t)(g * o->batch_size + (j - first));
-                ql_lora_step_opts so = {.loss_scale = 1.0f / ((float)count * (float)o->grad_accum),
-                                        .dropout_seed = ql_splitmix64_next(&seed),
-                                        .checkpointing = o->gradient_checkpointing,
-                                        .backward = 1};
-                rc = ql_lora_model_step(m, lora, e->ids, e->labels, e->len, &so, &sum, &n);
+                batch[j - first] = e;
+                seeds[j - first] = ql_splitmix64_next(&seed);
                 step_tokens += e->len;
             }
+            ql_lora_batch mb;
+            ql_lora_step_opts so = {.loss_scale = 1.0f / ((float)count * (float)o->grad_accum), .backward = 1};
+            rc = ql_lora_model_gather(lm, batch, (int)(last - first), seeds, &mb);
+            if (rc == QL_OK) rc = ql_lora_model_step(lm, &mb, &so, &sum, &n);
             if (rc) goto done;
             step_loss += (sum / (double)n) / o->grad_accum;
         }
@@ -847,7 +880,7 @@ int ql_train(const ql_train_opts *o)
         if (eval_now) {
             double el;
             int64_t et;
-            if ((rc = evaluate(m, lora, ed, &el, &et))) goto done;
+            if ((rc = evaluate(lm, ed, o->batch_size, batch, &el, &et))) goto done;
             json_t *er = json_object();
             json_object_set_new(er, "step", json_integer(st.step));
             json_object_set_new(er, "eval_loss", json_real(el));
@@ -882,6 +915,9 @@ done:
     metrics_close(&metrics);
     if (lock_fd >= 0) close(lock_fd);
     free(order);
+    free(seeds);
+    free(batch);
+    ql_lora_model_destroy(lm);
     json_decref(config);
     ql_adamw_destroy(opt);
     ql_lora_destroy(lora);

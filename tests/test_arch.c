@@ -210,8 +210,15 @@ START_TEST(lora_logits_and_gradients)
         double sum = 0;
         int64_t n = 0, total = 0;
         for (int t = 1; t < T; t++) total += ((const int32_t *)lab->data)[t] != -100;
-        ql_lora_step_opts o = {.loss_scale = 1.0f / (float)total, .dropout_seed = 1, .checkpointing = ckpt, .backward = 1};
-        ck_assert_msg(ql_lora_model_step(m, l, ids->data, lab->data, T, &o, &sum, &n) == QL_OK, "%s", ql_error_message());
+        ql_lora_model_opts mo = {.batch = 1, .max_len = T, .checkpointing = ckpt, .backward = 1, .allocate = 1};
+        ql_lora_model *lm;
+        ck_assert_msg(ql_lora_model_create(m, l, NULL, &mo, &lm) == QL_OK, "%s", ql_error_message());
+        const int32_t len = T;
+        const uint64_t seed = 1;
+        ql_lora_batch mb = {.B = 1, .T = T, .ids = ids->data, .labels = lab->data, .len = &len, .dropout_seeds = &seed};
+        ql_lora_step_opts o = {.loss_scale = 1.0f / (float)total, .backward = 1};
+        ck_assert_msg(ql_lora_model_step(lm, &mb, &o, &sum, &n) == QL_OK, "%s", ql_error_message());
+        ql_lora_model_destroy(lm);
         ck_assert_int_eq(n, total);
         ck_assert_msg(fabs(sum / (double)n - want_loss) < 1e-5 * fabs(want_loss), "%s loss %.7f vs %.7f", names[_i],
                       sum / (double)n, want_loss);

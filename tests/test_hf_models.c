@@ -196,32 +196,54 @@ START_TEST(qlora_adapter_in_peft)
 }
 END_TEST
 
-START_TEST(loss_and_lora_gradients)
+/* The loss and every LoRA gradient of the NSEQ sequences against
+ * transformers (which ran them one at a time).  batched 0: one sequence per
+ * micro-batch, the second with gradient checkpointing; 1: all NSEQ in one
+ * micro-batch, right-padded to the longest (biases, q/k norms, windows and
+ * each sequence's own RoPE table through the batched ops). */
+static void loss_and_grads(const hf_form *f, int batched)
 {
-    const hf_form *f = form_setup(_i);
-    if (!f->supported) return;
     ql_llama *m = load(f);
     ql_lora *l = load_adapter(f, m, "adapter");
     int64_t total = 0;
+    int longest = 1;
+    ql_example ex[NSEQ];
+    const ql_example *exs[NSEQ];
     for (int i = 0; i < NSEQ; i++) {
-        const ql_tensor *lab = need("labels.%d", i);
+        const ql_tensor *ids = need("ids.%d", i), *lab = need("labels.%d", i);
         const int32_t *y = lab->data;
         for (int64_t t = 1; t < lab->shape[0]; t++) total += y[t] != -100;
+        ex[i] = (ql_example){.ids = (int32_t *)ids->data, .labels = (int32_t *)lab->data, .len = (int32_t)ids->shape[0]};
+        exs[i] = &ex[i];
+        if (ex[i].len > longest) longest = ex[i].len;
     }
     memset(l->grads, 0, l->n_params * 4);
     double sum = 0;
     int64_t n = 0;
-    for (int i = 0; i < NSEQ; i++) {
-        const ql_tensor *ids = need("ids.%d", i), *lab = need("labels.%d", i);
-        ql_lora_step_opts o = {.loss_scale = 1.0f / (float)total, .dropout_seed = 1, .checkpointing = i == 1, .backward = 1};
-        int rc = ql_lora_model_step(m, l, ids->data, lab->data, (int)ids->shape[0], &o, &sum, &n);
+    const uint64_t seeds[NSEQ] = {1, 1, 1};
+    ql_lora_model *lm[2] = {NULL, NULL}; /* gradient checkpointing off, on */
+    for (int ck = 0; ck < 2; ck++) {
+        ql_lora_model_opts mo = {.batch = batched ? NSEQ : 1, .max_len = longest, .checkpointing = ck, .backward = 1,
+                                 .allocate = 1};
+        ck_assert_msg(ql_lora_model_create(m, l, NULL, &mo, &lm[ck]) == QL_OK, "%s", ql_error_message());
+    }
+    ql_lora_step_opts o = {.loss_scale = 1.0f / (float)total, .backward = 1};
+    for (int i = 0; i < (batched ? 1 : NSEQ); i++) {
+        ql_lora_model *lmi = lm[!batched && i == 1];
+        ql_lora_batch mb;
+        ck_assert_msg(ql_lora_model_gather(lmi, exs + i, batched ? NSEQ : 1, seeds, &mb) == QL_OK, "%s",
+                      ql_error_message());
+        int rc = ql_lora_model_step(lmi, &mb, &o, &sum, &n);
         ck_assert_msg(rc == QL_OK, "%s: sequence %d: %s", f->name, i, ql_error_message());
     }
+    ql_lora_model_destroy(lm[0]);
+    ql_lora_model_destroy(lm[1]);
+    const char *how = batched ? "one micro-batch" : "one by one";
     ck_assert_int_eq(n, total);
     float want_loss = *(const float *)need("loss")->data;
     double le = fabs(sum / (double)n - want_loss) / fabs(want_loss);
-    printf("%s: loss %.7f vs %.7f: relative error %.3g\n", f->name, sum / (double)n, want_loss, le);
-    ck_assert_msg(le < LOSS_TOL, "%s: loss %.7f vs %.7f", f->name, sum / (double)n, want_loss);
+    printf("%s (%s): loss %.7f vs %.7f: relative error %.3g\n", f->name, how, sum / (double)n, want_loss, le);
+    ck_assert_msg(le < LOSS_TOL, "%s (%s): loss %.7f vs %.7f", f->name, how, sum / (double)n, want_loss);
     double worst_a = 0, worst_b = 0;
     for (int layer = 0; layer < l->n_layers; layer++)
         for (int k = 0; k < QL_MOD_COUNT; k++) {
@@ -232,16 +254,24 @@ START_TEST(loss_and_lora_gradients)
             ck_assert_int_eq(gb->shape[0] * gb->shape[1], p->out * l->cfg.r);
             size_t worst = 0;
             double ea = rel_error(p->dA, ga->data, (size_t)(l->cfg.r * p->in), &worst);
-            ck_assert_msg(ea < GRAD_TOL, "%s: dA layer %d %s: relative error %.3g", f->name, layer,
+            ck_assert_msg(ea < GRAD_TOL, "%s (%s): dA layer %d %s: relative error %.3g", f->name, how, layer,
                           ql_lora_module_name(k), ea);
             double eb = rel_error(p->dB, gb->data, (size_t)(p->out * l->cfg.r), &worst);
-            ck_assert_msg(eb < GRAD_TOL, "%s: dB layer %d %s: relative error %.3g", f->name, layer,
+            ck_assert_msg(eb < GRAD_TOL, "%s (%s): dB layer %d %s: relative error %.3g", f->name, how, layer,
                           ql_lora_module_name(k), eb);
             worst_a = fmax(worst_a, ea), worst_b = fmax(worst_b, eb);
         }
-    printf("%s: LoRA gradients: worst relative error dA %.3g, dB %.3g\n", f->name, worst_a, worst_b);
+    printf("%s (%s): LoRA gradients: worst relative error dA %.3g, dB %.3g\n", f->name, how, worst_a, worst_b);
     ql_lora_destroy(l);
     ql_llama_destroy(m);
+}
+
+START_TEST(loss_and_lora_gradients)
+{
+    const hf_form *f = form_setup(_i);
+    if (!f->supported) return;
+    loss_and_grads(f, 0);
+    loss_and_grads(f, 1);
 }
 END_TEST
 

@@ -146,11 +146,24 @@ START_TEST(loss_and_lora_gradients)
     memset(l->grads, 0, l->n_params * 4);
     double sum = 0;
     int64_t n = 0;
+    int longest = 1;
+    for (int i = 0; i < NSEQ; i++)
+        if (need("ids.%d", i)->shape[0] > longest) longest = (int)need("ids.%d", i)->shape[0];
+    ql_lora_model *lm[2]; /* gradient checkpointing off, on */
+    for (int ck = 0; ck < 2; ck++) {
+        ql_lora_model_opts mo = {.batch = 1, .max_len = longest, .checkpointing = ck, .backward = 1, .allocate = 1};
+        ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &mo, &lm[ck]), QL_OK);
+    }
     for (int i = 0; i < NSEQ; i++) {
         const ql_tensor *ids = need("ids.%d", i), *lab = need("labels.%d", i);
-        ql_lora_step_opts o = {.loss_scale = 1.0f / (float)total, .dropout_seed = 1, .checkpointing = i == 1, .backward = 1};
-        ck_assert_int_eq(ql_lora_model_step(m, l, ids->data, lab->data, (int)ids->shape[0], &o, &sum, &n), QL_OK);
+        const int32_t len = (int32_t)ids->shape[0];
+        const uint64_t seed = 1;
+        ql_lora_batch mb = {.B = 1, .T = len, .ids = ids->data, .labels = lab->data, .len = &len, .dropout_seeds = &seed};
+        ql_lora_step_opts o = {.loss_scale = 1.0f / (float)total, .backward = 1};
+        ck_assert_int_eq(ql_lora_model_step(lm[i == 1], &mb, &o, &sum, &n), QL_OK);
     }
+    ql_lora_model_destroy(lm[0]);
+    ql_lora_model_destroy(lm[1]);
     ck_assert_int_eq(n, total);
     float want_loss = *(const float *)need("loss.%s", bases[_i])->data;
     ck_assert_msg(fabs(sum / (double)n - want_loss) < 1e-5 * fabs(want_loss), "loss %.7f vs %.7f", sum / (double)n,

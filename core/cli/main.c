@@ -38,7 +38,7 @@ static const char usage_text[] =
     "       [--lora-r 64] [--lora-alpha 16] [--lora-dropout 0.05] [--lora-modules all|q_proj,...]\n"
     "       [--lr 2e-4] [--weight-decay 0] [--max-grad-norm 0.3] [--lr-scheduler constant|linear|cosine]\n"
     "       [--warmup-ratio 0.03] [--batch-size 1] [--grad-accum 16] [--steps N | --epochs E]\n"
-    "       [--gradient-checkpointing] [--save-steps N] [--eval-steps N --eval-data FILE] [--seed 42]\n"
+    "       [--gradient-checkpointing] [--dry-run] [--save-steps N] [--eval-steps N --eval-data FILE] [--seed 42]\n"
     "       [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
     "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force]\n"
     "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
@@ -158,6 +158,7 @@ enum {
     OPT_STEPS,
     OPT_EPOCHS,
     OPT_GRAD_CKPT,
+    OPT_DRY_RUN,
     OPT_SAVE_STEPS,
     OPT_EVAL_STEPS,
     OPT_NO_SHUFFLE,
@@ -248,6 +249,7 @@ static int cmd_train(int argc, char **argv)
         {"steps", required_argument, NULL, OPT_STEPS},
         {"epochs", required_argument, NULL, OPT_EPOCHS},
         {"gradient-checkpointing", no_argument, NULL, OPT_GRAD_CKPT},
+        {"dry-run", no_argument, NULL, OPT_DRY_RUN},
         {"save-steps", required_argument, NULL, OPT_SAVE_STEPS},
         {"eval-steps", required_argument, NULL, OPT_EVAL_STEPS},
         {"seed", required_argument, NULL, OPT_SEED},
@@ -296,6 +298,7 @@ static int cmd_train(int argc, char **argv)
         case OPT_STEPS: bad |= parse_long_arg("--steps", optarg, 1, 1L << 40, &lv), o.steps = lv; break;
         case OPT_EPOCHS: bad |= parse_float_arg("--epochs", optarg, 1e-9, 1e9, &o.epochs); break;
         case OPT_GRAD_CKPT: o.gradient_checkpointing = 1; break;
+        case OPT_DRY_RUN: o.dry_run = 1; break;
         case OPT_SAVE_STEPS: bad |= parse_long_arg("--save-steps", optarg, 0, 1L << 40, &lv), o.save_steps = lv; break;
         case OPT_EVAL_STEPS: bad |= parse_long_arg("--eval-steps", optarg, 0, 1L << 40, &lv), o.eval_steps = lv; break;
         case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &lv), o.seed = lv; break;
@@ -314,7 +317,7 @@ static int cmd_train(int argc, char **argv)
     if (optind != argc) return usage_error("train: unexpected argument '%s'", argv[optind]);
     if (!o.model_dir) return usage_error("train: --model DIR is required%s", "");
     if (!o.data_path) return usage_error("train: --data FILE is required%s", "");
-    if (!o.output_dir && !o.resume_from) return usage_error("train: --output RUN_DIR (or --resume CHECKPOINT) is required%s", "");
+    if (!o.output_dir && !o.resume_from && !o.dry_run) return usage_error("train: --output RUN_DIR (or --resume CHECKPOINT) is required%s", "");
     if (o.eval_steps > 0 && !o.eval_data_path) return usage_error("train: --eval-steps needs --eval-data FILE%s", "");
     if ((rc = ql_data_format_parse(format, &o.data.format))) return fail(rc);
     rc = ql_train(&o);

@@ -1,0 +1,427 @@
+/* The compute backend's context (sticky status, registry), micro-batch
+ * steps against one-sequence steps, and the memory plan. */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "lora_model.h"
+#include "ops_backward.h"
+#include "plan.h"
+#include "qlora/error.h"
+#include "qlora/llama.h"
+#include "qlora/lora.h"
+#include "testutil.h"
+
+static char model_dir[4096];
+
+static ql_llama *load_model(void)
+{
+    snprintf(model_dir, sizeof model_dir, "%s/models/stories260K", tu_env("QLORA_SHARED"));
+    ql_llama_load_opts lo = {.quantizer = "nf4"};
+    ql_llama *m = NULL;
+    ck_assert_msg(ql_llama_load(model_dir, &lo, &m) == QL_OK, "%s", ql_error_message());
+    return m;
+}
+
+/* LoRA on every module with B != 0, so every gradient is non-trivial */
+static ql_lora *make_lora(ql_llama *m, float dropout)
+{
+    ql_lora_config cfg = {.r = 4, .alpha = 8.0f, .dropout = dropout, .modules = QL_LORA_ALL_MODULES};
+    ql_lora *l = NULL;
+    ck_assert_int_eq(ql_lora_create(m, &cfg, 7, &l), QL_OK);
+    for (int i = 0; i < l->n_layers; i++)
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            ql_lora_pair *p = ql_lora_pair_at(l, i, k);
+            if (p) tu_randn(p->B, (size_t)(p->out * l->cfg.r), 100 + (uint64_t)(i * QL_MOD_COUNT + k), 0.05f);
+        }
+    return l;
+}
+
+enum { NSEQ = 4, TMAX = 40 };
+static const int32_t lens[NSEQ] = {17, 31, 1, 24}; /* one too short to predict anything */
+
+/* sequence b: pseudo-random ids, labels -100 on the first few ("source") */
+static void make_seqs(int vocab, int32_t ids[NSEQ][TMAX], int32_t labels[NSEQ][TMAX])
+{
+    uint64_t s = 12345;
+    for (int b = 0; b < NSEQ; b++)
+        for (int t = 0; t < TMAX; t++) {
+            ids[b][t] = (int32_t)(ql_splitmix64_next(&s) % (uint64_t)vocab);
+            labels[b][t] = t < 3 + b ? QL_IGNORE_INDEX : ids[b][t];
+        }
+}
+
+static double rel_max_diff(const float *a, const float *b, size_t n)
+{
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > worst) worst = d;
+        if (fabs(a[i]) > scale) scale = fabs(a[i]);
+    }
+    return scale > 0 ? worst / scale : worst;
+}
+
+/* One-sequence steps (B = 1 each) against one micro-batch of all NSEQ,
+ * padded to T (>= the longest): the same loss and LoRA gradients, to float
+ * rounding: OpenBLAS sums a product over the micro-batch's B*T rows in its own
+ * blocked order where B one-sequence steps add T rows at a time (observed:
+ * gradients 1.5e-6 of their largest, the loss 1e-8 relative; a padded row
+ * leaking into a sum or a mask off by one is 1e-3 or more). */
+static void batched_vs_single(int checkpointing, float dropout, int pad_to, int64_t logit_rows)
+{
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, dropout);
+    int32_t ids[NSEQ][TMAX], labels[NSEQ][TMAX];
+    make_seqs(ql_llama_get_config(m)->vocab, ids, labels);
+    uint64_t seeds[NSEQ] = {11, 22, 33, 44};
+    const float scale = 1.0f / 50.0f;
+
+    /* one sequence at a time */
+    ql_lora_model_opts o1 = {.batch = 1, .max_len = TMAX, .checkpointing = checkpointing, .backward = 1, .allocate = 1};
+    ql_lora_model *one = NULL;
+    ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &o1, &one), QL_OK);
+    memset(l->grads, 0, l->n_params * 4);
+    double sum1 = 0;
+    int64_t n1 = 0;
+    for (int b = 0; b < NSEQ; b++) {
+        ql_lora_batch mb = {.B = 1, .T = lens[b], .ids = ids[b], .labels = labels[b], .len = &lens[b],
+                            .dropout_seeds = &seeds[b]};
+        ql_lora_step_opts so = {.loss_scale = scale, .backward = 1};
+        ck_assert_msg(ql_lora_model_step(one, &mb, &so, &sum1, &n1) == QL_OK, "%s", ql_error_message());
+    }
+    float *g1 = malloc(l->n_params * 4);
+    memcpy(g1, l->grads, l->n_params * 4);
+    ql_lora_model_destroy(one);
+
+    /* the whole micro-batch, right-padded to pad_to */
+    ql_lora_model_opts ob = {.batch = NSEQ, .max_len = TMAX, .checkpointing = checkpointing, .backward = 1,
+                             .allocate = 1, .logit_rows = logit_rows};
+    ql_lora_model *lm = NULL;
+    ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &ob, &lm), QL_OK);
+    int32_t pids[NSEQ * TMAX], plab[NSEQ * TMAX];
+    for (int b = 0; b < NSEQ; b++)
+        for (int t = 0; t < pad_to; t++) {
+            /* padding holds junk ids (never read) and labels (masked) */
+            pids[b * pad_to + t] = t < lens[b] ? ids[b][t] : 1000000 + t;
+            plab[b * pad_to + t] = t < lens[b] ? labels[b][t] : 5;
+        }
+    memset(l->grads, 0, l->n_params * 4);
+    double sumb = 0;
+    int64_t nb = 0;
+    ql_lora_batch mb = {.B = NSEQ, .T = pad_to, .ids = pids, .labels = plab, .len = lens, .dropout_seeds = seeds};
+    ql_lora_step_opts so = {.loss_scale = scale, .backward = 1};
+    ck_assert_msg(ql_lora_model_step(lm, &mb, &so, &sumb, &nb) == QL_OK, "%s", ql_error_message());
+
+    ck_assert_int_eq(nb, n1);
+    ck_assert_int_gt(n1, 40);
+    ck_assert_msg(fabs(sumb - sum1) <= 1e-6 * fabs(sum1), "loss sum %.9g batched vs %.9g", sumb, sum1);
+    double e = rel_max_diff(g1, l->grads, l->n_params);
+    ck_assert_msg(e <= 1e-5, "LoRA gradients differ: max |diff| / max |grad| = %.3g", e);
+    double gmax = 0;
+    for (size_t i = 0; i < l->n_params; i++) gmax = fmax(gmax, fabs(g1[i]));
+    ck_assert_msg(gmax > 1e-6, "gradients are all zero");
+
+    /* loss only (evaluation) agrees too */
+    double se = 0;
+    int64_t ne = 0;
+    ql_lora_step_opts eo = {.backward = 0};
+    ck_assert_int_eq(ql_lora_model_step(lm, &mb, &eo, &se, &ne), QL_OK);
+    ck_assert_int_eq(ne, n1);
+    if (dropout == 0) ck_assert_msg(fabs(se - sum1) <= 1e-6 * fabs(sum1), "eval loss %.9g vs %.9g", se, sum1);
+    free(g1);
+    ql_lora_model_destroy(lm);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+
+START_TEST(batched_equals_single)
+{
+    batched_vs_single(0, 0.0f, 31, 0);
+}
+END_TEST
+
+START_TEST(batched_equals_single_dropout_checkpointing)
+{
+    batched_vs_single(1, 0.1f, 31, 0);
+}
+END_TEST
+
+START_TEST(batched_equals_single_extra_padding_chunked_logits)
+{
+    batched_vs_single(0, 0.1f, TMAX, 7);
+}
+END_TEST
+
+/* ---- sticky status ---- */
+
+static int matmul_calls, swiglu_calls, fail_swiglu;
+static const ql_backend *cpu;
+
+static int counting_matmul(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in,
+                           int64_t out, int accumulate)
+{
+    matmul_calls++;
+    return cpu->matmul_nt(ctx, y, x, w, rows, in, out, accumulate);
+}
+
+static int failing_swiglu(ql_be_ctx *ctx, float *out, const float *gate, const float *up, int64_t n)
+{
+    swiglu_calls++;
+    if (fail_swiglu) return ql_error(QL_ECUDA, "injected failure in swiglu_forward");
+    return cpu->swiglu_forward(ctx, out, gate, up, n);
+}
+
+START_TEST(sticky_error_stops_the_step)
+{
+    cpu = ql_backend_cpu();
+    ql_backend faulty = *cpu;
+    faulty.name = "faulty";
+    faulty.matmul_nt = counting_matmul;
+    faulty.swiglu_forward = failing_swiglu;
+    ql_be_ctx *ctx = NULL;
+    ck_assert_int_eq(ql_be_ctx_open(NULL, &faulty, &ctx), QL_OK);
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, 0.0f);
+    ql_lora_model_opts o = {.batch = 2, .max_len = TMAX, .backward = 1, .allocate = 1};
+    ql_lora_model *lm = NULL;
+    ck_assert_int_eq(ql_lora_model_create(m, l, ctx, &o, &lm), QL_OK);
+    int32_t ids[NSEQ][TMAX], labels[NSEQ][TMAX];
+    make_seqs(ql_llama_get_config(m)->vocab, ids, labels);
+    int32_t len[2] = {TMAX, TMAX};
+    uint64_t seeds[2] = {1, 2};
+    ql_lora_batch mb = {.B = 2, .T = TMAX, .ids = &ids[0][0], .labels = &labels[0][0], .len = len,
+                        .dropout_seeds = seeds};
+    ql_lora_step_opts so = {.loss_scale = 0.01f, .backward = 1};
+
+    /* a good step: every op runs */
+    double sum = 0;
+    int64_t n = 0;
+    memset(l->grads, 0, l->n_params * 4);
+    ck_assert_int_eq(ql_lora_model_step(lm, &mb, &so, &sum, &n), QL_OK);
+    ck_assert(isfinite(sum) && sum > 0);
+    int good_matmuls = matmul_calls;
+    ck_assert_int_gt(good_matmuls, 10);
+
+    /* the first swiglu fails: later ops are no-ops, the step returns its error */
+    fail_swiglu = 1;
+    matmul_calls = swiglu_calls = 0;
+    sum = 0;
+    n = 0;
+    memset(l->grads, 0, l->n_params * 4);
+    ql_error_clear();
+    int rc = ql_lora_model_step(lm, &mb, &so, &sum, &n);
+    ck_assert_int_eq(rc, QL_ECUDA);
+    ck_assert_contains(ql_error_message(), "injected failure in swiglu_forward");
+    ck_assert_int_eq(swiglu_calls, 1);   /* never called again */
+    ck_assert_int_eq(matmul_calls, 6);   /* layer 0's q, k, v, o, gate, up ran before it; nothing after */
+    ck_assert_int_eq(n, 0);              /* no loss was taken */
+    for (size_t i = 0; i < l->n_params; i++) ck_assert_float_eq(l->grads[i], 0.0f);
+    ck_assert_int_eq(ctx->status, QL_OK); /* checked, so cleared */
+
+    /* direct use: a failed op makes the next a no-op until checked */
+    float a[4] = {1, 2, 3, 4}, y[4] = {0};
+    fail_swiglu = 1;
+    ck_assert_int_eq(ql_be(ctx, swiglu_forward, y, a, a, 4), QL_ECUDA);
+    matmul_calls = 0;
+    ck_assert_int_eq(ql_be(ctx, matmul_nt, y, a, a, 1, 4, 1, 0), QL_ECUDA);
+    ck_assert_int_eq(matmul_calls, 0);
+    ck_assert_float_eq(y[0], 0.0f);
+    ql_error_clear();
+    ck_assert_int_eq(ql_be_check(ctx), QL_ECUDA);
+    ck_assert_contains(ql_error_message(), "injected failure");
+    ck_assert_int_eq(ql_be(ctx, matmul_nt, y, a, a, 1, 4, 1, 0), QL_OK);
+    ck_assert_float_eq(y[0], 30.0f);
+
+    /* and the model steps again once the fault is gone */
+    fail_swiglu = 0;
+    double sum2 = 0;
+    n = 0;
+    ck_assert_int_eq(ql_lora_model_step(lm, &mb, &so, &sum2, &n), QL_OK);
+    ck_assert_int_gt(n, 0);
+    ql_lora_model_destroy(lm);
+    ql_be_ctx_close(ctx);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
+START_TEST(registry)
+{
+    const ql_backend *be = NULL;
+    ck_assert_int_eq(ql_backend_find("cpu", &be), QL_OK);
+    ck_assert_ptr_eq(be, ql_backend_cpu());
+    ck_assert_int_eq(ql_backend_find("cuda", &be), QL_ENOTSUP);
+    ck_assert_ptr_null(be);
+    ck_assert_contains(ql_error_message(), "backend cuda is not available");
+    ck_assert_int_eq(ql_backend_find("tpu", &be), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "unknown backend tpu");
+    ql_be_ctx *ctx = NULL;
+    ck_assert_int_eq(ql_be_ctx_open("cuda", NULL, &ctx), QL_ENOTSUP);
+    ck_assert_ptr_null(ctx);
+    /* the cross-entropy op refuses a bad target */
+    ck_assert_int_eq(ql_be_ctx_open("cpu", NULL, &ctx), QL_OK);
+    float lg[4] = {0}, loss[1];
+    int32_t tg[1] = {9};
+    ck_assert_int_eq(ql_be(ctx, cross_entropy, loss, NULL, lg, tg, 1, 4, QL_IGNORE_INDEX, 1.0f), QL_EINVAL);
+    ck_assert_int_eq(ql_be_check(ctx), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "outside the vocabulary");
+    ql_be_ctx_close(ctx);
+}
+END_TEST
+
+/* ---- the memory plan ---- */
+
+START_TEST(plan_sizes_add_up)
+{
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, 0.05f);
+    const ql_llama_config *c = ql_llama_get_config(m);
+    const int64_t B = 3, T = 33, R = B * T, H = c->hidden, I = c->intermediate, nh = c->n_heads, nl = c->n_layers;
+    const int64_t qd = nh * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim, r = l->cfg.r;
+    uint64_t acts[2];
+    for (int ck = 0; ck < 2; ck++) {
+        ql_lora_model_opts o = {.batch = (int)B, .max_len = (int)T, .checkpointing = ck, .backward = 1, .allocate = 0};
+        ql_lora_model *lm = NULL;
+        ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &o, &lm), QL_OK);
+        uint64_t total = 0;
+        for (int role = 0; role < QL_ROLE_COUNT; role++) total += ql_lora_model_plan_bytes(lm, role);
+        ck_assert_uint_eq(total, ql_lora_model_plan_bytes(lm, -1));
+        ck_assert_uint_eq(ql_lora_model_plan_bytes(lm, QL_ROLE_LORA), l->n_params * 4);
+        ck_assert_uint_eq(ql_lora_model_plan_bytes(lm, QL_ROLE_GRADS), l->n_params * 4);
+        acts[ck] = ql_lora_model_plan_bytes(lm, QL_ROLE_ACTS);
+        /* at least the exact floats, at most one alignment pad per buffer */
+        int64_t per_layer = R * (3 * H + 2 + 2 * qd + 2 * kvd + 3 * I) + B * nh * T * T + QL_MOD_COUNT * R * r +
+                            R * (5 * H + qd + I); /* xd of q, k, v, gate, up (H), o (qd), down (I) */
+        int64_t floats = (nl + 1) * R * H + (ck ? 1 : nl) * per_layer + R * H + R;
+        int64_t nbufs = (nl + 1) + (ck ? 1 : nl) * (13 + 2 * QL_MOD_COUNT) + 2;
+        ck_assert_uint_ge(acts[ck], (uint64_t)floats * 4);
+        ck_assert_uint_le(acts[ck], (uint64_t)floats * 4 + (uint64_t)nbufs * QL_PLAN_ALIGN);
+        /* weights scratch: the largest quantized linear */
+        ck_assert_uint_ge(ql_lora_model_plan_bytes(lm, QL_ROLE_WEIGHTS), (uint64_t)(I * H * 4));
+        ck_assert_uint_ge(ql_lora_model_plan_bytes(lm, QL_ROLE_LOGITS), (uint64_t)(R * c->vocab * 4));
+        char *text = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&text, &len);
+        ql_lora_model_print_plan(lm, f);
+        fclose(f);
+        ck_assert_contains(text, "memory plan (batch 3 x 33 tokens");
+        ck_assert_contains(text, "activations");
+        ck_assert_contains(text, "base weights");
+        ck_assert_contains(text, "total");
+        free(text);
+        ql_lora_model_destroy(lm);
+    }
+    ck_assert_uint_gt(acts[0], acts[1]); /* checkpointing keeps less */
+
+    /* chunked logits: the plan holds only the chunk */
+    ql_lora_model_opts o = {.batch = (int)B, .max_len = (int)T, .backward = 1, .logit_rows = 10};
+    ql_lora_model *lm = NULL;
+    ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &o, &lm), QL_OK);
+    ck_assert_uint_le(ql_lora_model_plan_bytes(lm, QL_ROLE_LOGITS), (uint64_t)(10 * c->vocab * 4 + QL_PLAN_ALIGN));
+    ql_lora_model_destroy(lm);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
+START_TEST(plan_out_of_memory_says_what_to_reduce)
+{
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, 0.0f);
+    ql_lora_model_opts o = {.batch = 1 << 20, .max_len = 512, .backward = 1, .allocate = 1};
+    ql_lora_model *lm = NULL;
+    ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &o, &lm), QL_ENOMEM);
+    ck_assert_ptr_null(lm);
+    const char *msg = ql_error_message();
+    ck_assert_contains(msg, "out of memory for the activations arena");
+    ck_assert_contains(msg, "memory plan (batch 1048576 x 512 tokens");
+    ck_assert_contains(msg, "backward scratch");
+    ck_assert_contains(msg, "reduce --batch-size (1048576) or --max-len (512), or turn on --gradient-checkpointing");
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
+static void write_data(const char *path)
+{
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("[", f);
+    for (int i = 0; i < 6; i++)
+        fprintf(f, "%s{\"instruction\": \"Tell a story number %d.\", \"input\": \"\", \"output\": \"Once upon a time "
+                   "there was a cat %d.\"}",
+                i ? "," : "", i, i);
+    fputs("]", f);
+    fclose(f);
+}
+
+START_TEST(cli_dry_run_and_oom)
+{
+    char data[4200], run[4200], cmd[16384];
+    snprintf(data, sizeof data, "%s/d.json", tu_tmpdir());
+    snprintf(run, sizeof run, "%s/run", tu_tmpdir());
+    write_data(data);
+    snprintf(model_dir, sizeof model_dir, "%s/models/stories260K", tu_env("QLORA_SHARED"));
+    char *out = NULL, *err = NULL;
+    snprintf(cmd, sizeof cmd, "%s train --model %s --data %s --format alpaca --output %s --batch-size 4 --lora-r 8 "
+             "--dry-run --quiet", tu_env("QLORA_BIN"), model_dir, data, run);
+    ck_assert_int_eq(tu_run(cmd, &out, &err), 0);
+    ck_assert_contains(out, "memory plan (batch 4 x ");
+    ck_assert_contains(out, "activations");
+    ck_assert_contains(out, "logits (chunked)");
+    ck_assert_contains(out, "total");
+    ck_assert_msg(access(run, F_OK) != 0, "a dry run created %s", run);
+    free(out);
+    free(err);
+    /* no --output needed for a dry run */
+    snprintf(cmd, sizeof cmd, "%s train --model %s --data %s --format alpaca --dry-run --gradient-checkpointing",
+             tu_env("QLORA_BIN"), model_dir, data);
+    ck_assert_int_eq(tu_run(cmd, &out, &err), 0);
+    ck_assert_contains(out, "gradient checkpointing on");
+    free(out);
+    free(err);
+    /* a plan that cannot be allocated: the message shows it, nothing is written */
+    snprintf(cmd, sizeof cmd, "%s train --model %s --data %s --format alpaca --output %s --batch-size 1048576 "
+             "--max-len 512 --quiet", tu_env("QLORA_BIN"), model_dir, data, run);
+    int rc = tu_run(cmd, &out, &err);
+    ck_assert_int_ne(rc, 0);
+    ck_assert_contains(err, "out of memory for the");
+    ck_assert_contains(err, "memory plan (batch 1048576 x");
+    ck_assert_contains(err, "reduce --batch-size (1048576)");
+    ck_assert_msg(access(run, F_OK) != 0, "a failed plan left %s", run);
+    free(out);
+    free(err);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("backend");
+    TCase *t = tcase_create("batch");
+    tcase_set_timeout(t, 120);
+    tcase_add_test(t, batched_equals_single);
+    tcase_add_test(t, batched_equals_single_dropout_checkpointing);
+    tcase_add_test(t, batched_equals_single_extra_padding_chunked_logits);
+    suite_add_tcase(s, t);
+    TCase *e = tcase_create("status");
+    tcase_set_timeout(e, 60);
+    tcase_add_test(e, sticky_error_stops_the_step);
+    tcase_add_test(e, registry);
+    suite_add_tcase(s, e);
+    TCase *p = tcase_create("plan");
+    tcase_set_timeout(p, 120);
+    tcase_add_test(p, plan_sizes_add_up);
+    tcase_add_test(p, plan_out_of_memory_says_what_to_reduce);
+    tcase_add_test(p, cli_dry_run_and_oom);
+    suite_add_tcase(s, p);
+    SRunner *r = srunner_create(s);
+    srunner_run_all(r, CK_NORMAL);
+    int failed = srunner_ntests_failed(r);
+    srunner_free(r);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
