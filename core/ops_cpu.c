@@ -120,6 +120,18 @@ static float sum8(const float *x, int64_t n)
     return s;
 }
 
+/* max(m, x[0..n-1]) in eight lanes (vectorizes; the max is exact in any order) */
+static float max8(const float *x, int64_t n, float m)
+{
+    float acc[8] = {m, m, m, m, m, m, m, m};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] = x[i + k] > acc[k] ? x[i + k] : acc[k];
+    for (int k = 0; k < 8; k++) m = acc[k] > m ? acc[k] : m;
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 /* query rows at absolute positions i0..i1-1 (i1 - i0 <= ATT_QB) of head h;
  * q, out hold rows from position `past`.  probs != NULL: the training forward
  * (past 0), probs [nh, T, T]; else buf [ATT_QB * ATT_KC]. */
@@ -143,10 +155,7 @@ static void attention_block(float *out, float *probs, float *buf, const float *q
         att_gemm(0, 1, M, w, hd, scale, qb, qs, kb + c * ks, ks, 0.0f, S, ld);
         for (int64_t r = 0; r < M; r++) {
             const int64_t i = i0 + r, lo = clamp64(att_band_start(i, window) - c, 0, w), hi = clamp64(i + 1 - c, lo, w);
-            const float *s = S + r * ld;
-            float m = mx[r];
-            for (int64_t j = lo; j < hi; j++) m = s[j] > m ? s[j] : m;
-            mx[r] = m;
+            mx[r] = max8(S + r * ld + lo, hi - lo, mx[r]);
         }
     }
     for (int64_t c = c_lo; c < i1; c += ATT_KC) {
