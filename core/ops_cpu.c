@@ -91,8 +91,9 @@ void ql_attention_forward_ref(float *out, const float *q, const float *k, const 
  * works in a stack buffer of ATT_QB x ATT_KC floats and recomputes S in pass 2
  * only when the keys span more than one chunk, with the same sgemm calls: the
  * two give the same bits.  Each task is one thread's; OpenBLAS runs a call made
- * inside an active OpenMP region single-threaded, so the result does not depend
- * on the thread count either. */
+ * inside an active OpenMP region single-threaded (and a one-row call outside it
+ * below its threading threshold), so the result does not depend on the thread
+ * count either. */
 enum { ATT_QB = 32, ATT_KC = 512 };
 
 static int64_t att_band_start(int64_t i, int window) { return window > 0 && i >= window ? i - window + 1 : 0; }
@@ -192,8 +193,11 @@ static void attention_blocks(float *out, float *probs, const float *q, const flo
     if (T <= 0) return;
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t b0 = past / ATT_QB, nb = (past + T - 1) / ATT_QB - b0 + 1, ntask = nb * nh;
-    /* the last blocks see the most keys: hand them out first */
-#pragma omp parallel for schedule(dynamic)
+    /* the last blocks see the most keys: hand them out first.  One decoded row
+     * (T 1) runs on this thread: each product is then below OpenBLAS' own
+     * threading threshold (M N K <= 512 hd), and waking the team would cost
+     * more than the work */
+#pragma omp parallel for schedule(dynamic) if (T > 1 || hd > 512)
     for (int64_t task = ntask - 1; task >= 0; task--) {
         const int h = (int)(task % nh);
         const int64_t b = b0 + task / nh;

@@ -550,6 +550,16 @@ START_TEST(attention_fast_vs_reference)
         ql_attention_forward(of, qf, k, v, N, 0, nh, nkv, hd, W);
         snprintf(m, sizeof m, "attention_forward %s vs the full forward's last rows", what);
         assert_close(m, o, of + (int64_t)past * nh * hd, nq, 5e-6);
+#ifdef _OPENMP
+        const int saved = omp_get_max_threads();
+        for (int nt = 1; nt <= 3; nt += 2) { /* the same bits on 1 and 3 threads */
+            omp_set_num_threads(nt);
+            ql_attention_forward(o2, q, k, v, T, past, nh, nkv, hd, W);
+            snprintf(m, sizeof m, "attention_forward %s, %d threads", what, nt);
+            assert_bitwise(m, o2, o, nq);
+        }
+        omp_set_num_threads(saved);
+#endif
         tfree_all();
         return;
     }
