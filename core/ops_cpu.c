@@ -201,7 +201,8 @@ static void attention_blocks(float *out, float *probs, const float *q, const flo
     for (int64_t task = ntask - 1; task >= 0; task--) {
         const int h = (int)(task % nh);
         const int64_t b = b0 + task / nh;
-        const int64_t i0 = b * ATT_QB > past ? b * ATT_QB : past, i1 = (b + 1) * ATT_QB < past + T ? (b + 1) * ATT_QB : past + T;
+        const int64_t i0 = b * ATT_QB > past ? b * ATT_QB : past;
+        const int64_t i1 = (b + 1) * ATT_QB < past + T ? (b + 1) * ATT_QB : past + T;
         float buf[ATT_QB * ATT_KC]; /* 64 KiB; the training forward uses probs */
         attention_block(out, probs, probs ? NULL : buf, q, k, v, T, past, i0, i1, h, nh, nkv, hd, window, scale);
     }

@@ -572,7 +572,8 @@ START_TEST(attention_fast_vs_reference)
     snprintf(m, sizeof m, "attention_forward_train probs %s", what);
     assert_close(m, p, pref, np, 5e-6);
     for (int64_t i = 0; i < np; i++)
-        if (pref[i] == 0.0f) ck_assert_msg(p[i] == 0.0f, "%s: index %lld is %g outside the band", m, (long long)i, p[i]);
+        if (pref[i] == 0.0f)
+            ck_assert_msg(p[i] == 0.0f, "%s: index %lld is %g outside the band", m, (long long)i, (double)p[i]);
     /* backward from the reference's probs, so that only the backward differs */
     float *dout = randn(nq, 941 + _i, 1);
     float *g[4], *gref[4];
@@ -586,7 +587,8 @@ START_TEST(attention_fast_vs_reference)
         assert_close(m, g[j], gref[j], len[j], 1e-5);
     }
     for (int64_t i = 0; i < np; i++)
-        if (pref[i] == 0.0f) ck_assert_msg(g[3][i] == 0.0f, "dscores %s: index %lld outside the band", what, (long long)i);
+        if (pref[i] == 0.0f)
+            ck_assert_msg(g[3][i] == 0.0f, "dscores %s: index %lld outside the band", what, (long long)i);
     /* run to run, and 1 thread against 3: the same bits */
 #ifdef _OPENMP
     const int saved = omp_get_max_threads();
