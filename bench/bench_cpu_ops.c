@@ -122,6 +122,15 @@ int main(int argc, char **argv)
     TIME("token_nll (eval) 49152", 0, for (int64_t t = 0; t + 1 < T; t++) ql_token_nll(y + t * V, V, tg[t]));
     TIME("attention_forward_train", L, ql_attention_forward_train(att, probs, q, k, v, T, nh, nkv, hd, 0));
     TIME("attention_backward", L, ql_attention_backward(dq, dk, dv, dsc, att, q, k, v, probs, T, nh, nkv, hd, 0));
+    /* not in the step: the row-loop references, and one generated token after T - 1 cached */
+    TIME("attention_forward_train (row-loop reference)", 0,
+         ql_attention_forward_train_ref(att, probs, q, k, v, T, nh, nkv, hd, 0));
+    TIME("attention_backward (row-loop reference)", 0,
+         ql_attention_backward_ref(dq, dk, dv, dsc, att, q, k, v, probs, T, nh, nkv, hd, 0));
+    TIME("attention_forward 1 token after T-1", 0,
+         ql_attention_forward(att, q + (T - 1) * nh * hd, k, v, 1, T - 1, nh, nkv, hd, 0));
+    TIME("attention_forward 1 token after T-1 (reference)", 0,
+         ql_attention_forward_ref(att, q + (T - 1) * nh * hd, k, v, 1, T - 1, nh, nkv, hd, 0));
     TIME("rope_forward q+k", L, (ql_rope_forward(q, T, nh, hd, 0, inv_freq, 1.0f), ql_rope_forward(k, T, nkv, hd, 0, inv_freq, 1.0f)));
     TIME("rope_backward q+k", L, (ql_rope_backward(dq, T, nh, hd, 0, inv_freq, 1.0f), ql_rope_backward(dk, T, nkv, hd, 0, inv_freq, 1.0f)));
     TIME("rmsnorm_forward", 2 * L + 1, ql_rmsnorm_forward(dx, rs, x, nw, T, H, 1e-5f));

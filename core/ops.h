@@ -82,8 +82,15 @@ void ql_rope_forward(float *x, int64_t T, int nheads, int hd, int pos0, const fl
  * ones: q[T, nh, hd]; k, v caches [past+T, nkv, hd]; out[T, nh, hd].
  * window > 0 bands it: the query at position i sees keys j with
  * i - window < j <= i (transformers' sliding window); 0 is full causal. */
+/* Per (head, block of 32 query rows) as matrix products through OpenBLAS
+ * (S = Q K^T, O = P V, keys in chunks of 512), softmax with ql_expf; no
+ * allocation.  Bit-reproducible for any thread count on a given CPU. */
 void ql_attention_forward(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
                           int nh, int nkv, int hd, int window);
+/* The same as plain loops, one query row at a time (expf, sequential sums):
+ * the reference the fast path is checked against. */
+void ql_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past,
+                              int nh, int nkv, int hd, int window);
 /* out[n] = silu(gate[n]) * up[n] */
 void ql_swiglu_forward(float *out, const float *gate, const float *up, int64_t n);
 /* x[n] += y[n] */

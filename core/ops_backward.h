@@ -95,6 +95,15 @@ void ql_attention_forward_train(float *out, float *probs, const float *q, const 
 void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
                            const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
                            int window);
+/* The plain-loop references of the two above (one query row, or one key row,
+ * at a time): the fast paths (sgemm per head and row block, see ops_cpu.c and
+ * ops_cpu_backward.c) are checked against them.  forward_train_ref's out is
+ * bitwise ql_attention_forward_ref's. */
+void ql_attention_forward_train_ref(float *out, float *probs, const float *q, const float *k, const float *v,
+                                    int64_t T, int nh, int nkv, int hd, int window);
+void ql_attention_backward_ref(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
+                               const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                               int window);
 
 /* Backward of out = silu(gate) * up: dgate[n], dup[n] written.  Elementwise:
  * any output may alias any input. */

@@ -211,8 +211,8 @@ void ql_rope_backward(float *dx, int64_t T, int nheads, int hd, int pos0, const 
 /* first key a query at position t sees: t - window + 1 when banded */
 static int64_t band_start(int64_t t, int window) { return window > 0 && t >= window ? t - window + 1 : 0; }
 
-void ql_attention_forward_train(float *out, float *probs, const float *q, const float *k, const float *v, int64_t T,
-                                int nh, int nkv, int hd, int window)
+void ql_attention_forward_train_ref(float *out, float *probs, const float *q, const float *k, const float *v,
+                                    int64_t T, int nh, int nkv, int hd, int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
@@ -229,9 +229,9 @@ void ql_attention_forward_train(float *out, float *probs, const float *q, const 
         }
 }
 
-void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
-                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
-                           int window)
+void ql_attention_backward_ref(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
+                               const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                               int window)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     const int group = nh / nkv;
@@ -272,6 +272,84 @@ void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, cons
                     axpy(dvs, p, dout + (t * nh + h) * hd, hd);
                 }
         }
+}
+
+/* The fast backward, per (query head, block of ATT_BQ query rows) then per
+ * (kv head, block of ATT_BQ keys), each a task of one thread (OpenBLAS runs a
+ * call inside an active OpenMP region single-threaded: any thread count gives
+ * the same bits):
+ *   dP = dO V^T (into dscores), dS = P (dP - rowsum(P dP)), dQ = scale dS K;
+ *   dV = sum over the group's heads P^T dO, dK = scale sum dS^T Q,
+ * each product over the causal (banded) range of its block only. */
+enum { ATT_BQ = 64 };
+
+static void att_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                     const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
+{
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
+                alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
+}
+
+/* sum of a[n] b[n] in eight lanes, combined in a fixed tree */
+static float dot8(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void ql_attention_backward(float *dq, float *dk, float *dv, float *dscores, const float *dout, const float *q,
+                           const float *k, const float *v, const float *probs, int64_t T, int nh, int nkv, int hd,
+                           int window)
+{
+    if (T <= 0) return;
+    if (!ql_blas_fits(T, (int64_t)nh * hd, 0)) {
+        ql_attention_backward_ref(dq, dk, dv, dscores, dout, q, k, v, probs, T, nh, nkv, hd, window);
+        return;
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int group = nh / nkv;
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd, nb = (T + ATT_BQ - 1) / ATT_BQ;
+    /* query rows i0..i1-1 of head h see keys c0..i1-1 */
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t task = nb * nh - 1; task >= 0; task--) {
+        const int h = (int)(task % nh), kvh = h / group;
+        const int64_t i0 = task / nh * ATT_BQ, i1 = min64(T, i0 + ATT_BQ), M = i1 - i0;
+        const int64_t c0 = band_start(i0, window), w = i1 - c0;
+        const float *p = probs + ((int64_t)h * T + i0) * T;
+        float *ds = dscores + ((int64_t)h * T + i0) * T;
+        att_gemm(0, 1, M, w, hd, 1.0f, dout + i0 * qs + (int64_t)h * hd, qs, v + c0 * ks + (int64_t)kvh * hd, ks, 0.0f,
+                 ds + c0, T);
+        for (int64_t r = 0; r < M; r++) {
+            const int64_t i = i0 + r, lo = band_start(i, window), hi = i + 1;
+            float *d = ds + r * T;
+            const float *pr = p + r * T;
+            const float pdp = dot8(pr + lo, d + lo, hi - lo);
+            memset(d, 0, (size_t)lo * sizeof *d);
+            for (int64_t j = lo; j < hi; j++) d[j] = pr[j] * (d[j] - pdp);
+            memset(d + hi, 0, (size_t)(T - hi) * sizeof *d);
+        }
+        att_gemm(0, 0, M, hd, w, scale, ds + c0, T, k + c0 * ks + (int64_t)kvh * hd, ks, 0.0f,
+                 dq + i0 * qs + (int64_t)h * hd, qs);
+    }
+    /* keys j0..j1-1 of kv head kvh are seen by queries j0..t1-1 */
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t task = 0; task < nb * nkv; task++) {
+        const int kvh = (int)(task % nkv);
+        const int64_t j0 = task / nkv * ATT_BQ, j1 = min64(T, j0 + ATT_BQ), n = j1 - j0;
+        const int64_t t1 = window > 0 ? min64(T, j1 - 1 + window) : T, R = t1 - j0;
+        float *dkb = dk + j0 * ks + (int64_t)kvh * hd, *dvb = dv + j0 * ks + (int64_t)kvh * hd;
+        for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+            const int64_t at = ((int64_t)h * T + j0) * T + j0;
+            const float beta = h == kvh * group ? 0.0f : 1.0f;
+            att_gemm(1, 0, n, hd, R, 1.0f, probs + at, T, dout + j0 * qs + (int64_t)h * hd, qs, beta, dvb, ks);
+            att_gemm(1, 0, n, hd, R, scale, dscores + at, T, q + j0 * qs + (int64_t)h * hd, qs, beta, dkb, ks);
+        }
+    }
 }
 
 /* ---- SwiGLU ---- */

@@ -257,9 +257,12 @@ START_TEST(banded_attention_ops)
         ql_attention_forward_train(out2, probs, q, k, v, T, NH, NKV, HD, W);
         ck_assert_int_eq(memcmp(out, out2, sizeof out), 0);
         if (W >= T) ck_assert_int_eq(memcmp(out, full, sizeof out), 0);
-        /* the last 4 queries after a cached prefix of T - 4 */
+        /* the last 4 queries after a cached prefix of T - 4: the same values within
+         * rounding (OpenBLAS may round a product of fewer rows differently) */
         ql_attention_forward(out2, q + (T - 4) * NH * HD, k, v, 4, T - 4, NH, NKV, HD, W);
-        ck_assert_int_eq(memcmp(out + (T - 4) * NH * HD, out2, 4 * NH * HD * sizeof *out), 0);
+        for (int i = 0; i < 4 * NH * HD; i++)
+            ck_assert_msg(fabsf(out[(T - 4) * NH * HD + i] - out2[i]) <= 1e-6f, "W %d cached-prefix out[%d] %g vs %g",
+                          W, i, out2[i], out[(T - 4) * NH * HD + i]);
         for (int t = 0; t < T; t++)
             for (int h = 0; h < NH; h++) {
                 const int kh = h / (NH / NKV);

@@ -520,6 +520,104 @@ START_TEST(attention_grads)
 }
 END_TEST
 
+/* The sgemm attention against the plain-loop references (ql_*_ref), from NaN
+ * garbage in every output and scratch: T = 1, GQA, odd head dims, windows
+ * narrower than a row block and spanning several, keys past one 512-key chunk,
+ * generation after a cached prefix.  Bounds, relative to the largest |value|
+ * of the reference: 5e-6 for out and probs, 1e-5 for dq, dk, dv, dscores
+ * (float sums in another order: expf vs ql_expf, eight-lane vs sequential). */
+static const struct {
+    int T, past, nh, nkv, hd, window;
+} attn_fast_cfg[] = {{1, 0, 2, 2, 3, 0},    {37, 0, 9, 3, 64, 0},  {70, 0, 4, 1, 7, 5},   {100, 0, 6, 2, 16, 40},
+                     {600, 0, 2, 1, 8, 0},  {600, 0, 2, 2, 8, 300}, {77, 0, 3, 3, 5, 1},  {1, 700, 3, 1, 16, 0},
+                     {5, 40, 4, 2, 8, 0},   {33, 31, 2, 1, 5, 20},  {64, 600, 2, 1, 8, 100}};
+
+START_TEST(attention_fast_vs_reference)
+{
+    const int T = attn_fast_cfg[_i].T, past = attn_fast_cfg[_i].past, nh = attn_fast_cfg[_i].nh;
+    const int nkv = attn_fast_cfg[_i].nkv, hd = attn_fast_cfg[_i].hd, W = attn_fast_cfg[_i].window;
+    const int64_t N = past + T, nq = (int64_t)T * nh * hd, nk = N * nkv * hd;
+    float *q = randn(nq, 901 + _i, 1.5f), *k = randn(nk, 911 + _i, 1.5f), *v = randn(nk, 921 + _i, 1);
+    char what[128];
+    snprintf(what, sizeof what, "T=%d past=%d nh=%d nkv=%d hd=%d window=%d", T, past, nh, nkv, hd, W);
+    float *o = fnan(nq), *oref = fnan(nq), *o2 = fnan(nq);
+    ql_attention_forward(o, q, k, v, T, past, nh, nkv, hd, W);
+    ql_attention_forward_ref(oref, q, k, v, T, past, nh, nkv, hd, W);
+    char m[192];
+    snprintf(m, sizeof m, "attention_forward %s", what);
+    assert_close(m, o, oref, nq, 5e-6);
+    ql_attention_forward(o2, q, k, v, T, past, nh, nkv, hd, W);
+    assert_bitwise(m, o2, o, nq);
+    if (past > 0) {
+        /* the rows of a full forward over all N positions, within rounding: OpenBLAS
+         * may round a product of fewer rows (a one-row block) differently */
+        float *qf = randn(N * nh * hd, 931 + _i, 1.5f), *of = fnan(N * nh * hd);
+        memcpy(qf + (int64_t)past * nh * hd, q, (size_t)nq * sizeof *q);
+        ql_attention_forward(of, qf, k, v, N, 0, nh, nkv, hd, W);
+        snprintf(m, sizeof m, "attention_forward %s vs the full forward's last rows", what);
+        assert_close(m, o, of + (int64_t)past * nh * hd, nq, 5e-6);
+#ifdef _OPENMP
+        const int saved = omp_get_max_threads();
+        for (int nt = 1; nt <= 3; nt += 2) { /* the same bits on 1 and 3 threads */
+            omp_set_num_threads(nt);
+            ql_attention_forward(o2, q, k, v, T, past, nh, nkv, hd, W);
+            snprintf(m, sizeof m, "attention_forward %s, %d threads", what, nt);
+            assert_bitwise(m, o2, o, nq);
+        }
+        omp_set_num_threads(saved);
+#endif
+        tfree_all();
+        return;
+    }
+    const int64_t np = (int64_t)nh * T * T;
+    float *p = fnan(np), *pref = fnan(np), *ot = fnan(nq), *otref = fnan(nq);
+    ql_attention_forward_train(ot, p, q, k, v, T, nh, nkv, hd, W);
+    ql_attention_forward_train_ref(otref, pref, q, k, v, T, nh, nkv, hd, W);
+    snprintf(m, sizeof m, "attention_forward_train out %s (vs the generation forward)", what);
+    assert_bitwise(m, ot, o, nq);
+    snprintf(m, sizeof m, "attention_forward_train probs %s", what);
+    assert_close(m, p, pref, np, 5e-6);
+    for (int64_t i = 0; i < np; i++)
+        if (pref[i] == 0.0f)
+            ck_assert_msg(p[i] == 0.0f, "%s: index %lld is %g outside the band", m, (long long)i, (double)p[i]);
+    /* backward from the reference's probs, so that only the backward differs */
+    float *dout = randn(nq, 941 + _i, 1);
+    float *g[4], *gref[4];
+    const int64_t len[4] = {nq, nk, nk, np};
+    static const char *name[4] = {"dq", "dk", "dv", "dscores"};
+    for (int j = 0; j < 4; j++) g[j] = fnan(len[j]), gref[j] = fnan(len[j]);
+    ql_attention_backward(g[0], g[1], g[2], g[3], dout, q, k, v, pref, T, nh, nkv, hd, W);
+    ql_attention_backward_ref(gref[0], gref[1], gref[2], gref[3], dout, q, k, v, pref, T, nh, nkv, hd, W);
+    for (int j = 0; j < 4; j++) {
+        snprintf(m, sizeof m, "attention_backward %s %s", name[j], what);
+        assert_close(m, g[j], gref[j], len[j], 1e-5);
+    }
+    for (int64_t i = 0; i < np; i++)
+        if (pref[i] == 0.0f)
+            ck_assert_msg(g[3][i] == 0.0f, "dscores %s: index %lld outside the band", what, (long long)i);
+    /* run to run, and 1 thread against 3: the same bits */
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    for (int run = 0; run < 3; run++) {
+        omp_set_num_threads(run == 0 ? saved : run == 1 ? 1 : 3);
+        float *h[4], *pt = fnan(np), *ot2 = fnan(nq);
+        for (int j = 0; j < 4; j++) h[j] = fnan(len[j]);
+        ql_attention_forward_train(ot2, pt, q, k, v, T, nh, nkv, hd, W);
+        ql_attention_backward(h[0], h[1], h[2], h[3], dout, q, k, v, pref, T, nh, nkv, hd, W);
+        snprintf(m, sizeof m, "attention %s, %d threads, out", what, omp_get_max_threads());
+        assert_bitwise(m, ot2, ot, nq);
+        assert_bitwise(m, pt, p, np);
+        for (int j = 0; j < 4; j++) {
+            snprintf(m, sizeof m, "attention %s, %d threads, %s", what, omp_get_max_threads(), name[j]);
+            assert_bitwise(m, h[j], g[j], len[j]);
+        }
+    }
+    omp_set_num_threads(saved);
+#endif
+    tfree_all();
+}
+END_TEST
+
 /* ---- SwiGLU ---- */
 
 typedef struct {
@@ -944,6 +1042,10 @@ Suite *ops_suite(void)
     tcase_add_loop_test(tc, rope_grads, 0, (int)(sizeof rope_cfg / sizeof rope_cfg[0]));
     tcase_add_loop_test(tc, attention_grads, 0, (int)(sizeof attn_cfg / sizeof attn_cfg[0]));
     tcase_add_test(tc, swiglu_grads);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("attention");
+    tcase_add_loop_test(tc, attention_fast_vs_reference, 0, (int)(sizeof attn_fast_cfg / sizeof attn_fast_cfg[0]));
+    tcase_set_timeout(tc, 60);
     suite_add_tcase(s, tc);
     tc = tcase_create("loss_dropout");
     tcase_add_test(tc, cross_entropy_grads);
