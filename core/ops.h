@@ -35,7 +35,7 @@ static inline float ql_dot(const float *a, const float *b, int64_t n)
 static inline float ql_expf(float x)
 {
     const float lo = -87.33654f, hi = 88.72283f;
-    const float xc = x < lo ? lo : x > hi ? hi : x;
+    const float xc = x < lo ? lo : x > hi ? hi : x == x ? x : 0.0f; /* NaN: any finite value (the result is x) */
     const float kf = (xc * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln2): 1.5 * 2^23 shifts */
     const float r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;
     float p = 1.0f / 5040;
