@@ -49,31 +49,6 @@ static void close_ref(void)
     ref = NULL;
 }
 
-static const ql_tensor *need(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static const ql_tensor *need(const char *fmt, ...)
-{
-    char key[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(key, sizeof key, fmt, ap);
-    va_end(ap);
-    const ql_tensor *t = ql_st_find(ref, key);
-    ck_assert_msg(t != NULL, "reference tensor %s missing", key);
-    return t;
-}
-
-static double rel_error(const float *got, const float *want, size_t n, size_t *worst)
-{
-    double num = 0, den = 0, w = -1;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        num += d * d;
-        den += (double)want[i] * want[i];
-        if (fabs(d) > w) w = fabs(d), *worst = i;
-    }
-    return sqrt(num / (den > 0 ? den : 1));
-}
-
 static ql_llama *load(const char *dir, const char *quantizer)
 {
     ql_llama *m;
@@ -85,7 +60,7 @@ static ql_llama *load(const char *dir, const char *quantizer)
 static void assert_close(const char *what, const float *got, const float *want, size_t n, double tol)
 {
     size_t worst = 0;
-    double e = rel_error(got, want, n, &worst);
+    double e = tu_rel_error(got, want, n, &worst);
     ck_assert_msg(e < tol, "%s: relative error %.3g (worst at %zu: %.7g vs %.7g)", what, e, worst, got[worst], want[worst]);
 }
 
@@ -132,14 +107,14 @@ START_TEST(logits_match_transformers)
 {
     open_ref(_i);
     ql_llama *m = load(model_dir, "none");
-    const ql_tensor *ids = need("ids");
+    const ql_tensor *ids = tu_need(ref, "ids");
     int T = (int)ids->shape[0];
     const ql_llama_config *c = ql_llama_get_config(m);
     ck_assert_msg(c->sliding_window == 0 || T > c->sliding_window, "the test sequence must pass the window");
     float *logits = forward_all(m, ids->data, T);
     char what[64];
     snprintf(what, sizeof what, "%s logits", names[_i]);
-    assert_close(what, logits, need("logits")->data, (size_t)T * c->vocab, LOGITS_TOL);
+    assert_close(what, logits, tu_need(ref, "logits")->data, (size_t)T * c->vocab, LOGITS_TOL);
     free(logits);
     ql_llama_destroy(m);
     close_ref();
@@ -152,7 +127,7 @@ START_TEST(kv_cache_decoding)
     open_ref(_i);
     ql_llama *m = load(model_dir, "none");
     const ql_llama_config *c = ql_llama_get_config(m);
-    const ql_tensor *ids = need("ids");
+    const ql_tensor *ids = tu_need(ref, "ids");
     const int32_t *tok = ids->data;
     int T = (int)ids->shape[0];
     float *all = forward_all(m, tok, T);
@@ -170,7 +145,7 @@ START_TEST(kv_cache_decoding)
         char what[96];
         snprintf(what, sizeof what, "%s decoded token by token after %d", names[_i], prefix);
         assert_close(what, row, all, (size_t)T * c->vocab, 1e-6);
-        assert_close(what, row, need("logits")->data, (size_t)T * c->vocab, LOGITS_TOL);
+        assert_close(what, row, tu_need(ref, "logits")->data, (size_t)T * c->vocab, LOGITS_TOL);
     }
     ql_kv_cache_destroy(cache);
     free(row);
@@ -195,16 +170,16 @@ START_TEST(lora_logits_and_gradients)
     ql_llama *m = load(model_dir, "none");
     const ql_llama_config *c = ql_llama_get_config(m);
     ql_lora *l = load_adapter(m);
-    const ql_tensor *ids = need("ids"), *lab = need("labels");
+    const ql_tensor *ids = tu_need(ref, "ids"), *lab = tu_need(ref, "labels");
     int T = (int)ids->shape[0];
     ql_lora_attach(m, l);
     float *logits = forward_all(m, ids->data, T);
     char what[96];
     snprintf(what, sizeof what, "%s logits with the adapter", names[_i]);
-    assert_close(what, logits, need("logits.lora")->data, (size_t)T * c->vocab, LOGITS_TOL);
+    assert_close(what, logits, tu_need(ref, "logits.lora")->data, (size_t)T * c->vocab, LOGITS_TOL);
     free(logits);
     ql_lora_attach(m, NULL);
-    float want_loss = *(const float *)need("loss")->data;
+    float want_loss = *(const float *)tu_need(ref, "loss")->data;
     for (int ckpt = 0; ckpt < 2; ckpt++) {
         memset(l->grads, 0, l->n_params * 4);
         double sum = 0;
@@ -226,10 +201,10 @@ START_TEST(lora_logits_and_gradients)
             for (int k = 0; k < QL_MOD_COUNT; k++) {
                 ql_lora_pair *p = ql_lora_pair_at(l, layer, k);
                 snprintf(what, sizeof what, "%s dA layer %d %s", names[_i], layer, ql_lora_module_name(k));
-                assert_close(what, p->dA, need("grad.%d.%s.A", layer, ql_lora_module_name(k))->data,
+                assert_close(what, p->dA, tu_need(ref, "grad.%d.%s.A", layer, ql_lora_module_name(k))->data,
                              (size_t)(l->cfg.r * p->in), GRAD_TOL);
                 snprintf(what, sizeof what, "%s dB layer %d %s", names[_i], layer, ql_lora_module_name(k));
-                assert_close(what, p->dB, need("grad.%d.%s.B", layer, ql_lora_module_name(k))->data,
+                assert_close(what, p->dB, tu_need(ref, "grad.%d.%s.B", layer, ql_lora_module_name(k))->data,
                              (size_t)(p->out * l->cfg.r), GRAD_TOL);
             }
     }

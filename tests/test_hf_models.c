@@ -74,31 +74,6 @@ static void teardown(void)
     ref = NULL;
 }
 
-static const ql_tensor *need(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static const ql_tensor *need(const char *fmt, ...)
-{
-    char key[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(key, sizeof key, fmt, ap);
-    va_end(ap);
-    const ql_tensor *t = ql_st_find(ref, key);
-    ck_assert_msg(t != NULL, "reference tensor %s missing", key);
-    return t;
-}
-
-static double rel_error(const float *got, const float *want, size_t n, size_t *worst)
-{
-    double num = 0, den = 0, w = -1;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        num += d * d;
-        den += (double)want[i] * want[i];
-        if (fabs(d) > w) w = fabs(d), *worst = i;
-    }
-    return sqrt(num / (den > 0 ? den : 1));
-}
-
 static ql_llama *load(const hf_form *f)
 {
     char dir[1200];
@@ -123,11 +98,11 @@ static ql_lora *load_adapter(const hf_form *f, ql_llama *m, const char *sub)
 static int seq_logits(ql_llama *m, const char *key_fmt, int i, double *err, char *detail, size_t cap)
 {
     const ql_llama_config *c = ql_llama_get_config(m);
-    const ql_tensor *ids = need("ids.%d", i);
+    const ql_tensor *ids = tu_need(ref, "ids.%d", i);
     int T = (int)ids->shape[0];
     char key[128];
     snprintf(key, sizeof key, key_fmt, i);
-    const ql_tensor *want = need("%s", key);
+    const ql_tensor *want = tu_need(ref, "%s", key);
     ck_assert_int_eq(want->shape[0], T);
     ck_assert_int_eq(want->shape[1], c->vocab);
     float *logits = malloc((size_t)T * c->vocab * 4);
@@ -137,7 +112,7 @@ static int seq_logits(ql_llama *m, const char *key_fmt, int i, double *err, char
     int rc = ql_llama_forward(m, cache, ids->data, T, logits, 0);
     if (rc == QL_OK) {
         size_t worst = 0;
-        *err = rel_error(logits, want->data, (size_t)T * c->vocab, &worst);
+        *err = tu_rel_error(logits, want->data, (size_t)T * c->vocab, &worst);
         snprintf(detail, cap, "%s (T %d): relative error %.3g (worst at %zu: %g vs %g)", key, T, *err, worst,
                  logits[worst], ((const float *)want->data)[worst]);
     }
@@ -210,7 +185,7 @@ static void loss_and_grads(const hf_form *f, int batched)
     ql_example ex[NSEQ];
     const ql_example *exs[NSEQ];
     for (int i = 0; i < NSEQ; i++) {
-        const ql_tensor *ids = need("ids.%d", i), *lab = need("labels.%d", i);
+        const ql_tensor *ids = tu_need(ref, "ids.%d", i), *lab = tu_need(ref, "labels.%d", i);
         const int32_t *y = lab->data;
         for (int64_t t = 1; t < lab->shape[0]; t++) total += y[t] != -100;
         ex[i] = (ql_example){.ids = (int32_t *)ids->data, .labels = (int32_t *)lab->data, .len = (int32_t)ids->shape[0]};
@@ -240,7 +215,7 @@ static void loss_and_grads(const hf_form *f, int batched)
     ql_lora_model_destroy(lm[1]);
     const char *how = batched ? "one micro-batch" : "one by one";
     ck_assert_int_eq(n, total);
-    float want_loss = *(const float *)need("loss")->data;
+    float want_loss = *(const float *)tu_need(ref, "loss")->data;
     double le = fabs(sum / (double)n - want_loss) / fabs(want_loss);
     printf("%s (%s): loss %.7f vs %.7f: relative error %.3g\n", f->name, how, sum / (double)n, want_loss, le);
     ck_assert_msg(le < LOSS_TOL, "%s (%s): loss %.7f vs %.7f", f->name, how, sum / (double)n, want_loss);
@@ -248,15 +223,15 @@ static void loss_and_grads(const hf_form *f, int batched)
     for (int layer = 0; layer < l->n_layers; layer++)
         for (int k = 0; k < QL_MOD_COUNT; k++) {
             ql_lora_pair *p = ql_lora_pair_at(l, layer, k);
-            const ql_tensor *ga = need("grad.%d.%s.A", layer, ql_lora_module_name(k));
-            const ql_tensor *gb = need("grad.%d.%s.B", layer, ql_lora_module_name(k));
+            const ql_tensor *ga = tu_need(ref, "grad.%d.%s.A", layer, ql_lora_module_name(k));
+            const ql_tensor *gb = tu_need(ref, "grad.%d.%s.B", layer, ql_lora_module_name(k));
             ck_assert_int_eq(ga->shape[0] * ga->shape[1], l->cfg.r * p->in);
             ck_assert_int_eq(gb->shape[0] * gb->shape[1], p->out * l->cfg.r);
             size_t worst = 0;
-            double ea = rel_error(p->dA, ga->data, (size_t)(l->cfg.r * p->in), &worst);
+            double ea = tu_rel_error(p->dA, ga->data, (size_t)(l->cfg.r * p->in), &worst);
             ck_assert_msg(ea < GRAD_TOL, "%s (%s): dA layer %d %s: relative error %.3g", f->name, how, layer,
                           ql_lora_module_name(k), ea);
-            double eb = rel_error(p->dB, gb->data, (size_t)(p->out * l->cfg.r), &worst);
+            double eb = tu_rel_error(p->dB, gb->data, (size_t)(p->out * l->cfg.r), &worst);
             ck_assert_msg(eb < GRAD_TOL, "%s (%s): dB layer %d %s: relative error %.3g", f->name, how, layer,
                           ql_lora_module_name(k), eb);
             worst_a = fmax(worst_a, ea), worst_b = fmax(worst_b, eb);

@@ -34,31 +34,6 @@ static void setup(void)
 
 static void teardown(void) { ql_st_close(ref); }
 
-static const ql_tensor *need(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static const ql_tensor *need(const char *fmt, ...)
-{
-    char key[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(key, sizeof key, fmt, ap);
-    va_end(ap);
-    const ql_tensor *t = ql_st_find(ref, key);
-    ck_assert_msg(t != NULL, "reference tensor %s missing", key);
-    return t;
-}
-
-static double rel_error(const float *got, const float *want, size_t n, size_t *worst)
-{
-    double num = 0, den = 0, w = -1;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        num += d * d;
-        den += (double)want[i] * want[i];
-        if (fabs(d) > w) w = fabs(d), *worst = i;
-    }
-    return sqrt(num / (den > 0 ? den : 1));
-}
-
 static ql_llama *load(const char *quantizer)
 {
     ql_llama *m;
@@ -71,18 +46,18 @@ static void check_logits(ql_llama *m, const char *key_fmt, const char *base)
 {
     const ql_llama_config *c = ql_llama_get_config(m);
     for (int i = 0; i < NSEQ; i++) {
-        const ql_tensor *ids = need("ids.%d", i);
+        const ql_tensor *ids = tu_need(ref, "ids.%d", i);
         int T = (int)ids->shape[0];
         char key[128];
         snprintf(key, sizeof key, key_fmt, base, i);
-        const ql_tensor *want = need("%s", key);
+        const ql_tensor *want = tu_need(ref, "%s", key);
         ck_assert_int_eq(want->shape[0], T);
         float *logits = malloc((size_t)T * c->vocab * 4);
         ql_kv_cache *cache;
         ck_assert_int_eq(ql_kv_cache_create(m, T, &cache), QL_OK);
         ck_assert_int_eq(ql_llama_forward(m, cache, ids->data, T, logits, 0), QL_OK);
         size_t worst = 0;
-        double e = rel_error(logits, want->data, (size_t)T * c->vocab, &worst);
+        double e = tu_rel_error(logits, want->data, (size_t)T * c->vocab, &worst);
         ck_assert_msg(e < LOGITS_TOL, "%s: relative error %.3g (worst at %zu: %g vs %g)", key, e, worst, logits[worst],
                       ((const float *)want->data)[worst]);
         ql_kv_cache_destroy(cache);
@@ -139,7 +114,7 @@ START_TEST(loss_and_lora_gradients)
     ql_lora *l = load_adapter(m, "adapter");
     int64_t total = 0;
     for (int i = 0; i < NSEQ; i++) {
-        const ql_tensor *lab = need("labels.%d", i);
+        const ql_tensor *lab = tu_need(ref, "labels.%d", i);
         const int32_t *y = lab->data;
         for (int64_t t = 1; t < lab->shape[0]; t++) total += y[t] != -100;
     }
@@ -148,14 +123,14 @@ START_TEST(loss_and_lora_gradients)
     int64_t n = 0;
     int longest = 1;
     for (int i = 0; i < NSEQ; i++)
-        if (need("ids.%d", i)->shape[0] > longest) longest = (int)need("ids.%d", i)->shape[0];
+        if (tu_need(ref, "ids.%d", i)->shape[0] > longest) longest = (int)tu_need(ref, "ids.%d", i)->shape[0];
     ql_lora_model *lm[2]; /* gradient checkpointing off, on */
     for (int ck = 0; ck < 2; ck++) {
         ql_lora_model_opts mo = {.batch = 1, .max_len = longest, .checkpointing = ck, .backward = 1, .allocate = 1};
         ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &mo, &lm[ck]), QL_OK);
     }
     for (int i = 0; i < NSEQ; i++) {
-        const ql_tensor *ids = need("ids.%d", i), *lab = need("labels.%d", i);
+        const ql_tensor *ids = tu_need(ref, "ids.%d", i), *lab = tu_need(ref, "labels.%d", i);
         const int32_t len = (int32_t)ids->shape[0];
         const uint64_t seed = 1;
         ql_lora_batch mb = {.B = 1, .T = len, .ids = ids->data, .labels = lab->data, .len = &len, .dropout_seeds = &seed};
@@ -165,19 +140,19 @@ START_TEST(loss_and_lora_gradients)
     ql_lora_model_destroy(lm[0]);
     ql_lora_model_destroy(lm[1]);
     ck_assert_int_eq(n, total);
-    float want_loss = *(const float *)need("loss.%s", bases[_i])->data;
+    float want_loss = *(const float *)tu_need(ref, "loss.%s", bases[_i])->data;
     ck_assert_msg(fabs(sum / (double)n - want_loss) < 1e-5 * fabs(want_loss), "loss %.7f vs %.7f", sum / (double)n,
                   want_loss);
     for (int layer = 0; layer < l->n_layers; layer++)
         for (int k = 0; k < QL_MOD_COUNT; k++) {
             ql_lora_pair *p = ql_lora_pair_at(l, layer, k);
-            const ql_tensor *ga = need("grad.%s.%d.%s.A", bases[_i], layer, ql_lora_module_name(k));
-            const ql_tensor *gb = need("grad.%s.%d.%s.B", bases[_i], layer, ql_lora_module_name(k));
+            const ql_tensor *ga = tu_need(ref, "grad.%s.%d.%s.A", bases[_i], layer, ql_lora_module_name(k));
+            const ql_tensor *gb = tu_need(ref, "grad.%s.%d.%s.B", bases[_i], layer, ql_lora_module_name(k));
             size_t worst = 0;
-            double ea = rel_error(p->dA, ga->data, (size_t)(l->cfg.r * p->in), &worst);
+            double ea = tu_rel_error(p->dA, ga->data, (size_t)(l->cfg.r * p->in), &worst);
             ck_assert_msg(ea < GRAD_TOL, "%s dA layer %d %s: relative error %.3g", bases[_i], layer,
                           ql_lora_module_name(k), ea);
-            double eb = rel_error(p->dB, gb->data, (size_t)(p->out * l->cfg.r), &worst);
+            double eb = tu_rel_error(p->dB, gb->data, (size_t)(p->out * l->cfg.r), &worst);
             ck_assert_msg(eb < GRAD_TOL, "%s dB layer %d %s: relative error %.3g", bases[_i], layer,
                           ql_lora_module_name(k), eb);
         }

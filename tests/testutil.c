@@ -1,6 +1,7 @@
 #include "testutil.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,3 +114,27 @@ void tu_write_model(const char *dir, const tu_tensor *tensors, size_t n, const c
 }
 
 int tu_contains(const char *haystack, const char *needle) { return haystack && strstr(haystack, needle) != NULL; }
+
+const ql_tensor *tu_need(const ql_st_file *f, const char *fmt, ...)
+{
+    char key[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(key, sizeof key, fmt, ap);
+    va_end(ap);
+    const ql_tensor *t = ql_st_find(f, key);
+    ck_assert_msg(t != NULL, "reference tensor %s missing", key);
+    return t;
+}
+
+double tu_rel_error(const float *got, const float *want, size_t n, size_t *worst)
+{
+    double num = 0, den = 0, w = -1;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)got[i] - want[i];
+        num += d * d;
+        den += (double)want[i] * want[i];
+        if (fabs(d) > w) w = fabs(d), *worst = i;
+    }
+    return sqrt(num / (den > 0 ? den : 1));
+}

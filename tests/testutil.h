@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qlora/safetensors.h"
+
 /* Environment value or abort the test with a clear message. */
 const char *tu_env(const char *name);
 /* A fresh temporary folder (removed by tu_cleanup at exit). */
@@ -24,6 +26,10 @@ void tu_write_model(const char *dir, const tu_tensor *tensors, size_t n, const c
 /* Deterministic pseudo-random normal numbers. */
 void tu_randn(float *x, size_t n, uint64_t seed, float scale);
 int tu_contains(const char *haystack, const char *needle);
+/* A tensor of a reference file by printf-formatted name; fails the test when absent. */
+const ql_tensor *tu_need(const ql_st_file *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Relative L2 error ||got - want|| / ||want||; *worst gets the index of the largest |difference|. */
+double tu_rel_error(const float *got, const float *want, size_t n, size_t *worst);
 
 #define ck_assert_contains(hay, needle)                                                                   \
     ck_assert_msg(tu_contains((hay), (needle)), "expected to find \"%s\" in:\n%s", (needle), (hay) ? (hay) : "(null)")
