@@ -11,19 +11,15 @@
 #include <stdlib.h>
 
 #include "bnb4bit_cuda.h"
+#include "qlp_cuda.cuh"
 
 namespace {
 
 constexpr int kNested = 256; /* double quant: absmax codes per nested block */
 constexpr int kChunk = 16;   /* elements per thread on the vector path */
 
-__device__ __forceinline__ uint16_t f32_to_bf16(float f)
-{
-    uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+using qlp::f32_to_bf16;
+using qlp::grid_for;
 
 struct Tables {
     float code[16];   /* the 4-bit dequantization table */
@@ -255,19 +251,6 @@ __global__ void materialize_any(Tables tab, Src s, void *out, int64_t ld, int64_
         if (BF16) static_cast<uint16_t *>(out)[r * ld + c] = f32_to_bf16(v);
         else static_cast<float *>(out)[r * ld + c] = v;
     }
-}
-
-int grid_for(int64_t work, int threads)
-{
-    static int sms = 0;
-    if (!sms) {
-        int dev = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-            sms = 132;
-    }
-    int64_t blocks = (work + threads - 1) / threads;
-    int64_t cap = (int64_t)sms * 16;
-    return (int)(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
 }
 
 } // namespace
