@@ -58,6 +58,10 @@ typedef struct ql_be_batch {
 
 typedef struct ql_backend {
     const char *name;
+    /* 1 when the backend's memory is host memory (the CPU): the model's host
+     * arrays serve as backend buffers as they are.  0 (CUDA): the model's
+     * weights and the LoRA parameters get backend copies (lora_model.c). */
+    int host_memory;
     /* ---- context ---- */
     int (*open)(ql_be_ctx *ctx);   /* fill ctx->impl (stream, handles); may be NULL */
     void (*close)(ql_be_ctx *ctx); /* release ctx->impl; may be NULL */
@@ -71,9 +75,15 @@ typedef struct ql_backend {
     int (*upload)(ql_be_ctx *ctx, void *dst, const void *host_src, size_t bytes);   /* host to backend */
     int (*download)(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes); /* backend to host; syncs */
 
-    /* Weights of a linear layer as dense float32 w[out, in] in backend memory
-     * (dequantized; w is scratch from the plan, nothing is kept). */
-    int (*materialize)(ql_be_ctx *ctx, const ql_linear *l, float *w);
+    /* Weights of a quantized linear layer as dense float32 w[out, in] in
+     * backend memory (w is scratch from the plan, nothing is kept).  dev_bufs:
+     * the backend copies of the plugin's state buffers (ABI 1.1
+     * device_buffers, in its order) with `workspace` of the plugin's
+     * device_workspace(out) bytes, or NULL where the plugin has no device
+     * materialize: the weights are then materialized on the host into
+     * host_scratch [out * in] and copied over (the slow path). */
+    int (*materialize)(ql_be_ctx *ctx, float *w, const ql_linear *l, const void *const *dev_bufs, void *workspace,
+                       uint64_t workspace_bytes, float *host_scratch);
 
     /* ---- forward ---- */
     /* masked: out[B*T, C] row (b, t) = table[ids[b*T + t]] for valid rows, 0
@@ -112,6 +122,8 @@ typedef struct ql_backend {
     int (*swiglu_forward)(ql_be_ctx *ctx, float *out, const float *gate, const float *up, int64_t n);
     /* x[n] += y[n] */
     int (*add_inplace)(ql_be_ctx *ctx, float *x, const float *y, int64_t n);
+    /* masked (padded rows untouched): y[B*T, n] row (b, t) += bias[n] for valid rows */
+    int (*add_bias)(ql_be_ctx *ctx, float *y, const float *bias, const ql_be_batch *mb, int64_t n);
     /* h[rows, r] = xd a[r, in]^T;  y[rows, out] += scale * h b[out, r]^T */
     int (*lora_forward)(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
                         int64_t rows, int64_t in, int64_t out, int64_t r, float scale);
@@ -178,6 +190,11 @@ struct ql_be_ctx {
 int ql_backend_find(const char *name, const ql_backend **out);
 /* The plain C reference backend (OpenMP loops). */
 const ql_backend *ql_backend_cpu(void);
+/* The CUDA backend (backend_cuda.c) on the current device, or NULL with an
+ * error saying why (built without CUDA, no device, driver too old). */
+const ql_backend *ql_backend_cuda(void);
+/* "cuda" when the CUDA backend is available, else "cpu": what --device auto means. */
+const char *ql_backend_default(void);
 
 /* Open a context on backend `name` (ql_backend_find), or on `be` when given. */
 int ql_be_ctx_open(const char *name, const ql_backend *be, ql_be_ctx **out);

@@ -47,9 +47,10 @@ static int cpu_copy(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes)
     return QL_OK;
 }
 
-static int cpu_materialize(ql_be_ctx *ctx, const ql_linear *l, float *w)
+static int cpu_materialize(ql_be_ctx *ctx, float *w, const ql_linear *l, const void *const *dev_bufs,
+                           void *workspace, uint64_t workspace_bytes, float *host_scratch)
 {
-    (void)ctx;
+    (void)ctx, (void)dev_bufs, (void)workspace, (void)workspace_bytes, (void)host_scratch;
     return ql_linear_weights(l, w);
 }
 
@@ -133,6 +134,14 @@ static int cpu_add_inplace(ql_be_ctx *ctx, float *x, const float *y, int64_t n)
 {
     (void)ctx;
     ql_add_inplace(x, y, n);
+    return QL_OK;
+}
+
+static int cpu_add_bias(ql_be_ctx *ctx, float *y, const float *bias, const ql_be_batch *mb, int64_t n)
+{
+    (void)ctx;
+    for (int64_t b = 0; b < mb->B; b++)
+        for (int64_t t = 0; t < mb->len[b]; t++) ql_add_inplace(y + (b * mb->T + t) * n, bias, n);
     return QL_OK;
 }
 
@@ -243,6 +252,7 @@ static int cpu_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, cons
 
 static const ql_backend cpu_backend = {
     .name = "cpu",
+    .host_memory = 1,
     .open = NULL,
     .close = NULL,
     .sync = cpu_sync,
@@ -261,6 +271,7 @@ static const ql_backend cpu_backend = {
     .attention_forward_train = cpu_attention_forward_train,
     .swiglu_forward = cpu_swiglu_forward,
     .add_inplace = cpu_add_inplace,
+    .add_bias = cpu_add_bias,
     .lora_forward = cpu_lora_forward,
     .dropout_forward = cpu_dropout_forward,
     .matmul_backward_input = cpu_matmul_backward_input,
@@ -284,9 +295,28 @@ int ql_backend_find(const char *name, const ql_backend **out)
         *out = &cpu_backend;
         return QL_OK;
     }
-    if (!strcmp(name, "cuda"))
-        return ql_error(QL_ENOTSUP, "backend cuda is not available: this qlora was built without CUDA");
-    return ql_error(QL_EINVAL, "unknown backend %s: use cpu or cuda", name);
+    if (!strcmp(name, "auto")) name = ql_backend_default();
+    if (!strcmp(name, "cpu")) {
+        *out = &cpu_backend;
+        return QL_OK;
+    }
+    if (!strcmp(name, "cuda")) {
+        *out = ql_backend_cuda();
+        return *out ? QL_OK : ql_error_code();
+    }
+    return ql_error(QL_EINVAL, "unknown device '%s': use cpu, cuda or auto", name);
+}
+
+const char *ql_backend_default(void)
+{
+    /* ql_backend_cuda() reports why it is absent; that is no error here */
+    char saved[1024];
+    snprintf(saved, sizeof saved, "%s", ql_error_message());
+    int code = ql_error_code();
+    const char *name = ql_backend_cuda() ? "cuda" : "cpu";
+    if (code) ql_error(code, "%s", saved);
+    else ql_error_clear();
+    return name;
 }
 
 int ql_be_ctx_open(const char *name, const ql_backend *be, ql_be_ctx **out)

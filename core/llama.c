@@ -653,7 +653,7 @@ static void linear_forward(ql_llama *m, const ql_linear *l, const float *x, int6
     ql_be_ctx *ctx = m->ctx;
     const float *w = l->dense;
     if (!w) {
-        ql_be(ctx, materialize, l, m->scratch_w);
+        ql_be(ctx, materialize, m->scratch_w, l, NULL, NULL, 0, NULL); /* the model's context: host memory */
         w = m->scratch_w;
     }
     ql_be(ctx, matmul_nt, y, x, w, T, l->in, l->out, 0);

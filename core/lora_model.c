@@ -36,6 +36,26 @@ typedef struct bwd_scratch {
     float *grad, *grad2; /* [R, H] the gradient flowing down the residual stream */
 } bwd_scratch;
 
+/* A linear layer's frozen weights as the backend reads them: the host
+ * arrays themselves on the CPU, copies in the base arena on a device. */
+typedef struct be_linear {
+    const float *dense, *bias;                  /* [out, in] (not quantized), [out]; or NULL */
+    const void *bufs[QL_MAX_STATE_BUFFERS];     /* device copies of the plugin's state buffers */
+    int device_materialize;                     /* bufs are set: the plugin materializes on the device */
+} be_linear;
+
+typedef struct be_layer {
+    const float *attn_norm, *mlp_norm, *q_norm, *k_norm;
+    be_linear lin[QL_MOD_COUNT];
+} be_layer;
+
+/* a host array copied into a planned backend buffer once the plan is allocated */
+typedef struct upload {
+    void **dst;
+    const void *src;
+    size_t bytes;
+} upload;
+
 struct ql_lora_model {
     ql_llama *m;
     ql_lora *lora;
@@ -56,6 +76,17 @@ struct ql_lora_model {
     uint64_t *h_seeds;
     float *losses;
     float *inv_freq; /* [Bmax, hd/2] each sequence's rotary frequencies */
+    /* the weights in backend memory */
+    const float *embed, *final_norm, *head;
+    be_layer *layers;      /* [n_layers] */
+    ql_lora_pair *pairs;   /* [n_layers * QL_MOD_COUNT]: A, B, dA, dB in backend memory (lora->pairs on the CPU) */
+    float *params, *grads; /* the backend copies of lora->params and lora->grads (theirs on the CPU) */
+    void *mat_ws;          /* device workspace of the plugins' materialize */
+    uint64_t mat_ws_bytes;
+    float *host_w;         /* host scratch of the slow path (plugins without device kernels) */
+    upload *ups;
+    size_t n_ups, cap_ups;
+    int ups_failed;
 };
 
 /* What one step works on (the model, this micro-batch's dims and seeds). */
@@ -98,11 +129,20 @@ static const ql_linear *layer_linear(ql_llama_layer *L, int k)
     return ls[k];
 }
 
-static const float *weights(ctx *x, const ql_linear *l)
+static const float *weights(ctx *x, const ql_linear *l, const be_linear *bl)
 {
-    if (l->dense) return l->dense;
-    ql_be(x->be, materialize, l, x->lm->w);
-    return x->lm->w;
+    if (bl->dense) return bl->dense;
+    ql_lora_model *lm = x->lm;
+    ql_be(x->be, materialize, lm->w, l, bl->device_materialize ? bl->bufs : NULL, lm->mat_ws, lm->mat_ws_bytes,
+          lm->host_w);
+    return lm->w;
+}
+
+static ql_lora_pair *pair_at(ctx *x, int i, int k)
+{
+    if (!x->lora) return NULL;
+    ql_lora_pair *p = &x->lm->pairs[i * QL_MOD_COUNT + k];
+    return p->A ? p : NULL;
 }
 
 /* y = in W^T (+ LoRA) for module k of layer i, over all R rows */
@@ -110,13 +150,12 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
 {
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
-    const float *w = weights(x, l);
+    const be_linear *bl = &x->lm->layers[i].lin[k];
+    const float *w = weights(x, l, bl);
     ql_be(x->be, matmul_nt, y, in, w, x->d.R, l->in, l->out, 0);
-    if (l->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
-        for (int64_t b = 0; b < x->mb.B; b++)
-            for (int64_t t = 0; t < x->mb.len[b]; t++)
-                ql_be(x->be, add_inplace, y + (b * x->d.T + t) * l->out, l->bias, l->out);
-    ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
+    if (bl->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
+        ql_be(x->be, add_bias, y, bl->bias, &x->mb, l->out);
+    ql_lora_pair *p = pair_at(x, i, k);
     if (p) {
         const float *xd = in;
         if (x->dropout) {
@@ -135,9 +174,9 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
 {
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
-    const float *w = weights(x, l); /* materialized again: nothing was kept */
+    const float *w = weights(x, l, &x->lm->layers[i].lin[k]); /* materialized again: nothing was kept */
     ql_be(x->be, matmul_backward_input, din, dy, w, x->d.R, l->in, l->out, accumulate);
-    ql_lora_pair *p = x->lora ? ql_lora_pair_at(x->lora, i, k) : NULL;
+    ql_lora_pair *p = pair_at(x, i, k);
     if (p) {
         const float *xd = x->dropout ? a->xd[k] : in;
         float scale = x->lora->scaling;
@@ -159,7 +198,8 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
 {
     const dims *d = &x->d;
     const ql_llama_config *c = x->c;
-    ql_llama_layer *L = &ql_llama_layers(x->m)[i];
+    const be_layer *L = &x->lm->layers[i];
+    const int window = ql_llama_layers(x->m)[i].window;
     int rc;
     ql_be(x->be, rmsnorm_forward, a->xn1, a->rstd1, a->x, L->attn_norm, d->R, d->H, c->rms_eps);
     float *qp = L->q_norm ? a->qpre : a->q, *kp = L->q_norm ? a->kpre : a->k;
@@ -173,7 +213,7 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
     ql_be(x->be, rope_forward, a->q, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     ql_be(x->be, rope_forward, a->k, &x->mb, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     ql_be(x->be, attention_forward_train, a->att, a->probs, a->q, a->k, a->v, &x->mb, d->nh, d->nkv, (int)d->hd,
-          L->window);
+          window);
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
     ql_be(x->be, add_inplace, a->xmid, a->x, d->R * d->H);
     ql_be(x->be, rmsnorm_forward, a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->R, d->H, c->rms_eps);
@@ -189,7 +229,8 @@ static int layer_fwd(ctx *x, int i, layer_acts *a, float *out)
 static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx, bwd_scratch *s)
 {
     const dims *d = &x->d;
-    ql_llama_layer *L = &ql_llama_layers(x->m)[i];
+    const be_layer *L = &x->lm->layers[i];
+    const int window = ql_llama_layers(x->m)[i].window;
     int rc;
     /* MLP */
     if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh, s->dxd))) return rc;
@@ -202,7 +243,7 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     /* attention */
     if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->dxd))) return rc;
     ql_be(x->be, attention_backward, s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, &x->mb,
-          d->nh, d->nkv, (int)d->hd, L->window);
+          d->nh, d->nkv, (int)d->hd, window);
     ql_be(x->be, rope_backward, s->dq, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     ql_be(x->be, rope_backward, s->dk, &x->mb, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     const float *dqp = s->dq, *dkp = s->dk;
@@ -246,6 +287,169 @@ static uint64_t base_bytes(ql_llama *m)
         }
     }
     return b;
+}
+
+/* A host array the step reads as backend memory: itself on the CPU; on a
+ * device a buffer of arena `role`, filled once the plan is allocated. */
+static void plan_resident(ql_lora_model *lm, int role, const void **dst, const void *src, uint64_t bytes)
+{
+    if (!src || !bytes) {
+        *dst = src;
+        return;
+    }
+    if (lm->ctx->be->host_memory) {
+        *dst = src;
+        return;
+    }
+    ql_plan_add(&lm->plan, role, (void **)dst, (int64_t)bytes, 1);
+    if (lm->n_ups == lm->cap_ups) {
+        size_t cap = lm->cap_ups ? 2 * lm->cap_ups : 256;
+        upload *u = realloc(lm->ups, cap * sizeof *u);
+        if (!u) {
+            lm->ups_failed = 1;
+            return;
+        }
+        lm->ups = u;
+        lm->cap_ups = cap;
+    }
+    lm->ups[lm->n_ups++] = (upload){.dst = (void **)dst, .src = src, .bytes = (size_t)bytes};
+}
+
+#define RESIDENT(lm, role, dst, src, count) \
+    plan_resident((lm), (role), (const void **)(dst), (src), (uint64_t)(count) * sizeof(float))
+
+/* The frozen weights and the LoRA parameters where the backend reads them. */
+static int plan_weights(ql_lora_model *lm, int64_t *maxw)
+{
+    ql_llama *m = lm->m;
+    const ql_llama_config *c = lm->c;
+    ql_plan *p = &lm->plan;
+    const int host = lm->ctx->be->host_memory, B = QL_ROLE_BASE;
+    const int64_t H = c->hidden, V = c->vocab;
+    lm->layers = calloc((size_t)c->n_layers, sizeof *lm->layers);
+    if (!lm->layers) return ql_error(QL_ENOMEM, "out of memory");
+    if (host) ql_plan_held(p, QL_ROLE_BASE, base_bytes(m));
+    const float *fn, *head;
+    ql_llama_output_weights(m, &fn, &head);
+    RESIDENT(lm, B, &lm->embed, ql_llama_embeddings(m), V * H);
+    RESIDENT(lm, B, &lm->final_norm, fn, H);
+    if (head == ql_llama_embeddings(m)) lm->head = NULL; /* tied: set after the plan is allocated */
+    else RESIDENT(lm, B, &lm->head, head, V * H);
+    int64_t ws = 0, slow = 0;
+    const char *warned = NULL;
+    *maxw = 0;
+    for (int i = 0; i < c->n_layers; i++) {
+        ql_llama_layer *L = &ql_llama_layers(m)[i];
+        be_layer *bl = &lm->layers[i];
+        RESIDENT(lm, B, &bl->attn_norm, L->attn_norm, H);
+        RESIDENT(lm, B, &bl->mlp_norm, L->mlp_norm, H);
+        RESIDENT(lm, B, &bl->q_norm, L->q_norm, L->q_norm ? c->head_dim : 0);
+        RESIDENT(lm, B, &bl->k_norm, L->k_norm, L->k_norm ? c->head_dim : 0);
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            const ql_linear *l = layer_linear(L, k);
+            be_linear *b = &bl->lin[k];
+            RESIDENT(lm, B, &b->bias, l->bias, l->bias ? l->out : 0);
+            if (l->dense) {
+                RESIDENT(lm, B, &b->dense, l->dense, l->out * l->in);
+                continue;
+            }
+            if (l->out * l->in > *maxw) *maxw = l->out * l->in;
+            if (host) continue;
+            const ql_quantizer_desc *d = l->qz->desc;
+            ql_state_buffer sb[QL_MAX_STATE_BUFFERS];
+            uint32_t n = 0;
+            if (d->materialize_rows_device && d->device_buffers && d->device_workspace &&
+                d->device_buffers(l->qz->inst, l->state, sb, &n) == QL_OK && n <= QL_MAX_STATE_BUFFERS) {
+                b->device_materialize = 1;
+                for (uint32_t j = 0; j < n; j++) {
+                    if (sb[j].align > QL_PLAN_ALIGN || (sb[j].align & (sb[j].align - 1)))
+                        return ql_error(QL_EABI, "plugin %s: state buffer %s asks for alignment %llu (at most %d)",
+                                        d->name, sb[j].name ? sb[j].name : "?", (unsigned long long)sb[j].align,
+                                        QL_PLAN_ALIGN);
+                    plan_resident(lm, B, &b->bufs[j], sb[j].data, sb[j].bytes);
+                }
+                uint64_t w = d->device_workspace(l->qz->inst, l->state, l->out);
+                if ((int64_t)w > ws) ws = (int64_t)w;
+            } else {
+                ql_error_clear();
+                if (l->out * l->in > slow) slow = l->out * l->in;
+                if (!warned || strcmp(warned, d->name)) {
+                    fprintf(stderr,
+                            "qlora: warning: plugin %s has no CUDA materialize (ABI 1.1 device slots): its weights "
+                            "are dequantized on the CPU and copied to the GPU for every use, which is slow\n",
+                            d->name);
+                    warned = d->name;
+                }
+            }
+        }
+    }
+    ql_plan_add(p, QL_ROLE_WEIGHTS, &lm->mat_ws, ws, 1);
+    lm->mat_ws_bytes = (uint64_t)ws;
+    ql_plan_add(p, QL_ROLE_HOST, (void **)&lm->host_w, slow, 4);
+    ql_lora *lora = lm->lora;
+    if (lora) {
+        if (host) {
+            ql_plan_held(p, QL_ROLE_LORA, (uint64_t)lora->n_params * 4);
+            ql_plan_held(p, QL_ROLE_GRADS, (uint64_t)lora->n_params * 4);
+            lm->params = lora->params;
+            lm->grads = lora->grads;
+            lm->pairs = lora->pairs;
+        } else {
+            ql_plan_add(p, QL_ROLE_LORA, (void **)&lm->params, (int64_t)lora->n_params, 4);
+            if (lm->backward) ql_plan_add(p, QL_ROLE_GRADS, (void **)&lm->grads, (int64_t)lora->n_params, 4);
+            lm->pairs = calloc((size_t)lora->n_layers * QL_MOD_COUNT, sizeof *lm->pairs);
+            if (!lm->pairs) return ql_error(QL_ENOMEM, "out of memory");
+        }
+    }
+    return lm->ups_failed ? ql_error(QL_ENOMEM, "out of memory") : QL_OK;
+}
+
+/* After the plan is allocated: the uploads, and the LoRA pairs at the backend copies. */
+static int fill_weights(ql_lora_model *lm)
+{
+    ql_be_ctx *be = lm->ctx;
+    for (size_t i = 0; i < lm->n_ups; i++) ql_be(be, upload, *lm->ups[i].dst, lm->ups[i].src, lm->ups[i].bytes);
+    if (!lm->head) lm->head = lm->embed;
+    ql_lora *lora = lm->lora;
+    if (lora && lm->pairs != lora->pairs) {
+        for (int j = 0; j < lora->n_layers * QL_MOD_COUNT; j++) {
+            const ql_lora_pair *h = &lora->pairs[j];
+            ql_lora_pair *d = &lm->pairs[j];
+            *d = *h;
+            if (!h->A) continue;
+            d->A = lm->params + (h->A - lora->params);
+            d->B = lm->params + (h->B - lora->params);
+            d->dA = lm->grads ? lm->grads + (h->dA - lora->grads) : NULL;
+            d->dB = lm->grads ? lm->grads + (h->dB - lora->grads) : NULL;
+        }
+        ql_be(be, upload, lm->params, lora->params, lora->n_params * sizeof(float));
+    }
+    return ql_be_check(be);
+}
+
+int ql_lora_model_push_params(ql_lora_model *lm)
+{
+    if (!lm->lora || lm->params == lm->lora->params || !lm->params) return QL_OK;
+    ql_be(lm->ctx, upload, lm->params, lm->lora->params, lm->lora->n_params * sizeof(float));
+    return ql_be_check(lm->ctx);
+}
+
+int ql_lora_model_zero_grads(ql_lora_model *lm)
+{
+    if (!lm->lora) return QL_OK;
+    if (lm->grads == lm->lora->grads || !lm->grads) {
+        memset(lm->lora->grads, 0, lm->lora->n_params * sizeof(float));
+        return QL_OK;
+    }
+    ql_be(lm->ctx, zero, lm->grads, lm->lora->n_params * sizeof(float));
+    return ql_be_check(lm->ctx);
+}
+
+int ql_lora_model_pull_grads(ql_lora_model *lm)
+{
+    if (!lm->lora || lm->grads == lm->lora->grads || !lm->grads) return QL_OK;
+    ql_be(lm->ctx, download, lm->lora->grads, lm->grads, lm->lora->n_params * sizeof(float));
+    return ql_be_check(lm->ctx);
 }
 
 static void plan_acts(ql_lora_model *lm, layer_acts *a, int layer, const dims *d, int64_t B)
@@ -338,12 +542,17 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     else snprintf(p->shape, sizeof p->shape, "batch %d x %d tokens, base model, forward only", o->batch, o->max_len);
     snprintf(p->advice, sizeof p->advice, "; reduce --batch-size (%d) or --max-len (%d)%s", o->batch, o->max_len,
              lm->keep_all ? ", or turn on --gradient-checkpointing" : "");
-    ql_plan_held(p, QL_ROLE_BASE, base_bytes(m));
-    if (lora) {
-        ql_plan_held(p, QL_ROLE_LORA, (uint64_t)lora->n_params * 4);
-        ql_plan_held(p, QL_ROLE_GRADS, (uint64_t)lora->n_params * 4);
+    int64_t maxw = 0;
+    int rc = plan_weights(lm, &maxw);
+    if (rc) {
+        ql_lora_model_destroy(lm);
+        return rc;
     }
-    if (o->opt) ql_plan_held(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
+    /* the optimizer steps on the host: its state is host memory beside a device plan */
+    if (o->opt) {
+        if (lm->ctx->be->host_memory) ql_plan_held(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
+        else ql_plan_held_host(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
+    }
 
     for (int i = 0; i <= nl; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->inputs[i], d.R * d.H, 4);
     for (int i = 0; i < (lm->keep_all ? nl : 1); i++) plan_acts(lm, &lm->acts[i], i, &d, B);
@@ -373,12 +582,6 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_plan_add(p, S, (void **)&s->grad, d.R * d.H, 4);
         ql_plan_add(p, S, (void **)&s->grad2, d.R * d.H, 4);
     }
-    int64_t maxw = 0;
-    for (int i = 0; i < nl; i++)
-        for (int k = 0; k < QL_MOD_COUNT; k++) {
-            const ql_linear *l = layer_linear(&ql_llama_layers(m)[i], k);
-            if (!l->dense && l->out * l->in > maxw) maxw = l->out * l->in;
-        }
     ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, 4);
     lm->logit_rows = o->logit_rows > 0 ? o->logit_rows : LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
     if (lm->logit_rows < 1) lm->logit_rows = 1;
@@ -392,7 +595,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     ql_plan_add(p, H, (void **)&lm->h_len, B, 4);
     ql_plan_add(p, H, (void **)&lm->h_seeds, 2 * B, 8); /* sequence seeds, then one module's */
     ql_plan_add(p, H, (void **)&lm->inv_freq, B * (d.hd / 2), 4);
-    int rc = o->allocate ? ql_plan_alloc(p) : QL_OK;
+    rc = o->allocate ? ql_plan_alloc(p) : QL_OK;
+    if (rc == QL_OK && o->allocate) rc = fill_weights(lm);
     if (rc) {
         ql_lora_model_destroy(lm);
         return rc;
@@ -405,6 +609,9 @@ void ql_lora_model_destroy(ql_lora_model *lm)
 {
     if (!lm) return;
     ql_plan_free(&lm->plan);
+    if (lm->lora && lm->pairs != lm->lora->pairs) free(lm->pairs);
+    free(lm->layers);
+    free(lm->ups);
     free(lm->acts);
     free(lm->inputs);
     free(lm);
@@ -507,15 +714,14 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
     int do_backward = backward && count > 0;
 
     /* forward */
-    ql_be(be, embedding, lm->inputs[0], ql_llama_embeddings(m), mb->ids, &x.mb, H);
+    ql_be(be, embedding, lm->inputs[0], lm->embed, mb->ids, &x.mb, H);
     int rc = QL_OK;
     for (int i = 0; i < nl && rc == QL_OK; i++) {
         layer_acts *a = &lm->acts[keep_all ? i : 0];
         a->x = lm->inputs[i];
         rc = layer_fwd(&x, i, a, lm->inputs[i + 1]);
     }
-    const float *final_norm = NULL, *lm_head = NULL;
-    ql_llama_output_weights(m, &final_norm, &lm_head);
+    const float *final_norm = lm->final_norm, *lm_head = lm->head;
     ql_be(be, rmsnorm_forward, lm->xnf, lm->rstdf, lm->inputs[nl], final_norm, R, H, c->rms_eps);
     /* logits a chunk of rows at a time: loss, dlogits in place, and their
      * gradient into dxn, so [R, V] never exists whole */

@@ -39,6 +39,16 @@ void ql_lora_model_destroy(ql_lora_model *lm);
 void ql_lora_model_print_plan(const ql_lora_model *lm, FILE *f);
 uint64_t ql_lora_model_plan_bytes(const ql_lora_model *lm, int role);
 
+/* The LoRA parameters on a backend whose memory is not the host's (CUDA):
+ * the step reads the backend copies and adds gradients into backend
+ * buffers, while the optimizer updates lora->params on the host.  So a
+ * trainer zeroes the gradients before a step's micro-batches, pulls them into
+ * lora->grads after, and pushes lora->params after every update (and after
+ * loading a checkpoint).  On the CPU these clear lora->grads or do nothing. */
+int ql_lora_model_zero_grads(ql_lora_model *lm);
+int ql_lora_model_pull_grads(ql_lora_model *lm);
+int ql_lora_model_push_params(ql_lora_model *lm);
+
 /* A micro-batch: B sequences right-padded to T (the longest). */
 typedef struct ql_lora_batch {
     int B, T;

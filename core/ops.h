@@ -7,6 +7,13 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Functions the CUDA kernels share with the CPU operators (kernels/) */
+#ifdef __CUDACC__
+#define QL_HOST_DEVICE __host__ __device__
+#else
+#define QL_HOST_DEVICE
+#endif
+
 /* Below this many multiply-adds a loop runs on one thread: forking a team
  * costs more than it saves, and much more when the cores are shared. */
 #define QL_PARALLEL_MIN_WORK (INT64_C(1) << 22)
@@ -32,7 +39,7 @@ static inline float ql_dot(const float *a, const float *b, int64_t n)
  * order (no FMA contraction: -ffp-contract=off), so the bits are the same on
  * every machine.  Error against exp in double: 1.2 ulp at most
  * (tests/test_ops.c: expf_within_1_5_ulp). */
-static inline float ql_expf(float x)
+static inline QL_HOST_DEVICE float ql_expf(float x)
 {
     const float lo = -87.33654f, hi = 88.72283f;
     const float xc = x < lo ? lo : x > hi ? hi : x == x ? x : 0.0f; /* NaN: any finite value (the result is x) */
@@ -50,7 +57,9 @@ static inline float ql_expf(float x)
     union {
         int32_t i;
         float f;
-    } s1 = {.i = (k1 + 127) << 23}, s2 = {.i = (k - k1 + 127) << 23};
+    } s1, s2;
+    s1.i = (k1 + 127) << 23;
+    s2.i = (k - k1 + 127) << 23;
     float y = p * s1.f * s2.f;
     y = x < lo ? 0.0f : y;
     y = x > hi ? INFINITY : y;

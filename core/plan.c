@@ -33,6 +33,14 @@ void ql_plan_held(ql_plan *p, int role, uint64_t bytes)
     if (!add_size(&p->bytes[role], bytes)) p->overflow = 1;
 }
 
+void ql_plan_held_host(ql_plan *p, int role, uint64_t bytes)
+{
+    ql_plan_held(p, role, bytes);
+    p->on_host[role] = 1;
+}
+
+static int is_arena(const ql_plan *p, int r) { return r >= QL_PLAN_FIRST_ARENA || p->n_in_role[r] > 0; }
+
 void ql_plan_add(ql_plan *p, int role, void **dst, int64_t count, size_t elem)
 {
     *dst = NULL;
@@ -57,13 +65,23 @@ void ql_plan_add(ql_plan *p, int role, void **dst, int64_t count, size_t elem)
     b->dst = dst;
     b->offset = p->bytes[role];
     b->bytes = bytes;
+    p->n_in_role[role]++;
     if (!add_size(&p->bytes[role], padded)) p->overflow = 1;
 }
 
 uint64_t ql_plan_total(const ql_plan *p)
 {
     uint64_t t = 0;
-    for (int r = 0; r < QL_ROLE_COUNT; r++) t += p->bytes[r];
+    for (int r = 0; r < QL_ROLE_COUNT; r++)
+        if (!p->on_host[r]) t += p->bytes[r];
+    return t;
+}
+
+uint64_t ql_plan_backend_bytes(const ql_plan *p)
+{
+    uint64_t t = 0;
+    for (int r = 0; r < QL_ROLE_COUNT; r++)
+        if (is_arena(p, r) && r != QL_ROLE_HOST) t += p->bytes[r];
     return t;
 }
 
@@ -83,10 +101,16 @@ static void plan_text(const ql_plan *p, char *buf, size_t cap)
     PUT("memory plan (%s):\n", p->shape);
     for (int r = 0; r < QL_ROLE_COUNT; r++) {
         format_size(sz, sizeof sz, p->bytes[r]);
-        PUT("  %-22s %12s  %s\n", role_names[r], sz, r < QL_PLAN_FIRST_ARENA ? "(held by its owner)" : "(arena)");
+        PUT("  %-22s %12s  %s\n", role_names[r], sz,
+            p->on_host[r] ? "(host memory, not in the total)" : r == QL_ROLE_HOST ? "(arena, host memory)"
+            : is_arena(p, r) ? "(arena)" : "(held by its owner)");
     }
     format_size(sz, sizeof sz, ql_plan_total(p));
     PUT("  %-22s %12s%s\n", "total", sz, p->overflow ? "  (overflows: sizes do not fit in memory addresses)" : "");
+    if (p->ctx && !p->ctx->be->host_memory) {
+        format_size(sz, sizeof sz, ql_plan_backend_bytes(p));
+        PUT("  %-22s %12s  (the arenas in %s memory)\n", "on the device", sz, p->ctx->be->name);
+    }
 #undef PUT
 }
 
@@ -101,8 +125,8 @@ int ql_plan_alloc(ql_plan *p)
 {
     int failed = -1;
     if (!p->overflow)
-        for (int r = QL_PLAN_FIRST_ARENA; r < QL_ROLE_COUNT && failed < 0; r++) {
-            if (!p->bytes[r]) continue;
+        for (int r = 0; r < QL_ROLE_COUNT && failed < 0; r++) {
+            if (!p->bytes[r] || !is_arena(p, r)) continue;
             if (r == QL_ROLE_HOST) {
                 p->arena[r] = malloc(p->bytes[r]);
                 if (!p->arena[r]) failed = r;
@@ -128,7 +152,7 @@ int ql_plan_alloc(ql_plan *p)
 
 void ql_plan_free(ql_plan *p)
 {
-    for (int r = QL_PLAN_FIRST_ARENA; r < QL_ROLE_COUNT; r++) {
+    for (int r = 0; r < QL_ROLE_COUNT; r++) {
         if (!p->arena[r]) continue;
         if (r == QL_ROLE_HOST) free(p->arena[r]);
         else p->ctx->be->free(p->ctx, p->arena[r]);

@@ -32,7 +32,7 @@ typedef enum ql_plan_role {
 } ql_plan_role;
 
 #define QL_PLAN_FIRST_ARENA QL_ROLE_ACTS
-#define QL_PLAN_ALIGN 64
+#define QL_PLAN_ALIGN 256 /* the most a plugin state buffer may ask for (ql_state_buffer.align) */
 
 typedef struct ql_plan_buf {
     int role;
@@ -46,6 +46,8 @@ typedef struct ql_plan {
     void *arena[QL_ROLE_COUNT];
     ql_plan_buf *bufs;
     size_t n_bufs, cap_bufs;
+    size_t n_in_role[QL_ROLE_COUNT]; /* buffers placed in each role: a held role with buffers is an arena */
+    int on_host[QL_ROLE_COUNT];      /* held in host memory while the arenas are on a device */
     int overflow;     /* a size did not fit in size_t, or the list could not grow */
     char shape[256];  /* what the plan is for ("batch 4 x 256 tokens, checkpointing off, ...") */
     char advice[256]; /* what to reduce when it does not fit */
@@ -54,16 +56,22 @@ typedef struct ql_plan {
 const char *ql_plan_role_name(int role);
 
 void ql_plan_init(ql_plan *p, ql_be_ctx *ctx);
-/* Count `bytes` held elsewhere under a held role. */
+/* Count `bytes` held elsewhere under a held role (ql_plan_held_host: in
+ * host memory although the plan's arenas are on a device).  A held role
+ * given buffers with ql_plan_add instead becomes an arena of the plan (the
+ * weights on a device); one role is either, never both. */
 void ql_plan_held(ql_plan *p, int role, uint64_t bytes);
+void ql_plan_held_host(ql_plan *p, int role, uint64_t bytes);
 /* A buffer of count * elem bytes in arena `role`; *dst gets its address at
  * ql_plan_alloc.  count <= 0 adds nothing and leaves *dst NULL. */
 void ql_plan_add(ql_plan *p, int role, void **dst, int64_t count, size_t elem);
 /* Allocate every arena and set the pointers.  Out of memory (or sizes that
  * overflow) is QL_ENOMEM with the whole plan and p->advice in the message. */
 int ql_plan_alloc(ql_plan *p);
-/* Total bytes of the plan (held roles included). */
+/* Total bytes of the plan (held roles included, host-held ones not). */
 uint64_t ql_plan_total(const ql_plan *p);
+/* Bytes the plan takes in backend memory: its arenas other than host staging. */
+uint64_t ql_plan_backend_bytes(const ql_plan *p);
 /* The plan as lines "  role  size" and a total. */
 void ql_plan_print(const ql_plan *p, FILE *f);
 void ql_plan_free(ql_plan *p);

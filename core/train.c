@@ -108,6 +108,7 @@ static json_t *run_config(const ql_train_opts *o, const char *quantization)
     json_object_set_new(c, "shuffle", json_boolean(o->shuffle));
     json_object_set_new(c, "group_by_length", json_boolean(o->group_by_length));
     json_object_set_new(c, "gradient_checkpointing", json_boolean(o->gradient_checkpointing));
+    json_object_set_new(c, "device", json_string(o->device ? o->device : "cpu"));
     return c;
 }
 
@@ -118,6 +119,7 @@ static int config_mismatch(json_t *saved, json_t *now, const char *ckpt)
     json_t *v;
     json_object_foreach(now, key, v) {
         if (!strcmp(key, "gradient_checkpointing")) continue; /* same results either way */
+        if (!strcmp(key, "device")) continue; /* the same run on other hardware (same trajectory within rounding) */
         json_t *s = json_object_get(saved, key);
         if (!s || !json_equal(s, v)) {
             char *a = s ? json_dumps(s, JSON_ENCODE_ANY) : strdup("(absent)"), *b = json_dumps(v, JSON_ENCODE_ANY);
@@ -695,6 +697,7 @@ int ql_train(const ql_train_opts *o)
     ql_lora *lora = NULL;
     ql_adamw *opt = NULL;
     ql_lora_model *lm = NULL;
+    ql_be_ctx *bctx = NULL;
     uint64_t *seeds = NULL;
     const ql_example **batch = NULL;
     json_t *config = NULL;
@@ -735,6 +738,9 @@ int ql_train(const ql_train_opts *o)
         if (!o->dry_run && (rc = check_new_run_dir(o, run_dir))) return rc; /* before the slow part; checked again at creation */
     }
 
+    /* the device first: a missing GPU is reported before the slow part */
+    if ((rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &bctx))) goto done;
+    fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\"}\n", bctx->be->name);
     ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0};
     if ((rc = ql_llama_load(o->model_dir, &lo, &m))) goto done;
     if ((rc = ql_tokenizer_load(o->model_dir, &tok))) goto done;
@@ -752,6 +758,7 @@ int ql_train(const ql_train_opts *o)
     if ((rc = ql_adamw_create(lora->n_params, o->beta1, o->beta2, o->eps, o->weight_decay, &opt))) goto done;
     ql_train_opts effective = *o;
     effective.data.max_len = dopts.max_len; /* the model's length when not given */
+    effective.device = bctx->be->name;      /* what auto chose */
     config = run_config(&effective, ql_llama_quantization(m));
 
     /* the memory plan, for the longest example of either set: made (and
@@ -763,7 +770,7 @@ int ql_train(const ql_train_opts *o)
         if (ed->examples[i].len > max_len) max_len = ed->examples[i].len;
     ql_lora_model_opts mo = {.batch = o->batch_size, .max_len = max_len, .checkpointing = o->gradient_checkpointing,
                              .backward = 1, .allocate = !o->dry_run, .opt = opt};
-    if ((rc = ql_lora_model_create(m, lora, NULL, &mo, &lm))) goto done;
+    if ((rc = ql_lora_model_create(m, lora, bctx, &mo, &lm))) goto done;
     if (o->dry_run) {
         ql_lora_model_print_plan(lm, stdout);
         goto done;
@@ -811,8 +818,9 @@ int ql_train(const ql_train_opts *o)
     started = 1;
     double t_start = ql_now();
     double tokens_at_start = st.tokens_seen;
+    if ((rc = ql_lora_model_push_params(lm))) goto done; /* new or resumed parameters to the device */
     for (int64_t step = st.step; step < total; step++) {
-        memset(lora->grads, 0, lora->n_params * sizeof(float));
+        if ((rc = ql_lora_model_zero_grads(lm))) goto done;
         double step_loss = 0;
         int64_t step_tokens = 0;
         for (int a = 0; a < o->grad_accum; a++) {
@@ -845,6 +853,7 @@ int ql_train(const ql_train_opts *o)
             if (rc) goto done;
             step_loss += (sum / (double)n) / o->grad_accum;
         }
+        if ((rc = ql_lora_model_pull_grads(lm))) goto done;
         double norm = ql_clip_grad_norm(lora->grads, lora->n_params, o->max_grad_norm);
         if (!isfinite(step_loss) || !isfinite(norm)) {
             rc = ql_error(QL_ENUMERIC, "loss is %s at step %lld (gradient norm %g)",
@@ -854,6 +863,7 @@ int ql_train(const ql_train_opts *o)
         }
         float lr = ql_lr_at(o, step, total);
         ql_adamw_update(opt, lora->params, lora->grads, lr);
+        if ((rc = ql_lora_model_push_params(lm))) goto done;
         st.step = step + 1;
         st.tokens_seen += (double)step_tokens;
         double elapsed = ql_now() - t_start;
@@ -918,6 +928,7 @@ done:
     free(seeds);
     free(batch);
     ql_lora_model_destroy(lm);
+    ql_be_ctx_close(bctx);
     json_decref(config);
     ql_adamw_destroy(opt);
     ql_lora_destroy(lora);

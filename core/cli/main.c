@@ -40,7 +40,7 @@ static const char usage_text[] =
     "       [--warmup-ratio 0.03] [--batch-size 1] [--grad-accum 16] [--steps N | --epochs E]\n"
     "       [--gradient-checkpointing] [--dry-run] [--save-steps N] [--eval-steps N --eval-data FILE] [--seed 42]\n"
     "       [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
-    "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force]\n"
+    "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force] [--device auto|cpu|cuda]\n"
     "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
     "  version                             print the version\n"
     "\n"
@@ -127,6 +127,7 @@ enum {
     OPT_FORCE = 1000,
     OPT_JSON,
     OPT_QUIET,
+    OPT_DEVICE,
     OPT_SUMMARY_ONLY,
     OPT_MODEL,
     OPT_DATA,
@@ -261,10 +262,12 @@ static int cmd_train(int argc, char **argv)
         {"max-len", required_argument, NULL, OPT_MAX_LEN},
         {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
         {"quiet", no_argument, NULL, OPT_QUIET},
+        {"device", required_argument, NULL, OPT_DEVICE},
         {NULL, 0, NULL, 0},
     };
     ql_train_opts o;
     ql_train_opts_default(&o);
+    o.device = "auto";
     const char *format = "alpaca";
     long lv;
     double dv;
@@ -310,6 +313,11 @@ static int cmd_train(int argc, char **argv)
         case OPT_MAX_LEN: bad |= parse_long_arg("--max-len", optarg, 2, 1L << 24, &lv), o.data.max_len = (int)lv; break;
         case OPT_MAX_EXAMPLES: bad |= parse_long_arg("--max-examples", optarg, 1, 1L << 40, &lv), o.data.max_examples = lv; break;
         case OPT_QUIET: o.progress = 0; break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
+                return usage_error("train: --device %s: use cpu, cuda or auto", optarg);
+            o.device = optarg;
+            break;
         default: return 2;
         }
     }

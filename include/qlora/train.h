@@ -38,6 +38,7 @@ typedef struct ql_train_opts {
     int group_by_length;
     int progress; /* 1: live line on a terminal / JSON lines otherwise */
     int dry_run;  /* print the memory plan to stdout and stop before training */
+    const char *device; /* "cpu", "cuda" or "auto" (cuda when present); NULL: cpu */
 } ql_train_opts;
 
 void ql_train_opts_default(ql_train_opts *o);

@@ -1,0 +1,533 @@
+/* The CUDA backend: backend.h's table on one NVIDIA GPU, fp32.  Matrix
+ * products run through cuBLAS (fp32, no TF32), the other ops through the
+ * engine's kernels (kernels/cuda_ops.h), quantized weights through each
+ * plugin's device materialize (ABI 1.1), or, for a plugin without one, on
+ * the CPU and copied over.  Every op is queued on the context's stream; a
+ * failure is reported by the op that sees it or by the next sync.
+ *
+ * Host arguments (token ids, lengths, targets, seeds, rotary tables) are
+ * copied into a device staging buffer that the context owns, grown only when
+ * an op needs more than any before it (in the first step).  Lengths and
+ * rotary tables repeat from op to op within a step, so they are copied again
+ * only when they change. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "ql_config.h"
+#include "qlora/error.h"
+
+#if QL_HAVE_CUDA
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "../kernels/cuda_ops.h"
+
+enum { N_CACHED = 2 }; /* staged arrays kept between ops: lengths, rotary table */
+
+typedef struct cached_arg {
+    void *host;    /* a copy of what was last staged (NULL: nothing) */
+    size_t bytes;
+    void *dev;     /* its device copy */
+    size_t cap;
+} cached_arg;
+
+typedef struct cuda_impl {
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *args;      /* device staging for per-op host arguments */
+    size_t args_cap;
+    cached_arg cached[N_CACHED];
+} cuda_impl;
+
+static int cuda_fail(cudaError_t e, const char *what)
+{
+    return ql_error(e == cudaErrorMemoryAllocation ? QL_ENOMEM : QL_ECUDA, "CUDA: %s: %s", what,
+                    cudaGetErrorString(e));
+}
+
+#define CUDA_TRY(call, what)                               \
+    do {                                                   \
+        cudaError_t e_ = (call);                           \
+        if (e_ != cudaSuccess) return cuda_fail(e_, what); \
+    } while (0)
+
+static const char *blas_status(cublasStatus_t s)
+{
+    switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "allocation failed";
+    case CUBLAS_STATUS_INVALID_VALUE: return "invalid value";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "architecture mismatch";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "execution failed";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "internal error";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "not supported";
+    default: return "error";
+    }
+}
+
+static cuda_impl *impl(ql_be_ctx *ctx) { return ctx->impl; }
+static void *stream(ql_be_ctx *ctx) { return (void *)impl(ctx)->stream; }
+
+/* a launcher's status */
+static int launched(int e, const char *op)
+{
+    return e ? cuda_fail((cudaError_t)e, op) : QL_OK;
+}
+
+/* ---- context ---- */
+
+static int cuda_open(ql_be_ctx *ctx)
+{
+    cuda_impl *c = calloc(1, sizeof *c);
+    if (!c) return ql_error(QL_ENOMEM, "out of memory");
+    int rc = QL_OK;
+    cudaError_t e = cudaGetDevice(&c->device);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) rc = cuda_fail(e, "cannot open the device");
+    cublasStatus_t bs = rc ? CUBLAS_STATUS_SUCCESS : cublasCreate(&c->blas);
+    if (bs != CUBLAS_STATUS_SUCCESS) rc = ql_error(QL_ECUDA, "cuBLAS: cannot create a handle: %s", blas_status(bs));
+    if (rc == QL_OK && (bs = cublasSetStream(c->blas, c->stream)) != CUBLAS_STATUS_SUCCESS)
+        rc = ql_error(QL_ECUDA, "cuBLAS: cannot set the stream: %s", blas_status(bs));
+    if (rc) {
+        if (c->blas) cublasDestroy(c->blas);
+        if (c->stream) cudaStreamDestroy(c->stream);
+        free(c);
+        return rc;
+    }
+    ctx->impl = c;
+    return QL_OK;
+}
+
+static void cuda_close(ql_be_ctx *ctx)
+{
+    cuda_impl *c = impl(ctx);
+    if (!c) return;
+    cudaStreamSynchronize(c->stream);
+    cublasDestroy(c->blas);
+    cudaFree(c->args);
+    for (int i = 0; i < N_CACHED; i++) {
+        free(c->cached[i].host);
+        cudaFree(c->cached[i].dev);
+    }
+    cudaStreamDestroy(c->stream);
+    free(c);
+    ctx->impl = NULL;
+}
+
+static int cuda_sync(ql_be_ctx *ctx)
+{
+    CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "a queued operation failed");
+    CUDA_TRY(cudaGetLastError(), "a queued operation failed");
+    return QL_OK;
+}
+
+/* ---- memory ---- */
+
+static int cuda_alloc(ql_be_ctx *ctx, void **out, size_t bytes)
+{
+    (void)ctx;
+    *out = NULL;
+    cudaError_t e = cudaMalloc(out, bytes ? bytes : 1);
+    if (e == cudaSuccess) return QL_OK;
+    *out = NULL;
+    cudaGetLastError(); /* not sticky: clear it */
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    return ql_error(e == cudaErrorMemoryAllocation ? QL_ENOMEM : QL_ECUDA,
+                    "out of device memory: cannot allocate %.1f MiB (%.1f MiB of %.1f MiB free on the GPU): %s",
+                    (double)bytes / 1048576.0, (double)free_b / 1048576.0, (double)total_b / 1048576.0,
+                    cudaGetErrorString(e));
+}
+
+static void cuda_free(ql_be_ctx *ctx, void *p)
+{
+    (void)ctx;
+    if (p) cudaFree(p);
+}
+
+static int cuda_zero(ql_be_ctx *ctx, void *p, size_t bytes)
+{
+    CUDA_TRY(cudaMemsetAsync(p, 0, bytes, impl(ctx)->stream), "memset");
+    return QL_OK;
+}
+
+static int cuda_copy(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes)
+{
+    CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, impl(ctx)->stream), "device copy");
+    return QL_OK;
+}
+
+static int cuda_upload(ql_be_ctx *ctx, void *dst, const void *host_src, size_t bytes)
+{
+    /* from pageable memory the copy has read host_src when it returns */
+    CUDA_TRY(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, impl(ctx)->stream), "copy to the device");
+    return QL_OK;
+}
+
+static int cuda_download(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes)
+{
+    CUDA_TRY(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, impl(ctx)->stream), "copy to the host");
+    CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "copy to the host");
+    return QL_OK;
+}
+
+/* ---- host arguments ---- */
+
+/* Room for `bytes` of per-op staging; growing waits for the queued ops that
+ * may still read the old buffer. */
+static int args_reserve(cuda_impl *c, size_t bytes)
+{
+    if (bytes <= c->args_cap) return QL_OK;
+    size_t cap = c->args_cap ? c->args_cap : 4096;
+    while (cap < bytes) cap *= 2;
+    CUDA_TRY(cudaStreamSynchronize(c->stream), "staging arguments");
+    cudaFree(c->args);
+    c->args = NULL;
+    c->args_cap = 0;
+    CUDA_TRY(cudaMalloc(&c->args, cap), "staging arguments");
+    c->args_cap = cap;
+    return QL_OK;
+}
+
+/* Stage n host arrays (srcs[i], sizes[i] bytes) and set devs[i] to their
+ * device copies; a NULL srcs[i] reserves sizes[i] bytes of device output. */
+static int stage(ql_be_ctx *ctx, int n, const void *const *srcs, const size_t *sizes, void **devs)
+{
+    cuda_impl *c = impl(ctx);
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += (sizes[i] + 255) / 256 * 256;
+    int rc = args_reserve(c, total);
+    if (rc) return rc;
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        devs[i] = (char *)c->args + off;
+        if (srcs[i] && sizes[i]) CUDA_TRY(cudaMemcpyAsync(devs[i], srcs[i], sizes[i], cudaMemcpyHostToDevice, c->stream), "staging arguments");
+        off += (sizes[i] + 255) / 256 * 256;
+    }
+    return QL_OK;
+}
+
+/* The device copy of a host array that tends to repeat between ops (slot
+ * 0: lengths, 1: rotary tables), copied again only when its bytes changed. */
+static int stage_cached(ql_be_ctx *ctx, int slot, const void *host, size_t bytes, void **dev)
+{
+    cuda_impl *c = impl(ctx);
+    cached_arg *a = &c->cached[slot];
+    if (a->host && a->bytes == bytes && !memcmp(a->host, host, bytes)) {
+        *dev = a->dev;
+        return QL_OK;
+    }
+    if (bytes > a->cap) {
+        CUDA_TRY(cudaStreamSynchronize(c->stream), "staging arguments");
+        cudaFree(a->dev);
+        free(a->host);
+        a->dev = a->host = NULL;
+        a->cap = a->bytes = 0;
+        void *h = malloc(bytes);
+        if (!h) return ql_error(QL_ENOMEM, "out of memory");
+        cudaError_t e = cudaMalloc(&a->dev, bytes);
+        if (e != cudaSuccess) {
+            free(h);
+            a->dev = NULL;
+            return cuda_fail(e, "staging arguments");
+        }
+        a->host = h;
+        a->cap = bytes;
+    }
+    /* the device copy is overwritten in stream order, after the ops that read it */
+    memcpy(a->host, host, bytes);
+    a->bytes = bytes;
+    CUDA_TRY(cudaMemcpyAsync(a->dev, a->host, bytes, cudaMemcpyHostToDevice, c->stream), "staging arguments");
+    *dev = a->dev;
+    return QL_OK;
+}
+
+static int stage_len(ql_be_ctx *ctx, const ql_be_batch *mb, const int32_t **dev)
+{
+    return stage_cached(ctx, 0, mb->len, (size_t)mb->B * sizeof *mb->len, (void **)dev);
+}
+
+/* ---- matrix products (row-major through column-major cuBLAS) ---- */
+
+static int too_big(int64_t a, int64_t b, int64_t c, const char *op)
+{
+    if (a > 0x7fffffff || b > 0x7fffffff || c > 0x7fffffff)
+        return ql_error(QL_ENOTSUP, "%s: dimensions %lld x %lld x %lld exceed cuBLAS' 32-bit sizes", op,
+                        (long long)a, (long long)b, (long long)c);
+    return QL_OK;
+}
+
+/* C[M, N] (row-major, ldc) = alpha op(A) op(B) + beta C with row-major A, B:
+ * computed as C^T = op(B)^T op(A)^T in column-major. */
+static int gemm(ql_be_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc, const char *op)
+{
+    int rc = too_big(M, N, K, op);
+    if (rc) return rc;
+    if (M == 0 || N == 0) return QL_OK;
+    cublasStatus_t s = cublasSgemm(impl(ctx)->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                   (int)N, (int)M, (int)K, &alpha, B, (int)ldb, A, (int)lda, &beta, C, (int)ldc);
+    if (s != CUBLAS_STATUS_SUCCESS) return ql_error(QL_ECUDA, "cuBLAS: %s: %s", op, blas_status(s));
+    return QL_OK;
+}
+
+static int cuda_matmul_nt(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in,
+                          int64_t out, int accumulate)
+{
+    return gemm(ctx, 0, 1, rows, out, in, 1.0f, x, in, w, in, accumulate ? 1.0f : 0.0f, y, out, "matmul");
+}
+
+static int cuda_matmul_backward_input(ql_be_ctx *ctx, float *dx, const float *dy, const float *w, int64_t rows,
+                                      int64_t in, int64_t out, int accumulate)
+{
+    return gemm(ctx, 0, 0, rows, in, out, 1.0f, dy, out, w, in, accumulate ? 1.0f : 0.0f, dx, in,
+                "matmul backward");
+}
+
+static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
+                             int64_t rows, int64_t in, int64_t out, int64_t r, float scale)
+{
+    int rc = gemm(ctx, 0, 1, rows, r, in, 1.0f, xd, in, a, in, 0.0f, h, r, "LoRA forward");
+    return rc ? rc : gemm(ctx, 0, 1, rows, out, r, scale, h, r, b, r, 1.0f, y, out, "LoRA forward");
+}
+
+static int cuda_lora_backward(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy,
+                              const float *xd, const float *h, const float *a, const float *b, int64_t rows,
+                              int64_t in, int64_t out, int64_t r, float scale, int accumulate)
+{
+    int rc = gemm(ctx, 0, 0, rows, r, out, scale, dy, out, b, r, 0.0f, dh, r, "LoRA backward");   /* dh = s dy B */
+    if (!rc) rc = gemm(ctx, 1, 0, out, r, rows, scale, dy, out, h, r, 1.0f, db, r, "LoRA backward"); /* dB += s dy^T h */
+    if (!rc) rc = gemm(ctx, 1, 0, r, in, rows, 1.0f, dh, r, xd, in, 1.0f, da, in, "LoRA backward");  /* dA += dh^T xd */
+    if (!rc && dxd)
+        rc = gemm(ctx, 0, 0, rows, in, r, 1.0f, dh, r, a, in, accumulate ? 1.0f : 0.0f, dxd, in, "LoRA backward");
+    return rc;
+}
+
+/* ---- weights ---- */
+
+static int cuda_materialize(ql_be_ctx *ctx, float *w, const ql_linear *l, const void *const *dev_bufs,
+                            void *workspace, uint64_t workspace_bytes, float *host_scratch)
+{
+    const ql_quantizer_desc *d = l->qz ? l->qz->desc : NULL;
+    if (!d || !l->state) return ql_error(QL_EINVAL, "%s: materialize of a layer that is not quantized", l->name);
+    if (dev_bufs && d->materialize_rows_device) {
+        ql_device_out o = {.dtype = QL_DTYPE_F32, .data = w, .ld = l->in, .row0 = 0, .nrows = l->out};
+        return d->materialize_rows_device(l->qz->inst, l->state, dev_bufs, &o, workspace, workspace_bytes,
+                                          stream(ctx));
+    }
+    if (!host_scratch) return ql_error(QL_EINVAL, "%s: no host scratch for a plugin without device kernels", l->name);
+    /* the slow path: the host buffer is reused by the next call, so wait for the copy */
+    int rc = ql_linear_weights(l, host_scratch);
+    if (rc) return rc;
+    size_t bytes = (size_t)(l->out * l->in) * sizeof *w;
+    CUDA_TRY(cudaMemcpyAsync(w, host_scratch, bytes, cudaMemcpyHostToDevice, impl(ctx)->stream), "weights to the device");
+    CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "weights to the device");
+    return QL_OK;
+}
+
+/* ---- row-wise ops ---- */
+
+static int cuda_embedding(ql_be_ctx *ctx, float *out, const float *table, const int32_t *ids, const ql_be_batch *mb,
+                          int64_t C)
+{
+    const int32_t *len = NULL, *d_ids = NULL;
+    int rc = stage_len(ctx, mb, &len);
+    const void *srcs[1] = {ids};
+    size_t sizes[1] = {(size_t)(mb->B * mb->T) * sizeof *ids};
+    if (!rc) rc = stage(ctx, 1, srcs, sizes, (void **)&d_ids);
+    return rc ? rc : launched(qlk_embedding(stream(ctx), out, table, d_ids, len, mb->B, mb->T, C), "embedding");
+}
+
+static int cuda_rmsnorm_forward(ql_be_ctx *ctx, float *out, float *rstd, const float *x, const float *weight,
+                                int64_t rows, int64_t C, float eps)
+{
+    return launched(qlk_rmsnorm_forward(stream(ctx), out, rstd, x, weight, rows, C, eps), "rmsnorm");
+}
+
+static int rope(ql_be_ctx *ctx, float *x, const ql_be_batch *mb, int nheads, int hd, int pos0, const float *inv_freq,
+                float attn_scale, int inverse)
+{
+    const int32_t *len = NULL;
+    const float *inv = NULL;
+    int rc = stage_len(ctx, mb, &len);
+    if (!rc) rc = stage_cached(ctx, 1, inv_freq, (size_t)(mb->B * (hd / 2)) * sizeof *inv_freq, (void **)&inv);
+    return rc ? rc : launched(qlk_rope(stream(ctx), x, len, mb->B, mb->T, nheads, hd, pos0, inv, attn_scale, inverse),
+                              "rope");
+}
+
+static int cuda_rope_forward(ql_be_ctx *ctx, float *x, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                             const float *inv_freq, float attn_scale)
+{
+    return rope(ctx, x, mb, nheads, hd, pos0, inv_freq, attn_scale, 0);
+}
+
+static int cuda_rope_backward(ql_be_ctx *ctx, float *dx, const ql_be_batch *mb, int nheads, int hd, int pos0,
+                              const float *inv_freq, float attn_scale)
+{
+    return rope(ctx, dx, mb, nheads, hd, pos0, inv_freq, attn_scale, 1);
+}
+
+static int cuda_attention_forward(ql_be_ctx *ctx, float *out, const float *q, const float *k, const float *v,
+                                  int64_t T, int64_t past, int nh, int nkv, int hd, int window)
+{
+    return launched(qlk_attention_forward(stream(ctx), out, q, k, v, T, past, nh, nkv, hd, window), "attention");
+}
+
+static int cuda_attention_forward_train(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
+                                        const float *v, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+{
+    const int32_t *len = NULL;
+    int rc = stage_len(ctx, mb, &len);
+    return rc ? rc
+              : launched(qlk_attention_forward_train(stream(ctx), out, probs, q, k, v, len, mb->B, mb->T, nh, nkv, hd,
+                                                     window),
+                         "attention");
+}
+
+static int cuda_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores,
+                                   const float *dout, const float *q, const float *k, const float *v,
+                                   const float *probs, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+{
+    const int32_t *len = NULL;
+    int rc = stage_len(ctx, mb, &len);
+    return rc ? rc
+              : launched(qlk_attention_backward(stream(ctx), dq, dk, dv, dscores, dout, q, k, v, probs, len, mb->B,
+                                                mb->T, nh, nkv, hd, window),
+                         "attention backward");
+}
+
+static int cuda_swiglu_forward(ql_be_ctx *ctx, float *out, const float *gate, const float *up, int64_t n)
+{
+    return launched(qlk_swiglu_forward(stream(ctx), out, gate, up, n), "swiglu");
+}
+
+static int cuda_swiglu_backward(ql_be_ctx *ctx, float *dgate, float *dup, const float *dout, const float *gate,
+                                const float *up, int64_t n)
+{
+    return launched(qlk_swiglu_backward(stream(ctx), dgate, dup, dout, gate, up, n), "swiglu backward");
+}
+
+static int cuda_add_inplace(ql_be_ctx *ctx, float *x, const float *y, int64_t n)
+{
+    return launched(qlk_add_inplace(stream(ctx), x, y, n), "add");
+}
+
+static int cuda_add_bias(ql_be_ctx *ctx, float *y, const float *bias, const ql_be_batch *mb, int64_t n)
+{
+    const int32_t *len = NULL;
+    int rc = stage_len(ctx, mb, &len);
+    return rc ? rc : launched(qlk_add_bias(stream(ctx), y, bias, len, mb->B, mb->T, n), "bias");
+}
+
+static int dropout(ql_be_ctx *ctx, float *out, const float *in, const ql_be_batch *mb, int64_t C, float p,
+                   const uint64_t *seeds, int backward, int accumulate)
+{
+    const int32_t *len = NULL;
+    const uint64_t *d_seeds = NULL;
+    int rc = stage_len(ctx, mb, &len);
+    const void *srcs[1] = {seeds};
+    size_t sizes[1] = {(size_t)mb->B * sizeof *seeds};
+    if (!rc) rc = stage(ctx, 1, srcs, sizes, (void **)&d_seeds);
+    const float inv = 1.0f / (1.0f - p); /* as the CPU operators compute it */
+    return rc ? rc
+              : launched(qlk_dropout(stream(ctx), out, in, len, d_seeds, mb->B, mb->T, C, p, inv, backward, accumulate),
+                         "dropout");
+}
+
+static int cuda_dropout_forward(ql_be_ctx *ctx, float *out, const float *x, const ql_be_batch *mb, int64_t C,
+                                float p, const uint64_t *seeds)
+{
+    return dropout(ctx, out, x, mb, C, p, seeds, 0, 0);
+}
+
+static int cuda_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, const ql_be_batch *mb, int64_t C,
+                                 float p, const uint64_t *seeds, int accumulate)
+{
+    return dropout(ctx, dx, dout, mb, C, p, seeds, 1, accumulate);
+}
+
+static int cuda_rmsnorm_backward(ql_be_ctx *ctx, float *dx, float *dweight, const float *dy, const float *x,
+                                 const float *weight, const float *rstd, int64_t rows, int64_t C, int accumulate)
+{
+    return launched(qlk_rmsnorm_backward(stream(ctx), dx, dweight, dy, x, weight, rstd, rows, C, accumulate),
+                    "rmsnorm backward");
+}
+
+static int cuda_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, const float *logits,
+                              const int32_t *targets, int64_t rows, int64_t V, int32_t ignore_index, float scale)
+{
+    for (int64_t t = 0; t < rows; t++)
+        if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V))
+            return ql_error(QL_EINVAL, "cross-entropy: target %d of row %lld is outside the vocabulary (%lld)",
+                            targets[t], (long long)t, (long long)V);
+    /* targets in, the losses out, both in the staging buffer */
+    const void *srcs[2] = {targets, NULL};
+    size_t sizes[2] = {(size_t)rows * sizeof *targets, (size_t)rows * sizeof *losses};
+    void *devs[2];
+    int rc = stage(ctx, 2, srcs, sizes, devs);
+    if (!rc)
+        rc = launched(qlk_cross_entropy(stream(ctx), devs[1], dlogits, logits, devs[0], rows, V, ignore_index, scale),
+                      "cross-entropy");
+    return rc ? rc : cuda_download(ctx, losses, devs[1], sizes[1]);
+}
+
+static const ql_backend cuda_backend = {
+    .name = "cuda",
+    .host_memory = 0,
+    .open = cuda_open,
+    .close = cuda_close,
+    .sync = cuda_sync,
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .zero = cuda_zero,
+    .copy = cuda_copy,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .materialize = cuda_materialize,
+    .embedding = cuda_embedding,
+    .matmul_nt = cuda_matmul_nt,
+    .rmsnorm_forward = cuda_rmsnorm_forward,
+    .rope_forward = cuda_rope_forward,
+    .attention_forward = cuda_attention_forward,
+    .attention_forward_train = cuda_attention_forward_train,
+    .swiglu_forward = cuda_swiglu_forward,
+    .add_inplace = cuda_add_inplace,
+    .add_bias = cuda_add_bias,
+    .lora_forward = cuda_lora_forward,
+    .dropout_forward = cuda_dropout_forward,
+    .matmul_backward_input = cuda_matmul_backward_input,
+    .rmsnorm_backward = cuda_rmsnorm_backward,
+    .rope_backward = cuda_rope_backward,
+    .attention_backward = cuda_attention_backward,
+    .swiglu_backward = cuda_swiglu_backward,
+    .lora_backward = cuda_lora_backward,
+    .dropout_backward = cuda_dropout_backward,
+    .cross_entropy = cuda_cross_entropy,
+};
+
+const ql_backend *ql_backend_cuda(void)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n < 1) {
+        cudaGetLastError();
+        ql_error(QL_ENOTSUP, "device cuda is not available: %s",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device is present");
+        return NULL;
+    }
+    return &cuda_backend;
+}
+
+#else
+
+const ql_backend *ql_backend_cuda(void)
+{
+    ql_error(QL_ENOTSUP, "device cuda is not available: this qlora was built without CUDA");
+    return NULL;
+}
+
+#endif

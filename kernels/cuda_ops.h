@@ -1,0 +1,57 @@
+/* Launchers of the engine's CUDA kernels (internal): the fp32 reference ops of
+ * the CUDA backend (core/backend_cuda.c), each the device form of a CPU
+ * operator of core/ops.h / ops_backward.h and tested against it
+ * (tests/test_gpu.c).
+ *
+ * Every launcher queues its kernels on `stream` (a cudaStream_t) and returns
+ * without waiting: 0, or the cudaError_t of a failed launch.  Pointers are
+ * device memory.  Micro-batch ops take `len`, the device copy of the
+ * micro-batch's lengths (ql_be_batch.len), and keep backend.h's masking rules.
+ * The kernels are built with --fmad=false, so elementwise results are the CPU
+ * operator's bits where both use the same float operations (ql_expf, dropout
+ * masks, SwiGLU); reductions differ in order only. */
+#ifndef QL_CUDA_OPS_H
+#define QL_CUDA_OPS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int qlk_embedding(void *stream, float *out, const float *table, const int32_t *ids, const int32_t *len, int64_t B,
+                  int64_t T, int64_t C);
+int qlk_add_inplace(void *stream, float *x, const float *y, int64_t n);
+int qlk_add_bias(void *stream, float *y, const float *bias, const int32_t *len, int64_t B, int64_t T, int64_t n);
+int qlk_swiglu_forward(void *stream, float *out, const float *gate, const float *up, int64_t n);
+int qlk_swiglu_backward(void *stream, float *dgate, float *dup, const float *dout, const float *gate,
+                        const float *up, int64_t n);
+/* forward (backward = 0): out = mask * x * inv (padded rows 0); backward:
+ * dx (+)= mask * dout * inv (padded rows left or zeroed).  keep_all / drop_all
+ * are the p <= 0 and p >= 1 cases of ql_dropout_forward/backward. */
+int qlk_dropout(void *stream, float *out, const float *in, const int32_t *len, const uint64_t *seeds, int64_t B,
+                int64_t T, int64_t C, float p, float inv, int backward, int accumulate);
+/* inverse = 0: rope_forward; 1: rope_backward.  inv_freq [B, hd/2]. */
+int qlk_rope(void *stream, float *x, const int32_t *len, int64_t B, int64_t T, int nheads, int hd, int pos0,
+             const float *inv_freq, float attn_scale, int inverse);
+int qlk_rmsnorm_forward(void *stream, float *out, float *rstd, const float *x, const float *weight, int64_t rows,
+                        int64_t C, float eps);
+int qlk_rmsnorm_backward(void *stream, float *dx, float *dweight, const float *dy, const float *x,
+                         const float *weight, const float *rstd, int64_t rows, int64_t C, int accumulate);
+/* targets: device [rows]; losses: device [rows] */
+int qlk_cross_entropy(void *stream, float *losses, float *dlogits, const float *logits, const int32_t *targets,
+                      int64_t rows, int64_t V, int32_t ignore_index, float scale);
+int qlk_attention_forward(void *stream, float *out, const float *q, const float *k, const float *v, int64_t T,
+                          int64_t past, int nh, int nkv, int hd, int window);
+int qlk_attention_forward_train(void *stream, float *out, float *probs, const float *q, const float *k,
+                                const float *v, const int32_t *len, int64_t B, int64_t T, int nh, int nkv, int hd,
+                                int window);
+int qlk_attention_backward(void *stream, float *dq, float *dk, float *dv, float *dscores, const float *dout,
+                           const float *q, const float *k, const float *v, const float *probs, const int32_t *len,
+                           int64_t B, int64_t T, int nh, int nkv, int hd, int window);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

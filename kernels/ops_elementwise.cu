@@ -1,0 +1,172 @@
+/* Row-wise and elementwise ops of the CUDA backend: embedding, additions,
+ * SwiGLU, dropout and RoPE.  Each is its CPU operator's arithmetic, one
+ * thread per element (kernels/cuda_ops.h). */
+#include <math.h>
+
+#include "cuda_common.cuh"
+#include "cuda_ops.h"
+#include "ops.h"
+
+#define ST(s) ((cudaStream_t)(s))
+
+/* one block per row (b, t): the table row of its id, or zeros when padded */
+__global__ void k_embedding(float *out, const float *table, const int32_t *ids, const int32_t *len, int64_t T,
+                            int64_t C)
+{
+    const int64_t row = blockIdx.x, b = row / T, t = row % T;
+    float *o = out + row * C;
+    if (t < len[b]) {
+        const float *src = table + (int64_t)ids[row] * C;
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = src[c];
+    } else {
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = 0.0f;
+    }
+}
+
+extern "C" int qlk_embedding(void *stream, float *out, const float *table, const int32_t *ids, const int32_t *len,
+                             int64_t B, int64_t T, int64_t C)
+{
+    if (B * T > 0) k_embedding<<<(unsigned)(B * T), 256, 0, ST(stream)>>>(out, table, ids, len, T, C);
+    return qlk_status();
+}
+
+__global__ void k_add(float *x, const float *y, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+extern "C" int qlk_add_inplace(void *stream, float *x, const float *y, int64_t n)
+{
+    if (n > 0) k_add<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(x, y, n);
+    return qlk_status();
+}
+
+__global__ void k_add_bias(float *y, const float *bias, const int32_t *len, int64_t T, int64_t n)
+{
+    const int64_t row = blockIdx.x, b = row / T, t = row % T;
+    if (t >= len[b]) return;
+    float *o = y + row * n;
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) o[c] += bias[c];
+}
+
+extern "C" int qlk_add_bias(void *stream, float *y, const float *bias, const int32_t *len, int64_t B, int64_t T,
+                            int64_t n)
+{
+    if (B * T > 0) k_add_bias<<<(unsigned)(B * T), 256, 0, ST(stream)>>>(y, bias, len, T, n);
+    return qlk_status();
+}
+
+__global__ void k_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + ql_expf(-g)) * up[i];
+    }
+}
+
+extern "C" int qlk_swiglu_forward(void *stream, float *out, const float *gate, const float *up, int64_t n)
+{
+    if (n > 0) k_swiglu_fwd<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(out, gate, up, n);
+    return qlk_status();
+}
+
+__global__ void k_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                             int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float g = gate[i], u = up[i], d = dout[i];
+        const float e = ql_expf(-g);
+        const float sig = 1.0f / (1.0f + e), silu = g / (1.0f + e);
+        dgate[i] = d * u * (sig * (1.0f + g * (1.0f - sig)));
+        dup[i] = d * silu;
+    }
+}
+
+extern "C" int qlk_swiglu_backward(void *stream, float *dgate, float *dup, const float *dout, const float *gate,
+                                   const float *up, int64_t n)
+{
+    if (n > 0) k_swiglu_bwd<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dgate, dup, dout, gate, up, n);
+    return qlk_status();
+}
+
+/* ql_dropout_forward's mask: element i of a sequence keeps iff the i-th
+ * splitmix64 output of its seed, as a 24-bit uniform, is >= p */
+__device__ inline int dropout_keep(uint64_t seed, int64_t i, float p)
+{
+    uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * 0x1p-24f >= p;
+}
+
+/* mode 0: p in (0, 1); 1: keep all (p <= 0 or NaN); 2: drop all (p >= 1) */
+__global__ void k_dropout(float *out, const float *in, const int32_t *len, const uint64_t *seeds, int64_t T,
+                          int64_t C, float p, float inv, int mode, int backward, int accumulate)
+{
+    const int64_t row = blockIdx.x, b = row / T, t = row % T;
+    float *o = out + row * C;
+    const float *x = in + row * C;
+    if (t >= len[b]) {
+        if (!backward || !accumulate)
+            for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = 0.0f;
+        return;
+    }
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+        const int keep = mode == 1 ? 1 : mode == 2 ? 0 : dropout_keep(seeds[b], t * C + c, p);
+        float v;
+        if (!backward) v = keep ? (mode == 1 ? x[c] : x[c] * inv) : 0.0f;
+        else v = keep ? x[c] * inv : 0.0f;
+        o[c] = backward && accumulate ? o[c] + v : v;
+    }
+}
+
+extern "C" int qlk_dropout(void *stream, float *out, const float *in, const int32_t *len, const uint64_t *seeds,
+                           int64_t B, int64_t T, int64_t C, float p, float inv, int backward, int accumulate)
+{
+    /* the CPU operators' special cases: the forward passes x unscaled when
+     * p <= 0 (or NaN) and zeros when p >= 1; the backward drops all for
+     * p >= 1, keeps all (times 1) for p <= 0 */
+    const int mode = p >= 1.0f ? 2 : !(p > 0.0f) ? 1 : 0;
+    if (mode == 1) inv = 1.0f;
+    if (B * T > 0)
+        k_dropout<<<(unsigned)(B * T), 256, 0, ST(stream)>>>(out, in, len, seeds, T, C, p, inv, mode, backward,
+                                                             accumulate);
+    return qlk_status();
+}
+
+/* one thread per (row, i < hd/2), over the heads of the row */
+__global__ void k_rope(float *x, const int32_t *len, int64_t B, int64_t T, int nheads, int hd, int pos0,
+                       const float *inv_freq, float attn_scale, int inverse)
+{
+    const int half = hd / 2;
+    const int64_t n = B * T * half;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = j / half, b = row / T, t = row % T;
+        const int i = (int)(j % half);
+        if (t >= len[b]) continue;
+        const float f = (float)(pos0 + t) * inv_freq[b * half + i];
+        const float c = cosf(f) * attn_scale, s = sinf(f) * attn_scale;
+        float *v = x + row * nheads * hd;
+        for (int h = 0; h < nheads; h++, v += hd) {
+            const float a = v[i], bb = v[i + half];
+            if (!inverse) {
+                v[i] = a * c - bb * s;
+                v[i + half] = bb * c + a * s;
+            } else {
+                v[i] = a * c + bb * s;
+                v[i + half] = bb * c - a * s;
+            }
+        }
+    }
+}
+
+extern "C" int qlk_rope(void *stream, float *x, const int32_t *len, int64_t B, int64_t T, int nheads, int hd,
+                        int pos0, const float *inv_freq, float attn_scale, int inverse)
+{
+    const int64_t n = B * T * (hd / 2);
+    if (n > 0) k_rope<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(x, len, B, T, nheads, hd, pos0, inv_freq, attn_scale,
+                                                                   inverse);
+    return qlk_status();
+}

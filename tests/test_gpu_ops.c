@@ -1,0 +1,506 @@
+/* The gpu suite, backend ops: every op of the CUDA backend (core/backend.h's
+ * table, core/backend_cuda.c) against the CPU backend on fresh random inputs
+ * at several shapes, outputs poisoned with NaN before each run, so an element
+ * the device leaves unwritten cannot pass.  Then a training step of
+ * stories260K on both, and 30 optimizer steps of `qlora train` on each device.
+ *
+ * Bounds (relative L2 error against the CPU, stated per op):
+ *   0 (bit for bit): embedding, additions, bias, SwiGLU, dropout, the slow-
+ *     path materialize: the same float operations in the same order;
+ *   2e-6: RMSNorm, RoPE, cross-entropy (sums in another order; cosf/sinf of
+ *     the device within 2 ulp of glibc's);
+ *   2e-5: matrix products and attention (cuBLAS' and our reduction orders);
+ *   1e-4: a whole step's LoRA gradients (60 ops deep).
+ * Without a CUDA device the suite says so and is skipped (exit 77). */
+#include <check.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend.h"
+#include "lora_model.h"
+#include "ops_backward.h"
+#include "qlora/qlora.h"
+#include "testutil.h"
+
+static uint64_t seed;
+static ql_be_ctx *cpu, *gpu;
+
+#define CU(call)                                                                                         \
+    do {                                                                                                 \
+        cudaError_t e_ = (call);                                                                         \
+        ck_assert_msg(e_ == cudaSuccess, "%s: %s", #call, cudaGetErrorString(e_));                      \
+    } while (0)
+
+/* An array on both sides: h for the CPU backend, d for the device. */
+typedef struct buf {
+    float *h, *d;
+    size_t n;
+} buf;
+
+static uint64_t next_seed(void) { return seed = seed * 6364136223846793005ull + 1442695040888963407ull; }
+
+/* random values (the same on both sides) */
+static buf rnd(size_t n, float scale)
+{
+    buf b = {.n = n};
+    b.h = malloc((n ? n : 1) * sizeof *b.h);
+    tu_randn(b.h, n, next_seed(), scale);
+    CU(cudaMalloc((void **)&b.d, (n ? n : 1) * sizeof *b.d));
+    CU(cudaMemcpy(b.d, b.h, n * sizeof *b.h, cudaMemcpyHostToDevice));
+    return b;
+}
+
+/* an output: NaN on both sides */
+static buf poisoned(size_t n)
+{
+    buf b = {.n = n};
+    b.h = malloc((n ? n : 1) * sizeof *b.h);
+    memset(b.h, 0xff, n * sizeof *b.h);
+    CU(cudaMalloc((void **)&b.d, (n ? n : 1) * sizeof *b.d));
+    CU(cudaMemset(b.d, 0xff, n * sizeof *b.d));
+    return b;
+}
+
+static void drop(buf *b)
+{
+    free(b->h);
+    cudaFree(b->d);
+    b->h = b->d = NULL;
+}
+
+static void ok(int rc, const char *what)
+{
+    ck_assert_msg(rc == QL_OK, "%s: %s", what, ql_error_message());
+}
+
+/* Run one op on both contexts: `call` is evaluated with ctx, and B(x) naming
+ * x's side. */
+#define BOTH(call)                                                  \
+    do {                                                            \
+        {                                                           \
+            ql_be_ctx *ctx = cpu;                                   \
+            int side = 0;                                           \
+            (void)side;                                             \
+            ok(ql_be call, "CPU " #call);                           \
+            ok(ql_be_check(ctx), "CPU " #call);                     \
+        }                                                           \
+        {                                                           \
+            ql_be_ctx *ctx = gpu;                                   \
+            int side = 1;                                           \
+            (void)side;                                             \
+            ok(ql_be call, "CUDA " #call);                          \
+            ok(ql_be_check(ctx), "CUDA " #call);                    \
+        }                                                           \
+    } while (0)
+#define S(b) (side ? (b).d : (b).h)
+
+/* the first n elements of b's device side against its CPU side */
+static void expect_n(const buf *b, size_t n, double tol, const char *what)
+{
+    float *got = malloc((n ? n : 1) * sizeof *got);
+    CU(cudaMemcpy(got, b->d, n * sizeof *got, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(!isnan(got[i]) || isnan(b->h[i]), "%s (seed %llu): element %zu is NaN on the device (CPU %g)",
+                      what, (unsigned long long)seed, i, (double)b->h[i]);
+    size_t worst = 0;
+    double e = tu_rel_error(got, b->h, n, &worst);
+    if (tol == 0)
+        for (size_t i = 0; i < n; i++)
+            ck_assert_msg(memcmp(&got[i], &b->h[i], 4) == 0 || (isnan(got[i]) && isnan(b->h[i])),
+                          "%s (seed %llu): element %zu: device %.9g, CPU %.9g (bit for bit expected)", what,
+                          (unsigned long long)seed, i, (double)got[i], (double)b->h[i]);
+    ck_assert_msg(e <= tol, "%s (seed %llu): relative error %.3g > %.3g (worst element %zu: device %.9g, CPU %.9g)",
+                  what, (unsigned long long)seed, e, tol, worst, n ? (double)got[worst] : 0.0,
+                  n ? (double)b->h[worst] : 0.0);
+    free(got);
+}
+
+static void expect(const buf *b, double tol, const char *what) { expect_n(b, b->n, tol, what); }
+
+/* host-side micro-batch shapes */
+static const int32_t lens_a[3] = {7, 3, 0};
+
+START_TEST(elementwise_bit_exact)
+{
+    const int64_t B = 3, T = 7, C = 40 + _i * 57, R = B * T;
+    ql_be_batch mb = {.B = B, .T = T, .len = lens_a};
+    /* embedding: ids for valid rows only; padded ones hold junk */
+    int32_t ids[3 * 7];
+    for (int i = 0; i < R; i++) ids[i] = (i % T) < lens_a[i / T] ? (int32_t)(next_seed() % 50) : 123456;
+    buf table = rnd((size_t)(50 * C), 1.0f), emb = poisoned((size_t)(R * C));
+    BOTH((ctx, embedding, S(emb), S(table), ids, &mb, C));
+    expect(&emb, 0, "embedding");
+    /* additions */
+    buf x = rnd((size_t)(R * C), 1.0f), y = rnd((size_t)(R * C), 1.0f), bias = rnd((size_t)C, 1.0f);
+    BOTH((ctx, add_inplace, S(x), S(y), R * C));
+    expect(&x, 0, "add_inplace");
+    BOTH((ctx, add_bias, S(x), S(bias), &mb, C));
+    expect(&x, 0, "add_bias");
+    /* SwiGLU, with large gates (the exp clamps) */
+    buf g = rnd((size_t)(R * C), 30.0f), u = rnd((size_t)(R * C), 1.0f), o = poisoned((size_t)(R * C));
+    BOTH((ctx, swiglu_forward, S(o), S(g), S(u), R * C));
+    expect(&o, 0, "swiglu_forward");
+    buf dg = poisoned((size_t)(R * C)), du = poisoned((size_t)(R * C));
+    BOTH((ctx, swiglu_backward, S(dg), S(du), S(y), S(g), S(u), R * C));
+    expect(&dg, 0, "swiglu_backward dgate");
+    expect(&du, 0, "swiglu_backward dup");
+    /* dropout: the CPU's masks for each sequence's seed; p = 0 and 1 are special */
+    const uint64_t seeds[3] = {next_seed(), next_seed(), next_seed()};
+    const float ps[4] = {0.1f, 0.5f, 0.0f, 1.0f};
+    for (int k = 0; k < 4; k++) {
+        char what[64];
+        buf d = poisoned((size_t)(R * C));
+        BOTH((ctx, dropout_forward, S(d), S(x), &mb, C, ps[k], seeds));
+        snprintf(what, sizeof what, "dropout_forward p=%g", (double)ps[k]);
+        expect(&d, 0, what);
+        for (int acc = 0; acc < 2; acc++) {
+            buf dx = acc ? rnd((size_t)(R * C), 1.0f) : poisoned((size_t)(R * C));
+            BOTH((ctx, dropout_backward, S(dx), S(y), &mb, C, ps[k], seeds, acc));
+            snprintf(what, sizeof what, "dropout_backward p=%g accumulate=%d", (double)ps[k], acc);
+            expect(&dx, 0, what);
+            drop(&dx);
+        }
+        drop(&d);
+    }
+    buf *all[] = {&table, &emb, &x, &y, &bias, &g, &u, &o, &dg, &du};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) drop(all[i]);
+}
+END_TEST
+
+START_TEST(rmsnorm_and_rope)
+{
+    static const int64_t shapes[][2] = {{5, 7}, {300, 288}, {33, 4096}};
+    const int64_t rows = shapes[_i][0], C = shapes[_i][1];
+    buf x = rnd((size_t)(rows * C), 3.0f), w = rnd((size_t)C, 1.0f), out = poisoned((size_t)(rows * C));
+    buf rstd = poisoned((size_t)rows);
+    BOTH((ctx, rmsnorm_forward, S(out), S(rstd), S(x), S(w), rows, C, 1e-5f));
+    expect(&out, 2e-6, "rmsnorm_forward");
+    expect(&rstd, 2e-6, "rmsnorm_forward rstd");
+    buf dy = rnd((size_t)(rows * C), 1.0f), dw = rnd((size_t)C, 1.0f);
+    for (int acc = 0; acc < 2; acc++) {
+        buf dx = acc ? rnd((size_t)(rows * C), 1.0f) : poisoned((size_t)(rows * C));
+        BOTH((ctx, rmsnorm_backward, S(dx), S(dw), S(dy), S(x), S(w), S(rstd), rows, C, acc));
+        expect(&dx, 2e-6, acc ? "rmsnorm_backward dx (accumulate)" : "rmsnorm_backward dx");
+        expect(&dw, 2e-6, "rmsnorm_backward dweight");
+        drop(&dx);
+    }
+    /* RoPE over [B, T, nh, hd] with per-sequence tables; padded rows untouched */
+    static const int hds[] = {16, 64, 128};
+    const int hd = hds[_i], nh = 3;
+    const int64_t B = 2, T = 9;
+    const int32_t len[2] = {9, 4};
+    ql_be_batch mb = {.B = B, .T = T, .len = len};
+    float inv[2 * 64];
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < hd / 2; i++) inv[b * (hd / 2) + i] = powf(10000.0f + 5000.0f * b, -2.0f * i / hd);
+    for (int pos0 = 0; pos0 <= 1000; pos0 += 1000) {
+        buf q = rnd((size_t)(B * T * nh * hd), 1.0f);
+        BOTH((ctx, rope_forward, S(q), &mb, nh, hd, pos0, inv, 1.25f));
+        expect(&q, 2e-6, "rope_forward");
+        BOTH((ctx, rope_backward, S(q), &mb, nh, hd, pos0, inv, 1.25f));
+        expect(&q, 2e-6, "rope_backward");
+        drop(&q);
+    }
+    drop(&x), drop(&w), drop(&out), drop(&rstd), drop(&dy), drop(&dw);
+}
+END_TEST
+
+START_TEST(matmuls_and_lora)
+{
+    static const int64_t shapes[][4] = {{1, 64, 48, 4}, {37, 300, 129, 8}, {256, 288, 768, 64}};
+    const int64_t rows = shapes[_i][0], in = shapes[_i][1], out = shapes[_i][2], r = shapes[_i][3];
+    buf x = rnd((size_t)(rows * in), 1.0f), w = rnd((size_t)(out * in), 0.05f), dy = rnd((size_t)(rows * out), 1.0f);
+    for (int acc = 0; acc < 2; acc++) {
+        buf y = acc ? rnd((size_t)(rows * out), 1.0f) : poisoned((size_t)(rows * out));
+        BOTH((ctx, matmul_nt, S(y), S(x), S(w), rows, in, out, acc));
+        expect(&y, 2e-5, "matmul_nt");
+        buf dx = acc ? rnd((size_t)(rows * in), 1.0f) : poisoned((size_t)(rows * in));
+        BOTH((ctx, matmul_backward_input, S(dx), S(dy), S(w), rows, in, out, acc));
+        expect(&dx, 2e-5, "matmul_backward_input");
+        drop(&y), drop(&dx);
+    }
+    buf a = rnd((size_t)(r * in), 0.1f), b = rnd((size_t)(out * r), 0.1f), h = poisoned((size_t)(rows * r));
+    buf y = rnd((size_t)(rows * out), 1.0f);
+    BOTH((ctx, lora_forward, S(y), S(h), S(x), S(a), S(b), rows, in, out, r, 0.5f));
+    expect(&h, 2e-5, "lora_forward h");
+    expect(&y, 2e-5, "lora_forward y");
+    for (int acc = 0; acc < 2; acc++) {
+        buf da = rnd((size_t)(r * in), 1.0f), db = rnd((size_t)(out * r), 1.0f), dh = poisoned((size_t)(rows * r));
+        buf dxd = acc ? rnd((size_t)(rows * in), 1.0f) : poisoned((size_t)(rows * in));
+        BOTH((ctx, lora_backward, S(dxd), S(da), S(db), S(dh), S(dy), S(x), S(h), S(a), S(b), rows, in, out, r, 0.5f,
+              acc));
+        expect(&dh, 2e-5, "lora_backward dh");
+        expect(&da, 2e-5, "lora_backward da");
+        expect(&db, 2e-5, "lora_backward db");
+        expect(&dxd, 2e-5, "lora_backward dxd");
+        drop(&da), drop(&db), drop(&dh), drop(&dxd);
+    }
+    drop(&x), drop(&w), drop(&dy), drop(&a), drop(&b), drop(&h), drop(&y);
+}
+END_TEST
+
+START_TEST(attention)
+{
+    static const struct {
+        int nh, nkv, hd, window;
+        int64_t T;
+        int32_t len[3];
+    } cs[] = {
+        {4, 2, 16, 0, 17, {17, 6, 1}},
+        {6, 2, 64, 5, 33, {20, 33, 0}},
+        {8, 8, 128, 0, 40, {40, 39, 2}},
+        {9, 3, 64, 0, 130, {130, 77, 128}},
+    };
+    const int nh = cs[_i].nh, nkv = cs[_i].nkv, hd = cs[_i].hd, window = cs[_i].window;
+    const int64_t B = 3, T = cs[_i].T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
+    ql_be_batch mb = {.B = B, .T = T, .len = cs[_i].len};
+    buf q = rnd((size_t)(B * T * qd), 1.0f), k = rnd((size_t)(B * T * kvd), 1.0f), v = rnd((size_t)(B * T * kvd), 1.0f);
+    buf out = poisoned((size_t)(B * T * qd)), probs = poisoned((size_t)(B * nh * T * T));
+    BOTH((ctx, attention_forward_train, S(out), S(probs), S(q), S(k), S(v), &mb, nh, nkv, hd, window));
+    expect(&out, 2e-5, "attention_forward_train out");
+    /* each sequence's [nh, len, len] block of probabilities */
+    for (int b = 0; b < B; b++) {
+        buf pb = {.h = probs.h + b * nh * T * T, .d = probs.d + b * nh * T * T};
+        expect_n(&pb, (size_t)(nh * cs[_i].len[b] * cs[_i].len[b]), 2e-5, "attention_forward_train probs");
+    }
+    buf dout = rnd((size_t)(B * T * qd), 1.0f), dq = poisoned((size_t)(B * T * qd));
+    buf dk = poisoned((size_t)(B * T * kvd)), dv = poisoned((size_t)(B * T * kvd)), ds = poisoned((size_t)(B * nh * T * T));
+    BOTH((ctx, attention_backward, S(dq), S(dk), S(dv), S(ds), S(dout), S(q), S(k), S(v), S(probs), &mb, nh, nkv, hd,
+          window));
+    expect(&dq, 2e-5, "attention_backward dq");
+    expect(&dk, 2e-5, "attention_backward dk");
+    expect(&dv, 2e-5, "attention_backward dv");
+    /* generation: T new rows after `past` cached ones, of sequence 0's data */
+    for (int64_t past = 0; past <= 11; past += 11) {
+        const int64_t n = T - past < 5 ? T - past : 5;
+        buf go = poisoned((size_t)(n * qd));
+        buf gq = {.h = q.h + past * qd, .d = q.d + past * qd};
+        BOTH((ctx, attention_forward, S(go), S(gq), S(k), S(v), n, past, nh, nkv, hd, window));
+        expect(&go, 2e-5, "attention_forward (generation)");
+        drop(&go);
+    }
+    drop(&q), drop(&k), drop(&v), drop(&out), drop(&probs), drop(&dout), drop(&dq), drop(&dk), drop(&dv), drop(&ds);
+}
+END_TEST
+
+START_TEST(cross_entropy)
+{
+    static const int64_t Vs[] = {50, 32000, 151936};
+    const int64_t V = Vs[_i], rows = 6;
+    int32_t targets[6] = {3, QL_IGNORE_INDEX, (int32_t)(V - 1), 0, 17, QL_IGNORE_INDEX};
+    buf lg = rnd((size_t)(rows * V), 4.0f), dl = poisoned((size_t)(rows * V));
+    buf losses = poisoned((size_t)rows);
+    float lh[6], ld[6];
+    /* losses are host arrays: one for each side */
+    {
+        ql_be_ctx *ctx = cpu;
+        ok(ql_be(ctx, cross_entropy, lh, dl.h, lg.h, targets, rows, V, QL_IGNORE_INDEX, 0.25f), "CPU cross_entropy");
+        ctx = gpu;
+        ok(ql_be(ctx, cross_entropy, ld, dl.d, lg.d, targets, rows, V, QL_IGNORE_INDEX, 0.25f), "CUDA cross_entropy");
+        ok(ql_be_check(ctx), "CUDA cross_entropy");
+    }
+    memcpy(losses.h, lh, sizeof lh);
+    CU(cudaMemcpy(losses.d, ld, sizeof ld, cudaMemcpyHostToDevice));
+    expect(&losses, 2e-6, "cross_entropy losses");
+    expect(&dl, 2e-6, "cross_entropy dlogits");
+    /* in place (dlogits aliasing the logits), and without a gradient */
+    BOTH((ctx, cross_entropy, side ? ld : lh, S(lg), S(lg), targets, rows, V, QL_IGNORE_INDEX, 1.0f));
+    expect(&lg, 2e-6, "cross_entropy in place");
+    /* a target outside the vocabulary is refused with a message */
+    targets[2] = (int32_t)V;
+    ck_assert_int_eq(ql_be(gpu, cross_entropy, ld, NULL, lg.d, targets, rows, V, QL_IGNORE_INDEX, 1.0f), QL_EINVAL);
+    ck_assert_int_eq(ql_be_check(gpu), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "outside the vocabulary");
+    drop(&lg), drop(&dl), drop(&losses);
+}
+END_TEST
+
+/* The slow path (a plugin without device materialize): CPU materialize and copy, bit for bit. */
+START_TEST(materialize_slow_path)
+{
+    ql_qz *q = NULL;
+    ck_assert_msg(ql_qz_open("nf4", &q) == QL_OK, "%s", ql_error_message());
+    const int64_t rows = 96, cols = 256;
+    float *w = malloc((size_t)(rows * cols) * sizeof *w);
+    tu_randn(w, (size_t)(rows * cols), next_seed(), 0.02f);
+    ql_matrix_desc md = {.name = "test", .rows = rows, .cols = cols, .src_dtype = QL_DTYPE_BF16};
+    ql_qstate *s = NULL;
+    ck_assert_msg(q->desc->quantize(q->inst, &md, w, &s) == QL_OK, "%s", ql_error_message());
+    ql_linear l = {.name = "test", .out = rows, .in = cols, .qz = q, .state = s};
+    buf out = poisoned((size_t)(rows * cols));
+    float *scratch = malloc((size_t)(rows * cols) * sizeof *scratch);
+    BOTH((ctx, materialize, S(out), &l, NULL, NULL, 0, scratch));
+    expect(&out, 0, "materialize (slow path)");
+    drop(&out);
+    free(scratch);
+    free(w);
+    q->desc->free_state(q->inst, s);
+    ql_qz_close(q);
+}
+END_TEST
+
+/* ---- a training step of stories260K on both devices ---- */
+
+static ql_llama *load_model(const char *quantizer)
+{
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/models/stories260K", tu_env("QLORA_SHARED"));
+    ql_llama_load_opts lo = {.quantizer = quantizer};
+    ql_llama *m = NULL;
+    ck_assert_msg(ql_llama_load(dir, &lo, &m) == QL_OK, "%s", ql_error_message());
+    return m;
+}
+
+enum { NSEQ = 3, TMAX = 96 };
+
+static void step_on(ql_llama *m, ql_lora *l, ql_be_ctx *ctx, int checkpointing, const int32_t *ids,
+                    const int32_t *labels, const int32_t *len, const uint64_t *seeds, double *loss, float *grads)
+{
+    ql_lora_model_opts o = {.batch = NSEQ, .max_len = TMAX, .checkpointing = checkpointing, .backward = 1,
+                            .allocate = 1, .logit_rows = 50};
+    ql_lora_model *lm = NULL;
+    ok(ql_lora_model_create(m, l, ctx, &o, &lm), "ql_lora_model_create");
+    ok(ql_lora_model_push_params(lm), "push");
+    ok(ql_lora_model_zero_grads(lm), "zero");
+    ql_lora_batch mb = {.B = NSEQ, .T = TMAX, .ids = ids, .labels = labels, .len = len, .dropout_seeds = seeds};
+    ql_lora_step_opts so = {.loss_scale = 1.0f / 100.0f, .backward = 1};
+    int64_t n = 0;
+    *loss = 0;
+    ok(ql_lora_model_step(lm, &mb, &so, loss, &n), "ql_lora_model_step");
+    ok(ql_lora_model_pull_grads(lm), "pull");
+    memcpy(grads, l->grads, l->n_params * sizeof *grads);
+    ql_lora_model_destroy(lm);
+}
+
+START_TEST(training_step_matches_cpu)
+{
+    static const char *const quantizers[] = {"nf4", "int8", "none", "fp4:double_quant=0"};
+    const char *qname = quantizers[_i % 4];
+    const int checkpointing = _i / 4;
+    ql_llama *m = load_model(qname);
+    ql_lora_config cfg = {.r = 8, .alpha = 16.0f, .dropout = 0.1f, .modules = QL_LORA_ALL_MODULES};
+    ql_lora *l = NULL;
+    ok(ql_lora_create(m, &cfg, next_seed(), &l), "ql_lora_create");
+    for (size_t i = 0; i < l->n_params; i++) /* B != 0: every gradient is non-trivial */
+        if (!l->params[i]) l->params[i] = 0.01f * (float)((int)(next_seed() % 201) - 100) / 100.0f;
+    const int V = ql_llama_get_config(m)->vocab;
+    int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
+    uint64_t seeds[NSEQ] = {next_seed(), next_seed(), next_seed()};
+    for (int i = 0; i < NSEQ * TMAX; i++) {
+        ids[i] = (int32_t)(next_seed() % (uint64_t)V);
+        labels[i] = i % TMAX < 5 ? QL_IGNORE_INDEX : ids[i];
+    }
+    float *gc = malloc(l->n_params * sizeof *gc), *gg = malloc(l->n_params * sizeof *gg);
+    double lc, lg;
+    step_on(m, l, cpu, checkpointing, ids, labels, len, seeds, &lc, gc);
+    step_on(m, l, gpu, checkpointing, ids, labels, len, seeds, &lg, gg);
+    ck_assert_msg(isfinite(lg) && fabs(lg - lc) <= 1e-5 * fabs(lc), "%s: loss on the GPU %.9g, CPU %.9g", qname, lg,
+                  lc);
+    size_t worst = 0;
+    double e = tu_rel_error(gg, gc, l->n_params, &worst);
+    ck_assert_msg(e <= 1e-4, "%s (checkpointing %d): LoRA gradients relative error %.3g (worst %zu: %.9g vs %.9g)",
+                  qname, checkpointing, e, worst, (double)gg[worst], (double)gc[worst]);
+    printf("training step, %s, checkpointing %d: loss %.9g (GPU) vs %.9g (CPU); gradients within %.2g\n", qname,
+           checkpointing, lg, lc, e);
+    free(gc), free(gg);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
+/* ---- 30 optimizer steps of `qlora train` on each device ---- */
+
+static double *losses_of(const char *metrics, int *n)
+{
+    FILE *f = fopen(metrics, "r");
+    ck_assert_msg(f != NULL, "cannot open %s", metrics);
+    double *out = calloc(64, sizeof *out);
+    char line[4096];
+    *n = 0;
+    while (fgets(line, sizeof line, f) && *n < 64) {
+        const char *p = strstr(line, "\"loss\": ");
+        if (p && !strstr(line, "eval")) out[(*n)++] = strtod(p + 8, NULL);
+    }
+    fclose(f);
+    return out;
+}
+
+START_TEST(train_30_steps_matches_cpu)
+{
+    const char *tmp = tu_tmpdir();
+    char cmd[8192], metrics[2][4200];
+    const char *devs[2] = {"cpu", "cuda"};
+    for (int d = 0; d < 2; d++) {
+        snprintf(cmd, sizeof cmd,
+                 "%s train --model %s/models/stories260K --data %s/data/alpaca/alpaca_en_demo.json --format alpaca "
+                 "--output %s/run-%s --steps 30 --grad-accum 2 --batch-size 2 --lora-r 8 --max-len 128 --lr 1e-3 "
+                 "--device %s --quiet",
+                 tu_env("QLORA_BIN"), tu_env("QLORA_SHARED"), tu_env("QLORA_SHARED"), tmp, devs[d], devs[d]);
+        char *out = NULL, *err = NULL;
+        int rc = tu_run(cmd, &out, &err);
+        ck_assert_msg(rc == 0, "%s: exit %d\n%s", cmd, rc, err);
+        ck_assert_contains(err, devs[d]);
+        free(out), free(err);
+        snprintf(metrics[d], sizeof metrics[d], "%s/run-%s/metrics.jsonl", tmp, devs[d]);
+    }
+    int nc, ng;
+    double *lc = losses_of(metrics[0], &nc), *lg = losses_of(metrics[1], &ng);
+    ck_assert_int_eq(nc, 30);
+    ck_assert_int_eq(ng, 30);
+    double worst = 0;
+    for (int i = 0; i < 30; i++) {
+        double r = fabs(lg[i] - lc[i]) / fabs(lc[i]);
+        if (r > worst) worst = r;
+        ck_assert_msg(r <= 1e-3, "step %d: loss %.7g on the GPU, %.7g on the CPU", i + 1, lg[i], lc[i]);
+    }
+    ck_assert_msg(lc[29] < lc[0], "the CPU run did not learn: %.5g -> %.5g", lc[0], lc[29]);
+    printf("qlora train, 30 steps: loss %.5f -> %.5f (CPU), %.5f -> %.5f (GPU); largest relative difference %.2g\n",
+           lc[0], lc[29], lg[0], lg[29], worst);
+    free(lc), free(lg);
+}
+END_TEST
+
+int main(void)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        printf("gpu suite (ops): no CUDA device (%s); skipped\n", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        return 77;
+    }
+    const char *fixed = getenv("QLORA_GPU_SEED");
+    seed = fixed ? strtoull(fixed, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)clock() << 20);
+    printf("gpu suite (ops): seed %llu (QLORA_GPU_SEED=%llu repeats it)\n", (unsigned long long)seed,
+           (unsigned long long)seed);
+    if (ql_be_ctx_open("cpu", NULL, &cpu) || ql_be_ctx_open("cuda", NULL, &gpu)) {
+        fprintf(stderr, "gpu suite (ops): %s\n", ql_error_message());
+        return EXIT_FAILURE;
+    }
+    Suite *s = suite_create("gpu-ops");
+    TCase *t = tcase_create("ops");
+    tcase_set_timeout(t, 600);
+    tcase_add_loop_test(t, elementwise_bit_exact, 0, 3);
+    tcase_add_loop_test(t, rmsnorm_and_rope, 0, 3);
+    tcase_add_loop_test(t, matmuls_and_lora, 0, 3);
+    tcase_add_loop_test(t, attention, 0, 4);
+    tcase_add_loop_test(t, cross_entropy, 0, 3);
+    tcase_add_test(t, materialize_slow_path);
+    suite_add_tcase(s, t);
+    TCase *st = tcase_create("step");
+    tcase_set_timeout(st, 900);
+    tcase_add_loop_test(st, training_step_matches_cpu, 0, 8);
+    tcase_add_test(st, train_30_steps_matches_cpu);
+    suite_add_tcase(s, st);
+    SRunner *r = srunner_create(s);
+    srunner_set_fork_status(r, CK_NOFORK); /* CUDA is not fork-safe */
+    srunner_run_all(r, CK_NORMAL);
+    int failed = srunner_ntests_failed(r);
+    srunner_free(r);
+    ql_be_ctx_close(gpu);
+    ql_be_ctx_close(cpu);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
