@@ -4,11 +4,25 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lora_model.h"
 #include "ops.h"
 #include "progress.h"
 #include "qlora/error.h"
 
-int ql_eval_nll(ql_llama *m, const ql_dataset *d, int progress, ql_eval_result *out)
+/* examples by decreasing length (ties in file order), so a micro-batch pads little */
+typedef struct len_index {
+    int32_t len;
+    size_t i;
+} len_index;
+
+static int by_len_desc(const void *a, const void *b)
+{
+    const len_index *x = a, *y = b;
+    if (x->len != y->len) return x->len > y->len ? -1 : 1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+int ql_eval_nll(ql_llama *m, const ql_dataset *d, const ql_eval_opts *o, ql_eval_result *out)
 {
     memset(out, 0, sizeof *out);
     const ql_llama_config *c = ql_llama_get_config(m);
@@ -16,39 +30,52 @@ int ql_eval_nll(ql_llama *m, const ql_dataset *d, int progress, ql_eval_result *
     for (size_t i = 0; i < d->n; i++) {
         const ql_example *e = &d->examples[i];
         if (e->len > longest) longest = e->len;
-        /* the forward pass checks the ids it reads; the last one is only a target */
-        if (e->len > 0 && (e->ids[e->len - 1] < 0 || e->ids[e->len - 1] >= c->vocab))
-            return ql_error(QL_EINVAL, "example %zu has token id %d, outside the model's vocabulary (%d)", i,
-                            e->ids[e->len - 1], c->vocab);
+        for (int32_t t = 0; t < e->len; t++)
+            if (e->ids[t] < 0 || e->ids[t] >= c->vocab)
+                return ql_error(QL_EINVAL, "example %zu has token id %d, outside the model's vocabulary (%d)", i,
+                                e->ids[t], c->vocab);
     }
     if (longest > c->max_len)
         return ql_error(QL_EINVAL, "an example has %d tokens, more than the model's %d positions", longest,
                         c->max_len);
-    ql_kv_cache *cache = NULL;
-    float *logits = malloc((size_t)(longest > 0 ? longest : 1) * (size_t)c->vocab * sizeof *logits);
-    int rc = logits ? ql_kv_cache_create(m, longest > 0 ? longest : 1, &cache) : ql_error(QL_ENOMEM, "out of memory");
+    if (longest < 1) longest = 1;
+    int batch = o->batch > 0 ? o->batch : 8;
+    if ((size_t)batch > d->n) batch = d->n ? (int)d->n : 1;
+    ql_be_ctx *ctx = NULL;
+    ql_lora_model *lm = NULL;
+    len_index *order = malloc((d->n ? d->n : 1) * sizeof *order);
+    const ql_example **ex = malloc((size_t)batch * sizeof *ex);
+    int rc = order && ex ? QL_OK : ql_error(QL_ENOMEM, "out of memory");
+    if (rc == QL_OK) rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &ctx);
+    ql_lora_model_opts mo = {.batch = batch, .max_len = longest, .backward = 0, .allocate = 1};
+    if (rc == QL_OK) rc = ql_lora_model_create(m, (ql_lora *)o->lora, ctx, &mo, &lm);
+    if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
+    if (rc == QL_OK) {
+        for (size_t i = 0; i < d->n; i++) order[i] = (len_index){.len = d->examples[i].len, .i = i};
+        qsort(order, d->n, sizeof *order, by_len_desc);
+    }
     ql_progress prog;
-    int64_t total_tokens = 0;
+    int64_t total_tokens = 0, seen = 0;
     for (size_t i = 0; i < d->n; i++) total_tokens += d->examples[i].len;
-    ql_progress_begin(&prog, "eval", total_tokens, "tokens", progress);
-    int64_t seen = 0;
-    for (size_t i = 0; i < d->n && rc == QL_OK; i++) {
-        const ql_example *e = &d->examples[i];
-        if (e->len < 2) continue;
-        ql_kv_cache_reset(cache);
-        if ((rc = ql_llama_forward(m, cache, e->ids, e->len - 1, logits, 0))) break;
-        for (int32_t t = 0; t + 1 < e->len; t++) {
-            if (e->labels[t + 1] == -100) continue;
-            out->nll_sum += ql_token_nll(logits + (size_t)t * c->vocab, c->vocab, e->ids[t + 1]);
-            out->tokens++;
+    if (rc == QL_OK) ql_progress_begin(&prog, "eval", total_tokens, "tokens", o->progress);
+    ql_lora_step_opts so = {.loss_scale = 0, .backward = 0};
+    for (size_t i = 0; i < d->n && rc == QL_OK; i += (size_t)batch) {
+        int k = 0;
+        for (; k < batch && i + (size_t)k < d->n; k++) {
+            ex[k] = &d->examples[order[i + (size_t)k].i];
+            seen += ex[k]->len;
+            out->examples += ex[k]->len >= 2;
         }
-        out->examples++;
-        seen += e->len;
-        ql_progress_update(&prog, seen, "");
+        ql_lora_batch mb;
+        rc = ql_lora_model_gather(lm, ex, k, NULL, &mb);
+        if (rc == QL_OK) rc = ql_lora_model_step(lm, &mb, &so, &out->nll_sum, &out->tokens);
+        if (rc == QL_OK) ql_progress_update(&prog, seen, "");
     }
     if (rc == QL_OK) ql_progress_end(&prog);
-    ql_kv_cache_destroy(cache);
-    free(logits);
+    ql_lora_model_destroy(lm);
+    ql_be_ctx_close(ctx);
+    free(order);
+    free(ex);
     return rc;
 }
 

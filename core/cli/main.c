@@ -29,6 +29,7 @@ static const char usage_text[] =
     "                                      bits/param, bytes, error and time per quantizer and layer\n"
     "  eval --model DIR [--quantizer=Q] --data FILE --format text|alpaca|input-output|oasst1\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
+    "       [--batch-size 8] [--device auto|cpu|cuda]\n"
     "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--max-examples N per subject] [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
     "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens N]\n"
@@ -382,11 +383,13 @@ static int cmd_eval(int argc, char **argv)
         {"mmlu", required_argument, NULL, OPT_MMLU},
         {"shots", required_argument, NULL, OPT_SHOTS},
         {"mmlu-split", required_argument, NULL, OPT_MMLU_SPLIT},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *data = NULL, *format = "text", *quantizer = NULL, *adapter = NULL, *mmlu = NULL,
-               *mmlu_split = "test";
-    long shots = 5;
+               *mmlu_split = "test", *device = "auto";
+    long shots = 5, batch = 8;
     long max_examples = 0, max_len = 0, source_max_len = 1024, target_max_len = 256;
     int progress = 1, c, bad = 0;
     optind = 1;
@@ -405,6 +408,12 @@ static int cmd_eval(int argc, char **argv)
         case OPT_MMLU: mmlu = optarg; break;
         case OPT_MMLU_SPLIT: mmlu_split = optarg; break;
         case OPT_SHOTS: bad |= parse_long_arg("--shots", optarg, 0, 64, &shots); break;
+        case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1 << 16, &batch); break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
+                return usage_error("eval: --device %s: use cpu, cuda or auto", optarg);
+            device = optarg;
+            break;
         default: return 2;
         }
     }
@@ -434,7 +443,8 @@ static int cmd_eval(int argc, char **argv)
     if (dopts.max_len <= 0) dopts.max_len = ql_llama_get_config(m)->max_positions;
     if ((rc = ql_dataset_load(data, tok, &dopts, &d))) goto done;
     ql_eval_result r;
-    if ((rc = ql_eval_nll(m, d, progress, &r))) goto done;
+    ql_eval_opts eo = {.lora = lora, .device = device, .batch = (int)batch, .progress = progress};
+    if ((rc = ql_eval_nll(m, d, &eo, &r))) goto done;
     double nll = r.tokens ? r.nll_sum / (double)r.tokens : 0.0;
     printf("{\"examples\": %lld, \"tokens\": %lld, \"nll\": %.6f, \"ppl\": %.6f, \"truncated\": %zu, "
            "\"quantizer\": \"%s\", \"format\": \"%s\"}\n",

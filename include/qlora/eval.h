@@ -7,6 +7,7 @@
 
 #include "dataset.h"
 #include "llama.h"
+#include "lora.h"
 #include "tokenizer.h"
 
 #ifdef __cplusplus
@@ -19,9 +20,17 @@ typedef struct ql_eval_result {
     double nll_sum;  /* natural log */
 } ql_eval_result;
 
-/* Each example runs as one sequence; token t+1 is scored from positions
- * 0..t when its label is not -100. */
-int ql_eval_nll(ql_llama *m, const ql_dataset *d, int progress, ql_eval_result *out);
+typedef struct ql_eval_opts {
+    const ql_lora *lora; /* an adapter applied in the forward pass, or NULL */
+    const char *device;  /* "cpu" (also NULL), "cuda", or "auto" (cuda when present) */
+    int batch;           /* sequences per forward pass (padded to the longest); 0: 8 */
+    int progress;        /* 1: live line on a terminal / JSON lines otherwise */
+} ql_eval_opts;
+
+/* Token t+1 of each example is scored from positions 0..t when its label is
+ * not -100.  Examples run in micro-batches of similar length through the
+ * training forward pass (the same memory plan), on the chosen device. */
+int ql_eval_nll(ql_llama *m, const ql_dataset *d, const ql_eval_opts *o, ql_eval_result *out);
 
 typedef struct ql_generate_opts {
     int max_new_tokens;
