@@ -39,7 +39,17 @@
  * gradients) get exact zeros from them.
  *
  * Accumulation.  Ops with an `accumulate` flag write (0) or add to (1) their
- * first output; LoRA parameter gradients (da, db) always add. */
+ * first output; LoRA parameter gradients (da, db) always add.
+ *
+ * Precision (ctx->precision).  QL_PREC_FP32: every op in float32.
+ * QL_PREC_BF16, the GPU's fast mode: the frozen linears' and the output
+ * layer's products (matmul_nt, matmul_backward_input and their _w16 forms)
+ * round both operands to bfloat16 (nearest even) and accumulate in float32,
+ * as tensor cores do; on CUDA the training attention also multiplies
+ * bf16-rounded q, k, v and probabilities (float32 softmax and sums), while the
+ * CPU keeps attention in float32.  Norms, RoPE, SwiGLU, LoRA, the loss and
+ * every stored activation stay float32.  Ops that round need
+ * ql_be_scratch_bytes() of ctx->scratch (backend memory, from the plan). */
 #ifndef QL_BACKEND_H
 #define QL_BACKEND_H
 
@@ -81,9 +91,10 @@ typedef struct ql_backend {
      * device_buffers, in its order) with `workspace` of the plugin's
      * device_workspace(out) bytes, or NULL where the plugin has no device
      * materialize: the weights are then materialized on the host into
-     * host_scratch [out * in] and copied over (the slow path). */
-    int (*materialize)(ql_be_ctx *ctx, float *w, const ql_linear *l, const void *const *dev_bufs, void *workspace,
-                       uint64_t workspace_bytes, float *host_scratch);
+     * host_scratch [out * in] and copied over (the slow path).  dtype:
+     * QL_DTYPE_F32 (float w[out, in]) or QL_DTYPE_BF16 (uint16_t bits). */
+    int (*materialize)(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_linear *l, const void *const *dev_bufs,
+                       void *workspace, uint64_t workspace_bytes, float *host_scratch);
 
     /* ---- forward ---- */
     /* masked: out[B*T, C] row (b, t) = table[ids[b*T + t]] for valid rows, 0
@@ -93,6 +104,12 @@ typedef struct ql_backend {
     /* y[rows, out] (+)= x[rows, in] w[out, in]^T */
     int (*matmul_nt)(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in, int64_t out,
                      int accumulate);
+    /* the same two products with bfloat16 weights w16[out, in] (materialized
+     * as QL_DTYPE_BF16, or a bf16 copy of dense weights) */
+    int (*matmul_nt_w16)(ql_be_ctx *ctx, float *y, const float *x, const uint16_t *w16, int64_t rows, int64_t in,
+                         int64_t out, int accumulate);
+    int (*matmul_backward_input_w16)(ql_be_ctx *ctx, float *dx, const float *dy, const uint16_t *w16, int64_t rows,
+                                     int64_t in, int64_t out, int accumulate);
     /* out[rows, C] = x / rms(x) * weight; rstd[rows] = 1 / rms (may be NULL) */
     int (*rmsnorm_forward)(ql_be_ctx *ctx, float *out, float *rstd, const float *x, const float *weight, int64_t rows,
                            int64_t C, float eps);
@@ -176,12 +193,46 @@ typedef struct ql_backend {
                          int64_t rows, int64_t V, int32_t ignore_index, float scale);
 } ql_backend;
 
+enum { QL_PREC_FP32 = 0, QL_PREC_BF16 = 1 };
+
 struct ql_be_ctx {
     const ql_backend *be;
     void *impl;         /* the backend's state (stream, handles, workspace); NULL on the CPU */
+    int precision;      /* QL_PREC_FP32 (the default) or QL_PREC_BF16 */
+    void *scratch;      /* backend memory for the rounded operands (ql_be_scratch_bytes), set by its owner */
+    size_t scratch_bytes;
     int status;         /* QL_OK, or the code of the first failed op not yet checked */
     char message[1024]; /* that failure's message */
 };
+
+/* Scratch that ops need under `precision` for products of at most `rows`
+ * rows by [out, in] weights (max_in, max_out the largest in and out, max_w
+ * the largest out * in), and training attention of `B` sequences of `T`
+ * positions with nh query and nkv key/value heads of hd.  0 in float32. */
+size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
+                           int nh, int nkv, int hd);
+
+/* bfloat16 bits of x, rounded to nearest even (NaN stays a quiet NaN) */
+static inline uint16_t ql_be_bf16(float x)
+{
+    union {
+        float f;
+        uint32_t u;
+    } v;
+    v.f = x;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline float ql_be_bf16_float(uint16_t b)
+{
+    union {
+        float f;
+        uint32_t u;
+    } v;
+    v.u = (uint32_t)b << 16;
+    return v.f;
+}
 
 /* ---- registry ---- */
 
@@ -210,6 +261,11 @@ int ql_be_check(ql_be_ctx *ctx);
 /* Run op `op` of ctx's backend under the status rule above. */
 #define ql_be(ctx, op, ...) \
     ((ctx)->status ? (ctx)->status : ql_be_record((ctx), (ctx)->be->op((ctx), __VA_ARGS__)))
+
+/* The precision named by `name` ("fp32", "bf16", or "auto"/NULL: bf16 on
+ * cuda, fp32 on the CPU) for backend be; an unknown name is QL_EINVAL. */
+int ql_be_precision(const char *name, const ql_backend *be, int *out);
+const char *ql_be_precision_name(int precision);
 
 /* The context a model's forward pass runs on (its backend). */
 ql_be_ctx *ql_llama_ctx(const ql_llama *m);

@@ -47,11 +47,52 @@ static int cpu_copy(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes)
     return QL_OK;
 }
 
-static int cpu_materialize(ql_be_ctx *ctx, float *w, const ql_linear *l, const void *const *dev_bufs,
+static int cpu_materialize(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_linear *l, const void *const *dev_bufs,
                            void *workspace, uint64_t workspace_bytes, float *host_scratch)
 {
     (void)ctx, (void)dev_bufs, (void)workspace, (void)workspace_bytes, (void)host_scratch;
-    return ql_linear_weights(l, w);
+    if (dtype == QL_DTYPE_F32) return ql_linear_weights(l, w);
+    if (dtype != QL_DTYPE_BF16 || !l->qz || !l->state)
+        return ql_error(QL_EINVAL, "%s: materialize as dtype %d of a layer that is not quantized", l->name, dtype);
+    int rc = l->qz->desc->materialize(l->qz->inst, l->state, QL_DTYPE_BF16, w);
+    return rc ? ql_error_context("materializing %s", l->name) : QL_OK;
+}
+
+/* ---- bf16 precision: operands rounded in ctx->scratch ---- */
+
+static int need_scratch(ql_be_ctx *ctx, size_t bytes, const char *op)
+{
+    if (bytes <= ctx->scratch_bytes && ctx->scratch) return QL_OK;
+    return ql_error(QL_EINTERNAL, "%s: %zu bytes of scratch needed, the plan gave %zu", op, bytes, ctx->scratch_bytes);
+}
+
+static float *rounded(float *dst, const float *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = ql_be_bf16_float(ql_be_bf16(x[i]));
+    return dst;
+}
+
+static float *widened(float *dst, const uint16_t *w, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = ql_be_bf16_float(w[i]);
+    return dst;
+}
+
+/* The operands of a product under ctx's precision: a [na] activation and b
+ * [nb] weights (fp32, or bf16 bits when b16), as float arrays to multiply. */
+static int operands(ql_be_ctx *ctx, const float **a, int64_t na, const float **b, const uint16_t *b16, int64_t nb,
+                    const char *op)
+{
+    const int bf16 = ctx->precision == QL_PREC_BF16;
+    if (!bf16 && !b16) return QL_OK;
+    const size_t abytes = bf16 ? (size_t)na * 4 : 0, off = (abytes + 255) / 256 * 256;
+    int rc = need_scratch(ctx, off + (size_t)nb * 4, op);
+    if (rc) return rc;
+    float *sa = ctx->scratch, *sb = (float *)((char *)ctx->scratch + off);
+    if (bf16) *a = rounded(sa, *a, na);
+    if (b16) *b = widened(sb, b16, nb);
+    else if (bf16) *b = rounded(sb, *b, nb);
+    return QL_OK;
 }
 
 static int cpu_embedding(ql_be_ctx *ctx, float *out, const float *table, const int32_t *ids, const ql_be_batch *mb,
@@ -70,7 +111,18 @@ static int cpu_embedding(ql_be_ctx *ctx, float *out, const float *table, const i
 static int cpu_matmul_nt(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in,
                          int64_t out, int accumulate)
 {
-    (void)ctx;
+    int rc = operands(ctx, &x, rows * in, &w, NULL, out * in, "matmul");
+    if (rc) return rc;
+    ql_matmul_nt(y, x, w, rows, in, out, accumulate);
+    return QL_OK;
+}
+
+static int cpu_matmul_nt_w16(ql_be_ctx *ctx, float *y, const float *x, const uint16_t *w16, int64_t rows, int64_t in,
+                             int64_t out, int accumulate)
+{
+    const float *w = NULL;
+    int rc = operands(ctx, &x, rows * in, &w, w16, out * in, "matmul");
+    if (rc) return rc;
     ql_matmul_nt(y, x, w, rows, in, out, accumulate);
     return QL_OK;
 }
@@ -168,7 +220,18 @@ static int cpu_dropout_forward(ql_be_ctx *ctx, float *out, const float *x, const
 static int cpu_matmul_backward_input(ql_be_ctx *ctx, float *dx, const float *dy, const float *w, int64_t rows,
                                      int64_t in, int64_t out, int accumulate)
 {
-    (void)ctx;
+    int rc = operands(ctx, &dy, rows * out, &w, NULL, out * in, "matmul backward");
+    if (rc) return rc;
+    ql_matmul_backward_input(dx, dy, w, rows, in, out, accumulate);
+    return QL_OK;
+}
+
+static int cpu_matmul_backward_input_w16(ql_be_ctx *ctx, float *dx, const float *dy, const uint16_t *w16,
+                                         int64_t rows, int64_t in, int64_t out, int accumulate)
+{
+    const float *w = NULL;
+    int rc = operands(ctx, &dy, rows * out, &w, w16, out * in, "matmul backward");
+    if (rc) return rc;
     ql_matmul_backward_input(dx, dy, w, rows, in, out, accumulate);
     return QL_OK;
 }
@@ -265,6 +328,8 @@ static const ql_backend cpu_backend = {
     .materialize = cpu_materialize,
     .embedding = cpu_embedding,
     .matmul_nt = cpu_matmul_nt,
+    .matmul_nt_w16 = cpu_matmul_nt_w16,
+    .matmul_backward_input_w16 = cpu_matmul_backward_input_w16,
     .rmsnorm_forward = cpu_rmsnorm_forward,
     .rope_forward = cpu_rope_forward,
     .attention_forward = cpu_attention_forward,
@@ -340,6 +405,34 @@ void ql_be_ctx_close(ql_be_ctx *ctx)
     if (!ctx) return;
     if (ctx->be->close) ctx->be->close(ctx);
     free(ctx);
+}
+
+int ql_be_precision(const char *name, const ql_backend *be, int *out)
+{
+    if (!name || !strcmp(name, "auto")) *out = be->host_memory ? QL_PREC_FP32 : QL_PREC_BF16;
+    else if (!strcmp(name, "fp32")) *out = QL_PREC_FP32;
+    else if (!strcmp(name, "bf16")) *out = QL_PREC_BF16;
+    else return ql_error(QL_EINVAL, "unknown precision '%s': use fp32, bf16 or auto", name);
+    return QL_OK;
+}
+
+const char *ql_be_precision_name(int precision) { return precision == QL_PREC_BF16 ? "bf16" : "fp32"; }
+
+static size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+
+size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
+                           int nh, int nkv, int hd)
+{
+    if (precision != QL_PREC_BF16) return 0;
+    /* products: the rounded activation (4 bytes an element on the CPU, 2 on
+     * the GPU) then the weights; attention (CUDA): bf16 q, k, v and dout,
+     * then one sequence's probabilities and score gradients */
+    const int64_t io = max_in > max_out ? max_in : max_out;
+    const size_t prod = align256((size_t)(rows * io) * 4) + align256((size_t)max_w * 4);
+    const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
+    const size_t att = align256((size_t)(rows * qd) * 2) * 2 + align256((size_t)(rows * kvd) * 2) * 2 +
+                       align256((size_t)((int64_t)nh * T * T) * 2) * 2;
+    return prod > att ? prod : att;
 }
 
 int ql_be_record(ql_be_ctx *ctx, int rc)

@@ -10,6 +10,7 @@
  * an op needs more than any before it (in the first step).  Lengths and
  * rotary tables repeat from op to op within a step, so they are copied again
  * only when they change. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -275,17 +276,103 @@ static int gemm(ql_be_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K,
     return QL_OK;
 }
 
+/* The same with bf16 A and B (bits as uint16_t), float32 C and accumulation
+ * (tensor cores), batched: `batch` products, operand i at A + i * sa, B + i *
+ * sb, C + i * sc (elements; a stride of 0 shares the operand). */
+static int gemm16(ql_be_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t *A,
+                  int64_t lda, int64_t sa, const uint16_t *B, int64_t ldb, int64_t sb, float beta, float *C,
+                  int64_t ldc, int64_t sc, int64_t batch, const char *op)
+{
+    int rc = too_big(M, N, K, op);
+    if (rc) return rc;
+    if (M == 0 || N == 0 || batch == 0) return QL_OK;
+    cublasStatus_t s = cublasGemmStridedBatchedEx(
+        impl(ctx)->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)N, (int)M, (int)K,
+        &alpha, B, CUDA_R_16BF, (int)ldb, sb, A, CUDA_R_16BF, (int)lda, sa, &beta, C, CUDA_R_32F, (int)ldc, sc,
+        (int)batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (s != CUBLAS_STATUS_SUCCESS) return ql_error(QL_ECUDA, "cuBLAS: %s (bf16): %s", op, blas_status(s));
+    return QL_OK;
+}
+
+/* ctx->scratch carved at 256-byte boundaries: *p gets `bytes` from offset *off */
+static int carve(ql_be_ctx *ctx, size_t *off, size_t bytes, void **p, const char *op)
+{
+    size_t end = *off + (bytes + 255) / 256 * 256;
+    if (!ctx->scratch || end > ctx->scratch_bytes)
+        return ql_error(QL_EINTERNAL, "%s: %zu bytes of scratch needed, the plan gave %zu", op, end,
+                        ctx->scratch_bytes);
+    *p = (char *)ctx->scratch + *off;
+    *off = end;
+    return QL_OK;
+}
+
+static int to_bf16(ql_be_ctx *ctx, uint16_t *dst, const float *src, int64_t n)
+{
+    return launched(qlk_f32_to_bf16(stream(ctx), dst, src, n), "bf16 conversion");
+}
+
+/* y[M, N] (+)= a[M, K] . w[N, K]^T (nt) or a[M, K] . w[K, N] (nn) in bf16: a is
+ * rounded into scratch; w is bf16 already (w16) or rounded too (w32). */
+static int product16(ql_be_ctx *ctx, int nt, float *y, const float *a, const float *w32, const uint16_t *w16,
+                     int64_t M, int64_t N, int64_t K, int accumulate, const char *op)
+{
+    size_t off = 0;
+    uint16_t *a16 = NULL, *b16 = (uint16_t *)w16;
+    int rc = carve(ctx, &off, (size_t)(M * K) * 2, (void **)&a16, op);
+    if (!rc) rc = to_bf16(ctx, a16, a, M * K);
+    if (!rc && !w16) {
+        rc = carve(ctx, &off, (size_t)(N * K) * 2, (void **)&b16, op);
+        if (!rc) rc = to_bf16(ctx, b16, w32, N * K);
+    }
+    if (rc) return rc;
+    return nt ? gemm16(ctx, 0, 1, M, N, K, 1.0f, a16, K, 0, b16, K, 0, accumulate ? 1.0f : 0.0f, y, N, 0, 1, op)
+              : gemm16(ctx, 0, 0, M, N, K, 1.0f, a16, K, 0, b16, N, 0, accumulate ? 1.0f : 0.0f, y, N, 0, 1, op);
+}
+
+/* bf16 weights in float32 precision: widened into scratch, then the fp32 product */
+static int widen(ql_be_ctx *ctx, const uint16_t *w16, int64_t n, const float **w, const char *op)
+{
+    size_t off = 0;
+    float *d = NULL;
+    int rc = carve(ctx, &off, (size_t)n * 4, (void **)&d, op);
+    if (!rc) rc = launched(qlk_bf16_to_f32(stream(ctx), d, w16, n), "bf16 conversion");
+    *w = d;
+    return rc;
+}
+
 static int cuda_matmul_nt(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in,
                           int64_t out, int accumulate)
 {
+    if (ctx->precision == QL_PREC_BF16) return product16(ctx, 1, y, x, w, NULL, rows, out, in, accumulate, "matmul");
     return gemm(ctx, 0, 1, rows, out, in, 1.0f, x, in, w, in, accumulate ? 1.0f : 0.0f, y, out, "matmul");
 }
 
 static int cuda_matmul_backward_input(ql_be_ctx *ctx, float *dx, const float *dy, const float *w, int64_t rows,
                                       int64_t in, int64_t out, int accumulate)
 {
+    if (ctx->precision == QL_PREC_BF16)
+        return product16(ctx, 0, dx, dy, w, NULL, rows, in, out, accumulate, "matmul backward");
     return gemm(ctx, 0, 0, rows, in, out, 1.0f, dy, out, w, in, accumulate ? 1.0f : 0.0f, dx, in,
                 "matmul backward");
+}
+
+static int cuda_matmul_nt_w16(ql_be_ctx *ctx, float *y, const float *x, const uint16_t *w16, int64_t rows,
+                              int64_t in, int64_t out, int accumulate)
+{
+    if (ctx->precision == QL_PREC_BF16) return product16(ctx, 1, y, x, NULL, w16, rows, out, in, accumulate, "matmul");
+    const float *w = NULL;
+    int rc = widen(ctx, w16, out * in, &w, "matmul");
+    return rc ? rc : cuda_matmul_nt(ctx, y, x, w, rows, in, out, accumulate);
+}
+
+static int cuda_matmul_backward_input_w16(ql_be_ctx *ctx, float *dx, const float *dy, const uint16_t *w16,
+                                          int64_t rows, int64_t in, int64_t out, int accumulate)
+{
+    if (ctx->precision == QL_PREC_BF16)
+        return product16(ctx, 0, dx, dy, NULL, w16, rows, in, out, accumulate, "matmul backward");
+    const float *w = NULL;
+    int rc = widen(ctx, w16, out * in, &w, "matmul backward");
+    return rc ? rc : cuda_matmul_backward_input(ctx, dx, dy, w, rows, in, out, accumulate);
 }
 
 static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
@@ -309,21 +396,24 @@ static int cuda_lora_backward(ql_be_ctx *ctx, float *dxd, float *da, float *db, 
 
 /* ---- weights ---- */
 
-static int cuda_materialize(ql_be_ctx *ctx, float *w, const ql_linear *l, const void *const *dev_bufs,
+static int cuda_materialize(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_linear *l, const void *const *dev_bufs,
                             void *workspace, uint64_t workspace_bytes, float *host_scratch)
 {
     const ql_quantizer_desc *d = l->qz ? l->qz->desc : NULL;
     if (!d || !l->state) return ql_error(QL_EINVAL, "%s: materialize of a layer that is not quantized", l->name);
+    if (dtype != QL_DTYPE_F32 && dtype != QL_DTYPE_BF16)
+        return ql_error(QL_EINVAL, "%s: materialize as dtype %d: F32 or BF16 only", l->name, dtype);
     if (dev_bufs && d->materialize_rows_device) {
-        ql_device_out o = {.dtype = QL_DTYPE_F32, .data = w, .ld = l->in, .row0 = 0, .nrows = l->out};
+        ql_device_out o = {.dtype = dtype, .data = w, .ld = l->in, .row0 = 0, .nrows = l->out};
         return d->materialize_rows_device(l->qz->inst, l->state, dev_bufs, &o, workspace, workspace_bytes,
                                           stream(ctx));
     }
     if (!host_scratch) return ql_error(QL_EINVAL, "%s: no host scratch for a plugin without device kernels", l->name);
     /* the slow path: the host buffer is reused by the next call, so wait for the copy */
-    int rc = ql_linear_weights(l, host_scratch);
-    if (rc) return rc;
-    size_t bytes = (size_t)(l->out * l->in) * sizeof *w;
+    int rc = dtype == QL_DTYPE_F32 ? ql_linear_weights(l, host_scratch)
+                                   : d->materialize(l->qz->inst, l->state, QL_DTYPE_BF16, host_scratch);
+    if (rc) return dtype == QL_DTYPE_F32 ? rc : ql_error_context("materializing %s", l->name);
+    size_t bytes = (size_t)(l->out * l->in) * (dtype == QL_DTYPE_F32 ? 4 : 2);
     CUDA_TRY(cudaMemcpyAsync(w, host_scratch, bytes, cudaMemcpyHostToDevice, impl(ctx)->stream), "weights to the device");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "weights to the device");
     return QL_OK;
@@ -377,9 +467,105 @@ static int cuda_attention_forward(ql_be_ctx *ctx, float *out, const float *q, co
     return launched(qlk_attention_forward(stream(ctx), out, q, k, v, T, past, nh, nkv, hd, window), "attention");
 }
 
+/* ---- attention in bf16: the products through cuBLAS (tensor cores) ----
+ *
+ * Per sequence b of n = len[b] rows and per kv head j, a strided batch over
+ * its g = nh / nkv query heads (the key operand shared, stride 0):
+ *   forward:  S_h = scale Q_h K_j^T into probs (backend.h's [nh, n, n] block),
+ *             softmax in place (P16 beside it), O_h = P16_h V_j;
+ *   backward: dP_h = dO_h V_j^T into dscores, dS = P (dP - rowsum) (dS16),
+ *             dQ_h = scale dS_h K_j, dK_j = scale sum_h dS_h^T Q_h,
+ *             dV_j = sum_h P_h^T dO_h (one call per group member, adding).
+ * The square products cover the masked half too (zeros in P and dS). */
+typedef struct att16 {
+    uint16_t *q, *k, *v, *dout; /* the batch's operands in bf16 */
+    uint16_t *p, *ds;           /* one sequence's [nh, n, n] */
+} att16;
+
+static int att16_operands(ql_be_ctx *ctx, att16 *a, const float *q, const float *k, const float *v, const float *dout,
+                          const ql_be_batch *mb, int nh, int nkv, int hd)
+{
+    const int64_t R = mb->B * mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, T = mb->T;
+    size_t off = 0;
+    memset(a, 0, sizeof *a);
+    int rc = carve(ctx, &off, (size_t)(R * qd) * 2, (void **)&a->q, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)(R * qd) * 2, (void **)&a->dout, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)(R * kvd) * 2, (void **)&a->k, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)(R * kvd) * 2, (void **)&a->v, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)((int64_t)nh * T * T) * 2, (void **)&a->p, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)((int64_t)nh * T * T) * 2, (void **)&a->ds, "attention");
+    if (!rc) rc = to_bf16(ctx, a->q, q, R * qd);
+    if (!rc) rc = to_bf16(ctx, a->k, k, R * kvd);
+    if (!rc) rc = to_bf16(ctx, a->v, v, R * kvd);
+    if (!rc && dout) rc = to_bf16(ctx, a->dout, dout, R * qd);
+    return rc;
+}
+
+static int attention16_forward(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
+                               const float *v, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+{
+    const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    att16 a;
+    int rc = att16_operands(ctx, &a, q, k, v, NULL, mb, nh, nkv, hd);
+    if (!rc) rc = cuda_zero(ctx, out, (size_t)(mb->B * T * qd) * 4);
+    for (int64_t b = 0; b < mb->B && !rc; b++) {
+        const int64_t n = mb->len[b], nn = n * n;
+        if (n == 0) continue;
+        float *p = probs + b * nh * T * T;
+        for (int j = 0; j < nkv && !rc; j++)
+            rc = gemm16(ctx, 0, 1, n, n, hd, scale, a.q + b * T * qd + j * g * hd, qd, hd, a.k + b * T * kvd + j * hd,
+                        kvd, 0, 0.0f, p + j * g * nn, n, nn, g, "attention scores");
+        if (!rc) rc = launched(qlk_softmax_rows(stream(ctx), p, a.p, nh, n, window), "attention softmax");
+        for (int j = 0; j < nkv && !rc; j++)
+            rc = gemm16(ctx, 0, 0, n, hd, n, 1.0f, a.p + j * g * nn, n, nn, a.v + b * T * kvd + j * hd, kvd, 0, 0.0f,
+                        out + b * T * qd + j * g * hd, qd, hd, g, "attention values");
+    }
+    return rc;
+}
+
+static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
+                                const float *q, const float *k, const float *v, const float *probs,
+                                const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+{
+    const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    att16 a;
+    int rc = att16_operands(ctx, &a, q, k, v, dout, mb, nh, nkv, hd);
+    if (!rc) rc = cuda_zero(ctx, dq, (size_t)(mb->B * T * qd) * 4);
+    if (!rc) rc = cuda_zero(ctx, dk, (size_t)(mb->B * T * kvd) * 4);
+    if (!rc) rc = cuda_zero(ctx, dv, (size_t)(mb->B * T * kvd) * 4);
+    for (int64_t b = 0; b < mb->B && !rc; b++) {
+        const int64_t n = mb->len[b], nn = n * n;
+        if (n == 0) continue;
+        const float *p = probs + b * nh * T * T;
+        float *ds = dscores + b * nh * T * T;
+        const uint16_t *qb = a.q + b * T * qd, *kb = a.k + b * T * kvd, *vb = a.v + b * T * kvd,
+                       *ob = a.dout + b * T * qd;
+        for (int j = 0; j < nkv && !rc; j++) /* dP */
+            rc = gemm16(ctx, 0, 1, n, n, hd, 1.0f, ob + j * g * hd, qd, hd, vb + j * hd, kvd, 0, 0.0f, ds + j * g * nn,
+                        n, nn, g, "attention backward");
+        if (!rc) rc = launched(qlk_softmax_rows_backward(stream(ctx), ds, a.ds, p, nh, n, window), "attention backward");
+        if (!rc) rc = to_bf16(ctx, a.p, p, (int64_t)nh * nn);
+        for (int j = 0; j < nkv && !rc; j++) /* dQ */
+            rc = gemm16(ctx, 0, 0, n, hd, n, scale, a.ds + j * g * nn, n, nn, kb + j * hd, kvd, 0, 0.0f,
+                        dq + b * T * qd + j * g * hd, qd, hd, g, "attention backward");
+        for (int64_t r = 0; r < g && !rc; r++) { /* dK, dV: member r of every group, batched over the kv heads */
+            const float beta = r ? 1.0f : 0.0f;
+            rc = gemm16(ctx, 1, 0, n, hd, n, scale, a.ds + r * nn, n, g * nn, qb + r * hd, qd, g * hd, beta,
+                        dk + b * T * kvd, kvd, hd, nkv, "attention backward");
+            if (!rc)
+                rc = gemm16(ctx, 1, 0, n, hd, n, 1.0f, a.p + r * nn, n, g * nn, ob + r * hd, qd, g * hd, beta,
+                            dv + b * T * kvd, kvd, hd, nkv, "attention backward");
+        }
+    }
+    return rc;
+}
+
 static int cuda_attention_forward_train(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
                                         const float *v, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
+    if (ctx->precision == QL_PREC_BF16) return attention16_forward(ctx, out, probs, q, k, v, mb, nh, nkv, hd, window);
     const int32_t *len = NULL;
     int rc = stage_len(ctx, mb, &len);
     return rc ? rc
@@ -392,6 +578,8 @@ static int cuda_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *
                                    const float *dout, const float *q, const float *k, const float *v,
                                    const float *probs, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
+    if (ctx->precision == QL_PREC_BF16)
+        return attention16_backward(ctx, dq, dk, dv, dscores, dout, q, k, v, probs, mb, nh, nkv, hd, window);
     const int32_t *len = NULL;
     int rc = stage_len(ctx, mb, &len);
     return rc ? rc
@@ -490,6 +678,8 @@ static const ql_backend cuda_backend = {
     .materialize = cuda_materialize,
     .embedding = cuda_embedding,
     .matmul_nt = cuda_matmul_nt,
+    .matmul_nt_w16 = cuda_matmul_nt_w16,
+    .matmul_backward_input_w16 = cuda_matmul_backward_input_w16,
     .rmsnorm_forward = cuda_rmsnorm_forward,
     .rope_forward = cuda_rope_forward,
     .attention_forward = cuda_attention_forward,

@@ -47,7 +47,9 @@ int ql_eval_nll(ql_llama *m, const ql_dataset *d, const ql_eval_opts *o, ql_eval
     const ql_example **ex = malloc((size_t)batch * sizeof *ex);
     int rc = order && ex ? QL_OK : ql_error(QL_ENOMEM, "out of memory");
     if (rc == QL_OK) rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &ctx);
-    ql_lora_model_opts mo = {.batch = batch, .max_len = longest, .backward = 0, .allocate = 1};
+    int precision = QL_PREC_FP32;
+    if (rc == QL_OK) rc = ql_be_precision(o->precision, ctx->be, &precision);
+    ql_lora_model_opts mo = {.batch = batch, .max_len = longest, .backward = 0, .allocate = 1, .precision = precision};
     if (rc == QL_OK) rc = ql_lora_model_create(m, (ql_lora *)o->lora, ctx, &mo, &lm);
     if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
     if (rc == QL_OK) {

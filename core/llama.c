@@ -29,6 +29,7 @@ struct ql_llama {
     float *scratch_w;       /* materialized weights of one linear, reused */
     int64_t scratch_w_len;
     int64_t rope_cached_len; /* dynamic rope: transformers' max_seq_len_cached (ql_rope_dynamic_len) */
+    int shared_states;       /* ql_llama_random's share: layer 0's quantized states serve every layer */
 };
 
 struct ql_kv_cache {
@@ -595,12 +596,140 @@ fail:
     return rc;
 }
 
+/* normal values of standard deviation `scale`: Box-Muller over splitmix64, in parallel chunks */
+static void random_normal(float *x, int64_t n, uint64_t seed, float scale)
+{
+    enum { CHUNK = 1 << 16 };
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < (n + CHUNK - 1) / CHUNK; c++) {
+        uint64_t s = seed ^ ((uint64_t)(c + 1) * 0x9E3779B97F4A7C15ull);
+        const int64_t end = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;
+        for (int64_t i = c * CHUNK; i < end; i += 2) {
+            s += 0x9E3779B97F4A7C15ull;
+            uint64_t z = s;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            z ^= z >> 31;
+            const double u1 = ((double)(z >> 11) + 1.0) * 0x1p-53, u2 = (double)(z & 0x7ff) / 2048.0 + 0x1p-12;
+            const double r = sqrt(-2.0 * log(u1)), a = 6.283185307179586 * u2;
+            x[i] = (float)(r * cos(a)) * scale;
+            if (i + 1 < end) x[i + 1] = (float)(r * sin(a)) * scale;
+        }
+    }
+}
+
+static float *random_array(int64_t n, uint64_t seed, float scale, float constant)
+{
+    float *x = malloc((size_t)(n > 0 ? n : 1) * sizeof *x);
+    if (!x) return NULL;
+    if (scale > 0) random_normal(x, n, seed, scale);
+    else
+        for (int64_t i = 0; i < n; i++) x[i] = constant;
+    return x;
+}
+
+int ql_llama_random(const char *config_json, const char *quantizer, uint64_t seed, int share, ql_llama **out)
+{
+    *out = NULL;
+    json_error_t jerr;
+    json_t *cfg = json_loads(config_json, 0, &jerr);
+    if (!cfg) return ql_error(QL_EINVAL, "random model: config is not JSON: %s", jerr.text);
+    ql_llama *m = calloc(1, sizeof *m);
+    int rc = m ? QL_OK : ql_error(QL_ENOMEM, "out of memory");
+    if (rc) {
+        json_decref(cfg);
+        return rc;
+    }
+    m->config = cfg;
+    m->dir = strdup("(random weights)");
+    m->shared_states = share;
+    if ((rc = ql_be_ctx_open("cpu", NULL, &m->ctx)) || (rc = ql_llama_config_parse(cfg, &m->cfg))) goto fail;
+    const ql_llama_config *c = &m->cfg;
+    if (quantizer && strcmp(quantizer, "none") && (rc = ql_qz_open(quantizer, &m->qz))) goto fail;
+    if (m->qz)
+        snprintf(m->quantization, sizeof m->quantization, "%s%s%s", m->qz->desc->name, m->qz->options[0] ? ":" : "",
+                 m->qz->options);
+    else snprintf(m->quantization, sizeof m->quantization, "none");
+    const int64_t H = c->hidden, I = c->intermediate, qd = (int64_t)c->n_heads * c->head_dim,
+                  kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    m->embed = random_array(c->vocab * H, seed, 0.02f, 0);
+    m->final_norm = random_array(H, 0, 0, 1.0f);
+    m->lm_head = c->tied_embeddings ? m->embed : random_array(c->vocab * H, seed + 1, 0.02f, 0);
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->embed || !m->final_norm || !m->lm_head || !m->layers) {
+        rc = ql_error(QL_ENOMEM, "out of memory");
+        goto fail;
+    }
+    static const char *const what[7] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                        "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+    const int64_t outs[7] = {qd, kvd, kvd, H, I, I, H}, ins[7] = {H, H, H, qd, H, H, I};
+    for (int i = 0; i < c->n_layers && rc == QL_OK; i++) {
+        ql_llama_layer *L = &m->layers[i];
+        ql_linear *ls[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        L->attn_norm = random_array(H, 0, 0, 1.0f);
+        L->mlp_norm = random_array(H, 0, 0, 1.0f);
+        if (c->qk_norm) {
+            L->q_norm = random_array(c->head_dim, 0, 0, 1.0f);
+            L->k_norm = random_array(c->head_dim, 0, 0, 1.0f);
+        }
+        for (int k = 0; k < 7 && rc == QL_OK; k++) {
+            ql_linear *l = ls[k];
+            char name[128];
+            snprintf(name, sizeof name, "model.layers.%d.%s", i, what[k]);
+            l->name = strdup(name);
+            l->out = outs[k];
+            l->in = ins[k];
+            if (l->out * l->in > m->scratch_w_len) m->scratch_w_len = l->out * l->in;
+            if (!l->name) {
+                rc = ql_error(QL_ENOMEM, "out of memory");
+                break;
+            }
+            if (share && i > 0) { /* layer 0's */
+                ql_llama_layer *L0 = &m->layers[0];
+                const ql_linear *l0[7] = {&L0->q, &L0->k, &L0->v, &L0->o, &L0->gate, &L0->up, &L0->down};
+                l->state = l0[k]->state;
+                l->dense = l0[k]->dense;
+                l->qz = l0[k]->qz;
+                continue;
+            }
+            float *w = random_array(l->out * l->in, seed + 100 + (uint64_t)(i * 7 + k), 0.02f, 0);
+            if (!w) {
+                rc = ql_error(QL_ENOMEM, "out of memory");
+                break;
+            }
+            if (!m->qz) {
+                l->dense = w;
+                continue;
+            }
+            ql_matrix_desc md = {.name = l->name, .rows = l->out, .cols = l->in, .src_dtype = QL_DTYPE_BF16};
+            rc = m->qz->desc->quantize(m->qz->inst, &md, w, &l->state);
+            free(w);
+            if (rc) rc = ql_error_context("quantizer %s on %s", m->qz->desc->name, l->name);
+            l->qz = m->qz;
+        }
+        if (!L->attn_norm || !L->mlp_norm || (c->qk_norm && (!L->q_norm || !L->k_norm)))
+            rc = ql_error(QL_ENOMEM, "out of memory");
+    }
+    if (rc == QL_OK && (rc = ql_be(m->ctx, alloc, (void **)&m->scratch_w, (size_t)m->scratch_w_len * sizeof(float))))
+        ql_be_check(m->ctx);
+    if (rc) goto fail;
+    *out = m;
+    return QL_OK;
+fail:
+    ql_llama_destroy(m);
+    return rc;
+}
+
 void ql_llama_destroy(ql_llama *m)
 {
     if (!m) return;
     if (m->layers)
         for (int i = 0; i < m->cfg.n_layers; i++) {
             ql_llama_layer *L = &m->layers[i];
+            if (m->shared_states && i > 0) { /* layer 0 owns the states (or dense weights) */
+                ql_linear *sh[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+                for (size_t k = 0; k < 7; k++) sh[k]->state = NULL, sh[k]->dense = NULL;
+            }
             free(L->attn_norm);
             free(L->mlp_norm);
             free(L->q_norm);
@@ -653,7 +782,7 @@ static void linear_forward(ql_llama *m, const ql_linear *l, const float *x, int6
     ql_be_ctx *ctx = m->ctx;
     const float *w = l->dense;
     if (!w) {
-        ql_be(ctx, materialize, m->scratch_w, l, NULL, NULL, 0, NULL); /* the model's context: host memory */
+        ql_be(ctx, materialize, m->scratch_w, QL_DTYPE_F32, l, NULL, NULL, 0, NULL); /* the model's context: host memory */
         w = m->scratch_w;
     }
     ql_be(ctx, matmul_nt, y, x, w, T, l->in, l->out, 0);

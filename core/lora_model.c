@@ -40,6 +40,7 @@ typedef struct bwd_scratch {
  * arrays themselves on the CPU, copies in the base arena on a device. */
 typedef struct be_linear {
     const float *dense, *bias;                  /* [out, in] (not quantized), [out]; or NULL */
+    const uint16_t *dense16;                    /* bf16 precision: a bf16 copy of dense instead */
     const void *bufs[QL_MAX_STATE_BUFFERS];     /* device copies of the plugin's state buffers */
     int device_materialize;                     /* bufs are set: the plugin materializes on the device */
 } be_linear;
@@ -54,6 +55,7 @@ typedef struct upload {
     void **dst;
     const void *src;
     size_t bytes;
+    int owned; /* src is a converted copy, freed once uploaded */
 } upload;
 
 struct ql_lora_model {
@@ -78,6 +80,10 @@ struct ql_lora_model {
     float *inv_freq; /* [Bmax, hd/2] each sequence's rotary frequencies */
     /* the weights in backend memory */
     const float *embed, *final_norm, *head;
+    const uint16_t *head16; /* bf16 precision: a bf16 copy of the output layer */
+    int precision;
+    void *scratch; /* the backend's rounding scratch (ql_be_scratch_bytes) */
+    size_t scratch_bytes;
     be_layer *layers;      /* [n_layers] */
     ql_lora_pair *pairs;   /* [n_layers * QL_MOD_COUNT]: A, B, dA, dB in backend memory (lora->pairs on the CPU) */
     float *params, *grads; /* the backend copies of lora->params and lora->grads (theirs on the CPU) */
@@ -129,12 +135,25 @@ static const ql_linear *layer_linear(ql_llama_layer *L, int k)
     return ls[k];
 }
 
-static const float *weights(ctx *x, const ql_linear *l, const be_linear *bl)
+/* A frozen linear's weights for the products: float32, or bf16 bits in bf16
+ * precision (*w16 set, the float pointer NULL).  A quantized layer is
+ * materialized into the plan's scratch: nothing is kept. */
+static const float *weights(ctx *x, const ql_linear *l, const be_linear *bl, const uint16_t **w16)
 {
+    *w16 = NULL;
+    if (bl->dense16) {
+        *w16 = bl->dense16;
+        return NULL;
+    }
     if (bl->dense) return bl->dense;
     ql_lora_model *lm = x->lm;
-    ql_be(x->be, materialize, lm->w, l, bl->device_materialize ? bl->bufs : NULL, lm->mat_ws, lm->mat_ws_bytes,
-          lm->host_w);
+    const int bf16 = lm->precision == QL_PREC_BF16;
+    ql_be(x->be, materialize, lm->w, bf16 ? QL_DTYPE_BF16 : QL_DTYPE_F32, l,
+          bl->device_materialize ? bl->bufs : NULL, lm->mat_ws, lm->mat_ws_bytes, lm->host_w);
+    if (bf16) {
+        *w16 = (const uint16_t *)lm->w;
+        return NULL;
+    }
     return lm->w;
 }
 
@@ -151,8 +170,10 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
     const be_linear *bl = &x->lm->layers[i].lin[k];
-    const float *w = weights(x, l, bl);
-    ql_be(x->be, matmul_nt, y, in, w, x->d.R, l->in, l->out, 0);
+    const uint16_t *w16;
+    const float *w = weights(x, l, bl, &w16);
+    if (w16) ql_be(x->be, matmul_nt_w16, y, in, w16, x->d.R, l->in, l->out, 0);
+    else ql_be(x->be, matmul_nt, y, in, w, x->d.R, l->in, l->out, 0);
     if (bl->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
         ql_be(x->be, add_bias, y, bl->bias, &x->mb, l->out);
     ql_lora_pair *p = pair_at(x, i, k);
@@ -174,8 +195,10 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
 {
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
-    const float *w = weights(x, l, &x->lm->layers[i].lin[k]); /* materialized again: nothing was kept */
-    ql_be(x->be, matmul_backward_input, din, dy, w, x->d.R, l->in, l->out, accumulate);
+    const uint16_t *w16;
+    const float *w = weights(x, l, &x->lm->layers[i].lin[k], &w16); /* materialized again: nothing was kept */
+    if (w16) ql_be(x->be, matmul_backward_input_w16, din, dy, w16, x->d.R, l->in, l->out, accumulate);
+    else ql_be(x->be, matmul_backward_input, din, dy, w, x->d.R, l->in, l->out, accumulate);
     ql_lora_pair *p = pair_at(x, i, k);
     if (p) {
         const float *xd = x->dropout ? a->xd[k] : in;
@@ -315,6 +338,27 @@ static void plan_resident(ql_lora_model *lm, int role, const void **dst, const v
     lm->ups[lm->n_ups++] = (upload){.dst = (void **)dst, .src = src, .bytes = (size_t)bytes};
 }
 
+/* bf16 precision: a bf16 copy of float weights src[n] in the weights arena (on every backend) */
+static void plan_bf16_copy(ql_lora_model *lm, const uint16_t **dst, const float *src, int64_t n)
+{
+    *dst = NULL;
+    uint16_t *h = malloc((size_t)(n > 0 ? n : 1) * sizeof *h);
+    if (!h || lm->n_ups == lm->cap_ups) {
+        size_t cap = lm->cap_ups ? 2 * lm->cap_ups : 256;
+        upload *u = h ? realloc(lm->ups, cap * sizeof *u) : NULL;
+        if (!u) {
+            free(h);
+            lm->ups_failed = 1;
+            return;
+        }
+        lm->ups = u;
+        lm->cap_ups = cap;
+    }
+    for (int64_t i = 0; i < n; i++) h[i] = ql_be_bf16(src[i]);
+    ql_plan_add(&lm->plan, QL_ROLE_WEIGHTS, (void **)dst, n, 2);
+    lm->ups[lm->n_ups++] = (upload){.dst = (void **)dst, .src = h, .bytes = (size_t)n * 2, .owned = 1};
+}
+
 #define RESIDENT(lm, role, dst, src, count) \
     plan_resident((lm), (role), (const void **)(dst), (src), (uint64_t)(count) * sizeof(float))
 
@@ -333,7 +377,8 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
     ql_llama_output_weights(m, &fn, &head);
     RESIDENT(lm, B, &lm->embed, ql_llama_embeddings(m), V * H);
     RESIDENT(lm, B, &lm->final_norm, fn, H);
-    if (head == ql_llama_embeddings(m)) lm->head = NULL; /* tied: set after the plan is allocated */
+    if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, &lm->head16, head, V * H);
+    else if (head == ql_llama_embeddings(m)) lm->head = NULL; /* tied: set after the plan is allocated */
     else RESIDENT(lm, B, &lm->head, head, V * H);
     int64_t ws = 0, slow = 0;
     const char *warned = NULL;
@@ -350,7 +395,8 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
             be_linear *b = &bl->lin[k];
             RESIDENT(lm, B, &b->bias, l->bias, l->bias ? l->out : 0);
             if (l->dense) {
-                RESIDENT(lm, B, &b->dense, l->dense, l->out * l->in);
+                if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, &b->dense16, l->dense, l->out * l->in);
+                else RESIDENT(lm, B, &b->dense, l->dense, l->out * l->in);
                 continue;
             }
             if (l->out * l->in > *maxw) *maxw = l->out * l->in;
@@ -408,8 +454,18 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
 static int fill_weights(ql_lora_model *lm)
 {
     ql_be_ctx *be = lm->ctx;
-    for (size_t i = 0; i < lm->n_ups; i++) ql_be(be, upload, *lm->ups[i].dst, lm->ups[i].src, lm->ups[i].bytes);
-    if (!lm->head) lm->head = lm->embed;
+    for (size_t i = 0; i < lm->n_ups; i++) {
+        ql_be(be, upload, *lm->ups[i].dst, lm->ups[i].src, lm->ups[i].bytes);
+        if (lm->ups[i].owned) { /* an upload has read its source when it returns (backend.h) */
+            free((void *)lm->ups[i].src);
+            lm->ups[i].src = NULL;
+            lm->ups[i].owned = 0;
+        }
+    }
+    if (!lm->head && !lm->head16) lm->head = lm->embed;
+    be->precision = lm->precision;
+    be->scratch = lm->scratch;
+    be->scratch_bytes = lm->scratch_bytes;
     ql_lora *lora = lm->lora;
     if (lora && lm->pairs != lora->pairs) {
         for (int j = 0; j < lora->n_layers * QL_MOD_COUNT; j++) {
@@ -519,6 +575,7 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     lm->Bmax = o->batch;
     lm->Tmax = o->max_len;
     lm->backward = o->backward && lora;
+    lm->precision = o->precision;
     lm->checkpointing = o->checkpointing;
     lm->keep_all = lm->backward && !o->checkpointing;
     const int nl = c->n_layers;
@@ -583,6 +640,16 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_plan_add(p, S, (void **)&s->grad2, d.R * d.H, 4);
     }
     ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, 4);
+    if (lm->precision == QL_PREC_BF16) { /* the backend's rounded operands */
+        int64_t io = d.H > d.I ? d.H : d.I;
+        if (d.qd > io) io = d.qd;
+        const int64_t lr = o->logit_rows > 0 ? o->logit_rows : LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
+        const int64_t widest = lm->ctx->be->host_memory ? (maxw > d.V * d.H ? maxw : d.V * d.H) : 0;
+        size_t a = ql_be_scratch_bytes(QL_PREC_BF16, d.R, io, io, widest, T, d.nh, d.nkv, (int)d.hd),
+               b = ql_be_scratch_bytes(QL_PREC_BF16, lr < d.R ? lr : d.R, d.H, d.V, widest, 1, 1, 1, 1);
+        lm->scratch_bytes = a > b ? a : b;
+        ql_plan_add(p, QL_ROLE_WEIGHTS, &lm->scratch, (int64_t)lm->scratch_bytes, 1);
+    }
     lm->logit_rows = o->logit_rows > 0 ? o->logit_rows : LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
     if (lm->logit_rows < 1) lm->logit_rows = 1;
     if (lm->logit_rows > d.R) lm->logit_rows = d.R;
@@ -609,6 +676,12 @@ void ql_lora_model_destroy(ql_lora_model *lm)
 {
     if (!lm) return;
     ql_plan_free(&lm->plan);
+    for (size_t i = 0; i < lm->n_ups; i++)
+        if (lm->ups[i].owned) free((void *)lm->ups[i].src);
+    if (lm->ctx && lm->ctx->scratch == lm->scratch && lm->scratch) {
+        lm->ctx->scratch = NULL;
+        lm->ctx->scratch_bytes = 0;
+    }
     if (lm->lora && lm->pairs != lm->lora->pairs) free(lm->pairs);
     free(lm->layers);
     free(lm->ups);
@@ -621,6 +694,7 @@ void ql_lora_model_print_plan(const ql_lora_model *lm, FILE *f) { ql_plan_print(
 
 uint64_t ql_lora_model_plan_bytes(const ql_lora_model *lm, int role)
 {
+    if (role == -2) return ql_plan_backend_bytes(&lm->plan);
     return role < 0 ? ql_plan_total(&lm->plan) : role < QL_ROLE_COUNT ? lm->plan.bytes[role] : 0;
 }
 
@@ -727,10 +801,13 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
      * gradient into dxn, so [R, V] never exists whole */
     for (int64_t r0 = 0; r0 < R && !be->status; r0 += lm->logit_rows) {
         int64_t n = R - r0 < lm->logit_rows ? R - r0 : lm->logit_rows;
-        ql_be(be, matmul_nt, lm->logits, lm->xnf + r0 * H, lm_head, n, H, V, 0);
+        if (lm->head16) ql_be(be, matmul_nt_w16, lm->logits, lm->xnf + r0 * H, lm->head16, n, H, V, 0);
+        else ql_be(be, matmul_nt, lm->logits, lm->xnf + r0 * H, lm_head, n, H, V, 0);
         ql_be(be, cross_entropy, lm->losses + r0, do_backward ? lm->logits : NULL, lm->logits, lm->targets + r0, n,
               V, QL_IGNORE_INDEX, opts->loss_scale);
-        if (do_backward) ql_be(be, matmul_backward_input, lm->s.dxn + r0 * H, lm->logits, lm_head, n, H, V, 0);
+        if (do_backward && lm->head16)
+            ql_be(be, matmul_backward_input_w16, lm->s.dxn + r0 * H, lm->logits, lm->head16, n, H, V, 0);
+        else if (do_backward) ql_be(be, matmul_backward_input, lm->s.dxn + r0 * H, lm->logits, lm_head, n, H, V, 0);
     }
     if ((rc = ql_be_check(be))) return rc;
     for (int b = 0; b < mb->B; b++) {

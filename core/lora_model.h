@@ -28,6 +28,7 @@ typedef struct ql_lora_model_opts {
     int allocate;      /* 0: compute the plan only (--dry-run) */
     const ql_adamw *opt; /* counted in the plan when not NULL */
     int64_t logit_rows;  /* logits rows computed at a time; 0: as many as fit in 64 MiB */
+    int precision;       /* QL_PREC_FP32 (0) or QL_PREC_BF16 (backend.h); set on the context */
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the
@@ -37,6 +38,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *ctx, const ql_lo
                          ql_lora_model **out);
 void ql_lora_model_destroy(ql_lora_model *lm);
 void ql_lora_model_print_plan(const ql_lora_model *lm, FILE *f);
+/* Bytes of a plan role (plan.h), of the whole plan (-1), or of its arenas in
+ * backend memory (-2). */
 uint64_t ql_lora_model_plan_bytes(const ql_lora_model *lm, int role);
 
 /* The LoRA parameters on a backend whose memory is not the host's (CUDA):

@@ -109,6 +109,7 @@ static json_t *run_config(const ql_train_opts *o, const char *quantization)
     json_object_set_new(c, "group_by_length", json_boolean(o->group_by_length));
     json_object_set_new(c, "gradient_checkpointing", json_boolean(o->gradient_checkpointing));
     json_object_set_new(c, "device", json_string(o->device ? o->device : "cpu"));
+    json_object_set_new(c, "precision", json_string(o->precision ? o->precision : "fp32"));
     return c;
 }
 
@@ -119,7 +120,8 @@ static int config_mismatch(json_t *saved, json_t *now, const char *ckpt)
     json_t *v;
     json_object_foreach(now, key, v) {
         if (!strcmp(key, "gradient_checkpointing")) continue; /* same results either way */
-        if (!strcmp(key, "device")) continue; /* the same run on other hardware (same trajectory within rounding) */
+        /* the same run on other hardware or arithmetic: the same trajectory within rounding */
+        if (!strcmp(key, "device") || !strcmp(key, "precision")) continue;
         json_t *s = json_object_get(saved, key);
         if (!s || !json_equal(s, v)) {
             char *a = s ? json_dumps(s, JSON_ENCODE_ANY) : strdup("(absent)"), *b = json_dumps(v, JSON_ENCODE_ANY);
@@ -740,7 +742,10 @@ int ql_train(const ql_train_opts *o)
 
     /* the device first: a missing GPU is reported before the slow part */
     if ((rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &bctx))) goto done;
-    fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\"}\n", bctx->be->name);
+    int precision = QL_PREC_FP32;
+    if ((rc = ql_be_precision(o->precision, bctx->be, &precision))) goto done;
+    fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\", \"precision\": \"%s\"}\n", bctx->be->name,
+            ql_be_precision_name(precision));
     ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0};
     if ((rc = ql_llama_load(o->model_dir, &lo, &m))) goto done;
     if ((rc = ql_tokenizer_load(o->model_dir, &tok))) goto done;
@@ -759,6 +764,7 @@ int ql_train(const ql_train_opts *o)
     ql_train_opts effective = *o;
     effective.data.max_len = dopts.max_len; /* the model's length when not given */
     effective.device = bctx->be->name;      /* what auto chose */
+    effective.precision = ql_be_precision_name(precision);
     config = run_config(&effective, ql_llama_quantization(m));
 
     /* the memory plan, for the longest example of either set: made (and
@@ -769,7 +775,7 @@ int ql_train(const ql_train_opts *o)
     for (size_t i = 0; ed && i < ed->n; i++)
         if (ed->examples[i].len > max_len) max_len = ed->examples[i].len;
     ql_lora_model_opts mo = {.batch = o->batch_size, .max_len = max_len, .checkpointing = o->gradient_checkpointing,
-                             .backward = 1, .allocate = !o->dry_run, .opt = opt};
+                             .backward = 1, .allocate = !o->dry_run, .opt = opt, .precision = precision};
     if ((rc = ql_lora_model_create(m, lora, bctx, &mo, &lm))) goto done;
     if (o->dry_run) {
         ql_lora_model_print_plan(lm, stdout);

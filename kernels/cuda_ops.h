@@ -50,6 +50,16 @@ int qlk_attention_backward(void *stream, float *dq, float *dk, float *dv, float 
                            const float *q, const float *k, const float *v, const float *probs, const int32_t *len,
                            int64_t B, int64_t T, int nh, int nkv, int hd, int window);
 
+/* bf16 conversions: dst[n] = bf16(src) rounded to nearest even, and back */
+int qlk_f32_to_bf16(void *stream, uint16_t *dst, const float *src, int64_t n);
+int qlk_bf16_to_f32(void *stream, float *dst, const uint16_t *src, int64_t n);
+/* Causal softmax in place on scores p[nh, n, n] (already scaled), query t
+ * seeing keys band_start(t) .. t, zeros elsewhere; p16 gets bf16 copies. */
+int qlk_softmax_rows(void *stream, float *p, uint16_t *p16, int nh, int64_t n, int window);
+/* Softmax backward in place: ds[nh, n, n] holds dP on entry and dS = P (dP -
+ * rowsum(P dP)) on return (zeros outside the band); ds16 gets bf16 copies. */
+int qlk_softmax_rows_backward(void *stream, float *ds, uint16_t *ds16, const float *p, int nh, int64_t n, int window);
+
 #ifdef __cplusplus
 }
 #endif

@@ -199,3 +199,86 @@ extern "C" int qlk_attention_backward(void *stream, float *dq, float *dk, float 
         dk, dv, dscores, dout, q, probs, len, T, nh, nkv, hd, window, scale);
     return qlk_status();
 }
+
+/* ---- pieces of the bf16 attention (products through cuBLAS, backend_cuda.c) ---- */
+
+__device__ inline uint16_t to_bf16(float x)
+{
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__global__ void k_f32_to_bf16(uint16_t *dst, const float *src, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = to_bf16(src[i]);
+}
+
+__global__ void k_bf16_to_f32(float *dst, const uint16_t *src, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = __uint_as_float((uint32_t)src[i] << 16);
+}
+
+extern "C" int qlk_f32_to_bf16(void *stream, uint16_t *dst, const float *src, int64_t n)
+{
+    if (n > 0) k_f32_to_bf16<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dst, src, n);
+    return qlk_status();
+}
+
+extern "C" int qlk_bf16_to_f32(void *stream, float *dst, const uint16_t *src, int64_t n)
+{
+    if (n > 0) k_bf16_to_f32<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dst, src, n);
+    return qlk_status();
+}
+
+/* one block per row (t, h) of [nh, n, n] */
+__global__ void k_softmax_rows(float *p, uint16_t *p16, int64_t n, int window)
+{
+    const int64_t t = blockIdx.x, h = blockIdx.y, s0 = band_start(t, window);
+    float *row = p + (h * n + t) * n;
+    uint16_t *r16 = p16 + (h * n + t) * n;
+    float mx = -INFINITY;
+    for (int64_t s = s0 + threadIdx.x; s <= t; s += blockDim.x) mx = fmaxf(mx, row[s]);
+    mx = qlk_block_max(mx, -INFINITY);
+    double sum = 0;
+    for (int64_t s = s0 + threadIdx.x; s <= t; s += blockDim.x) sum += ql_expf(row[s] - mx);
+    sum = qlk_block_sum(sum);
+    const float inv = (float)(1.0 / sum);
+    for (int64_t s = threadIdx.x; s < n; s += blockDim.x) {
+        const float e = s < s0 || s > t ? 0.0f : ql_expf(row[s] - mx) * inv;
+        row[s] = e;
+        r16[s] = to_bf16(e);
+    }
+}
+
+extern "C" int qlk_softmax_rows(void *stream, float *p, uint16_t *p16, int nh, int64_t n, int window)
+{
+    if (n > 0) k_softmax_rows<<<dim3((unsigned)n, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(p, p16, n, window);
+    return qlk_status();
+}
+
+__global__ void k_softmax_rows_bwd(float *ds, uint16_t *ds16, const float *p, int64_t n, int window)
+{
+    const int64_t t = blockIdx.x, h = blockIdx.y, s0 = band_start(t, window);
+    float *row = ds + (h * n + t) * n;
+    const float *pr = p + (h * n + t) * n;
+    uint16_t *r16 = ds16 + (h * n + t) * n;
+    double pdp = 0;
+    for (int64_t s = s0 + threadIdx.x; s <= t; s += blockDim.x) pdp += (double)pr[s] * row[s];
+    pdp = qlk_block_sum(pdp);
+    for (int64_t s = threadIdx.x; s < n; s += blockDim.x) {
+        const float d = s < s0 || s > t ? 0.0f : pr[s] * (float)((double)row[s] - pdp);
+        row[s] = d;
+        r16[s] = to_bf16(d);
+    }
+}
+
+extern "C" int qlk_softmax_rows_backward(void *stream, float *ds, uint16_t *ds16, const float *p, int nh, int64_t n,
+                                         int window)
+{
+    if (n > 0)
+        k_softmax_rows_bwd<<<dim3((unsigned)n, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(ds, ds16, p, n, window);
+    return qlk_status();
+}

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 
+#include "qlora/bench.h"
 #include "qlora/eval.h"
 #include "qlora/lora.h"
 #include "qlora/merge.h"
@@ -29,7 +30,7 @@ static const char usage_text[] =
     "                                      bits/param, bytes, error and time per quantizer and layer\n"
     "  eval --model DIR [--quantizer=Q] --data FILE --format text|alpaca|input-output|oasst1\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
-    "       [--batch-size 8] [--device auto|cpu|cuda]\n"
+    "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
     "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--max-examples N per subject] [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
     "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens N]\n"
@@ -41,8 +42,12 @@ static const char usage_text[] =
     "       [--warmup-ratio 0.03] [--batch-size 1] [--grad-accum 16] [--steps N | --epochs E]\n"
     "       [--gradient-checkpointing] [--dry-run] [--save-steps N] [--eval-steps N --eval-data FILE] [--seed 42]\n"
     "       [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
-    "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force] [--device auto|cpu|cuda]\n"
+    "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force]\n"
+    "       [--device auto|cpu|cuda] [--precision auto|fp32|bf16]   (auto: bf16 on cuda, fp32 on the CPU)\n"
     "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
+    "  bench [--only step] [--shapes 7b,13b,33b,65b,70b] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
+    "       [--layers N] [--seq 2048] [--batch-size 1] [--lora-r 64] [--steps 5] [--warmup 2] [--json FILE]\n"
+    "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
     "  version                             print the version\n"
     "\n"
     "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so, optionally\n"
@@ -129,6 +134,11 @@ enum {
     OPT_JSON,
     OPT_QUIET,
     OPT_DEVICE,
+    OPT_PRECISION,
+    OPT_SHAPES,
+    OPT_ONLY,
+    OPT_LAYERS,
+    OPT_WARMUP,
     OPT_SUMMARY_ONLY,
     OPT_MODEL,
     OPT_DATA,
@@ -264,6 +274,7 @@ static int cmd_train(int argc, char **argv)
         {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
         {"quiet", no_argument, NULL, OPT_QUIET},
         {"device", required_argument, NULL, OPT_DEVICE},
+        {"precision", required_argument, NULL, OPT_PRECISION},
         {NULL, 0, NULL, 0},
     };
     ql_train_opts o;
@@ -319,6 +330,11 @@ static int cmd_train(int argc, char **argv)
                 return usage_error("train: --device %s: use cpu, cuda or auto", optarg);
             o.device = optarg;
             break;
+        case OPT_PRECISION:
+            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
+                return usage_error("train: --precision %s: use fp32, bf16 or auto", optarg);
+            o.precision = optarg;
+            break;
         default: return 2;
         }
     }
@@ -330,6 +346,76 @@ static int cmd_train(int argc, char **argv)
     if (o.eval_steps > 0 && !o.eval_data_path) return usage_error("train: --eval-steps needs --eval-data FILE%s", "");
     if ((rc = ql_data_format_parse(format, &o.data.format))) return fail(rc);
     rc = ql_train(&o);
+    return rc ? fail(rc) : 0;
+}
+
+static int cmd_bench(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"shapes", required_argument, NULL, OPT_SHAPES},       {"only", required_argument, NULL, OPT_ONLY},
+        {"device", required_argument, NULL, OPT_DEVICE},       {"precision", required_argument, NULL, OPT_PRECISION},
+        {"quantizer", required_argument, NULL, 'q'},           {"layers", required_argument, NULL, OPT_LAYERS},
+        {"seq", required_argument, NULL, OPT_MAX_LEN},         {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
+        {"batch", required_argument, NULL, OPT_BATCH_SIZE}, /* the peers' spelling (bench/peers) */
+        {"lora-r", required_argument, NULL, OPT_LORA_R},       {"steps", required_argument, NULL, OPT_STEPS},
+        {"warmup", required_argument, NULL, OPT_WARMUP},       {"json", required_argument, NULL, OPT_JSON},
+        {"quiet", no_argument, NULL, OPT_QUIET},               {NULL, 0, NULL, 0},
+    };
+    ql_bench_opts o;
+    ql_bench_opts_default(&o);
+    const char *only = "step", *json_path = NULL;
+    long lv;
+    int c, bad = 0;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_SHAPES: o.shapes = optarg; break;
+        case OPT_ONLY: only = optarg; break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
+                return usage_error("bench: --device %s: use cpu, cuda or auto", optarg);
+            o.device = optarg;
+            break;
+        case OPT_PRECISION:
+            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
+                return usage_error("bench: --precision %s: use fp32, bf16 or auto", optarg);
+            o.precision = optarg;
+            break;
+        case 'q': o.quantizer = optarg; break;
+        case OPT_LAYERS: bad |= parse_long_arg("--layers", optarg, 1, 1000, &lv), o.layers = (int)lv; break;
+        case OPT_MAX_LEN: bad |= parse_long_arg("--seq", optarg, 2, 1L << 20, &lv), o.seq = (int)lv; break;
+        case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1024, &lv), o.batch = (int)lv; break;
+        case OPT_LORA_R: bad |= parse_long_arg("--lora-r", optarg, 1, 65536, &lv), o.lora_r = (int)lv; break;
+        case OPT_STEPS: bad |= parse_long_arg("--steps", optarg, 1, 100000, &lv), o.steps = (int)lv; break;
+        case OPT_WARMUP: bad |= parse_long_arg("--warmup", optarg, 0, 100000, &lv), o.warmup = (int)lv; break;
+        case OPT_JSON: json_path = optarg; break;
+        case OPT_QUIET: o.progress = 0; break;
+        default: return 2;
+        }
+    }
+    if (bad) return 2;
+    if (optind != argc) return usage_error("bench: unexpected argument '%s'", argv[optind]);
+    if (strcmp(only, "step"))
+        return usage_error("bench: --only %s: this build measures the training step (--only step); the materialize "
+                           "and linear kernels are measured by build/bench/bench_materialize", only);
+    FILE *json = stdout;
+    char tmp[4200];
+    if (json_path) {
+        /* written whole to a temporary file, then renamed: a failed run leaves no half file */
+        if (snprintf(tmp, sizeof tmp, "%s.tmp", json_path) >= (int)sizeof tmp)
+            return usage_error("bench: --json %s: path too long", json_path);
+        json = fopen(tmp, "w");
+        if (!json) return fail(ql_error(QL_EIO, "cannot write %s: %s", tmp, strerror(errno)));
+    }
+    /* JSON lines, then a blank line and a table (as the peers in bench/peers print theirs) */
+    int rc = ql_bench_step(&o, json, stdout);
+    if (json_path) {
+        int wrc = fflush(json) || fsync(fileno(json));
+        fclose(json);
+        if (rc || wrc) unlink(tmp);
+        else if (rename(tmp, json_path)) rc = ql_error(QL_EIO, "cannot rename %s to %s: %s", tmp, json_path, strerror(errno));
+        if (wrc && !rc) rc = ql_error(QL_EIO, "cannot write %s", tmp);
+    }
     return rc ? fail(rc) : 0;
 }
 
@@ -384,11 +470,12 @@ static int cmd_eval(int argc, char **argv)
         {"shots", required_argument, NULL, OPT_SHOTS},
         {"mmlu-split", required_argument, NULL, OPT_MMLU_SPLIT},
         {"device", required_argument, NULL, OPT_DEVICE},
+        {"precision", required_argument, NULL, OPT_PRECISION},
         {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *data = NULL, *format = "text", *quantizer = NULL, *adapter = NULL, *mmlu = NULL,
-               *mmlu_split = "test", *device = "auto";
+               *mmlu_split = "test", *device = "auto", *precision = "auto";
     long shots = 5, batch = 8;
     long max_examples = 0, max_len = 0, source_max_len = 1024, target_max_len = 256;
     int progress = 1, c, bad = 0;
@@ -413,6 +500,11 @@ static int cmd_eval(int argc, char **argv)
             if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
                 return usage_error("eval: --device %s: use cpu, cuda or auto", optarg);
             device = optarg;
+            break;
+        case OPT_PRECISION:
+            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
+                return usage_error("eval: --precision %s: use fp32, bf16 or auto", optarg);
+            precision = optarg;
             break;
         default: return 2;
         }
@@ -443,7 +535,8 @@ static int cmd_eval(int argc, char **argv)
     if (dopts.max_len <= 0) dopts.max_len = ql_llama_get_config(m)->max_positions;
     if ((rc = ql_dataset_load(data, tok, &dopts, &d))) goto done;
     ql_eval_result r;
-    ql_eval_opts eo = {.lora = lora, .device = device, .batch = (int)batch, .progress = progress};
+    ql_eval_opts eo = {.lora = lora, .device = device, .precision = precision, .batch = (int)batch,
+                       .progress = progress};
     if ((rc = ql_eval_nll(m, d, &eo, &r))) goto done;
     double nll = r.tokens ? r.nll_sum / (double)r.tokens : 0.0;
     printf("{\"examples\": %lld, \"tokens\": %lld, \"nll\": %.6f, \"ppl\": %.6f, \"truncated\": %zu, "
@@ -603,6 +696,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "compare")) return cmd_compare(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
     if (!strcmp(cmd, "merge")) return cmd_merge(argc - 1, argv + 1);

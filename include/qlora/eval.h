@@ -23,6 +23,7 @@ typedef struct ql_eval_result {
 typedef struct ql_eval_opts {
     const ql_lora *lora; /* an adapter applied in the forward pass, or NULL */
     const char *device;  /* "cpu" (also NULL), "cuda", or "auto" (cuda when present) */
+    const char *precision; /* "fp32", "bf16" or "auto"/NULL: bf16 on cuda, fp32 on the CPU */
     int batch;           /* sequences per forward pass (padded to the longest); 0: 8 */
     int progress;        /* 1: live line on a terminal / JSON lines otherwise */
 } ql_eval_opts;

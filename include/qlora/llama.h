@@ -115,6 +115,13 @@ typedef struct ql_llama_load_opts {
 
 int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **out);
 void ql_llama_destroy(ql_llama *m);
+/* A model of config.json text `config_json` with random weights of realistic
+ * scale, for benchmarks and tests: embeddings, output layer and linears
+ * normal with standard deviation 0.02, norms 1; linears quantized with
+ * `quantizer` ("none" or NULL: dense).  share != 0: every layer uses layer
+ * 0's quantized states (a 70B shape is then quickly made; a backend still
+ * gets one copy a layer).  Its tokenizer and folder do not exist. */
+int ql_llama_random(const char *config_json, const char *quantizer, uint64_t seed, int share, ql_llama **out);
 const ql_llama_config *ql_llama_get_config(const ql_llama *m);
 ql_llama_layer *ql_llama_layers(ql_llama *m);
 const float *ql_llama_embeddings(const ql_llama *m); /* [vocab, hidden] */

@@ -39,6 +39,7 @@ typedef struct ql_train_opts {
     int progress; /* 1: live line on a terminal / JSON lines otherwise */
     int dry_run;  /* print the memory plan to stdout and stop before training */
     const char *device; /* "cpu", "cuda" or "auto" (cuda when present); NULL: cpu */
+    const char *precision; /* "fp32", "bf16" or "auto"/NULL: bf16 on cuda, fp32 on the CPU */
 } ql_train_opts;
 
 void ql_train_opts_default(ql_train_opts *o);

@@ -1,0 +1,34 @@
+/* qlora bench: the engine's own speed and memory at the shapes of real
+ * models, with random weights of realistic scale (ql_llama_random). */
+#ifndef QLORA_BENCH_H
+#define QLORA_BENCH_H
+
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ql_bench_opts {
+    const char *shapes;    /* "7b,13b,33b,65b,70b" (any subset, comma-separated) */
+    const char *device;    /* "cuda", "cpu" or "auto" */
+    const char *precision; /* "fp32", "bf16" or "auto" */
+    const char *quantizer; /* "nf4" by default */
+    int layers;            /* 0: the shape's own; else this many decoder layers (quick runs) */
+    int seq, batch;        /* tokens per sequence (2048), sequences per step (1) */
+    int lora_r;            /* 64 */
+    int steps, warmup;     /* timed steps (5), untimed first (2) */
+    int progress;          /* per-step JSON lines on stderr */
+} ql_bench_opts;
+
+void ql_bench_opts_default(ql_bench_opts *o);
+
+/* The training step (forward, backward with gradient checkpointing, LoRA on
+ * every linear, AdamW) of each shape: one JSON line per shape on `json`
+ * (NULL: none), and a table on `table` (NULL: none). */
+int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
