@@ -57,6 +57,7 @@
 #include <stdint.h>
 
 #include "qlora/llama.h"
+#include "qlora/lora.h"
 
 typedef struct ql_be_ctx ql_be_ctx;
 
@@ -182,6 +183,17 @@ typedef struct ql_backend {
      * dout / (1 - p); padded rows of dx are left (accumulate) or zeroed. */
     int (*dropout_backward)(ql_be_ctx *ctx, float *dx, const float *dout, const ql_be_batch *mb, int64_t C, float p,
                             const uint64_t *seeds, int accumulate);
+
+    /* ---- optimizer (the LoRA parameters, flat arrays of n) ---- */
+    /* *out (host) = sum of (double)x[i]^2: a synchronization point */
+    int (*sum_squares)(ql_be_ctx *ctx, double *out, const float *x, int64_t n);
+    /* x[n] *= c */
+    int (*scale)(ql_be_ctx *ctx, float *x, float c, int64_t n);
+    /* One AdamW step as ql_adamw_update computes it (lora.c), with its
+     * per-step scalars h from ql_adamw_scalars: the same float operations, so
+     * the same bits on every backend. */
+    int (*adamw)(ql_be_ctx *ctx, float *params, float *m, float *v, const float *grads, int64_t n,
+                 const ql_adamw_scalars *h);
 
     /* ---- loss ---- */
     /* Token cross-entropy over logits[rows, V] with host targets[rows]: rows

@@ -313,6 +313,30 @@ static int cpu_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, cons
     return QL_OK;
 }
 
+static int cpu_sum_squares(ql_be_ctx *ctx, double *out, const float *x, int64_t n)
+{
+    (void)ctx;
+    double ss = 0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    *out = ss;
+    return QL_OK;
+}
+
+static int cpu_scale(ql_be_ctx *ctx, float *x, float c, int64_t n)
+{
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) x[i] *= c;
+    return QL_OK;
+}
+
+static int cpu_adamw(ql_be_ctx *ctx, float *params, float *m, float *v, const float *grads, int64_t n,
+                     const ql_adamw_scalars *h)
+{
+    (void)ctx;
+    ql_adamw_apply(h, params, m, v, grads, (size_t)n);
+    return QL_OK;
+}
+
 static const ql_backend cpu_backend = {
     .name = "cpu",
     .host_memory = 1,
@@ -347,6 +371,9 @@ static const ql_backend cpu_backend = {
     .lora_backward = cpu_lora_backward,
     .dropout_backward = cpu_dropout_backward,
     .cross_entropy = cpu_cross_entropy,
+    .sum_squares = cpu_sum_squares,
+    .scale = cpu_scale,
+    .adamw = cpu_adamw,
 };
 
 const ql_backend *ql_backend_cpu(void) { return &cpu_backend; }

@@ -663,6 +663,29 @@ static int cuda_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, con
     return rc ? rc : cuda_download(ctx, losses, devs[1], sizes[1]);
 }
 
+static int cuda_sum_squares(ql_be_ctx *ctx, double *out, const float *x, int64_t n)
+{
+    const void *srcs[2] = {NULL, NULL};
+    size_t sizes[2] = {sizeof(double), QLK_SUMSQ_PARTS * sizeof(double)};
+    void *devs[2];
+    int rc = stage(ctx, 2, srcs, sizes, devs);
+    if (!rc) rc = launched(qlk_sum_squares(stream(ctx), devs[0], devs[1], x, n), "sum of squares");
+    return rc ? rc : cuda_download(ctx, out, devs[0], sizeof *out);
+}
+
+static int cuda_scale(ql_be_ctx *ctx, float *x, float c, int64_t n)
+{
+    return launched(qlk_scale(stream(ctx), x, c, n), "scale");
+}
+
+static int cuda_adamw(ql_be_ctx *ctx, float *params, float *m, float *v, const float *grads, int64_t n,
+                      const ql_adamw_scalars *h)
+{
+    return launched(qlk_adamw(stream(ctx), params, m, v, grads, n, h->beta1, h->beta2, h->eps, h->decay, h->step_size,
+                              h->bc2_sqrt),
+                    "adamw");
+}
+
 static const ql_backend cuda_backend = {
     .name = "cuda",
     .host_memory = 0,
@@ -697,6 +720,9 @@ static const ql_backend cuda_backend = {
     .lora_backward = cuda_lora_backward,
     .dropout_backward = cuda_dropout_backward,
     .cross_entropy = cuda_cross_entropy,
+    .sum_squares = cuda_sum_squares,
+    .scale = cuda_scale,
+    .adamw = cuda_adamw,
 };
 
 const ql_backend *ql_backend_cuda(void)

@@ -77,7 +77,7 @@ static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, 
     if (rc == QL_OK) rc = ql_lora_create(m, &lc, 42, &lora);
     if (rc == QL_OK) rc = ql_adamw_create(lora->n_params, 0.9f, 0.999f, 1e-8f, 0.0f, &opt);
     ql_lora_model_opts mo = {.batch = o->batch, .max_len = o->seq, .checkpointing = 1, .backward = 1, .allocate = 1,
-                             .opt = opt, .precision = precision};
+                             .opt = opt, .precision = precision, .device_optimizer = 1};
     if (rc == QL_OK) rc = ql_lora_model_create(m, lora, ctx, &mo, &lm);
     if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
     const int64_t n = (int64_t)o->batch * o->seq;
@@ -101,12 +101,10 @@ static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, 
         ql_lora_step_opts so = {.loss_scale = 1.0f / (float)(n - o->batch), .backward = 1};
         double sum = 0;
         int64_t count = 0;
+        double norm = 0;
         if ((rc = ql_lora_model_zero_grads(lm)) || (rc = ql_lora_model_step(lm, &mb, &so, &sum, &count)) ||
-            (rc = ql_lora_model_pull_grads(lm)))
+            (rc = ql_lora_model_clip_grads(lm, 0.3, &norm)) || (rc = ql_lora_model_optimizer_step(lm, opt, 2e-4f)))
             break;
-        ql_clip_grad_norm(lora->grads, lora->n_params, 0.3);
-        ql_adamw_update(opt, lora->params, lora->grads, 2e-4f);
-        if ((rc = ql_lora_model_push_params(lm))) break;
         const double dt = ql_now() - ts, loss = sum / (double)count;
         if (step == 0) res->loss_first = loss;
         res->loss_last = loss;
@@ -164,11 +162,12 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
             fprintf(json,
                     "{\"bench\": \"step\", \"impl\": \"qlora\", \"shape\": \"%s\", \"layers\": %d, \"seq\": %d, "
                     "\"batch\": %d, \"lora_r\": %d, \"quantizer\": \"%s\", \"device\": \"%s\", \"precision\": \"%s\", "
-                    "\"checkpointing\": true, \"optim\": \"adamw (host)\", \"warmup\": %d, \"steps\": %d, "
+                    "\"checkpointing\": true, \"optim\": \"adamw (%s)\", \"warmup\": %d, \"steps\": %d, "
                     "\"build_s\": %.2f, \"s_per_step\": %.4f, \"tokens_per_s\": %.1f, \"plan_gib\": %.3f, "
                     "\"base_gib\": %.3f, \"acts_gib\": %.3f, \"loss_first\": %.5f, \"loss_last\": %.5f}\n",
                     list[i]->name, layers, o->seq, o->batch, o->lora_r, o->quantizer, ctx->be->name,
-                    ql_be_precision_name(precision), o->warmup, o->steps, r.build_s, r.s_per_step, r.tokens_per_s,
+                    ql_be_precision_name(precision), ctx->be->host_memory ? "host" : "device state", o->warmup,
+                    o->steps, r.build_s, r.s_per_step, r.tokens_per_s,
                     r.plan_gib, r.base_gib, r.acts_gib, r.loss_first, r.loss_last);
             fflush(json);
         }
@@ -184,7 +183,7 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
                     rs[i].loss_last);
     }
     if (table && done)
-        fprintf(table, "(qlora on %s, %s; plan = the device arenas of the memory plan, optimizer state on the host)\n",
+        fprintf(table, "(qlora on %s, %s; plan = the arenas of the memory plan in backend memory, AdamW state included)\n",
                 ctx->be->name, ql_be_precision_name(precision));
     ql_be_ctx_close(ctx);
     return rc;

@@ -558,22 +558,34 @@ void ql_adamw_destroy(ql_adamw *o)
     free(o);
 }
 
-void ql_adamw_update(ql_adamw *o, float *params, const float *grads, float lr)
+void ql_adamw_scalars_next(ql_adamw *o, float lr, ql_adamw_scalars *h)
 {
     o->step++;
     const float bc1 = 1.0f - powf(o->beta1, (float)o->step);
     const float bc2 = 1.0f - powf(o->beta2, (float)o->step);
-    const float step_size = lr / bc1;
-    const float bc2_sqrt = sqrtf(bc2);
-#pragma omp parallel for schedule(static) if (o->n > 65536)
-    for (size_t i = 0; i < o->n; i++) {
-        float p = params[i] * (1.0f - lr * o->weight_decay);
+    *h = (ql_adamw_scalars){.beta1 = o->beta1, .beta2 = o->beta2, .eps = o->eps, .decay = 1.0f - lr * o->weight_decay,
+                            .step_size = lr / bc1, .bc2_sqrt = sqrtf(bc2)};
+}
+
+/* kernels/ops_optim.cu's k_adamw is this loop, operation for operation */
+void ql_adamw_apply(const ql_adamw_scalars *h, float *params, float *m, float *v, const float *grads, size_t n)
+{
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        float p = params[i] * h->decay;
         float g = grads[i];
-        o->m[i] = o->beta1 * o->m[i] + (1.0f - o->beta1) * g;
-        o->v[i] = o->beta2 * o->v[i] + (1.0f - o->beta2) * g * g;
-        float denom = sqrtf(o->v[i]) / bc2_sqrt + o->eps;
-        params[i] = p - step_size * o->m[i] / denom;
+        m[i] = h->beta1 * m[i] + (1.0f - h->beta1) * g;
+        v[i] = h->beta2 * v[i] + (1.0f - h->beta2) * g * g;
+        float denom = sqrtf(v[i]) / h->bc2_sqrt + h->eps;
+        params[i] = p - h->step_size * m[i] / denom;
     }
+}
+
+void ql_adamw_update(ql_adamw *o, float *params, const float *grads, float lr)
+{
+    ql_adamw_scalars h;
+    ql_adamw_scalars_next(o, lr, &h);
+    ql_adamw_apply(&h, params, o->m, o->v, grads, o->n);
 }
 
 double ql_clip_grad_norm(float *grads, size_t n, double max_norm)

@@ -1,5 +1,6 @@
 #include "lora_model.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -92,6 +93,8 @@ struct ql_lora_model {
     float *host_w;         /* host scratch of the slow path (plugins without device kernels) */
     upload *ups;
     size_t n_ups, cap_ups;
+    float *opt_m, *opt_v; /* the device optimizer's moments (NULL: the optimizer runs on the host) */
+    const ql_adamw *opt;  /* whose moments they start from */
     int ups_failed;
 };
 
@@ -480,6 +483,10 @@ static int fill_weights(ql_lora_model *lm)
         }
         ql_be(be, upload, lm->params, lora->params, lora->n_params * sizeof(float));
     }
+    if (lm->opt_m) {
+        ql_be(be, upload, lm->opt_m, lm->opt->m, lm->opt->n * sizeof(float));
+        ql_be(be, upload, lm->opt_v, lm->opt->v, lm->opt->n * sizeof(float));
+    }
     return ql_be_check(be);
 }
 
@@ -487,6 +494,62 @@ int ql_lora_model_push_params(ql_lora_model *lm)
 {
     if (!lm->lora || lm->params == lm->lora->params || !lm->params) return QL_OK;
     ql_be(lm->ctx, upload, lm->params, lm->lora->params, lm->lora->n_params * sizeof(float));
+    return ql_be_check(lm->ctx);
+}
+
+int ql_lora_model_clip_grads(ql_lora_model *lm, double max_norm, double *norm)
+{
+    ql_lora *lora = lm->lora;
+    if (!lora) return ql_error(QL_EINVAL, "clipping needs LoRA gradients");
+    if (!lm->opt_m) {
+        int rc = ql_lora_model_pull_grads(lm);
+        if (rc == QL_OK) *norm = ql_clip_grad_norm(lora->grads, lora->n_params, max_norm);
+        return rc;
+    }
+    ql_be_ctx *be = lm->ctx;
+    const int64_t n = (int64_t)lora->n_params;
+    double ss = 0;
+    if (ql_be(be, sum_squares, &ss, lm->grads, n)) return ql_be_check(be);
+    /* ql_clip_grad_norm's arithmetic (the sum in another order) */
+    *norm = sqrt(ss);
+    if (max_norm > 0 && *norm > max_norm) ql_be(be, scale, lm->grads, (float)(max_norm / (*norm + 1e-6)), n);
+    return ql_be_check(be);
+}
+
+int ql_lora_model_optimizer_step(ql_lora_model *lm, ql_adamw *opt, float lr)
+{
+    ql_lora *lora = lm->lora;
+    if (!lora || opt->n != lora->n_params)
+        return ql_error(QL_EINVAL, "an optimizer of %zu values for %zu LoRA parameters", opt->n,
+                        lora ? lora->n_params : 0);
+    if (!lm->opt_m) {
+        ql_adamw_update(opt, lora->params, lora->grads, lr);
+        return ql_lora_model_push_params(lm);
+    }
+    ql_adamw_scalars h;
+    ql_adamw_scalars_next(opt, lr, &h);
+    ql_be(lm->ctx, adamw, lm->params, lm->opt_m, lm->opt_v, lm->grads, (int64_t)lora->n_params, &h);
+    return ql_be_check(lm->ctx);
+}
+
+int ql_lora_model_pull_state(ql_lora_model *lm, ql_adamw *opt)
+{
+    ql_lora *lora = lm->lora;
+    if (!lora || lm->params == lora->params) return QL_OK;
+    ql_be(lm->ctx, download, lora->params, lm->params, lora->n_params * sizeof(float));
+    if (lm->opt_m && opt) {
+        ql_be(lm->ctx, download, opt->m, lm->opt_m, opt->n * sizeof(float));
+        ql_be(lm->ctx, download, opt->v, lm->opt_v, opt->n * sizeof(float));
+    }
+    return ql_be_check(lm->ctx);
+}
+
+int ql_lora_model_push_state(ql_lora_model *lm, const ql_adamw *opt)
+{
+    int rc = ql_lora_model_push_params(lm);
+    if (rc || !lm->opt_m || !opt) return rc;
+    ql_be(lm->ctx, upload, lm->opt_m, opt->m, opt->n * sizeof(float));
+    ql_be(lm->ctx, upload, lm->opt_v, opt->v, opt->n * sizeof(float));
     return ql_be_check(lm->ctx);
 }
 
@@ -576,6 +639,7 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     lm->Tmax = o->max_len;
     lm->backward = o->backward && lora;
     lm->precision = o->precision;
+    lm->opt = o->opt;
     lm->checkpointing = o->checkpointing;
     lm->keep_all = lm->backward && !o->checkpointing;
     const int nl = c->n_layers;
@@ -605,10 +669,14 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_lora_model_destroy(lm);
         return rc;
     }
-    /* the optimizer steps on the host: its state is host memory beside a device plan */
+    /* the optimizer's moments: in the plan with the device optimizer, else
+     * host memory (beside a device plan) */
     if (o->opt) {
         if (lm->ctx->be->host_memory) ql_plan_held(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
-        else ql_plan_held_host(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
+        else if (o->device_optimizer && lm->backward) {
+            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_m, (int64_t)o->opt->n, 4);
+            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_v, (int64_t)o->opt->n, 4);
+        } else ql_plan_held_host(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
     }
 
     for (int i = 0; i <= nl; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->inputs[i], d.R * d.H, 4);

@@ -29,6 +29,7 @@ typedef struct ql_lora_model_opts {
     const ql_adamw *opt; /* counted in the plan when not NULL */
     int64_t logit_rows;  /* logits rows computed at a time; 0: as many as fit in 64 MiB */
     int precision;       /* QL_PREC_FP32 (0) or QL_PREC_BF16 (backend.h); set on the context */
+    int device_optimizer; /* 1: opt's moments live in the plan (backend memory) and its steps run there */
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the
@@ -49,6 +50,18 @@ uint64_t ql_lora_model_plan_bytes(const ql_lora_model *lm, int role);
  * lora->grads after, and pushes lora->params after every update (and after
  * loading a checkpoint).  On the CPU these clear lora->grads or do nothing. */
 int ql_lora_model_zero_grads(ql_lora_model *lm);
+/* After the micro-batches of a step: the gradients (added since zero_grads)
+ * clipped to a norm of max_norm (0: no clipping), *norm the norm before;
+ * then an AdamW step at lr.  With the plan's device optimizer both run on the
+ * backend (lora->params and opt's moments on the host are then stale until
+ * ql_lora_model_pull_state); else on the host, as ql_clip_grad_norm and
+ * ql_adamw_update (the gradients pulled, the parameters pushed after). */
+int ql_lora_model_clip_grads(ql_lora_model *lm, double max_norm, double *norm);
+int ql_lora_model_optimizer_step(ql_lora_model *lm, ql_adamw *opt, float lr);
+/* The parameters (and, with the device optimizer, opt's moments) to the host
+ * (before writing a checkpoint or an adapter) and back (after reading one). */
+int ql_lora_model_pull_state(ql_lora_model *lm, ql_adamw *opt);
+int ql_lora_model_push_state(ql_lora_model *lm, const ql_adamw *opt);
 int ql_lora_model_pull_grads(ql_lora_model *lm);
 int ql_lora_model_push_params(ql_lora_model *lm);
 

@@ -775,7 +775,8 @@ int ql_train(const ql_train_opts *o)
     for (size_t i = 0; ed && i < ed->n; i++)
         if (ed->examples[i].len > max_len) max_len = ed->examples[i].len;
     ql_lora_model_opts mo = {.batch = o->batch_size, .max_len = max_len, .checkpointing = o->gradient_checkpointing,
-                             .backward = 1, .allocate = !o->dry_run, .opt = opt, .precision = precision};
+                             .backward = 1, .allocate = !o->dry_run, .opt = opt, .precision = precision,
+                             .device_optimizer = 1};
     if ((rc = ql_lora_model_create(m, lora, bctx, &mo, &lm))) goto done;
     if (o->dry_run) {
         ql_lora_model_print_plan(lm, stdout);
@@ -824,7 +825,7 @@ int ql_train(const ql_train_opts *o)
     started = 1;
     double t_start = ql_now();
     double tokens_at_start = st.tokens_seen;
-    if ((rc = ql_lora_model_push_params(lm))) goto done; /* new or resumed parameters to the device */
+    if ((rc = ql_lora_model_push_state(lm, opt))) goto done; /* new or resumed parameters (and moments) to the device */
     for (int64_t step = st.step; step < total; step++) {
         if ((rc = ql_lora_model_zero_grads(lm))) goto done;
         double step_loss = 0;
@@ -859,8 +860,8 @@ int ql_train(const ql_train_opts *o)
             if (rc) goto done;
             step_loss += (sum / (double)n) / o->grad_accum;
         }
-        if ((rc = ql_lora_model_pull_grads(lm))) goto done;
-        double norm = ql_clip_grad_norm(lora->grads, lora->n_params, o->max_grad_norm);
+        double norm = 0;
+        if ((rc = ql_lora_model_clip_grads(lm, o->max_grad_norm, &norm))) goto done;
         if (!isfinite(step_loss) || !isfinite(norm)) {
             rc = ql_error(QL_ENUMERIC, "loss is %s at step %lld (gradient norm %g)",
                           isnan(step_loss) ? "NaN" : isfinite(step_loss) ? "finite but the gradient is not" : "infinite",
@@ -868,8 +869,7 @@ int ql_train(const ql_train_opts *o)
             goto done;
         }
         float lr = ql_lr_at(o, step, total);
-        ql_adamw_update(opt, lora->params, lora->grads, lr);
-        if ((rc = ql_lora_model_push_params(lm))) goto done;
+        if ((rc = ql_lora_model_optimizer_step(lm, opt, lr))) goto done;
         st.step = step + 1;
         st.tokens_seen += (double)step_tokens;
         double elapsed = ql_now() - t_start;
@@ -907,6 +907,7 @@ int ql_train(const ql_train_opts *o)
             if (rc) goto done;
         }
         if (save_now) {
+            if ((rc = ql_lora_model_pull_state(lm, opt))) goto done;
             if ((rc = save_checkpoint(o, run_dir, lora, opt, &st, config))) goto done;
             last_saved = st.step;
         }
@@ -914,7 +915,7 @@ int ql_train(const ql_train_opts *o)
     if (o->progress && tty) fputc('\n', stderr);
     /* the final adapter at the top of the run folder, loadable by peft; the
      * last checkpoint (saved above) holds the same adapter whole */
-    if ((rc = ql_lora_save_peft(lora, run_dir, o->model_dir))) goto done;
+    if ((rc = ql_lora_model_pull_state(lm, opt)) || (rc = ql_lora_save_peft(lora, run_dir, o->model_dir))) goto done;
     fprintf(stderr, "wrote %s (adapter after %lld steps)\n", run_dir, (long long)st.step);
 done:
     if (o->progress && tty && rc && started) fputc('\n', stderr);

@@ -50,6 +50,14 @@ int qlk_attention_backward(void *stream, float *dq, float *dk, float *dv, float 
                            const float *q, const float *k, const float *v, const float *probs, const int32_t *len,
                            int64_t B, int64_t T, int nh, int nkv, int hd, int window);
 
+/* AdamW over n elements (ql_adamw_apply's arithmetic) */
+int qlk_adamw(void *stream, float *params, float *m, float *v, const float *grads, int64_t n, float beta1, float beta2,
+              float eps, float decay, float step_size, float bc2_sqrt);
+int qlk_scale(void *stream, float *x, float c, int64_t n);
+/* *out (device) = sum of (double)x[i]^2; partials: device scratch of QLK_SUMSQ_PARTS doubles */
+#define QLK_SUMSQ_PARTS 1024
+int qlk_sum_squares(void *stream, double *out, double *partials, const float *x, int64_t n);
+
 /* bf16 conversions: dst[n] = bf16(src) rounded to nearest even, and back */
 int qlk_f32_to_bf16(void *stream, uint16_t *dst, const float *src, int64_t n);
 int qlk_bf16_to_f32(void *stream, float *dst, const uint16_t *src, int64_t n);

@@ -82,6 +82,16 @@ typedef struct ql_adamw {
 } ql_adamw;
 
 int ql_adamw_create(size_t n, float beta1, float beta2, float eps, float weight_decay, ql_adamw **out);
+
+/* What one update needs besides the arrays: o's hyperparameters and the
+ * bias corrections of step o->step + 1 (ql_adamw_scalars increments o->step). */
+typedef struct ql_adamw_scalars {
+    float beta1, beta2, eps, decay; /* decay = 1 - lr * weight_decay */
+    float step_size, bc2_sqrt;      /* lr / (1 - beta1^t), sqrt(1 - beta2^t) */
+} ql_adamw_scalars;
+void ql_adamw_scalars_next(ql_adamw *o, float lr, ql_adamw_scalars *out);
+/* the element loop of ql_adamw_update over n elements */
+void ql_adamw_apply(const ql_adamw_scalars *h, float *params, float *m, float *v, const float *grads, size_t n);
 void ql_adamw_destroy(ql_adamw *o);
 void ql_adamw_update(ql_adamw *o, float *params, const float *grads, float lr);
 /* Global L2 norm of grads; if max_norm > 0 and the norm exceeds it, scale
