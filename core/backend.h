@@ -47,8 +47,10 @@
  * round both operands to bfloat16 (nearest even) and accumulate in float32,
  * as tensor cores do; on CUDA the training attention also multiplies
  * bf16-rounded q, k, v and probabilities (float32 softmax and sums), while the
- * CPU keeps attention in float32.  Norms, RoPE, SwiGLU, LoRA, the loss and
- * every stored activation stay float32.  Ops that round need
+ * CPU keeps attention in float32; CUDA runs the LoRA products on TF32 tensor
+ * cores (float32 storage and sums, 10-bit operand mantissas), the CPU in
+ * float32.  Norms, RoPE, SwiGLU, the loss and every stored activation stay
+ * float32.  Ops that round need
  * ql_be_scratch_bytes() of ctx->scratch (backend memory, from the plan). */
 #ifndef QL_BACKEND_H
 #define QL_BACKEND_H

@@ -27,6 +27,7 @@
 #include "../kernels/cuda_ops.h"
 
 enum { N_CACHED = 2 }; /* staged arrays kept between ops: lengths, rotary table */
+enum { RING_BYTES = 8 << 20 };
 
 typedef struct cached_arg {
     void *host;    /* a copy of what was last staged (NULL: nothing) */
@@ -39,8 +40,15 @@ typedef struct cuda_impl {
     int device;
     cudaStream_t stream;
     cublasHandle_t blas;
-    void *args;      /* device staging for per-op host arguments */
+    void *args;      /* device staging for per-op host arguments too large for the ring */
     size_t args_cap;
+    /* the ring: pinned host and device staging of per-op arguments, in two
+     * halves; a half is written again only after the ops that read it last
+     * time have run (its event), so staging does not stall the stream */
+    char *ring_h, *ring_d;
+    size_t ring_head;
+    cudaEvent_t half_done[2];
+    int half_used[2];
     cached_arg cached[N_CACHED];
 } cuda_impl;
 
@@ -93,7 +101,17 @@ static int cuda_open(ql_be_ctx *ctx)
     if (bs != CUBLAS_STATUS_SUCCESS) rc = ql_error(QL_ECUDA, "cuBLAS: cannot create a handle: %s", blas_status(bs));
     if (rc == QL_OK && (bs = cublasSetStream(c->blas, c->stream)) != CUBLAS_STATUS_SUCCESS)
         rc = ql_error(QL_ECUDA, "cuBLAS: cannot set the stream: %s", blas_status(bs));
+    if (rc == QL_OK) {
+        e = cudaHostAlloc((void **)&c->ring_h, RING_BYTES, cudaHostAllocDefault);
+        if (e == cudaSuccess) e = cudaMalloc((void **)&c->ring_d, RING_BYTES);
+        for (int i = 0; i < 2 && e == cudaSuccess; i++) e = cudaEventCreateWithFlags(&c->half_done[i], cudaEventDisableTiming);
+        if (e != cudaSuccess) rc = cuda_fail(e, "cannot allocate the argument staging");
+    }
     if (rc) {
+        for (int i = 0; i < 2; i++)
+            if (c->half_done[i]) cudaEventDestroy(c->half_done[i]);
+        cudaFreeHost(c->ring_h);
+        cudaFree(c->ring_d);
         if (c->blas) cublasDestroy(c->blas);
         if (c->stream) cudaStreamDestroy(c->stream);
         free(c);
@@ -110,6 +128,9 @@ static void cuda_close(ql_be_ctx *ctx)
     cudaStreamSynchronize(c->stream);
     cublasDestroy(c->blas);
     cudaFree(c->args);
+    for (int i = 0; i < 2; i++) cudaEventDestroy(c->half_done[i]);
+    cudaFreeHost(c->ring_h);
+    cudaFree(c->ring_d);
     for (int i = 0; i < N_CACHED; i++) {
         free(c->cached[i].host);
         cudaFree(c->cached[i].dev);
@@ -201,6 +222,30 @@ static int stage(ql_be_ctx *ctx, int n, const void *const *srcs, const size_t *s
     cuda_impl *c = impl(ctx);
     size_t total = 0;
     for (int i = 0; i < n; i++) total += (sizes[i] + 255) / 256 * 256;
+    const size_t half = RING_BYTES / 2;
+    if (total <= half) { /* the ring */
+        int h = (int)(c->ring_head / half);
+        if (c->ring_head + total > (size_t)(h + 1) * half) { /* on to the other half */
+            CUDA_TRY(cudaEventRecord(c->half_done[h], c->stream), "staging arguments");
+            c->half_used[h] = 1;
+            h = 1 - h;
+            if (c->half_used[h]) CUDA_TRY(cudaEventSynchronize(c->half_done[h]), "staging arguments");
+            c->ring_head = (size_t)h * half;
+        }
+        char *hp = c->ring_h + c->ring_head, *dp = c->ring_d + c->ring_head;
+        size_t off = 0, copy = 0;
+        for (int i = 0; i < n; i++) {
+            devs[i] = dp + off;
+            if (srcs[i] && sizes[i]) {
+                memcpy(hp + off, srcs[i], sizes[i]);
+                copy = off + sizes[i];
+            }
+            off += (sizes[i] + 255) / 256 * 256;
+        }
+        if (copy) CUDA_TRY(cudaMemcpyAsync(dp, hp, copy, cudaMemcpyHostToDevice, c->stream), "staging arguments");
+        c->ring_head += total;
+        return QL_OK;
+    }
     int rc = args_reserve(c, total);
     if (rc) return rc;
     size_t off = 0;
@@ -375,23 +420,37 @@ static int cuda_matmul_backward_input_w16(ql_be_ctx *ctx, float *dx, const float
     return rc ? rc : cuda_matmul_backward_input(ctx, dx, dy, w, rows, in, out, accumulate);
 }
 
+/* bf16 precision: the LoRA products on TF32 tensor cores (float32 storage,
+ * operands rounded to 10-bit mantissas, float32 sums) */
+static int lora_math(ql_be_ctx *ctx, int on)
+{
+    if (ctx->precision != QL_PREC_BF16) return QL_OK;
+    cublasStatus_t s = cublasSetMathMode(impl(ctx)->blas, on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
+    return s == CUBLAS_STATUS_SUCCESS ? QL_OK : ql_error(QL_ECUDA, "cuBLAS: math mode: %s", blas_status(s));
+}
+
 static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
                              int64_t rows, int64_t in, int64_t out, int64_t r, float scale)
 {
-    int rc = gemm(ctx, 0, 1, rows, r, in, 1.0f, xd, in, a, in, 0.0f, h, r, "LoRA forward");
-    return rc ? rc : gemm(ctx, 0, 1, rows, out, r, scale, h, r, b, r, 1.0f, y, out, "LoRA forward");
+    int rc = lora_math(ctx, 1);
+    if (!rc) rc = gemm(ctx, 0, 1, rows, r, in, 1.0f, xd, in, a, in, 0.0f, h, r, "LoRA forward");
+    if (!rc) rc = gemm(ctx, 0, 1, rows, out, r, scale, h, r, b, r, 1.0f, y, out, "LoRA forward");
+    int rc2 = lora_math(ctx, 0);
+    return rc ? rc : rc2;
 }
 
 static int cuda_lora_backward(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy,
                               const float *xd, const float *h, const float *a, const float *b, int64_t rows,
                               int64_t in, int64_t out, int64_t r, float scale, int accumulate)
 {
-    int rc = gemm(ctx, 0, 0, rows, r, out, scale, dy, out, b, r, 0.0f, dh, r, "LoRA backward");   /* dh = s dy B */
+    int rc = lora_math(ctx, 1);
+    if (!rc) rc = gemm(ctx, 0, 0, rows, r, out, scale, dy, out, b, r, 0.0f, dh, r, "LoRA backward"); /* dh = s dy B */
     if (!rc) rc = gemm(ctx, 1, 0, out, r, rows, scale, dy, out, h, r, 1.0f, db, r, "LoRA backward"); /* dB += s dy^T h */
     if (!rc) rc = gemm(ctx, 1, 0, r, in, rows, 1.0f, dh, r, xd, in, 1.0f, da, in, "LoRA backward");  /* dA += dh^T xd */
     if (!rc && dxd)
         rc = gemm(ctx, 0, 0, rows, in, r, 1.0f, dh, r, a, in, accumulate ? 1.0f : 0.0f, dxd, in, "LoRA backward");
-    return rc;
+    int rc2 = lora_math(ctx, 0);
+    return rc ? rc : rc2;
 }
 
 /* ---- weights ---- */
