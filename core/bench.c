@@ -38,6 +38,7 @@ void ql_bench_opts_default(ql_bench_opts *o)
     o->seq = 2048;
     o->batch = 1;
     o->lora_r = 64;
+    o->lora_dropout = 0.1f;
     o->steps = 5;
     o->warmup = 2;
     o->progress = 1;
@@ -73,7 +74,7 @@ static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, 
     int32_t *ids = NULL, *len = NULL;
     uint64_t *seeds = NULL;
     int rc = ql_llama_random(cfg, o->quantizer, 1234, 1, &m);
-    ql_lora_config lc = {.r = o->lora_r, .alpha = 16.0f, .dropout = 0.1f, .modules = QL_LORA_ALL_MODULES};
+    ql_lora_config lc = {.r = o->lora_r, .alpha = 16.0f, .dropout = o->lora_dropout, .modules = QL_LORA_ALL_MODULES};
     if (rc == QL_OK) rc = ql_lora_create(m, &lc, 42, &lora);
     if (rc == QL_OK) rc = ql_adamw_create(lora->n_params, 0.9f, 0.999f, 1e-8f, 0.0f, &opt);
     ql_lora_model_opts mo = {.batch = o->batch, .max_len = o->seq, .checkpointing = 1, .backward = 1, .allocate = 1,
@@ -161,11 +162,11 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
         if (json) {
             fprintf(json,
                     "{\"bench\": \"step\", \"impl\": \"qlora\", \"shape\": \"%s\", \"layers\": %d, \"seq\": %d, "
-                    "\"batch\": %d, \"lora_r\": %d, \"quantizer\": \"%s\", \"device\": \"%s\", \"precision\": \"%s\", "
+                    "\"batch\": %d, \"lora_r\": %d, \"lora_dropout\": %g, \"quantizer\": \"%s\", \"device\": \"%s\", \"precision\": \"%s\", "
                     "\"checkpointing\": true, \"optim\": \"adamw (%s)\", \"warmup\": %d, \"steps\": %d, "
                     "\"build_s\": %.2f, \"s_per_step\": %.4f, \"tokens_per_s\": %.1f, \"plan_gib\": %.3f, "
                     "\"base_gib\": %.3f, \"acts_gib\": %.3f, \"loss_first\": %.5f, \"loss_last\": %.5f}\n",
-                    list[i]->name, layers, o->seq, o->batch, o->lora_r, o->quantizer, ctx->be->name,
+                    list[i]->name, layers, o->seq, o->batch, o->lora_r, (double)o->lora_dropout, o->quantizer, ctx->be->name,
                     ql_be_precision_name(precision), ctx->be->host_memory ? "host" : "device state", o->warmup,
                     o->steps, r.build_s, r.s_per_step, r.tokens_per_s,
                     r.plan_gib, r.base_gib, r.acts_gib, r.loss_first, r.loss_last);

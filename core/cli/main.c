@@ -46,7 +46,8 @@ static const char usage_text[] =
     "       [--device auto|cpu|cuda] [--precision auto|fp32|bf16]   (auto: bf16 on cuda, fp32 on the CPU)\n"
     "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
     "  bench [--only step] [--shapes 7b,13b,33b,65b,70b] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
-    "       [--layers N] [--seq 2048] [--batch-size 1] [--lora-r 64] [--steps 5] [--warmup 2] [--json FILE]\n"
+    "       [--layers N] [--seq 2048] [--batch-size 1] [--lora-r 64] [--lora-dropout 0.1] [--steps 5]\n"
+    "       [--warmup 2] [--json FILE]\n"
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
     "  version                             print the version\n"
     "\n"
@@ -358,6 +359,7 @@ static int cmd_bench(int argc, char **argv)
         {"seq", required_argument, NULL, OPT_MAX_LEN},         {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
         {"batch", required_argument, NULL, OPT_BATCH_SIZE}, /* the peers' spelling (bench/peers) */
         {"lora-r", required_argument, NULL, OPT_LORA_R},       {"steps", required_argument, NULL, OPT_STEPS},
+        {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
         {"warmup", required_argument, NULL, OPT_WARMUP},       {"json", required_argument, NULL, OPT_JSON},
         {"quiet", no_argument, NULL, OPT_QUIET},               {NULL, 0, NULL, 0},
     };
@@ -365,6 +367,7 @@ static int cmd_bench(int argc, char **argv)
     ql_bench_opts_default(&o);
     const char *only = "step", *json_path = NULL;
     long lv;
+    double dv;
     int c, bad = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
@@ -386,6 +389,7 @@ static int cmd_bench(int argc, char **argv)
         case OPT_MAX_LEN: bad |= parse_long_arg("--seq", optarg, 2, 1L << 20, &lv), o.seq = (int)lv; break;
         case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1024, &lv), o.batch = (int)lv; break;
         case OPT_LORA_R: bad |= parse_long_arg("--lora-r", optarg, 1, 65536, &lv), o.lora_r = (int)lv; break;
+        case OPT_LORA_DROPOUT: bad |= parse_float_arg("--lora-dropout", optarg, 0, 0.99, &dv), o.lora_dropout = (float)dv; break;
         case OPT_STEPS: bad |= parse_long_arg("--steps", optarg, 1, 100000, &lv), o.steps = (int)lv; break;
         case OPT_WARMUP: bad |= parse_long_arg("--warmup", optarg, 0, 100000, &lv), o.warmup = (int)lv; break;
         case OPT_JSON: json_path = optarg; break;

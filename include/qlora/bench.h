@@ -17,6 +17,7 @@ typedef struct ql_bench_opts {
     int layers;            /* 0: the shape's own; else this many decoder layers (quick runs) */
     int seq, batch;        /* tokens per sequence (2048), sequences per step (1) */
     int lora_r;            /* 64 */
+    float lora_dropout;    /* 0.1, as the QLoRA paper for 7B and 13B */
     int steps, warmup;     /* timed steps (5), untimed first (2) */
     int progress;          /* per-step JSON lines on stderr */
 } ql_bench_opts;
