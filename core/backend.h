@@ -87,6 +87,13 @@ typedef struct ql_backend {
     int (*copy)(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes);          /* backend to backend */
     int (*upload)(ql_be_ctx *ctx, void *dst, const void *host_src, size_t bytes);   /* host to backend */
     int (*download)(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes); /* backend to host; syncs */
+    /* backend to host, queued: host_dst holds the bytes after the next sync
+     * (ql_be_check); fast when host_dst is pinned */
+    int (*download_async)(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes);
+    /* page-lock host memory for fast, queued copies (cudaHostRegister), and
+     * release it; the CPU does nothing */
+    int (*pin)(ql_be_ctx *ctx, void *host, size_t bytes);
+    void (*unpin)(ql_be_ctx *ctx, void *host);
 
     /* Weights of a quantized linear layer as dense float32 w[out, in] in
      * backend memory (w is scratch from the plan, nothing is kept).  dev_bufs:

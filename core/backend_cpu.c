@@ -47,6 +47,14 @@ static int cpu_copy(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes)
     return QL_OK;
 }
 
+static int cpu_pin(ql_be_ctx *ctx, void *host, size_t bytes)
+{
+    (void)ctx, (void)host, (void)bytes;
+    return QL_OK;
+}
+
+static void cpu_unpin(ql_be_ctx *ctx, void *host) { (void)ctx, (void)host; }
+
 static int cpu_materialize(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_linear *l, const void *const *dev_bufs,
                            void *workspace, uint64_t workspace_bytes, float *host_scratch)
 {
@@ -349,6 +357,9 @@ static const ql_backend cpu_backend = {
     .copy = cpu_copy,
     .upload = cpu_copy,
     .download = cpu_copy,
+    .download_async = cpu_copy,
+    .pin = cpu_pin,
+    .unpin = cpu_unpin,
     .materialize = cpu_materialize,
     .embedding = cpu_embedding,
     .matmul_nt = cpu_matmul_nt,

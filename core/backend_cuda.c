@@ -197,6 +197,25 @@ static int cuda_download(ql_be_ctx *ctx, void *host_dst, const void *src, size_t
     return QL_OK;
 }
 
+static int cuda_download_async(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes)
+{
+    CUDA_TRY(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, impl(ctx)->stream), "copy to the host");
+    return QL_OK;
+}
+
+static int cuda_pin(ql_be_ctx *ctx, void *host, size_t bytes)
+{
+    (void)ctx;
+    CUDA_TRY(cudaHostRegister(host, bytes, cudaHostRegisterDefault), "page-locking host memory");
+    return QL_OK;
+}
+
+static void cuda_unpin(ql_be_ctx *ctx, void *host)
+{
+    (void)ctx;
+    if (host && cudaHostUnregister(host) != cudaSuccess) cudaGetLastError();
+}
+
 /* ---- host arguments ---- */
 
 /* Room for `bytes` of per-op staging; growing waits for the queued ops that
@@ -757,6 +776,9 @@ static const ql_backend cuda_backend = {
     .copy = cuda_copy,
     .upload = cuda_upload,
     .download = cuda_download,
+    .download_async = cuda_download_async,
+    .pin = cuda_pin,
+    .unpin = cuda_unpin,
     .materialize = cuda_materialize,
     .embedding = cuda_embedding,
     .matmul_nt = cuda_matmul_nt,

@@ -35,6 +35,7 @@ void ql_bench_opts_default(ql_bench_opts *o)
     o->device = "auto";
     o->precision = "auto";
     o->quantizer = "nf4";
+    o->optim = "auto";
     o->seq = 2048;
     o->batch = 1;
     o->lora_r = 64;
@@ -56,7 +57,8 @@ typedef struct result {
     double loss_first, loss_last;
 } result;
 
-static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, int precision, result *res)
+static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, int precision, int optimizer,
+                       result *res)
 {
     const int layers = o->layers > 0 ? o->layers : sh->layers;
     char cfg[1024];
@@ -78,7 +80,7 @@ static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, 
     if (rc == QL_OK) rc = ql_lora_create(m, &lc, 42, &lora);
     if (rc == QL_OK) rc = ql_adamw_create(lora->n_params, 0.9f, 0.999f, 1e-8f, 0.0f, &opt);
     ql_lora_model_opts mo = {.batch = o->batch, .max_len = o->seq, .checkpointing = 1, .backward = 1, .allocate = 1,
-                             .opt = opt, .precision = precision, .device_optimizer = 1};
+                             .opt = opt, .precision = precision, .optimizer = optimizer};
     if (rc == QL_OK) rc = ql_lora_model_create(m, lora, ctx, &mo, &lm);
     if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
     const int64_t n = (int64_t)o->batch * o->seq;
@@ -141,8 +143,9 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
         p += l + (p[l] == ',');
     }
     ql_be_ctx *ctx = NULL;
-    int rc = ql_be_ctx_open(o->device, NULL, &ctx), precision = QL_PREC_FP32;
+    int rc = ql_be_ctx_open(o->device, NULL, &ctx), precision = QL_PREC_FP32, optimizer = QL_OPTIM_HOST;
     if (rc == QL_OK) rc = ql_be_precision(o->precision, ctx->be, &precision);
+    if (rc == QL_OK) rc = ql_optim_parse(o->optim, ctx->be, &optimizer);
     if (rc) {
         ql_be_ctx_close(ctx);
         return rc;
@@ -152,7 +155,7 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
     for (int i = 0; i < n && rc == QL_OK; i++) {
         result r = {0};
         const int layers = o->layers > 0 ? o->layers : list[i]->layers;
-        rc = bench_shape(o, list[i], ctx, precision, &r);
+        rc = bench_shape(o, list[i], ctx, precision, optimizer, &r);
         if (rc) {
             if (json)
                 fprintf(json, "{\"bench\": \"step\", \"impl\": \"qlora\", \"shape\": \"%s\", \"error\": \"%s\"}\n",
@@ -163,11 +166,11 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
             fprintf(json,
                     "{\"bench\": \"step\", \"impl\": \"qlora\", \"shape\": \"%s\", \"layers\": %d, \"seq\": %d, "
                     "\"batch\": %d, \"lora_r\": %d, \"lora_dropout\": %g, \"quantizer\": \"%s\", \"device\": \"%s\", \"precision\": \"%s\", "
-                    "\"checkpointing\": true, \"optim\": \"adamw (%s)\", \"warmup\": %d, \"steps\": %d, "
+                    "\"checkpointing\": true, \"optim\": \"%s\", \"warmup\": %d, \"steps\": %d, "
                     "\"build_s\": %.2f, \"s_per_step\": %.4f, \"tokens_per_s\": %.1f, \"plan_gib\": %.3f, "
                     "\"base_gib\": %.3f, \"acts_gib\": %.3f, \"loss_first\": %.5f, \"loss_last\": %.5f}\n",
                     list[i]->name, layers, o->seq, o->batch, o->lora_r, (double)o->lora_dropout, o->quantizer, ctx->be->name,
-                    ql_be_precision_name(precision), ctx->be->host_memory ? "host" : "device state", o->warmup,
+                    ql_be_precision_name(precision), ql_optim_name(optimizer), o->warmup,
                     o->steps, r.build_s, r.s_per_step, r.tokens_per_s,
                     r.plan_gib, r.base_gib, r.acts_gib, r.loss_first, r.loss_last);
             fflush(json);
@@ -184,7 +187,7 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
                     rs[i].loss_last);
     }
     if (table && done)
-        fprintf(table, "(qlora on %s, %s; plan = the arenas of the memory plan in backend memory, AdamW state included)\n",
+        fprintf(table, "(qlora on %s, %s; plan = the arenas of the memory plan in backend memory, optimizer state included when on the device)\n",
                 ctx->be->name, ql_be_precision_name(precision));
     ql_be_ctx_close(ctx);
     return rc;

@@ -93,8 +93,11 @@ struct ql_lora_model {
     float *host_w;         /* host scratch of the slow path (plugins without device kernels) */
     upload *ups;
     size_t n_ups, cap_ups;
-    float *opt_m, *opt_v; /* the device optimizer's moments (NULL: the optimizer runs on the host) */
+    float *opt_m, *opt_v; /* the device optimizer's moments, or (paged) one chunk of each; NULL: on the host */
     const ql_adamw *opt;  /* whose moments they start from */
+    int paged;            /* opt_m, opt_v are chunk buffers; opt's own (pinned) arrays hold the moments */
+    int64_t chunk;        /* elements a chunk */
+    void *pinned_m, *pinned_v;
     int ups_failed;
 };
 
@@ -483,9 +486,13 @@ static int fill_weights(ql_lora_model *lm)
         }
         ql_be(be, upload, lm->params, lora->params, lora->n_params * sizeof(float));
     }
-    if (lm->opt_m) {
+    if (lm->opt_m && !lm->paged) {
         ql_be(be, upload, lm->opt_m, lm->opt->m, lm->opt->n * sizeof(float));
         ql_be(be, upload, lm->opt_v, lm->opt->v, lm->opt->n * sizeof(float));
+    }
+    if (lm->paged) { /* the moments stay in opt's arrays, page-locked for queued copies */
+        if (ql_be(be, pin, lm->opt->m, lm->opt->n * sizeof(float)) == QL_OK) lm->pinned_m = lm->opt->m;
+        if (ql_be(be, pin, lm->opt->v, lm->opt->n * sizeof(float)) == QL_OK) lm->pinned_v = lm->opt->v;
     }
     return ql_be_check(be);
 }
@@ -495,6 +502,22 @@ int ql_lora_model_push_params(ql_lora_model *lm)
     if (!lm->lora || lm->params == lm->lora->params || !lm->params) return QL_OK;
     ql_be(lm->ctx, upload, lm->params, lm->lora->params, lm->lora->n_params * sizeof(float));
     return ql_be_check(lm->ctx);
+}
+
+int ql_optim_parse(const char *name, const ql_backend *be, int *out)
+{
+    int o;
+    if (!name || !strcmp(name, "auto") || !strcmp(name, "paged_adamw") || !strcmp(name, "paged_adamw_32bit"))
+        o = QL_OPTIM_PAGED;
+    else if (!strcmp(name, "adamw")) o = QL_OPTIM_DEVICE;
+    else return ql_error(QL_EINVAL, "unknown optimizer '%s': use adamw, paged_adamw (paged_adamw_32bit) or auto", name);
+    *out = be->host_memory ? QL_OPTIM_HOST : o;
+    return QL_OK;
+}
+
+const char *ql_optim_name(int optimizer)
+{
+    return optimizer == QL_OPTIM_PAGED ? "paged_adamw" : optimizer == QL_OPTIM_DEVICE ? "adamw" : "adamw (host)";
 }
 
 int ql_lora_model_clip_grads(ql_lora_model *lm, double max_norm, double *norm)
@@ -528,8 +551,25 @@ int ql_lora_model_optimizer_step(ql_lora_model *lm, ql_adamw *opt, float lr)
     }
     ql_adamw_scalars h;
     ql_adamw_scalars_next(opt, lr, &h);
-    ql_be(lm->ctx, adamw, lm->params, lm->opt_m, lm->opt_v, lm->grads, (int64_t)lora->n_params, &h);
-    return ql_be_check(lm->ctx);
+    if (!lm->paged) {
+        ql_be(lm->ctx, adamw, lm->params, lm->opt_m, lm->opt_v, lm->grads, (int64_t)lora->n_params, &h);
+        return ql_be_check(lm->ctx);
+    }
+    if (opt->m != lm->pinned_m || opt->v != lm->pinned_v)
+        return ql_error(QL_EINVAL, "the paged optimizer was planned for another AdamW state");
+    /* paged: each chunk of the moments in, the step, and back out (one
+     * stream: a chunk's buffers are refilled only after its step and copies) */
+    ql_be_ctx *be = lm->ctx;
+    const int64_t n = (int64_t)lora->n_params;
+    for (int64_t off = 0; off < n; off += lm->chunk) {
+        const int64_t k = n - off < lm->chunk ? n - off : lm->chunk;
+        ql_be(be, upload, lm->opt_m, opt->m + off, (size_t)k * sizeof(float));
+        ql_be(be, upload, lm->opt_v, opt->v + off, (size_t)k * sizeof(float));
+        ql_be(be, adamw, lm->params + off, lm->opt_m, lm->opt_v, lm->grads + off, k, &h);
+        ql_be(be, download_async, opt->m + off, lm->opt_m, (size_t)k * sizeof(float));
+        ql_be(be, download_async, opt->v + off, lm->opt_v, (size_t)k * sizeof(float));
+    }
+    return ql_be_check(be);
 }
 
 int ql_lora_model_pull_state(ql_lora_model *lm, ql_adamw *opt)
@@ -537,7 +577,7 @@ int ql_lora_model_pull_state(ql_lora_model *lm, ql_adamw *opt)
     ql_lora *lora = lm->lora;
     if (!lora || lm->params == lora->params) return QL_OK;
     ql_be(lm->ctx, download, lora->params, lm->params, lora->n_params * sizeof(float));
-    if (lm->opt_m && opt) {
+    if (lm->opt_m && opt && !lm->paged) {
         ql_be(lm->ctx, download, opt->m, lm->opt_m, opt->n * sizeof(float));
         ql_be(lm->ctx, download, opt->v, lm->opt_v, opt->n * sizeof(float));
     }
@@ -547,7 +587,7 @@ int ql_lora_model_pull_state(ql_lora_model *lm, ql_adamw *opt)
 int ql_lora_model_push_state(ql_lora_model *lm, const ql_adamw *opt)
 {
     int rc = ql_lora_model_push_params(lm);
-    if (rc || !lm->opt_m || !opt) return rc;
+    if (rc || !lm->opt_m || !opt || lm->paged) return rc; /* paged: the moments are read from opt every step */
     ql_be(lm->ctx, upload, lm->opt_m, opt->m, opt->n * sizeof(float));
     ql_be(lm->ctx, upload, lm->opt_v, opt->v, opt->n * sizeof(float));
     return ql_be_check(lm->ctx);
@@ -673,9 +713,15 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
      * host memory (beside a device plan) */
     if (o->opt) {
         if (lm->ctx->be->host_memory) ql_plan_held(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
-        else if (o->device_optimizer && lm->backward) {
+        else if (o->optimizer == QL_OPTIM_DEVICE && lm->backward) {
             ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_m, (int64_t)o->opt->n, 4);
             ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_v, (int64_t)o->opt->n, 4);
+        } else if (o->optimizer == QL_OPTIM_PAGED && lm->backward) {
+            enum { PAGED_CHUNK = 8 << 20 }; /* 32 MiB of each moment on the device at a time */
+            lm->paged = 1;
+            lm->chunk = (int64_t)o->opt->n < PAGED_CHUNK ? (int64_t)o->opt->n : PAGED_CHUNK;
+            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_m, lm->chunk, 4);
+            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_v, lm->chunk, 4);
         } else ql_plan_held_host(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
     }
 
@@ -743,6 +789,10 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
 void ql_lora_model_destroy(ql_lora_model *lm)
 {
     if (!lm) return;
+    if (lm->ctx) {
+        lm->ctx->be->unpin(lm->ctx, lm->pinned_m);
+        lm->ctx->be->unpin(lm->ctx, lm->pinned_v);
+    }
     ql_plan_free(&lm->plan);
     for (size_t i = 0; i < lm->n_ups; i++)
         if (lm->ups[i].owned) free((void *)lm->ups[i].src);

@@ -20,6 +20,19 @@
 
 typedef struct ql_lora_model ql_lora_model;
 
+enum {
+    QL_OPTIM_HOST = 0,   /* on the host: gradients pulled, parameters pushed every step */
+    QL_OPTIM_DEVICE = 1, /* the moments in the plan (device memory), the step there: "adamw" */
+    QL_OPTIM_PAGED = 2,  /* the moments in page-locked host memory, streamed through the device in chunks
+                          * for the step: "paged_adamw" (device memory: two chunks) */
+};
+
+/* --optim: "adamw" (QL_OPTIM_DEVICE on a device), "paged_adamw" or
+ * "paged_adamw_32bit" (QL_OPTIM_PAGED), "auto"/NULL (paged on a device); on
+ * the CPU every name means the host loop.  Unknown names are QL_EINVAL. */
+int ql_optim_parse(const char *name, const ql_backend *be, int *out);
+const char *ql_optim_name(int optimizer);
+
 typedef struct ql_lora_model_opts {
     int batch;         /* most sequences in a micro-batch */
     int max_len;       /* most tokens in a sequence */
@@ -29,7 +42,7 @@ typedef struct ql_lora_model_opts {
     const ql_adamw *opt; /* counted in the plan when not NULL */
     int64_t logit_rows;  /* logits rows computed at a time; 0: as many as fit in 64 MiB */
     int precision;       /* QL_PREC_FP32 (0) or QL_PREC_BF16 (backend.h); set on the context */
-    int device_optimizer; /* 1: opt's moments live in the plan (backend memory) and its steps run there */
+    int optimizer;       /* where AdamW runs on a device backend (QL_OPTIM_*; the CPU: on the host) */
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the

@@ -742,10 +742,11 @@ int ql_train(const ql_train_opts *o)
 
     /* the device first: a missing GPU is reported before the slow part */
     if ((rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &bctx))) goto done;
-    int precision = QL_PREC_FP32;
-    if ((rc = ql_be_precision(o->precision, bctx->be, &precision))) goto done;
-    fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\", \"precision\": \"%s\"}\n", bctx->be->name,
-            ql_be_precision_name(precision));
+    int precision = QL_PREC_FP32, optimizer = QL_OPTIM_HOST;
+    if ((rc = ql_be_precision(o->precision, bctx->be, &precision)) || (rc = ql_optim_parse(o->optim, bctx->be, &optimizer)))
+        goto done;
+    fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\", \"precision\": \"%s\", \"optim\": \"%s\"}\n",
+            bctx->be->name, ql_be_precision_name(precision), ql_optim_name(optimizer));
     ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0};
     if ((rc = ql_llama_load(o->model_dir, &lo, &m))) goto done;
     if ((rc = ql_tokenizer_load(o->model_dir, &tok))) goto done;
@@ -776,7 +777,7 @@ int ql_train(const ql_train_opts *o)
         if (ed->examples[i].len > max_len) max_len = ed->examples[i].len;
     ql_lora_model_opts mo = {.batch = o->batch_size, .max_len = max_len, .checkpointing = o->gradient_checkpointing,
                              .backward = 1, .allocate = !o->dry_run, .opt = opt, .precision = precision,
-                             .device_optimizer = 1};
+                             .optimizer = optimizer};
     if ((rc = ql_lora_model_create(m, lora, bctx, &mo, &lm))) goto done;
     if (o->dry_run) {
         ql_lora_model_print_plan(lm, stdout);

@@ -603,9 +603,9 @@ START_TEST(train_30_steps_matches_cpu)
 }
 END_TEST
 
-/* On the GPU (bf16, the optimizer on the device) a resumed run continues the
- * uninterrupted one bit for bit: every kernel and cuBLAS call here is
- * deterministic for a given shape on one GPU. */
+/* On the GPU (bf16) a resumed run continues the uninterrupted one bit for
+ * bit, whether AdamW's moments stay on the device or are paged: every kernel
+ * and cuBLAS call here is deterministic for a given shape on one GPU. */
 START_TEST(resume_on_the_gpu_is_bit_exact)
 {
     const char *tmp = tu_tmpdir();
@@ -614,8 +614,11 @@ START_TEST(resume_on_the_gpu_is_bit_exact)
              "%s train --model %s/models/stories260K --data %s/data/alpaca/alpaca_en_demo.json --format alpaca "
              "--grad-accum 2 --batch-size 2 --lora-r 8 --max-len 128 --lr 1e-3 --device cuda --precision bf16 --quiet",
              tu_env("QLORA_BIN"), tu_env("QLORA_SHARED"), tu_env("QLORA_SHARED"));
-    const char *runs[3] = {"--steps 8 --save-steps 4 --output %s/full", "--steps 4 --output %s/part",
-                           "--steps 8 --save-steps 4 --resume %s/part/checkpoint-4"};
+    /* the uninterrupted run keeps AdamW's moments on the device, the other
+     * pages them through host memory: the same kernel, the same bits */
+    const char *runs[3] = {"--steps 8 --save-steps 4 --optim adamw --output %s/full",
+                           "--steps 4 --optim paged_adamw --output %s/part",
+                           "--steps 8 --save-steps 4 --optim paged_adamw_32bit --resume %s/part/checkpoint-4"};
     for (int i = 0; i < 3; i++) {
         char extra[4200];
         snprintf(extra, sizeof extra, runs[i], tmp);

@@ -43,11 +43,12 @@ static const char usage_text[] =
     "       [--gradient-checkpointing] [--dry-run] [--save-steps N] [--eval-steps N --eval-data FILE] [--seed 42]\n"
     "       [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
     "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force]\n"
-    "       [--device auto|cpu|cuda] [--precision auto|fp32|bf16]   (auto: bf16 on cuda, fp32 on the CPU)\n"
+    "       [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--optim auto|adamw|paged_adamw]\n"
+    "                                      auto: cuda when present, bf16 and paged_adamw there\n"
     "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
     "  bench [--only step] [--shapes 7b,13b,33b,65b,70b] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
     "       [--layers N] [--seq 2048] [--batch-size 1] [--lora-r 64] [--lora-dropout 0.1] [--steps 5]\n"
-    "       [--warmup 2] [--json FILE]\n"
+    "       [--warmup 2] [--optim auto|adamw|paged_adamw] [--json FILE]\n"
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
     "  version                             print the version\n"
     "\n"
@@ -137,6 +138,7 @@ enum {
     OPT_DEVICE,
     OPT_PRECISION,
     OPT_SHAPES,
+    OPT_OPTIM,
     OPT_ONLY,
     OPT_LAYERS,
     OPT_WARMUP,
@@ -276,6 +278,7 @@ static int cmd_train(int argc, char **argv)
         {"quiet", no_argument, NULL, OPT_QUIET},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"precision", required_argument, NULL, OPT_PRECISION},
+        {"optim", required_argument, NULL, OPT_OPTIM},
         {NULL, 0, NULL, 0},
     };
     ql_train_opts o;
@@ -336,6 +339,12 @@ static int cmd_train(int argc, char **argv)
                 return usage_error("train: --precision %s: use fp32, bf16 or auto", optarg);
             o.precision = optarg;
             break;
+        case OPT_OPTIM:
+            if (strcmp(optarg, "adamw") && strcmp(optarg, "paged_adamw") && strcmp(optarg, "paged_adamw_32bit") &&
+                strcmp(optarg, "auto"))
+                return usage_error("train: --optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
+            o.optim = optarg;
+            break;
         default: return 2;
         }
     }
@@ -361,6 +370,7 @@ static int cmd_bench(int argc, char **argv)
         {"lora-r", required_argument, NULL, OPT_LORA_R},       {"steps", required_argument, NULL, OPT_STEPS},
         {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
         {"warmup", required_argument, NULL, OPT_WARMUP},       {"json", required_argument, NULL, OPT_JSON},
+        {"optim", required_argument, NULL, OPT_OPTIM},
         {"quiet", no_argument, NULL, OPT_QUIET},               {NULL, 0, NULL, 0},
     };
     ql_bench_opts o;
@@ -394,6 +404,12 @@ static int cmd_bench(int argc, char **argv)
         case OPT_WARMUP: bad |= parse_long_arg("--warmup", optarg, 0, 100000, &lv), o.warmup = (int)lv; break;
         case OPT_JSON: json_path = optarg; break;
         case OPT_QUIET: o.progress = 0; break;
+        case OPT_OPTIM:
+            if (strcmp(optarg, "adamw") && strcmp(optarg, "paged_adamw") && strcmp(optarg, "paged_adamw_32bit") &&
+                strcmp(optarg, "auto"))
+                return usage_error("bench: --optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
+            o.optim = optarg;
+            break;
         default: return 2;
         }
     }

@@ -14,6 +14,7 @@ typedef struct ql_bench_opts {
     const char *device;    /* "cuda", "cpu" or "auto" */
     const char *precision; /* "fp32", "bf16" or "auto" */
     const char *quantizer; /* "nf4" by default */
+    const char *optim;     /* "adamw", "paged_adamw" or "auto" (paged on the GPU) */
     int layers;            /* 0: the shape's own; else this many decoder layers (quick runs) */
     int seq, batch;        /* tokens per sequence (2048), sequences per step (1) */
     int lora_r;            /* 64 */

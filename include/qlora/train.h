@@ -40,6 +40,7 @@ typedef struct ql_train_opts {
     int dry_run;  /* print the memory plan to stdout and stop before training */
     const char *device; /* "cpu", "cuda" or "auto" (cuda when present); NULL: cpu */
     const char *precision; /* "fp32", "bf16" or "auto"/NULL: bf16 on cuda, fp32 on the CPU */
+    const char *optim;     /* "adamw", "paged_adamw" (= "paged_adamw_32bit") or "auto"/NULL: paged on the GPU */
 } ql_train_opts;
 
 void ql_train_opts_default(ql_train_opts *o);
