@@ -221,7 +221,7 @@ START_TEST(test_quantizers_lists_builtins)
     sscanf(nf4 + 1, "%255[^\n]", row_buf);
     const char *row = row_buf;
     ck_assert_contains(row, " 4.127 ");
-    ck_assert_contains(row, " 1.1 ");
+    ck_assert_contains(row, " 1.2 ");
     ck_assert_contains(out, "\nfp4 ");
     ck_assert_contains(out, "\nint8 ");
     ck_assert_contains(out, "defaults: blocksize=64,double_quant=1");
@@ -241,7 +241,7 @@ START_TEST(test_quantizers_lists_builtins)
     json_array_foreach(arr, i, q) {
         const char *name = json_string_value(json_object_get(q, "name"));
         ck_assert_ptr_nonnull(name);
-        ck_assert_str_eq(json_string_value(json_object_get(q, "abi")), "1.1");
+        ck_assert_str_eq(json_string_value(json_object_get(q, "abi")), "1.2");
         double bpp = json_number_value(json_object_get(q, "bits_per_param"));
         if (!strcmp(name, "nf4") || !strcmp(name, "fp4")) {
             ck_assert_double_eq_tol(bpp, 4.127, 0.0005);
@@ -270,7 +270,7 @@ START_TEST(test_version_and_usage)
     int st = qlora(&out, &err, "version");
     ck_assert_int_eq(st, 0);
     char want[128];
-    snprintf(want, sizeof want, "qlora %s (quantizer ABI 1.1)\n", ql_version());
+    snprintf(want, sizeof want, "qlora %s (quantizer ABI 1.2)\n", ql_version());
     ck_assert_str_eq(out, want);
     free(out);
     free(err);
@@ -1259,10 +1259,10 @@ static const struct {
     const char *kind;
     const char *want[2];
 } abi_cases[] = {
-    {"major", {"abi_major is 99", "this qlora speaks ABI 1.1"}},
+    {"major", {"abi_major is 99", "this qlora speaks ABI 1.2"}},
     {"minor", {"abi_minor is 99", "needs a newer qlora"}},
     {"size", {"struct_size is 40 bytes", "smaller than"}},
-    {"nullslot", {"required slot 'quantize' is NULL", "plugin ABI 1.1, host 1.1"}},
+    {"nullslot", {"required slot 'quantize' is NULL", "plugin ABI 1.2, host 1.2"}},
     {"name", {"name 'Bad Name!'", "is not 1-63 characters of [a-z0-9_-]"}},
     {"noentry", {"does not export ql_quantizer_entry()", NULL}},
     {"nulldesc", {"ql_quantizer_entry() returned NULL", NULL}},
