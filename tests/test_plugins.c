@@ -277,10 +277,11 @@ START_TEST(shipped_plugins_have_all_device_slots_or_none)
     for (size_t i = 0; i < 3; i++) {
         ql_qz *q = NULL;
         ck_assert_int_eq(ql_qz_open(names[i], &q), QL_OK);
-        int n = !!q->desc->device_buffers + !!q->desc->device_workspace + !!q->desc->materialize_rows_device;
-        ck_assert_msg(n == 0 || n == 3, "%s has %d of the 3 device slots", names[i], n);
+        int n = !!q->desc->device_buffers + !!q->desc->device_workspace + !!q->desc->materialize_rows_device +
+                !!q->desc->quantize_device;
+        ck_assert_msg(n == 0 || n == 4, "%s has %d of the 4 device slots", names[i], n);
 #if QL_HAVE_CUDA
-        ck_assert_msg(n == 3, "%s was built with CUDA but lacks its device slots", names[i]);
+        ck_assert_msg(n == 4, "%s was built with CUDA but lacks its device slots", names[i]);
 #endif
         ql_qz_close(q);
     }
