@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "qlora/qlora.h"
 #include "testutil.h"
 
@@ -392,6 +393,57 @@ START_TEST(test_quantize_nf4_default)
     ql_st_close(in);
     ql_st_close(q);
     ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+/* --device cuda: on a machine without a usable GPU (CI) a clear refusal that
+ * writes nothing; with one, the same files as --device cpu.  --device takes
+ * only cpu, cuda and auto. */
+START_TEST(test_quantize_device)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int have_gpu = ql_backend_cuda() != NULL;
+    ql_error_clear();
+    int st = qlora(&out, &err, "quantize --quiet --device cuda '%s' -o '%s'", model, dest);
+    if (!have_gpu) {
+        ck_assert_msg(st != 0, "exit 0 without a GPU:\n%s", out);
+        ck_assert_contains(err, "quantize --device cuda: device cuda is not available");
+        ck_assert_msg(!ql_path_exists(dest), "%s was written", dest);
+    } else {
+        ck_assert_msg(st == 0, "exit %d: %s", st, err);
+        ck_assert_contains(out, " on cuda");
+        char *cpu = join(parent, "cpu");
+        free(out);
+        free(err);
+        st = qlora(&out, &err, "quantize --quiet --device cpu '%s' -o '%s'", model, cpu);
+        ck_assert_msg(st == 0, "exit %d: %s", st, err);
+        const char *files[] = {"model.safetensors", "config.json"};
+        for (size_t i = 0; i < 2; i++) {
+            char *a = join(dest, files[i]), *b = join(cpu, files[i]);
+            assert_same_file(a, b);
+            free(a);
+            free(b);
+        }
+        free(cpu);
+    }
+    free(out);
+    free(err);
+    st = qlora(&out, &err, "quantize --quiet --device tpu '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "quantize: --device tpu: use cpu, cuda or auto");
+    free(out);
+    free(err);
+    /* auto: whichever it picks, it succeeds */
+    st = qlora(&out, &err, "quantize --quiet --device auto '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    free(out);
+    free(err);
     free(dest);
     free(parent);
     free(model);
@@ -1646,6 +1698,7 @@ Suite *cli_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_quantize_nf4_default);
     tcase_add_test(tc, test_quantize_nf4_options);
+    tcase_add_test(tc, test_quantize_device);
     tcase_add_test(tc, test_quantize_fp4);
     tcase_add_test(tc, test_quantize_int8);
     tcase_add_test(tc, test_quantize_example_plugin_by_path);
