@@ -441,6 +441,22 @@ START_TEST(quantize_cli_device_matches_cpu)
         free(err);
         same_folder(cuda_dir, cpu_dir, specs[k]);
     }
+    /* a plugin without quantize_device quantizes on the CPU, with a warning */
+    const char *example = getenv("QLORA_EXAMPLE_PLUGIN");
+    if (!example || !*example) {
+        printf("gpu suite: QLORA_EXAMPLE_PLUGIN is not set; the fallback of a plugin without quantize_device is not checked\n");
+        return;
+    }
+    char cmd[4096];
+    char *out = NULL, *err = NULL;
+    snprintf(cmd, sizeof cmd, "'%s' quantize --quiet '--quantizer=%s' --device cuda '%s' -o '%s/example'",
+             tu_env("QLORA_BIN"), example, model, dir);
+    int st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st == 0, "%s: exit %d: %s", cmd, st, err);
+    ck_assert_msg(strstr(err, "has no device quantize") != NULL && strstr(out, " on cuda") == NULL,
+                  "%s: no fallback warning:\n%s%s", cmd, out, err);
+    free(out);
+    free(err);
 }
 END_TEST
 
