@@ -6,13 +6,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "json_out.h"
 #include "progress.h"
+#include "ql_config.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
 #include "qlora/model.h"
 #include "qlora/safetensors.h"
+
+#if QL_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
 
 /* ---- adapters between plugin tensor suffixes and full checkpoint names ---- */
 
@@ -139,6 +145,75 @@ static int write_config(const ql_model_files *m, const ql_qz *q, const char *dir
     return rc;
 }
 
+/* ---- quantizing on the GPU (--device cuda) ---- */
+
+/* Whether to quantize with the plugin's quantize_device: "cpu" (or NULL)
+ * never, "cuda" always (an error when no device is usable; a plugin without
+ * the slot quantizes on the CPU after a one-line warning), "auto" when a
+ * device is present and the plugin has the slot. */
+static int pick_device(const char *device, const ql_qz *q, int *on_gpu)
+{
+    *on_gpu = 0;
+    if (!device || !strcmp(device, "cpu")) return QL_OK;
+    int asked_for_cuda = !strcmp(device, "cuda");
+    if (!asked_for_cuda && strcmp(device, "auto"))
+        return ql_error(QL_EINVAL, "unknown device '%s': use cpu, cuda or auto", device);
+    const ql_backend *be = NULL;
+    if (ql_backend_find(device, &be)) return ql_error_context("quantize --device %s", device);
+    if (be->host_memory) return QL_OK; /* auto, and no GPU */
+    if (!q->desc->quantize_device) {
+        if (asked_for_cuda)
+            fprintf(stderr,
+                    "qlora: warning: quantizer %s has no device quantize (quantize_device, plugin ABI 1.2); "
+                    "quantizing on the CPU\n",
+                    q->desc->name);
+        return QL_OK;
+    }
+    *on_gpu = 1;
+    return QL_OK;
+}
+
+/* Device memory for one matrix at a time, grown to the largest. */
+typedef struct device_upload {
+    void *buf;
+    size_t cap;
+} device_upload;
+
+static void device_upload_free(device_upload *u)
+{
+#if QL_HAVE_CUDA
+    if (u->buf) cudaFree(u->buf);
+#endif
+    u->buf = NULL;
+    u->cap = 0;
+}
+
+/* The float32 matrix w uploaded and quantized there by quantize_device on
+ * the default stream; the state comes back on the host. */
+static int quantize_on_device(const ql_qz *q, const ql_matrix_desc *md, const float *w, device_upload *u,
+                              ql_qstate **s)
+{
+#if QL_HAVE_CUDA
+    size_t bytes = (size_t)(md->rows * md->cols) * sizeof(float);
+    cudaError_t e;
+    if (bytes > u->cap) {
+        device_upload_free(u);
+        if ((e = cudaMalloc(&u->buf, bytes)) != cudaSuccess) {
+            u->buf = NULL;
+            return ql_error(QL_ECUDA, "CUDA: cannot allocate %zu bytes on the device for %s: %s", bytes, md->name,
+                            cudaGetErrorString(e));
+        }
+        u->cap = bytes;
+    }
+    if ((e = cudaMemcpy(u->buf, w, bytes, cudaMemcpyHostToDevice)) != cudaSuccess)
+        return ql_error(QL_ECUDA, "CUDA: uploading %s (%zu bytes): %s", md->name, bytes, cudaGetErrorString(e));
+    return q->desc->quantize_device(q->inst, md, u->buf, QL_DTYPE_F32, NULL, s);
+#else
+    (void)q, (void)md, (void)w, (void)u, (void)s;
+    return ql_error(QL_ENOTSUP, "device cuda is not available: this qlora was built without CUDA");
+#endif
+}
+
 int ql_quantize_model(const char *model_dir, const char *spec, const char *out_dir, const ql_quantize_opts *opts)
 {
     ql_model_files *m = NULL;
@@ -147,8 +222,11 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
     ql_st_writer *w = NULL;
     int rc;
     double t0 = ql_now();
+    device_upload upload = {NULL, 0};
+    int on_gpu = 0;
     if ((rc = ql_model_files_open(model_dir, &m))) goto done;
     if ((rc = ql_qz_open(spec, &q))) goto done;
+    if ((rc = pick_device(opts->device, q, &on_gpu))) goto done;
     /* check all inputs before writing anything */
     for (size_t i = 0; i < ql_model_files_count(m); i++) {
         const ql_tensor *t = ql_model_files_at(m, i);
@@ -184,7 +262,7 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
         ql_matrix_desc md = {.name = prefix, .rows = t->shape[0], .cols = t->shape[1], .src_dtype = t->dtype};
         ql_qstate *s = NULL;
         ql_error_clear();
-        rc = q->desc->quantize(q->inst, &md, dense, &s);
+        rc = on_gpu ? quantize_on_device(q, &md, dense, &upload, &s) : q->desc->quantize(q->inst, &md, dense, &s);
         free(dense);
         if (rc) {
             if (!ql_error_message()[0]) ql_error(rc, "quantize failed");
@@ -226,15 +304,16 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
     rc = ql_outdir_commit(od);
     od = NULL;
     if (rc) goto done;
-    printf("quantized %zu layers (%lld parameters) with %s%s%s: %.2f MiB -> %.2f MiB, %.3f bits/param, %.2f s\n",
+    printf("quantized %zu layers (%lld parameters) with %s%s%s: %.2f MiB -> %.2f MiB, %.3f bits/param, %.2f s%s\n",
            nlin, (long long)params, q->desc->name, q->options[0] ? ":" : "", q->options,
            (double)bytes_in / 1048576.0, (double)bytes_out / 1048576.0, 8.0 * (double)bytes_out / (double)params,
-           ql_now() - t0);
+           ql_now() - t0, on_gpu ? " on cuda" : "");
     printf("wrote %s\n", out_dir);
 done:
     if (rc == QL_EIO && od) ql_error_context("writing %s (nothing there was changed)", out_dir);
     ql_outdir_abandon(od);
     ql_st_writer_destroy(w);
+    device_upload_free(&upload);
     ql_qz_close(q);
     ql_model_files_close(m);
     return rc;

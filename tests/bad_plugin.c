@@ -157,12 +157,29 @@ static int config(const ql_quantizer *q, char *buf, size_t cap)
     return QL_OK;
 }
 
-#ifdef BAD_V10
-/* A plugin built against ABI 1.0: its struct_size ends before the 1.1
- * device slots.  The slots below hold garbage the host must never see. */
+#if defined(BAD_V10) || defined(BAD_V11)
+/* BAD_V10: a plugin built against ABI 1.0, its struct_size ending before the
+ * 1.1 device slots; BAD_V11: one built against 1.1, ending before 1.2's
+ * quantize_device.  The slots past struct_size hold garbage the host must
+ * never see; the 1.1 slots of BAD_V11 exist but are never called here. */
 static int never_called(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *b, uint32_t *n)
 {
     (void)q, (void)s, (void)b, (void)n;
+    abort();
+}
+#define GARBAGE_QUANTIZE_DEVICE \
+    (int (*)(const ql_quantizer *, const ql_matrix_desc *, const void *, int32_t, void *, ql_qstate **))1
+#endif
+#ifdef BAD_V11
+static uint64_t never_workspace(const ql_quantizer *q, const ql_qstate *s, int64_t nrows)
+{
+    (void)q, (void)s, (void)nrows;
+    abort();
+}
+static int never_materialize(const ql_quantizer *q, const ql_qstate *s, const void *const *b, const ql_device_out *o,
+                             void *ws, uint64_t wsb, void *st)
+{
+    (void)q, (void)s, (void)b, (void)o, (void)ws, (void)wsb, (void)st;
     abort();
 }
 #endif
@@ -172,6 +189,8 @@ static const ql_quantizer_desc descriptor = {
     .struct_size = 40,
 #elif defined(BAD_V10)
     .struct_size = offsetof(ql_quantizer_desc, device_buffers),
+#elif defined(BAD_V11)
+    .struct_size = offsetof(ql_quantizer_desc, quantize_device),
 #else
     .struct_size = sizeof(ql_quantizer_desc),
 #endif
@@ -184,6 +203,8 @@ static const ql_quantizer_desc descriptor = {
     .abi_minor = 99,
 #elif defined(BAD_V10)
     .abi_minor = 0,
+#elif defined(BAD_V11)
+    .abi_minor = 1,
 #else
     .abi_minor = QL_QUANTIZER_ABI_MINOR,
 #endif
@@ -217,6 +238,12 @@ static const ql_quantizer_desc descriptor = {
     .device_workspace = (uint64_t (*)(const ql_quantizer *, const ql_qstate *, int64_t))1,
     .materialize_rows_device = (int (*)(const ql_quantizer *, const ql_qstate *, const void *const *,
                                         const ql_device_out *, void *, uint64_t, void *))1,
+    .quantize_device = GARBAGE_QUANTIZE_DEVICE,
+#elif defined(BAD_V11)
+    .device_buffers = never_called,
+    .device_workspace = never_workspace,
+    .materialize_rows_device = never_materialize,
+    .quantize_device = GARBAGE_QUANTIZE_DEVICE,
 #endif
 };
 

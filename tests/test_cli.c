@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "qlora/qlora.h"
 #include "testutil.h"
 
@@ -221,7 +222,7 @@ START_TEST(test_quantizers_lists_builtins)
     sscanf(nf4 + 1, "%255[^\n]", row_buf);
     const char *row = row_buf;
     ck_assert_contains(row, " 4.127 ");
-    ck_assert_contains(row, " 1.1 ");
+    ck_assert_contains(row, " 1.2 ");
     ck_assert_contains(out, "\nfp4 ");
     ck_assert_contains(out, "\nint8 ");
     ck_assert_contains(out, "defaults: blocksize=64,double_quant=1");
@@ -241,7 +242,7 @@ START_TEST(test_quantizers_lists_builtins)
     json_array_foreach(arr, i, q) {
         const char *name = json_string_value(json_object_get(q, "name"));
         ck_assert_ptr_nonnull(name);
-        ck_assert_str_eq(json_string_value(json_object_get(q, "abi")), "1.1");
+        ck_assert_str_eq(json_string_value(json_object_get(q, "abi")), "1.2");
         double bpp = json_number_value(json_object_get(q, "bits_per_param"));
         if (!strcmp(name, "nf4") || !strcmp(name, "fp4")) {
             ck_assert_double_eq_tol(bpp, 4.127, 0.0005);
@@ -270,7 +271,7 @@ START_TEST(test_version_and_usage)
     int st = qlora(&out, &err, "version");
     ck_assert_int_eq(st, 0);
     char want[128];
-    snprintf(want, sizeof want, "qlora %s (quantizer ABI 1.1)\n", ql_version());
+    snprintf(want, sizeof want, "qlora %s (quantizer ABI 1.2)\n", ql_version());
     ck_assert_str_eq(out, want);
     free(out);
     free(err);
@@ -392,6 +393,57 @@ START_TEST(test_quantize_nf4_default)
     ql_st_close(in);
     ql_st_close(q);
     ql_remove_tree(parent);
+    free(dest);
+    free(parent);
+    free(model);
+}
+END_TEST
+
+/* --device cuda: on a machine without a usable GPU (CI) a clear refusal that
+ * writes nothing; with one, the same files as --device cpu.  --device takes
+ * only cpu, cuda and auto. */
+START_TEST(test_quantize_device)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *dest = join(parent, "out");
+    char *out, *err;
+    int have_gpu = ql_backend_cuda() != NULL;
+    ql_error_clear();
+    int st = qlora(&out, &err, "quantize --quiet --device cuda '%s' -o '%s'", model, dest);
+    if (!have_gpu) {
+        ck_assert_msg(st != 0, "exit 0 without a GPU:\n%s", out);
+        ck_assert_contains(err, "quantize --device cuda: device cuda is not available");
+        ck_assert_msg(!ql_path_exists(dest), "%s was written", dest);
+    } else {
+        ck_assert_msg(st == 0, "exit %d: %s", st, err);
+        ck_assert_contains(out, " on cuda");
+        char *cpu = join(parent, "cpu");
+        free(out);
+        free(err);
+        st = qlora(&out, &err, "quantize --quiet --device cpu '%s' -o '%s'", model, cpu);
+        ck_assert_msg(st == 0, "exit %d: %s", st, err);
+        const char *files[] = {"model.safetensors", "config.json"};
+        for (size_t i = 0; i < 2; i++) {
+            char *a = join(dest, files[i]), *b = join(cpu, files[i]);
+            assert_same_file(a, b);
+            free(a);
+            free(b);
+        }
+        free(cpu);
+    }
+    free(out);
+    free(err);
+    st = qlora(&out, &err, "quantize --quiet --device tpu '%s' -o '%s'", model, dest);
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "quantize: --device tpu: use cpu, cuda or auto");
+    free(out);
+    free(err);
+    /* auto: whichever it picks, it succeeds */
+    st = qlora(&out, &err, "quantize --quiet --device auto '%s' -o '%s'", model, dest);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    free(out);
+    free(err);
     free(dest);
     free(parent);
     free(model);
@@ -1259,10 +1311,10 @@ static const struct {
     const char *kind;
     const char *want[2];
 } abi_cases[] = {
-    {"major", {"abi_major is 99", "this qlora speaks ABI 1.1"}},
+    {"major", {"abi_major is 99", "this qlora speaks ABI 1.2"}},
     {"minor", {"abi_minor is 99", "needs a newer qlora"}},
     {"size", {"struct_size is 40 bytes", "smaller than"}},
-    {"nullslot", {"required slot 'quantize' is NULL", "plugin ABI 1.1, host 1.1"}},
+    {"nullslot", {"required slot 'quantize' is NULL", "plugin ABI 1.2, host 1.2"}},
     {"name", {"name 'Bad Name!'", "is not 1-63 characters of [a-z0-9_-]"}},
     {"noentry", {"does not export ql_quantizer_entry()", NULL}},
     {"nulldesc", {"ql_quantizer_entry() returned NULL", NULL}},
@@ -1646,6 +1698,7 @@ Suite *cli_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_quantize_nf4_default);
     tcase_add_test(tc, test_quantize_nf4_options);
+    tcase_add_test(tc, test_quantize_device);
     tcase_add_test(tc, test_quantize_fp4);
     tcase_add_test(tc, test_quantize_int8);
     tcase_add_test(tc, test_quantize_example_plugin_by_path);

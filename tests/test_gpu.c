@@ -3,10 +3,16 @@
  * materialize_rows_device) is bit for bit their CPU materialize, for every
  * plugin and option set, at several shapes (vector and generic kernels),
  * whole matrices and row ranges into a strided output whose padding must
- * stay untouched.  Without a CUDA device the suite says so and is skipped
- * (exit 77).  The seed of each run is printed; QLORA_GPU_SEED repeats one. */
+ * stay untouched; their device quantize (ABI 1.2 quantize_device) gives
+ * the state quantize() gives, byte for byte, on weights with the cases that
+ * break bit-exactness (zero blocks of either sign, subnormals, outliers,
+ * extremes), and refuses bad weights with the CPU's message; and `qlora
+ * quantize --device cuda` writes the files --device cpu writes.  Without a
+ * CUDA device the suite says so and is skipped (exit 77).  The seed of each
+ * run is printed; QLORA_GPU_SEED repeats one. */
 #include <check.h>
 #include <cuda_runtime.h>
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,6 +133,333 @@ START_TEST(materialize_matches_cpu)
 }
 END_TEST
 
+/* ---- device quantize (ABI 1.2 quantize_device) ---- */
+
+static const struct {
+    const char *spec;
+    int64_t rows, cols;
+    int64_t unit; /* the 4-bit blocksize, 0 for int8 (a row) */
+} qcases[] = {
+    {"nf4", 1, 16, 64},
+    {"nf4", 3, 101, 64},                    /* 303 weights: an odd tail, a short last block */
+    {"nf4", 257, 999, 64},                  /* 4012 blocks: the mean's vector path, one thread block */
+    {"nf4", 2048, 4160, 64},                /* 133120 blocks: the mean split over 17 blocks */
+    {"nf4:double_quant=0", 96, 1000, 64},
+    {"nf4:double_quant=0", 5, 77, 64},
+    {"nf4:blocksize=128", 100, 4095, 128},
+    {"nf4:blocksize=32", 17, 95, 32},
+    {"nf4:blocksize=32,double_quant=0", 9, 31, 32},
+    {"nf4:blocksize=4096", 3, 5001, 4096},
+    {"fp4", 5, 81, 64},
+    {"fp4", 512, 2048, 64},
+    {"fp4:double_quant=0", 64, 513, 64},
+    {"fp4:blocksize=256", 33, 1111, 256},
+    {"int8", 1, 1, 0},
+    {"int8", 3, 100, 0},
+    {"int8", 64, 1, 0},
+    {"int8", 333, 4097, 0},
+};
+
+static uint16_t to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1); /* nearest even; the weights here are finite */
+    return (uint16_t)(u >> 16);
+}
+
+/* Random weights with what bit-exactness trips on: outliers, zeros of both
+ * signs, whole blocks of zeros (the sign of a block's last zero is its
+ * absmax's), of subnormals (flushed: absmax +0) and of tiny values, and
+ * values near the extremes each format accepts.  unit: the elements of one
+ * block (4-bit) or one row (int8).  bf16: extremes that survive bfloat16. */
+static void fill_weights(float *w, int64_t n, int64_t unit, int int8, int bf16, uint64_t s)
+{
+    tu_randn(w, (size_t)n, s, 0.02f);
+    w[n / 3] *= 40.0f;
+    w[(2 * n) / 3] *= -100.0f;
+    w[n / 2] = 0.0f;
+    w[n - 1] = -0.0f;
+    if (n > 1) w[1] = 1e-40f;
+    if (n > 7) w[7] = -3e-39f;
+    for (int64_t i = unit; i < 2 * unit && 2 * unit <= n; i++) w[i] = (i & 1) ? -0.0f : 0.0f; /* ends on -0 */
+    for (int64_t i = 2 * unit; i < 3 * unit && 3 * unit <= n; i++) w[i] = (i & 1) ? 0.0f : -0.0f; /* ends on +0 */
+    for (int64_t i = 3 * unit; i < 4 * unit && 4 * unit <= n; i++) w[i] = (i & 1) ? -1e-39f : 2e-39f;
+    float tiny = int8 ? 2e-5f : 1e-28f; /* int8: float16 subnormals after the row scale */
+    for (int64_t i = 4 * unit; i < 5 * unit && 5 * unit <= n; i++) w[i] *= tiny;
+    if (n >= 12) {
+        if (int8) {
+            /* below 65520, where float16 overflows (in bf16, 65504 rounds up to 65536) */
+            w[n / 5] = bf16 ? 65280.0f : 65519.0f;
+            w[n / 7] = bf16 ? -65024.0f : -65504.0f;
+            w[n / 9] = 5.9604645e-8f; /* the smallest float16 subnormal */
+            w[n / 11] = 2.9802322e-8f; /* half of it: a tie, rounds to 0 */
+        } else {
+            w[n / 5] = 3e38f; /* its reciprocal is flushed to 0 */
+            w[n / 7] = -1e37f;
+            w[n / 9] = 1.1754944e-38f; /* the smallest normal */
+        }
+    }
+    if (bf16)
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)to_bf16(w[i]) << 16;
+            memcpy(&w[i], &u, 4);
+        }
+}
+
+/* The tensors a save() writes, copied. */
+typedef struct saved {
+    int n;
+    struct {
+        char name[160];
+        int32_t dtype, ndim;
+        int64_t shape[QL_MAX_DIMS];
+        uint64_t nbytes;
+        unsigned char *data;
+    } t[16];
+} saved;
+
+static int collect(void *ctx, const ql_tensor *t)
+{
+    saved *s = ctx;
+    ck_assert_int_lt(s->n, 16);
+    snprintf(s->t[s->n].name, sizeof s->t[s->n].name, "%s", t->name);
+    s->t[s->n].dtype = t->dtype;
+    s->t[s->n].ndim = t->ndim;
+    memcpy(s->t[s->n].shape, t->shape, sizeof t->shape);
+    s->t[s->n].nbytes = t->nbytes;
+    s->t[s->n].data = malloc(t->nbytes ? t->nbytes : 1);
+    memcpy(s->t[s->n].data, t->data, t->nbytes);
+    s->n++;
+    return QL_OK;
+}
+
+static void saved_free(saved *s)
+{
+    for (int i = 0; i < s->n; i++) free(s->t[i].data);
+    s->n = 0;
+}
+
+static void same_bytes(const char *what, const char *piece, const void *dev, const void *cpu, uint64_t n)
+{
+    const unsigned char *d = dev, *c = cpu;
+    for (uint64_t i = 0; i < n; i++)
+        if (d[i] != c[i])
+            ck_abort_msg("%s (seed %llu): %s differs at byte %llu of %llu: device 0x%02x, CPU 0x%02x", what,
+                         (unsigned long long)seed, piece, (unsigned long long)i, (unsigned long long)n, d[i], c[i]);
+}
+
+/* Everything of the device state against the CPU state: the device
+ * buffers, every saved tensor (the 4-bit offset lives only in the saved
+ * quant_state JSON), state_info and the materialized weights. */
+static void same_state(const ql_qz *q, const ql_qstate *dev, const ql_qstate *cpu, int64_t rows, int64_t cols,
+                       const char *what)
+{
+    ql_state_buffer bd[QL_MAX_STATE_BUFFERS], bc[QL_MAX_STATE_BUFFERS];
+    uint32_t nd = 0, nc = 0;
+    ck_assert_int_eq(q->desc->device_buffers(q->inst, dev, bd, &nd), QL_OK);
+    ck_assert_int_eq(q->desc->device_buffers(q->inst, cpu, bc, &nc), QL_OK);
+    ck_assert_msg(nd == nc && nc >= 1, "%s: %u device buffers, CPU %u", what, nd, nc);
+    for (uint32_t i = 0; i < nc; i++) {
+        ck_assert_str_eq(bd[i].name, bc[i].name);
+        ck_assert_msg(bd[i].bytes == bc[i].bytes, "%s: buffer %s has %llu bytes, CPU %llu", what, bc[i].name,
+                      (unsigned long long)bd[i].bytes, (unsigned long long)bc[i].bytes);
+        same_bytes(what, bc[i].name, bd[i].data, bc[i].data, bc[i].bytes);
+    }
+    saved sd = {0}, sc = {0};
+    ql_tensor_writer wd = {&sd, collect}, wc = {&sc, collect};
+    ck_assert_int_eq(q->desc->save(q->inst, dev, &wd), QL_OK);
+    ck_assert_int_eq(q->desc->save(q->inst, cpu, &wc), QL_OK);
+    ck_assert_msg(sd.n == sc.n, "%s: save wrote %d tensors, CPU %d", what, sd.n, sc.n);
+    for (int i = 0; i < sc.n; i++) {
+        ck_assert_str_eq(sd.t[i].name, sc.t[i].name);
+        ck_assert_int_eq(sd.t[i].dtype, sc.t[i].dtype);
+        ck_assert_int_eq(sd.t[i].ndim, sc.t[i].ndim);
+        ck_assert(memcmp(sd.t[i].shape, sc.t[i].shape, sizeof sc.t[i].shape) == 0);
+        ck_assert_msg(sd.t[i].nbytes == sc.t[i].nbytes, "%s: saved %s has %llu bytes, CPU %llu", what, sc.t[i].name,
+                      (unsigned long long)sd.t[i].nbytes, (unsigned long long)sc.t[i].nbytes);
+        same_bytes(what, sc.t[i].name, sd.t[i].data, sc.t[i].data, sc.t[i].nbytes);
+    }
+    saved_free(&sd);
+    saved_free(&sc);
+    ql_state_info id = {0}, ic = {0};
+    ck_assert_int_eq(q->desc->state_info(q->inst, dev, &id), QL_OK);
+    ck_assert_int_eq(q->desc->state_info(q->inst, cpu, &ic), QL_OK);
+    ck_assert(id.rows == ic.rows && id.cols == ic.cols && id.src_dtype == ic.src_dtype && id.bytes == ic.bytes);
+    size_t bytes = (size_t)(rows * cols) * 4;
+    float *md = malloc(bytes), *mc = malloc(bytes);
+    ck_assert_int_eq(q->desc->materialize(q->inst, dev, QL_DTYPE_F32, md), QL_OK);
+    ck_assert_int_eq(q->desc->materialize(q->inst, cpu, QL_DTYPE_F32, mc), QL_OK);
+    same_bytes(what, "materialized weights", md, mc, bytes);
+    free(md);
+    free(mc);
+}
+
+START_TEST(quantize_matches_cpu)
+{
+    const char *spec = qcases[_i].spec;
+    int64_t rows = qcases[_i].rows, cols = qcases[_i].cols, n = rows * cols;
+    int int8 = qcases[_i].unit == 0;
+    int64_t unit = int8 ? cols : qcases[_i].unit;
+    ql_qz *q = NULL;
+    ck_assert_msg(ql_qz_open(spec, &q) == QL_OK, "%s", ql_error_message());
+    ck_assert_msg(q->desc->quantize_device != NULL, "plugin %s was built without quantize_device", spec);
+    float *w = malloc((size_t)n * sizeof *w);
+    uint16_t *w16 = malloc((size_t)n * sizeof *w16);
+    void *dw;
+    CU(cudaMalloc(&dw, (size_t)n * 4));
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+        fill_weights(w, n, unit, int8, bf16, seed + 1000 * (uint64_t)_i + (uint64_t)bf16);
+        if (bf16) {
+            for (int64_t i = 0; i < n; i++) w16[i] = to_bf16(w[i]); /* exact: w is already bf16 */
+            CU(cudaMemcpy(dw, w16, (size_t)n * 2, cudaMemcpyHostToDevice));
+        } else {
+            CU(cudaMemcpy(dw, w, (size_t)n * 4, cudaMemcpyHostToDevice));
+        }
+        char what[160];
+        snprintf(what, sizeof what, "%s [%lld, %lld] from %s", spec, (long long)rows, (long long)cols,
+                 bf16 ? "bf16" : "f32");
+        ql_matrix_desc md = {.name = "test", .rows = rows, .cols = cols, .src_dtype = QL_DTYPE_BF16};
+        ql_qstate *cpu = NULL, *dev = NULL;
+        ck_assert_msg(q->desc->quantize(q->inst, &md, w, &cpu) == QL_OK, "%s: %s", what, ql_error_message());
+        ck_assert_msg(q->desc->quantize_device(q->inst, &md, dw, bf16 ? QL_DTYPE_BF16 : QL_DTYPE_F32, NULL, &dev) == QL_OK,
+                      "%s: %s", what, ql_error_message());
+        same_state(q, dev, cpu, rows, cols, what);
+        q->desc->free_state(q->inst, dev);
+        q->desc->free_state(q->inst, cpu);
+    }
+    CU(cudaFree(dw));
+    free(w16);
+    free(w);
+    ql_qz_close(q);
+}
+END_TEST
+
+/* Weights quantize() refuses are refused on the device with the same
+ * status and message: the first NaN or Inf (int8: or a value float16
+ * cannot hold), whatever comes after it; an unknown dtype is QL_ENOTSUP. */
+START_TEST(quantize_refuses_like_cpu)
+{
+    const char *specs[] = {"nf4", "fp4:double_quant=0", "int8"};
+    const int64_t rows = 7, cols = 50, n = rows * cols;
+    for (size_t k = 0; k < 3; k++) {
+        ql_qz *q = NULL;
+        ck_assert_msg(ql_qz_open(specs[k], &q) == QL_OK, "%s", ql_error_message());
+        ck_assert_msg(q->desc->quantize_device != NULL, "plugin %s was built without quantize_device", specs[k]);
+        float *w = malloc((size_t)n * sizeof *w);
+        void *dw;
+        CU(cudaMalloc(&dw, (size_t)n * 4));
+        for (int variant = 0; variant < 3; variant++) {
+            tu_randn(w, (size_t)n, seed + k, 0.02f);
+            w[300] = NAN;
+            w[123] = variant == 0 ? NAN : variant == 1 ? -INFINITY : 70000.0f; /* 70000: int8 only */
+            CU(cudaMemcpy(dw, w, (size_t)n * 4, cudaMemcpyHostToDevice));
+            ql_matrix_desc md = {.name = "bad", .rows = rows, .cols = cols, .src_dtype = QL_DTYPE_F32};
+            ql_qstate *cpu = NULL, *dev = NULL;
+            int rc_cpu = q->desc->quantize(q->inst, &md, w, &cpu);
+            char msg_cpu[1024];
+            snprintf(msg_cpu, sizeof msg_cpu, "%s", ql_error_message());
+            int rc_dev = q->desc->quantize_device(q->inst, &md, dw, QL_DTYPE_F32, NULL, &dev);
+            ck_assert_msg(rc_cpu == QL_ENUMERIC, "%s variant %d: CPU status %d", specs[k], variant, rc_cpu);
+            ck_assert_msg(rc_dev == rc_cpu, "%s variant %d: device status %d, CPU %d (%s)", specs[k], variant, rc_dev,
+                          rc_cpu, ql_error_message());
+            ck_assert_ptr_null(dev);
+            ck_assert_str_eq(ql_error_message(), msg_cpu);
+            /* 70000 is fine for the 4-bit formats: their first bad weight is then w[300] */
+            const char *first = variant == 2 && k < 2 ? "index 300" : "index 123";
+            ck_assert_msg(strstr(msg_cpu, first) != NULL, "expected \"%s\" in: %s", first, msg_cpu);
+        }
+        ql_matrix_desc md = {.name = "f16", .rows = rows, .cols = cols, .src_dtype = QL_DTYPE_F32};
+        ql_qstate *dev = NULL;
+        ck_assert_int_eq(q->desc->quantize_device(q->inst, &md, dw, QL_DTYPE_F16, NULL, &dev), QL_ENOTSUP);
+        ck_assert_ptr_null(dev);
+        CU(cudaFree(dw));
+        free(w);
+        ql_qz_close(q);
+    }
+}
+END_TEST
+
+/* Every file of --device cpu's output folder is in --device cuda's, byte
+ * for byte, and nothing else is. */
+static void same_folder(const char *cuda_dir, const char *cpu_dir, const char *what)
+{
+    DIR *d = opendir(cpu_dir);
+    ck_assert_msg(d != NULL, "%s: cannot open %s", what, cpu_dir);
+    int files = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        char *a = ql_path_join(cuda_dir, e->d_name), *b = ql_path_join(cpu_dir, e->d_name);
+        char *da = NULL, *db = NULL;
+        size_t la = 0, lb = 0;
+        ck_assert_msg(ql_read_file(b, &db, &lb) == QL_OK, "%s: %s", what, ql_error_message());
+        ck_assert_msg(ql_read_file(a, &da, &la) == QL_OK, "%s: %s is missing from the cuda output (%s)", what,
+                      e->d_name, ql_error_message());
+        size_t at = 0;
+        while (at < la && at < lb && da[at] == db[at]) at++;
+        ck_assert_msg(la == lb && at == la, "%s: %s differs (cuda %zu bytes, cpu %zu) from byte %zu", what, e->d_name,
+                      la, lb, at);
+        free(da);
+        free(db);
+        free(a);
+        free(b);
+        files++;
+    }
+    closedir(d);
+    int cuda_files = 0;
+    d = opendir(cuda_dir);
+    ck_assert_msg(d != NULL, "%s: cannot open %s", what, cuda_dir);
+    while ((e = readdir(d))) cuda_files += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    ck_assert_msg(files >= 2 && cuda_files == files, "%s: %d files from cpu, %d from cuda", what, files, cuda_files);
+}
+
+START_TEST(quantize_cli_device_matches_cpu)
+{
+    const char *specs[] = {"nf4", "nf4:double_quant=0", "fp4", "int8"};
+    char model[1024], dir[256];
+    snprintf(model, sizeof model, "%s/models/stories260K", tu_env("QLORA_SHARED"));
+    snprintf(dir, sizeof dir, "%s", tu_tmpdir());
+    for (size_t k = 0; k < sizeof specs / sizeof specs[0]; k++) {
+        char cmd[4096], cuda_dir[512], cpu_dir[512];
+        snprintf(cuda_dir, sizeof cuda_dir, "%s/cuda%zu", dir, k);
+        snprintf(cpu_dir, sizeof cpu_dir, "%s/cpu%zu", dir, k);
+        char *out = NULL, *err = NULL;
+        snprintf(cmd, sizeof cmd, "'%s' quantize --quiet '--quantizer=%s' --device cuda '%s' -o '%s'", tu_env("QLORA_BIN"),
+                 specs[k], model, cuda_dir);
+        int st = tu_run(cmd, &out, &err);
+        ck_assert_msg(st == 0, "%s: exit %d: %s", cmd, st, err);
+        ck_assert_msg(strstr(out, " on cuda") != NULL, "%s did not quantize on the GPU:\n%s%s", cmd, out, err);
+        free(out);
+        free(err);
+        snprintf(cmd, sizeof cmd, "'%s' quantize --quiet '--quantizer=%s' --device cpu '%s' -o '%s'", tu_env("QLORA_BIN"),
+                 specs[k], model, cpu_dir);
+        st = tu_run(cmd, &out, &err);
+        ck_assert_msg(st == 0, "%s: exit %d: %s", cmd, st, err);
+        free(out);
+        free(err);
+        same_folder(cuda_dir, cpu_dir, specs[k]);
+    }
+    /* a plugin without quantize_device quantizes on the CPU, with a warning */
+    const char *example = getenv("QLORA_EXAMPLE_PLUGIN");
+    if (!example || !*example) {
+        printf("gpu suite: QLORA_EXAMPLE_PLUGIN is not set; the fallback of a plugin without quantize_device is not checked\n");
+        return;
+    }
+    char cmd[4096];
+    char *out = NULL, *err = NULL;
+    snprintf(cmd, sizeof cmd, "'%s' quantize --quiet '--quantizer=%s' --device cuda '%s' -o '%s/example'",
+             tu_env("QLORA_BIN"), example, model, dir);
+    int st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st == 0, "%s: exit %d: %s", cmd, st, err);
+    ck_assert_msg(strstr(err, "has no device quantize") != NULL && strstr(out, " on cuda") == NULL,
+                  "%s: no fallback warning:\n%s%s", cmd, out, err);
+    free(out);
+    free(err);
+}
+END_TEST
+
 int main(void)
 {
     int n = 0;
@@ -143,6 +476,20 @@ int main(void)
     tcase_set_timeout(t, 600);
     tcase_add_loop_test(t, materialize_matches_cpu, 0, (int)(sizeof cases / sizeof cases[0]));
     suite_add_tcase(s, t);
+    /* scripts/gpu-check reruns the suite once per materialize kernel
+     * variant; the quantize kernels have none, so they run with the default
+     * variant only */
+    const char *variant = getenv("QLP_MATERIALIZE_VARIANT");
+    if (!variant || !strcmp(variant, "5")) {
+        TCase *tq = tcase_create("quantize");
+        tcase_set_timeout(tq, 600);
+        tcase_add_loop_test(tq, quantize_matches_cpu, 0, (int)(sizeof qcases / sizeof qcases[0]));
+        tcase_add_test(tq, quantize_refuses_like_cpu);
+        tcase_add_test(tq, quantize_cli_device_matches_cpu);
+        suite_add_tcase(s, tq);
+    } else {
+        printf("gpu suite: QLP_MATERIALIZE_VARIANT=%s: the quantize cases run with the default variant only\n", variant);
+    }
     SRunner *r = srunner_create(s);
     srunner_set_fork_status(r, CK_NOFORK); /* CUDA is not fork-safe */
     srunner_run_all(r, CK_NORMAL);

@@ -230,7 +230,7 @@ START_TEST(abi_refusals)
     ck_assert_contains(ql_error_message(), path);
     ck_assert_contains(ql_error_message(), bad[_i].fragment);
     if (strcmp(bad[_i].kind, "major") == 0 || strcmp(bad[_i].kind, "minor") == 0)
-        ck_assert_contains(ql_error_message(), "1.1"); /* the host's version too */
+        ck_assert_contains(ql_error_message(), "1.2"); /* the host's version too */
 }
 END_TEST
 
@@ -247,7 +247,26 @@ START_TEST(abi_1_0_plugin_loads_without_device_slots)
     ck_assert(d->device_buffers == NULL);
     ck_assert(d->device_workspace == NULL);
     ck_assert(d->materialize_rows_device == NULL);
+    ck_assert(d->quantize_device == NULL);
     ck_assert(d->materialize != NULL);
+    ql_plugin_close(p);
+}
+END_TEST
+
+/* A plugin built against ABI 1.1 loads with its device slots, and 1.2's
+ * quantize_device past its struct_size reads as absent. */
+START_TEST(abi_1_1_plugin_loads_without_quantize_device)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/qlora_bad_v11.so", tu_env("QLORA_TEST_PLUGINS"));
+    ql_plugin *p = NULL;
+    ck_assert_msg(ql_plugin_open(path, &p) == QL_OK, "%s", ql_error_message());
+    const ql_quantizer_desc *d = ql_plugin_desc(p);
+    ck_assert_int_eq(d->abi_minor, 1);
+    ck_assert(d->device_buffers != NULL);
+    ck_assert(d->device_workspace != NULL);
+    ck_assert(d->materialize_rows_device != NULL);
+    ck_assert(d->quantize_device == NULL);
     ql_plugin_close(p);
 }
 END_TEST
@@ -258,10 +277,11 @@ START_TEST(shipped_plugins_have_all_device_slots_or_none)
     for (size_t i = 0; i < 3; i++) {
         ql_qz *q = NULL;
         ck_assert_int_eq(ql_qz_open(names[i], &q), QL_OK);
-        int n = !!q->desc->device_buffers + !!q->desc->device_workspace + !!q->desc->materialize_rows_device;
-        ck_assert_msg(n == 0 || n == 3, "%s has %d of the 3 device slots", names[i], n);
+        int n = !!q->desc->device_buffers + !!q->desc->device_workspace + !!q->desc->materialize_rows_device +
+                !!q->desc->quantize_device;
+        ck_assert_msg(n == 0 || n == 4, "%s has %d of the 4 device slots", names[i], n);
 #if QL_HAVE_CUDA
-        ck_assert_msg(n == 3, "%s was built with CUDA but lacks its device slots", names[i]);
+        ck_assert_msg(n == 4, "%s was built with CUDA but lacks its device slots", names[i]);
 #endif
         ql_qz_close(q);
     }
@@ -313,6 +333,7 @@ Suite *plugins_suite(void)
     tcase_add_test(t, unknown_quantizer_says_where_it_looked);
     tcase_add_loop_test(t, abi_refusals, 0, sizeof bad / sizeof bad[0]);
     tcase_add_test(t, abi_1_0_plugin_loads_without_device_slots);
+    tcase_add_test(t, abi_1_1_plugin_loads_without_quantize_device);
     tcase_add_test(t, shipped_plugins_have_all_device_slots_or_none);
     tcase_add_test(t, not_a_shared_object);
     tcase_add_test(t, scan_finds_shipped_plugins);

@@ -23,8 +23,9 @@ static const char usage_text[] =
     "\n"
     "commands:\n"
     "  quantizers                          list the quantizer plugins found\n"
-    "  quantize --quantizer=Q MODEL_DIR -o OUT_DIR [--force]\n"
-    "                                      quantize a Hugging Face checkpoint (bitsandbytes layout)\n"
+    "  quantize --quantizer=Q MODEL_DIR -o OUT_DIR [--force] [--device cpu|cuda|auto]\n"
+    "                                      quantize a Hugging Face checkpoint (bitsandbytes layout);\n"
+    "                                      --device cuda quantizes on the GPU, byte-identical files (default cpu)\n"
     "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, bits/param\n"
     "  compare --quantizers=Q1,Q2,... MODEL_DIR [--json FILE] [--summary-only]\n"
     "                                      bits/param, bytes, error and time per quantizer and layer\n"
@@ -627,10 +628,13 @@ static int cmd_quantize(int argc, char **argv)
     static const struct option longopts[] = {
         {"quantizer", required_argument, NULL, 'q'}, {"output", required_argument, NULL, 'o'},
         {"force", no_argument, NULL, OPT_FORCE},     {"quiet", no_argument, NULL, OPT_QUIET},
+        {"device", required_argument, NULL, OPT_DEVICE},
         {NULL, 0, NULL, 0},
     };
     const char *spec = "nf4", *out = NULL;
-    ql_quantize_opts opts = {.force = 0, .progress = 1};
+    /* cpu unless asked: the files are the same either way, and the GPU may
+     * be busy training */
+    ql_quantize_opts opts = {.force = 0, .progress = 1, .device = "cpu"};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "q:o:", longopts, NULL)) != -1) {
@@ -639,6 +643,11 @@ static int cmd_quantize(int argc, char **argv)
         case 'o': out = optarg; break;
         case OPT_FORCE: opts.force = 1; break;
         case OPT_QUIET: opts.progress = 0; break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
+                return usage_error("quantize: --device %s: use cpu, cuda or auto", optarg);
+            opts.device = optarg;
+            break;
         default: return 2;
         }
     }

@@ -13,10 +13,16 @@ extern "C" {
 typedef struct ql_quantize_opts {
     int force;    /* replace an existing output folder */
     int progress; /* 1: report progress on stderr */
+    /* Where the quantizer runs: "cpu" (also NULL), "cuda" (the plugin's
+     * quantize_device on the GPU, byte-identical files; a plugin without it
+     * quantizes on the CPU with a warning) or "auto" (cuda when a device is
+     * present and the plugin has quantize_device, else cpu). */
+    const char *device;
 } ql_quantize_opts;
 
 /* Quantize every block linear of MODEL_DIR into OUT_DIR in the layout that
- * transformers + bitsandbytes write; everything else is copied unchanged. */
+ * transformers + bitsandbytes write; everything else is copied unchanged.
+ * An unavailable --device cuda fails before anything is written. */
 int ql_quantize_model(const char *model_dir, const char *spec, const char *out_dir,
                       const ql_quantize_opts *opts);
 

@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 #define QL_QUANTIZER_ABI_MAJOR 1
-#define QL_QUANTIZER_ABI_MINOR 1
+#define QL_QUANTIZER_ABI_MINOR 2
 #define QL_QUANTIZER_ENTRY_NAME "ql_quantizer_entry"
 
 #if defined(_WIN32)
@@ -246,6 +246,20 @@ typedef struct ql_quantizer_desc {
      * linked; docs/writing-a-quantizer.md). */
     int (*materialize_rows_device)(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
                                    const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream);
+
+    /* --- optional, ABI 1.2 (qlora quantize --device cuda) --- */
+    /* quantize() on the GPU: the dense row-major [m->rows, m->cols] matrix
+     * is in device memory at dev_w, elements of w_dtype (QL_DTYPE_F32, which
+     * every implementation takes; QL_DTYPE_BF16 where it says so; anything
+     * else is QL_ENOTSUP).  The work runs on `stream` (a cudaStream_t; NULL
+     * is the default stream), and the slot waits for it: *out is an ordinary
+     * host state, bit for bit the one quantize() makes from the same values,
+     * so save(), materialize() and device_buffers() cannot tell them apart.
+     * dev_w is only read.  The slot may allocate device memory for the call
+     * and frees it before returning.  Non-finite input is QL_ENUMERIC as in
+     * quantize(); a CUDA failure is QL_ECUDA with the CUDA error text. */
+    int (*quantize_device)(const ql_quantizer *q, const ql_matrix_desc *m, const void *dev_w, int32_t w_dtype,
+                           void *stream, ql_qstate **out);
 } ql_quantizer_desc;
 
 /* The one symbol a plugin exports. */

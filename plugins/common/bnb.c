@@ -26,39 +26,7 @@ void qlp_4bit_table(qlp_4bit_type type, float table[16])
     for (int i = 0; i < 16; i++) table[i] = type == QLP_NF4 ? nf4_values[i] : fp4_raw[i] / 12.0f;
 }
 
-/* Decision tree over the midpoints between neighbouring NF4 values. */
-static unsigned nf4_encode(float x)
-{
-    if (x > 0.03979014977812767f) {
-        if (x > 0.3893125355243683f) {
-            if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
-            return x > 0.5016634166240692f ? 13 : 12;
-        }
-        if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
-        return x > 0.1202552504837513f ? 9 : 8;
-    }
-    if (x > -0.33967943489551544f) {
-        if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
-        return x > -0.23460740596055984f ? 5 : 4;
-    }
-    if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
-    return x > -0.8480964004993439f ? 1 : 0;
-}
-
-/* Sign bit 3; magnitude index by thresholds on |x| (the code order is not monotonic). */
-static unsigned fp4_encode(float x)
-{
-    unsigned sign = x < 0 ? 8u : 0u;
-    x = fabsf(x);
-    if (x > 0.29166667f) {
-        if (x > 0.583333f) return (x > 0.8333333f ? 3u : 2u) + sign;
-        return (x > 0.4166667f ? 5u : 4u) + sign;
-    }
-    if (x > 0.0859375f) return (x > 0.20833333f ? 7u : 6u) + sign;
-    return (x > 0.00260417f ? 1u : 0u) + sign;
-}
-
-unsigned qlp_4bit_encode(qlp_4bit_type type, float x) { return type == QLP_NF4 ? nf4_encode(x) : fp4_encode(x); }
+unsigned qlp_4bit_encode(qlp_4bit_type type, float x) { return qlp_4bit_encode_one(type, x); }
 
 /* torch.linspace(start, end, steps, dtype=float32) on an x86-64 CPU: the
  * first half counts up from start, the second half down from end, each
@@ -100,41 +68,7 @@ void qlp_dynamic_map_signed(float map[256])
     qsort(map, 256, sizeof map[0], cmp_float);
 }
 
-/* Binary search over the sorted map, then the nearer of the two neighbours
- * by the midpoint, exactly as the reference kernel walks it. */
-unsigned qlp_code8_encode(const float map[256], float x)
-{
-    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-    float lower = -1.0f, upper = 1.0f;
-    float val = map[pivot];
-    for (int step = 64; step > 0; step >>= 1) {
-        if (x > val) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += step;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= step;
-        }
-        val = map[pivot];
-    }
-    if (upper_pivot == 255) upper = map[upper_pivot];
-    if (lower_pivot == 0) lower = map[lower_pivot];
-    if (x > val) {
-        float midpoint = qlp_mul_ftz(qlp_ftz(upper + val), 0.5f);
-        return x > midpoint ? (unsigned)upper_pivot : (unsigned)pivot;
-    }
-    float midpoint = qlp_mul_ftz(qlp_ftz(lower + val), 0.5f);
-    return x < midpoint ? (unsigned)lower_pivot : (unsigned)pivot;
-}
-
-static float block_absmax(const float *x, int64_t count)
-{
-    float m = -FLT_MAX;
-    for (int64_t i = 0; i < count; i++) m = qlp_max_ftz(m, qlp_abs_ftz(x[i]));
-    return m;
-}
+unsigned qlp_code8_encode(const float map[256], float x) { return qlp_code8_nearest(map, x); }
 
 void qlp_quantize_4bit_blocks(qlp_4bit_type type, const float *x, int64_t n, int blocksize, uint8_t *packed,
                               float *absmax)
@@ -142,20 +76,10 @@ void qlp_quantize_4bit_blocks(qlp_4bit_type type, const float *x, int64_t n, int
     int64_t nblocks = (n + blocksize - 1) / blocksize;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
+        /* blocksize is even, so a block starts on a byte */
         int64_t begin = b * blocksize;
         int64_t count = n - begin < blocksize ? n - begin : blocksize;
-        float m = block_absmax(x + begin, count);
-        absmax[b] = m;
-        float inv = qlp_rcp_approx_ftz(m);
-        /* blocksize is even, so a block starts on a byte; an odd tail is
-         * padded with 0.0, which the kernel encodes like any value. */
-        for (int64_t i = 0; i < count; i += 2) {
-            float hi = x[begin + i];
-            float lo = i + 1 < count ? x[begin + i + 1] : 0.0f;
-            unsigned ch = qlp_4bit_encode(type, qlp_mul_ftz(hi, inv));
-            unsigned cl = qlp_4bit_encode(type, qlp_mul_ftz(lo, inv));
-            packed[(begin + i) / 2] = (uint8_t)((ch << 4) | cl);
-        }
+        qlp_4bit_block(type, x + begin, count, packed + begin / 2, &absmax[b]);
     }
 }
 
@@ -167,9 +91,6 @@ void qlp_quantize_8bit_blocks(const float map[256], const float *x, int64_t n, i
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t begin = b * blocksize;
         int64_t count = n - begin < blocksize ? n - begin : blocksize;
-        float m = block_absmax(x + begin, count);
-        absmax[b] = m;
-        float inv = qlp_rcp_approx_ftz(m);
-        for (int64_t i = 0; i < count; i++) codes[begin + i] = (uint8_t)qlp_code8_encode(map, qlp_mul_ftz(x[begin + i], inv));
+        qlp_8bit_block(map, x + begin, count, codes + begin, &absmax[b]);
     }
 }

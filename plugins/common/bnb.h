@@ -6,9 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bnb_block.h"
 #include "pyfloat.h"
-
-typedef enum qlp_4bit_type { QLP_NF4 = 0, QLP_FP4 = 1 } qlp_4bit_type;
 
 /* The 16-entry dequantization table as bitsandbytes stores it (quant_map). */
 void qlp_4bit_table(qlp_4bit_type type, float table[16]);
@@ -22,13 +21,13 @@ void qlp_dynamic_map_signed(float map[256]);
 unsigned qlp_code8_encode(const float map[256], float x);
 
 /* Blockwise absmax quantization over the flat array x[0..n), as the CUDA
- * kernel does it (fast-math reciprocal, flush-to-zero).
+ * kernel does it (fast-math reciprocal, flush-to-zero), one qlp_4bit_block
+ * or qlp_8bit_block (bnb_block.h) per block.
  * 4-bit: packed gets (n+1)/2 bytes (element 2j in the high nibble), absmax
  * one float per block.  8-bit: codes gets n bytes. */
 void qlp_quantize_4bit_blocks(qlp_4bit_type type, const float *x, int64_t n, int blocksize, uint8_t *packed,
                               float *absmax);
 void qlp_quantize_8bit_blocks(const float map[256], const float *x, int64_t n, int blocksize, uint8_t *codes,
                               float *absmax);
-
 
 #endif

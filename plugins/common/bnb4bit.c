@@ -153,17 +153,24 @@ fail:
     return NULL;
 }
 
+static int refuse_empty(const ql_matrix_desc *m)
+{
+    return host->error(QL_EINVAL, "%s: cannot quantize an empty matrix [%lld, %lld]", m->name, (long long)m->rows,
+                       (long long)m->cols);
+}
+
+static int refuse_nonfinite(const ql_matrix_desc *m, int64_t i, float v)
+{
+    return host->error(QL_ENUMERIC, "%s: %s at index %lld (row %lld, column %lld)", m->name, isnan(v) ? "NaN" : "Inf",
+                       (long long)i, (long long)(i / m->cols), (long long)(i % m->cols));
+}
+
 int qlp_4bit_quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float *w, ql_qstate **out)
 {
-    if (m->rows <= 0 || m->cols <= 0)
-        return host->error(QL_EINVAL, "%s: cannot quantize an empty matrix [%lld, %lld]", m->name,
-                           (long long)m->rows, (long long)m->cols);
+    if (m->rows <= 0 || m->cols <= 0) return refuse_empty(m);
     int64_t n = m->rows * m->cols;
     for (int64_t i = 0; i < n; i++)
-        if (!isfinite(w[i]))
-            return host->error(QL_ENUMERIC, "%s: %s at index %lld (row %lld, column %lld)", m->name,
-                               isnan(w[i]) ? "NaN" : "Inf", (long long)i, (long long)(i / m->cols),
-                               (long long)(i % m->cols));
+        if (!isfinite(w[i])) return refuse_nonfinite(m, i, w[i]);
     ql_qstate *s = state_alloc(q->type, m->rows, m->cols, q->blocksize, q->double_quant);
     if (!s) return host->error(QL_ENOMEM, "%s: out of memory", m->name);
     s->src_dtype = m->src_dtype;
@@ -185,6 +192,56 @@ int qlp_4bit_quantize(const ql_quantizer *q, const ql_matrix_desc *m, const floa
     }
     *out = s;
     return QL_OK;
+}
+
+/* The same steps on the GPU (bnb4bit_quantize.cu), straight into a host
+ * state. */
+int qlp_4bit_quantize_device(const ql_quantizer *q, const ql_matrix_desc *m, const void *dev_w, int32_t w_dtype,
+                             void *stream, ql_qstate **out)
+{
+    *out = NULL;
+    if (m->rows <= 0 || m->cols <= 0) return refuse_empty(m);
+    if (w_dtype != QL_DTYPE_F32 && w_dtype != QL_DTYPE_BF16)
+        return host->error(QL_ENOTSUP, "%s: %s quantizes float32 or bfloat16 device weights, not dtype %d", m->name,
+                           type_name(q->type), w_dtype);
+#ifdef QLP_HAVE_CUDA
+    ql_qstate *s = state_alloc(q->type, m->rows, m->cols, q->blocksize, q->double_quant);
+    if (!s) return host->error(QL_ENOMEM, "%s: out of memory", m->name);
+    s->src_dtype = m->src_dtype;
+    qlp_4bit_cuda_quant_args a = {.type = q->type,
+                                  .blocksize = q->blocksize,
+                                  .double_quant = q->double_quant,
+                                  .nested_blocksize = NESTED_BLOCKSIZE,
+                                  .n = s->n,
+                                  .w = dev_w,
+                                  .bf16 = w_dtype == QL_DTYPE_BF16,
+                                  .packed = s->packed,
+                                  .absmax = s->absmax,
+                                  .absmax_codes = s->absmax_codes,
+                                  .nested = s->nested_absmax,
+                                  .offset = &s->offset,
+                                  .stream = stream};
+    if (s->double_quant) qlp_dynamic_map_signed(a.map);
+    int64_t bad = -1;
+    float bad_value = 0.0f;
+    char err[512];
+    int rc = qlp_4bit_cuda_quantize(&a, &bad, &bad_value, err, sizeof err);
+    if (rc) {
+        state_free(s);
+        return host->error(rc > 0 ? QL_ENOTSUP : QL_ECUDA, "%s: %s quantize on the GPU: %s", m->name,
+                           type_name(q->type), err);
+    }
+    if (bad >= 0) {
+        state_free(s);
+        return refuse_nonfinite(m, bad, bad_value);
+    }
+    *out = s;
+    return QL_OK;
+#else
+    (void)dev_w;
+    (void)stream;
+    return host->error(QL_ENOTSUP, "this %s plugin was built without CUDA", type_name(q->type));
+#endif
 }
 
 /* absmax per block as the reference dequantizes it */

@@ -12,6 +12,8 @@ void qlp_4bit_destroy(ql_quantizer *q);
 int qlp_4bit_describe(const ql_quantizer *q, char *buf, size_t cap);
 double qlp_4bit_bits_per_param(const ql_quantizer *q, int64_t rows, int64_t cols);
 int qlp_4bit_quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float *w, ql_qstate **out);
+int qlp_4bit_quantize_device(const ql_quantizer *q, const ql_matrix_desc *m, const void *dev_w, int32_t w_dtype,
+                             void *stream, ql_qstate **out);
 int qlp_4bit_materialize(const ql_quantizer *q, const ql_qstate *s, int32_t out_dtype, void *out);
 int qlp_4bit_save(const ql_quantizer *q, const ql_qstate *s, const ql_tensor_writer *w);
 int qlp_4bit_load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tensor_reader *r, ql_qstate **out);
@@ -23,11 +25,11 @@ uint64_t qlp_4bit_device_workspace(const ql_quantizer *q, const ql_qstate *s, in
 int qlp_4bit_materialize_rows_device(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
                                      const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream);
 
-/* The device slots exist only in a plugin built with CUDA. */
+/* The device slots (ABI 1.1 and 1.2) exist only in a plugin built with CUDA. */
 #ifdef QLP_HAVE_CUDA
 #define QLP_4BIT_DEVICE_SLOTS                                                                     \
     .device_buffers = qlp_4bit_device_buffers, .device_workspace = qlp_4bit_device_workspace,   \
-    .materialize_rows_device = qlp_4bit_materialize_rows_device,
+    .materialize_rows_device = qlp_4bit_materialize_rows_device, .quantize_device = qlp_4bit_quantize_device,
 #else
 #define QLP_4BIT_DEVICE_SLOTS
 #endif

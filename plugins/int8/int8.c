@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "fastmath.h"
+#include "int8_ops.h"
 #ifdef QLP_HAVE_CUDA
 #include "int8_cuda.h"
 #endif
@@ -86,24 +87,18 @@ static ql_qstate *state_alloc(int64_t rows, int64_t cols)
     return s;
 }
 
-/* float32 -> float16 -> float32 with round-to-nearest-even, as torch's .half(). */
-static float round_to_half(float f)
+/* Why weight i (value v) cannot be quantized, or QL_OK. */
+static int check_weight(const ql_matrix_desc *m, int64_t i, float v)
 {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t sign = u & 0x80000000u, mag = u & 0x7fffffffu;
-    float r;
-    if (mag >= 0x477ff000u) {
-        r = INFINITY; /* at or past the rounding boundary to half's infinity */
-    } else if (mag < 0x38800000u) {
-        /* half subnormals are multiples of 2^-24: round to that grid */
-        r = nearbyintf(fabsf(f) * 16777216.0f) / 16777216.0f;
-    } else {
-        uint32_t lsb = (mag >> 13) & 1;
-        uint32_t rounded = (mag + 0x0fffu + lsb) & ~0x1fffu;
-        memcpy(&r, &rounded, 4);
-    }
-    return sign ? -r : r;
+    if (!isfinite(v))
+        return host->error(QL_ENUMERIC, "%s: %s at index %lld (row %lld, column %lld)", m->name, isnan(v) ? "NaN" : "Inf",
+                           (long long)i, (long long)(i / m->cols), (long long)(i % m->cols));
+    if (isinf(qlp_round_to_half(v)))
+        return host->error(QL_ENUMERIC,
+                           "%s: %g at index %lld is outside float16's range; int8 (LLM.int8) quantizes "
+                           "through float16",
+                           m->name, (double)v, (long long)i);
+    return QL_OK;
 }
 
 static int quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float *w, ql_qstate **out)
@@ -113,15 +108,8 @@ static int quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float 
         return host->error(QL_EINVAL, "%s: cannot quantize an empty matrix", m->name);
     int64_t n = m->rows * m->cols;
     for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(w[i]))
-            return host->error(QL_ENUMERIC, "%s: %s at index %lld (row %lld, column %lld)", m->name,
-                               isnan(w[i]) ? "NaN" : "Inf", (long long)i, (long long)(i / m->cols),
-                               (long long)(i % m->cols));
-        if (isinf(round_to_half(w[i])))
-            return host->error(QL_ENUMERIC,
-                               "%s: %g at index %lld is outside float16's range; int8 (LLM.int8) quantizes "
-                               "through float16",
-                               m->name, (double)w[i], (long long)i);
+        int rc = check_weight(m, i, w[i]);
+        if (rc) return rc;
     }
     ql_qstate *s = state_alloc(m->rows, m->cols);
     if (!s) return host->error(QL_ENOMEM, "%s: out of memory", m->name);
@@ -131,23 +119,48 @@ static int quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float 
     for (int64_t r = 0; r < m->rows; r++) {
         const float *row = w + r * cols;
         float absmax = 0.0f;
-        for (int64_t c = 0; c < cols; c++) {
-            float a = fabsf(round_to_half(row[c]));
-            if (a > absmax) absmax = a;
-        }
+        for (int64_t c = 0; c < cols; c++) absmax = qlp_int8_absmax_step(absmax, row[c]);
         s->scb[r] = absmax;
-        float scale = qlp_fdividef(127.0f, absmax);
-        for (int64_t c = 0; c < cols; c++) {
-            float v = qlp_mul_ftz(round_to_half(row[c]), scale);
-            long qv = isnan(v) ? 0 : lrintf(v); /* cvt.rni: nearest even; NaN gives 0 */
-            if (qv > 127) qv = 127;
-            if (qv < -128) qv = -128;
-            s->codes[r * cols + c] = (int8_t)qv;
-        }
+        float scale = qlp_int8_scale(absmax);
+        for (int64_t c = 0; c < cols; c++) s->codes[r * cols + c] = qlp_int8_code(row[c], scale);
     }
     *out = s;
     return QL_OK;
 }
+
+/* The same steps on the GPU (int8_quantize.cu), straight into a host state. */
+#ifdef QLP_HAVE_CUDA
+static int quantize_device(const ql_quantizer *q, const ql_matrix_desc *m, const void *dev_w, int32_t w_dtype,
+                           void *stream, ql_qstate **out)
+{
+    (void)q;
+    *out = NULL;
+    if (m->rows <= 0 || m->cols <= 0)
+        return host->error(QL_EINVAL, "%s: cannot quantize an empty matrix", m->name);
+    if (w_dtype != QL_DTYPE_F32 && w_dtype != QL_DTYPE_BF16)
+        return host->error(QL_ENOTSUP, "%s: int8 quantizes float32 or bfloat16 device weights, not dtype %d", m->name,
+                           w_dtype);
+    ql_qstate *s = state_alloc(m->rows, m->cols);
+    if (!s) return host->error(QL_ENOMEM, "%s: out of memory", m->name);
+    s->src_dtype = m->src_dtype;
+    int64_t bad = -1;
+    float bad_value = 0.0f;
+    char err[512];
+    int rc = qlp_int8_cuda_quantize(dev_w, w_dtype == QL_DTYPE_BF16, m->rows, m->cols, s->codes, s->scb, stream, &bad,
+                                    &bad_value, err, sizeof err);
+    if (rc) {
+        state_free(s);
+        return host->error(rc > 0 ? QL_ENOTSUP : QL_ECUDA, "%s: int8 quantize on the GPU: %s", m->name, err);
+    }
+    if (bad >= 0) {
+        state_free(s);
+        rc = check_weight(m, bad, bad_value);
+        return rc ? rc : host->error(QL_EINTERNAL, "%s: the GPU flagged weight %lld, which is fine", m->name, (long long)bad);
+    }
+    *out = s;
+    return QL_OK;
+}
+#endif
 
 static int materialize(const ql_quantizer *q, const ql_qstate *s, int32_t out_dtype, void *out)
 {
@@ -297,6 +310,7 @@ static const ql_quantizer_desc descriptor = {
     .device_buffers = device_buffers,
     .device_workspace = device_workspace,
     .materialize_rows_device = materialize_rows_device,
+    .quantize_device = quantize_device,
 #endif
 };
 
