@@ -75,6 +75,11 @@ typedef struct ql_backend {
      * arrays serve as backend buffers as they are.  0 (CUDA): the model's
      * weights and the LoRA parameters get backend copies (lora_model.c). */
     int host_memory;
+    /* 1 (CUDA): in bf16 precision the training attention keeps, in `probs`,
+     * only each row's log-sum-exp [B, nh, T] and the backward recomputes the
+     * probabilities a tile of QL_BE_ATT_TILE query rows at a time in the
+     * scratch; `dscores` is then unused (ql_be_attention_floats sizes both). */
+    int attention_lse;
     /* ---- context ---- */
     int (*open)(ql_be_ctx *ctx);   /* fill ctx->impl (stream, handles); may be NULL */
     void (*close)(ql_be_ctx *ctx); /* release ctx->impl; may be NULL */
@@ -225,6 +230,13 @@ struct ql_be_ctx {
     int status;         /* QL_OK, or the code of the first failed op not yet checked */
     char message[1024]; /* that failure's message */
 };
+
+/* Query rows of one tile of the bf16 attention (attention_lse) */
+#define QL_BE_ATT_TILE 256
+
+/* Floats of `probs` (which = 0) or `dscores` (which = 1) that the training
+ * attention of backend be needs under `precision`. */
+int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, int64_t B, int64_t T, int nh);
 
 /* Scratch that ops need under `precision` for products of at most `rows`
  * rows by [out, in] weights (max_in, max_out the largest in and out, max_w

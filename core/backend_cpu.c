@@ -458,18 +458,26 @@ const char *ql_be_precision_name(int precision) { return precision == QL_PREC_BF
 
 static size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 
+int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, int64_t B, int64_t T, int nh)
+{
+    if (be->attention_lse && precision == QL_PREC_BF16) return which ? 0 : B * nh * T;
+    return B * nh * T * T;
+}
+
 size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
                            int nh, int nkv, int hd)
 {
     if (precision != QL_PREC_BF16) return 0;
     /* products: the rounded activation (4 bytes an element on the CPU, 2 on
      * the GPU) then the weights; attention (CUDA): bf16 q, k, v and dout,
-     * then one sequence's probabilities and score gradients */
+     * then one query tile's scores and their gradient (float32) and both in
+     * bf16 */
     const int64_t io = max_in > max_out ? max_in : max_out;
     const size_t prod = align256((size_t)(rows * io) * 4) + align256((size_t)max_w * 4);
-    const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
+    const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, tile = T < QL_BE_ATT_TILE ? T : QL_BE_ATT_TILE;
+    const size_t sq = (size_t)((int64_t)nh * tile * T);
     const size_t att = align256((size_t)(rows * qd) * 2) * 2 + align256((size_t)(rows * kvd) * 2) * 2 +
-                       align256((size_t)((int64_t)nh * T * T) * 2) * 2;
+                       align256(sq * 4) * 2 + align256(sq * 2) * 2;
     return prod > att ? prod : att;
 }
 

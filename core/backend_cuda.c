@@ -547,31 +547,38 @@ static int cuda_attention_forward(ql_be_ctx *ctx, float *out, const float *q, co
 
 /* ---- attention in bf16: the products through cuBLAS (tensor cores) ----
  *
- * Per sequence b of n = len[b] rows and per kv head j, a strided batch over
- * its g = nh / nkv query heads (the key operand shared, stride 0):
- *   forward:  S_h = scale Q_h K_j^T into probs (backend.h's [nh, n, n] block),
- *             softmax in place (P16 beside it), O_h = P16_h V_j;
- *   backward: dP_h = dO_h V_j^T into dscores, dS = P (dP - rowsum) (dS16),
- *             dQ_h = scale dS_h K_j, dK_j = scale sum_h dS_h^T Q_h,
- *             dV_j = sum_h P_h^T dO_h (one call per group member, adding).
- * The square products cover the masked half too (zeros in P and dS). */
+ * Per sequence b of n = len[b] rows, per tile of QL_BE_ATT_TILE query rows
+ * t0 .. t1-1 (keys k0 .. t1-1, k0 = band_start(t0): the causal part only),
+ * per kv head j a strided batch over its g = nh / nkv query heads (the key
+ * operand shared, stride 0):
+ *   forward:  S_h = scale Q_h K_j^T, P = softmax(S) (bf16) and the row's
+ *             log-sum-exp into probs ([B, nh, T]), O_h = P_h V_j;
+ *   backward: S again, dP_h = dO_h V_j^T, P = exp(S - lse),
+ *             dS = P (dP - rowsum(P dP)), dQ_h = scale dS_h K_j,
+ *             dK_j += scale dS_h^T Q_h, dV_j += P_h^T dO_h (one call per
+ *             group member, adding over tiles and members).
+ * No [T, T] matrix exists: a tile's scores take nh x 256 x T floats. */
 typedef struct att16 {
     uint16_t *q, *k, *v, *dout; /* the batch's operands in bf16 */
-    uint16_t *p, *ds;           /* one sequence's [nh, n, n] */
+    float *s, *dp;              /* one tile's scores and their gradient [nh, tile, <= T] */
+    uint16_t *p, *ds;           /* the same in bf16 */
 } att16;
 
 static int att16_operands(ql_be_ctx *ctx, att16 *a, const float *q, const float *k, const float *v, const float *dout,
                           const ql_be_batch *mb, int nh, int nkv, int hd)
 {
     const int64_t R = mb->B * mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, T = mb->T;
+    const int64_t tile = T < QL_BE_ATT_TILE ? T : QL_BE_ATT_TILE, sq = (int64_t)nh * tile * T;
     size_t off = 0;
     memset(a, 0, sizeof *a);
     int rc = carve(ctx, &off, (size_t)(R * qd) * 2, (void **)&a->q, "attention");
     if (!rc) rc = carve(ctx, &off, (size_t)(R * qd) * 2, (void **)&a->dout, "attention");
     if (!rc) rc = carve(ctx, &off, (size_t)(R * kvd) * 2, (void **)&a->k, "attention");
     if (!rc) rc = carve(ctx, &off, (size_t)(R * kvd) * 2, (void **)&a->v, "attention");
-    if (!rc) rc = carve(ctx, &off, (size_t)((int64_t)nh * T * T) * 2, (void **)&a->p, "attention");
-    if (!rc) rc = carve(ctx, &off, (size_t)((int64_t)nh * T * T) * 2, (void **)&a->ds, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)sq * 4, (void **)&a->s, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)sq * 4, (void **)&a->dp, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)sq * 2, (void **)&a->p, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)sq * 2, (void **)&a->ds, "attention");
     if (!rc) rc = to_bf16(ctx, a->q, q, R * qd);
     if (!rc) rc = to_bf16(ctx, a->k, k, R * kvd);
     if (!rc) rc = to_bf16(ctx, a->v, v, R * kvd);
@@ -579,32 +586,52 @@ static int att16_operands(ql_be_ctx *ctx, att16 *a, const float *q, const float 
     return rc;
 }
 
-static int attention16_forward(ql_be_ctx *ctx, float *out, float *probs, const float *q, const float *k,
-                               const float *v, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+/* first key of the tile starting at query t0 */
+static int64_t tile_k0(int64_t t0, int window) { return window > 0 && t0 >= window ? t0 - window + 1 : 0; }
+
+/* C_h = alpha A_h X_j^T for the tile's m query rows and kn keys, every
+ * head h of kv head j: S = scale Q K^T (a = q16, x = k16) or dP = dO V^T
+ * (a = dout16, x = v16); c is [nh, m, kn] */
+static int tile_products(ql_be_ctx *ctx, const uint16_t *a16, const uint16_t *x16, float alpha, int64_t b, int64_t T,
+                         int64_t t0, int64_t m, int64_t k0, int64_t kn, int nh, int nkv, int hd, float *c,
+                         const char *op)
+{
+    const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv, mk = m * kn;
+    int rc = QL_OK;
+    for (int j = 0; j < nkv && !rc; j++)
+        rc = gemm16(ctx, 0, 1, m, kn, hd, alpha, a16 + (b * T + t0) * qd + j * g * hd, qd, hd,
+                    x16 + (b * T + k0) * kvd + j * hd, kvd, 0, 0.0f, c + j * g * mk, kn, mk, g, op);
+    return rc;
+}
+
+static int attention16_forward(ql_be_ctx *ctx, float *out, float *lse, const float *q, const float *k, const float *v,
+                               const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
     const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv;
-    const float scale = 1.0f / sqrtf((float)hd);
     att16 a;
     int rc = att16_operands(ctx, &a, q, k, v, NULL, mb, nh, nkv, hd);
     if (!rc) rc = cuda_zero(ctx, out, (size_t)(mb->B * T * qd) * 4);
     for (int64_t b = 0; b < mb->B && !rc; b++) {
-        const int64_t n = mb->len[b], nn = n * n;
-        if (n == 0) continue;
-        float *p = probs + b * nh * T * T;
-        for (int j = 0; j < nkv && !rc; j++)
-            rc = gemm16(ctx, 0, 1, n, n, hd, scale, a.q + b * T * qd + j * g * hd, qd, hd, a.k + b * T * kvd + j * hd,
-                        kvd, 0, 0.0f, p + j * g * nn, n, nn, g, "attention scores");
-        if (!rc) rc = launched(qlk_softmax_rows(stream(ctx), p, a.p, nh, n, window), "attention softmax");
-        for (int j = 0; j < nkv && !rc; j++)
-            rc = gemm16(ctx, 0, 0, n, hd, n, 1.0f, a.p + j * g * nn, n, nn, a.v + b * T * kvd + j * hd, kvd, 0, 0.0f,
-                        out + b * T * qd + j * g * hd, qd, hd, g, "attention values");
+        const int64_t n = mb->len[b];
+        for (int64_t t0 = 0; t0 < n && !rc; t0 += QL_BE_ATT_TILE) {
+            const int64_t m = n - t0 < QL_BE_ATT_TILE ? n - t0 : QL_BE_ATT_TILE, k0 = tile_k0(t0, window),
+                          kn = t0 + m - k0, mk = m * kn;
+            rc = tile_products(ctx, a.q, a.k, 1.0f / sqrtf((float)hd), b, T, t0, m, k0, kn, nh, nkv, hd, a.s,
+                               "attention scores");
+            if (!rc)
+                rc = launched(qlk_tile_softmax(stream(ctx), a.s, a.p, lse + b * nh * T, T, nh, t0, m, k0, kn, window),
+                              "attention softmax");
+            for (int j = 0; j < nkv && !rc; j++)
+                rc = gemm16(ctx, 0, 0, m, hd, kn, 1.0f, a.p + j * g * mk, kn, mk, a.v + (b * T + k0) * kvd + j * hd,
+                            kvd, 0, 0.0f, out + (b * T + t0) * qd + j * g * hd, qd, hd, g, "attention values");
+        }
     }
     return rc;
 }
 
-static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
-                                const float *q, const float *k, const float *v, const float *probs,
-                                const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                const float *k, const float *v, const float *lse, const ql_be_batch *mb, int nh,
+                                int nkv, int hd, int window)
 {
     const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -614,27 +641,28 @@ static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv,
     if (!rc) rc = cuda_zero(ctx, dk, (size_t)(mb->B * T * kvd) * 4);
     if (!rc) rc = cuda_zero(ctx, dv, (size_t)(mb->B * T * kvd) * 4);
     for (int64_t b = 0; b < mb->B && !rc; b++) {
-        const int64_t n = mb->len[b], nn = n * n;
-        if (n == 0) continue;
-        const float *p = probs + b * nh * T * T;
-        float *ds = dscores + b * nh * T * T;
-        const uint16_t *qb = a.q + b * T * qd, *kb = a.k + b * T * kvd, *vb = a.v + b * T * kvd,
-                       *ob = a.dout + b * T * qd;
-        for (int j = 0; j < nkv && !rc; j++) /* dP */
-            rc = gemm16(ctx, 0, 1, n, n, hd, 1.0f, ob + j * g * hd, qd, hd, vb + j * hd, kvd, 0, 0.0f, ds + j * g * nn,
-                        n, nn, g, "attention backward");
-        if (!rc) rc = launched(qlk_softmax_rows_backward(stream(ctx), ds, a.ds, p, nh, n, window), "attention backward");
-        if (!rc) rc = to_bf16(ctx, a.p, p, (int64_t)nh * nn);
-        for (int j = 0; j < nkv && !rc; j++) /* dQ */
-            rc = gemm16(ctx, 0, 0, n, hd, n, scale, a.ds + j * g * nn, n, nn, kb + j * hd, kvd, 0, 0.0f,
-                        dq + b * T * qd + j * g * hd, qd, hd, g, "attention backward");
-        for (int64_t r = 0; r < g && !rc; r++) { /* dK, dV: member r of every group, batched over the kv heads */
-            const float beta = r ? 1.0f : 0.0f;
-            rc = gemm16(ctx, 1, 0, n, hd, n, scale, a.ds + r * nn, n, g * nn, qb + r * hd, qd, g * hd, beta,
-                        dk + b * T * kvd, kvd, hd, nkv, "attention backward");
+        const int64_t n = mb->len[b];
+        for (int64_t t0 = 0; t0 < n && !rc; t0 += QL_BE_ATT_TILE) {
+            const int64_t m = n - t0 < QL_BE_ATT_TILE ? n - t0 : QL_BE_ATT_TILE, k0 = tile_k0(t0, window),
+                          kn = t0 + m - k0, mk = m * kn;
+            rc = tile_products(ctx, a.q, a.k, scale, b, T, t0, m, k0, kn, nh, nkv, hd, a.s, "attention backward");
             if (!rc)
-                rc = gemm16(ctx, 1, 0, n, hd, n, 1.0f, a.p + r * nn, n, g * nn, ob + r * hd, qd, g * hd, beta,
-                            dv + b * T * kvd, kvd, hd, nkv, "attention backward");
+                rc = tile_products(ctx, a.dout, a.v, 1.0f, b, T, t0, m, k0, kn, nh, nkv, hd, a.dp, "attention backward");
+            if (!rc)
+                rc = launched(qlk_tile_softmax_backward(stream(ctx), a.s, a.dp, a.p, a.ds, lse + b * nh * T, T, nh, t0,
+                                                        m, k0, kn, window),
+                              "attention backward");
+            for (int j = 0; j < nkv && !rc; j++) /* dQ */
+                rc = gemm16(ctx, 0, 0, m, hd, kn, scale, a.ds + j * g * mk, kn, mk, a.k + (b * T + k0) * kvd + j * hd,
+                            kvd, 0, 0.0f, dq + (b * T + t0) * qd + j * g * hd, qd, hd, g, "attention backward");
+            for (int64_t r = 0; r < g && !rc; r++) { /* dK, dV: member r of every group, batched over the kv heads */
+                const uint16_t *qr = a.q + (b * T + t0) * qd + r * hd, *orow = a.dout + (b * T + t0) * qd + r * hd;
+                rc = gemm16(ctx, 1, 0, kn, hd, m, scale, a.ds + r * mk, kn, g * mk, qr, qd, g * hd, 1.0f,
+                            dk + (b * T + k0) * kvd, kvd, hd, nkv, "attention backward");
+                if (!rc)
+                    rc = gemm16(ctx, 1, 0, kn, hd, m, 1.0f, a.p + r * mk, kn, g * mk, orow, qd, g * hd, 1.0f,
+                                dv + (b * T + k0) * kvd, kvd, hd, nkv, "attention backward");
+            }
         }
     }
     return rc;
@@ -657,7 +685,7 @@ static int cuda_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *
                                    const float *probs, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
     if (ctx->precision == QL_PREC_BF16)
-        return attention16_backward(ctx, dq, dk, dv, dscores, dout, q, k, v, probs, mb, nh, nkv, hd, window);
+        return attention16_backward(ctx, dq, dk, dv, dout, q, k, v, probs, mb, nh, nkv, hd, window);
     const int32_t *len = NULL;
     int rc = stage_len(ctx, mb, &len);
     return rc ? rc
@@ -767,6 +795,7 @@ static int cuda_adamw(ql_be_ctx *ctx, float *params, float *m, float *v, const f
 static const ql_backend cuda_backend = {
     .name = "cuda",
     .host_memory = 0,
+    .attention_lse = 1,
     .open = cuda_open,
     .close = cuda_close,
     .sync = cuda_sync,

@@ -629,7 +629,8 @@ static void plan_acts(ql_lora_model *lm, layer_acts *a, int layer, const dims *d
         ql_plan_add(p, A, (void **)&a->rstdq, R * d->nh, 4);
         ql_plan_add(p, A, (void **)&a->rstdk, R * d->nkv, 4);
     }
-    ql_plan_add(p, A, (void **)&a->probs, B * d->nh * d->T * d->T, 4);
+    ql_plan_add(p, A, (void **)&a->probs,
+                ql_be_attention_floats(lm->ctx->be, lm->precision, 0, B, d->T, d->nh), 4);
     ql_plan_add(p, A, (void **)&a->att, R * d->qd, 4);
     ql_plan_add(p, A, (void **)&a->xmid, R * d->H, 4);
     ql_plan_add(p, A, (void **)&a->xn2, R * d->H, 4);
@@ -744,7 +745,7 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
             ql_plan_add(p, S, (void **)&s->dqpre, d.R * d.qd, 4);
             ql_plan_add(p, S, (void **)&s->dkpre, d.R * d.kvd, 4);
         }
-        ql_plan_add(p, S, (void **)&s->dscores, B * d.nh * T * T, 4);
+        ql_plan_add(p, S, (void **)&s->dscores, ql_be_attention_floats(lm->ctx->be, lm->precision, 1, B, T, d.nh), 4);
         ql_plan_add(p, S, (void **)&s->dh, d.R * (d.r > 0 ? d.r : 1), 4);
         int64_t widest = d.I > d.qd ? d.I : d.qd;
         if (d.H > widest) widest = d.H;

@@ -61,13 +61,16 @@ int qlk_sum_squares(void *stream, double *out, double *partials, const float *x,
 /* bf16 conversions: dst[n] = bf16(src) rounded to nearest even, and back */
 int qlk_f32_to_bf16(void *stream, uint16_t *dst, const float *src, int64_t n);
 int qlk_bf16_to_f32(void *stream, float *dst, const uint16_t *src, int64_t n);
-/* Causal softmax in place on scores p[nh, n, n] (already scaled), query t
- * seeing keys band_start(t) .. t, zeros elsewhere; p16 gets bf16 copies. */
-int qlk_softmax_rows(void *stream, float *p, uint16_t *p16, int nh, int64_t n, int window);
-/* Softmax backward in place: ds[nh, n, n] holds dP on entry and dS = P (dP -
- * rowsum(P dP)) on return (zeros outside the band); ds16 gets bf16 copies. */
-int qlk_softmax_rows_backward(void *stream, float *ds, uint16_t *ds16, const float *p, int nh, int64_t n, int window);
-
+/* One query tile of the bf16 attention: rows t0 .. t0+m-1 of a sequence,
+ * keys k0 .. k0+kn-1 (query t sees band_start(t) .. t); s[nh, m, kn] the
+ * scaled scores.  Forward: p16 = softmax (bf16), lse[h * ld_lse + t] = the
+ * row's log-sum-exp.  Backward (dp[nh, m, kn] = dO V^T): P = exp(s - lse),
+ * dS = P (dP - rowsum(P dP)); p16, ds16 their bf16 copies. */
+int qlk_tile_softmax(void *stream, const float *s, uint16_t *p16, float *lse, int64_t ld_lse, int nh, int64_t t0,
+                     int64_t m, int64_t k0, int64_t kn, int window);
+int qlk_tile_softmax_backward(void *stream, const float *s, const float *dp, uint16_t *p16, uint16_t *ds16,
+                              const float *lse, int64_t ld_lse, int nh, int64_t t0, int64_t m, int64_t k0, int64_t kn,
+                              int window);
 #ifdef __cplusplus
 }
 #endif

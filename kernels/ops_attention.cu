@@ -233,52 +233,69 @@ extern "C" int qlk_bf16_to_f32(void *stream, float *dst, const uint16_t *src, in
     return qlk_status();
 }
 
-/* one block per row (t, h) of [nh, n, n] */
-__global__ void k_softmax_rows(float *p, uint16_t *p16, int64_t n, int window)
+/* ---- one query tile of the bf16 attention (log-sum-exp kept, backward recomputes) ---- */
+
+/* row i (query t0 + i) of head h: its keys in tile coordinates [lo, hi] */
+__device__ inline void tile_band(int64_t t0, int64_t i, int64_t k0, int window, int64_t *lo, int64_t *hi)
 {
-    const int64_t t = blockIdx.x, h = blockIdx.y, s0 = band_start(t, window);
-    float *row = p + (h * n + t) * n;
-    uint16_t *r16 = p16 + (h * n + t) * n;
-    float mx = -INFINITY;
-    for (int64_t s = s0 + threadIdx.x; s <= t; s += blockDim.x) mx = fmaxf(mx, row[s]);
-    mx = qlk_block_max(mx, -INFINITY);
-    double sum = 0;
-    for (int64_t s = s0 + threadIdx.x; s <= t; s += blockDim.x) sum += ql_expf(row[s] - mx);
-    sum = qlk_block_sum(sum);
-    const float inv = (float)(1.0 / sum);
-    for (int64_t s = threadIdx.x; s < n; s += blockDim.x) {
-        const float e = s < s0 || s > t ? 0.0f : ql_expf(row[s] - mx) * inv;
-        row[s] = e;
-        r16[s] = to_bf16(e);
-    }
+    const int64_t t = t0 + i;
+    *lo = band_start(t, window) - k0;
+    *hi = t - k0;
 }
 
-extern "C" int qlk_softmax_rows(void *stream, float *p, uint16_t *p16, int nh, int64_t n, int window)
+__global__ void k_tile_softmax(const float *s, uint16_t *p16, float *lse, int64_t ld_lse, int64_t t0, int64_t m,
+                               int64_t k0, int64_t kn, int window)
 {
-    if (n > 0) k_softmax_rows<<<dim3((unsigned)n, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(p, p16, n, window);
+    const int64_t i = blockIdx.x, h = blockIdx.y;
+    const float *row = s + (h * m + i) * kn;
+    uint16_t *r16 = p16 + (h * m + i) * kn;
+    int64_t lo, hi;
+    tile_band(t0, i, k0, window, &lo, &hi);
+    float mx = -INFINITY;
+    for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) mx = fmaxf(mx, row[j]);
+    mx = qlk_block_max(mx, -INFINITY);
+    double sum = 0;
+    for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) sum += ql_expf(row[j] - mx);
+    sum = qlk_block_sum(sum);
+    const float inv = (float)(1.0 / sum);
+    for (int64_t j = threadIdx.x; j < kn; j += blockDim.x)
+        r16[j] = to_bf16(j < lo || j > hi ? 0.0f : ql_expf(row[j] - mx) * inv);
+    if (threadIdx.x == 0) lse[h * ld_lse + t0 + i] = (float)((double)mx + log(sum));
+}
+
+extern "C" int qlk_tile_softmax(void *stream, const float *s, uint16_t *p16, float *lse, int64_t ld_lse, int nh,
+                                int64_t t0, int64_t m, int64_t k0, int64_t kn, int window)
+{
+    if (m > 0)
+        k_tile_softmax<<<dim3((unsigned)m, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(s, p16, lse, ld_lse, t0, m, k0,
+                                                                                     kn, window);
     return qlk_status();
 }
 
-__global__ void k_softmax_rows_bwd(float *ds, uint16_t *ds16, const float *p, int64_t n, int window)
+__global__ void k_tile_softmax_bwd(const float *s, const float *dp, uint16_t *p16, uint16_t *ds16, const float *lse,
+                                   int64_t ld_lse, int64_t t0, int64_t m, int64_t k0, int64_t kn, int window)
 {
-    const int64_t t = blockIdx.x, h = blockIdx.y, s0 = band_start(t, window);
-    float *row = ds + (h * n + t) * n;
-    const float *pr = p + (h * n + t) * n;
-    uint16_t *r16 = ds16 + (h * n + t) * n;
+    const int64_t i = blockIdx.x, h = blockIdx.y, off = (h * m + i) * kn;
+    const float *row = s + off, *dpr = dp + off;
+    int64_t lo, hi;
+    tile_band(t0, i, k0, window, &lo, &hi);
+    const float l = lse[h * ld_lse + t0 + i];
     double pdp = 0;
-    for (int64_t s = s0 + threadIdx.x; s <= t; s += blockDim.x) pdp += (double)pr[s] * row[s];
+    for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) pdp += (double)ql_expf(row[j] - l) * dpr[j];
     pdp = qlk_block_sum(pdp);
-    for (int64_t s = threadIdx.x; s < n; s += blockDim.x) {
-        const float d = s < s0 || s > t ? 0.0f : pr[s] * (float)((double)row[s] - pdp);
-        row[s] = d;
-        r16[s] = to_bf16(d);
+    for (int64_t j = threadIdx.x; j < kn; j += blockDim.x) {
+        const float p = j < lo || j > hi ? 0.0f : ql_expf(row[j] - l);
+        p16[off + j] = to_bf16(p);
+        ds16[off + j] = to_bf16(p * (float)((double)dpr[j] - pdp));
     }
 }
 
-extern "C" int qlk_softmax_rows_backward(void *stream, float *ds, uint16_t *ds16, const float *p, int nh, int64_t n,
-                                         int window)
+extern "C" int qlk_tile_softmax_backward(void *stream, const float *s, const float *dp, uint16_t *p16, uint16_t *ds16,
+                                         const float *lse, int64_t ld_lse, int nh, int64_t t0, int64_t m, int64_t k0,
+                                         int64_t kn, int window)
 {
-    if (n > 0)
-        k_softmax_rows_bwd<<<dim3((unsigned)n, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(ds, ds16, p, n, window);
+    if (m > 0)
+        k_tile_softmax_bwd<<<dim3((unsigned)m, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(s, dp, p16, ds16, lse, ld_lse,
+                                                                                          t0, m, k0, kn, window);
     return qlk_status();
 }
