@@ -590,24 +590,39 @@ static int att16_operands(ql_be_ctx *ctx, att16 *a, const float *q, const float 
 static int64_t tile_k0(int64_t t0, int window) { return window > 0 && t0 >= window ? t0 - window + 1 : 0; }
 
 /* C_h = alpha A_h X_j^T for the tile's m query rows and kn keys, every
- * head h of kv head j: S = scale Q K^T (a = q16, x = k16) or dP = dO V^T
- * (a = dout16, x = v16); c is [nh, m, kn] */
+ * head h = j g + r of kv head j: S = scale Q K^T (a = q16, x = k16) or
+ * dP = dO V^T (a = dout16, x = v16); c is [nh, m, kn].  One strided batch
+ * over the kv heads per group member r (one call in all without GQA). */
 static int tile_products(ql_be_ctx *ctx, const uint16_t *a16, const uint16_t *x16, float alpha, int64_t b, int64_t T,
                          int64_t t0, int64_t m, int64_t k0, int64_t kn, int nh, int nkv, int hd, float *c,
                          const char *op)
 {
     const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv, mk = m * kn;
     int rc = QL_OK;
-    for (int j = 0; j < nkv && !rc; j++)
-        rc = gemm16(ctx, 0, 1, m, kn, hd, alpha, a16 + (b * T + t0) * qd + j * g * hd, qd, hd,
-                    x16 + (b * T + k0) * kvd + j * hd, kvd, 0, 0.0f, c + j * g * mk, kn, mk, g, op);
+    for (int64_t r = 0; r < g && !rc; r++)
+        rc = gemm16(ctx, 0, 1, m, kn, hd, alpha, a16 + (b * T + t0) * qd + r * hd, qd, g * hd,
+                    x16 + (b * T + k0) * kvd, kvd, hd, 0.0f, c + r * mk, kn, g * mk, nkv, op);
+    return rc;
+}
+
+/* out_h = alpha P_h X_j (P = p16 [nh, m, kn], X = v16 or k16 rows k0..):
+ * O = P V, or dQ = scale dS K; out rows t0.. of [B*T, nh*hd], heads batched as above */
+static int tile_apply(ql_be_ctx *ctx, const uint16_t *p16, const uint16_t *x16, float alpha, int64_t b, int64_t T,
+                      int64_t t0, int64_t m, int64_t k0, int64_t kn, int nh, int nkv, int hd, float *out,
+                      const char *op)
+{
+    const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv, mk = m * kn;
+    int rc = QL_OK;
+    for (int64_t r = 0; r < g && !rc; r++)
+        rc = gemm16(ctx, 0, 0, m, hd, kn, alpha, p16 + r * mk, kn, g * mk, x16 + (b * T + k0) * kvd, kvd, hd, 0.0f,
+                    out + (b * T + t0) * qd + r * hd, qd, g * hd, nkv, op);
     return rc;
 }
 
 static int attention16_forward(ql_be_ctx *ctx, float *out, float *lse, const float *q, const float *k, const float *v,
                                const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
-    const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv;
+    const int64_t T = mb->T, qd = (int64_t)nh * hd;
     att16 a;
     int rc = att16_operands(ctx, &a, q, k, v, NULL, mb, nh, nkv, hd);
     if (!rc) rc = cuda_zero(ctx, out, (size_t)(mb->B * T * qd) * 4);
@@ -615,15 +630,13 @@ static int attention16_forward(ql_be_ctx *ctx, float *out, float *lse, const flo
         const int64_t n = mb->len[b];
         for (int64_t t0 = 0; t0 < n && !rc; t0 += QL_BE_ATT_TILE) {
             const int64_t m = n - t0 < QL_BE_ATT_TILE ? n - t0 : QL_BE_ATT_TILE, k0 = tile_k0(t0, window),
-                          kn = t0 + m - k0, mk = m * kn;
+                          kn = t0 + m - k0;
             rc = tile_products(ctx, a.q, a.k, 1.0f / sqrtf((float)hd), b, T, t0, m, k0, kn, nh, nkv, hd, a.s,
                                "attention scores");
             if (!rc)
                 rc = launched(qlk_tile_softmax(stream(ctx), a.s, a.p, lse + b * nh * T, T, nh, t0, m, k0, kn, window),
                               "attention softmax");
-            for (int j = 0; j < nkv && !rc; j++)
-                rc = gemm16(ctx, 0, 0, m, hd, kn, 1.0f, a.p + j * g * mk, kn, mk, a.v + (b * T + k0) * kvd + j * hd,
-                            kvd, 0, 0.0f, out + (b * T + t0) * qd + j * g * hd, qd, hd, g, "attention values");
+            if (!rc) rc = tile_apply(ctx, a.p, a.v, 1.0f, b, T, t0, m, k0, kn, nh, nkv, hd, out, "attention values");
         }
     }
     return rc;
@@ -652,9 +665,7 @@ static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv,
                 rc = launched(qlk_tile_softmax_backward(stream(ctx), a.s, a.dp, a.p, a.ds, lse + b * nh * T, T, nh, t0,
                                                         m, k0, kn, window),
                               "attention backward");
-            for (int j = 0; j < nkv && !rc; j++) /* dQ */
-                rc = gemm16(ctx, 0, 0, m, hd, kn, scale, a.ds + j * g * mk, kn, mk, a.k + (b * T + k0) * kvd + j * hd,
-                            kvd, 0, 0.0f, dq + (b * T + t0) * qd + j * g * hd, qd, hd, g, "attention backward");
+            if (!rc) rc = tile_apply(ctx, a.ds, a.k, scale, b, T, t0, m, k0, kn, nh, nkv, hd, dq, "attention backward");
             for (int64_t r = 0; r < g && !rc; r++) { /* dK, dV: member r of every group, batched over the kv heads */
                 const uint16_t *qr = a.q + (b * T + t0) * qd + r * hd, *orow = a.dout + (b * T + t0) * qd + r * hd;
                 rc = gemm16(ctx, 1, 0, kn, hd, m, scale, a.ds + r * mk, kn, g * mk, qr, qd, g * hd, 1.0f,
