@@ -402,6 +402,87 @@ END_TEST
 /* --device cuda: on a machine without a usable GPU (CI) a clear refusal that
  * writes nothing; with one, the same files as --device cpu.  --device takes
  * only cpu, cuda and auto. */
+/* --device, --precision and --optim of train, eval and bench: bad values are
+ * usage errors; a missing GPU is an error before anything is written (here,
+ * in CI, there is none); QLORA_DEVICE sets the default; `qlora bench` on the
+ * CPU writes its JSON lines and table, and --json atomically. */
+START_TEST(test_device_flags)
+{
+    char *model = model_dir();
+    char *parent = fresh_dir();
+    char *run = join(parent, "run");
+    char *data = join(tu_env("QLORA_SHARED"), "data/alpaca/alpaca_en_demo.json");
+    char *out, *err;
+    static const char *const bad[][2] = {
+        {"--device tpu", "train: --device tpu: use cpu, cuda or auto"},
+        {"--precision fp8", "train: --precision fp8: use fp32, bf16 or auto"},
+        {"--optim sgd", "train: --optim sgd: use adamw, paged_adamw (paged_adamw_32bit) or auto"},
+    };
+    for (int i = 0; i < 3; i++) {
+        int st = qlora(&out, &err, "train --model '%s' --data '%s' --output '%s' --steps 1 %s", model, data, run,
+                       bad[i][0]);
+        ck_assert_int_eq(st, 2);
+        ck_assert_contains(err, bad[i][1]);
+        ck_assert_msg(!ql_path_exists(run), "%s was written", run);
+        free(out), free(err);
+    }
+    int st = qlora(&out, &err, "eval --model '%s' --data '%s' --format alpaca --precision x", model, data);
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "eval: --precision x: use fp32, bf16 or auto");
+    free(out), free(err);
+    if (!ql_backend_cuda()) {
+        ql_error_clear();
+        st = qlora(&out, &err, "train --model '%s' --data '%s' --output '%s' --steps 1 --device cuda --quiet", model,
+                   data, run);
+        ck_assert_int_ne(st, 0);
+        ck_assert_contains(err, "device cuda is not available");
+        ck_assert_msg(!ql_path_exists(run), "%s was written", run);
+        free(out), free(err);
+        /* the default from the environment */
+        char cmd[8400];
+        snprintf(cmd, sizeof cmd, "QLORA_DEVICE=cuda '%s' eval --model '%s' --data '%s' --format alpaca --quiet",
+                 tu_env("QLORA_BIN"), model, data);
+        st = tu_run(cmd, &out, &err);
+        ck_assert_int_ne(st, 0);
+        ck_assert_contains(err, "device cuda is not available");
+        free(out), free(err);
+    }
+    /* auto on this machine, and the run config says what it chose */
+    st = qlora(&out, &err, "train --model '%s' --data '%s' --output '%s' --steps 1 --grad-accum 1 --max-examples 8 "
+                           "--device auto --quiet", model, data, run);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(err, "\"event\": \"device\"");
+    free(out), free(err);
+    char *cfgp = join(run, "run_config.json");
+    char *cfg = slurp(cfgp, NULL);
+    ck_assert_contains(cfg, ql_backend_cuda() ? "\"device\": \"cuda\"" : "\"device\": \"cpu\"");
+    ck_assert_contains(cfg, "\"precision\": ");
+    free(cfg), free(cfgp);
+    /* bench on the CPU: JSON lines, then the table; --json FILE whole */
+    st = qlora(&out, &err, "bench --device cpu --shapes 7b --layers 1 --seq 8 --lora-r 2 --steps 1 --warmup 0 --quiet");
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "{\"bench\": \"step\", \"impl\": \"qlora\", \"shape\": \"7b\"");
+    ck_assert_contains(out, "tokens/s");
+    free(out), free(err);
+    char *json = join(parent, "bench.jsonl");
+    st = qlora(&out, &err, "bench --device cpu --shapes 7b --layers 1 --seq 8 --lora-r 2 --steps 1 --warmup 0 --quiet "
+                           "--json '%s'", json);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    char *j = slurp(json, NULL);
+    ck_assert_contains(j, "\"tokens_per_s\": ");
+    free(j), free(out), free(err);
+    st = qlora(&out, &err, "bench --shapes 8b --device cpu");
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "unknown shape '8b'");
+    free(out), free(err);
+    st = qlora(&out, &err, "bench --only linear --device cpu");
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "bench: --only linear");
+    free(out), free(err);
+    free(json), free(data), free(run), free(parent), free(model);
+}
+END_TEST
+
 START_TEST(test_quantize_device)
 {
     char *model = model_dir();
@@ -1732,6 +1813,7 @@ Suite *cli_suite(void)
     tcase_add_test(tc, test_config_fields_checked);
     tcase_add_test(tc, test_fifo_inputs_refused);
     tcase_add_test(tc, test_merge_zero_dim_tensor);
+    tcase_add_test(tc, test_device_flags);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("abi");

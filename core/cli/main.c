@@ -56,7 +56,16 @@ static const char usage_text[] =
     "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so, optionally\n"
     "followed by :key=value,... options, e.g. nf4:double_quant=0,blocksize=64.\n"
     "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree.\n"
-    "Progress goes to stderr: a live line on a terminal, JSON lines otherwise (--quiet turns it off).\n";
+    "Progress goes to stderr: a live line on a terminal, JSON lines otherwise (--quiet turns it off).\n"
+    "--device defaults to $QLORA_DEVICE when it is cpu, cuda or auto, else auto (cuda when a GPU is present).\n";
+
+/* --device when not given: $QLORA_DEVICE (cpu, cuda or auto), else auto
+ * (the test suites set cpu, so they compute the same on a machine with a GPU) */
+static const char *default_device(void)
+{
+    const char *e = getenv("QLORA_DEVICE");
+    return e && (!strcmp(e, "cpu") || !strcmp(e, "cuda") || !strcmp(e, "auto")) ? e : "auto";
+}
 
 static int fail(int rc)
 {
@@ -284,7 +293,7 @@ static int cmd_train(int argc, char **argv)
     };
     ql_train_opts o;
     ql_train_opts_default(&o);
-    o.device = "auto";
+    o.device = default_device();
     const char *format = "alpaca";
     long lv;
     double dv;
@@ -376,6 +385,7 @@ static int cmd_bench(int argc, char **argv)
     };
     ql_bench_opts o;
     ql_bench_opts_default(&o);
+    o.device = default_device();
     const char *only = "step", *json_path = NULL;
     long lv;
     double dv;
@@ -496,7 +506,7 @@ static int cmd_eval(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *data = NULL, *format = "text", *quantizer = NULL, *adapter = NULL, *mmlu = NULL,
-               *mmlu_split = "test", *device = "auto", *precision = "auto";
+               *mmlu_split = "test", *device = default_device(), *precision = "auto";
     long shots = 5, batch = 8;
     long max_examples = 0, max_len = 0, source_max_len = 1024, target_max_len = 256;
     int progress = 1, c, bad = 0;
