@@ -107,7 +107,9 @@ typedef struct ql_backend {
      * device_workspace(out) bytes, or NULL where the plugin has no device
      * materialize: the weights are then materialized on the host into
      * host_scratch [out * in] and copied over (the slow path).  dtype:
-     * QL_DTYPE_F32 (float w[out, in]) or QL_DTYPE_BF16 (uint16_t bits). */
+     * QL_DTYPE_F32 (float w[out, in]) or QL_DTYPE_BF16 (uint16_t bits; then
+     * host_scratch has out * in * 6 bytes: float32 weights and their bf16
+     * bits, for plugins that materialize F32 only). */
     int (*materialize)(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_linear *l, const void *const *dev_bufs,
                        void *workspace, uint64_t workspace_bytes, float *host_scratch);
 
@@ -244,6 +246,11 @@ int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, i
  * positions with nh query and nkv key/value heads of hd.  0 in float32. */
 size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
                            int nh, int nkv, int hd);
+
+/* A quantized linear's weights on the host as bf16 bits w16[out, in]: the
+ * plugin's own BF16 materialize, or, where it gives only F32 (QL_ENOTSUP),
+ * its F32 weights in f32 [out * in] (scratch) rounded to nearest even. */
+int ql_linear_weights_bf16(const ql_linear *l, uint16_t *w16, float *f32);
 
 /* bfloat16 bits of x, rounded to nearest even (NaN stays a quiet NaN) */
 static inline uint16_t ql_be_bf16(float x)

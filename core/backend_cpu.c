@@ -62,8 +62,19 @@ static int cpu_materialize(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_line
     if (dtype == QL_DTYPE_F32) return ql_linear_weights(l, w);
     if (dtype != QL_DTYPE_BF16 || !l->qz || !l->state)
         return ql_error(QL_EINVAL, "%s: materialize as dtype %d of a layer that is not quantized", l->name, dtype);
-    int rc = l->qz->desc->materialize(l->qz->inst, l->state, QL_DTYPE_BF16, w);
-    return rc ? ql_error_context("materializing %s", l->name) : QL_OK;
+    return ql_linear_weights_bf16(l, w, host_scratch);
+}
+
+int ql_linear_weights_bf16(const ql_linear *l, uint16_t *w16, float *f32)
+{
+    ql_error_clear();
+    int rc = l->qz->desc->materialize(l->qz->inst, l->state, QL_DTYPE_BF16, w16);
+    if (rc != QL_ENOTSUP) return rc ? ql_error_context("materializing %s", l->name) : QL_OK;
+    if (!f32) return ql_error(QL_EINVAL, "%s: plugin %s materializes F32 only and no scratch was planned", l->name,
+                              l->qz->desc->name);
+    if ((rc = ql_linear_weights(l, f32))) return rc;
+    for (int64_t i = 0; i < l->out * l->in; i++) w16[i] = ql_be_bf16(f32[i]);
+    return QL_OK;
 }
 
 /* ---- bf16 precision: operands rounded in ctx->scratch ---- */

@@ -488,11 +488,13 @@ static int cuda_materialize(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_lin
     }
     if (!host_scratch) return ql_error(QL_EINVAL, "%s: no host scratch for a plugin without device kernels", l->name);
     /* the slow path: the host buffer is reused by the next call, so wait for the copy */
-    int rc = dtype == QL_DTYPE_F32 ? ql_linear_weights(l, host_scratch)
-                                   : d->materialize(l->qz->inst, l->state, QL_DTYPE_BF16, host_scratch);
-    if (rc) return dtype == QL_DTYPE_F32 ? rc : ql_error_context("materializing %s", l->name);
+    /* bf16: the bits after the layer's float32 scratch (host_scratch holds
+     * out * in * 6 bytes in bf16 precision, backend.h) */
+    uint16_t *h16 = (uint16_t *)(host_scratch + l->out * l->in);
+    int rc = dtype == QL_DTYPE_F32 ? ql_linear_weights(l, host_scratch) : ql_linear_weights_bf16(l, h16, host_scratch);
+    if (rc) return rc;
     size_t bytes = (size_t)(l->out * l->in) * (dtype == QL_DTYPE_F32 ? 4 : 2);
-    CUDA_TRY(cudaMemcpyAsync(w, host_scratch, bytes, cudaMemcpyHostToDevice, impl(ctx)->stream), "weights to the device");
+    CUDA_TRY(cudaMemcpyAsync(w, dtype == QL_DTYPE_F32 ? (const void *)host_scratch : (const void *)h16, bytes, cudaMemcpyHostToDevice, impl(ctx)->stream), "weights to the device");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "weights to the device");
     return QL_OK;
 }

@@ -437,7 +437,10 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
     }
     ql_plan_add(p, QL_ROLE_WEIGHTS, &lm->mat_ws, ws, 1);
     lm->mat_ws_bytes = (uint64_t)ws;
-    ql_plan_add(p, QL_ROLE_HOST, (void **)&lm->host_w, slow, 4);
+    /* the slow path's host scratch (float32, and bf16 after it in bf16
+     * precision); on the CPU in bf16, where a plugin materializes F32 only */
+    if (host && lm->precision == QL_PREC_BF16) slow = *maxw;
+    ql_plan_add(p, QL_ROLE_HOST, (void **)&lm->host_w, lm->precision == QL_PREC_BF16 ? slow * 6 : slow * 4, 1);
     ql_lora *lora = lm->lora;
     if (lora) {
         if (host) {

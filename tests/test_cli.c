@@ -458,6 +458,15 @@ START_TEST(test_device_flags)
     ck_assert_contains(cfg, ql_backend_cuda() ? "\"device\": \"cuda\"" : "\"device\": \"cpu\"");
     ck_assert_contains(cfg, "\"precision\": ");
     free(cfg), free(cfgp);
+    /* bf16 precision with a plugin whose materialize gives F32 only (ABI 1.0):
+     * its weights are rounded to bf16 on the host */
+    char *v10 = join(tu_env("QLORA_TEST_PLUGINS"), "qlora_bad_v10.so");
+    char *run16 = join(parent, "run16");
+    st = qlora(&out, &err, "train --model '%s' --data '%s' --output '%s' --steps 1 --grad-accum 1 --max-examples 8 "
+                           "--quantizer='%s' --device cpu --precision bf16 --quiet", model, data, run16, v10);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(err, "\"precision\": \"bf16\"");
+    free(out), free(err), free(v10), free(run16);
     /* bench on the CPU: JSON lines, then the table; --json FILE whole */
     st = qlora(&out, &err, "bench --device cpu --shapes 7b --layers 1 --seq 8 --lora-r 2 --steps 1 --warmup 0 --quiet");
     ck_assert_msg(st == 0, "exit %d: %s", st, err);

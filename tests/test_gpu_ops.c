@@ -651,6 +651,48 @@ START_TEST(resume_on_the_gpu_is_bit_exact)
 }
 END_TEST
 
+/* Plugins without device slots train on the GPU through the slow path (CPU
+ * materialize, copy), with a warning: the example rtn-int4 (ABI 1.2, no CUDA)
+ * and a plugin built against ABI 1.0 (whose materialize gives F32 only, so
+ * bf16 precision rounds on the host); fp32 on the GPU within 1e-3 of the CPU. */
+START_TEST(slow_path_plugins_train_on_the_gpu)
+{
+    char v10[4200];
+    snprintf(v10, sizeof v10, "%s/qlora_bad_v10.so", tu_env("QLORA_TEST_PLUGINS"));
+    const char *plugin = _i == 0 ? tu_env("QLORA_EXAMPLE_PLUGIN") : v10;
+    const char *tmp = tu_tmpdir();
+    const char *runs[3][2] = {{"cpu", "fp32"}, {"cuda", "fp32"}, {"cuda", "bf16"}};
+    char metrics[3][4400];
+    for (int r = 0; r < 3; r++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd,
+                 "%s train --model %s/models/stories260K --data %s/data/alpaca/alpaca_en_demo.json --format alpaca "
+                 "--quantizer=%s --output %s/slow-%d-%d --steps 4 --grad-accum 1 --batch-size 2 --lora-r 4 "
+                 "--max-len 128 --device %s --precision %s --quiet",
+                 tu_env("QLORA_BIN"), tu_env("QLORA_SHARED"), tu_env("QLORA_SHARED"), plugin, tmp, _i, r, runs[r][0],
+                 runs[r][1]);
+        char *out = NULL, *err = NULL;
+        int rc = tu_run(cmd, &out, &err);
+        ck_assert_msg(rc == 0, "%s: exit %d\n%s", cmd, rc, err);
+        if (r > 0) ck_assert_contains(err, "has no CUDA materialize");
+        free(out), free(err);
+        snprintf(metrics[r], sizeof metrics[r], "%s/slow-%d-%d/metrics.jsonl", tmp, _i, r);
+    }
+    int n0, n1, n2;
+    double *l0 = losses_of(metrics[0], &n0), *l1 = losses_of(metrics[1], &n1), *l2 = losses_of(metrics[2], &n2);
+    ck_assert_int_eq(n0, 4);
+    ck_assert_int_eq(n1, 4);
+    ck_assert_int_eq(n2, 4);
+    for (int i = 0; i < 4; i++) {
+        ck_assert_msg(fabs(l1[i] - l0[i]) <= 1e-3 * fabs(l0[i]), "%s step %d: %.7g (GPU) vs %.7g (CPU)", plugin, i + 1,
+                      l1[i], l0[i]);
+        ck_assert_msg(isfinite(l2[i]) && fabs(l2[i] - l0[i]) <= 2e-2 * fabs(l0[i]), "%s step %d: %.7g (GPU bf16) vs %.7g",
+                      plugin, i + 1, l2[i], l0[i]);
+    }
+    free(l0), free(l1), free(l2);
+}
+END_TEST
+
 int main(void)
 {
     int n = 0;
@@ -684,6 +726,7 @@ int main(void)
     tcase_add_loop_test(st, training_step_matches_cpu, 0, 12);
     tcase_add_test(st, train_30_steps_matches_cpu);
     tcase_add_test(st, resume_on_the_gpu_is_bit_exact);
+    tcase_add_loop_test(st, slow_path_plugins_train_on_the_gpu, 0, 2);
     suite_add_tcase(s, st);
     SRunner *r = srunner_create(s);
     srunner_set_fork_status(r, CK_NOFORK); /* CUDA is not fork-safe */
