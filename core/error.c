@@ -53,6 +53,7 @@ const char *ql_status_name(int code)
         [QL_EIO] = "EIO",         [QL_EFORMAT] = "EFORMAT",   [QL_ENOTSUP] = "ENOTSUP",
         [QL_ENOTFOUND] = "ENOTFOUND", [QL_EABI] = "EABI",     [QL_ENUMERIC] = "ENUMERIC",
         [QL_EEXIST] = "EEXIST",   [QL_ECUDA] = "ECUDA",       [QL_EINTERNAL] = "EINTERNAL",
+        [QL_EINTR] = "EINTR",
     };
     if (code < 0 || (size_t)code >= sizeof names / sizeof names[0] || !names[code]) return "E?";
     return names[code];

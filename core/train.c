@@ -5,6 +5,7 @@
 #include <jansson.h>
 #include <libgen.h>
 #include <math.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -647,6 +648,43 @@ static int open_resume_dir(const char *run_dir, int *lock_fd)
     return rc;
 }
 
+/* SIGINT and SIGTERM during training: the first asks the loop to finish
+ * the step, save a checkpoint and stop; a second ends the process at once. */
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig)
+{
+    if (stop_signal) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    stop_signal = sig;
+}
+
+typedef struct stop_handlers {
+    struct sigaction old_int, old_term;
+    int installed;
+} stop_handlers;
+
+static void catch_stop_signals(stop_handlers *h)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    stop_signal = 0;
+    h->installed = sigaction(SIGINT, &sa, &h->old_int) == 0 && sigaction(SIGTERM, &sa, &h->old_term) == 0;
+}
+
+static void release_stop_signals(stop_handlers *h)
+{
+    if (!h->installed) return;
+    sigaction(SIGINT, &h->old_int, NULL);
+    sigaction(SIGTERM, &h->old_term, NULL);
+    h->installed = 0;
+}
+
 /* Append where training stopped and what is left to resume from. */
 static int stopped(int rc, const char *run_dir, int64_t at_step, int64_t last_saved, int64_t total)
 {
@@ -700,6 +738,7 @@ int ql_train(const ql_train_opts *o)
     ql_adamw *opt = NULL;
     ql_lora_model *lm = NULL;
     ql_be_ctx *bctx = NULL;
+    stop_handlers sigs = {0};
     uint64_t *seeds = NULL;
     const ql_example **batch = NULL;
     json_t *config = NULL;
@@ -824,6 +863,7 @@ int ql_train(const ql_train_opts *o)
     int64_t order_epoch = -1;
     const int64_t start_step = st.step;
     started = 1;
+    catch_stop_signals(&sigs);
     double t_start = ql_now();
     double tokens_at_start = st.tokens_seen;
     if ((rc = ql_lora_model_push_state(lm, opt))) goto done; /* new or resumed parameters (and moments) to the device */
@@ -907,10 +947,18 @@ int ql_train(const ql_train_opts *o)
             json_decref(er);
             if (rc) goto done;
         }
-        if (save_now) {
+        if (save_now || (stop_signal && st.step < total)) {
             if ((rc = ql_lora_model_pull_state(lm, opt))) goto done;
             if ((rc = save_checkpoint(o, run_dir, lora, opt, &st, config))) goto done;
             last_saved = st.step;
+        }
+        if (stop_signal && st.step < total) {
+            rc = ql_error(QL_EINTR,
+                          "interrupted by %s after step %lld of %lld: saved %s/checkpoint-%lld; to go on, run the same "
+                          "command with --resume %s/checkpoint-%lld",
+                          stop_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)st.step, (long long)total, run_dir,
+                          (long long)st.step, run_dir, (long long)st.step);
+            goto done;
         }
     }
     if (o->progress && tty) fputc('\n', stderr);
@@ -920,7 +968,8 @@ int ql_train(const ql_train_opts *o)
     fprintf(stderr, "wrote %s (adapter after %lld steps)\n", run_dir, (long long)st.step);
 done:
     if (o->progress && tty && rc && started) fputc('\n', stderr);
-    if (rc && started) stopped(rc, run_dir, st.step + (last_saved == total ? 0 : 1), last_saved, total);
+    release_stop_signals(&sigs);
+    if (rc && started && rc != QL_EINTR) stopped(rc, run_dir, st.step + (last_saved == total ? 0 : 1), last_saved, total);
     /* a new run that stopped before its first checkpoint holds nothing to
      * resume: leave the path as it was before the run */
     if (rc && created && last_saved < 1) {

@@ -188,6 +188,45 @@ START_TEST(resume_is_bit_exact)
 }
 END_TEST
 
+/* SIGINT (or SIGTERM) during training: the step finishes, a checkpoint is
+ * written, the message names it and the --resume that continues, the exit
+ * status is non-zero; resuming from it goes on to the end. */
+START_TEST(interrupt_saves_a_checkpoint)
+{
+    char run[1200], *out, *err;
+    const char *sig = _i ? "TERM" : "INT";
+    snprintf(run, sizeof run, "%s/int-%s", tmp, sig);
+    char script[9000];
+    snprintf(script, sizeof script,
+             "(OMP_NUM_THREADS=2 '%s' " TRAIN_ARGS " --steps 100000 --output %s & pid=$!; i=0; "
+             "while [ ! -s %s/metrics.jsonl ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; "
+             "kill -%s $pid; wait $pid; echo \"status=$?\")",
+             tu_env("QLORA_BIN"), model, data, run, run, sig);
+    ck_assert_int_eq(tu_run(script, &out, &err), 0);
+    ck_assert_msg(!tu_contains(out, "status=0"), "the interrupted run exited 0:\n%s", err);
+    ck_assert_contains(err, "interrupted by SIG");
+    ck_assert_contains(err, sig);
+    size_t n;
+    json_t *rows = read_rows(run, &n);
+    ck_assert_uint_ge(n, 1);
+    int64_t done_steps = (int64_t)field(rows, n - 1, "step");
+    json_decref(rows);
+    char ckpt[1300], want[1400];
+    snprintf(ckpt, sizeof ckpt, "%s/checkpoint-%lld", run, (long long)done_steps);
+    ck_assert_msg(ql_path_exists(ckpt), "%s was not written:\n%s", ckpt, err);
+    snprintf(want, sizeof want, "--resume %s", ckpt);
+    ck_assert_contains(err, want);
+    free(out), free(err);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps %lld --resume %s", model, data, (long long)done_steps + 2,
+                        ckpt) == 0,
+                  "%s", err);
+    free(err);
+    rows = read_rows(run, &n);
+    ck_assert_uint_eq(n, (size_t)done_steps + 2);
+    json_decref(rows);
+}
+END_TEST
+
 START_TEST(eval_generate_merge_with_adapter)
 {
     char run[1200], merged[1200], *out, *err;
@@ -1186,6 +1225,7 @@ Suite *train_suite(void)
     tcase_set_timeout(t, 240);
     tcase_add_test(t, same_seed_same_losses_and_run_files);
     tcase_add_test(t, resume_is_bit_exact);
+    tcase_add_loop_test(t, interrupt_saves_a_checkpoint, 0, 2);
     tcase_add_test(t, eval_generate_merge_with_adapter);
     tcase_add_test(t, base_model_facts);
     tcase_add_test(t, bad_input);

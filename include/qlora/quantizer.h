@@ -43,7 +43,8 @@ enum {
     QL_ENUMERIC = 8,  /* NaN or Inf where a finite value is required */
     QL_EEXIST = 9,    /* output exists */
     QL_ECUDA = 10,    /* CUDA runtime or library error */
-    QL_EINTERNAL = 11
+    QL_EINTERNAL = 11,
+    QL_EINTR = 12     /* stopped by a signal (SIGINT, SIGTERM) after saving what it could */
 };
 
 /* Element types.  The numbers are written nowhere on disk but are ABI:
