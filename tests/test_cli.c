@@ -260,7 +260,7 @@ START_TEST(test_quantizers_lists_builtins)
 
     st = qlora(NULL, &err, "quantizers --bogus");
     ck_assert_int_eq(st, 2);
-    ck_assert_contains(err, "quantizers: unknown argument '--bogus'");
+    ck_assert_contains(err, "quantizers: unknown option '--bogus'");
     free(err);
 }
 END_TEST
@@ -295,6 +295,364 @@ START_TEST(test_version_and_usage)
     free(out);
     free(err);
     free(model);
+}
+END_TEST
+
+/* ---- --help and option errors, for every command ---- */
+
+/* snprintf that fails the test rather than cut */
+static void fmt(char *buf, size_t cap, const char *f, ...) __attribute__((format(printf, 3, 4)));
+static void fmt(char *buf, size_t cap, const char *f, ...)
+{
+    va_list ap;
+    va_start(ap, f);
+    int n = vsnprintf(buf, cap, f, ap);
+    va_end(ap);
+    ck_assert_msg(n >= 0 && (size_t)n < cap, "%zu bytes are too few for \"%s\"", cap, f);
+}
+
+static const char *const commands[] = {"quantizers", "quantize", "inspect", "compare", "eval",
+                                       "generate",   "train",    "merge",   "bench",   "version"};
+
+/* One option line of a --help text, as main.c's help_opt prints it: two
+ * spaces, the flag column (26 wide: "-q, --quantizer Q"), a space, what it
+ * does, then " (default: X)" when it has one. */
+typedef struct help_line {
+    char flag[64];  /* the long flag ("--quantizer"), or the short one when there is none */
+    char value[32]; /* the value's placeholder ("Q"); "" for a flag without a value */
+    char text[512]; /* the whole line */
+    char dflt[256]; /* X of "(default: X)"; "" when none */
+} help_line;
+
+static int parse_help(const char *help, help_line *lines, int cap)
+{
+    int n = 0;
+    for (const char *p = help; *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : p + strlen(p)) {
+        size_t len = strcspn(p, "\n");
+        if (strncmp(p, "  -", 3) != 0) continue;
+        ck_assert_int_lt(n, cap);
+        help_line *h = &lines[n++];
+        memset(h, 0, sizeof *h);
+        ck_assert_msg(len > 29 && len < sizeof h->text && p[28] == ' ', "not an option line of 26 + text: %.*s",
+                      (int)len, p);
+        memcpy(h->text, p, len);
+        char col[32];
+        snprintf(col, sizeof col, "%.26s", p + 2);
+        const char *f = col;
+        if (f[1] != '-' && !strncmp(f + 2, ", --", 4)) f += 4; /* "-q, --quantizer" */
+        sscanf(f, "%63s %31s", h->flag, h->value);
+        const char *d = strstr(h->text, " (default: ");
+        if (d) {
+            ck_assert_msg(h->text[len - 1] == ')', "the default does not end the line: %s", h->text);
+            snprintf(h->dflt, sizeof h->dflt, "%.*s", (int)(len - 1 - (size_t)(d + 11 - h->text)), d + 11);
+        }
+    }
+    return n;
+}
+
+static const help_line *find_help_line(const help_line *lines, int n, const char *flag)
+{
+    for (int i = 0; i < n; i++)
+        if (!strcmp(lines[i].flag, flag)) return &lines[i];
+    return NULL;
+}
+
+/* `qlora ARGS` that should stop at once (a help, a usage error): bounded in
+ * time, since with --help or an option error broken `qlora bench` would
+ * measure a 7B step on the CPU */
+static int qlora_bounded(char **out, char **err, const char *args)
+{
+    char cmd[8192];
+    fmt(cmd, sizeof cmd, "timeout -k 5 30 '%s' %s", tu_env("QLORA_BIN"), args);
+    return tu_run(cmd, out, err);
+}
+
+/* `qlora CMD --help` on stdout, checked to exit 0 and say nothing on stderr */
+static char *command_help(const char *cmd)
+{
+    char *out, *err, args[64];
+    fmt(args, sizeof args, "%s --help", cmd);
+    int st = qlora_bounded(&out, &err, args);
+    ck_assert_msg(st == 0, "%s --help: exit %d: %s", cmd, st, err);
+    ck_assert_str_eq(err, "");
+    free(err);
+    return out;
+}
+
+/* `qlora ARGS` fails with exit 2, nothing on stdout, and exactly `want` on stderr */
+static void assert_usage_error(const char *args, const char *want)
+{
+    char *out, *err;
+    int st = qlora_bounded(&out, &err, args);
+    ck_assert_msg(st == 2, "qlora %s: exit %d, not 2: %s", args, st, err);
+    ck_assert_msg(!strcmp(err, want), "qlora %s:\nwanted: %sgot:    %s", args, want, err);
+    ck_assert_str_eq(out, "");
+    free(out), free(err);
+}
+
+/* Defaults the help must show, read from the code: ql_train_opts_default,
+ * ql_bench_opts_default and the commands' own (QLORA_DEVICE is cpu here, as
+ * tests/meson.build sets it). "" means the flag has no default to show. */
+static const struct {
+    const char *cmd, *flag, *dflt;
+} help_defaults[] = {
+    {"train", "--model", ""},
+    {"train", "--data", ""},
+    {"train", "--output", ""},
+    {"train", "--quantizer", "nf4"},
+    {"train", "--format", "alpaca"},
+    {"train", "--lora-r", "64"},
+    {"train", "--lora-alpha", "16"},
+    {"train", "--lora-dropout", "0.05"},
+    {"train", "--lora-modules", "all"},
+    {"train", "--lr", "2e-4"},
+    {"train", "--weight-decay", "0"},
+    {"train", "--max-grad-norm", "0.3"},
+    {"train", "--lr-scheduler", "constant"},
+    {"train", "--warmup-ratio", "0.03"},
+    {"train", "--batch-size", "1"},
+    {"train", "--grad-accum", "16"},
+    {"train", "--steps", "from --epochs"},
+    {"train", "--epochs", "1"},
+    {"train", "--save-steps", "0"},
+    {"train", "--seed", "42"},
+    {"train", "--source-max-len", "1024"},
+    {"train", "--target-max-len", "256"},
+    {"train", "--group-by-length", "off"},
+    {"train", "--device", "cpu, from $QLORA_DEVICE"},
+    {"train", "--precision", "auto: bf16 on cuda, fp32 on cpu"},
+    {"train", "--optim", "auto: paged_adamw on cuda; on cpu, AdamW on the host"},
+    {"train", "--resume", ""},
+    {"eval", "--model", ""},
+    {"eval", "--data", ""},
+    {"eval", "--format", "text"},
+    {"eval", "--batch-size", "8"},
+    {"eval", "--shots", "5"},
+    {"eval", "--mmlu-split", "test"},
+    {"eval", "--source-max-len", "1024"},
+    {"eval", "--device", "cpu, from $QLORA_DEVICE"},
+    {"eval", "--precision", "auto: bf16 on cuda, fp32 on cpu"},
+    {"eval", "--mmlu", ""},
+    {"generate", "--prompt", "empty"},
+    {"generate", "--max-new-tokens", "128"},
+    {"generate", "--temperature", "0"},
+    {"generate", "--top-p", "1"},
+    {"generate", "--seed", "0"},
+    {"bench", "--shapes", "7b"},
+    {"bench", "--seq", "2048"},
+    {"bench", "--batch-size", "1"},
+    {"bench", "--lora-r", "64"},
+    {"bench", "--lora-dropout", "0.1"},
+    {"bench", "--steps", "5"},
+    {"bench", "--warmup", "2"},
+    {"bench", "--quantizer", "nf4"},
+    {"bench", "--optim", "auto: paged_adamw on cuda; on cpu, AdamW on the host"},
+    {"quantize", "--quantizer", "nf4"},
+    {"quantize", "--output", ""},
+    {"quantize", "--device", "cpu"},
+    {"compare", "--quantizers", "nf4,fp4,int8"},
+    {"compare", "--summary-only", ""},
+    {"merge", "--adapter", ""},
+    {"merge", "--output", ""},
+    {"merge", "--dtype", "the base's embedding dtype, f32 when it is not a float"},
+    {"inspect", "--json", ""},
+    {"quantizers", "--json", ""},
+};
+
+/* A value the option of `h` accepts, so that parsing goes on to the next argument */
+static const char *valid_value(const help_line *h)
+{
+    static const char *const values[][2] = {
+        {"--device", "cpu"},         {"--precision", "fp32"}, {"--optim", "adamw"}, {"--lora-modules", "q_proj"},
+        {"--lr-scheduler", "linear"}, {"--dtype", "f32"},
+    };
+    for (size_t i = 0; i < sizeof values / sizeof values[0]; i++)
+        if (!strcmp(h->flag, values[i][0])) return values[i][1];
+    char *end;
+    strtod(h->dflt, &end);
+    return h->dflt[0] && !*end ? h->dflt : "2"; /* its default when a number */
+}
+
+/* qlora CMD --help and -h (and qlora help CMD): exit 0, the usage, every
+ * option with its real default, an example; and every option it lists is one
+ * the command takes, with a value exactly when the help shows one. */
+START_TEST(test_help_every_command)
+{
+    const char *cmd = commands[_i];
+    char *help = command_help(cmd);
+    char want[128];
+    fmt(want, sizeof want, "usage: qlora %s", cmd);
+    ck_assert_msg(!strncmp(help, want, strlen(want)), "%s --help does not start with '%s':\n%s", cmd, want, help);
+    fmt(want, sizeof want, "\nexample:\n  qlora %s", cmd);
+    ck_assert_contains(help, want);
+    ck_assert_contains(help, "\noptions:\n");
+    char *out, *err, args[64];
+    fmt(args, sizeof args, "%s -h", cmd);
+    int st = qlora_bounded(&out, &err, args);
+    ck_assert_msg(st == 0, "%s -h: exit %d: %s", cmd, st, err);
+    ck_assert_str_eq(out, help);
+    free(out), free(err);
+    fmt(args, sizeof args, "help %s", cmd);
+    st = qlora_bounded(&out, &err, args);
+    ck_assert_msg(st == 0, "help %s: exit %d: %s", cmd, st, err);
+    ck_assert_str_eq(out, help);
+    free(out), free(err);
+
+    help_line lines[64];
+    int n = parse_help(help, lines, 64);
+    ck_assert_ptr_nonnull(find_help_line(lines, n, "--help"));
+    for (size_t i = 0; i < sizeof help_defaults / sizeof help_defaults[0]; i++) {
+        if (strcmp(help_defaults[i].cmd, cmd)) continue;
+        const help_line *h = find_help_line(lines, n, help_defaults[i].flag);
+        ck_assert_msg(h != NULL, "%s --help has no %s line:\n%s", cmd, help_defaults[i].flag, help);
+        ck_assert_msg(!strcmp(h->dflt, help_defaults[i].dflt), "%s --help: %s shows default '%s', not '%s':\n%s", cmd,
+                      help_defaults[i].flag, h->dflt, help_defaults[i].dflt, h->text);
+    }
+    /* each listed option is taken, those with a value given one: then the
+     * parse goes on to the unknown option after them (two runs, so that a
+     * flag listed without a value that takes one eats the unknown option) */
+    for (int with_value = 0; with_value < 2; with_value++) {
+        char args[4096], msg[256];
+        fmt(args, sizeof args, "%s", cmd);
+        for (int i = 0; i < n; i++) {
+            if (!strcmp(lines[i].flag, "--help") || !lines[i].value[0] != !with_value) continue;
+            size_t k = strlen(args);
+            if (with_value) fmt(args + k, sizeof args - k, " '%s=%s'", lines[i].flag, valid_value(&lines[i]));
+            else fmt(args + k, sizeof args - k, " %s", lines[i].flag);
+        }
+        fmt(args + strlen(args), sizeof args - strlen(args), " --zz-unknown");
+        fmt(msg, sizeof msg, "qlora: %s: unknown option '--zz-unknown' (see 'qlora %s --help')\n", cmd, cmd);
+        assert_usage_error(args, msg);
+    }
+    free(help);
+}
+END_TEST
+
+/* --device's default follows $QLORA_DEVICE, in the help as in the code */
+START_TEST(test_help_device_default)
+{
+    char cmd[8400];
+    fmt(cmd, sizeof cmd, "env -u QLORA_DEVICE '%s' train --help", tu_env("QLORA_BIN"));
+    char *out, *err;
+    int st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    help_line lines[64];
+    const help_line *h = find_help_line(lines, parse_help(out, lines, 64), "--device");
+    ck_assert_ptr_nonnull(h);
+    ck_assert_str_eq(h->dflt, "auto, or $QLORA_DEVICE when set");
+    free(out), free(err);
+    fmt(cmd, sizeof cmd, "QLORA_DEVICE=cuda '%s' bench --help", tu_env("QLORA_BIN"));
+    st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    h = find_help_line(lines, parse_help(out, lines, 64), "--device");
+    ck_assert_ptr_nonnull(h);
+    ck_assert_str_eq(h->dflt, "cuda, from $QLORA_DEVICE");
+    free(out), free(err);
+}
+END_TEST
+
+/* One style of option error for every command: an unknown option, a missing
+ * value, a value given to an option without one; exit 2, nothing else. */
+START_TEST(test_option_errors_every_command)
+{
+    const char *cmd = commands[_i];
+    char args[256], want[512];
+    static const char *const unknown[][2] = {
+        {"--no-such-option", "--no-such-option"}, {"--no-such-option=3", "--no-such-option"}, {"-Z", "-Z"}};
+    for (int k = 0; k < 3; k++) {
+        fmt(args, sizeof args, "%s %s", cmd, unknown[k][0]);
+        fmt(want, sizeof want, "qlora: %s: unknown option '%s' (see 'qlora %s --help')\n", cmd, unknown[k][1], cmd);
+        assert_usage_error(args, want);
+    }
+    /* a missing value, and a value given to an option without one: the
+     * last option that needs one, the first without one other than --help */
+    char *help = command_help(cmd);
+    help_line lines[64];
+    int n = parse_help(help, lines, 64);
+    const char *needs = NULL, *takes_none = "--help";
+    for (int i = n - 1; i >= 0; i--) {
+        if (lines[i].value[0] && !needs) needs = lines[i].flag;
+        if (!lines[i].value[0] && strcmp(lines[i].flag, "--help")) takes_none = lines[i].flag;
+    }
+    if (needs) {
+        fmt(args, sizeof args, "%s %s", cmd, needs);
+        fmt(want, sizeof want, "qlora: %s: option '%s' needs a value (see 'qlora %s --help')\n", cmd, needs, cmd);
+        assert_usage_error(args, want);
+    }
+    fmt(args, sizeof args, "%s %s=1", cmd, takes_none);
+    fmt(want, sizeof want, "qlora: %s: option '%s' takes no value (see 'qlora %s --help')\n", cmd, takes_none, cmd);
+    assert_usage_error(args, want);
+    /* a short option's missing value names the short option */
+    if (!strcmp(cmd, "quantize") || !strcmp(cmd, "merge")) {
+        fmt(args, sizeof args, "%s -o", cmd);
+        fmt(want, sizeof want, "qlora: %s: option '-o' needs a value (see 'qlora %s --help')\n", cmd, cmd);
+        assert_usage_error(args, want);
+    }
+    free(help);
+}
+END_TEST
+
+/* Usage errors other than options name the command and its help too; a
+ * prefix of several long options is called ambiguous, not unknown. */
+START_TEST(test_usage_error_style)
+{
+    assert_usage_error("quantize --quiet", "qlora: quantize: expected one MODEL_DIR (see 'qlora quantize --help')\n");
+    assert_usage_error("train --data x.json", "qlora: train: --model DIR is required (see 'qlora train --help')\n");
+    assert_usage_error("generate --model m --top-p 2",
+                       "qlora: generate: --top-p=2: expected a number from 0 to 1 (see 'qlora generate --help')\n");
+    assert_usage_error("train --lora", "qlora: train: option '--lora' is ambiguous (see 'qlora train --help')\n");
+    assert_usage_error("version extra", "qlora: version: unexpected argument 'extra' (see 'qlora version --help')\n");
+    assert_usage_error("help nope", "qlora: unknown command 'nope' (see 'qlora help')\n");
+}
+END_TEST
+
+/* The numbers that `qlora help` shows as [--flag N] are each command's real
+ * defaults: the same as its --help (which reads them from the code). */
+START_TEST(test_usage_matches_help)
+{
+    char *usage, *err;
+    int st = qlora(&usage, &err, "help");
+    ck_assert_int_eq(st, 0);
+    free(err);
+    int checked = 0, n = 0;
+    char cmd[32] = "", help_of[32] = "";
+    char *help = NULL;
+    help_line lines[64];
+    for (const char *p = usage; *p; p += strcspn(p, "\n") + (p[strcspn(p, "\n")] == '\n')) {
+        size_t len = strcspn(p, "\n");
+        /* "  CMD ..." starts a command's lines, deeper indented lines go on with it */
+        if (len > 2 && p[0] == ' ' && p[1] == ' ' && p[2] != ' ') sscanf(p + 2, "%31s", cmd);
+        else if (len == 0 || p[0] != ' ') cmd[0] = '\0';
+        if (!cmd[0] || !strcmp(cmd, "help")) continue;
+        for (const char *b = p; (b = strstr(b, "[--")) && b < p + len; b++) {
+            char flag[64], value[64];
+            if (sscanf(b + 1, "%63[^] ] %63[^]]", flag, value) != 2) continue;
+            char *end;
+            double v = strtod(value, &end);
+            if (end == value || *end) continue; /* only numbers: the rest are choices (auto|cpu|cuda) or names */
+            if (strcmp(cmd, help_of)) {
+                free(help);
+                help = command_help(cmd);
+                n = parse_help(help, lines, 64);
+                snprintf(help_of, sizeof help_of, "%s", cmd);
+            }
+            const help_line *h = find_help_line(lines, n, flag);
+            ck_assert_msg(h != NULL, "qlora help shows %s %s, and %s --help has no such option", cmd, flag, cmd);
+            ck_assert_msg(h->dflt[0] && strtod(h->dflt, NULL) == v,
+                          "qlora help shows %s [%s %s], %s --help says: %s", cmd, flag, value, cmd, h->text);
+            checked++;
+        }
+    }
+    /* train's ten, eval's two, bench's six, generate's four at least */
+    ck_assert_int_ge(checked, 20);
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        char line[64];
+        snprintf(line, sizeof line, "\n  %s ", commands[i]);
+        ck_assert_contains(usage, line);
+    }
+    ck_assert_contains(usage, "--help");
+    free(help);
+    free(usage);
 }
 END_TEST
 
@@ -1782,6 +2140,15 @@ Suite *cli_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_quantizers_lists_builtins);
     tcase_add_test(tc, test_version_and_usage);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("help");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_help_every_command, 0, (int)(sizeof commands / sizeof commands[0]));
+    tcase_add_test(tc, test_help_device_default);
+    tcase_add_loop_test(tc, test_option_errors_every_command, 0, (int)(sizeof commands / sizeof commands[0]));
+    tcase_add_test(tc, test_usage_error_style);
+    tcase_add_test(tc, test_usage_matches_help);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("quantize");

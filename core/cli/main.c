@@ -4,6 +4,7 @@
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,19 +24,20 @@ static const char usage_text[] =
     "\n"
     "commands:\n"
     "  quantizers                          list the quantizer plugins found\n"
-    "  quantize --quantizer=Q MODEL_DIR -o OUT_DIR [--force] [--device cpu|cuda|auto]\n"
+    "  quantize [--quantizer=Q] MODEL_DIR -o OUT_DIR [--force] [--device cpu|cuda|auto]\n"
     "                                      quantize a Hugging Face checkpoint (bitsandbytes layout);\n"
     "                                      --device cuda quantizes on the GPU, byte-identical files (default cpu)\n"
     "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, bits/param\n"
-    "  compare --quantizers=Q1,Q2,... MODEL_DIR [--json FILE] [--summary-only]\n"
+    "  compare [--quantizers=Q1,Q2,...] MODEL_DIR [--json FILE] [--summary-only]\n"
     "                                      bits/param, bytes, error and time per quantizer and layer\n"
     "  eval --model DIR [--quantizer=Q] --data FILE --format text|alpaca|input-output|oasst1\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
-    "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--max-examples N per subject] [--adapter RUN_DIR]\n"
+    "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--mmlu-split test] [--max-examples N per subject]\n"
+    "       [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
-    "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens N]\n"
-    "       [--temperature T] [--top-p P] [--seed S]\n"
+    "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens 128]\n"
+    "       [--temperature 0] [--top-p 1] [--seed 0]\n"
     "                                      prints only the generated text (temperature 0 = greedy)\n"
     "  train --model DIR --data FILE --format F --output RUN_DIR [--quantizer=nf4|none|Q] [--resume CKPT]\n"
     "       [--lora-r 64] [--lora-alpha 16] [--lora-dropout 0.05] [--lora-modules all|q_proj,...]\n"
@@ -52,7 +54,9 @@ static const char usage_text[] =
     "       [--warmup 2] [--optim auto|adamw|paged_adamw] [--json FILE]\n"
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
     "  version                             print the version\n"
+    "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n"
     "\n"
+    "Every command takes -h or --help: its usage, every option with its default, and an example.\n"
     "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so, optionally\n"
     "followed by :key=value,... options, e.g. nf4:double_quant=0,blocksize=64.\n"
     "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree.\n"
@@ -61,11 +65,13 @@ static const char usage_text[] =
 
 /* --device when not given: $QLORA_DEVICE (cpu, cuda or auto), else auto
  * (the test suites set cpu, so they compute the same on a machine with a GPU) */
-static const char *default_device(void)
+static const char *device_from_env(void)
 {
     const char *e = getenv("QLORA_DEVICE");
-    return e && (!strcmp(e, "cpu") || !strcmp(e, "cuda") || !strcmp(e, "auto")) ? e : "auto";
+    return e && (!strcmp(e, "cpu") || !strcmp(e, "cuda") || !strcmp(e, "auto")) ? e : NULL;
 }
+
+static const char *default_device(void) { return device_from_env() ? device_from_env() : "auto"; }
 
 static int fail(int rc)
 {
@@ -73,21 +79,202 @@ static int fail(int rc)
     return rc ? rc : 1;
 }
 
-static int usage_error(const char *fmt, const char *arg)
+/* The command being run ("train", ...), named by every usage error; NULL
+ * before one is chosen. */
+static const char *command;
+
+/* A mistake on the command line: one line that names the command and where
+ * its options are listed; exit status 2. */
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...)
 {
+    va_list ap;
+    va_start(ap, fmt);
     fprintf(stderr, "qlora: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n(see 'qlora help')\n");
+    if (command) fprintf(stderr, "%s: ", command);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    if (command) fprintf(stderr, " (see 'qlora %s --help')\n", command);
+    else fprintf(stderr, " (see 'qlora help')\n");
     return 2;
+}
+
+/* getopt_long's '?' and ':' in our words (main sets opterr = 0, and every
+ * optstring starts with ':' so that a missing value is told apart).
+ * getopt_long leaves optopt 0 for an unknown long option and sets it to the
+ * option's val when a long option is given a value it does not take or lacks
+ * one; every long option without a value has a val of OPT_* (>= 256), so a
+ * val below 256 is a short option's letter. */
+static int option_error(int c, char **argv, const struct option *longopts)
+{
+    const char *arg = argv[optind - 1];
+    char name[128];
+    if (c == ':' && !strncmp(arg, "--", 2)) return usage_error("option '%s' needs a value", arg);
+    if (c == ':') return usage_error("option '-%c' needs a value", optopt);
+    if (optopt >= 256) {
+        for (const struct option *o = longopts; o->name; o++)
+            if (o->val == optopt) return usage_error("option '--%s' takes no value", o->name);
+    }
+    if (optopt) return usage_error("unknown option '-%c'", optopt);
+    /* an unknown --name or --name=value; getopt_long also takes any unique
+     * abbreviation, so a prefix of several options is named as such */
+    snprintf(name, sizeof name, "%.*s", (int)strcspn(arg, "="), arg);
+    int matches = 0;
+    for (const struct option *o = longopts; o->name; o++) matches += !strncmp(o->name, name + 2, strlen(name + 2));
+    if (matches > 1 && name[2]) return usage_error("option '%s' is ambiguous", name);
+    return usage_error("unknown option '%s'", name);
+}
+
+/* ---- --help ---- */
+
+/* A default as a person writes it: the fewest digits that give back the
+ * same float (0.05, not 0.0500000007), and 2e-4 rather than 0.0002. */
+static const char *num(char *buf, size_t cap, double v)
+{
+    int sci = v != 0 && fabs(v) < 1e-3;
+    for (int digits = 1; digits <= 9; digits++) {
+        if (sci) snprintf(buf, cap, "%.*e", digits - 1, v);
+        else snprintf(buf, cap, "%.*g", digits, v);
+        if ((float)strtod(buf, NULL) == (float)v) break;
+    }
+    char *e = strchr(buf, 'e');
+    if (e && (e[1] == '-' || e[1] == '+'))
+        while (e[2] == '0' && e[3]) memmove(e + 2, e + 3, strlen(e + 3) + 1); /* e-04 -> e-4 */
+    return buf;
+}
+
+/* One option of a command's --help: the flag, what it does, its default
+ * (NULL: none to show). */
+static void help_opt(const char *flag, const char *what, const char *dflt)
+{
+    printf("  %-26s %s", flag, what);
+    if (dflt) printf(" (default: %s)", dflt);
+    putchar('\n');
+}
+
+static void help_int(const char *flag, const char *what, long long dflt)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%lld", dflt);
+    help_opt(flag, what, buf);
+}
+
+static void help_num(const char *flag, const char *what, double dflt)
+{
+    char buf[32];
+    help_opt(flag, what, num(buf, sizeof buf, dflt));
+}
+
+/* --device of train, eval and bench: its default as default_device() chooses it */
+static void help_device(void)
+{
+    char buf[96];
+    if (device_from_env()) snprintf(buf, sizeof buf, "%s, from $QLORA_DEVICE", device_from_env());
+    else snprintf(buf, sizeof buf, "auto, or $QLORA_DEVICE when set");
+    help_opt("--device D", "cpu, cuda or auto: cuda when a GPU is present", buf);
+}
+
+static void help_quiet(void) { help_opt("--quiet", "no progress on stderr", NULL); }
+
+static int help_end(const char *example)
+{
+    help_opt("-h, --help", "print this help and exit", NULL);
+    printf("\nexample:\n  %s\n", example);
+    return 0;
+}
+
+/* Long options without a short letter; every val is >= 256 (option_error relies on it). */
+enum {
+    OPT_FORCE = 1000,
+    OPT_JSON,
+    OPT_QUIET,
+    OPT_DEVICE,
+    OPT_PRECISION,
+    OPT_SHAPES,
+    OPT_OPTIM,
+    OPT_ONLY,
+    OPT_LAYERS,
+    OPT_WARMUP,
+    OPT_SUMMARY_ONLY,
+    OPT_MODEL,
+    OPT_DATA,
+    OPT_FORMAT,
+    OPT_MAX_EXAMPLES,
+    OPT_MAX_LEN,
+    OPT_SOURCE_MAX_LEN,
+    OPT_TARGET_MAX_LEN,
+    OPT_PROMPT,
+    OPT_MAX_NEW_TOKENS,
+    OPT_TEMPERATURE,
+    OPT_TOP_P,
+    OPT_SEED,
+    OPT_ADAPTER,
+    OPT_OUTPUT,
+    OPT_RESUME,
+    OPT_EVAL_DATA,
+    OPT_LORA_R,
+    OPT_LORA_ALPHA,
+    OPT_LORA_DROPOUT,
+    OPT_LORA_MODULES,
+    OPT_LR,
+    OPT_WEIGHT_DECAY,
+    OPT_MAX_GRAD_NORM,
+    OPT_LR_SCHEDULER,
+    OPT_WARMUP_RATIO,
+    OPT_BATCH_SIZE,
+    OPT_GRAD_ACCUM,
+    OPT_STEPS,
+    OPT_EPOCHS,
+    OPT_GRAD_CKPT,
+    OPT_DRY_RUN,
+    OPT_SAVE_STEPS,
+    OPT_EVAL_STEPS,
+    OPT_NO_SHUFFLE,
+    OPT_GROUP_BY_LENGTH,
+    OPT_TRAIN_ON_SOURCE,
+    OPT_DTYPE,
+    OPT_MMLU,
+    OPT_SHOTS,
+    OPT_MMLU_SPLIT,
+    OPT_HELP,
+};
+
+static int help_quantizers(void)
+{
+    printf("usage: qlora quantizers [--json]\n\n"
+           "The quantizer plugins found: name, bits per parameter of a 4096 x 4096 matrix with the default\n"
+           "options, ABI, version, description, default options and file.\n"
+           "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree");
+    char **dirs;
+    size_t nd;
+    if (ql_plugin_search_dirs(&dirs, &nd) == QL_OK) {
+        printf("; here:");
+        for (size_t i = 0; i < nd; i++) printf("\n  %s", dirs[i]);
+        ql_string_list_free(dirs, nd);
+    }
+    printf("\n\noptions:\n");
+    help_opt("--json", "one JSON array of the plugins instead of the table", NULL);
+    return help_end("qlora quantizers --json");
 }
 
 static int cmd_quantizers(int argc, char **argv)
 {
-    int as_json = 0;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--json") == 0) as_json = 1;
-        else return usage_error("quantizers: unknown argument '%s'", argv[i]);
+    static const struct option longopts[] = {
+        {"json", no_argument, NULL, OPT_JSON},
+        {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0},
+    };
+    int as_json = 0, c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_JSON: as_json = 1; break;
+        case 'h':
+        case OPT_HELP: return help_quantizers();
+        default: return option_error(c, argv, longopts);
+        }
     }
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
     char **paths;
     size_t n;
     int rc = ql_plugin_scan(&paths, &n);
@@ -141,70 +328,14 @@ static int cmd_quantizers(int argc, char **argv)
     return bad ? 1 : 0;
 }
 
-enum {
-    OPT_FORCE = 1000,
-    OPT_JSON,
-    OPT_QUIET,
-    OPT_DEVICE,
-    OPT_PRECISION,
-    OPT_SHAPES,
-    OPT_OPTIM,
-    OPT_ONLY,
-    OPT_LAYERS,
-    OPT_WARMUP,
-    OPT_SUMMARY_ONLY,
-    OPT_MODEL,
-    OPT_DATA,
-    OPT_FORMAT,
-    OPT_MAX_EXAMPLES,
-    OPT_MAX_LEN,
-    OPT_SOURCE_MAX_LEN,
-    OPT_TARGET_MAX_LEN,
-    OPT_PROMPT,
-    OPT_MAX_NEW_TOKENS,
-    OPT_TEMPERATURE,
-    OPT_TOP_P,
-    OPT_SEED,
-    OPT_ADAPTER,
-    OPT_OUTPUT,
-    OPT_RESUME,
-    OPT_EVAL_DATA,
-    OPT_LORA_R,
-    OPT_LORA_ALPHA,
-    OPT_LORA_DROPOUT,
-    OPT_LORA_MODULES,
-    OPT_LR,
-    OPT_WEIGHT_DECAY,
-    OPT_MAX_GRAD_NORM,
-    OPT_LR_SCHEDULER,
-    OPT_WARMUP_RATIO,
-    OPT_BATCH_SIZE,
-    OPT_GRAD_ACCUM,
-    OPT_STEPS,
-    OPT_EPOCHS,
-    OPT_GRAD_CKPT,
-    OPT_DRY_RUN,
-    OPT_SAVE_STEPS,
-    OPT_EVAL_STEPS,
-    OPT_NO_SHUFFLE,
-    OPT_GROUP_BY_LENGTH,
-    OPT_TRAIN_ON_SOURCE,
-    OPT_DTYPE,
-    OPT_MMLU,
-    OPT_SHOTS,
-    OPT_MMLU_SPLIT,
-};
-
 /* Strict number parsing for flags: the whole argument must be the number. */
 static int parse_long_arg(const char *flag, const char *s, long lo, long hi, long *out)
 {
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (!*s || *end || errno || v < lo || v > hi) {
-        fprintf(stderr, "qlora: %s=%s: expected an integer from %ld to %ld\n", flag, s, lo, hi);
-        return 2;
-    }
+    if (!*s || *end || errno || v < lo || v > hi)
+        return usage_error("%s=%s: expected an integer from %ld to %ld", flag, s, lo, hi);
     *out = v;
     return 0;
 }
@@ -213,10 +344,8 @@ static int parse_float_arg(const char *flag, const char *s, double lo, double hi
 {
     char *end;
     double v = strtod(s, &end);
-    if (!*s || *end || !(v >= lo && v <= hi)) {
-        fprintf(stderr, "qlora: %s=%s: expected a number from %g to %g\n", flag, s, lo, hi);
-        return 2;
-    }
+    if (!*s || *end || !(v >= lo && v <= hi))
+        return usage_error("%s=%s: expected a number from %g to %g", flag, s, lo, hi);
     *out = v;
     return 0;
 }
@@ -247,6 +376,72 @@ static int load_with_adapter(const char *model, const char *adapter, const char 
         if (rc == QL_OK) ql_lora_attach(*m, *lora);
     }
     return rc;
+}
+
+/* train's --format when not given */
+static const char train_default_format[] = "alpaca";
+
+static int help_train(void)
+{
+    ql_train_opts o;
+    ql_train_opts_default(&o);
+    char mods[160] = "";
+    if (o.lora.modules == QL_LORA_ALL_MODULES) snprintf(mods, sizeof mods, "all");
+    else
+        for (int k = 0; k < QL_MOD_COUNT; k++)
+            if (o.lora.modules & (1u << k))
+                snprintf(mods + strlen(mods), sizeof mods - strlen(mods), "%s%s", mods[0] ? "," : "",
+                         ql_lora_module_name(k));
+    printf("usage: qlora train --model DIR --data FILE --output RUN_DIR [OPTIONS]\n\n"
+           "Train LoRA adapters on a frozen, quantized base (QLoRA). RUN_DIR gets checkpoint-N folders,\n"
+           "metrics.jsonl, run_config.json and the final adapter in PEFT's format.\n\n"
+           "options:\n");
+    help_opt("--model DIR", "the base model: a Hugging Face folder (required)", NULL);
+    help_opt("-q, --quantizer Q", "how the base is stored: nf4, fp4, int8, none (dense) or any Q", o.quantizer);
+    help_opt("--data FILE", "the training data (required)", NULL);
+    help_opt("--format F", "alpaca, input-output, oasst1 or text", train_default_format);
+    help_opt("--output RUN_DIR", "where the run goes (required, unless --resume or --dry-run)", NULL);
+    help_opt("--resume CKPT", "continue the run of RUN_DIR/checkpoint-N, bit for bit", NULL);
+    help_opt("--force", "replace RUN_DIR when it exists", NULL);
+    help_opt("--eval-data FILE", "held-out data: its loss every --eval-steps and at the end", NULL);
+    help_int("--lora-r N", "LoRA rank", o.lora.r);
+    help_num("--lora-alpha A", "LoRA alpha: the update is scaled by alpha / r", o.lora.alpha);
+    help_num("--lora-dropout P", "dropout on the LoRA input", o.lora.dropout);
+    help_opt("--lora-modules M", "all, or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", mods);
+    help_num("--lr LR", "the learning rate after warmup", o.lr);
+    help_num("--weight-decay W", "AdamW's weight decay", o.weight_decay);
+    help_num("--max-grad-norm N", "clip the gradient norm to N; 0 does not clip", o.max_grad_norm);
+    help_opt("--lr-scheduler S", "constant, linear or cosine, after the warmup",
+             o.schedule == QL_SCHED_LINEAR ? "linear" : o.schedule == QL_SCHED_COSINE ? "cosine" : "constant");
+    help_num("--warmup-ratio R", "linear warmup over this fraction of the steps", o.warmup_ratio);
+    help_int("--batch-size N", "sequences per micro-batch", o.batch_size);
+    help_int("--grad-accum N", "micro-batches per optimizer step", o.grad_accum);
+    if (o.steps > 0) help_int("--steps N", "optimizer steps", o.steps);
+    else help_opt("--steps N", "optimizer steps", "from --epochs");
+    help_num("--epochs E", "passes over the data, when --steps is not given", o.epochs);
+    help_opt("--gradient-checkpointing", "recompute activations in the backward pass: less memory, more time",
+             o.gradient_checkpointing ? "on" : "off");
+    help_opt("--dry-run", "print the memory plan and stop before training", NULL);
+    help_int("--save-steps N", "a checkpoint every N steps; 0: only the last", o.save_steps);
+    help_int("--eval-steps N", "evaluate --eval-data every N steps; 0: only at the end", o.eval_steps);
+    help_int("--seed S", "LoRA initialisation, data order and dropout", o.seed);
+    help_opt("--no-shuffle", "the data in file order", o.shuffle ? "shuffled" : "file order");
+    help_opt("--group-by-length", "batch examples of similar length together", o.group_by_length ? "on" : "off");
+    help_opt("--train-on-source", "train on the prompt tokens too, not only the response",
+             o.data.train_on_source ? "on" : "off");
+    help_int("--source-max-len N", "prompt tokens kept at most", o.data.source_max_len);
+    help_int("--target-max-len N", "response tokens kept at most", o.data.target_max_len);
+    if (o.data.max_len > 0) help_int("--max-len N", "tokens per example at most", o.data.max_len);
+    else help_opt("--max-len N", "tokens per example at most", "the model's max_position_embeddings");
+    if (o.data.max_examples > 0) help_int("--max-examples N", "read the first N examples only", o.data.max_examples);
+    else help_opt("--max-examples N", "read the first N examples only", "all");
+    help_device();
+    help_opt("--precision P", "fp32, bf16 or auto", o.precision ? o.precision : "auto: bf16 on cuda, fp32 on cpu");
+    help_opt("--optim O", "adamw, paged_adamw (= paged_adamw_32bit) or auto",
+             o.optim ? o.optim : "auto: paged_adamw on cuda; on cpu, AdamW on the host");
+    help_quiet();
+    return help_end("qlora train --model models/llama-7b --data alpaca_data.json --format alpaca "
+                    "--output runs/llama-7b-alpaca --steps 1000 --save-steps 250");
 }
 
 static int cmd_train(int argc, char **argv)
@@ -289,17 +484,18 @@ static int cmd_train(int argc, char **argv)
         {"device", required_argument, NULL, OPT_DEVICE},
         {"precision", required_argument, NULL, OPT_PRECISION},
         {"optim", required_argument, NULL, OPT_OPTIM},
+        {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
     ql_train_opts o;
     ql_train_opts_default(&o);
     o.device = default_device();
-    const char *format = "alpaca";
-    long lv;
-    double dv;
+    const char *format = train_default_format;
+    long lv = 0;
+    double dv = 0;
     int c, bad = 0, rc;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_MODEL: o.model_dir = optarg; break;
         case 'q': o.quantizer = optarg; break;
@@ -341,32 +537,64 @@ static int cmd_train(int argc, char **argv)
         case OPT_QUIET: o.progress = 0; break;
         case OPT_DEVICE:
             if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("train: --device %s: use cpu, cuda or auto", optarg);
+                return usage_error("--device %s: use cpu, cuda or auto", optarg);
             o.device = optarg;
             break;
         case OPT_PRECISION:
             if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
-                return usage_error("train: --precision %s: use fp32, bf16 or auto", optarg);
+                return usage_error("--precision %s: use fp32, bf16 or auto", optarg);
             o.precision = optarg;
             break;
         case OPT_OPTIM:
             if (strcmp(optarg, "adamw") && strcmp(optarg, "paged_adamw") && strcmp(optarg, "paged_adamw_32bit") &&
                 strcmp(optarg, "auto"))
-                return usage_error("train: --optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
+                return usage_error("--optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
             o.optim = optarg;
             break;
-        default: return 2;
+        case 'h':
+        case OPT_HELP: return help_train();
+        default: return option_error(c, argv, longopts);
         }
     }
     if (bad) return 2;
-    if (optind != argc) return usage_error("train: unexpected argument '%s'", argv[optind]);
-    if (!o.model_dir) return usage_error("train: --model DIR is required%s", "");
-    if (!o.data_path) return usage_error("train: --data FILE is required%s", "");
-    if (!o.output_dir && !o.resume_from && !o.dry_run) return usage_error("train: --output RUN_DIR (or --resume CHECKPOINT) is required%s", "");
-    if (o.eval_steps > 0 && !o.eval_data_path) return usage_error("train: --eval-steps needs --eval-data FILE%s", "");
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (!o.model_dir) return usage_error("--model DIR is required");
+    if (!o.data_path) return usage_error("--data FILE is required");
+    if (!o.output_dir && !o.resume_from && !o.dry_run)
+        return usage_error("--output RUN_DIR (or --resume CHECKPOINT) is required");
+    if (o.eval_steps > 0 && !o.eval_data_path) return usage_error("--eval-steps needs --eval-data FILE");
     if ((rc = ql_data_format_parse(format, &o.data.format))) return fail(rc);
     rc = ql_train(&o);
     return rc ? fail(rc) : 0;
+}
+
+static int help_bench(void)
+{
+    ql_bench_opts o;
+    ql_bench_opts_default(&o);
+    printf("usage: qlora bench [OPTIONS]\n\n"
+           "Time a QLoRA training step (forward, backward with gradient checkpointing, LoRA on every linear,\n"
+           "AdamW) at the shapes of LLaMA models, with random weights: a JSON line per shape, then a table.\n\n"
+           "options:\n");
+    help_opt("--only WHAT", "what to measure: this build measures the training step", "step");
+    help_opt("--shapes LIST", "some of 7b,13b,33b,65b,70b, comma-separated", o.shapes);
+    help_device();
+    help_opt("--precision P", "fp32, bf16 or auto",
+             strcmp(o.precision, "auto") ? o.precision : "auto: bf16 on cuda, fp32 on cpu");
+    help_opt("-q, --quantizer Q", "how the base is stored", o.quantizer);
+    if (o.layers > 0) help_int("--layers N", "decoder layers, fewer for a quick run", o.layers);
+    else help_opt("--layers N", "decoder layers, fewer for a quick run", "the shape's own");
+    help_int("--seq N", "tokens per sequence", o.seq);
+    help_int("--batch-size N", "sequences per step (also --batch)", o.batch);
+    help_int("--lora-r N", "LoRA rank", o.lora_r);
+    help_num("--lora-dropout P", "dropout on the LoRA input", o.lora_dropout);
+    help_int("--steps N", "timed steps", o.steps);
+    help_int("--warmup N", "untimed steps first", o.warmup);
+    help_opt("--optim O", "adamw, paged_adamw (= paged_adamw_32bit) or auto",
+             strcmp(o.optim, "auto") ? o.optim : "auto: paged_adamw on cuda; on cpu, AdamW on the host");
+    help_opt("--json FILE", "write the JSON lines to FILE (whole, or not at all) instead of stdout", NULL);
+    help_quiet();
+    return help_end("qlora bench --device cuda --shapes 7b,13b --steps 5");
 }
 
 static int cmd_bench(int argc, char **argv)
@@ -381,28 +609,29 @@ static int cmd_bench(int argc, char **argv)
         {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
         {"warmup", required_argument, NULL, OPT_WARMUP},       {"json", required_argument, NULL, OPT_JSON},
         {"optim", required_argument, NULL, OPT_OPTIM},
-        {"quiet", no_argument, NULL, OPT_QUIET},               {NULL, 0, NULL, 0},
+        {"quiet", no_argument, NULL, OPT_QUIET},               {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0},
     };
     ql_bench_opts o;
     ql_bench_opts_default(&o);
     o.device = default_device();
     const char *only = "step", *json_path = NULL;
-    long lv;
-    double dv;
+    long lv = 0;
+    double dv = 0;
     int c, bad = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_SHAPES: o.shapes = optarg; break;
         case OPT_ONLY: only = optarg; break;
         case OPT_DEVICE:
             if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("bench: --device %s: use cpu, cuda or auto", optarg);
+                return usage_error("--device %s: use cpu, cuda or auto", optarg);
             o.device = optarg;
             break;
         case OPT_PRECISION:
             if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
-                return usage_error("bench: --precision %s: use fp32, bf16 or auto", optarg);
+                return usage_error("--precision %s: use fp32, bf16 or auto", optarg);
             o.precision = optarg;
             break;
         case 'q': o.quantizer = optarg; break;
@@ -418,23 +647,25 @@ static int cmd_bench(int argc, char **argv)
         case OPT_OPTIM:
             if (strcmp(optarg, "adamw") && strcmp(optarg, "paged_adamw") && strcmp(optarg, "paged_adamw_32bit") &&
                 strcmp(optarg, "auto"))
-                return usage_error("bench: --optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
+                return usage_error("--optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
             o.optim = optarg;
             break;
-        default: return 2;
+        case 'h':
+        case OPT_HELP: return help_bench();
+        default: return option_error(c, argv, longopts);
         }
     }
     if (bad) return 2;
-    if (optind != argc) return usage_error("bench: unexpected argument '%s'", argv[optind]);
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
     if (strcmp(only, "step"))
-        return usage_error("bench: --only %s: this build measures the training step (--only step); the materialize "
+        return usage_error("--only %s: this build measures the training step (--only step); the materialize "
                            "and linear kernels are measured by build/bench/bench_materialize", only);
     FILE *json = stdout;
     char tmp[4200];
     if (json_path) {
         /* written whole to a temporary file, then renamed: a failed run leaves no half file */
         if (snprintf(tmp, sizeof tmp, "%s.tmp", json_path) >= (int)sizeof tmp)
-            return usage_error("bench: --json %s: path too long", json_path);
+            return usage_error("--json %s: path too long", json_path);
         json = fopen(tmp, "w");
         if (!json) return fail(ql_error(QL_EIO, "cannot write %s: %s", tmp, strerror(errno)));
     }
@@ -450,19 +681,34 @@ static int cmd_bench(int argc, char **argv)
     return rc ? fail(rc) : 0;
 }
 
+static int help_merge(void)
+{
+    printf("usage: qlora merge --model DIR --adapter RUN_DIR -o OUT_DIR [OPTIONS]\n\n"
+           "Fold a trained LoRA adapter into the base weights: OUT_DIR is a plain Hugging Face checkpoint.\n"
+           "A quantized base is merged into its dequantized weights (the ones the adapter was trained on).\n\n"
+           "options:\n");
+    help_opt("--model DIR", "the base model the adapter was trained on (required)", NULL);
+    help_opt("--adapter RUN_DIR", "the training run's folder, or any PEFT adapter folder (required)", NULL);
+    help_opt("-o, --output OUT_DIR", "the merged checkpoint's folder (required)", NULL);
+    help_opt("--dtype T", "bf16, f16 or f32", "the base's embedding dtype, f32 when it is not a float");
+    help_opt("-q, --quantizer Q", "the base's quantizer", "as RUN_DIR/run_config.json says, else none");
+    help_opt("--force", "replace OUT_DIR when it exists", NULL);
+    return help_end("qlora merge --model models/llama-7b --adapter runs/llama-7b-alpaca -o models/llama-7b-alpaca");
+}
+
 static int cmd_merge(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"model", required_argument, NULL, OPT_MODEL},   {"adapter", required_argument, NULL, OPT_ADAPTER},
         {"output", required_argument, NULL, 'o'},        {"dtype", required_argument, NULL, OPT_DTYPE},
         {"quantizer", required_argument, NULL, 'q'},     {"force", no_argument, NULL, OPT_FORCE},
-        {NULL, 0, NULL, 0},
+        {"help", no_argument, NULL, OPT_HELP},           {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *adapter = NULL, *out = NULL;
     ql_merge_opts mo = {.quantizer = NULL, .dtype = -1, .force = 0};
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:q:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":o:q:h", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_MODEL: model = optarg; break;
         case OPT_ADAPTER: adapter = optarg; break;
@@ -473,15 +719,54 @@ static int cmd_merge(int argc, char **argv)
             if (!strcmp(optarg, "f32") || !strcmp(optarg, "float32")) mo.dtype = QL_DTYPE_F32;
             else if (!strcmp(optarg, "f16") || !strcmp(optarg, "float16")) mo.dtype = QL_DTYPE_F16;
             else if (!strcmp(optarg, "bf16") || !strcmp(optarg, "bfloat16")) mo.dtype = QL_DTYPE_BF16;
-            else return usage_error("merge: --dtype %s: use bf16, f16 or f32", optarg);
+            else return usage_error("--dtype %s: use bf16, f16 or f32", optarg);
             break;
-        default: return 2;
+        case 'h':
+        case OPT_HELP: return help_merge();
+        default: return option_error(c, argv, longopts);
         }
     }
-    if (optind != argc) return usage_error("merge: unexpected argument '%s'", argv[optind]);
-    if (!model || !adapter || !out) return usage_error("merge: --model, --adapter and -o are required%s", "");
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (!model || !adapter || !out) return usage_error("--model, --adapter and -o are required");
     int rc = ql_merge(model, adapter, out, &mo);
     return rc ? fail(rc) : 0;
+}
+
+/* eval's defaults, shown by its --help */
+static const struct {
+    const char *format, *mmlu_split, *precision;
+    long shots, batch, source_max_len, target_max_len;
+} eval_defaults = {.format = "text", .mmlu_split = "test", .precision = "auto", .shots = 5, .batch = 8,
+                   .source_max_len = 1024, .target_max_len = 256};
+
+static int help_eval(void)
+{
+    printf("usage: qlora eval --model DIR --data FILE [OPTIONS]\n"
+           "       qlora eval --model DIR --mmlu MMLU_DIR [OPTIONS]\n\n"
+           "The mean negative log-likelihood and perplexity of FILE's responses (of the whole text with\n"
+           "--format text), or the few-shot MMLU accuracy on the questions of MMLU_DIR; the last line on\n"
+           "stdout is a JSON object.\n\n"
+           "options:\n");
+    help_opt("--model DIR", "the base model: a Hugging Face folder (required)", NULL);
+    help_opt("--adapter RUN_DIR", "evaluate with this trained LoRA adapter", "none");
+    help_opt("-q, --quantizer Q", "quantize the base with Q; none keeps it dense",
+             "as RUN_DIR/run_config.json says, else none");
+    help_opt("--data FILE", "the examples to score (this or --mmlu is required)", NULL);
+    help_opt("--format F", "text, alpaca, input-output or oasst1", eval_defaults.format);
+    help_opt("--max-examples N", "the first N examples; with --mmlu, N questions per subject", "all");
+    help_opt("--max-len N", "tokens per example at most", "the model's max_position_embeddings");
+    help_int("--source-max-len N", "prompt tokens kept at most", eval_defaults.source_max_len);
+    help_int("--target-max-len N", "response tokens kept at most", eval_defaults.target_max_len);
+    help_int("--batch-size N", "examples per forward pass", eval_defaults.batch);
+    help_device();
+    help_opt("--precision P", "fp32, bf16 or auto",
+             strcmp(eval_defaults.precision, "auto") ? eval_defaults.precision : "auto: bf16 on cuda, fp32 on cpu");
+    help_opt("--mmlu MMLU_DIR", "score MMLU: a folder of dev/ and test/ SUBJECT_{dev,test}.csv", NULL);
+    help_int("--shots N", "dev questions before each MMLU question", eval_defaults.shots);
+    help_opt("--mmlu-split NAME", "the folder of MMLU_DIR with the questions", eval_defaults.mmlu_split);
+    help_quiet();
+    return help_end("qlora eval --model models/llama-7b --adapter runs/llama-7b-alpaca --data alpaca_eval.json "
+                    "--format alpaca");
 }
 
 static int cmd_eval(int argc, char **argv)
@@ -503,15 +788,18 @@ static int cmd_eval(int argc, char **argv)
         {"device", required_argument, NULL, OPT_DEVICE},
         {"precision", required_argument, NULL, OPT_PRECISION},
         {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
+        {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
-    const char *model = NULL, *data = NULL, *format = "text", *quantizer = NULL, *adapter = NULL, *mmlu = NULL,
-               *mmlu_split = "test", *device = default_device(), *precision = "auto";
-    long shots = 5, batch = 8;
-    long max_examples = 0, max_len = 0, source_max_len = 1024, target_max_len = 256;
+    const char *model = NULL, *data = NULL, *format = eval_defaults.format, *quantizer = NULL, *adapter = NULL,
+               *mmlu = NULL, *mmlu_split = eval_defaults.mmlu_split, *device = default_device(),
+               *precision = eval_defaults.precision;
+    long shots = eval_defaults.shots, batch = eval_defaults.batch;
+    long max_examples = 0, max_len = 0, source_max_len = eval_defaults.source_max_len,
+         target_max_len = eval_defaults.target_max_len;
     int progress = 1, c, bad = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_MODEL: model = optarg; break;
         case OPT_ADAPTER: adapter = optarg; break;
@@ -529,22 +817,24 @@ static int cmd_eval(int argc, char **argv)
         case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1 << 16, &batch); break;
         case OPT_DEVICE:
             if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("eval: --device %s: use cpu, cuda or auto", optarg);
+                return usage_error("--device %s: use cpu, cuda or auto", optarg);
             device = optarg;
             break;
         case OPT_PRECISION:
             if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
-                return usage_error("eval: --precision %s: use fp32, bf16 or auto", optarg);
+                return usage_error("--precision %s: use fp32, bf16 or auto", optarg);
             precision = optarg;
             break;
-        default: return 2;
+        case 'h':
+        case OPT_HELP: return help_eval();
+        default: return option_error(c, argv, longopts);
         }
     }
     if (bad) return 2;
-    if (optind != argc) return usage_error("eval: unexpected argument '%s'", argv[optind]);
-    if (!model) return usage_error("eval: --model DIR is required%s", "");
-    if (mmlu && data) return usage_error("eval: give --data or --mmlu, not both%s", "");
-    if (!mmlu && !data) return usage_error("eval: --data FILE (or --mmlu DIR) is required%s", "");
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (!model) return usage_error("--model DIR is required");
+    if (mmlu && data) return usage_error("give --data or --mmlu, not both");
+    if (!mmlu && !data) return usage_error("--data FILE (or --mmlu DIR) is required");
     ql_dataset_opts dopts = {.source_max_len = (int)source_max_len, .target_max_len = (int)target_max_len,
                              .max_len = (int)max_len, .train_on_source = 0, .max_examples = max_examples};
     int rc = mmlu ? QL_OK : ql_data_format_parse(format, &dopts.format);
@@ -581,6 +871,30 @@ done:
     return rc ? fail(rc) : 0;
 }
 
+/* generate's defaults, shown by its --help */
+static const struct {
+    long max_new_tokens, seed;
+    double temperature, top_p;
+} generate_defaults = {.max_new_tokens = 128, .seed = 0, .temperature = 0.0, .top_p = 1.0};
+
+static int help_generate(void)
+{
+    printf("usage: qlora generate --model DIR --prompt TEXT [OPTIONS]\n\n"
+           "Continue TEXT; prints only the generated text.\n\n"
+           "options:\n");
+    help_opt("--model DIR", "the base model: a Hugging Face folder (required)", NULL);
+    help_opt("--adapter RUN_DIR", "generate with this trained LoRA adapter", "none");
+    help_opt("-q, --quantizer Q", "quantize the base with Q; none keeps it dense",
+             "as RUN_DIR/run_config.json says, else none");
+    help_opt("--prompt TEXT", "the text to continue", "empty");
+    help_int("--max-new-tokens N", "tokens to generate at most", generate_defaults.max_new_tokens);
+    help_num("--temperature T", "sampling temperature; 0 is greedy", generate_defaults.temperature);
+    help_num("--top-p P", "sample from the fewest tokens of total probability P; 1: all", generate_defaults.top_p);
+    help_int("--seed S", "the sampler's seed", generate_defaults.seed);
+    return help_end("qlora generate --model models/llama-7b --adapter runs/llama-7b-alpaca --prompt 'Once upon a time' "
+                    "--temperature 0.7 --top-p 0.9");
+}
+
 static int cmd_generate(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -592,14 +906,15 @@ static int cmd_generate(int argc, char **argv)
         {"temperature", required_argument, NULL, OPT_TEMPERATURE},
         {"top-p", required_argument, NULL, OPT_TOP_P},
         {"seed", required_argument, NULL, OPT_SEED},
+        {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *prompt = "", *quantizer = NULL, *adapter = NULL;
-    long max_new = 128, seed = 0;
-    double temperature = 0.0, top_p = 1.0;
+    long max_new = generate_defaults.max_new_tokens, seed = generate_defaults.seed;
+    double temperature = generate_defaults.temperature, top_p = generate_defaults.top_p;
     int c, bad = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_MODEL: model = optarg; break;
         case OPT_ADAPTER: adapter = optarg; break;
@@ -609,12 +924,14 @@ static int cmd_generate(int argc, char **argv)
         case OPT_TEMPERATURE: bad |= parse_float_arg("--temperature", optarg, 0.0, 100.0, &temperature); break;
         case OPT_TOP_P: bad |= parse_float_arg("--top-p", optarg, 0.0, 1.0, &top_p); break;
         case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &seed); break;
-        default: return 2;
+        case 'h':
+        case OPT_HELP: return help_generate();
+        default: return option_error(c, argv, longopts);
         }
     }
     if (bad) return 2;
-    if (optind != argc) return usage_error("generate: unexpected argument '%s'", argv[optind]);
-    if (!model) return usage_error("generate: --model DIR is required%s", "");
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (!model) return usage_error("--model DIR is required");
     ql_llama *m = NULL;
     ql_tokenizer *tok = NULL;
     ql_lora *lora = NULL;
@@ -633,21 +950,42 @@ static int cmd_generate(int argc, char **argv)
     return rc ? fail(rc) : 0;
 }
 
+/* quantize's defaults, shown by its --help; cpu unless asked: the files
+ * are the same either way, and the GPU may be busy training */
+static const struct {
+    const char *quantizer, *device;
+} quantize_defaults = {.quantizer = "nf4", .device = "cpu"};
+
+static int help_quantize(void)
+{
+    printf("usage: qlora quantize [--quantizer=Q] MODEL_DIR -o OUT_DIR [OPTIONS]\n\n"
+           "Quantize the linear layers of a Hugging Face checkpoint with a quantizer plugin; OUT_DIR is a\n"
+           "checkpoint in bitsandbytes' layout, with the other files of MODEL_DIR.\n\n"
+           "options:\n");
+    help_opt("-q, --quantizer Q", "a plugin name or .so path, with :key=value,... options",
+             quantize_defaults.quantizer);
+    help_opt("-o, --output OUT_DIR", "the quantized checkpoint's folder (required)", NULL);
+    help_opt("--force", "replace OUT_DIR when it exists", NULL);
+    help_opt("--device D", "cpu, cuda or auto: where to quantize; the files are byte-identical",
+             quantize_defaults.device);
+    help_quiet();
+    return help_end("qlora quantize --quantizer=nf4:double_quant=0 models/llama-7b -o models/llama-7b-nf4");
+}
+
 static int cmd_quantize(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"quantizer", required_argument, NULL, 'q'}, {"output", required_argument, NULL, 'o'},
         {"force", no_argument, NULL, OPT_FORCE},     {"quiet", no_argument, NULL, OPT_QUIET},
         {"device", required_argument, NULL, OPT_DEVICE},
+        {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
-    const char *spec = "nf4", *out = NULL;
-    /* cpu unless asked: the files are the same either way, and the GPU may
-     * be busy training */
-    ql_quantize_opts opts = {.force = 0, .progress = 1, .device = "cpu"};
+    const char *spec = quantize_defaults.quantizer, *out = NULL;
+    ql_quantize_opts opts = {.force = 0, .progress = 1, .device = quantize_defaults.device};
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "q:o:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":q:o:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'q': spec = optarg; break;
         case 'o': out = optarg; break;
@@ -655,29 +993,50 @@ static int cmd_quantize(int argc, char **argv)
         case OPT_QUIET: opts.progress = 0; break;
         case OPT_DEVICE:
             if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("quantize: --device %s: use cpu, cuda or auto", optarg);
+                return usage_error("--device %s: use cpu, cuda or auto", optarg);
             opts.device = optarg;
             break;
-        default: return 2;
+        case 'h':
+        case OPT_HELP: return help_quantize();
+        default: return option_error(c, argv, longopts);
         }
     }
-    if (optind != argc - 1) return usage_error("quantize: expected one MODEL_DIR%s", "");
-    if (!out) return usage_error("quantize: -o OUT_DIR is required%s", "");
+    if (optind != argc - 1) return usage_error("expected one MODEL_DIR");
+    if (!out) return usage_error("-o OUT_DIR is required");
     int rc = ql_quantize_model(argv[optind], spec, out, &opts);
     return rc ? fail(rc) : 0;
 }
 
+static int help_inspect(void)
+{
+    printf("usage: qlora inspect FILE.safetensors|MODEL_DIR [--json]\n\n"
+           "The tensors of a safetensors file (of a model folder: its model.safetensors): dtype, shape,\n"
+           "quantization and bits per parameter.\n\n"
+           "options:\n");
+    help_opt("--json", "one JSON object instead of the table", NULL);
+    return help_end("qlora inspect models/llama-7b-nf4/model.safetensors --json");
+}
+
 static int cmd_inspect(int argc, char **argv)
 {
-    int as_json = 0;
-    const char *path = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--json") == 0) as_json = 1;
-        else if (argv[i][0] == '-') return usage_error("inspect: unknown option '%s'", argv[i]);
-        else if (path) return usage_error("inspect: one file at a time ('%s')", argv[i]);
-        else path = argv[i];
+    static const struct option longopts[] = {
+        {"json", no_argument, NULL, OPT_JSON},
+        {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0},
+    };
+    int as_json = 0, c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_JSON: as_json = 1; break;
+        case 'h':
+        case OPT_HELP: return help_inspect();
+        default: return option_error(c, argv, longopts);
+        }
     }
-    if (!path) return usage_error("inspect: FILE.safetensors is required%s", "");
+    if (optind == argc) return usage_error("FILE.safetensors is required");
+    if (argc - optind > 1) return usage_error("one file at a time ('%s')", argv[optind + 1]);
+    const char *path = argv[optind];
     /* a model folder is inspected through its single file */
     char *file = NULL;
     if (ql_is_dir(path)) {
@@ -689,31 +1048,86 @@ static int cmd_inspect(int argc, char **argv)
     return rc ? fail(rc) : 0;
 }
 
+/* compare's --quantizers when not given */
+static const char compare_default_quantizers[] = "nf4,fp4,int8";
+
+static int help_compare(void)
+{
+    printf("usage: qlora compare [--quantizers=Q1,Q2,...] MODEL_DIR [OPTIONS]\n\n"
+           "Quantize every linear layer of MODEL_DIR with each quantizer, in memory: bits per parameter,\n"
+           "bytes, error and time per quantizer and per layer.\n\n"
+           "options:\n");
+    help_opt("-q, --quantizers LIST", "quantizers to compare, comma-separated", compare_default_quantizers);
+    help_opt("--json FILE", "also write the results to FILE as JSON", NULL);
+    help_opt("--summary-only", "one row per quantizer, no per-layer rows", NULL);
+    help_quiet();
+    return help_end("qlora compare --quantizers=nf4,nf4:double_quant=0,fp4,int8 models/llama-7b --json compare.json");
+}
+
 static int cmd_compare(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"quantizers", required_argument, NULL, 'q'},     {"json", required_argument, NULL, OPT_JSON},
         {"summary-only", no_argument, NULL, OPT_SUMMARY_ONLY}, {"quiet", no_argument, NULL, OPT_QUIET},
-        {NULL, 0, NULL, 0},
+        {"help", no_argument, NULL, OPT_HELP},                 {NULL, 0, NULL, 0},
     };
-    const char *specs = "nf4,fp4,int8";
+    const char *specs = compare_default_quantizers;
     ql_compare_opts opts = {.json_path = NULL, .per_layer = 1, .progress = 1};
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "q:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'q': specs = optarg; break;
         case OPT_JSON: opts.json_path = optarg; break;
         case OPT_SUMMARY_ONLY: opts.per_layer = 0; break;
         case OPT_QUIET: opts.progress = 0; break;
-        default: return 2;
+        case 'h':
+        case OPT_HELP: return help_compare();
+        default: return option_error(c, argv, longopts);
         }
     }
-    if (optind != argc - 1) return usage_error("compare: expected one MODEL_DIR%s", "");
+    if (optind != argc - 1) return usage_error("expected one MODEL_DIR");
     int rc = ql_compare_model(argv[optind], specs, &opts, stdout);
     if (rc == QL_OK && opts.json_path) fprintf(stderr, "wrote %s\n", opts.json_path);
     return rc ? fail(rc) : 0;
 }
+
+static int help_version(void)
+{
+    printf("usage: qlora version\n\n"
+           "The version of qlora and of the quantizer plugin ABI it loads (also: qlora --version).\n\n"
+           "options:\n");
+    return help_end("qlora version");
+}
+
+static int cmd_version(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+        case OPT_HELP: return help_version();
+        default: return option_error(c, argv, longopts);
+        }
+    }
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    printf("qlora %s (quantizer ABI %d.%d)\n", ql_version(), QL_QUANTIZER_ABI_MAJOR, QL_QUANTIZER_ABI_MINOR);
+    return 0;
+}
+
+static const struct {
+    const char *name;
+    int (*run)(int argc, char **argv); /* argv[0] is the command's name */
+} commands[] = {
+    {"quantizers", cmd_quantizers}, {"quantize", cmd_quantize}, {"inspect", cmd_inspect}, {"compare", cmd_compare},
+    {"eval", cmd_eval},             {"generate", cmd_generate}, {"train", cmd_train},     {"merge", cmd_merge},
+    {"bench", cmd_bench},           {"version", cmd_version},
+};
 
 int main(int argc, char **argv)
 {
@@ -721,23 +1135,26 @@ int main(int argc, char **argv)
         fputs(usage_text, stderr);
         return 2;
     }
+    /* option errors are ours (option_error), in one style for every command */
+    opterr = 0;
     const char *cmd = argv[1];
+    int for_help = 0;
     if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
-        fputs(usage_text, stdout);
-        return 0;
+        if (argc == 2) {
+            fputs(usage_text, stdout);
+            return 0;
+        }
+        if (argc > 3) return usage_error("help: one command at a time ('%s')", argv[3]);
+        /* qlora help CMD is qlora CMD --help */
+        cmd = argv[2];
+        for_help = 1;
     }
-    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
-        printf("qlora %s (quantizer ABI %d.%d)\n", ql_version(), QL_QUANTIZER_ABI_MAJOR, QL_QUANTIZER_ABI_MINOR);
-        return 0;
+    if (!strcmp(cmd, "--version")) cmd = "version";
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        if (strcmp(cmd, commands[i].name)) continue;
+        command = commands[i].name;
+        char *help_argv[] = {(char *)commands[i].name, (char *)"--help", NULL};
+        return for_help ? commands[i].run(2, help_argv) : commands[i].run(argc - 1, argv + 1);
     }
-    if (!strcmp(cmd, "quantizers")) return cmd_quantizers(argc - 1, argv + 1);
-    if (!strcmp(cmd, "quantize")) return cmd_quantize(argc - 1, argv + 1);
-    if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - 1, argv + 1);
-    if (!strcmp(cmd, "compare")) return cmd_compare(argc - 1, argv + 1);
-    if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
-    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
-    if (!strcmp(cmd, "generate")) return cmd_generate(argc - 1, argv + 1);
-    if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
-    if (!strcmp(cmd, "merge")) return cmd_merge(argc - 1, argv + 1);
     return usage_error("unknown command '%s'", cmd);
 }
