@@ -455,7 +455,7 @@ START_TEST(materialize_slow_path)
     ck_assert_msg(q->desc->quantize(q->inst, &md, w, &s) == QL_OK, "%s", ql_error_message());
     ql_linear l = {.name = "test", .out = rows, .in = cols, .qz = q, .state = s};
     buf out = poisoned((size_t)(rows * cols));
-    float *scratch = malloc((size_t)(rows * cols) * sizeof *scratch);
+    float *scratch = malloc((size_t)(rows * cols) * 6); /* float32 weights, then their bf16 bits (backend.h) */
     BOTH((ctx, materialize, S(out), QL_DTYPE_F32, &l, NULL, NULL, 0, scratch));
     expect(&out, 0, "materialize (slow path)");
     /* bf16: the same bits as the plugin's CPU materialize */
