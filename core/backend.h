@@ -302,6 +302,10 @@ int ql_be_check(ql_be_ctx *ctx);
 #define ql_be(ctx, op, ...) \
     ((ctx)->status ? (ctx)->status : ql_be_record((ctx), (ctx)->be->op((ctx), __VA_ARGS__)))
 
+/* QL_EINVAL naming the first of targets[rows] that is neither ignore_index
+ * nor in [0, V) (the cross_entropy ops' check, before they read any). */
+int ql_be_check_targets(const int32_t *targets, int64_t rows, int64_t V, int32_t ignore_index);
+
 /* The precision named by `name` ("fp32", "bf16", or "auto"/NULL: bf16 on
  * cuda, fp32 on the CPU) for backend be; an unknown name is QL_EINVAL. */
 int ql_be_precision(const char *name, const ql_backend *be, int *out);

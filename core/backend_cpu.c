@@ -324,10 +324,8 @@ static int cpu_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, cons
                              const int32_t *targets, int64_t rows, int64_t V, int32_t ignore_index, float scale)
 {
     (void)ctx;
-    for (int64_t t = 0; t < rows; t++)
-        if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V))
-            return ql_error(QL_EINVAL, "cross-entropy: target %d of row %lld is outside the vocabulary (%lld)",
-                            targets[t], (long long)t, (long long)V);
+    int rc = ql_be_check_targets(targets, rows, V, ignore_index);
+    if (rc) return rc;
     ql_cross_entropy_forward_backward(losses, dlogits, logits, targets, rows, V, ignore_index, scale);
     return QL_OK;
 }
@@ -454,6 +452,15 @@ void ql_be_ctx_close(ql_be_ctx *ctx)
     if (!ctx) return;
     if (ctx->be->close) ctx->be->close(ctx);
     free(ctx);
+}
+
+int ql_be_check_targets(const int32_t *targets, int64_t rows, int64_t V, int32_t ignore_index)
+{
+    for (int64_t t = 0; t < rows; t++)
+        if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V))
+            return ql_error(QL_EINVAL, "cross-entropy: target %d of row %lld is outside the vocabulary (%lld)",
+                            targets[t], (long long)t, (long long)V);
+    return QL_OK;
 }
 
 int ql_be_precision(const char *name, const ql_backend *be, int *out)

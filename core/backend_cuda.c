@@ -767,15 +767,13 @@ static int cuda_rmsnorm_backward(ql_be_ctx *ctx, float *dx, float *dweight, cons
 static int cuda_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, const float *logits,
                               const int32_t *targets, int64_t rows, int64_t V, int32_t ignore_index, float scale)
 {
-    for (int64_t t = 0; t < rows; t++)
-        if (targets[t] != ignore_index && (targets[t] < 0 || targets[t] >= V))
-            return ql_error(QL_EINVAL, "cross-entropy: target %d of row %lld is outside the vocabulary (%lld)",
-                            targets[t], (long long)t, (long long)V);
+    int rc = ql_be_check_targets(targets, rows, V, ignore_index);
+    if (rc) return rc;
     /* targets in, the losses out, both in the staging buffer */
     const void *srcs[2] = {targets, NULL};
     size_t sizes[2] = {(size_t)rows * sizeof *targets, (size_t)rows * sizeof *losses};
     void *devs[2];
-    int rc = stage(ctx, 2, srcs, sizes, devs);
+    rc = stage(ctx, 2, srcs, sizes, devs);
     if (!rc)
         rc = launched(qlk_cross_entropy(stream(ctx), devs[1], dlogits, logits, devs[0], rows, V, ignore_index, scale),
                       "cross-entropy");

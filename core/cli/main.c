@@ -99,6 +99,26 @@ static int usage_error(const char *fmt, ...)
     return 2;
 }
 
+/* --device, --precision and --optim: `value` must be one of the
+ * space-separated `allowed` words; else a usage error listing `say`. */
+static int choice(const char *flag, const char *value, const char *allowed, const char *say, const char **out)
+{
+    size_t n = strlen(value);
+    for (const char *p = allowed; *p;) {
+        size_t l = strcspn(p, " ");
+        if (l == n && !strncmp(p, value, n)) {
+            *out = value;
+            return 0;
+        }
+        p += l + (p[l] == ' ');
+    }
+    return usage_error("%s %s: use %s", flag, value, say);
+}
+#define DEVICES "cpu cuda auto", "cpu, cuda or auto"
+#define PRECISIONS "fp32 bf16 auto", "fp32, bf16 or auto"
+#define OPTIMS "adamw paged_adamw paged_adamw_32bit auto", "adamw, paged_adamw (paged_adamw_32bit) or auto"
+
+
 /* getopt_long's '?' and ':' in our words (main sets opterr = 0, and every
  * optstring starts with ':' so that a missing value is told apart).
  * getopt_long leaves optopt 0 for an unknown long option and sets it to the
@@ -536,20 +556,13 @@ static int cmd_train(int argc, char **argv)
         case OPT_MAX_EXAMPLES: bad |= parse_long_arg("--max-examples", optarg, 1, 1L << 40, &lv), o.data.max_examples = lv; break;
         case OPT_QUIET: o.progress = 0; break;
         case OPT_DEVICE:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("--device %s: use cpu, cuda or auto", optarg);
-            o.device = optarg;
+            if (choice("--device", optarg, DEVICES, &o.device)) return 2;
             break;
         case OPT_PRECISION:
-            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
-                return usage_error("--precision %s: use fp32, bf16 or auto", optarg);
-            o.precision = optarg;
+            if (choice("--precision", optarg, PRECISIONS, &o.precision)) return 2;
             break;
         case OPT_OPTIM:
-            if (strcmp(optarg, "adamw") && strcmp(optarg, "paged_adamw") && strcmp(optarg, "paged_adamw_32bit") &&
-                strcmp(optarg, "auto"))
-                return usage_error("--optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
-            o.optim = optarg;
+            if (choice("--optim", optarg, OPTIMS, &o.optim)) return 2;
             break;
         case 'h':
         case OPT_HELP: return help_train();
@@ -625,14 +638,10 @@ static int cmd_bench(int argc, char **argv)
         case OPT_SHAPES: o.shapes = optarg; break;
         case OPT_ONLY: only = optarg; break;
         case OPT_DEVICE:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("--device %s: use cpu, cuda or auto", optarg);
-            o.device = optarg;
+            if (choice("--device", optarg, DEVICES, &o.device)) return 2;
             break;
         case OPT_PRECISION:
-            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
-                return usage_error("--precision %s: use fp32, bf16 or auto", optarg);
-            o.precision = optarg;
+            if (choice("--precision", optarg, PRECISIONS, &o.precision)) return 2;
             break;
         case 'q': o.quantizer = optarg; break;
         case OPT_LAYERS: bad |= parse_long_arg("--layers", optarg, 1, 1000, &lv), o.layers = (int)lv; break;
@@ -645,10 +654,7 @@ static int cmd_bench(int argc, char **argv)
         case OPT_JSON: json_path = optarg; break;
         case OPT_QUIET: o.progress = 0; break;
         case OPT_OPTIM:
-            if (strcmp(optarg, "adamw") && strcmp(optarg, "paged_adamw") && strcmp(optarg, "paged_adamw_32bit") &&
-                strcmp(optarg, "auto"))
-                return usage_error("--optim %s: use adamw, paged_adamw (paged_adamw_32bit) or auto", optarg);
-            o.optim = optarg;
+            if (choice("--optim", optarg, OPTIMS, &o.optim)) return 2;
             break;
         case 'h':
         case OPT_HELP: return help_bench();
@@ -816,14 +822,10 @@ static int cmd_eval(int argc, char **argv)
         case OPT_SHOTS: bad |= parse_long_arg("--shots", optarg, 0, 64, &shots); break;
         case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1 << 16, &batch); break;
         case OPT_DEVICE:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("--device %s: use cpu, cuda or auto", optarg);
-            device = optarg;
+            if (choice("--device", optarg, DEVICES, &device)) return 2;
             break;
         case OPT_PRECISION:
-            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16") && strcmp(optarg, "auto"))
-                return usage_error("--precision %s: use fp32, bf16 or auto", optarg);
-            precision = optarg;
+            if (choice("--precision", optarg, PRECISIONS, &precision)) return 2;
             break;
         case 'h':
         case OPT_HELP: return help_eval();
@@ -992,9 +994,7 @@ static int cmd_quantize(int argc, char **argv)
         case OPT_FORCE: opts.force = 1; break;
         case OPT_QUIET: opts.progress = 0; break;
         case OPT_DEVICE:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
-                return usage_error("--device %s: use cpu, cuda or auto", optarg);
-            opts.device = optarg;
+            if (choice("--device", optarg, DEVICES, &opts.device)) return 2;
             break;
         case 'h':
         case OPT_HELP: return help_quantize();
