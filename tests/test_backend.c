@@ -260,6 +260,15 @@ START_TEST(registry)
     ck_assert_ptr_eq(be, ql_backend_cpu());
     ck_assert_int_eq(ql_backend_find("tpu", &be), QL_EINVAL);
     ck_assert_contains(ql_error_message(), "unknown device 'tpu'");
+    int prec = -1, optim = -1;
+    ck_assert_int_eq(ql_be_precision("fp8", ql_backend_cpu(), &prec), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "unknown precision 'fp8': use fp32, bf16 or auto");
+    ck_assert_int_eq(ql_be_precision("auto", ql_backend_cpu(), &prec), QL_OK);
+    ck_assert_int_eq(prec, QL_PREC_FP32);
+    ck_assert_int_eq(ql_optim_parse("sgd", ql_backend_cpu(), &optim), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "unknown optimizer 'sgd'");
+    ck_assert_int_eq(ql_optim_parse("paged_adamw", ql_backend_cpu(), &optim), QL_OK);
+    ck_assert_int_eq(optim, QL_OPTIM_HOST); /* the CPU steps on the host whatever the name */
     ql_be_ctx *ctx = NULL;
     if (!ql_backend_cuda()) { /* this machine (CI): no GPU, or no CUDA in the build */
         ck_assert_contains(ql_error_message(), "device cuda is not available: ");

@@ -838,6 +838,20 @@ START_TEST(test_device_flags)
     char *j = slurp(json, NULL);
     ck_assert_contains(j, "\"tokens_per_s\": ");
     free(j), free(out), free(err);
+    /* a --json that cannot be written, and a QLORA_DEVICE that names nothing */
+    st = qlora(&out, &err, "bench --device cpu --shapes 7b --layers 1 --seq 8 --lora-r 2 --steps 1 --warmup 0 --quiet "
+                           "--json '%s/no/such/dir/b.jsonl'", parent);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "cannot write");
+    free(out), free(err);
+    {
+        char envcmd[8400];
+        snprintf(envcmd, sizeof envcmd, "QLORA_DEVICE=gpu '%s' version", tu_env("QLORA_BIN"));
+        st = tu_run(envcmd, &out, &err);
+        ck_assert_int_eq(st, 2);
+        ck_assert_contains(err, "qlora: QLORA_DEVICE=gpu: use cpu, cuda or auto");
+        free(out), free(err);
+    }
     st = qlora(&out, &err, "bench --shapes 8b --device cpu");
     ck_assert_int_ne(st, 0);
     ck_assert_contains(err, "unknown shape '8b'");

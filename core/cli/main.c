@@ -61,7 +61,8 @@ static const char usage_text[] =
     "followed by :key=value,... options, e.g. nf4:double_quant=0,blocksize=64.\n"
     "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree.\n"
     "Progress goes to stderr: a live line on a terminal, JSON lines otherwise (--quiet turns it off).\n"
-    "--device defaults to $QLORA_DEVICE when it is cpu, cuda or auto, else auto (cuda when a GPU is present).\n";
+    "--device defaults to $QLORA_DEVICE (cpu, cuda or auto; any other value is refused), else auto (cuda when a GPU\n"
+    "is present).\n";
 
 /* --device when not given: $QLORA_DEVICE (cpu, cuda or auto), else auto
  * (the test suites set cpu, so they compute the same on a machine with a GPU) */
@@ -1150,6 +1151,11 @@ int main(int argc, char **argv)
         for_help = 1;
     }
     if (!strcmp(cmd, "--version")) cmd = "version";
+    const char *env_device = getenv("QLORA_DEVICE");
+    if (env_device && *env_device && !device_from_env()) {
+        fprintf(stderr, "qlora: QLORA_DEVICE=%s: use cpu, cuda or auto (or unset it)\n", env_device);
+        return 2;
+    }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(cmd, commands[i].name)) continue;
         command = commands[i].name;
