@@ -49,8 +49,12 @@
  * bf16-rounded q, k, v and probabilities (float32 softmax and sums), while the
  * CPU keeps attention in float32; CUDA runs the LoRA products on TF32 tensor
  * cores (float32 storage and sums, 10-bit operand mantissas), the CPU in
- * float32.  Norms, RoPE, SwiGLU, the loss and every stored activation stay
- * float32.  Ops that round need
+ * float32.  The residual stream is rounded to bfloat16 at every layer
+ * boundary (the embedding output and each decoder layer's output, as a bf16
+ * model holds it), so a layer input kept for gradient checkpointing is
+ * stored in bf16 and widened back without changing a bit; the embedding
+ * table is then read in bf16 too (embedding_w16).  Norms, RoPE, SwiGLU, the
+ * loss and every other activation stay float32.  Ops that round need
  * ql_be_scratch_bytes() of ctx->scratch (backend memory, from the plan). */
 #ifndef QL_BACKEND_H
 #define QL_BACKEND_H
@@ -118,6 +122,15 @@ typedef struct ql_backend {
      * for padded ones (their ids are not read).  ids: host [B*T]. */
     int (*embedding)(ql_be_ctx *ctx, float *out, const float *table, const int32_t *ids, const ql_be_batch *mb,
                      int64_t C);
+    /* embedding from a bf16 table16[vocab, C] (bf16 precision: the table is
+     * kept in bfloat16), widened to float32; masked as embedding */
+    int (*embedding_w16)(ql_be_ctx *ctx, float *out, const uint16_t *table16, const int32_t *ids,
+                         const ql_be_batch *mb, int64_t C);
+    /* bf16 precision's layer boundary: x[n] rounded to bfloat16 (nearest
+     * even) in place, and its bits into dst[n] unless dst is NULL */
+    int (*round_bf16)(ql_be_ctx *ctx, uint16_t *dst, float *x, int64_t n);
+    /* dst[n] = the float32 values of bf16 bits src[n] */
+    int (*widen_bf16)(ql_be_ctx *ctx, float *dst, const uint16_t *src, int64_t n);
     /* y[rows, out] (+)= x[rows, in] w[out, in]^T */
     int (*matmul_nt)(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in, int64_t out,
                      int accumulate);

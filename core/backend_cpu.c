@@ -127,6 +127,38 @@ static int cpu_embedding(ql_be_ctx *ctx, float *out, const float *table, const i
     return QL_OK;
 }
 
+static int cpu_embedding_w16(ql_be_ctx *ctx, float *out, const uint16_t *table16, const int32_t *ids,
+                             const ql_be_batch *mb, int64_t C)
+{
+    (void)ctx;
+    for (int64_t b = 0; b < mb->B; b++)
+        for (int64_t t = 0; t < mb->T; t++) {
+            float *o = out + (b * mb->T + t) * C;
+            if (t < mb->len[b]) widened(o, table16 + (int64_t)ids[b * mb->T + t] * C, C);
+            else memset(o, 0, (size_t)C * sizeof *o);
+        }
+    return QL_OK;
+}
+
+static int cpu_round_bf16(ql_be_ctx *ctx, uint16_t *dst, float *x, int64_t n)
+{
+    (void)ctx;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t b = ql_be_bf16(x[i]);
+        if (dst) dst[i] = b;
+        x[i] = ql_be_bf16_float(b);
+    }
+    return QL_OK;
+}
+
+static int cpu_widen_bf16(ql_be_ctx *ctx, float *dst, const uint16_t *src, int64_t n)
+{
+    (void)ctx;
+    widened(dst, src, n);
+    return QL_OK;
+}
+
 static int cpu_matmul_nt(ql_be_ctx *ctx, float *y, const float *x, const float *w, int64_t rows, int64_t in,
                          int64_t out, int accumulate)
 {
@@ -371,6 +403,9 @@ static const ql_backend cpu_backend = {
     .unpin = cpu_unpin,
     .materialize = cpu_materialize,
     .embedding = cpu_embedding,
+    .embedding_w16 = cpu_embedding_w16,
+    .round_bf16 = cpu_round_bf16,
+    .widen_bf16 = cpu_widen_bf16,
     .matmul_nt = cpu_matmul_nt,
     .matmul_nt_w16 = cpu_matmul_nt_w16,
     .matmul_backward_input_w16 = cpu_matmul_backward_input_w16,

@@ -512,6 +512,28 @@ static int cuda_embedding(ql_be_ctx *ctx, float *out, const float *table, const 
     return rc ? rc : launched(qlk_embedding(stream(ctx), out, table, d_ids, len, mb->B, mb->T, C), "embedding");
 }
 
+static int cuda_embedding_w16(ql_be_ctx *ctx, float *out, const uint16_t *table16, const int32_t *ids,
+                              const ql_be_batch *mb, int64_t C)
+{
+    const int32_t *len = NULL, *d_ids = NULL;
+    int rc = stage_len(ctx, mb, &len);
+    const void *srcs[1] = {ids};
+    size_t sizes[1] = {(size_t)(mb->B * mb->T) * sizeof *ids};
+    if (!rc) rc = stage(ctx, 1, srcs, sizes, (void **)&d_ids);
+    return rc ? rc
+              : launched(qlk_embedding_w16(stream(ctx), out, table16, d_ids, len, mb->B, mb->T, C), "embedding");
+}
+
+static int cuda_round_bf16(ql_be_ctx *ctx, uint16_t *dst, float *x, int64_t n)
+{
+    return launched(qlk_round_bf16(stream(ctx), dst, x, n), "bf16 rounding");
+}
+
+static int cuda_widen_bf16(ql_be_ctx *ctx, float *dst, const uint16_t *src, int64_t n)
+{
+    return launched(qlk_bf16_to_f32(stream(ctx), dst, src, n), "bf16 conversion");
+}
+
 static int cuda_rmsnorm_forward(ql_be_ctx *ctx, float *out, float *rstd, const float *x, const float *weight,
                                 int64_t rows, int64_t C, float eps)
 {
@@ -821,6 +843,9 @@ static const ql_backend cuda_backend = {
     .unpin = cuda_unpin,
     .materialize = cuda_materialize,
     .embedding = cuda_embedding,
+    .embedding_w16 = cuda_embedding_w16,
+    .round_bf16 = cuda_round_bf16,
+    .widen_bf16 = cuda_widen_bf16,
     .matmul_nt = cuda_matmul_nt,
     .matmul_nt_w16 = cuda_matmul_nt_w16,
     .matmul_backward_input_w16 = cuda_matmul_backward_input_w16,

@@ -11,7 +11,7 @@
 
 /* Activations of one decoder layer for a micro-batch of R = B*T rows. */
 typedef struct layer_acts {
-    float *x;                 /* [R, H] layer input (the plan's inputs[i]) */
+    float *x;                 /* [R, H] layer input (the plan's inputs[i], or its bf16 copy widened) */
     float *xn1, *rstd1;       /* [R, H], [R] */
     float *q, *k, *v;         /* [R, qd], [R, kvd] x2, rotated q and k */
     float *qpre, *kpre;       /* [R, qd], [R, kvd] q, k before the per-head norm (qk_norm only) */
@@ -21,7 +21,6 @@ typedef struct layer_acts {
     float *xmid;              /* [R, H] */
     float *xn2, *rstd2;       /* [R, H], [R] */
     float *gate, *up, *hm;    /* [R, I] x3 */
-    float *xd[QL_MOD_COUNT];  /* dropped LoRA inputs (NULL when the module has no adapter or p == 0) */
     float *h[QL_MOD_COUNT];   /* [R, r] LoRA hidden */
 } layer_acts;
 
@@ -32,7 +31,8 @@ typedef struct dims {
 } dims;
 
 typedef struct bwd_scratch {
-    float *dhm, *dgate, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dxd, *dmid;
+    float *dhm, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dxd, *dmid; /* dgate is dhm, in place */
+    float *xd; /* [R, widest in] one module's dropped LoRA input, made again for its backward (dropout only) */
     float *dqpre, *dkpre; /* [R, qd], [R, kvd] through the per-head q/k norm (qk_norm only) */
     float *grad, *grad2; /* [R, H] the gradient flowing down the residual stream */
 } bwd_scratch;
@@ -69,7 +69,10 @@ struct ql_lora_model {
     int64_t logit_rows; /* rows of logits computed at a time */
     /* carved from the plan */
     layer_acts *acts;   /* [n_layers] when keeping all, else [1] */
-    float **inputs;     /* [n_layers + 1] layer inputs, and the final hidden state */
+    float **inputs;     /* [n_inputs] layer inputs, and the final hidden state: n_layers + 1, or two that
+                           alternate (forward only, or with in16) */
+    int n_inputs;
+    uint16_t **in16;    /* [n_layers] bf16 copies of the layer inputs (bf16 checkpointing), or NULL */
     float *xnf, *rstdf; /* final norm */
     float *logits;      /* [logit_rows, V] */
     float *w;           /* one materialized weight matrix */
@@ -81,6 +84,7 @@ struct ql_lora_model {
     float *inv_freq; /* [Bmax, hd/2] each sequence's rotary frequencies */
     /* the weights in backend memory */
     const float *embed, *final_norm, *head;
+    const uint16_t *embed16; /* bf16 precision: the embeddings in bf16 (the head's copy when tied) */
     const uint16_t *head16; /* bf16 precision: a bf16 copy of the output layer */
     int precision;
     void *scratch; /* the backend's rounding scratch (ql_be_scratch_bytes) */
@@ -116,11 +120,6 @@ typedef struct ctx {
     const float *inv_freq; /* host [B, hd/2]: sequence b's rotary frequencies */
     float rope_scale;      /* and the factor on cos and sin */
 } ctx;
-
-static int64_t module_in(const dims *d, int k)
-{
-    return k == QL_MOD_O ? d->qd : k == QL_MOD_DOWN ? d->I : d->H;
-}
 
 /* sequence b's seed for (layer, module), as a one-sequence step derives it */
 static uint64_t module_seed(uint64_t seed, int layer, int module)
@@ -185,9 +184,10 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
     ql_lora_pair *p = pair_at(x, i, k);
     if (p) {
         const float *xd = in;
-        if (x->dropout) {
-            ql_be(x->be, dropout_forward, a->xd[k], in, &x->mb, l->in, x->lora->cfg.dropout, module_seeds(x, i, k));
-            xd = a->xd[k];
+        if (x->dropout) { /* not kept: linear_bwd makes the same mask again from the seeds */
+            ql_be(x->be, dropout_forward, x->lm->s.xd, in, &x->mb, l->in, x->lora->cfg.dropout,
+                  module_seeds(x, i, k));
+            xd = x->lm->s.xd;
         }
         ql_be(x->be, lora_forward, y, a->h[k], xd, p->A, p->B, x->d.R, l->in, l->out, x->lora->cfg.r,
               x->lora->scaling);
@@ -207,9 +207,12 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
     else ql_be(x->be, matmul_backward_input, din, dy, w, x->d.R, l->in, l->out, accumulate);
     ql_lora_pair *p = pair_at(x, i, k);
     if (p) {
-        const float *xd = x->dropout ? a->xd[k] : in;
+        const float *xd = in;
         float scale = x->lora->scaling;
         if (x->dropout) {
+            xd = x->lm->s.xd; /* the forward's dropped input, bit for bit */
+            ql_be(x->be, dropout_forward, x->lm->s.xd, in, &x->mb, l->in, x->lora->cfg.dropout,
+                  module_seeds(x, i, k));
             ql_be(x->be, lora_backward, dxd_scratch, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.R,
                   l->in, l->out, x->lora->cfg.r, scale, 0);
             ql_be(x->be, dropout_backward, din, dxd_scratch, &x->mb, l->in, x->lora->cfg.dropout,
@@ -263,8 +266,8 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     int rc;
     /* MLP */
     if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh, s->dxd))) return rc;
-    ql_be(x->be, swiglu_backward, s->dgate, s->dup, s->dhm, a->gate, a->up, d->R * d->I);
-    if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dgate, s->dxn, 0, s->dh, s->dxd)) ||
+    ql_be(x->be, swiglu_backward, s->dhm, s->dup, s->dhm, a->gate, a->up, d->R * d->I); /* dgate in place */
+    if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dhm, s->dxn, 0, s->dh, s->dxd)) ||
         (rc = linear_bwd(x, i, QL_MOD_UP, a, a->xn2, s->dup, s->dxn, 1, s->dh, s->dxd)))
         return rc;
     ql_be(x->be, copy, s->dmid, dout, (size_t)(d->R * d->H) * 4);
@@ -381,9 +384,10 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
     if (host) ql_plan_held(p, QL_ROLE_BASE, base_bytes(m));
     const float *fn, *head;
     ql_llama_output_weights(m, &fn, &head);
-    RESIDENT(lm, B, &lm->embed, ql_llama_embeddings(m), V * H);
+    if (lm->precision != QL_PREC_BF16) RESIDENT(lm, B, &lm->embed, ql_llama_embeddings(m), V * H);
+    else if (head != ql_llama_embeddings(m)) plan_bf16_copy(lm, &lm->embed16, ql_llama_embeddings(m), V * H);
     RESIDENT(lm, B, &lm->final_norm, fn, H);
-    if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, &lm->head16, head, V * H);
+    if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, &lm->head16, head, V * H); /* tied: embed16 too */
     else if (head == ql_llama_embeddings(m)) lm->head = NULL; /* tied: set after the plan is allocated */
     else RESIDENT(lm, B, &lm->head, head, V * H);
     int64_t ws = 0, slow = 0;
@@ -472,6 +476,7 @@ static int fill_weights(ql_lora_model *lm)
         }
     }
     if (!lm->head && !lm->head16) lm->head = lm->embed;
+    if (lm->head16 && !lm->embed16) lm->embed16 = lm->head16; /* tied */
     be->precision = lm->precision;
     be->scratch = lm->scratch;
     be->scratch_bytes = lm->scratch_bytes;
@@ -642,11 +647,9 @@ static void plan_acts(ql_lora_model *lm, layer_acts *a, int layer, const dims *d
     ql_plan_add(p, A, (void **)&a->up, R * d->I, 4);
     ql_plan_add(p, A, (void **)&a->hm, R * d->I, 4);
     for (int k = 0; k < QL_MOD_COUNT; k++) {
-        a->h[k] = a->xd[k] = NULL;
+        a->h[k] = NULL;
         if (!lm->lora || !lm->lora->pairs[layer * QL_MOD_COUNT + k].A) continue;
         ql_plan_add(p, A, (void **)&a->h[k], R * d->r, 4);
-        if (lm->backward && lm->lora->cfg.dropout > 0)
-            ql_plan_add(p, A, (void **)&a->xd[k], R * module_in(d, k), 4);
     }
 }
 
@@ -689,7 +692,10 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     const int nl = c->n_layers;
     lm->acts = calloc((size_t)(lm->keep_all ? nl : 1), sizeof *lm->acts);
     lm->inputs = calloc((size_t)nl + 1, sizeof *lm->inputs);
-    if (!lm->acts || !lm->inputs) {
+    /* bf16 checkpointing keeps the layer inputs in bf16 (they are bf16 values) */
+    const int store16 = lm->backward && o->checkpointing && o->precision == QL_PREC_BF16;
+    if (store16) lm->in16 = calloc((size_t)nl, sizeof *lm->in16);
+    if (!lm->acts || !lm->inputs || (store16 && !lm->in16)) {
         ql_lora_model_destroy(lm);
         return ql_error(QL_ENOMEM, "out of memory");
     }
@@ -729,7 +735,11 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         } else ql_plan_held_host(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
     }
 
-    for (int i = 0; i <= nl; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->inputs[i], d.R * d.H, 4);
+    /* the layer inputs: all of them in float32 for the backward, or two that
+     * alternate (forward only; bf16 checkpointing, which keeps bf16 copies) */
+    lm->n_inputs = lm->backward && !store16 ? nl + 1 : 2;
+    for (int i = 0; i < lm->n_inputs; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->inputs[i], d.R * d.H, 4);
+    for (int i = 0; store16 && i < nl; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->in16[i], d.R * d.H, 2);
     for (int i = 0; i < (lm->keep_all ? nl : 1); i++) plan_acts(lm, &lm->acts[i], i, &d, B);
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->xnf, d.R * d.H, 4);
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->rstdf, d.R, 4);
@@ -737,7 +747,6 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         bwd_scratch *s = &lm->s;
         int S = QL_ROLE_BWD;
         ql_plan_add(p, S, (void **)&s->dhm, d.R * d.I, 4);
-        ql_plan_add(p, S, (void **)&s->dgate, d.R * d.I, 4);
         ql_plan_add(p, S, (void **)&s->dup, d.R * d.I, 4);
         ql_plan_add(p, S, (void **)&s->dxn, d.R * d.H, 4);
         ql_plan_add(p, S, (void **)&s->datt, d.R * d.qd, 4);
@@ -752,7 +761,10 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_plan_add(p, S, (void **)&s->dh, d.R * (d.r > 0 ? d.r : 1), 4);
         int64_t widest = d.I > d.qd ? d.I : d.qd;
         if (d.H > widest) widest = d.H;
-        if (lora && lora->cfg.dropout > 0) ql_plan_add(p, S, (void **)&s->dxd, d.R * widest, 4);
+        if (lora && lora->cfg.dropout > 0) {
+            ql_plan_add(p, S, (void **)&s->dxd, d.R * widest, 4);
+            ql_plan_add(p, S, (void **)&s->xd, d.R * widest, 4);
+        }
         ql_plan_add(p, S, (void **)&s->dmid, d.R * d.H, 4);
         ql_plan_add(p, S, (void **)&s->grad, d.R * d.H, 4);
         ql_plan_add(p, S, (void **)&s->grad2, d.R * d.H, 4);
@@ -809,6 +821,7 @@ void ql_lora_model_destroy(ql_lora_model *lm)
     free(lm->ups);
     free(lm->acts);
     free(lm->inputs);
+    free(lm->in16);
     free(lm);
 }
 
@@ -909,16 +922,25 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
         }
     int do_backward = backward && count > 0;
 
-    /* forward */
-    ql_be(be, embedding, lm->inputs[0], lm->embed, mb->ids, &x.mb, H);
+    /* forward; in bf16 the residual stream is rounded to bf16 at each layer
+     * boundary (backend.h), and kept as bf16 where in16 is planned */
+    float *const *in = lm->inputs;
+    const int alt = lm->n_inputs == 2; /* two alternating buffers: layer i's input is in[i & 1] */
+    const int bf16 = lm->precision == QL_PREC_BF16;
+    if (lm->embed16) ql_be(be, embedding_w16, in[0], lm->embed16, mb->ids, &x.mb, H);
+    else ql_be(be, embedding, in[0], lm->embed, mb->ids, &x.mb, H);
     int rc = QL_OK;
     for (int i = 0; i < nl && rc == QL_OK; i++) {
         layer_acts *a = &lm->acts[keep_all ? i : 0];
-        a->x = lm->inputs[i];
-        rc = layer_fwd(&x, i, a, lm->inputs[i + 1]);
+        a->x = in[alt ? i & 1 : i];
+        if (lm->in16 && backward) ql_be(be, round_bf16, lm->in16[i], a->x, R * H);
+        else if (bf16 && i > 0) ql_be(be, round_bf16, NULL, a->x, R * H); /* the embedding is bf16 already */
+        rc = layer_fwd(&x, i, a, in[alt ? (i + 1) & 1 : i + 1]);
     }
+    float *hidden = in[alt ? nl & 1 : nl]; /* the last layer's output */
+    if (bf16 && nl > 0) ql_be(be, round_bf16, NULL, hidden, R * H);
     const float *final_norm = lm->final_norm, *lm_head = lm->head;
-    ql_be(be, rmsnorm_forward, lm->xnf, lm->rstdf, lm->inputs[nl], final_norm, R, H, c->rms_eps);
+    ql_be(be, rmsnorm_forward, lm->xnf, lm->rstdf, hidden, final_norm, R, H, c->rms_eps);
     /* logits a chunk of rows at a time: loss, dlogits in place, and their
      * gradient into dxn, so [R, V] never exists whole */
     for (int64_t r0 = 0; r0 < R && !be->status; r0 += lm->logit_rows) {
@@ -943,11 +965,14 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
     /* backward: dxn -> final norm -> layers */
     bwd_scratch *s = &lm->s;
     float *grad = s->grad, *grad2 = s->grad2;
-    ql_be(be, rmsnorm_backward, grad, NULL, s->dxn, lm->inputs[nl], final_norm, lm->rstdf, R, H, 0);
+    ql_be(be, rmsnorm_backward, grad, NULL, s->dxn, hidden, final_norm, lm->rstdf, R, H, 0);
     for (int i = nl - 1; i >= 0 && rc == QL_OK; i--) {
         layer_acts *a = &lm->acts[keep_all ? i : 0];
         if (!keep_all) { /* recompute this layer's activations from its saved input */
-            a->x = lm->inputs[i];
+            if (lm->in16) { /* widened into a free float buffer: the forward's input, bit for bit */
+                a->x = in[0];
+                ql_be(be, widen_bf16, a->x, lm->in16[i], R * H);
+            } else a->x = in[i];
             if ((rc = layer_fwd(&x, i, a, grad2))) break;
         }
         rc = layer_bwd(&x, i, a, grad, grad2, s);

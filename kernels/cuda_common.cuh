@@ -17,6 +17,16 @@ static inline int qlk_status(void) { return (int)cudaGetLastError(); }
 
 /* Sum (or max) over the block of one value per thread, returned to every
  * thread.  blockDim.x is a multiple of 32, at most 1024; every thread calls. */
+/* bfloat16 bits of x, nearest even (NaN stays a quiet NaN): ql_be_bf16 of core/backend.h */
+__device__ inline uint16_t to_bf16(float x)
+{
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__device__ inline float from_bf16(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
+
 template <typename T> __device__ inline T qlk_warp_sum(T v)
 {
     for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

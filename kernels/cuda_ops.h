@@ -21,6 +21,11 @@ extern "C" {
 
 int qlk_embedding(void *stream, float *out, const float *table, const int32_t *ids, const int32_t *len, int64_t B,
                   int64_t T, int64_t C);
+/* the same from a bf16 table, widened */
+int qlk_embedding_w16(void *stream, float *out, const uint16_t *table16, const int32_t *ids, const int32_t *len,
+                      int64_t B, int64_t T, int64_t C);
+/* x[n] rounded to bf16 in place; its bits into dst unless NULL */
+int qlk_round_bf16(void *stream, uint16_t *dst, float *x, int64_t n);
 int qlk_add_inplace(void *stream, float *x, const float *y, int64_t n);
 int qlk_add_bias(void *stream, float *y, const float *bias, const int32_t *len, int64_t B, int64_t T, int64_t n);
 int qlk_swiglu_forward(void *stream, float *out, const float *gate, const float *up, int64_t n);

@@ -202,13 +202,6 @@ extern "C" int qlk_attention_backward(void *stream, float *dq, float *dk, float 
 
 /* ---- pieces of the bf16 attention (products through cuBLAS, backend_cuda.c) ---- */
 
-__device__ inline uint16_t to_bf16(float x)
-{
-    uint32_t u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 __global__ void k_f32_to_bf16(uint16_t *dst, const float *src, int64_t n)
 {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)

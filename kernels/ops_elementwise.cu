@@ -30,6 +30,41 @@ extern "C" int qlk_embedding(void *stream, float *out, const float *table, const
     return qlk_status();
 }
 
+__global__ void k_embedding_w16(float *out, const uint16_t *table16, const int32_t *ids, const int32_t *len,
+                                int64_t T, int64_t C)
+{
+    const int64_t row = blockIdx.x, b = row / T, t = row % T;
+    float *o = out + row * C;
+    if (t < len[b]) {
+        const uint16_t *src = table16 + (int64_t)ids[row] * C;
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = from_bf16(src[c]);
+    } else {
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = 0.0f;
+    }
+}
+
+extern "C" int qlk_embedding_w16(void *stream, float *out, const uint16_t *table16, const int32_t *ids,
+                                 const int32_t *len, int64_t B, int64_t T, int64_t C)
+{
+    if (B * T > 0) k_embedding_w16<<<(unsigned)(B * T), 256, 0, ST(stream)>>>(out, table16, ids, len, T, C);
+    return qlk_status();
+}
+
+__global__ void k_round_bf16(uint16_t *dst, float *x, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint16_t b = to_bf16(x[i]);
+        if (dst) dst[i] = b;
+        x[i] = from_bf16(b);
+    }
+}
+
+extern "C" int qlk_round_bf16(void *stream, uint16_t *dst, float *x, int64_t n)
+{
+    if (n > 0) k_round_bf16<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dst, x, n);
+    return qlk_status();
+}
+
 __global__ void k_add(float *x, const float *y, int64_t n)
 {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)

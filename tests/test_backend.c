@@ -320,10 +320,11 @@ START_TEST(plan_sizes_add_up)
         ck_assert_uint_eq(ql_lora_model_plan_bytes(lm, QL_ROLE_GRADS), l->n_params * 4);
         acts[ck] = ql_lora_model_plan_bytes(lm, QL_ROLE_ACTS);
         /* at least the exact floats, at most one alignment pad per buffer */
-        int64_t per_layer = R * (3 * H + 2 + 2 * qd + 2 * kvd + 3 * I) + B * nh * T * T + QL_MOD_COUNT * R * r +
-                            R * (5 * H + qd + I); /* xd of q, k, v, gate, up (H), o (qd), down (I) */
+        /* (the dropped LoRA inputs are not kept: one module's is made again for
+         * its backward, in the backward scratch) */
+        int64_t per_layer = R * (3 * H + 2 + 2 * qd + 2 * kvd + 3 * I) + B * nh * T * T + QL_MOD_COUNT * R * r;
         int64_t floats = (nl + 1) * R * H + (ck ? 1 : nl) * per_layer + R * H + R;
-        int64_t nbufs = (nl + 1) + (ck ? 1 : nl) * (13 + 2 * QL_MOD_COUNT) + 2;
+        int64_t nbufs = (nl + 1) + (ck ? 1 : nl) * (13 + QL_MOD_COUNT) + 2;
         ck_assert_uint_ge(acts[ck], (uint64_t)floats * 4);
         ck_assert_uint_le(acts[ck], (uint64_t)floats * 4 + (uint64_t)nbufs * QL_PLAN_ALIGN);
         /* weights scratch: the largest quantized linear */
@@ -351,6 +352,121 @@ START_TEST(plan_sizes_add_up)
     ql_lora_model_destroy(lm);
     ql_lora_destroy(l);
     ql_llama_destroy(m);
+}
+END_TEST
+
+/* bf16 precision rounds the residual stream at each layer boundary, so
+ * checkpointing may keep the layer inputs in bf16 and lose nothing: the
+ * checkpointed step (bf16 inputs, widened for the recompute) gives the loss
+ * and gradients of the step that keeps every activation, bit for bit, and
+ * its plan holds (nl + 1) float32 inputs fewer, nl bf16 ones and two float32
+ * ones more.  A forward-only plan (two alternating inputs) gives the same
+ * loss as the training plan's forward. */
+START_TEST(bf16_checkpointing_keeps_bf16_inputs_exactly)
+{
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, 0.05f);
+    const ql_llama_config *c = ql_llama_get_config(m);
+    int32_t ids[NSEQ][TMAX], labels[NSEQ][TMAX], pids[NSEQ * TMAX], plab[NSEQ * TMAX];
+    make_seqs(c->vocab, ids, labels);
+    for (int b = 0; b < NSEQ; b++)
+        for (int t = 0; t < TMAX; t++) {
+            pids[b * TMAX + t] = ids[b][t];
+            plab[b * TMAX + t] = labels[b][t];
+        }
+    uint64_t seeds[NSEQ] = {11, 22, 33, 44};
+    ql_lora_batch mb = {.B = NSEQ, .T = TMAX, .ids = pids, .labels = plab, .len = lens, .dropout_seeds = seeds};
+    const int64_t R = NSEQ * TMAX, H = c->hidden, nl = c->n_layers;
+    float *g[3];
+    double loss[3], eval_loss[3];
+    uint64_t acts[3];
+    for (int run = 0; run < 3; run++) { /* bf16 without and with checkpointing; fp32 with */
+        const int ck = run > 0, prec = run < 2 ? QL_PREC_BF16 : QL_PREC_FP32;
+        ql_lora_model_opts o = {.batch = NSEQ, .max_len = TMAX, .checkpointing = ck, .backward = 1, .allocate = 1,
+                                .precision = prec};
+        ql_lora_model *lm = NULL;
+        ck_assert_msg(ql_lora_model_create(m, l, NULL, &o, &lm) == QL_OK, "%s", ql_error_message());
+        acts[run] = ql_lora_model_plan_bytes(lm, QL_ROLE_ACTS);
+        memset(l->grads, 0, l->n_params * 4);
+        loss[run] = 0;
+        int64_t n = 0;
+        ql_lora_step_opts so = {.loss_scale = 1.0f / 50, .backward = 1};
+        ck_assert_msg(ql_lora_model_step(lm, &mb, &so, &loss[run], &n) == QL_OK, "%s", ql_error_message());
+        g[run] = malloc(l->n_params * 4);
+        memcpy(g[run], l->grads, l->n_params * 4);
+        eval_loss[run] = 0;
+        ql_lora_step_opts eo = {.backward = 0};
+        ck_assert_int_eq(ql_lora_model_step(lm, &mb, &eo, &eval_loss[run], &n), QL_OK);
+        ql_lora_model_destroy(lm);
+    }
+    ck_assert_msg(loss[0] == loss[1], "bf16 loss %.17g kept, %.17g checkpointed", loss[0], loss[1]);
+    ck_assert_msg(memcmp(g[0], g[1], l->n_params * 4) == 0, "bf16 gradients differ with checkpointing (%.3g)",
+                  rel_max_diff(g[0], g[1], l->n_params));
+    /* bf16 is not float32: close, not equal */
+    ck_assert_msg(loss[1] != loss[2] && fabs(loss[1] - loss[2]) < 0.02 * fabs(loss[2]), "bf16 %.9g, fp32 %.9g",
+                  loss[1], loss[2]);
+    double e = rel_max_diff(g[2], g[1], l->n_params);
+    ck_assert_msg(e > 0 && e < 0.1, "bf16 gradients against fp32: %.3g", e);
+    /* inputs: fp32 keeps nl + 1 float32 [R, H]; bf16 two float32 and nl bf16 */
+    const int64_t saved = ((nl + 1) * 4 - (2 * 4 + nl * 2)) * R * H;
+    ck_assert_uint_le(acts[1] + (uint64_t)saved, acts[2] + (uint64_t)(nl + 1) * QL_PLAN_ALIGN);
+    ck_assert_uint_ge(acts[1] + (uint64_t)saved + (uint64_t)(nl + 1) * QL_PLAN_ALIGN, acts[2]);
+    /* forward only, two alternating inputs */
+    ql_lora_model_opts fo = {.batch = NSEQ, .max_len = TMAX, .backward = 0, .allocate = 1, .precision = QL_PREC_BF16};
+    ql_lora_model *lm = NULL;
+    ck_assert_int_eq(ql_lora_model_create(m, l, NULL, &fo, &lm), QL_OK);
+    double fl = 0;
+    int64_t n = 0;
+    ql_lora_step_opts eo = {.backward = 0};
+    ck_assert_int_eq(ql_lora_model_step(lm, &mb, &eo, &fl, &n), QL_OK);
+    ck_assert_msg(fl == eval_loss[0] && fl == eval_loss[1], "forward-only %.17g, training plans %.17g %.17g", fl,
+                  eval_loss[0], eval_loss[1]);
+    ql_lora_model_destroy(lm);
+    for (int run = 0; run < 3; run++) free(g[run]);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
+/* The bf16 ops of the CPU reference against values worked out by hand:
+ * round to nearest, ties to even; NaN stays NaN, infinities and signed zero
+ * stay. */
+START_TEST(bf16_round_and_widen)
+{
+    ql_be_ctx *ctx = NULL;
+    ck_assert_int_eq(ql_be_ctx_open("cpu", NULL, &ctx), QL_OK);
+    /* 1 + 2^-8 is halfway between 1 and 1 + 2^-7: to even, 1.  1 + 3 * 2^-8 is
+     * halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up.  1 + 2^-8 + 2^-20 is
+     * past halfway: up. */
+    float x[7] = {1.00390625f, 1.01171875f, 1.0f + 0x1p-8f + 0x1p-20f, -2.5f, INFINITY, -0.0f, NAN};
+    const float want[6] = {1.0f, 1.015625f, 1.0078125f, -2.5f, INFINITY, -0.0f};
+    const uint16_t want_bits[6] = {0x3f80, 0x3f82, 0x3f81, 0xc020, 0x7f80, 0x8000};
+    uint16_t bits[7];
+    ck_assert_int_eq(ql_be(ctx, round_bf16, bits, x, 7), QL_OK);
+    for (int i = 0; i < 6; i++) {
+        ck_assert_msg(memcmp(&x[i], &want[i], 4) == 0, "x[%d] = %a, want %a", i, (double)x[i], (double)want[i]);
+        ck_assert_uint_eq(bits[i], want_bits[i]);
+    }
+    ck_assert(isnan(x[6]));
+    ck_assert_uint_eq(bits[6] & 0x7f80, 0x7f80);
+    ck_assert_uint_ne(bits[6] & 0x7f, 0);
+    float back[7];
+    ck_assert_int_eq(ql_be(ctx, widen_bf16, back, bits, 7), QL_OK);
+    ck_assert_int_eq(memcmp(back, x, 6 * 4), 0);
+    /* in place without the bits */
+    float y[2] = {1.01171875f, 3.0f};
+    ck_assert_int_eq(ql_be(ctx, round_bf16, NULL, y, 2), QL_OK);
+    ck_assert(y[0] == 1.015625f && y[1] == 3.0f);
+    /* the bf16 embedding: table rows widened, padded rows zero */
+    uint16_t table[3 * 2] = {0x3f80, 0x4000, 0xbf80, 0x3f82, 0x0000, 0x4040};
+    int32_t tid[4] = {2, 0, 1, 77}, blen[2] = {2, 1};
+    ql_be_batch b2 = {.B = 2, .T = 2, .len = blen};
+    float out[8];
+    memset(out, 0xff, sizeof out);
+    ck_assert_int_eq(ql_be(ctx, embedding_w16, out, table, tid, &b2, 2), QL_OK);
+    const float want_e[8] = {0.0f, 3.0f, 1.0f, 2.0f, -1.0f, 1.015625f, 0.0f, 0.0f};
+    for (int i = 0; i < 8; i++) ck_assert_msg(out[i] == want_e[i], "out[%d] = %g, want %g", i, out[i], want_e[i]);
+    ql_be_ctx_close(ctx);
 }
 END_TEST
 
@@ -500,6 +616,8 @@ int main(void)
     TCase *p = tcase_create("plan");
     tcase_set_timeout(p, 120);
     tcase_add_test(p, plan_sizes_add_up);
+    tcase_add_test(p, bf16_checkpointing_keeps_bf16_inputs_exactly);
+    tcase_add_test(p, bf16_round_and_widen);
     tcase_add_test(p, plan_out_of_memory_says_what_to_reduce);
     tcase_add_test(p, cli_dry_run_and_oom);
     suite_add_tcase(s, p);

@@ -5,8 +5,8 @@
  * stories260K on both, and 30 optimizer steps of `qlora train` on each device.
  *
  * Bounds (relative L2 error against the CPU, stated per op):
- *   0 (bit for bit): embedding, additions, bias, SwiGLU, dropout, the slow-
- *     path materialize: the same float operations in the same order;
+ *   0 (bit for bit): embedding (float32 and bf16 tables), additions, bias,
+ *     SwiGLU, dropout, bf16 rounding and widening, the slow-path materialize: the same float operations in the same order;
  *   2e-6: RMSNorm, RoPE, cross-entropy (sums in another order; cosf/sinf of
  *     the device within 2 ulp of glibc's);
  *   2e-5: matrix products and attention (cuBLAS' and our reduction orders);
@@ -166,7 +166,32 @@ START_TEST(elementwise_bit_exact)
         }
         drop(&d);
     }
-    buf *all[] = {&table, &emb, &x, &y, &bias, &g, &u, &o, &dg, &du};
+    /* SwiGLU backward in place (the step's dgate overwrites dout) */
+    buf dd = rnd((size_t)(R * C), 1.0f);
+    BOTH((ctx, swiglu_backward, S(dd), S(du), S(dd), S(g), S(u), R * C));
+    expect(&dd, 0, "swiglu_backward dgate in place");
+    /* bf16 precision's layer boundary: x rounded in place and its bits, then widened back */
+    const int64_t n16 = 50 * C; /* as many as the table: it is read below */
+    buf xr = rnd((size_t)n16, 3.0f), wide = poisoned((size_t)n16);
+    uint16_t *bits_h = malloc((size_t)n16 * 2), *bits_d = NULL, *got = malloc((size_t)n16 * 2);
+    CU(cudaMalloc((void **)&bits_d, (size_t)n16 * 2));
+    CU(cudaMemset(bits_d, 0xff, (size_t)n16 * 2));
+    memset(bits_h, 0xff, (size_t)n16 * 2);
+    BOTH((ctx, round_bf16, side ? bits_d : bits_h, S(xr), n16));
+    expect(&xr, 0, "round_bf16");
+    CU(cudaMemcpy(got, bits_d, (size_t)n16 * 2, cudaMemcpyDeviceToHost));
+    ck_assert_msg(memcmp(got, bits_h, (size_t)n16 * 2) == 0, "round_bf16: the bf16 bits differ");
+    BOTH((ctx, widen_bf16, S(wide), side ? bits_d : bits_h, n16));
+    expect(&wide, 0, "widen_bf16");
+    ck_assert_int_eq(memcmp(wide.h, xr.h, (size_t)n16 * 4), 0);
+    /* the bf16 embedding: the table's bits (50 rows) from the rounded values above */
+    buf emb16 = poisoned((size_t)(R * C));
+    BOTH((ctx, embedding_w16, S(emb16), side ? bits_d : bits_h, ids, &mb, C));
+    expect(&emb16, 0, "embedding_w16");
+    free(bits_h);
+    free(got);
+    cudaFree(bits_d);
+    buf *all[] = {&table, &emb, &x, &y, &bias, &g, &u, &o, &dg, &du, &dd, &xr, &wide, &emb16};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) drop(all[i]);
 }
 END_TEST
