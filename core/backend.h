@@ -81,7 +81,7 @@ typedef struct ql_backend {
     int host_memory;
     /* 1 (CUDA): in bf16 precision the training attention keeps, in `probs`,
      * only each row's log-sum-exp [B, nh, T] and the backward recomputes the
-     * probabilities a tile of QL_BE_ATT_TILE query rows at a time in the
+     * probabilities a tile of ql_be_att_tile() query rows at a time in the
      * scratch; `dscores` is then unused (ql_be_attention_floats sizes both). */
     int attention_lse;
     /* ---- context ---- */
@@ -246,8 +246,14 @@ struct ql_be_ctx {
     char message[1024]; /* that failure's message */
 };
 
-/* Query rows of one tile of the bf16 attention (attention_lse) */
+/* Query rows of one tile of the bf16 attention (attention_lse): at most
+ * QL_BE_ATT_TILE, halved (down to 16) while a tile's scores [nh, tile, T]
+ * would exceed ql_be_att_budget elements (QL_BE_ATT_BUDGET unless a test
+ * sets another with ql_be_att_budget_set), and at most T. */
 #define QL_BE_ATT_TILE 256
+#define QL_BE_ATT_BUDGET ((int64_t)8 << 20)
+int64_t ql_be_att_tile(int64_t T, int nh);
+void ql_be_att_budget_set(int64_t elements); /* <= 0: QL_BE_ATT_BUDGET */
 
 /* Floats of `probs` (which = 0) or `dscores` (which = 1) that the training
  * attention of backend be needs under `precision`. */

@@ -517,6 +517,17 @@ int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, i
     return B * nh * T * T;
 }
 
+static int64_t att_budget = QL_BE_ATT_BUDGET;
+
+void ql_be_att_budget_set(int64_t elements) { att_budget = elements > 0 ? elements : QL_BE_ATT_BUDGET; }
+
+int64_t ql_be_att_tile(int64_t T, int nh)
+{
+    int64_t tile = QL_BE_ATT_TILE;
+    while (tile > 16 && (int64_t)nh * tile * T > att_budget) tile /= 2;
+    return T < tile ? (T > 0 ? T : 1) : tile;
+}
+
 size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
                            int nh, int nkv, int hd)
 {
@@ -527,7 +538,7 @@ size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t 
      * bf16 */
     const int64_t io = max_in > max_out ? max_in : max_out;
     const size_t prod = align256((size_t)(rows * io) * 4) + align256((size_t)max_w * 4);
-    const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, tile = T < QL_BE_ATT_TILE ? T : QL_BE_ATT_TILE;
+    const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, tile = ql_be_att_tile(T, nh);
     const size_t sq = (size_t)((int64_t)nh * tile * T);
     const size_t att = align256((size_t)(rows * qd) * 2) * 2 + align256((size_t)(rows * kvd) * 2) * 2 +
                        align256(sq * 4) * 2 + align256(sq * 2) * 2;

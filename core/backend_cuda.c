@@ -571,7 +571,7 @@ static int cuda_attention_forward(ql_be_ctx *ctx, float *out, const float *q, co
 
 /* ---- attention in bf16: the products through cuBLAS (tensor cores) ----
  *
- * Per sequence b of n = len[b] rows, per tile of QL_BE_ATT_TILE query rows
+ * Per sequence b of n = len[b] rows, per tile of ql_be_att_tile() query rows
  * t0 .. t1-1 (keys k0 .. t1-1, k0 = band_start(t0): the causal part only),
  * per kv head j a strided batch over its g = nh / nkv query heads (the key
  * operand shared, stride 0):
@@ -592,7 +592,7 @@ static int att16_operands(ql_be_ctx *ctx, att16 *a, const float *q, const float 
                           const ql_be_batch *mb, int nh, int nkv, int hd)
 {
     const int64_t R = mb->B * mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, T = mb->T;
-    const int64_t tile = T < QL_BE_ATT_TILE ? T : QL_BE_ATT_TILE, sq = (int64_t)nh * tile * T;
+    const int64_t tile = ql_be_att_tile(T, nh), sq = (int64_t)nh * tile * T;
     size_t off = 0;
     memset(a, 0, sizeof *a);
     int rc = carve(ctx, &off, (size_t)(R * qd) * 2, (void **)&a->q, "attention");
@@ -646,14 +646,14 @@ static int tile_apply(ql_be_ctx *ctx, const uint16_t *p16, const uint16_t *x16, 
 static int attention16_forward(ql_be_ctx *ctx, float *out, float *lse, const float *q, const float *k, const float *v,
                                const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
-    const int64_t T = mb->T, qd = (int64_t)nh * hd;
+    const int64_t T = mb->T, qd = (int64_t)nh * hd, tile = ql_be_att_tile(T, nh);
     att16 a;
     int rc = att16_operands(ctx, &a, q, k, v, NULL, mb, nh, nkv, hd);
     if (!rc) rc = cuda_zero(ctx, out, (size_t)(mb->B * T * qd) * 4);
     for (int64_t b = 0; b < mb->B && !rc; b++) {
         const int64_t n = mb->len[b];
-        for (int64_t t0 = 0; t0 < n && !rc; t0 += QL_BE_ATT_TILE) {
-            const int64_t m = n - t0 < QL_BE_ATT_TILE ? n - t0 : QL_BE_ATT_TILE, k0 = tile_k0(t0, window),
+        for (int64_t t0 = 0; t0 < n && !rc; t0 += tile) {
+            const int64_t m = n - t0 < tile ? n - t0 : tile, k0 = tile_k0(t0, window),
                           kn = t0 + m - k0;
             rc = tile_products(ctx, a.q, a.k, 1.0f / sqrtf((float)hd), b, T, t0, m, k0, kn, nh, nkv, hd, a.s,
                                "attention scores");
@@ -670,7 +670,8 @@ static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv,
                                 const float *k, const float *v, const float *lse, const ql_be_batch *mb, int nh,
                                 int nkv, int hd, int window)
 {
-    const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv;
+    const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv,
+                  tile = ql_be_att_tile(T, nh);
     const float scale = 1.0f / sqrtf((float)hd);
     att16 a;
     int rc = att16_operands(ctx, &a, q, k, v, dout, mb, nh, nkv, hd);
@@ -679,8 +680,8 @@ static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv,
     if (!rc) rc = cuda_zero(ctx, dv, (size_t)(mb->B * T * kvd) * 4);
     for (int64_t b = 0; b < mb->B && !rc; b++) {
         const int64_t n = mb->len[b];
-        for (int64_t t0 = 0; t0 < n && !rc; t0 += QL_BE_ATT_TILE) {
-            const int64_t m = n - t0 < QL_BE_ATT_TILE ? n - t0 : QL_BE_ATT_TILE, k0 = tile_k0(t0, window),
+        for (int64_t t0 = 0; t0 < n && !rc; t0 += tile) {
+            const int64_t m = n - t0 < tile ? n - t0 : tile, k0 = tile_k0(t0, window),
                           kn = t0 + m - k0, mk = m * kn;
             rc = tile_products(ctx, a.q, a.k, scale, b, T, t0, m, k0, kn, nh, nkv, hd, a.s, "attention backward");
             if (!rc)

@@ -769,7 +769,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_plan_add(p, S, (void **)&s->grad, d.R * d.H, 4);
         ql_plan_add(p, S, (void **)&s->grad2, d.R * d.H, 4);
     }
-    ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, 4);
+    /* one materialized matrix: bf16 in bf16 precision */
+    ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, lm->precision == QL_PREC_BF16 ? 2 : 4);
     if (lm->precision == QL_PREC_BF16) { /* the backend's rounded operands */
         int64_t io = d.H > d.I ? d.H : d.I;
         if (d.qd > io) io = d.qd;

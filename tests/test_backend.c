@@ -467,6 +467,17 @@ START_TEST(bf16_round_and_widen)
     const float want_e[8] = {0.0f, 3.0f, 1.0f, 2.0f, -1.0f, 1.015625f, 0.0f, 0.0f};
     for (int i = 0; i < 8; i++) ck_assert_msg(out[i] == want_e[i], "out[%d] = %g, want %g", i, out[i], want_e[i]);
     ql_be_ctx_close(ctx);
+    /* the bf16 attention's query tile: 256 rows, halved while [nh, tile, T]
+     * scores pass 8M elements, never more than T */
+    ck_assert_int_eq(ql_be_att_tile(2048, 8), 256);
+    ck_assert_int_eq(ql_be_att_tile(2048, 32), 128); /* LLaMA-7B at 2048 tokens */
+    ck_assert_int_eq(ql_be_att_tile(2048, 64), 64);  /* 65B, 70B */
+    ck_assert_int_eq(ql_be_att_tile(100, 4), 100);
+    ck_assert_int_eq(ql_be_att_tile(1 << 20, 128), 16);
+    ql_be_att_budget_set(4 * 32 * 100);
+    ck_assert_int_eq(ql_be_att_tile(100, 4), 32);
+    ql_be_att_budget_set(0);
+    ck_assert_int_eq(ql_be_att_tile(100, 4), 100);
 }
 END_TEST
 

@@ -343,7 +343,7 @@ START_TEST(attention)
         {6, 2, 64, 5, 33, {20, 33, 0}},
         {8, 8, 128, 0, 40, {40, 39, 2}},
         {9, 3, 64, 0, 130, {130, 77, 128}},
-        /* several query tiles of the bf16 attention (QL_BE_ATT_TILE), banded and not */
+        /* several query tiles of the bf16 attention (ql_be_att_tile), banded and not */
         {4, 2, 64, 100, 600, {600, 333, 257}},
         {8, 2, 128, 0, 520, {520, 1, 300}},
     };
@@ -367,8 +367,12 @@ START_TEST(attention)
     expect(&dk, 2e-5, "attention_backward dk");
     expect(&dv, 2e-5, "attention_backward dv");
     /* bf16 on the device (tensor-core products of rounded q, k, v, P) against
-     * the CPU's float32: 3e-2 (observed near 3e-3); an index off by one is O(1) */
-    {
+     * the CPU's float32: 3e-2 (observed near 3e-3); an index off by one is O(1).
+     * Twice: tiles of up to 256 query rows, then of 32 (a smaller score budget,
+     * as large models get: ql_be_att_tile) */
+    for (int small = 0; small < 2; small++) {
+        ql_be_att_budget_set(small ? (int64_t)nh * 32 * T : 0);
+        if (small) ck_assert_int_eq(ql_be_att_tile(T, nh), T < 32 ? T : 32);
         buf scratch;
         set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, B * T, 1, 1, 0, T, nh, nkv, hd), &scratch);
         cpu->precision = QL_PREC_FP32;
@@ -391,6 +395,7 @@ START_TEST(attention)
         expect(&dv, 3e-2, "attention_backward dv (bf16)");
         set_fp32(&scratch);
     }
+    ql_be_att_budget_set(0);
     /* generation: T new rows after `past` cached ones, of sequence 0's data */
     for (int64_t past = 0; past <= 11; past += 11) {
         const int64_t n = T - past < 5 ? T - past : 5;
