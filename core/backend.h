@@ -241,6 +241,11 @@ struct ql_be_ctx {
     void *impl;         /* the backend's state (stream, handles, workspace); NULL on the CPU */
     int precision;      /* QL_PREC_FP32 (the default) or QL_PREC_BF16 */
     void *scratch;      /* backend memory for the rounded operands (ql_be_scratch_bytes), set by its owner */
+    /* a one-shot hint for the next bf16 product (matmul_nt_w16 and the
+     * like): its activation x is the previous product's, unchanged since, so
+     * a backend may reuse its rounded copy (CUDA does when nothing else used
+     * the scratch in between).  Every product clears it. */
+    int reuse_x;
     size_t scratch_bytes;
     int status;         /* QL_OK, or the code of the first failed op not yet checked */
     char message[1024]; /* that failure's message */
@@ -251,7 +256,7 @@ struct ql_be_ctx {
  * would exceed ql_be_att_budget elements (QL_BE_ATT_BUDGET unless a test
  * sets another with ql_be_att_budget_set), and at most T. */
 #define QL_BE_ATT_TILE 256
-#define QL_BE_ATT_BUDGET ((int64_t)8 << 20)
+#define QL_BE_ATT_BUDGET ((int64_t)16 << 20)
 int64_t ql_be_att_tile(int64_t T, int nh);
 void ql_be_att_budget_set(int64_t elements); /* <= 0: QL_BE_ATT_BUDGET */
 

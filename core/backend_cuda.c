@@ -50,6 +50,10 @@ typedef struct cuda_impl {
     cudaEvent_t half_done[2];
     int half_used[2];
     cached_arg cached[N_CACHED];
+    /* the activation whose bf16 copy is at the start of ctx->scratch (product16),
+     * for ctx->reuse_x; cleared whenever the scratch is carved otherwise */
+    const float *x16_src;
+    int64_t x16_n;
 } cuda_impl;
 
 static int cuda_fail(cudaError_t e, const char *what)
@@ -367,6 +371,7 @@ static int carve(ql_be_ctx *ctx, size_t *off, size_t bytes, void **p, const char
                         ctx->scratch_bytes);
     *p = (char *)ctx->scratch + *off;
     *off = end;
+    ((cuda_impl *)ctx->impl)->x16_src = NULL; /* whatever was there may be overwritten */
     return QL_OK;
 }
 
@@ -382,11 +387,19 @@ static int product16(ql_be_ctx *ctx, int nt, float *y, const float *a, const flo
 {
     size_t off = 0;
     uint16_t *a16 = NULL, *b16 = (uint16_t *)w16;
+    cuda_impl *I = impl(ctx);
+    const int again = ctx->reuse_x && I->x16_src == a && I->x16_n == M * K;
+    ctx->reuse_x = 0;
     int rc = carve(ctx, &off, (size_t)(M * K) * 2, (void **)&a16, op);
-    if (!rc) rc = to_bf16(ctx, a16, a, M * K);
+    if (!rc && !again) rc = to_bf16(ctx, a16, a, M * K);
+    if (!rc) {
+        I->x16_src = a;
+        I->x16_n = M * K;
+    }
     if (!rc && !w16) {
-        rc = carve(ctx, &off, (size_t)(N * K) * 2, (void **)&b16, op);
+        rc = carve(ctx, &off, (size_t)(N * K) * 2, (void **)&b16, op); /* after a16: leaves it */
         if (!rc) rc = to_bf16(ctx, b16, w32, N * K);
+        I->x16_src = rc ? NULL : a;
     }
     if (rc) return rc;
     return nt ? gemm16(ctx, 0, 1, M, N, K, 1.0f, a16, K, 0, b16, K, 0, accumulate ? 1.0f : 0.0f, y, N, 0, 1, op)

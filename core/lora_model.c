@@ -172,13 +172,18 @@ static ql_lora_pair *pair_at(ctx *x, int i, int k)
 /* y = in W^T (+ LoRA) for module k of layer i, over all R rows */
 static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, float *y)
 {
+    /* k and v read q's input, up reads gate's: unchanged in between (LoRA and
+     * dropout write elsewhere), so the backend may keep its bf16 copy */
+    const int same_in = k == QL_MOD_K || k == QL_MOD_V || k == QL_MOD_UP;
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
     const be_linear *bl = &x->lm->layers[i].lin[k];
     const uint16_t *w16;
     const float *w = weights(x, l, bl, &w16);
+    x->be->reuse_x = same_in;
     if (w16) ql_be(x->be, matmul_nt_w16, y, in, w16, x->d.R, l->in, l->out, 0);
     else ql_be(x->be, matmul_nt, y, in, w, x->d.R, l->in, l->out, 0);
+    x->be->reuse_x = 0;
     if (bl->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
         ql_be(x->be, add_bias, y, bl->bias, &x->mb, l->out);
     ql_lora_pair *p = pair_at(x, i, k);

@@ -15,8 +15,6 @@ static inline unsigned qlk_blocks(int64_t n, int threads)
 
 static inline int qlk_status(void) { return (int)cudaGetLastError(); }
 
-/* Sum (or max) over the block of one value per thread, returned to every
- * thread.  blockDim.x is a multiple of 32, at most 1024; every thread calls. */
 /* bfloat16 bits of x, nearest even (NaN stays a quiet NaN): ql_be_bf16 of core/backend.h */
 __device__ inline uint16_t to_bf16(float x)
 {
@@ -42,6 +40,8 @@ template <typename T> __device__ inline T qlk_warp_max(T v)
     return v;
 }
 
+/* Sum (or max) over the block of one value per thread, returned to every
+ * thread.  blockDim.x is a multiple of 32, at most 1024; every thread calls. */
 template <typename T> __device__ inline T qlk_block_sum(T v)
 {
     __shared__ T sh[32];

@@ -202,27 +202,54 @@ extern "C" int qlk_attention_backward(void *stream, float *dq, float *dk, float 
 
 /* ---- pieces of the bf16 attention (products through cuBLAS, backend_cuda.c) ---- */
 
-__global__ void k_f32_to_bf16(uint16_t *dst, const float *src, int64_t n)
+/* 4 elements a thread (16-byte loads, 8-byte stores) where both pointers
+ * allow it, the tail and unaligned arrays one at a time */
+__global__ void k_f32_to_bf16(uint16_t *dst, const float *src, int64_t n, int vec)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x, n4 = vec ? n / 4 : 0;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += stride) {
+        const float4 v = reinterpret_cast<const float4 *>(src)[i];
+        ushort4 o;
+        o.x = to_bf16(v.x), o.y = to_bf16(v.y), o.z = to_bf16(v.z), o.w = to_bf16(v.w);
+        reinterpret_cast<ushort4 *>(dst)[i] = o;
+    }
+    for (int64_t i = n4 * 4 + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride)
         dst[i] = to_bf16(src[i]);
 }
 
-__global__ void k_bf16_to_f32(float *dst, const uint16_t *src, int64_t n)
+__global__ void k_bf16_to_f32(float *dst, const uint16_t *src, int64_t n, int vec)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        dst[i] = __uint_as_float((uint32_t)src[i] << 16);
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x, n4 = vec ? n / 4 : 0;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += stride) {
+        const ushort4 v = reinterpret_cast<const ushort4 *>(src)[i];
+        reinterpret_cast<float4 *>(dst)[i] = make_float4(from_bf16(v.x), from_bf16(v.y), from_bf16(v.z),
+                                                         from_bf16(v.w));
+    }
+    for (int64_t i = n4 * 4 + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride)
+        dst[i] = from_bf16(src[i]);
+}
+
+static int aligned(const void *f32, const void *b16)
+{
+    return (uintptr_t)f32 % 16 == 0 && (uintptr_t)b16 % 8 == 0;
+}
+
+/* enough blocks to fill the device several times over, each thread looping */
+static unsigned vec_blocks(int64_t n)
+{
+    const int64_t b = (n / 4 + 255) / 256;
+    return (unsigned)(b < 1 ? 1 : b > 132 * 16 ? 132 * 16 : b);
 }
 
 extern "C" int qlk_f32_to_bf16(void *stream, uint16_t *dst, const float *src, int64_t n)
 {
-    if (n > 0) k_f32_to_bf16<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dst, src, n);
+    if (n > 0) k_f32_to_bf16<<<vec_blocks(n), 256, 0, ST(stream)>>>(dst, src, n, aligned(src, dst));
     return qlk_status();
 }
 
 extern "C" int qlk_bf16_to_f32(void *stream, float *dst, const uint16_t *src, int64_t n)
 {
-    if (n > 0) k_bf16_to_f32<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dst, src, n);
+    if (n > 0) k_bf16_to_f32<<<vec_blocks(n), 256, 0, ST(stream)>>>(dst, src, n, aligned(dst, src));
     return qlk_status();
 }
 
@@ -236,6 +263,14 @@ __device__ inline void tile_band(int64_t t0, int64_t i, int64_t k0, int window, 
     *hi = t - k0;
 }
 
+/* The tile kernels, one block of SM_THREADS per (query row, head): the row's
+ * scores are read once into registers (PER a thread: rows of up to
+ * PER * SM_THREADS keys), exponentials by the hardware's exp2 (bf16 results
+ * need no more), float sums.  Rows longer than 16 * SM_THREADS keys take
+ * PER = 0: three passes over memory. */
+enum { SM_THREADS = 256 };
+
+template <int PER>
 __global__ void k_tile_softmax(const float *s, uint16_t *p16, float *lse, int64_t ld_lse, int64_t t0, int64_t m,
                                int64_t k0, int64_t kn, int window)
 {
@@ -244,27 +279,64 @@ __global__ void k_tile_softmax(const float *s, uint16_t *p16, float *lse, int64_
     uint16_t *r16 = p16 + (h * m + i) * kn;
     int64_t lo, hi;
     tile_band(t0, i, k0, window, &lo, &hi);
-    float mx = -INFINITY;
-    for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) mx = fmaxf(mx, row[j]);
-    mx = qlk_block_max(mx, -INFINITY);
-    double sum = 0;
-    for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) sum += ql_expf(row[j] - mx);
-    sum = qlk_block_sum(sum);
-    const float inv = (float)(1.0 / sum);
-    for (int64_t j = threadIdx.x; j < kn; j += blockDim.x)
-        r16[j] = to_bf16(j < lo || j > hi ? 0.0f : ql_expf(row[j] - mx) * inv);
-    if (threadIdx.x == 0) lse[h * ld_lse + t0 + i] = (float)((double)mx + log(sum));
+    const float L2E = 1.4426950408889634f;
+    float mx = -INFINITY, sum = 0.0f;
+    if (PER > 0) {
+        float v[PER > 0 ? PER : 1];
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            const int64_t j = threadIdx.x + (int64_t)u * SM_THREADS;
+            v[u] = j >= lo && j <= hi ? row[j] : -INFINITY;
+            mx = fmaxf(mx, v[u]);
+        }
+        mx = qlk_block_max(mx, -INFINITY);
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            const int64_t j = threadIdx.x + (int64_t)u * SM_THREADS;
+            v[u] = j >= lo && j <= hi ? exp2f((v[u] - mx) * L2E) : 0.0f;
+            sum += v[u];
+        }
+        sum = qlk_block_sum(sum);
+        const float inv = 1.0f / sum;
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            const int64_t j = threadIdx.x + (int64_t)u * SM_THREADS;
+            if (j < kn) r16[j] = to_bf16(v[u] * inv);
+        }
+    } else {
+        for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) mx = fmaxf(mx, row[j]);
+        mx = qlk_block_max(mx, -INFINITY);
+        for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) sum += exp2f((row[j] - mx) * L2E);
+        sum = qlk_block_sum(sum);
+        const float inv = 1.0f / sum;
+        for (int64_t j = threadIdx.x; j < kn; j += blockDim.x)
+            r16[j] = to_bf16(j < lo || j > hi ? 0.0f : exp2f((row[j] - mx) * L2E) * inv);
+    }
+    if (threadIdx.x == 0) lse[h * ld_lse + t0 + i] = mx + logf(sum);
+}
+
+/* keys a thread holds for rows of kn keys: 0 past 16 * SM_THREADS */
+static int per_thread(int64_t kn)
+{
+    return kn <= 2 * SM_THREADS ? 2 : kn <= 4 * SM_THREADS ? 4 : kn <= 8 * SM_THREADS ? 8 : kn <= 16 * SM_THREADS ? 16 : 0;
 }
 
 extern "C" int qlk_tile_softmax(void *stream, const float *s, uint16_t *p16, float *lse, int64_t ld_lse, int nh,
                                 int64_t t0, int64_t m, int64_t k0, int64_t kn, int window)
 {
-    if (m > 0)
-        k_tile_softmax<<<dim3((unsigned)m, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(s, p16, lse, ld_lse, t0, m, k0,
-                                                                                     kn, window);
+    if (m <= 0) return qlk_status();
+    const dim3 grid((unsigned)m, (unsigned)nh);
+    switch (per_thread(kn)) {
+    case 2: k_tile_softmax<2><<<grid, SM_THREADS, 0, ST(stream)>>>(s, p16, lse, ld_lse, t0, m, k0, kn, window); break;
+    case 4: k_tile_softmax<4><<<grid, SM_THREADS, 0, ST(stream)>>>(s, p16, lse, ld_lse, t0, m, k0, kn, window); break;
+    case 8: k_tile_softmax<8><<<grid, SM_THREADS, 0, ST(stream)>>>(s, p16, lse, ld_lse, t0, m, k0, kn, window); break;
+    case 16: k_tile_softmax<16><<<grid, SM_THREADS, 0, ST(stream)>>>(s, p16, lse, ld_lse, t0, m, k0, kn, window); break;
+    default: k_tile_softmax<0><<<grid, SM_THREADS, 0, ST(stream)>>>(s, p16, lse, ld_lse, t0, m, k0, kn, window);
+    }
     return qlk_status();
 }
 
+template <int PER>
 __global__ void k_tile_softmax_bwd(const float *s, const float *dp, uint16_t *p16, uint16_t *ds16, const float *lse,
                                    int64_t ld_lse, int64_t t0, int64_t m, int64_t k0, int64_t kn, int window)
 {
@@ -272,14 +344,35 @@ __global__ void k_tile_softmax_bwd(const float *s, const float *dp, uint16_t *p1
     const float *row = s + off, *dpr = dp + off;
     int64_t lo, hi;
     tile_band(t0, i, k0, window, &lo, &hi);
-    const float l = lse[h * ld_lse + t0 + i];
-    double pdp = 0;
-    for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) pdp += (double)ql_expf(row[j] - l) * dpr[j];
-    pdp = qlk_block_sum(pdp);
-    for (int64_t j = threadIdx.x; j < kn; j += blockDim.x) {
-        const float p = j < lo || j > hi ? 0.0f : ql_expf(row[j] - l);
-        p16[off + j] = to_bf16(p);
-        ds16[off + j] = to_bf16(p * (float)((double)dpr[j] - pdp));
+    const float L2E = 1.4426950408889634f, l = lse[h * ld_lse + t0 + i];
+    float pdp = 0.0f;
+    if (PER > 0) {
+        float p[PER > 0 ? PER : 1], d[PER > 0 ? PER : 1];
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            const int64_t j = threadIdx.x + (int64_t)u * SM_THREADS;
+            const int in = j >= lo && j <= hi;
+            p[u] = in ? exp2f((row[j] - l) * L2E) : 0.0f;
+            d[u] = in ? dpr[j] : 0.0f;
+            pdp += p[u] * d[u];
+        }
+        pdp = qlk_block_sum(pdp);
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            const int64_t j = threadIdx.x + (int64_t)u * SM_THREADS;
+            if (j < kn) {
+                p16[off + j] = to_bf16(p[u]);
+                ds16[off + j] = to_bf16(p[u] * (d[u] - pdp));
+            }
+        }
+    } else {
+        for (int64_t j = lo + threadIdx.x; j <= hi; j += blockDim.x) pdp += exp2f((row[j] - l) * L2E) * dpr[j];
+        pdp = qlk_block_sum(pdp);
+        for (int64_t j = threadIdx.x; j < kn; j += blockDim.x) {
+            const float pj = j < lo || j > hi ? 0.0f : exp2f((row[j] - l) * L2E);
+            p16[off + j] = to_bf16(pj);
+            ds16[off + j] = to_bf16(pj * (dpr[j] - pdp));
+        }
     }
 }
 
@@ -287,8 +380,16 @@ extern "C" int qlk_tile_softmax_backward(void *stream, const float *s, const flo
                                          const float *lse, int64_t ld_lse, int nh, int64_t t0, int64_t m, int64_t k0,
                                          int64_t kn, int window)
 {
-    if (m > 0)
-        k_tile_softmax_bwd<<<dim3((unsigned)m, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(s, dp, p16, ds16, lse, ld_lse,
-                                                                                          t0, m, k0, kn, window);
+    if (m <= 0) return qlk_status();
+    const dim3 grid((unsigned)m, (unsigned)nh);
+#define QLK_SMB(P) k_tile_softmax_bwd<P><<<grid, SM_THREADS, 0, ST(stream)>>>(s, dp, p16, ds16, lse, ld_lse, t0, m, k0, kn, window)
+    switch (per_thread(kn)) {
+    case 2: QLK_SMB(2); break;
+    case 4: QLK_SMB(4); break;
+    case 8: QLK_SMB(8); break;
+    case 16: QLK_SMB(16); break;
+    default: QLK_SMB(0);
+    }
+#undef QLK_SMB
     return qlk_status();
 }

@@ -50,30 +50,63 @@ extern "C" int qlk_embedding_w16(void *stream, float *out, const uint16_t *table
     return qlk_status();
 }
 
-__global__ void k_round_bf16(uint16_t *dst, float *x, int64_t n)
+/* Elementwise kernels take 4 elements a thread (16-byte accesses) where
+ * every pointer is 16-byte aligned (8 for bf16), the rest one at a time:
+ * n4 = n / 4 then, else 0.  Same operations per element either way. */
+static int64_t vec4(int64_t n, const void *a, const void *b, const void *c)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const uint16_t b = to_bf16(x[i]);
-        if (dst) dst[i] = b;
-        x[i] = from_bf16(b);
+    return ((uintptr_t)a | (uintptr_t)b | (uintptr_t)c) % 16 ? 0 : n / 4;
+}
+
+static unsigned ew_blocks(int64_t n)
+{
+    const int64_t b = (n / 4 + 255) / 256;
+    return (unsigned)(b < 1 ? 1 : b > 132 * 16 ? 132 * 16 : b);
+}
+
+#define EW_LOOP(i, from, to) \
+    for (int64_t i = (from) + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (to); i += (int64_t)gridDim.x * blockDim.x)
+
+__device__ inline float round_one(uint16_t *dst, int64_t i, float v)
+{
+    const uint16_t b = to_bf16(v);
+    if (dst) dst[i] = b;
+    return from_bf16(b);
+}
+
+__global__ void k_round_bf16(uint16_t *dst, float *x, int64_t n, int64_t n4)
+{
+    EW_LOOP(i, 0, n4)
+    {
+        float4 v = reinterpret_cast<float4 *>(x)[i];
+        v.x = round_one(dst, 4 * i, v.x), v.y = round_one(dst, 4 * i + 1, v.y);
+        v.z = round_one(dst, 4 * i + 2, v.z), v.w = round_one(dst, 4 * i + 3, v.w);
+        reinterpret_cast<float4 *>(x)[i] = v;
     }
+    EW_LOOP(i, 4 * n4, n) x[i] = round_one(dst, i, x[i]);
 }
 
 extern "C" int qlk_round_bf16(void *stream, uint16_t *dst, float *x, int64_t n)
 {
-    if (n > 0) k_round_bf16<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dst, x, n);
+    if (n > 0) k_round_bf16<<<ew_blocks(n), 256, 0, ST(stream)>>>(dst, x, n, vec4(n, x, x, x));
     return qlk_status();
 }
 
-__global__ void k_add(float *x, const float *y, int64_t n)
+__global__ void k_add(float *x, const float *y, int64_t n, int64_t n4)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        x[i] += y[i];
+    EW_LOOP(i, 0, n4)
+    {
+        float4 a = reinterpret_cast<float4 *>(x)[i];
+        const float4 b = reinterpret_cast<const float4 *>(y)[i];
+        a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+        reinterpret_cast<float4 *>(x)[i] = a;
+    }
+    EW_LOOP(i, 4 * n4, n) x[i] += y[i];
 }
 
 extern "C" int qlk_add_inplace(void *stream, float *x, const float *y, int64_t n)
 {
-    if (n > 0) k_add<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(x, y, n);
+    if (n > 0) k_add<<<ew_blocks(n), 256, 0, ST(stream)>>>(x, y, n, vec4(n, x, y, y));
     return qlk_status();
 }
 
@@ -92,36 +125,62 @@ extern "C" int qlk_add_bias(void *stream, float *y, const float *bias, const int
     return qlk_status();
 }
 
-__global__ void k_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n)
+__device__ inline float silu_mul(float g, float u) { return g / (1.0f + ql_expf(-g)) * u; }
+
+__global__ void k_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n, int64_t n4)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + ql_expf(-g)) * up[i];
+    EW_LOOP(i, 0, n4)
+    {
+        const float4 g = reinterpret_cast<const float4 *>(gate)[i], u = reinterpret_cast<const float4 *>(up)[i];
+        reinterpret_cast<float4 *>(out)[i] =
+            make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z), silu_mul(g.w, u.w));
     }
+    EW_LOOP(i, 4 * n4, n) out[i] = silu_mul(gate[i], up[i]);
 }
 
 extern "C" int qlk_swiglu_forward(void *stream, float *out, const float *gate, const float *up, int64_t n)
 {
-    if (n > 0) k_swiglu_fwd<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(out, gate, up, n);
+    if (n > 0) k_swiglu_fwd<<<ew_blocks(n), 256, 0, ST(stream)>>>(out, gate, up, n, vec4(n, out, gate, up));
     return qlk_status();
 }
 
-__global__ void k_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
-                             int64_t n)
+__device__ inline void swiglu_grad(float g, float u, float d, float *dg, float *du)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float g = gate[i], u = up[i], d = dout[i];
-        const float e = ql_expf(-g);
-        const float sig = 1.0f / (1.0f + e), silu = g / (1.0f + e);
-        dgate[i] = d * u * (sig * (1.0f + g * (1.0f - sig)));
-        dup[i] = d * silu;
+    const float e = ql_expf(-g);
+    const float sig = 1.0f / (1.0f + e), silu = g / (1.0f + e);
+    *dg = d * u * (sig * (1.0f + g * (1.0f - sig)));
+    *du = d * silu;
+}
+
+__global__ void k_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                             int64_t n, int64_t n4)
+{
+    EW_LOOP(i, 0, n4)
+    {
+        const float4 g = reinterpret_cast<const float4 *>(gate)[i], u = reinterpret_cast<const float4 *>(up)[i],
+                     d = reinterpret_cast<const float4 *>(dout)[i];
+        float4 a, b;
+        swiglu_grad(g.x, u.x, d.x, &a.x, &b.x);
+        swiglu_grad(g.y, u.y, d.y, &a.y, &b.y);
+        swiglu_grad(g.z, u.z, d.z, &a.z, &b.z);
+        swiglu_grad(g.w, u.w, d.w, &a.w, &b.w);
+        reinterpret_cast<float4 *>(dgate)[i] = a;
+        reinterpret_cast<float4 *>(dup)[i] = b;
+    }
+    EW_LOOP(i, 4 * n4, n)
+    {
+        float a, b;
+        swiglu_grad(gate[i], up[i], dout[i], &a, &b);
+        dgate[i] = a;
+        dup[i] = b;
     }
 }
 
 extern "C" int qlk_swiglu_backward(void *stream, float *dgate, float *dup, const float *dout, const float *gate,
                                    const float *up, int64_t n)
 {
-    if (n > 0) k_swiglu_bwd<<<qlk_blocks(n, 256), 256, 0, ST(stream)>>>(dgate, dup, dout, gate, up, n);
+    const int64_t n4 = vec4(n, dgate, dup, dout) && vec4(n, gate, up, up) ? n / 4 : 0;
+    if (n > 0) k_swiglu_bwd<<<ew_blocks(n), 256, 0, ST(stream)>>>(dgate, dup, dout, gate, up, n, n4);
     return qlk_status();
 }
 
@@ -136,6 +195,18 @@ __device__ inline int dropout_keep(uint64_t seed, int64_t i, float p)
     return (float)(z >> 40) * 0x1p-24f >= p;
 }
 
+/* mode 0: p in (0, 1); 1: keep all (p <= 0 or NaN); 2: drop all (p >= 1).
+ * One element: x kept (scaled) or dropped, added to old when accumulating. */
+__device__ inline float dropout_one(float x, float old, uint64_t seed, int64_t i, float p, float inv, int mode,
+                                    int backward, int accumulate)
+{
+    const int keep = mode == 1 ? 1 : mode == 2 ? 0 : dropout_keep(seed, i, p);
+    float v;
+    if (!backward) v = keep ? (mode == 1 ? x : x * inv) : 0.0f;
+    else v = keep ? x * inv : 0.0f;
+    return backward && accumulate ? old + v : v;
+}
+
 /* mode 0: p in (0, 1); 1: keep all (p <= 0 or NaN); 2: drop all (p >= 1) */
 __global__ void k_dropout(float *out, const float *in, const int32_t *len, const uint64_t *seeds, int64_t T,
                           int64_t C, float p, float inv, int mode, int backward, int accumulate)
@@ -148,13 +219,23 @@ __global__ void k_dropout(float *out, const float *in, const int32_t *len, const
             for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = 0.0f;
         return;
     }
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-        const int keep = mode == 1 ? 1 : mode == 2 ? 0 : dropout_keep(seeds[b], t * C + c, p);
-        float v;
-        if (!backward) v = keep ? (mode == 1 ? x[c] : x[c] * inv) : 0.0f;
-        else v = keep ? x[c] * inv : 0.0f;
-        o[c] = backward && accumulate ? o[c] + v : v;
+    const uint64_t seed = seeds[b];
+    if (C % 4 == 0 && ((uintptr_t)o | (uintptr_t)x) % 16 == 0) {
+        for (int64_t c4 = threadIdx.x; c4 < C / 4; c4 += blockDim.x) {
+            const float4 xv = reinterpret_cast<const float4 *>(x)[c4];
+            float4 ov = backward && accumulate ? reinterpret_cast<float4 *>(o)[c4] : make_float4(0, 0, 0, 0);
+            const int64_t i0 = t * C + 4 * c4;
+            ov.x = dropout_one(xv.x, ov.x, seed, i0, p, inv, mode, backward, accumulate);
+            ov.y = dropout_one(xv.y, ov.y, seed, i0 + 1, p, inv, mode, backward, accumulate);
+            ov.z = dropout_one(xv.z, ov.z, seed, i0 + 2, p, inv, mode, backward, accumulate);
+            ov.w = dropout_one(xv.w, ov.w, seed, i0 + 3, p, inv, mode, backward, accumulate);
+            reinterpret_cast<float4 *>(o)[c4] = ov;
+        }
+        return;
     }
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+        o[c] = dropout_one(x[c], backward && accumulate ? o[c] : 0.0f, seed, t * C + c, p, inv, mode, backward,
+                           accumulate);
 }
 
 extern "C" int qlk_dropout(void *stream, float *out, const float *in, const int32_t *len, const uint64_t *seeds,

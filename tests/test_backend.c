@@ -468,10 +468,11 @@ START_TEST(bf16_round_and_widen)
     for (int i = 0; i < 8; i++) ck_assert_msg(out[i] == want_e[i], "out[%d] = %g, want %g", i, out[i], want_e[i]);
     ql_be_ctx_close(ctx);
     /* the bf16 attention's query tile: 256 rows, halved while [nh, tile, T]
-     * scores pass 8M elements, never more than T */
+     * scores pass 16M elements, never more than T */
     ck_assert_int_eq(ql_be_att_tile(2048, 8), 256);
-    ck_assert_int_eq(ql_be_att_tile(2048, 32), 128); /* LLaMA-7B at 2048 tokens */
-    ck_assert_int_eq(ql_be_att_tile(2048, 64), 64);  /* 65B, 70B */
+    ck_assert_int_eq(ql_be_att_tile(2048, 32), 256); /* LLaMA-7B at 2048 tokens: 16M exactly */
+    ck_assert_int_eq(ql_be_att_tile(2048, 40), 128); /* 13B */
+    ck_assert_int_eq(ql_be_att_tile(2048, 64), 128); /* 65B, 70B */
     ck_assert_int_eq(ql_be_att_tile(100, 4), 100);
     ck_assert_int_eq(ql_be_att_tile(1 << 20, 128), 16);
     ql_be_att_budget_set(4 * 32 * 100);

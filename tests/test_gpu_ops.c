@@ -326,6 +326,27 @@ START_TEST(matmuls_bf16)
             expect(&dx, tol, what);
             drop(&y), drop(&dx);
         }
+        if (prec) {
+            /* reuse_x: the next product of the same x may keep its bf16 copy.
+             * Right with the copy kept, after another product's x took the
+             * scratch (x2, under the hint: a stale one), and x again (the
+             * scratch holds x2's copy): every result as the CPU's, and the
+             * same bits for the same x */
+            buf x2 = rnd((size_t)(rows * in), 1.0f), ys[4];
+            const buf *xs[4] = {&x, &x, &x2, &x};
+            for (int j = 0; j < 4; j++) {
+                ys[j] = poisoned((size_t)(rows * out));
+                cpu->reuse_x = gpu->reuse_x = j > 0;
+                BOTH((ctx, matmul_nt_w16, S(ys[j]), S(*xs[j]), (const uint16_t *)S(w16), rows, in, out, 0));
+                ck_assert_int_eq(gpu->reuse_x, 0);
+                expect(&ys[j], tol, "matmul_nt_w16 with reuse_x");
+            }
+            CU(cudaMemcpy(ys[2].h, ys[3].d, ys[3].n * 4, cudaMemcpyDeviceToHost));
+            CU(cudaMemcpy(ys[1].h, ys[0].d, ys[0].n * 4, cudaMemcpyDeviceToHost));
+            ck_assert_int_eq(memcmp(ys[2].h, ys[1].h, ys[0].n * 4), 0); /* the same x: the same bits */
+            for (int j = 0; j < 4; j++) drop(&ys[j]);
+            drop(&x2);
+        }
         set_fp32(&scratch);
     }
     drop(&x), drop(&w), drop(&dy), drop(&w16);
