@@ -66,6 +66,7 @@ struct ql_lora_model {
     ql_be_ctx *ctx;
     ql_plan plan;
     int Bmax, Tmax, checkpointing, backward, keep_all;
+    int alias; /* backward scratch in the places of spent activations (checkpointing) */
     int64_t logit_rows; /* rows of logits computed at a time */
     /* carved from the plan */
     layer_acts *acts;   /* [n_layers] when keeping all, else [1] */
@@ -752,12 +753,19 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         bwd_scratch *s = &lm->s;
         int S = QL_ROLE_BWD;
         ql_plan_add(p, S, (void **)&s->dhm, d.R * d.I, 4);
-        ql_plan_add(p, S, (void **)&s->dup, d.R * d.I, 4);
+        /* With checkpointing (one layer's activations) the backward reuses
+         * activations it has read for the last time (alias_backward): dup
+         * takes hm's place (down's backward has read it); datt and dq take
+         * gate's, dk and dv up's (SwiGLU's backward has read them). */
+        lm->alias = !lm->keep_all && 2 * d.qd <= d.I && 2 * d.kvd <= d.I;
+        if (!lm->alias) {
+            ql_plan_add(p, S, (void **)&s->dup, d.R * d.I, 4);
+            ql_plan_add(p, S, (void **)&s->datt, d.R * d.qd, 4);
+            ql_plan_add(p, S, (void **)&s->dq, d.R * d.qd, 4);
+            ql_plan_add(p, S, (void **)&s->dk, d.R * d.kvd, 4);
+            ql_plan_add(p, S, (void **)&s->dv, d.R * d.kvd, 4);
+        }
         ql_plan_add(p, S, (void **)&s->dxn, d.R * d.H, 4);
-        ql_plan_add(p, S, (void **)&s->datt, d.R * d.qd, 4);
-        ql_plan_add(p, S, (void **)&s->dq, d.R * d.qd, 4);
-        ql_plan_add(p, S, (void **)&s->dk, d.R * d.kvd, 4);
-        ql_plan_add(p, S, (void **)&s->dv, d.R * d.kvd, 4);
         if (c->qk_norm) {
             ql_plan_add(p, S, (void **)&s->dqpre, d.R * d.qd, 4);
             ql_plan_add(p, S, (void **)&s->dkpre, d.R * d.kvd, 4);
@@ -799,6 +807,14 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     ql_plan_add(p, H, (void **)&lm->h_seeds, 2 * B, 8); /* sequence seeds, then one module's */
     ql_plan_add(p, H, (void **)&lm->inv_freq, B * (d.hd / 2), 4);
     rc = o->allocate ? ql_plan_alloc(p) : QL_OK;
+    if (rc == QL_OK && o->allocate && lm->alias) { /* after the plan has placed the activations */
+        layer_acts *a = &lm->acts[0];
+        lm->s.dup = a->hm;
+        lm->s.datt = a->gate;
+        lm->s.dq = a->gate + d.R * d.qd;
+        lm->s.dk = a->up;
+        lm->s.dv = a->up + d.R * d.kvd;
+    }
     if (rc == QL_OK && o->allocate) rc = fill_weights(lm);
     if (rc) {
         ql_lora_model_destroy(lm);

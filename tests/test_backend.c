@@ -308,7 +308,7 @@ START_TEST(plan_sizes_add_up)
     const ql_llama_config *c = ql_llama_get_config(m);
     const int64_t B = 3, T = 33, R = B * T, H = c->hidden, I = c->intermediate, nh = c->n_heads, nl = c->n_layers;
     const int64_t qd = nh * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim, r = l->cfg.r;
-    uint64_t acts[2];
+    uint64_t acts[2], bwd[2];
     for (int ck = 0; ck < 2; ck++) {
         ql_lora_model_opts o = {.batch = (int)B, .max_len = (int)T, .checkpointing = ck, .backward = 1, .allocate = 0};
         ql_lora_model *lm = NULL;
@@ -319,6 +319,7 @@ START_TEST(plan_sizes_add_up)
         ck_assert_uint_eq(ql_lora_model_plan_bytes(lm, QL_ROLE_LORA), l->n_params * 4);
         ck_assert_uint_eq(ql_lora_model_plan_bytes(lm, QL_ROLE_GRADS), l->n_params * 4);
         acts[ck] = ql_lora_model_plan_bytes(lm, QL_ROLE_ACTS);
+        bwd[ck] = ql_lora_model_plan_bytes(lm, QL_ROLE_BWD);
         /* at least the exact floats, at most one alignment pad per buffer */
         /* (the dropped LoRA inputs are not kept: one module's is made again for
          * its backward, in the backward scratch) */
@@ -343,6 +344,11 @@ START_TEST(plan_sizes_add_up)
         ql_lora_model_destroy(lm);
     }
     ck_assert_uint_gt(acts[0], acts[1]); /* checkpointing keeps less */
+    /* and its backward reuses hm, gate and up for dup, datt, dq, dk and dv */
+    ck_assert(2 * qd <= I && 2 * kvd <= I);
+    const uint64_t aliased = (uint64_t)(R * (I + 2 * qd + 2 * kvd)) * 4; /* five buffers, each padded to the alignment */
+    ck_assert_uint_ge(bwd[0] - bwd[1], aliased);
+    ck_assert_uint_le(bwd[0] - bwd[1], aliased + 5 * QL_PLAN_ALIGN);
 
     /* chunked logits: the plan holds only the chunk */
     ql_lora_model_opts o = {.batch = (int)B, .max_len = (int)T, .backward = 1, .logit_rows = 10};
