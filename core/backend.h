@@ -203,7 +203,8 @@ typedef struct ql_backend {
     int (*swiglu_backward)(ql_be_ctx *ctx, float *dgate, float *dup, const float *dout, const float *gate,
                            const float *up, int64_t n);
     /* dh[rows, r] = scale * dy b (scratch); db[out, r] += scale * dy^T h;
-     * da[r, in] += dh^T xd; dxd[rows, in] (+)= dh a (dxd may be NULL).
+     * da[r, in] += dh^T xd; dxd[rows, in] (+)= dh a (dxd may be NULL; with
+     * accumulate 0 it may alias xd, which is read first).
      * The sums over rows run in row order, so a zero row adds exact zeros. */
     int (*lora_backward)(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd,
                          const float *h, const float *a, const float *b, int64_t rows, int64_t in, int64_t out,

@@ -31,8 +31,10 @@ typedef struct dims {
 } dims;
 
 typedef struct bwd_scratch {
-    float *dhm, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dxd, *dmid; /* dgate is dhm, in place */
-    float *xd; /* [R, widest in] one module's dropped LoRA input, made again for its backward (dropout only) */
+    float *dhm, *dup, *dxn, *datt, *dq, *dk, *dv, *dscores, *dh, *dmid; /* dgate is dhm, in place */
+    /* [R, widest in] one module's dropped LoRA input, made again for its
+     * backward, then the gradient through it (dropout only) */
+    float *xd;
     float *dqpre, *dkpre; /* [R, qd], [R, kvd] through the per-head q/k norm (qk_norm only) */
     float *grad, *grad2; /* [R, H] the gradient flowing down the residual stream */
 } bwd_scratch;
@@ -219,6 +221,8 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
             xd = x->lm->s.xd; /* the forward's dropped input, bit for bit */
             ql_be(x->be, dropout_forward, x->lm->s.xd, in, &x->mb, l->in, x->lora->cfg.dropout,
                   module_seeds(x, i, k));
+            /* the gradient through the dropped input overwrites it (dxd_scratch is
+             * s.xd: lora_backward reads xd before it writes dxd) */
             ql_be(x->be, lora_backward, dxd_scratch, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.R,
                   l->in, l->out, x->lora->cfg.r, scale, 0);
             ql_be(x->be, dropout_backward, din, dxd_scratch, &x->mb, l->in, x->lora->cfg.dropout,
@@ -271,15 +275,15 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     const int window = ql_llama_layers(x->m)[i].window;
     int rc;
     /* MLP */
-    if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh, s->dxd))) return rc;
+    if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh, s->xd))) return rc;
     ql_be(x->be, swiglu_backward, s->dhm, s->dup, s->dhm, a->gate, a->up, d->R * d->I); /* dgate in place */
-    if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dhm, s->dxn, 0, s->dh, s->dxd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_UP, a, a->xn2, s->dup, s->dxn, 1, s->dh, s->dxd)))
+    if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dhm, s->dxn, 0, s->dh, s->xd)) ||
+        (rc = linear_bwd(x, i, QL_MOD_UP, a, a->xn2, s->dup, s->dxn, 1, s->dh, s->xd)))
         return rc;
     ql_be(x->be, copy, s->dmid, dout, (size_t)(d->R * d->H) * 4);
     ql_be(x->be, rmsnorm_backward, s->dmid, NULL, s->dxn, a->xmid, L->mlp_norm, a->rstd2, d->R, d->H, 1);
     /* attention */
-    if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->dxd))) return rc;
+    if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->xd))) return rc;
     ql_be(x->be, attention_backward, s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, &x->mb,
           d->nh, d->nkv, (int)d->hd, window);
     ql_be(x->be, rope_backward, s->dq, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
@@ -291,9 +295,9 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
         dqp = s->dqpre;
         dkp = s->dkpre;
     }
-    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, dqp, s->dxn, 0, s->dh, s->dxd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, dkp, s->dxn, 1, s->dh, s->dxd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh, s->dxd)))
+    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, dqp, s->dxn, 0, s->dh, s->xd)) ||
+        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, dkp, s->dxn, 1, s->dh, s->xd)) ||
+        (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh, s->xd)))
         return rc;
     ql_be(x->be, copy, dx, s->dmid, (size_t)(d->R * d->H) * 4);
     ql_be(x->be, rmsnorm_backward, dx, NULL, s->dxn, a->x, L->attn_norm, a->rstd1, d->R, d->H, 1);
@@ -775,7 +779,6 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         int64_t widest = d.I > d.qd ? d.I : d.qd;
         if (d.H > widest) widest = d.H;
         if (lora && lora->cfg.dropout > 0) {
-            ql_plan_add(p, S, (void **)&s->dxd, d.R * widest, 4);
             ql_plan_add(p, S, (void **)&s->xd, d.R * widest, 4);
         }
         ql_plan_add(p, S, (void **)&s->dmid, d.R * d.H, 4);

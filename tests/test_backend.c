@@ -434,6 +434,33 @@ START_TEST(bf16_checkpointing_keeps_bf16_inputs_exactly)
 }
 END_TEST
 
+/* lora_backward may write dxd over xd (accumulate 0): xd is read first, so
+ * da and dxd are those of separate buffers, bit for bit (the step's dropout
+ * path writes the gradient over the dropped input). */
+START_TEST(lora_backward_dxd_may_alias_xd)
+{
+    const int64_t rows = 37, in = 48, out = 40, r = 4;
+    float *xd = malloc(rows * in * 4), *xa = malloc(rows * in * 4), *dxd = malloc(rows * in * 4);
+    float *dy = malloc(rows * out * 4), *h = malloc(rows * r * 4), *dh = malloc(rows * r * 4);
+    float *a = malloc(r * in * 4), *b = malloc(out * r * 4), *da = malloc(r * in * 4), *da2 = malloc(r * in * 4);
+    float *db = malloc(out * r * 4), *db2 = malloc(out * r * 4);
+    tu_randn(xd, rows * in, 1, 1.0f), tu_randn(dy, rows * out, 2, 1.0f), tu_randn(h, rows * r, 3, 1.0f);
+    tu_randn(a, r * in, 4, 0.1f), tu_randn(b, out * r, 5, 0.1f), tu_randn(da, r * in, 6, 1.0f);
+    tu_randn(db, out * r, 7, 1.0f);
+    memcpy(xa, xd, rows * in * 4), memcpy(da2, da, r * in * 4), memcpy(db2, db, out * r * 4);
+    ql_be_ctx *ctx = NULL;
+    ck_assert_int_eq(ql_be_ctx_open("cpu", NULL, &ctx), QL_OK);
+    ck_assert_int_eq(ql_be(ctx, lora_backward, dxd, da, db, dh, dy, xd, h, a, b, rows, in, out, r, 0.5f, 0), QL_OK);
+    ck_assert_int_eq(ql_be(ctx, lora_backward, xa, da2, db2, dh, dy, xa, h, a, b, rows, in, out, r, 0.5f, 0), QL_OK);
+    ck_assert_msg(memcmp(da, da2, r * in * 4) == 0, "da differs when dxd aliases xd");
+    ck_assert_msg(memcmp(dxd, xa, rows * in * 4) == 0, "dxd differs when it aliases xd");
+    ck_assert_msg(memcmp(dxd, xd, rows * in * 4) != 0, "dxd is not a gradient");
+    ql_be_ctx_close(ctx);
+    free(xd), free(xa), free(dxd), free(dy), free(h), free(dh), free(a), free(b), free(da), free(da2), free(db);
+    free(db2);
+}
+END_TEST
+
 /* The bf16 ops of the CPU reference against values worked out by hand:
  * round to nearest, ties to even; NaN stays NaN, infinities and signed zero
  * stay. */
@@ -636,6 +663,7 @@ int main(void)
     tcase_add_test(p, plan_sizes_add_up);
     tcase_add_test(p, bf16_checkpointing_keeps_bf16_inputs_exactly);
     tcase_add_test(p, bf16_round_and_widen);
+    tcase_add_test(p, lora_backward_dxd_may_alias_xd);
     tcase_add_test(p, plan_out_of_memory_says_what_to_reduce);
     tcase_add_test(p, cli_dry_run_and_oom);
     suite_add_tcase(s, p);

@@ -264,6 +264,32 @@ START_TEST(matmuls_and_lora)
         expect(&dxd, 2e-5, "lora_backward dxd");
         drop(&da), drop(&db), drop(&dh), drop(&dxd);
     }
+    {
+        /* dxd may alias xd (accumulate 0): the same da and dxd, on each side,
+         * as with separate buffers (the step's dropout path relies on it) */
+        buf da = rnd((size_t)(r * in), 1.0f), db = rnd((size_t)(out * r), 1.0f), dh = poisoned((size_t)(rows * r));
+        buf da2 = rnd((size_t)(r * in), 1.0f), db2 = rnd((size_t)(out * r), 1.0f), dxd = poisoned((size_t)(rows * in));
+        buf xa = poisoned((size_t)(rows * in));
+        memcpy(da2.h, da.h, da.n * 4), memcpy(db2.h, db.h, db.n * 4), memcpy(xa.h, x.h, x.n * 4);
+        CU(cudaMemcpy(da2.d, da.d, da.n * 4, cudaMemcpyDeviceToDevice));
+        CU(cudaMemcpy(db2.d, db.d, db.n * 4, cudaMemcpyDeviceToDevice));
+        CU(cudaMemcpy(xa.d, x.d, x.n * 4, cudaMemcpyDeviceToDevice));
+        BOTH((ctx, lora_backward, S(dxd), S(da), S(db), S(dh), S(dy), S(x), S(h), S(a), S(b), rows, in, out, r, 0.5f,
+              0));
+        BOTH((ctx, lora_backward, S(xa), S(da2), S(db2), S(dh), S(dy), S(xa), S(h), S(a), S(b), rows, in, out, r, 0.5f,
+              0));
+        float *g1 = malloc(da.n * 4), *g2 = malloc(da.n * 4), *e1 = malloc(xa.n * 4), *e2 = malloc(xa.n * 4);
+        CU(cudaMemcpy(g1, da.d, da.n * 4, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(g2, da2.d, da.n * 4, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(e1, dxd.d, xa.n * 4, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(e2, xa.d, xa.n * 4, cudaMemcpyDeviceToHost));
+        ck_assert_msg(memcmp(g1, g2, da.n * 4) == 0, "lora_backward: da differs when dxd aliases xd (device)");
+        ck_assert_msg(memcmp(e1, e2, xa.n * 4) == 0, "lora_backward: dxd differs when it aliases xd (device)");
+        ck_assert_msg(memcmp(da.h, da2.h, da.n * 4) == 0, "lora_backward: da differs when dxd aliases xd (CPU)");
+        ck_assert_msg(memcmp(dxd.h, xa.h, xa.n * 4) == 0, "lora_backward: dxd differs when it aliases xd (CPU)");
+        free(g1), free(g2), free(e1), free(e2);
+        drop(&da), drop(&db), drop(&dh), drop(&da2), drop(&db2), drop(&dxd), drop(&xa);
+    }
     drop(&x), drop(&w), drop(&dy), drop(&a), drop(&b), drop(&h), drop(&y);
 }
 END_TEST
