@@ -758,7 +758,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         int S = QL_ROLE_BWD;
         ql_plan_add(p, S, (void **)&s->dhm, d.R * d.I, 4);
         /* With checkpointing (one layer's activations) the backward reuses
-         * activations it has read for the last time (alias_backward): dup
+         * activations it has read for the last time (set once the plan is
+         * allocated, below): dup
          * takes hm's place (down's backward has read it); datt and dq take
          * gate's, dk and dv up's (SwiGLU's backward has read them). */
         lm->alias = !lm->keep_all && 2 * d.qd <= d.I && 2 * d.kvd <= d.I;
@@ -778,9 +779,7 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_plan_add(p, S, (void **)&s->dh, d.R * (d.r > 0 ? d.r : 1), 4);
         int64_t widest = d.I > d.qd ? d.I : d.qd;
         if (d.H > widest) widest = d.H;
-        if (lora && lora->cfg.dropout > 0) {
-            ql_plan_add(p, S, (void **)&s->xd, d.R * widest, 4);
-        }
+        if (lora && lora->cfg.dropout > 0) ql_plan_add(p, S, (void **)&s->xd, d.R * widest, 4);
         ql_plan_add(p, S, (void **)&s->dmid, d.R * d.H, 4);
         ql_plan_add(p, S, (void **)&s->grad, d.R * d.H, 4);
         ql_plan_add(p, S, (void **)&s->grad2, d.R * d.H, 4);
