@@ -59,7 +59,8 @@ static const char usage_text[] =
     "Every command takes -h or --help: its usage, every option with its default, and an example.\n"
     "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so, optionally\n"
     "followed by :key=value,... options, e.g. nf4:double_quant=0,blocksize=64.\n"
-    "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree.\n"
+    "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the plugin folder of the installed qlora\n"
+    "(<libdir>/qlora/plugins; <builddir>/plugins when it runs from a build tree).\n"
     "Progress goes to stderr: a live line on a terminal, JSON lines otherwise (--quiet turns it off).\n"
     "--device defaults to $QLORA_DEVICE (cpu, cuda or auto; any other value is refused), else auto (cuda when a GPU\n"
     "is present).\n";
@@ -265,7 +266,8 @@ static int help_quantizers(void)
     printf("usage: qlora quantizers [--json]\n\n"
            "The quantizer plugins found: name, bits per parameter of a 4096 x 4096 matrix with the default\n"
            "options, ABI, version, description, default options and file.\n"
-           "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree");
+           "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the plugin folder of the installed qlora\n"
+           "(<libdir>/qlora/plugins; <builddir>/plugins when it runs from a build tree)");
     char **dirs;
     size_t nd;
     if (ql_plugin_search_dirs(&dirs, &nd) == QL_OK) {
