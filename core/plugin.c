@@ -205,10 +205,19 @@ static int validate(const char *path, const ql_quantizer_desc *d)
     return QL_OK;
 }
 
-int ql_plugin_open(const char *path, ql_plugin **out)
+int ql_plugin_open(const char *given, ql_plugin **out)
 {
     *out = NULL;
-    if (!ql_path_exists(path)) return ql_error(QL_ENOTFOUND, "plugin file %s does not exist", path);
+    if (!ql_path_exists(given)) return ql_error(QL_ENOTFOUND, "plugin file %s does not exist", given);
+    /* dlopen() searches the library path for a name without a '/', never
+     * the current folder: "my.so" would load another file, or none. */
+    char here[PATH_MAX + 3];
+    const char *path = given;
+    if (!strchr(given, '/')) {
+        if (snprintf(here, sizeof here, "./%s", given) >= (int)sizeof here)
+            return ql_error(QL_EINVAL, "plugin file name %.60s... is too long", given);
+        path = here;
+    }
     dlerror();
     probe_stage("dlopen");
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
