@@ -243,6 +243,14 @@ static int read_marker(const char *dir, const char *name, char *buf, size_t cap)
     return 1;
 }
 
+int ql_output_is(const char *dir, const char *kind)
+{
+    struct stat st;
+    char found[KIND_CAP];
+    return lstat(dir, &st) == 0 && S_ISDIR(st.st_mode) && read_marker(dir, QL_OUTPUT_MARKER, found, sizeof found) &&
+           strcmp(found, kind) == 0;
+}
+
 static const char *file_type_name(mode_t m)
 {
     if (S_ISLNK(m)) return "is a symbolic link";

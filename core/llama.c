@@ -8,6 +8,7 @@
 
 #include "backend.h"
 #include "ops.h"
+#include "prequantized.h"
 #include "progress.h"
 #include "rope.h"
 #include "qlora/dtype.h"
@@ -355,7 +356,7 @@ static const ql_tensor *files_get(void *ctx, const char *suffix)
 /* The quantizer a pre-quantized checkpoint's quantization_config names, and
  * the field it was read from.  The text is untrusted: it is only checked here
  * and opened by ql_qz_open_from_file, which takes plugin names only. */
-static int prequantized_spec(json_t *cfg, const char *file, const char **spec, const char **field)
+int ql_prequantized_spec(json_t *cfg, const char *file, const char **spec, const char **field)
 {
     json_t *qc = json_object_get(cfg, "quantization_config");
     if (!qc || json_is_null(qc)) return QL_ENOTFOUND;
@@ -514,7 +515,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto fail;
     }
-    rc = prequantized_spec(cfg, cfg_file, &file_spec, &field);
+    rc = ql_prequantized_spec(cfg, cfg_file, &file_spec, &field);
     if (rc == QL_OK) {
         prequantized = 1;
         rc = open_prequantized(m, dir, cfg_file, field, file_spec, opts);

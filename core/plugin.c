@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -204,10 +205,19 @@ static int validate(const char *path, const ql_quantizer_desc *d)
     return QL_OK;
 }
 
-int ql_plugin_open(const char *path, ql_plugin **out)
+int ql_plugin_open(const char *given, ql_plugin **out)
 {
     *out = NULL;
-    if (!ql_path_exists(path)) return ql_error(QL_ENOTFOUND, "plugin file %s does not exist", path);
+    if (!ql_path_exists(given)) return ql_error(QL_ENOTFOUND, "plugin file %s does not exist", given);
+    /* dlopen() searches the library path for a name without a '/', never
+     * the current folder: "my.so" would load another file, or none. */
+    char here[PATH_MAX + 3];
+    const char *path = given;
+    if (!strchr(given, '/')) {
+        if (snprintf(here, sizeof here, "./%s", given) >= (int)sizeof here)
+            return ql_error(QL_EINVAL, "plugin file name %.60s... is too long", given);
+        path = here;
+    }
     dlerror();
     probe_stage("dlopen");
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
@@ -284,6 +294,31 @@ static int push(char ***list, size_t *n, const char *s)
     return QL_OK;
 }
 
+/* Beside the build tree's libqlora only (core/meson.build); its plugins are
+ * then in UNINSTALLED_PLUGINDIR, relative to the library's folder. */
+#define UNINSTALLED_MARKER "qlora-uninstalled-plugins"
+#define UNINSTALLED_PLUGINDIR "../plugins"
+
+/* The folder of libqlora.so, the file that holds this code, with links
+ * resolved: 1, or 0 when unknown (a static link into some program, whose
+ * folder says nothing of where plugins are). */
+static int library_dir(char *buf, size_t cap)
+{
+    Dl_info info;
+    void *self;
+    int (*fn)(char *, size_t) = library_dir;
+    memcpy(&self, &fn, sizeof self);
+    if (!dladdr(self, &info) || !info.dli_fname || !*info.dli_fname) return 0;
+    char real[PATH_MAX];
+    if (!realpath(info.dli_fname, real)) return 0;
+    char *slash = strrchr(real, '/');
+    if (!slash || strncmp(slash + 1, "libqlora.so", strlen("libqlora.so")) != 0) return 0;
+    *slash = '\0';
+    if (strlen(real) + 1 > cap) return 0;
+    memcpy(buf, real, strlen(real) + 1);
+    return 1;
+}
+
 int ql_plugin_search_dirs(char ***dirs, size_t *n)
 {
     *dirs = NULL;
@@ -300,8 +335,27 @@ int ql_plugin_search_dirs(char ***dirs, size_t *n)
             }
         free(copy);
     }
-    if (push(dirs, n, QL_INSTALLED_PLUGINDIR) || push(dirs, n, QL_BUILD_PLUGINDIR)) return QL_ENOMEM;
-    return QL_OK;
+    /* The plugin folders of the libqlora that runs, found from where it is
+     * rather than from paths fixed at build time: an installed copy (in any
+     * prefix, a DESTDIR, or moved) searches its own <libdir>/qlora/plugins
+     * and never the build tree it was built in; the build tree's library,
+     * marked by the file core/meson.build puts beside it, searches
+     * <builddir>/plugins. */
+    char lib_dir[PATH_MAX];
+    if (!library_dir(lib_dir, sizeof lib_dir)) return push(dirs, n, QL_INSTALLED_PLUGINDIR);
+    char *installed = ql_path_join(lib_dir, QL_PLUGINDIR_FROM_LIBDIR);
+    char *marker = ql_path_join(lib_dir, UNINSTALLED_MARKER);
+    char *build = ql_path_join(lib_dir, UNINSTALLED_PLUGINDIR);
+    int rc = installed && marker && build ? QL_OK : ql_error(QL_ENOMEM, "out of memory");
+    struct stat st;
+    int uninstalled = rc == QL_OK && lstat(marker, &st) == 0 && S_ISREG(st.st_mode);
+    char build_real[PATH_MAX]; /* shown in messages: no "core/.." */
+    if (uninstalled && realpath(build, build_real)) rc = push(dirs, n, build_real);
+    else if (rc == QL_OK) rc = push(dirs, n, uninstalled ? build : installed);
+    free(installed);
+    free(marker);
+    free(build);
+    return rc;
 }
 
 static const char plugin_prefix[] = "qlora_";

@@ -8,6 +8,7 @@
 
 #include "backend.h"
 #include "json_out.h"
+#include "prequantized.h"
 #include "progress.h"
 #include "ql_config.h"
 #include "qlora/dtype.h"
@@ -609,6 +610,63 @@ static int module_prefixes(const ql_st_file *f, char ***out, size_t *n)
     return QL_OK;
 }
 
+/* When no plugin found a quantized layer in `path`: is that because the
+ * plugin its config.json (beside it) names is not on the search path, or
+ * did not load?  Then an error saying so and where it was looked for;
+ * QL_OK when the file names none, or one that is there.  The name is read
+ * from a file, so it is only compared with the names of the plugins found,
+ * never opened as a path. */
+static int named_plugin_missing(const char *path, char **plugins, size_t nplugins, ql_qz **qs)
+{
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = '\0';
+    else snprintf(dir, sizeof dir, ".");
+    char *cfg_path = ql_path_join(dir, "config.json");
+    if (!cfg_path) return ql_error(QL_ENOMEM, "out of memory");
+    json_t *cfg = ql_path_exists(cfg_path) ? json_load_file(cfg_path, 0, NULL) : NULL;
+    const char *spec = NULL, *field = NULL;
+    int rc = QL_OK;
+    /* a config.json that says nothing usable leaves the answer at "no quantized layers" */
+    if (cfg && ql_prequantized_spec(cfg, cfg_path, &spec, &field) == QL_OK && spec &&
+        ql_qz_check_from_file(spec, cfg_path, field) == QL_OK) {
+        char name[64];
+        size_t nl = strcspn(spec, ":");
+        snprintf(name, sizeof name, "%.*s", (int)(nl < sizeof name ? nl : sizeof name - 1), spec);
+        int loaded = 0, file = -1;
+        char want[96];
+        snprintf(want, sizeof want, "/qlora_%s.so", name);
+        for (size_t k = 0; k < nplugins; k++) {
+            if (qs[k] && !strcmp(qs[k]->desc->name, name)) loaded = 1;
+            size_t lp = strlen(plugins[k]), lw = strlen(want);
+            if (lp >= lw && !strcmp(plugins[k] + lp - lw, want)) file = (int)k;
+        }
+        if (!loaded && file >= 0) {
+            rc = ql_error(QL_EABI, "%s: %s names quantizer %s: plugin %s (%s) did not load (see the warning above), so "
+                                   "its quantized layers cannot be read",
+                          path, cfg_path, name, name, plugins[file]);
+        } else if (!loaded) {
+            char looked[3072] = "";
+            char **dirs;
+            size_t nd, k = 0;
+            if (ql_plugin_search_dirs(&dirs, &nd) == QL_OK) {
+                for (size_t i = 0; i < nd && k < sizeof looked - 2; i++)
+                    k += (size_t)snprintf(looked + k, sizeof looked - k, "%s%s", i ? ", " : "", dirs[i]);
+                ql_string_list_free(dirs, nd);
+            }
+            rc = ql_error(QL_ENOTFOUND,
+                          "%s: %s names quantizer %s (%s): plugin %s not found (looked in %s); put qlora_%s.so in "
+                          "one of those folders or add its folder to $%s",
+                          path, cfg_path, name, field, name, looked, name, QL_PLUGIN_PATH_ENV);
+        }
+    }
+    if (rc == QL_OK) ql_error_clear(); /* what the checks above refused is no error of inspect */
+    json_decref(cfg);
+    free(cfg_path);
+    return rc;
+}
+
 int ql_inspect_file(const char *path, int as_json, FILE *out)
 {
     ql_st_file *f = NULL;
@@ -667,6 +725,7 @@ int ql_inspect_file(const char *path, int as_json, FILE *out)
             break;
         }
     }
+    if (nlayers == 0 && (rc = named_plugin_missing(path, plugins, nplugins, qs))) goto done;
     uint64_t total = 0;
     for (size_t i = 0; i < ql_st_count(f); i++) total += ql_st_at(f, i)->nbytes;
     if (as_json) {

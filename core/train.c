@@ -1,5 +1,6 @@
 #include "qlora/train.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -45,6 +46,9 @@ void ql_train_opts_default(ql_train_opts *o)
     o->schedule = QL_SCHED_CONSTANT;
     o->batch_size = 1;
     o->grad_accum = 16;
+    /* qlora.py's defaults (its scripts pass the same) */
+    o->save_steps = 250;
+    o->save_total_limit = 40;
     o->epochs = 1.0;
     o->seed = 42;
     o->shuffle = 1;
@@ -208,6 +212,129 @@ static int save_checkpoint(const ql_train_opts *o, const char *run_dir, const ql
     rc = ql_outdir_commit(od);
     free(dest);
     return rc;
+}
+
+/* The step N of a folder named exactly "checkpoint-N" (N as qlora writes
+ * it: digits, no sign, no leading zero), or -1. */
+static long long checkpoint_step(const char *name)
+{
+    static const char prefix[] = "checkpoint-";
+    size_t lp = sizeof prefix - 1;
+    if (strncmp(name, prefix, lp) != 0) return -1;
+    const char *d = name + lp;
+    if (*d < '0' || *d > '9' || (*d == '0' && d[1] != '\0') || strlen(d) > 18) return -1;
+    for (const char *c = d; *c; c++)
+        if (*c < '0' || *c > '9') return -1;
+    return strtoll(d, NULL, 10);
+}
+
+static int cmp_ll(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+    return (x > y) - (x < y);
+}
+
+/* A checkpoint folder of this run folder that qlora wrote: a real folder
+ * (no link) named checkpoint-N, holding the "checkpoint" marker and a plain
+ * trainer_state.json.  Anything else there is never deleted. */
+static int is_our_checkpoint(const char *run_dir, const char *name)
+{
+    if (checkpoint_step(name) < 0) return 0;
+    char *dir = ql_path_join(run_dir, name), *ts = dir ? ql_path_join(dir, "trainer_state.json") : NULL;
+    struct stat st;
+    int ours = ts && ql_output_is(dir, "checkpoint") && lstat(ts, &st) == 0 && S_ISREG(st.st_mode);
+    free(dir);
+    free(ts);
+    return ours;
+}
+
+/* Remove a checkpoint folder: renamed aside first to a hidden name, so that
+ * a kill midway leaves no half-deleted checkpoint-N that looks resumable. */
+static int remove_checkpoint(const char *run_dir, const char *name)
+{
+    char *src = ql_path_join(run_dir, name), aside[4200];
+    if (!src) return ql_error(QL_ENOMEM, "out of memory");
+    snprintf(aside, sizeof aside, "%s/.%s.removing.XXXXXX", run_dir, name);
+    int rc = QL_OK;
+    if (!mkdtemp(aside) || rename(src, aside) != 0) {
+        rc = ql_error(QL_EIO, "cannot move %s aside to delete it: %s", src, strerror(errno));
+        if (ql_is_dir(aside)) rmdir(aside);
+    } else {
+        rc = ql_remove_tree(aside);
+    }
+    free(src);
+    return rc;
+}
+
+/* --save-total-limit: after checkpoint-`saved` was written, delete the
+ * oldest (lowest N) checkpoints of run_dir beyond the newest `limit`;
+ * `saved` is always kept.  Only folders is_our_checkpoint() accepts are
+ * counted or deleted.  Leftovers of a removal a kill interrupted (hidden
+ * ".checkpoint-N.removing.*" folders) are removed too.  A failure is a
+ * warning: the checkpoints are whole either way. */
+static void rotate_checkpoints(const char *run_dir, int64_t limit, int64_t saved, int verbose)
+{
+    if (limit <= 0) return;
+    DIR *d = opendir(run_dir);
+    if (!d) return;
+    long long *steps = NULL;
+    size_t n = 0, cap = 0;
+    char **leftovers = NULL;
+    size_t nleft = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') {
+            char ck[4096];
+            const char *rm = strstr(e->d_name, ".removing.");
+            struct stat st;
+            char *p = NULL;
+            if (rm && (size_t)(rm - e->d_name - 1) < sizeof ck) {
+                snprintf(ck, sizeof ck, "%.*s", (int)(rm - e->d_name - 1), e->d_name + 1);
+                p = checkpoint_step(ck) >= 0 && strlen(rm + strlen(".removing.")) == 6 ? ql_path_join(run_dir, e->d_name)
+                                                                                         : NULL;
+            }
+            if (p && lstat(p, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid()) {
+                char **l = realloc(leftovers, (nleft + 1) * sizeof *l);
+                if (l) (leftovers = l)[nleft++] = p, p = NULL;
+            }
+            free(p);
+            continue;
+        }
+        if (!is_our_checkpoint(run_dir, e->d_name)) continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            long long *s = realloc(steps, cap * sizeof *s);
+            if (!s) break;
+            steps = s;
+        }
+        steps[n++] = checkpoint_step(e->d_name);
+    }
+    closedir(d);
+    for (size_t i = 0; i < nleft; i++) {
+        if (ql_remove_tree(leftovers[i]) != QL_OK)
+            fprintf(stderr, "qlora: warning: cannot remove %s: %s\n", leftovers[i], ql_error_message());
+        free(leftovers[i]);
+    }
+    free(leftovers);
+    if (steps) qsort(steps, n, sizeof *steps, cmp_ll);
+    size_t keep = (size_t)limit, excess = n > keep ? n - keep : 0;
+    for (size_t i = 0; i < n && excess > 0; i++) {
+        if (steps[i] == saved) continue; /* the one just written stays, whatever its number */
+        char name[64];
+        snprintf(name, sizeof name, "checkpoint-%lld", steps[i]);
+        int saved_code = ql_error_code();
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", ql_error_message());
+        if (remove_checkpoint(run_dir, name) == QL_OK) {
+            if (verbose) fprintf(stderr, "deleted %s/%s (--save-total-limit %lld)\n", run_dir, name, (long long)limit);
+        } else {
+            fprintf(stderr, "qlora: warning: --save-total-limit: %s\n", ql_error_message());
+        }
+        if (saved_code) ql_error(saved_code, "%s", msg);
+        else ql_error_clear();
+        excess--;
+    }
+    free(steps);
 }
 
 /* The facts a checkpoint must agree with: those of the run resuming it. */
@@ -951,6 +1078,7 @@ int ql_train(const ql_train_opts *o)
             if ((rc = ql_lora_model_pull_state(lm, opt))) goto done;
             if ((rc = save_checkpoint(o, run_dir, lora, opt, &st, config))) goto done;
             last_saved = st.step;
+            rotate_checkpoints(run_dir, o->save_total_limit, st.step, o->progress);
         }
         if (stop_signal && st.step < total) {
             rc = ql_error(QL_EINTR,

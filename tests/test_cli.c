@@ -414,7 +414,8 @@ static const struct {
     {"train", "--grad-accum", "16"},
     {"train", "--steps", "from --epochs"},
     {"train", "--epochs", "1"},
-    {"train", "--save-steps", "0"},
+    {"train", "--save-steps", "250"},
+    {"train", "--save-total-limit", "40"},
     {"train", "--seed", "42"},
     {"train", "--source-max-len", "1024"},
     {"train", "--target-max-len", "256"},
@@ -1121,6 +1122,67 @@ START_TEST(test_quantize_example_plugin_by_path)
     ql_remove_tree(parent);
     free(dest);
     free(parent);
+    free(model);
+}
+END_TEST
+
+/* --quantizer=my.so names a file of the current folder (dlopen alone would
+ * search the library path for it); inspect of what it wrote, with that
+ * plugin not on the search path, names the plugin and where it looked. */
+START_TEST(test_plugin_in_current_folder)
+{
+    char *model = model_dir();
+    char *dir = fresh_dir();
+    char cmd[8192], *out, *err;
+    snprintf(cmd, sizeof cmd, "cp '%s' '%s/my.so'", tu_env("QLORA_EXAMPLE_PLUGIN"), dir);
+    ck_assert_int_eq(system(cmd), 0);
+    snprintf(cmd, sizeof cmd, "cd '%s' && '%s' quantize --quiet --quantizer=my.so:group_size=64 '%s' -o out", dir,
+             tu_env("QLORA_BIN"), model);
+    int st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "quantized 35 layers (226560 parameters) with rtn_int4:group_size=64");
+    free(out);
+    free(err);
+    snprintf(cmd, sizeof cmd, "cd '%s' && '%s' compare --quiet --summary-only --quantizers=nf4,my.so '%s'", dir,
+             tu_env("QLORA_BIN"), model);
+    st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "\nrtn_int4 ");
+    free(out);
+    free(err);
+
+    /* rtn_int4 is not on the search path (the build's plugins only) */
+    char *dest = join(dir, "out");
+    st = qlora(&out, &err, "inspect '%s/model.safetensors'", dest);
+    ck_assert_msg(st != 0, "inspect without the plugin succeeded:\n%.300s", out);
+    ck_assert_contains(err, "config.json names quantizer rtn_int4");
+    ck_assert_contains(err, "plugin rtn_int4 not found (looked in ");
+    ck_assert_contains(err, tu_env("QLORA_PLUGIN_PATH"));
+    ck_assert_msg(!tu_contains(out, "no quantized layers"), "inspect said no quantized layers:\n%s", out);
+    free(out);
+    free(err);
+    st = qlora(&out, &err, "inspect --json '%s'", dest);
+    ck_assert_msg(st != 0, "inspect --json without the plugin succeeded:\n%.300s", out);
+    ck_assert_contains(err, "plugin rtn_int4 not found (looked in ");
+    free(out);
+    free(err);
+    /* on the search path, it reads the layers */
+    snprintf(cmd, sizeof cmd, "ln -s my.so '%s/qlora_rtn_int4.so' && QLORA_PLUGIN_PATH='%s' '%s' inspect '%s'", dir, dir,
+             tu_env("QLORA_BIN"), dest);
+    st = tu_run(cmd, &out, &err);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "35 quantized layers, 226560 parameters in ");
+    free(out);
+    free(err);
+    /* a checkpoint that names no quantizer is still just "no quantized layers" */
+    st = qlora(&out, &err, "inspect '%s'", model);
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "\nno quantized layers\n");
+    free(out);
+    free(err);
+    ql_remove_tree(dir);
+    free(dest);
+    free(dir);
     free(model);
 }
 END_TEST
@@ -2173,6 +2235,7 @@ Suite *cli_suite(void)
     tcase_add_test(tc, test_quantize_fp4);
     tcase_add_test(tc, test_quantize_int8);
     tcase_add_test(tc, test_quantize_example_plugin_by_path);
+    tcase_add_test(tc, test_plugin_in_current_folder);
     tcase_add_test(tc, test_quantize_half_precision_checkpoint);
     tcase_add_test(tc, test_quantize_sharded_checkpoint);
     suite_add_tcase(s, tc);

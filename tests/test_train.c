@@ -1135,6 +1135,111 @@ START_TEST(run_files_are_not_followed)
 }
 END_TEST
 
+/* The checkpoint-* names in run, sorted by N, as "1,3,4" (what else is
+ * there, apart from the run's own files, as ";+name"). */
+static void list_checkpoints(const char *run, char *buf, size_t cap)
+{
+    int steps[256], n = 0;
+    char others[1024] = "";
+    DIR *d = opendir(run);
+    ck_assert_ptr_nonnull(d);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int k, used = 0;
+        char again[64];
+        if (sscanf(e->d_name, "checkpoint-%d%n", &k, &used) == 1 && e->d_name[used] == '\0' && n < 256 &&
+            snprintf(again, sizeof again, "checkpoint-%d", k) > 0 && !strcmp(again, e->d_name))
+            steps[n++] = k;
+        else if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && strcmp(e->d_name, ".qlora-lock") &&
+                 strcmp(e->d_name, ".qlora-output") && strcmp(e->d_name, "metrics.jsonl") &&
+                 strcmp(e->d_name, "run_config.json") && strcmp(e->d_name, "adapter_config.json") &&
+                 strcmp(e->d_name, "adapter_model.safetensors"))
+            snprintf(others + strlen(others), sizeof others - strlen(others), ";+%s", e->d_name);
+    }
+    closedir(d);
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++)
+            if (steps[j] < steps[i]) {
+                int t = steps[i];
+                steps[i] = steps[j];
+                steps[j] = t;
+            }
+    buf[0] = '\0';
+    for (int i = 0; i < n; i++) snprintf(buf + strlen(buf), cap - strlen(buf), "%s%d", i ? "," : "", steps[i]);
+    snprintf(buf + strlen(buf), cap - strlen(buf), "%s", others);
+}
+
+/* --save-total-limit keeps the newest N checkpoints qlora wrote in the run
+ * folder and deletes the older ones, and nothing else there. */
+START_TEST(save_total_limit_keeps_the_newest)
+{
+    char run[1200], list[2048], *err;
+    snprintf(run, sizeof run, "%s/limited", tmp);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 4 --save-steps 1 --save-total-limit 2 --output %s", model, data,
+                        run) == 0, "%s", err);
+    free(err);
+    list_checkpoints(run, list, sizeof list);
+    ck_assert_str_eq(list, "3,4");
+    /* the newest is whole: it resumes */
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 5 --save-steps 1 --save-total-limit 2 --resume %s/checkpoint-4",
+                        model, data, run) == 0, "%s", err);
+    free(err);
+    list_checkpoints(run, list, sizeof list);
+    ck_assert_str_eq(list, "4,5");
+
+    /* 0 keeps them all; then what is not a checkpoint qlora wrote is never
+     * deleted or counted: a folder of the user's, a link to a checkpoint
+     * (neither it nor its target), a file */
+    snprintf(run, sizeof run, "%s/decoys", tmp);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --save-steps 1 --save-total-limit 0 --output %s", model, data,
+                        run) == 0, "%s", err);
+    free(err);
+    list_checkpoints(run, list, sizeof list);
+    ck_assert_str_eq(list, "1,2");
+    snprintf(cmd, sizeof cmd,
+             "cd '%s' && mkdir checkpoint-0 && echo mine > checkpoint-0/notes.txt && cp -r checkpoint-1 '%s/copy' && "
+             "ln -s '%s/copy' checkpoint-6 && echo mine > checkpoint-7 && mkdir checkpoint-01 && cp -r checkpoint-1 checkpoint-8 && "
+             "rm checkpoint-8/.qlora-output",
+             run, tmp, tmp);
+    ck_assert_int_eq(system(cmd), 0);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 4 --save-steps 1 --save-total-limit 2 --resume %s/checkpoint-2",
+                        model, data, run) == 0, "%s", err);
+    free(err);
+    list_checkpoints(run, list, sizeof list);
+    /* 1 and 2 were this run's: deleted after 3 and after 4 */
+    ck_assert_str_eq(list, "0,3,4,6,7,8;+checkpoint-01");
+    char path[1400];
+    snprintf(path, sizeof path, "%s/checkpoint-0/notes.txt", run);
+    ck_assert(ql_path_exists(path));
+    snprintf(path, sizeof path, "%s/copy/trainer_state.json", tmp);
+    ck_assert_msg(ql_path_exists(path), "the target of the link checkpoint-6 was deleted");
+    snprintf(path, sizeof path, "%s/checkpoint-8/trainer_state.json", run);
+    ck_assert_msg(ql_path_exists(path), "checkpoint-8 (no marker) was touched");
+}
+END_TEST
+
+/* qlora.py's defaults: a checkpoint every 250 steps, the newest 40 kept
+ * (train --help shows the defaults train itself starts from,
+ * ql_train_opts_default; a run of 41 checkpoints is too slow for this suite). */
+START_TEST(save_defaults_are_qlora_py)
+{
+    char *out, *err;
+    ck_assert_int_eq(qlora(&out, &err, "train --help"), 0);
+    ck_assert_contains(out, "--save-steps N ");
+    const char *l = strstr(out, "--save-steps N ");
+    char line_buf[256];
+    const char *line = line_buf;
+    sscanf(l, "%255[^\n]", line_buf);
+    ck_assert_contains(line, "(default: 250)");
+    l = strstr(out, "--save-total-limit N ");
+    ck_assert_msg(l != NULL, "train --help has no --save-total-limit:\n%s", out);
+    sscanf(l, "%255[^\n]", line_buf);
+    ck_assert_contains(line, "(default: 40)");
+    free(out);
+    free(err);
+}
+END_TEST
+
 /* --force replaces an earlier run folder, and nothing else. */
 START_TEST(force_replaces_only_earlier_runs)
 {
@@ -1242,6 +1347,12 @@ Suite *train_suite(void)
     tcase_add_test(t, run_files_are_not_followed);
     tcase_add_test(t, force_replaces_only_earlier_runs);
     suite_add_tcase(s, t);
+    TCase *r = tcase_create("checkpoint_rotation");
+    tcase_add_checked_fixture(r, setup, teardown);
+    tcase_set_timeout(r, 240);
+    tcase_add_test(r, save_total_limit_keeps_the_newest);
+    tcase_add_test(r, save_defaults_are_qlora_py);
+    suite_add_tcase(s, r);
     TCase *c = tcase_create("checkpoint_files");
     tcase_add_unchecked_fixture(c, base_setup, base_teardown);
     tcase_add_checked_fixture(c, setup, teardown);

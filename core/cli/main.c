@@ -43,8 +43,8 @@ static const char usage_text[] =
     "       [--lora-r 64] [--lora-alpha 16] [--lora-dropout 0.05] [--lora-modules all|q_proj,...]\n"
     "       [--lr 2e-4] [--weight-decay 0] [--max-grad-norm 0.3] [--lr-scheduler constant|linear|cosine]\n"
     "       [--warmup-ratio 0.03] [--batch-size 1] [--grad-accum 16] [--steps N | --epochs E]\n"
-    "       [--gradient-checkpointing] [--dry-run] [--save-steps N] [--eval-steps N --eval-data FILE] [--seed 42]\n"
-    "       [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
+    "       [--gradient-checkpointing] [--dry-run] [--save-steps 250] [--save-total-limit 40]\n"
+    "       [--eval-steps N --eval-data FILE] [--seed 42] [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
     "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force]\n"
     "       [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--optim auto|adamw|paged_adamw]\n"
     "                                      auto: cuda when present, bf16 and paged_adamw there\n"
@@ -57,9 +57,10 @@ static const char usage_text[] =
     "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n"
     "\n"
     "Every command takes -h or --help: its usage, every option with its default, and an example.\n"
-    "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so, optionally\n"
-    "followed by :key=value,... options, e.g. nf4:double_quant=0,blocksize=64.\n"
-    "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree.\n"
+    "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so (my.so: a file of the current folder),\n"
+    "optionally followed by :key=value,... options, e.g. nf4:double_quant=0,blocksize=64.\n"
+    "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the plugin folder of the installed qlora\n"
+    "(<libdir>/qlora/plugins; <builddir>/plugins when it runs from a build tree).\n"
     "Progress goes to stderr: a live line on a terminal, JSON lines otherwise (--quiet turns it off).\n"
     "--device defaults to $QLORA_DEVICE (cpu, cuda or auto; any other value is refused), else auto (cuda when a GPU\n"
     "is present).\n";
@@ -249,6 +250,7 @@ enum {
     OPT_GRAD_CKPT,
     OPT_DRY_RUN,
     OPT_SAVE_STEPS,
+    OPT_SAVE_TOTAL_LIMIT,
     OPT_EVAL_STEPS,
     OPT_NO_SHUFFLE,
     OPT_GROUP_BY_LENGTH,
@@ -265,7 +267,8 @@ static int help_quantizers(void)
     printf("usage: qlora quantizers [--json]\n\n"
            "The quantizer plugins found: name, bits per parameter of a 4096 x 4096 matrix with the default\n"
            "options, ABI, version, description, default options and file.\n"
-           "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the installed plugin folder, then the build tree");
+           "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the plugin folder of the installed qlora\n"
+           "(<libdir>/qlora/plugins; <builddir>/plugins when it runs from a build tree)");
     char **dirs;
     size_t nd;
     if (ql_plugin_search_dirs(&dirs, &nd) == QL_OK) {
@@ -443,7 +446,10 @@ static int help_train(void)
     help_opt("--gradient-checkpointing", "recompute activations in the backward pass: less memory, more time",
              o.gradient_checkpointing ? "on" : "off");
     help_opt("--dry-run", "print the memory plan and stop before training", NULL);
-    help_int("--save-steps N", "a checkpoint every N steps; 0: only the last", o.save_steps);
+    help_int("--save-steps N", "a checkpoint every N steps (the last step is always saved); 0: only the last",
+             o.save_steps);
+    help_int("--save-total-limit N", "keep the newest N checkpoint-* folders, deleting older ones qlora wrote; 0: all",
+             o.save_total_limit);
     help_int("--eval-steps N", "evaluate --eval-data every N steps; 0: only at the end", o.eval_steps);
     help_int("--seed S", "LoRA initialisation, data order and dropout", o.seed);
     help_opt("--no-shuffle", "the data in file order", o.shuffle ? "shuffled" : "file order");
@@ -492,6 +498,7 @@ static int cmd_train(int argc, char **argv)
         {"gradient-checkpointing", no_argument, NULL, OPT_GRAD_CKPT},
         {"dry-run", no_argument, NULL, OPT_DRY_RUN},
         {"save-steps", required_argument, NULL, OPT_SAVE_STEPS},
+        {"save-total-limit", required_argument, NULL, OPT_SAVE_TOTAL_LIMIT},
         {"eval-steps", required_argument, NULL, OPT_EVAL_STEPS},
         {"seed", required_argument, NULL, OPT_SEED},
         {"no-shuffle", no_argument, NULL, OPT_NO_SHUFFLE},
@@ -546,6 +553,9 @@ static int cmd_train(int argc, char **argv)
         case OPT_GRAD_CKPT: o.gradient_checkpointing = 1; break;
         case OPT_DRY_RUN: o.dry_run = 1; break;
         case OPT_SAVE_STEPS: bad |= parse_long_arg("--save-steps", optarg, 0, 1L << 40, &lv), o.save_steps = lv; break;
+        case OPT_SAVE_TOTAL_LIMIT:
+            bad |= parse_long_arg("--save-total-limit", optarg, 0, 1L << 40, &lv), o.save_total_limit = lv;
+            break;
         case OPT_EVAL_STEPS: bad |= parse_long_arg("--eval-steps", optarg, 0, 1L << 40, &lv), o.eval_steps = lv; break;
         case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &lv), o.seed = lv; break;
         case OPT_NO_SHUFFLE: o.shuffle = 0; break;

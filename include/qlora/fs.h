@@ -27,6 +27,9 @@ char *ql_path_join(const char *a, const char *b);
 #define QL_OUTPUT_MARKER ".qlora-output"
 /* Write DIR/.qlora-output holding `kind`, atomically. */
 int ql_output_mark(const char *dir, const char *kind);
+/* 1 when `dir` is a real folder (not a symbolic link) holding the marker of
+ * `kind` as a plain file (read without following a link), else 0. */
+int ql_output_is(const char *dir, const char *kind);
 /* May `dest` be replaced by a new output of `kind`?  QL_OK when dest does not
  * exist, or is a real folder (not a symbolic link, not a special file) holding
  * a marker of that kind that neither holds one of `inputs` nor lies inside

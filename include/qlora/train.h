@@ -32,6 +32,9 @@ typedef struct ql_train_opts {
     double epochs;  /* used when steps == 0 */
     int gradient_checkpointing;
     int64_t save_steps; /* 0: only the final checkpoint */
+    /* checkpoint-N folders kept in the run folder, the newest ones: after
+     * each save, older checkpoints qlora wrote there are deleted; 0: all */
+    int64_t save_total_limit;
     int64_t eval_steps; /* 0: evaluate only at the end (when eval data is given) */
     int64_t seed;
     int shuffle;
