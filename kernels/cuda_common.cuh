@@ -13,6 +13,14 @@ static inline unsigned qlk_blocks(int64_t n, int threads)
     return (unsigned)(b > 0x7fffffff ? 0x7fffffff : b);
 }
 
+/* blocks for a grid-stride loop over n elements 4 at a time: enough to fill
+ * the device several times over (132 SMs), each thread looping past that */
+static inline unsigned qlk_vec_blocks(int64_t n)
+{
+    const int64_t b = (n / 4 + 255) / 256;
+    return (unsigned)(b < 1 ? 1 : b > 132 * 16 ? 132 * 16 : b);
+}
+
 static inline int qlk_status(void) { return (int)cudaGetLastError(); }
 
 /* bfloat16 bits of x, nearest even (NaN stays a quiet NaN): ql_be_bf16 of core/backend.h */

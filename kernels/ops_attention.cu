@@ -234,22 +234,15 @@ static int aligned(const void *f32, const void *b16)
     return (uintptr_t)f32 % 16 == 0 && (uintptr_t)b16 % 8 == 0;
 }
 
-/* enough blocks to fill the device several times over, each thread looping */
-static unsigned vec_blocks(int64_t n)
-{
-    const int64_t b = (n / 4 + 255) / 256;
-    return (unsigned)(b < 1 ? 1 : b > 132 * 16 ? 132 * 16 : b);
-}
-
 extern "C" int qlk_f32_to_bf16(void *stream, uint16_t *dst, const float *src, int64_t n)
 {
-    if (n > 0) k_f32_to_bf16<<<vec_blocks(n), 256, 0, ST(stream)>>>(dst, src, n, aligned(src, dst));
+    if (n > 0) k_f32_to_bf16<<<qlk_vec_blocks(n), 256, 0, ST(stream)>>>(dst, src, n, aligned(src, dst));
     return qlk_status();
 }
 
 extern "C" int qlk_bf16_to_f32(void *stream, float *dst, const uint16_t *src, int64_t n)
 {
-    if (n > 0) k_bf16_to_f32<<<vec_blocks(n), 256, 0, ST(stream)>>>(dst, src, n, aligned(dst, src));
+    if (n > 0) k_bf16_to_f32<<<qlk_vec_blocks(n), 256, 0, ST(stream)>>>(dst, src, n, aligned(dst, src));
     return qlk_status();
 }
 

@@ -58,12 +58,6 @@ static int64_t vec4(int64_t n, const void *a, const void *b, const void *c)
     return ((uintptr_t)a | (uintptr_t)b | (uintptr_t)c) % 16 ? 0 : n / 4;
 }
 
-static unsigned ew_blocks(int64_t n)
-{
-    const int64_t b = (n / 4 + 255) / 256;
-    return (unsigned)(b < 1 ? 1 : b > 132 * 16 ? 132 * 16 : b);
-}
-
 #define EW_LOOP(i, from, to) \
     for (int64_t i = (from) + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (to); i += (int64_t)gridDim.x * blockDim.x)
 
@@ -88,7 +82,7 @@ __global__ void k_round_bf16(uint16_t *dst, float *x, int64_t n, int64_t n4)
 
 extern "C" int qlk_round_bf16(void *stream, uint16_t *dst, float *x, int64_t n)
 {
-    if (n > 0) k_round_bf16<<<ew_blocks(n), 256, 0, ST(stream)>>>(dst, x, n, vec4(n, x, x, x));
+    if (n > 0) k_round_bf16<<<qlk_vec_blocks(n), 256, 0, ST(stream)>>>(dst, x, n, vec4(n, x, x, x));
     return qlk_status();
 }
 
@@ -106,7 +100,7 @@ __global__ void k_add(float *x, const float *y, int64_t n, int64_t n4)
 
 extern "C" int qlk_add_inplace(void *stream, float *x, const float *y, int64_t n)
 {
-    if (n > 0) k_add<<<ew_blocks(n), 256, 0, ST(stream)>>>(x, y, n, vec4(n, x, y, y));
+    if (n > 0) k_add<<<qlk_vec_blocks(n), 256, 0, ST(stream)>>>(x, y, n, vec4(n, x, y, y));
     return qlk_status();
 }
 
@@ -140,7 +134,7 @@ __global__ void k_swiglu_fwd(float *out, const float *gate, const float *up, int
 
 extern "C" int qlk_swiglu_forward(void *stream, float *out, const float *gate, const float *up, int64_t n)
 {
-    if (n > 0) k_swiglu_fwd<<<ew_blocks(n), 256, 0, ST(stream)>>>(out, gate, up, n, vec4(n, out, gate, up));
+    if (n > 0) k_swiglu_fwd<<<qlk_vec_blocks(n), 256, 0, ST(stream)>>>(out, gate, up, n, vec4(n, out, gate, up));
     return qlk_status();
 }
 
@@ -180,7 +174,7 @@ extern "C" int qlk_swiglu_backward(void *stream, float *dgate, float *dup, const
                                    const float *up, int64_t n)
 {
     const int64_t n4 = vec4(n, dgate, dup, dout) && vec4(n, gate, up, up) ? n / 4 : 0;
-    if (n > 0) k_swiglu_bwd<<<ew_blocks(n), 256, 0, ST(stream)>>>(dgate, dup, dout, gate, up, n, n4);
+    if (n > 0) k_swiglu_bwd<<<qlk_vec_blocks(n), 256, 0, ST(stream)>>>(dgate, dup, dout, gate, up, n, n4);
     return qlk_status();
 }
 
