@@ -47,9 +47,10 @@
  * round both operands to bfloat16 (nearest even) and accumulate in float32,
  * as tensor cores do; on CUDA the training attention also multiplies
  * bf16-rounded q, k, v and probabilities (float32 softmax and sums), while the
- * CPU keeps attention in float32; CUDA runs the LoRA products on TF32 tensor
- * cores (float32 storage and sums, 10-bit operand mantissas), the CPU in
- * float32.  The residual stream is rounded to bfloat16 at every layer
+ * CPU keeps attention in float32.  The LoRA products round their operands
+ * too, on both backends: the (dropped) input, A, h and B forward; dy, B, h,
+ * the dropped input, dh and A backward, with float32 sums and float32 h, dh
+ * and gradients (the master weights stay float32).  The residual stream is rounded to bfloat16 at every layer
  * boundary (the embedding output and each decoder layer's output, as a bf16
  * model holds it), so a layer input kept for gradient checkpointing is
  * stored in bf16 and widened back without changing a bit; the embedding
@@ -72,6 +73,16 @@ typedef struct ql_be_batch {
     int64_t B, T;
     const int32_t *len; /* host [B], 0 <= len[b] <= T */
 } ql_be_batch;
+
+/* Dropout of a LoRA input inside the LoRA ops (lora_forward, lora_backward):
+ * the mask of dropout_forward for mb and seeds, made in `scratch` (backend
+ * memory of rows * in * 4 bytes, overwritten). */
+typedef struct ql_be_dropout {
+    float p;               /* in (0, 1): active; 0: none */
+    const ql_be_batch *mb; /* rows = mb->B * mb->T */
+    const uint64_t *seeds; /* host [mb->B] */
+    void *scratch;
+} ql_be_dropout;
 
 typedef struct ql_backend {
     const char *name;
@@ -171,9 +182,12 @@ typedef struct ql_backend {
     int (*add_inplace)(ql_be_ctx *ctx, float *x, const float *y, int64_t n);
     /* masked (padded rows untouched): y[B*T, n] row (b, t) += bias[n] for valid rows */
     int (*add_bias)(ql_be_ctx *ctx, float *y, const float *bias, const ql_be_batch *mb, int64_t n);
-    /* h[rows, r] = xd a[r, in]^T;  y[rows, out] += scale * h b[out, r]^T */
-    int (*lora_forward)(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
-                        int64_t rows, int64_t in, int64_t out, int64_t r, float scale);
+    /* LoRA on input x[rows, in]: xd = x, or with dropout (dr not NULL and
+     * dr->p > 0) dropout_forward's output for dr's batch and seeds (rows =
+     * B*T), made in dr->scratch (not kept); h[rows, r] = xd a[r, in]^T;
+     * y[rows, out] += scale * h b[out, r]^T */
+    int (*lora_forward)(ql_be_ctx *ctx, float *y, float *h, const float *x, const ql_be_dropout *dr, const float *a,
+                        const float *b, int64_t rows, int64_t in, int64_t out, int64_t r, float scale);
     /* masked: inverted dropout of x[B*T, C] into out (may alias x).  Sequence
      * b's valid rows get exactly the mask ql_dropout_forward gives for its
      * len[b]*C elements and seed seeds[b] (host [B]); padded rows get 0. */
@@ -202,13 +216,15 @@ typedef struct ql_backend {
     /* dgate[n], dup[n] of out = silu(gate) * up; outputs may alias inputs */
     int (*swiglu_backward)(ql_be_ctx *ctx, float *dgate, float *dup, const float *dout, const float *gate,
                            const float *up, int64_t n);
-    /* dh[rows, r] = scale * dy b (scratch); db[out, r] += scale * dy^T h;
-     * da[r, in] += dh^T xd; dxd[rows, in] (+)= dh a (dxd may be NULL; with
-     * accumulate 0 it may alias xd, which is read first).
-     * The sums over rows run in row order, so a zero row adds exact zeros. */
-    int (*lora_backward)(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd,
-                         const float *h, const float *a, const float *b, int64_t rows, int64_t in, int64_t out,
-                         int64_t r, float scale, int accumulate);
+    /* Backward of lora_forward (same x and dr; dr->scratch is used again):
+     * dh[rows, r] = scale * dy b (scratch); db[out, r] += scale * dy^T h;
+     * da[r, in] += dh^T xd; dx[rows, in] (+)= the gradient through xd: dh a,
+     * times dropout_backward's mask and 1 / (1 - p) with dropout (dx may be
+     * NULL).  The sums over rows run in row order, so a zero row adds exact
+     * zeros. */
+    int (*lora_backward)(ql_be_ctx *ctx, float *dx, float *da, float *db, float *dh, const float *dy, const float *x,
+                         const ql_be_dropout *dr, const float *h, const float *a, const float *b, int64_t rows,
+                         int64_t in, int64_t out, int64_t r, float scale, int accumulate);
     /* masked: dx[B*T, C] (+)= the dropout_forward mask (same seeds) times
      * dout / (1 - p); padded rows of dx are left (accumulate) or zeroed. */
     int (*dropout_backward)(ql_be_ctx *ctx, float *dx, const float *dout, const ql_be_batch *mb, int64_t C, float p,
@@ -243,9 +259,10 @@ struct ql_be_ctx {
     int precision;      /* QL_PREC_FP32 (the default) or QL_PREC_BF16 */
     void *scratch;      /* backend memory for the rounded operands (ql_be_scratch_bytes), set by its owner */
     /* a one-shot hint for the next bf16 product (matmul_nt_w16 and the
-     * like): its activation x is the previous product's, unchanged since, so
-     * a backend may reuse its rounded copy (CUDA does when nothing else used
-     * the scratch in between).  Every product clears it. */
+     * like, lora_forward's x, lora_backward's dy): its activation is the
+     * previous product's, unchanged since, so a backend may reuse its rounded
+     * copy (CUDA does when nothing else used the scratch in between).  Every
+     * product clears it. */
     int reuse_x;
     size_t scratch_bytes;
     int status;         /* QL_OK, or the code of the first failed op not yet checked */
@@ -268,9 +285,10 @@ int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, i
 /* Scratch that ops need under `precision` for products of at most `rows`
  * rows by [out, in] weights (max_in, max_out the largest in and out, max_w
  * the largest out * in), and training attention of `B` sequences of `T`
- * positions with nh query and nkv key/value heads of hd.  0 in float32. */
+ * positions with nh query and nkv key/value heads of hd, and LoRA products of
+ * rank lora_r (0: none).  0 in float32. */
 size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
-                           int nh, int nkv, int hd);
+                           int nh, int nkv, int hd, int64_t lora_r);
 
 /* A quantized linear's weights on the host as bf16 bits w16[out, in]: the
  * plugin's own BF16 materialize, or, where it gives only F32 (QL_ENOTSUP),

@@ -77,6 +77,8 @@ int ql_linear_weights_bf16(const ql_linear *l, uint16_t *w16, float *f32)
     return QL_OK;
 }
 
+static size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+
 /* ---- bf16 precision: operands rounded in ctx->scratch ---- */
 
 static int need_scratch(ql_be_ctx *ctx, size_t bytes, const char *op)
@@ -248,14 +250,6 @@ static int cpu_add_bias(ql_be_ctx *ctx, float *y, const float *bias, const ql_be
     return QL_OK;
 }
 
-static int cpu_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
-                            int64_t rows, int64_t in, int64_t out, int64_t r, float scale)
-{
-    (void)ctx;
-    ql_lora_forward(y, h, xd, a, b, rows, in, out, r, scale);
-    return QL_OK;
-}
-
 static int cpu_dropout_forward(ql_be_ctx *ctx, float *out, const float *x, const ql_be_batch *mb, int64_t C, float p,
                                const uint64_t *seeds)
 {
@@ -331,15 +325,6 @@ static int cpu_swiglu_backward(ql_be_ctx *ctx, float *dgate, float *dup, const f
     return QL_OK;
 }
 
-static int cpu_lora_backward(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy,
-                             const float *xd, const float *h, const float *a, const float *b, int64_t rows,
-                             int64_t in, int64_t out, int64_t r, float scale, int accumulate)
-{
-    (void)ctx;
-    ql_lora_backward(dxd, da, db, dh, dy, xd, h, a, b, rows, in, out, r, scale, accumulate);
-    return QL_OK;
-}
-
 static int cpu_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, const ql_be_batch *mb, int64_t C,
                                 float p, const uint64_t *seeds, int accumulate)
 {
@@ -349,6 +334,91 @@ static int cpu_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, co
         ql_dropout_backward(dx + off, dout + off, NULL, mb->len[b] * C, p, seeds[b], accumulate);
         if (!accumulate) zero_tail(dx + off, mb->len[b], mb->T, C);
     }
+    return QL_OK;
+}
+
+/* ---- LoRA (the dropout of its input inside) ---- */
+
+static int dropping(const ql_be_dropout *dr) { return dr && dr->p > 0; }
+
+/* bf16 precision's LoRA operands in ctx->scratch: xd (when not in
+ * dr->scratch), dy, A, B, h and dh rounded, one region each */
+typedef struct lora16 {
+    float *x, *dy, *a, *b, *h, *dh;
+} lora16;
+
+static int lora16_carve(ql_be_ctx *ctx, lora16 *o, int64_t rows, int64_t in, int64_t out, int64_t r, int x,
+                        int backward, const char *op)
+{
+    const size_t sz[6] = {x ? (size_t)(rows * in) : 0, backward ? (size_t)(rows * out) : 0, (size_t)(r * in),
+                          (size_t)(out * r), (size_t)(rows * r), backward ? (size_t)(rows * r) : 0};
+    float **dst[6] = {&o->x, &o->dy, &o->a, &o->b, &o->h, &o->dh};
+    size_t off = 0;
+    for (int i = 0; i < 6; i++) {
+        *dst[i] = (float *)((char *)ctx->scratch + off);
+        off += align256(sz[i] * 4);
+    }
+    return need_scratch(ctx, off, op);
+}
+
+/* xd for lora_forward/backward: x, or dr's dropout of it in dr->scratch;
+ * in bf16 precision rounded (in place in dr->scratch, else into o->x) */
+static const float *lora_input(ql_be_ctx *ctx, const float *x, const ql_be_dropout *dr, lora16 *o, int64_t rows,
+                               int64_t in)
+{
+    const int bf16 = ctx->precision == QL_PREC_BF16;
+    if (dropping(dr)) {
+        float *xd = dr->scratch;
+        cpu_dropout_forward(ctx, xd, x, dr->mb, in, dr->p, dr->seeds);
+        return bf16 ? rounded(xd, xd, rows * in) : xd;
+    }
+    return bf16 ? rounded(o->x, x, rows * in) : x;
+}
+
+static int cpu_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *x, const ql_be_dropout *dr,
+                            const float *a, const float *b, int64_t rows, int64_t in, int64_t out, int64_t r,
+                            float scale)
+{
+    lora16 o = {0};
+    ctx->reuse_x = 0;
+    if (ctx->precision != QL_PREC_BF16) {
+        ql_lora_forward(y, h, lora_input(ctx, x, dr, &o, rows, in), a, b, rows, in, out, r, scale);
+        return QL_OK;
+    }
+    int rc = lora16_carve(ctx, &o, rows, in, out, r, !dropping(dr), 0, "LoRA forward");
+    if (rc) return rc;
+    const float *xd = lora_input(ctx, x, dr, &o, rows, in);
+    ql_matmul_nt(h, xd, rounded(o.a, a, r * in), rows, in, r, 0);
+    ql_lora_up(y, rounded(o.h, h, rows * r), rounded(o.b, b, out * r), rows, out, r, scale);
+    return QL_OK;
+}
+
+static int cpu_lora_backward(ql_be_ctx *ctx, float *dx, float *da, float *db, float *dh, const float *dy,
+                             const float *x, const ql_be_dropout *dr, const float *h, const float *a, const float *b,
+                             int64_t rows, int64_t in, int64_t out, int64_t r, float scale, int accumulate)
+{
+    lora16 o = {0};
+    const int drop = dropping(dr);
+    ctx->reuse_x = 0;
+    /* with dropout the gradient through xd is made over xd in dr->scratch
+     * (xd is read first), then taken through the mask into dx */
+    float *dxd = dx && drop ? (float *)dr->scratch : dx;
+    const int acc = drop ? 0 : accumulate;
+    if (ctx->precision != QL_PREC_BF16) {
+        ql_lora_backward(dxd, da, db, dh, dy, lora_input(ctx, x, dr, &o, rows, in), h, a, b, rows, in, out, r, scale,
+                         acc);
+    } else {
+        int rc = lora16_carve(ctx, &o, rows, in, out, r, !drop, 1, "LoRA backward");
+        if (rc) return rc;
+        const float *xd = lora_input(ctx, x, dr, &o, rows, in), *ar = rounded(o.a, a, r * in);
+        const float *dyr = rounded(o.dy, dy, rows * out), *br = rounded(o.b, b, out * r);
+        ql_gemm_nn(dh, dyr, br, rows, r, out, scale, 0);                 /* dh = s dy B */
+        ql_gemm_tn(db, dyr, rounded(o.h, h, rows * r), rows, r, out, scale, 1); /* dB += s dy^T h */
+        const float *dhr = rounded(o.dh, dh, rows * r);
+        ql_gemm_tn(da, dhr, xd, rows, in, r, 1.0f, 1); /* dA += dh^T xd */
+        if (dxd) ql_gemm_nn(dxd, dhr, ar, rows, in, r, 1.0f, acc);
+    }
+    if (dx && drop) cpu_dropout_backward(ctx, dx, dxd, dr->mb, in, dr->p, dr->seeds, accumulate);
     return QL_OK;
 }
 
@@ -509,7 +579,6 @@ int ql_be_precision(const char *name, const ql_backend *be, int *out)
 
 const char *ql_be_precision_name(int precision) { return precision == QL_PREC_BF16 ? "bf16" : "fp32"; }
 
-static size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 
 int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, int64_t B, int64_t T, int nh)
 {
@@ -529,7 +598,7 @@ int64_t ql_be_att_tile(int64_t T, int nh)
 }
 
 size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
-                           int nh, int nkv, int hd)
+                           int nh, int nkv, int hd, int64_t lora_r)
 {
     if (precision != QL_PREC_BF16) return 0;
     /* products: the rounded activation (4 bytes an element on the CPU, 2 on
@@ -542,7 +611,15 @@ size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t 
     const size_t sq = (size_t)((int64_t)nh * tile * T);
     const size_t att = align256((size_t)(rows * qd) * 2) * 2 + align256((size_t)(rows * kvd) * 2) * 2 +
                        align256(sq * 4) * 2 + align256(sq * 2) * 2;
-    return prod > att ? prod : att;
+    /* LoRA (4 bytes an element on the CPU, 2 on the GPU): the input and dy
+     * rounded, A and B, h and dh */
+    const int64_t r = lora_r > 0 ? lora_r : 0;
+    const size_t lora = r ? align256((size_t)(rows * max_in) * 4) + align256((size_t)(rows * max_out) * 4) +
+                                align256((size_t)(r * max_in) * 4) + align256((size_t)(r * max_out) * 4) +
+                                align256((size_t)(rows * r) * 4) * 2
+                          : 0;
+    const size_t big = prod > att ? prod : att;
+    return big > lora ? big : lora;
 }
 
 int ql_be_record(ql_be_ctx *ctx, int rc)

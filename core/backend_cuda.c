@@ -452,38 +452,7 @@ static int cuda_matmul_backward_input_w16(ql_be_ctx *ctx, float *dx, const float
     return rc ? rc : cuda_matmul_backward_input(ctx, dx, dy, w, rows, in, out, accumulate);
 }
 
-/* bf16 precision: the LoRA products on TF32 tensor cores (float32 storage,
- * operands rounded to 10-bit mantissas, float32 sums) */
-static int lora_math(ql_be_ctx *ctx, int on)
-{
-    if (ctx->precision != QL_PREC_BF16) return QL_OK;
-    cublasStatus_t s = cublasSetMathMode(impl(ctx)->blas, on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
-    return s == CUBLAS_STATUS_SUCCESS ? QL_OK : ql_error(QL_ECUDA, "cuBLAS: math mode: %s", blas_status(s));
-}
-
-static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *xd, const float *a, const float *b,
-                             int64_t rows, int64_t in, int64_t out, int64_t r, float scale)
-{
-    int rc = lora_math(ctx, 1);
-    if (!rc) rc = gemm(ctx, 0, 1, rows, r, in, 1.0f, xd, in, a, in, 0.0f, h, r, "LoRA forward");
-    if (!rc) rc = gemm(ctx, 0, 1, rows, out, r, scale, h, r, b, r, 1.0f, y, out, "LoRA forward");
-    int rc2 = lora_math(ctx, 0);
-    return rc ? rc : rc2;
-}
-
-static int cuda_lora_backward(ql_be_ctx *ctx, float *dxd, float *da, float *db, float *dh, const float *dy,
-                              const float *xd, const float *h, const float *a, const float *b, int64_t rows,
-                              int64_t in, int64_t out, int64_t r, float scale, int accumulate)
-{
-    int rc = lora_math(ctx, 1);
-    if (!rc) rc = gemm(ctx, 0, 0, rows, r, out, scale, dy, out, b, r, 0.0f, dh, r, "LoRA backward"); /* dh = s dy B */
-    if (!rc) rc = gemm(ctx, 1, 0, out, r, rows, scale, dy, out, h, r, 1.0f, db, r, "LoRA backward"); /* dB += s dy^T h */
-    if (!rc) rc = gemm(ctx, 1, 0, r, in, rows, 1.0f, dh, r, xd, in, 1.0f, da, in, "LoRA backward");  /* dA += dh^T xd */
-    if (!rc && dxd)
-        rc = gemm(ctx, 0, 0, rows, in, r, 1.0f, dh, r, a, in, accumulate ? 1.0f : 0.0f, dxd, in, "LoRA backward");
-    int rc2 = lora_math(ctx, 0);
-    return rc ? rc : rc2;
-}
+/* LoRA: after the row-wise ops (it needs dropout), below */
 
 /* ---- weights ---- */
 
@@ -791,6 +760,150 @@ static int cuda_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, c
                                  float p, const uint64_t *seeds, int accumulate)
 {
     return dropout(ctx, dx, dout, mb, C, p, seeds, 1, accumulate);
+}
+
+/* ---- LoRA (the dropout of its input inside) ---- */
+
+static int dropping(const ql_be_dropout *dr) { return dr && dr->p > 0; }
+
+static size_t al256(size_t b) { return (b + 255) / 256 * 256; }
+
+/* dr's dropout of x[rows, in] rounded to bf16 into dr->scratch */
+static int dropout16(ql_be_ctx *ctx, const float *x, const ql_be_dropout *dr, int64_t in)
+{
+    const int32_t *len = NULL;
+    const uint64_t *d_seeds = NULL;
+    int rc = stage_len(ctx, dr->mb, &len);
+    const void *srcs[1] = {dr->seeds};
+    size_t sizes[1] = {(size_t)dr->mb->B * sizeof *dr->seeds};
+    if (!rc) rc = stage(ctx, 1, srcs, sizes, (void **)&d_seeds);
+    const float inv = 1.0f / (1.0f - dr->p);
+    return rc ? rc
+              : launched(qlk_dropout16(stream(ctx), dr->scratch, x, len, d_seeds, dr->mb->B, dr->mb->T, in, dr->p, inv),
+                         "dropout");
+}
+
+/* bf16 precision: an activation's bf16 copy for a LoRA product.  Region 0 of
+ * the scratch may hold it already (the previous product's operand, with the
+ * reuse_x hint): then *off starts past it and *kept says so. */
+static int lora_operand16(ql_be_ctx *ctx, const float *src, int64_t n, int reuse, size_t *off, uint16_t **dst,
+                          int *kept, const char *op)
+{
+    cuda_impl *I = impl(ctx);
+    *kept = reuse && I->x16_src == src && I->x16_n == n;
+    if (*kept) {
+        *dst = ctx->scratch;
+        *off = al256((size_t)n * 2);
+        return QL_OK;
+    }
+    int rc = carve(ctx, off, (size_t)n * 2, (void **)dst, op);
+    return rc ? rc : to_bf16(ctx, *dst, src, n);
+}
+
+/* bf16 copies of A[r, in], B[out, r] and h[rows, r] (or dh) in scratch from *off */
+static int lora_weights16(ql_be_ctx *ctx, size_t *off, const float *a, const float *b, int64_t in, int64_t out,
+                          int64_t r, int64_t rows, uint16_t **a16, uint16_t **b16, uint16_t **h16, uint16_t **dh16,
+                          const char *op)
+{
+    int rc = carve(ctx, off, (size_t)(r * in) * 2, (void **)a16, op);
+    if (!rc) rc = carve(ctx, off, (size_t)(out * r) * 2, (void **)b16, op);
+    if (!rc) rc = carve(ctx, off, (size_t)(rows * r) * 2, (void **)h16, op);
+    if (!rc && dh16) rc = carve(ctx, off, (size_t)(rows * r) * 2, (void **)dh16, op);
+    if (!rc) rc = to_bf16(ctx, *a16, a, r * in);
+    if (!rc) rc = to_bf16(ctx, *b16, b, out * r);
+    return rc;
+}
+
+static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *x, const ql_be_dropout *dr,
+                             const float *a, const float *b, int64_t rows, int64_t in, int64_t out, int64_t r,
+                             float scale)
+{
+    const int reuse = ctx->reuse_x;
+    ctx->reuse_x = 0;
+    int rc = QL_OK;
+    if (ctx->precision != QL_PREC_BF16) {
+        const float *xd = x;
+        if (dropping(dr)) {
+            rc = dropout(ctx, dr->scratch, x, dr->mb, in, dr->p, dr->seeds, 0, 0);
+            xd = dr->scratch;
+        }
+        if (!rc) rc = gemm(ctx, 0, 1, rows, r, in, 1.0f, xd, in, a, in, 0.0f, h, r, "LoRA forward");
+        if (!rc) rc = gemm(ctx, 0, 1, rows, out, r, scale, h, r, b, r, 1.0f, y, out, "LoRA forward");
+        return rc;
+    }
+    /* x's bf16 copy: the frozen product's (reuse_x), or dropped and rounded
+     * in dr->scratch, or rounded here; then A, B and h in bf16 */
+    cuda_impl *I = impl(ctx);
+    size_t off = 0;
+    uint16_t *x16 = NULL, *a16, *b16, *h16;
+    int kept = 0, made = 0;
+    if (dropping(dr)) { /* region 0 is left as it is */
+        kept = reuse && I->x16_src == x && I->x16_n == rows * in;
+        if (kept) off = al256((size_t)(rows * in) * 2);
+        rc = dropout16(ctx, x, dr, in);
+        x16 = dr->scratch;
+    } else {
+        rc = lora_operand16(ctx, x, rows * in, reuse, &off, &x16, &kept, "LoRA forward");
+        made = !kept;
+    }
+    if (!rc) rc = lora_weights16(ctx, &off, a, b, in, out, r, rows, &a16, &b16, &h16, NULL, "LoRA forward");
+    if (!rc) rc = gemm16(ctx, 0, 1, rows, r, in, 1.0f, x16, in, 0, a16, in, 0, 0.0f, h, r, 0, 1, "LoRA forward");
+    if (!rc) rc = to_bf16(ctx, h16, h, rows * r);
+    if (!rc) rc = gemm16(ctx, 0, 1, rows, out, r, scale, h16, r, 0, b16, r, 0, 1.0f, y, out, 0, 1, "LoRA forward");
+    if (!rc && (kept || made)) { /* region 0 holds x's copy: later products may reuse it */
+        I->x16_src = x;
+        I->x16_n = rows * in;
+    }
+    return rc;
+}
+
+static int cuda_lora_backward(ql_be_ctx *ctx, float *dx, float *da, float *db, float *dh, const float *dy,
+                              const float *x, const ql_be_dropout *dr, const float *h, const float *a, const float *b,
+                              int64_t rows, int64_t in, int64_t out, int64_t r, float scale, int accumulate)
+{
+    const int reuse = ctx->reuse_x, drop = dropping(dr);
+    ctx->reuse_x = 0;
+    /* with dropout the gradient through xd is made in dr->scratch (xd is
+     * read first), then taken through the mask into dx */
+    float *dxd = dx && drop ? (float *)dr->scratch : dx;
+    const float beta = drop ? 0.0f : accumulate ? 1.0f : 0.0f;
+    int rc = QL_OK;
+    if (ctx->precision != QL_PREC_BF16) {
+        const float *xd = x;
+        if (drop) {
+            rc = dropout(ctx, dr->scratch, x, dr->mb, in, dr->p, dr->seeds, 0, 0);
+            xd = dr->scratch;
+        }
+        if (!rc) rc = gemm(ctx, 0, 0, rows, r, out, scale, dy, out, b, r, 0.0f, dh, r, "LoRA backward"); /* s dy B */
+        if (!rc) rc = gemm(ctx, 1, 0, out, r, rows, scale, dy, out, h, r, 1.0f, db, r, "LoRA backward"); /* dB */
+        if (!rc) rc = gemm(ctx, 1, 0, r, in, rows, 1.0f, dh, r, xd, in, 1.0f, da, in, "LoRA backward");  /* dA */
+        if (!rc && dxd) rc = gemm(ctx, 0, 0, rows, in, r, 1.0f, dh, r, a, in, beta, dxd, in, "LoRA backward");
+    } else {
+        size_t off = 0;
+        uint16_t *dy16 = NULL, *x16 = NULL, *a16, *b16, *h16, *dh16;
+        int kept = 0;
+        rc = lora_operand16(ctx, dy, rows * out, reuse, &off, &dy16, &kept, "LoRA backward");
+        if (!rc && drop) {
+            rc = dropout16(ctx, x, dr, in);
+            x16 = dr->scratch;
+        } else if (!rc) {
+            int k2;
+            rc = lora_operand16(ctx, x, rows * in, 0, &off, &x16, &k2, "LoRA backward");
+        }
+        if (!rc) rc = lora_weights16(ctx, &off, a, b, in, out, r, rows, &a16, &b16, &h16, &dh16, "LoRA backward");
+        if (!rc) rc = to_bf16(ctx, h16, h, rows * r);
+        if (!rc) /* dh = s dy B */
+            rc = gemm16(ctx, 0, 0, rows, r, out, scale, dy16, out, 0, b16, r, 0, 0.0f, dh, r, 0, 1, "LoRA backward");
+        if (!rc) /* dB += s dy^T h */
+            rc = gemm16(ctx, 1, 0, out, r, rows, scale, dy16, out, 0, h16, r, 0, 1.0f, db, r, 0, 1, "LoRA backward");
+        if (!rc) rc = to_bf16(ctx, dh16, dh, rows * r);
+        if (!rc) /* dA += dh^T xd */
+            rc = gemm16(ctx, 1, 0, r, in, rows, 1.0f, dh16, r, 0, x16, in, 0, 1.0f, da, in, 0, 1, "LoRA backward");
+        if (!rc && dxd) /* the gradient through xd: dh A */
+            rc = gemm16(ctx, 0, 0, rows, in, r, 1.0f, dh16, r, 0, a16, in, 0, beta, dxd, in, 0, 1, "LoRA backward");
+    }
+    if (!rc && dx && drop) rc = dropout(ctx, dx, dxd, dr->mb, in, dr->p, dr->seeds, 1, accumulate);
+    return rc;
 }
 
 static int cuda_rmsnorm_backward(ql_be_ctx *ctx, float *dx, float *dweight, const float *dy, const float *x,

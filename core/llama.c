@@ -789,7 +789,8 @@ static void linear_forward(ql_llama *m, const ql_linear *l, const float *x, int6
     ql_be(ctx, matmul_nt, y, x, w, T, l->in, l->out, 0);
     if (l->bias) /* frozen, after the matmul */
         for (int64_t t = 0; t < T; t++) ql_be(ctx, add_inplace, y + t * l->out, l->bias, l->out);
-    if (l->lora_a) ql_be(ctx, lora_forward, y, h, x, l->lora_a, l->lora_b, T, l->in, l->out, l->lora_r, l->lora_scale);
+    if (l->lora_a)
+        ql_be(ctx, lora_forward, y, h, x, NULL, l->lora_a, l->lora_b, T, l->in, l->out, l->lora_r, l->lora_scale);
 }
 
 /* ---- cache ---- */

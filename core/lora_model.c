@@ -172,6 +172,16 @@ static ql_lora_pair *pair_at(ctx *x, int i, int k)
     return p->A ? p : NULL;
 }
 
+/* Module k of layer i's LoRA dropout for the ops (NULL when off): its
+ * per-sequence seeds, over the plan's xd scratch. */
+static const ql_be_dropout *lora_dropout(ctx *x, int i, int k, ql_be_dropout *dr)
+{
+    if (!x->dropout) return NULL;
+    *dr = (ql_be_dropout){
+        .p = x->lora->cfg.dropout, .mb = &x->mb, .seeds = module_seeds(x, i, k), .scratch = x->lm->s.xd};
+    return dr;
+}
+
 /* y = in W^T (+ LoRA) for module k of layer i, over all R rows */
 static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, float *y)
 {
@@ -190,22 +200,19 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
     if (bl->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
         ql_be(x->be, add_bias, y, bl->bias, &x->mb, l->out);
     ql_lora_pair *p = pair_at(x, i, k);
-    if (p) {
-        const float *xd = in;
-        if (x->dropout) { /* not kept: linear_bwd makes the same mask again from the seeds */
-            ql_be(x->be, dropout_forward, x->lm->s.xd, in, &x->mb, l->in, x->lora->cfg.dropout,
-                  module_seeds(x, i, k));
-            xd = x->lm->s.xd;
-        }
-        ql_be(x->be, lora_forward, y, a->h[k], xd, p->A, p->B, x->d.R, l->in, l->out, x->lora->cfg.r,
-              x->lora->scaling);
+    if (p) { /* the dropped input is not kept: linear_bwd makes the same mask again from the seeds */
+        ql_be_dropout dr;
+        x->be->reuse_x = 1; /* in is the frozen product's operand, unchanged */
+        ql_be(x->be, lora_forward, y, a->h[k], in, lora_dropout(x, i, k, &dr), p->A, p->B, x->d.R, l->in, l->out,
+              x->lora->cfg.r, x->lora->scaling);
+        x->be->reuse_x = 0;
     }
     return x->be->status;
 }
 
 /* din (+)= dy W (+ LoRA paths), and LoRA grads */
 static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, const float *dy, float *din,
-                      int accumulate, float *dh_scratch, float *dxd_scratch)
+                      int accumulate, float *dh_scratch)
 {
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
@@ -215,22 +222,11 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
     else ql_be(x->be, matmul_backward_input, din, dy, w, x->d.R, l->in, l->out, accumulate);
     ql_lora_pair *p = pair_at(x, i, k);
     if (p) {
-        const float *xd = in;
-        float scale = x->lora->scaling;
-        if (x->dropout) {
-            xd = x->lm->s.xd; /* the forward's dropped input, bit for bit */
-            ql_be(x->be, dropout_forward, x->lm->s.xd, in, &x->mb, l->in, x->lora->cfg.dropout,
-                  module_seeds(x, i, k));
-            /* the gradient through the dropped input overwrites it (dxd_scratch is
-             * s.xd: lora_backward reads xd before it writes dxd) */
-            ql_be(x->be, lora_backward, dxd_scratch, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.R,
-                  l->in, l->out, x->lora->cfg.r, scale, 0);
-            ql_be(x->be, dropout_backward, din, dxd_scratch, &x->mb, l->in, x->lora->cfg.dropout,
-                  module_seeds(x, i, k), 1);
-        } else {
-            ql_be(x->be, lora_backward, din, p->dA, p->dB, dh_scratch, dy, xd, a->h[k], p->A, p->B, x->d.R, l->in,
-                  l->out, x->lora->cfg.r, scale, 1);
-        }
+        ql_be_dropout dr;
+        x->be->reuse_x = 1; /* dy is the frozen product's operand, unchanged */
+        ql_be(x->be, lora_backward, din, p->dA, p->dB, dh_scratch, dy, in, lora_dropout(x, i, k, &dr), a->h[k], p->A,
+              p->B, x->d.R, l->in, l->out, x->lora->cfg.r, x->lora->scaling, 1);
+        x->be->reuse_x = 0;
     }
     return x->be->status;
 }
@@ -275,15 +271,15 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     const int window = ql_llama_layers(x->m)[i].window;
     int rc;
     /* MLP */
-    if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh, s->xd))) return rc;
+    if ((rc = linear_bwd(x, i, QL_MOD_DOWN, a, a->hm, dout, s->dhm, 0, s->dh))) return rc;
     ql_be(x->be, swiglu_backward, s->dhm, s->dup, s->dhm, a->gate, a->up, d->R * d->I); /* dgate in place */
-    if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dhm, s->dxn, 0, s->dh, s->xd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_UP, a, a->xn2, s->dup, s->dxn, 1, s->dh, s->xd)))
+    if ((rc = linear_bwd(x, i, QL_MOD_GATE, a, a->xn2, s->dhm, s->dxn, 0, s->dh)) ||
+        (rc = linear_bwd(x, i, QL_MOD_UP, a, a->xn2, s->dup, s->dxn, 1, s->dh)))
         return rc;
     ql_be(x->be, copy, s->dmid, dout, (size_t)(d->R * d->H) * 4);
     ql_be(x->be, rmsnorm_backward, s->dmid, NULL, s->dxn, a->xmid, L->mlp_norm, a->rstd2, d->R, d->H, 1);
     /* attention */
-    if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh, s->xd))) return rc;
+    if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh))) return rc;
     ql_be(x->be, attention_backward, s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, &x->mb,
           d->nh, d->nkv, (int)d->hd, window);
     ql_be(x->be, rope_backward, s->dq, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
@@ -295,9 +291,9 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
         dqp = s->dqpre;
         dkp = s->dkpre;
     }
-    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, dqp, s->dxn, 0, s->dh, s->xd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, dkp, s->dxn, 1, s->dh, s->xd)) ||
-        (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh, s->xd)))
+    if ((rc = linear_bwd(x, i, QL_MOD_Q, a, a->xn1, dqp, s->dxn, 0, s->dh)) ||
+        (rc = linear_bwd(x, i, QL_MOD_K, a, a->xn1, dkp, s->dxn, 1, s->dh)) ||
+        (rc = linear_bwd(x, i, QL_MOD_V, a, a->xn1, s->dv, s->dxn, 1, s->dh)))
         return rc;
     ql_be(x->be, copy, dx, s->dmid, (size_t)(d->R * d->H) * 4);
     ql_be(x->be, rmsnorm_backward, dx, NULL, s->dxn, a->x, L->attn_norm, a->rstd1, d->R, d->H, 1);
@@ -791,8 +787,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         if (d.qd > io) io = d.qd;
         const int64_t lr = o->logit_rows > 0 ? o->logit_rows : LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
         const int64_t widest = lm->ctx->be->host_memory ? (maxw > d.V * d.H ? maxw : d.V * d.H) : 0;
-        size_t a = ql_be_scratch_bytes(QL_PREC_BF16, d.R, io, io, widest, T, d.nh, d.nkv, (int)d.hd),
-               b = ql_be_scratch_bytes(QL_PREC_BF16, lr < d.R ? lr : d.R, d.H, d.V, widest, 1, 1, 1, 1);
+        size_t a = ql_be_scratch_bytes(QL_PREC_BF16, d.R, io, io, widest, T, d.nh, d.nkv, (int)d.hd, d.r),
+               b = ql_be_scratch_bytes(QL_PREC_BF16, lr < d.R ? lr : d.R, d.H, d.V, widest, 1, 1, 1, 1, 0);
         lm->scratch_bytes = a > b ? a : b;
         ql_plan_add(p, QL_ROLE_WEIGHTS, &lm->scratch, (int64_t)lm->scratch_bytes, 1);
     }

@@ -69,6 +69,16 @@ void ql_lora_backward_ref(float *dxd, float *da, float *db, float *dh, const flo
                           const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
                           int accumulate);
 
+/* y[T, out] += scale * h[T, r] b[out, r]^T: the second product of ql_lora_forward */
+void ql_lora_up(float *y, const float *h, const float *b, int64_t T, int64_t out, int64_t r, float scale);
+/* The products ql_lora_backward is made of (OpenBLAS, or the fixed-order
+ * loops where it does not fit): dx[T, in] (+)= alpha dy[T, out] w[out, in];
+ * dw[out, in] (+)= alpha dy[T, out]^T x[T, in]. */
+void ql_gemm_nn(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out, float alpha,
+                int accumulate);
+void ql_gemm_tn(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out, float alpha,
+                int accumulate);
+
 /* ---- normalization, position, attention, MLP ---- */
 
 /* Backward of ql_rmsnorm_forward (out = weight * x * rstd) with its rstd[T]:

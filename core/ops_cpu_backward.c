@@ -81,7 +81,7 @@ void ql_matmul_backward_weight_ref(float *dw, const float *dy, const float *x, i
 }
 
 /* dx[T, in] (+)= alpha * dy[T, out] * w[out, in] */
-static void gemm_nn(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out, float alpha,
+void ql_gemm_nn(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out, float alpha,
                     int accumulate)
 {
     if (ql_blas_fits(T, in, out)) ql_sgemm(0, 0, T, in, out, alpha, dy, out, w, in, dx, in, accumulate);
@@ -89,7 +89,7 @@ static void gemm_nn(float *dx, const float *dy, const float *w, int64_t T, int64
 }
 
 /* dw[out, in] (+)= alpha * dy[T, out]^T * x[T, in] */
-static void gemm_tn(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out, float alpha,
+void ql_gemm_tn(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out, float alpha,
                     int accumulate)
 {
     if (ql_blas_fits(T, in, out)) ql_sgemm(1, 0, out, in, T, alpha, dy, out, x, in, dw, in, accumulate);
@@ -99,13 +99,13 @@ static void gemm_tn(float *dw, const float *dy, const float *x, int64_t T, int64
 void ql_matmul_backward_input(float *dx, const float *dy, const float *w, int64_t T, int64_t in, int64_t out,
                               int accumulate)
 {
-    gemm_nn(dx, dy, w, T, in, out, 1.0f, accumulate);
+    ql_gemm_nn(dx, dy, w, T, in, out, 1.0f, accumulate);
 }
 
 void ql_matmul_backward_weight(float *dw, const float *dy, const float *x, int64_t T, int64_t in, int64_t out,
                                int accumulate)
 {
-    gemm_tn(dw, dy, x, T, in, out, 1.0f, accumulate);
+    ql_gemm_tn(dw, dy, x, T, in, out, 1.0f, accumulate);
 }
 
 /* ---- LoRA ---- */
@@ -130,6 +130,17 @@ void ql_lora_forward(float *y, float *h, const float *xd, const float *a, const 
     ql_sgemm(0, 1, T, out, r, scale, h, r, b, r, y, out, 1); /* y[T, out] += scale * h b^T */
 }
 
+void ql_lora_up(float *y, const float *h, const float *b, int64_t T, int64_t out, int64_t r, float scale)
+{
+    if (ql_blas_fits(T, r, out)) {
+        ql_sgemm(0, 1, T, out, r, scale, h, r, b, r, y, out, 1);
+        return;
+    }
+#pragma omp parallel for collapse(2) schedule(static) if (T * out * r >= QL_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t o = 0; o < out; o++) y[t * out + o] += scale * ql_dot(h + t * r, b + o * r, r);
+}
+
 void ql_lora_backward_ref(float *dxd, float *da, float *db, float *dh, const float *dy, const float *xd, const float *h,
                           const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
                           int accumulate)
@@ -144,10 +155,10 @@ void ql_lora_backward(float *dxd, float *da, float *db, float *dh, const float *
                       const float *a, const float *b, int64_t T, int64_t in, int64_t out, int64_t r, float scale,
                       int accumulate)
 {
-    gemm_nn(dh, dy, b, T, r, out, scale, 0); /* dh[T, r] = scale * dy[T, out] b[out, r] */
-    gemm_tn(db, dy, h, T, r, out, scale, 1); /* db[out, r] += scale * dy^T h */
-    gemm_tn(da, dh, xd, T, in, r, 1.0f, 1);  /* da[r, in] += dh^T xd */
-    if (dxd) gemm_nn(dxd, dh, a, T, in, r, 1.0f, accumulate);
+    ql_gemm_nn(dh, dy, b, T, r, out, scale, 0); /* dh[T, r] = scale * dy[T, out] b[out, r] */
+    ql_gemm_tn(db, dy, h, T, r, out, scale, 1); /* db[out, r] += scale * dy^T h */
+    ql_gemm_tn(da, dh, xd, T, in, r, 1.0f, 1);  /* da[r, in] += dh^T xd */
+    if (dxd) ql_gemm_nn(dxd, dh, a, T, in, r, 1.0f, accumulate);
 }
 
 /* ---- RMSNorm ---- */

@@ -246,6 +246,46 @@ extern "C" int qlk_dropout(void *stream, float *out, const float *in, const int3
     return qlk_status();
 }
 
+/* dropout_forward's values (mode as k_dropout) rounded to bf16: out16
+ * [B*T, C], padded rows 0; 4 elements a thread where C and the pointers
+ * allow */
+__global__ void k_dropout16(uint16_t *out, const float *in, const int32_t *len, const uint64_t *seeds, int64_t T,
+                            int64_t C, float p, float inv, int mode)
+{
+    const int64_t row = blockIdx.x, b = row / T, t = row % T;
+    uint16_t *o = out + row * C;
+    const float *x = in + row * C;
+    if (t >= len[b]) {
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = 0;
+        return;
+    }
+    const uint64_t seed = seeds[b];
+    if (C % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)o % 8 == 0) {
+        for (int64_t c4 = threadIdx.x; c4 < C / 4; c4 += blockDim.x) {
+            const float4 xv = reinterpret_cast<const float4 *>(x)[c4];
+            const int64_t i0 = t * C + 4 * c4;
+            ushort4 ov;
+            ov.x = to_bf16(dropout_one(xv.x, 0.0f, seed, i0, p, inv, mode, 0, 0));
+            ov.y = to_bf16(dropout_one(xv.y, 0.0f, seed, i0 + 1, p, inv, mode, 0, 0));
+            ov.z = to_bf16(dropout_one(xv.z, 0.0f, seed, i0 + 2, p, inv, mode, 0, 0));
+            ov.w = to_bf16(dropout_one(xv.w, 0.0f, seed, i0 + 3, p, inv, mode, 0, 0));
+            reinterpret_cast<ushort4 *>(o)[c4] = ov;
+        }
+        return;
+    }
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+        o[c] = to_bf16(dropout_one(x[c], 0.0f, seed, t * C + c, p, inv, mode, 0, 0));
+}
+
+extern "C" int qlk_dropout16(void *stream, uint16_t *out16, const float *in, const int32_t *len,
+                             const uint64_t *seeds, int64_t B, int64_t T, int64_t C, float p, float inv)
+{
+    const int mode = p >= 1.0f ? 2 : !(p > 0.0f) ? 1 : 0;
+    if (mode == 1) inv = 1.0f;
+    if (B * T > 0) k_dropout16<<<(unsigned)(B * T), 256, 0, ST(stream)>>>(out16, in, len, seeds, T, C, p, inv, mode);
+    return qlk_status();
+}
+
 /* one thread per (row, i < hd/2), over the heads of the row */
 __global__ void k_rope(float *x, const int32_t *len, int64_t B, int64_t T, int nheads, int hd, int pos0,
                        const float *inv_freq, float attn_scale, int inverse)

@@ -10,6 +10,8 @@
  *   2e-6: RMSNorm, RoPE, cross-entropy (sums in another order; cosf/sinf of
  *     the device within 2 ulp of glibc's);
  *   2e-5: matrix products and attention (cuBLAS' and our reduction orders);
+ *   1e-3: bf16 LoRA products (h and dh rounded to bf16 after sums whose last
+ *     bit may differ);
  *   1e-4: a whole step's LoRA gradients (60 ops deep).
  * Without a CUDA device the suite says so and is skipped (exit 77). */
 #include <check.h>
@@ -234,10 +236,10 @@ START_TEST(rmsnorm_and_rope)
 }
 END_TEST
 
-START_TEST(matmuls_and_lora)
+START_TEST(matmuls)
 {
-    static const int64_t shapes[][4] = {{1, 64, 48, 4}, {37, 300, 129, 8}, {256, 288, 768, 64}};
-    const int64_t rows = shapes[_i][0], in = shapes[_i][1], out = shapes[_i][2], r = shapes[_i][3];
+    static const int64_t shapes[][3] = {{1, 64, 48}, {37, 300, 129}, {256, 288, 768}};
+    const int64_t rows = shapes[_i][0], in = shapes[_i][1], out = shapes[_i][2];
     buf x = rnd((size_t)(rows * in), 1.0f), w = rnd((size_t)(out * in), 0.05f), dy = rnd((size_t)(rows * out), 1.0f);
     for (int acc = 0; acc < 2; acc++) {
         buf y = acc ? rnd((size_t)(rows * out), 1.0f) : poisoned((size_t)(rows * out));
@@ -248,49 +250,7 @@ START_TEST(matmuls_and_lora)
         expect(&dx, 2e-5, "matmul_backward_input");
         drop(&y), drop(&dx);
     }
-    buf a = rnd((size_t)(r * in), 0.1f), b = rnd((size_t)(out * r), 0.1f), h = poisoned((size_t)(rows * r));
-    buf y = rnd((size_t)(rows * out), 1.0f);
-    BOTH((ctx, lora_forward, S(y), S(h), S(x), S(a), S(b), rows, in, out, r, 0.5f));
-    expect(&h, 2e-5, "lora_forward h");
-    expect(&y, 2e-5, "lora_forward y");
-    for (int acc = 0; acc < 2; acc++) {
-        buf da = rnd((size_t)(r * in), 1.0f), db = rnd((size_t)(out * r), 1.0f), dh = poisoned((size_t)(rows * r));
-        buf dxd = acc ? rnd((size_t)(rows * in), 1.0f) : poisoned((size_t)(rows * in));
-        BOTH((ctx, lora_backward, S(dxd), S(da), S(db), S(dh), S(dy), S(x), S(h), S(a), S(b), rows, in, out, r, 0.5f,
-              acc));
-        expect(&dh, 2e-5, "lora_backward dh");
-        expect(&da, 2e-5, "lora_backward da");
-        expect(&db, 2e-5, "lora_backward db");
-        expect(&dxd, 2e-5, "lora_backward dxd");
-        drop(&da), drop(&db), drop(&dh), drop(&dxd);
-    }
-    {
-        /* dxd may alias xd (accumulate 0): the same da and dxd, on each side,
-         * as with separate buffers (the step's dropout path relies on it) */
-        buf da = rnd((size_t)(r * in), 1.0f), db = rnd((size_t)(out * r), 1.0f), dh = poisoned((size_t)(rows * r));
-        buf da2 = rnd((size_t)(r * in), 1.0f), db2 = rnd((size_t)(out * r), 1.0f), dxd = poisoned((size_t)(rows * in));
-        buf xa = poisoned((size_t)(rows * in));
-        memcpy(da2.h, da.h, da.n * 4), memcpy(db2.h, db.h, db.n * 4), memcpy(xa.h, x.h, x.n * 4);
-        CU(cudaMemcpy(da2.d, da.d, da.n * 4, cudaMemcpyDeviceToDevice));
-        CU(cudaMemcpy(db2.d, db.d, db.n * 4, cudaMemcpyDeviceToDevice));
-        CU(cudaMemcpy(xa.d, x.d, x.n * 4, cudaMemcpyDeviceToDevice));
-        BOTH((ctx, lora_backward, S(dxd), S(da), S(db), S(dh), S(dy), S(x), S(h), S(a), S(b), rows, in, out, r, 0.5f,
-              0));
-        BOTH((ctx, lora_backward, S(xa), S(da2), S(db2), S(dh), S(dy), S(xa), S(h), S(a), S(b), rows, in, out, r, 0.5f,
-              0));
-        float *g1 = malloc(da.n * 4), *g2 = malloc(da.n * 4), *e1 = malloc(xa.n * 4), *e2 = malloc(xa.n * 4);
-        CU(cudaMemcpy(g1, da.d, da.n * 4, cudaMemcpyDeviceToHost));
-        CU(cudaMemcpy(g2, da2.d, da.n * 4, cudaMemcpyDeviceToHost));
-        CU(cudaMemcpy(e1, dxd.d, xa.n * 4, cudaMemcpyDeviceToHost));
-        CU(cudaMemcpy(e2, xa.d, xa.n * 4, cudaMemcpyDeviceToHost));
-        ck_assert_msg(memcmp(g1, g2, da.n * 4) == 0, "lora_backward: da differs when dxd aliases xd (device)");
-        ck_assert_msg(memcmp(e1, e2, xa.n * 4) == 0, "lora_backward: dxd differs when it aliases xd (device)");
-        ck_assert_msg(memcmp(da.h, da2.h, da.n * 4) == 0, "lora_backward: da differs when dxd aliases xd (CPU)");
-        ck_assert_msg(memcmp(dxd.h, xa.h, xa.n * 4) == 0, "lora_backward: dxd differs when it aliases xd (CPU)");
-        free(g1), free(g2), free(e1), free(e2);
-        drop(&da), drop(&db), drop(&dh), drop(&da2), drop(&db2), drop(&dxd), drop(&xa);
-    }
-    drop(&x), drop(&w), drop(&dy), drop(&a), drop(&b), drop(&h), drop(&y);
+    drop(&x), drop(&w), drop(&dy);
 }
 END_TEST
 
@@ -312,6 +272,83 @@ static void set_fp32(buf *scratch)
     drop(scratch);
 }
 
+/* LoRA forward and backward in both precisions, without and with dropout
+ * of the input (over a micro-batch with padded rows), accumulating and not.
+ * bf16: both sides round the same operands (backend.h), so the bound is the
+ * float32 sums' order, plus h and dh rounded to bf16 after sums that may
+ * differ in their last bit (1e-3).  Then the reuse_x hint after a product of
+ * the same activation, and after one of another (a stale copy). */
+START_TEST(lora_ops)
+{
+    static const int64_t shapes[][4] = {{1, 64, 48, 4}, {37, 300, 129, 8}, {256, 288, 768, 64}};
+    const int64_t rows = shapes[_i][0], in = shapes[_i][1], out = shapes[_i][2], r = shapes[_i][3];
+    const int32_t len[1] = {(int32_t)(rows - rows / 4)};
+    const ql_be_batch mb = {.B = 1, .T = rows, .len = len};
+    const uint64_t seeds[1] = {next_seed()};
+    buf x = rnd((size_t)(rows * in), 1.0f), dy = rnd((size_t)(rows * out), 1.0f);
+    buf a = rnd((size_t)(r * in), 0.1f), b = rnd((size_t)(out * r), 0.1f);
+    buf xs = poisoned((size_t)(rows * in)), scratch = {0};
+    for (int prec = 0; prec < 2; prec++) {
+        if (prec) set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, rows, in, out, out * in, 1, 1, 1, 1, r), &scratch);
+        const double tol = prec ? 1e-3 : 2e-5;
+        for (int dropped = 0; dropped < 2; dropped++) {
+            const float p = dropped ? 0.25f : 0.0f;
+            char what[128];
+#define DR (dropped ? &(ql_be_dropout){.p = p, .mb = &mb, .seeds = seeds, .scratch = S(xs)} : NULL)
+            buf h = poisoned((size_t)(rows * r)), y = rnd((size_t)(rows * out), 1.0f);
+            BOTH((ctx, lora_forward, S(y), S(h), S(x), DR, S(a), S(b), rows, in, out, r, 0.5f));
+            snprintf(what, sizeof what, "lora_forward h (%s, p %g)", prec ? "bf16" : "fp32", (double)p);
+            expect(&h, tol, what);
+            snprintf(what, sizeof what, "lora_forward y (%s, p %g)", prec ? "bf16" : "fp32", (double)p);
+            expect(&y, tol, what);
+            for (int acc = 0; acc < 2; acc++) {
+                buf da = rnd((size_t)(r * in), 1.0f), db = rnd((size_t)(out * r), 1.0f), dh = poisoned((size_t)(rows * r));
+                buf dx = acc ? rnd((size_t)(rows * in), 1.0f) : poisoned((size_t)(rows * in));
+                BOTH((ctx, lora_backward, S(dx), S(da), S(db), S(dh), S(dy), S(x), DR, S(h), S(a), S(b), rows, in, out,
+                      r, 0.5f, acc));
+                const char *names[4] = {"dh", "da", "db", "dx"};
+                const buf *outs[4] = {&dh, &da, &db, &dx};
+                for (int j = 0; j < 4; j++) {
+                    snprintf(what, sizeof what, "lora_backward %s (%s, p %g, accumulate %d)", names[j],
+                             prec ? "bf16" : "fp32", (double)p, acc);
+                    expect(outs[j], tol, what);
+                }
+                drop(&da), drop(&db), drop(&dh), drop(&dx);
+            }
+#undef DR
+            drop(&h), drop(&y);
+        }
+        if (prec) {
+            /* reuse_x after a bf16 product of x (the copy is kept) and of x2
+             * (a stale copy under the hint); lora_backward's dy likewise */
+            buf x2 = rnd((size_t)(rows * in), 1.0f), w = rnd((size_t)(out * in), 0.05f);
+            const buf *xs2[2] = {&x, &x2};
+            for (int j = 0; j < 2; j++) {
+                buf y = poisoned((size_t)(rows * out)), h = poisoned((size_t)(rows * r));
+                BOTH((ctx, matmul_nt, S(y), S(*xs2[j]), S(w), rows, in, out, 0));
+                cpu->reuse_x = gpu->reuse_x = 1;
+                BOTH((ctx, lora_forward, S(y), S(h), S(x), NULL, S(a), S(b), rows, in, out, r, 0.5f));
+                ck_assert_int_eq(gpu->reuse_x, 0);
+                expect(&y, tol, j ? "lora_forward after another x's product (reuse_x)" : "lora_forward (reuse_x)");
+                buf dx = poisoned((size_t)(rows * in)), da = rnd((size_t)(r * in), 1.0f);
+                buf db = rnd((size_t)(out * r), 1.0f), dh = poisoned((size_t)(rows * r));
+                buf dy2 = rnd((size_t)(rows * out), 1.0f);
+                BOTH((ctx, matmul_backward_input, S(dx), j ? S(dy2) : S(dy), S(w), rows, in, out, 0));
+                cpu->reuse_x = gpu->reuse_x = 1;
+                BOTH((ctx, lora_backward, S(dx), S(da), S(db), S(dh), S(dy), S(x), NULL, S(h), S(a), S(b), rows, in, out,
+                      r, 0.5f, 1));
+                expect(&dx, tol, j ? "lora_backward dx after another dy's product (reuse_x)" : "lora_backward dx (reuse_x)");
+                expect(&db, tol, "lora_backward db (reuse_x)");
+                drop(&y), drop(&h), drop(&dx), drop(&da), drop(&db), drop(&dh), drop(&dy2);
+            }
+            drop(&x2), drop(&w);
+            set_fp32(&scratch);
+        }
+    }
+    drop(&x), drop(&dy), drop(&a), drop(&b), drop(&xs);
+}
+END_TEST
+
 /* bf16 precision: the products round both operands to bf16 on both sides and
  * accumulate in float32, so the CPU is a tight reference (1e-4: tensor cores'
  * float32 accumulation order); bf16 weights (_w16) likewise in both precisions. */
@@ -328,7 +365,7 @@ START_TEST(matmuls_bf16)
     CU(cudaMemcpy(w16.d, h16, (size_t)(out * in) * 2, cudaMemcpyHostToDevice));
     buf scratch;
     for (int prec = 0; prec < 2; prec++) {
-        if (prec) set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, rows, in > out ? in : out, in > out ? in : out, out * in, 1, 1, 1, 1), &scratch);
+        if (prec) set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, rows, in > out ? in : out, in > out ? in : out, out * in, 1, 1, 1, 1, 0), &scratch);
         else set_bf16((size_t)(rows * (in > out ? in : out) + out * in) * 4 + 1024, &scratch), cpu->precision = gpu->precision = QL_PREC_FP32;
         const double tol = prec ? 1e-4 : 2e-5;
         for (int acc = 0; acc < 2; acc++) {
@@ -421,7 +458,7 @@ START_TEST(attention)
         ql_be_att_budget_set(small ? (int64_t)nh * 32 * T : 0);
         if (small) ck_assert_int_eq(ql_be_att_tile(T, nh), T < 32 ? T : 32);
         buf scratch;
-        set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, B * T, 1, 1, 0, T, nh, nkv, hd), &scratch);
+        set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, B * T, 1, 1, 0, T, nh, nkv, hd, 0), &scratch);
         cpu->precision = QL_PREC_FP32;
         CU(cudaMemset(out.d, 0xff, out.n * 4));
         CU(cudaMemset(probs.d, 0xff, probs.n * 4));
@@ -791,7 +828,8 @@ int main(void)
     tcase_set_timeout(t, 600);
     tcase_add_loop_test(t, elementwise_bit_exact, 0, 3);
     tcase_add_loop_test(t, rmsnorm_and_rope, 0, 3);
-    tcase_add_loop_test(t, matmuls_and_lora, 0, 3);
+    tcase_add_loop_test(t, matmuls, 0, 3);
+    tcase_add_loop_test(t, lora_ops, 0, 3);
     tcase_add_loop_test(t, matmuls_bf16, 0, 3);
     tcase_add_loop_test(t, attention, 0, 6);
     tcase_add_loop_test(t, cross_entropy, 0, 3);
