@@ -137,9 +137,11 @@ int64_t ql_count_targets(const int32_t *targets, int64_t T, int32_t ignore_index
 /* splitmix64 (Steele, Lea, Flood 2014): state += 0x9E3779B97F4A7C15, then the
  * output is the mixed state.  Use it to derive per-step / per-layer seeds. */
 uint64_t ql_splitmix64_next(uint64_t *state);
-/* Inverted dropout: element i is kept iff u_i >= p, where u_i = top 24 bits / 2^24
- * of the i-th (0-based) output of a splitmix64 stream whose state starts at seed,
- * i.e. mix(seed + (i + 1) * 0x9E3779B97F4A7C15).  Counter-based, so the mask is
+/* Inverted dropout: element i is kept iff u_i >= p, where u_i is a 16-bit
+ * uniform / 2^16: of z = the (i/4)-th (0-based) output of a splitmix64 stream
+ * whose state starts at seed, i.e. mix(seed + (i/4 + 1) * 0x9E3779B97F4A7C15),
+ * element i takes bits 48 - 16 (i % 4) and up (four elements a hash: the GPU
+ * makes masks at memory speed).  p is thus used to 2^-16.  Counter-based, so the mask is
  * a function of (seed, i) only: independent of threads, and re-creatable in
  * backward from the seed.  out[n] = keep ? x / (1 - p) : 0; mask[n] (may be NULL)
  * = keep.  p <= 0 copies; p >= 1 zeroes.  out may alias x. */

@@ -448,11 +448,12 @@ uint64_t ql_splitmix64_next(uint64_t *state)
     return splitmix64_mix(*state);
 }
 
-/* the i-th output of the splitmix64 stream seeded with seed, as a 24-bit uniform in [0, 1) */
+/* element i's 16 bits of the (i/4)-th output of the splitmix64 stream seeded
+ * with seed, as a uniform in [0, 1) */
 static int dropout_keep(uint64_t seed, int64_t i, float p)
 {
-    uint64_t z = splitmix64_mix(seed + (uint64_t)(i + 1) * SPLITMIX_GAMMA);
-    return (float)(z >> 40) * 0x1p-24f >= p;
+    const uint64_t z = splitmix64_mix(seed + (uint64_t)(i / 4 + 1) * SPLITMIX_GAMMA);
+    return (float)((z >> (48 - 16 * (i % 4))) & 0xffffu) * 0x1p-16f >= p;
 }
 
 void ql_dropout_forward(float *out, uint8_t *mask, const float *x, int64_t n, float p, uint64_t seed)

@@ -178,27 +178,44 @@ extern "C" int qlk_swiglu_backward(void *stream, float *dgate, float *dup, const
     return qlk_status();
 }
 
-/* ql_dropout_forward's mask: element i of a sequence keeps iff the i-th
- * splitmix64 output of its seed, as a 24-bit uniform, is >= p */
-__device__ inline int dropout_keep(uint64_t seed, int64_t i, float p)
+/* ql_dropout_forward's mask: element i of a sequence keeps iff its 16 bits
+ * of the (i/4)-th splitmix64 output of its seed (dropout_hash), as a
+ * uniform, are >= p (dropout_bit) */
+__device__ inline uint64_t dropout_hash(uint64_t seed, int64_t g)
 {
-    uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+    uint64_t z = seed + (uint64_t)(g + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)(z >> 40) * 0x1p-24f >= p;
+    return z ^ (z >> 31);
 }
 
-/* mode 0: p in (0, 1); 1: keep all (p <= 0 or NaN); 2: drop all (p >= 1).
- * One element: x kept (scaled) or dropped, added to old when accumulating. */
-__device__ inline float dropout_one(float x, float old, uint64_t seed, int64_t i, float p, float inv, int mode,
-                                    int backward, int accumulate)
+__device__ inline int dropout_bit(uint64_t z, int j, float p)
 {
-    const int keep = mode == 1 ? 1 : mode == 2 ? 0 : dropout_keep(seed, i, p);
+    return (float)((z >> (48 - 16 * j)) & 0xffffu) * 0x1p-16f >= p;
+}
+
+/* mode 0: p in (0, 1) (keep from the mask); 1: keep all (p <= 0 or NaN); 2:
+ * drop all (p >= 1).  One element: x kept (scaled) or dropped, added to old
+ * when accumulating. */
+__device__ inline float dropout_one(float x, float old, int keep, float inv, int mode, int backward, int accumulate)
+{
+    keep = mode == 1 ? 1 : mode == 2 ? 0 : keep;
     float v;
     if (!backward) v = keep ? (mode == 1 ? x : x * inv) : 0.0f;
     else v = keep ? x * inv : 0.0f;
     return backward && accumulate ? old + v : v;
+}
+
+/* the keep bits of elements 4g .. 4g+3 (mode 0 only: else unused) */
+__device__ inline void dropout_bits4(uint64_t seed, int64_t g, float p, int mode, int k[4])
+{
+    const uint64_t z = mode == 0 ? dropout_hash(seed, g) : 0;
+    for (int j = 0; j < 4; j++) k[j] = dropout_bit(z, j, p);
+}
+
+__device__ inline int dropout_keep(uint64_t seed, int64_t i, float p, int mode)
+{
+    return mode == 0 ? dropout_bit(dropout_hash(seed, i / 4), (int)(i % 4), p) : 0;
 }
 
 /* mode 0: p in (0, 1); 1: keep all (p <= 0 or NaN); 2: drop all (p >= 1) */
@@ -218,18 +235,19 @@ __global__ void k_dropout(float *out, const float *in, const int32_t *len, const
         for (int64_t c4 = threadIdx.x; c4 < C / 4; c4 += blockDim.x) {
             const float4 xv = reinterpret_cast<const float4 *>(x)[c4];
             float4 ov = backward && accumulate ? reinterpret_cast<float4 *>(o)[c4] : make_float4(0, 0, 0, 0);
-            const int64_t i0 = t * C + 4 * c4;
-            ov.x = dropout_one(xv.x, ov.x, seed, i0, p, inv, mode, backward, accumulate);
-            ov.y = dropout_one(xv.y, ov.y, seed, i0 + 1, p, inv, mode, backward, accumulate);
-            ov.z = dropout_one(xv.z, ov.z, seed, i0 + 2, p, inv, mode, backward, accumulate);
-            ov.w = dropout_one(xv.w, ov.w, seed, i0 + 3, p, inv, mode, backward, accumulate);
+            int k[4]; /* t * C + 4 * c4 is a multiple of 4: one hash */
+            dropout_bits4(seed, (t * C) / 4 + c4, p, mode, k);
+            ov.x = dropout_one(xv.x, ov.x, k[0], inv, mode, backward, accumulate);
+            ov.y = dropout_one(xv.y, ov.y, k[1], inv, mode, backward, accumulate);
+            ov.z = dropout_one(xv.z, ov.z, k[2], inv, mode, backward, accumulate);
+            ov.w = dropout_one(xv.w, ov.w, k[3], inv, mode, backward, accumulate);
             reinterpret_cast<float4 *>(o)[c4] = ov;
         }
         return;
     }
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-        o[c] = dropout_one(x[c], backward && accumulate ? o[c] : 0.0f, seed, t * C + c, p, inv, mode, backward,
-                           accumulate);
+        o[c] = dropout_one(x[c], backward && accumulate ? o[c] : 0.0f, dropout_keep(seed, t * C + c, p, mode), inv,
+                           mode, backward, accumulate);
 }
 
 extern "C" int qlk_dropout(void *stream, float *out, const float *in, const int32_t *len, const uint64_t *seeds,
@@ -263,18 +281,19 @@ __global__ void k_dropout16(uint16_t *out, const float *in, const int32_t *len, 
     if (C % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)o % 8 == 0) {
         for (int64_t c4 = threadIdx.x; c4 < C / 4; c4 += blockDim.x) {
             const float4 xv = reinterpret_cast<const float4 *>(x)[c4];
-            const int64_t i0 = t * C + 4 * c4;
+            int k[4];
+            dropout_bits4(seed, (t * C) / 4 + c4, p, mode, k);
             ushort4 ov;
-            ov.x = to_bf16(dropout_one(xv.x, 0.0f, seed, i0, p, inv, mode, 0, 0));
-            ov.y = to_bf16(dropout_one(xv.y, 0.0f, seed, i0 + 1, p, inv, mode, 0, 0));
-            ov.z = to_bf16(dropout_one(xv.z, 0.0f, seed, i0 + 2, p, inv, mode, 0, 0));
-            ov.w = to_bf16(dropout_one(xv.w, 0.0f, seed, i0 + 3, p, inv, mode, 0, 0));
+            ov.x = to_bf16(dropout_one(xv.x, 0.0f, k[0], inv, mode, 0, 0));
+            ov.y = to_bf16(dropout_one(xv.y, 0.0f, k[1], inv, mode, 0, 0));
+            ov.z = to_bf16(dropout_one(xv.z, 0.0f, k[2], inv, mode, 0, 0));
+            ov.w = to_bf16(dropout_one(xv.w, 0.0f, k[3], inv, mode, 0, 0));
             reinterpret_cast<ushort4 *>(o)[c4] = ov;
         }
         return;
     }
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-        o[c] = to_bf16(dropout_one(x[c], 0.0f, seed, t * C + c, p, inv, mode, 0, 0));
+        o[c] = to_bf16(dropout_one(x[c], 0.0f, dropout_keep(seed, t * C + c, p, mode), inv, mode, 0, 0));
 }
 
 extern "C" int qlk_dropout16(void *stream, uint16_t *out16, const float *in, const int32_t *len,

@@ -738,12 +738,13 @@ START_TEST(dropout_mask_and_grads)
     float *x = randn(n, 111, 1), *y = fnew(n), *y2 = fnew(n);
     uint8_t *mask = talloc((size_t)n), *mask2 = talloc((size_t)n);
     ql_dropout_forward(y, mask, x, n, p, 1234);
-    /* the documented stream: element i uses the i-th splitmix64 output from state = seed */
-    uint64_t state = 1234;
+    /* the documented stream: elements 4g .. 4g+3 take 16 bits each of the
+     * g-th splitmix64 output from state = seed, the highest first */
+    uint64_t state = 1234, z = 0;
     int64_t kept = 0;
     for (int64_t i = 0; i < n; i++) {
-        uint64_t z = ql_splitmix64_next(&state);
-        int keep = (float)(z >> 40) * 0x1p-24f >= p;
+        if (i % 4 == 0) z = ql_splitmix64_next(&state);
+        int keep = (float)((z >> (48 - 16 * (i % 4))) & 0xffff) * 0x1p-16f >= p;
         ck_assert_msg(mask[i] == keep, "mask[%lld] = %d, the splitmix64 stream says %d", (long long)i, mask[i], keep);
         ck_assert_msg(y[i] == (keep ? x[i] * (1.0f / 0.75f) : 0.0f), "out[%lld] = %g for x %g keep %d", (long long)i,
                       (double)y[i], (double)x[i], keep);
