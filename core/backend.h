@@ -282,13 +282,14 @@ void ql_be_att_budget_set(int64_t elements); /* <= 0: QL_BE_ATT_BUDGET */
  * attention of backend be needs under `precision`. */
 int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, int64_t B, int64_t T, int nh);
 
-/* Scratch that ops need under `precision` for products of at most `rows`
+/* Scratch that ops of backend be (NULL: the CPU's, the larger) need under
+ * `precision` for products of at most `rows`
  * rows by [out, in] weights (max_in, max_out the largest in and out, max_w
  * the largest out * in), and training attention of `B` sequences of `T`
  * positions with nh query and nkv key/value heads of hd, and LoRA products of
  * rank lora_r (0: none).  0 in float32. */
-size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
-                           int nh, int nkv, int hd, int64_t lora_r);
+size_t ql_be_scratch_bytes(const ql_backend *be, int precision, int64_t rows, int64_t max_in, int64_t max_out,
+                           int64_t max_w, int64_t T, int nh, int nkv, int hd, int64_t lora_r);
 
 /* A quantized linear's weights on the host as bf16 bits w16[out, in]: the
  * plugin's own BF16 materialize, or, where it gives only F32 (QL_ENOTSUP),

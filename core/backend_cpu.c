@@ -597,26 +597,26 @@ int64_t ql_be_att_tile(int64_t T, int nh)
     return T < tile ? (T > 0 ? T : 1) : tile;
 }
 
-size_t ql_be_scratch_bytes(int precision, int64_t rows, int64_t max_in, int64_t max_out, int64_t max_w, int64_t T,
-                           int nh, int nkv, int hd, int64_t lora_r)
+size_t ql_be_scratch_bytes(const ql_backend *be, int precision, int64_t rows, int64_t max_in, int64_t max_out,
+                           int64_t max_w, int64_t T, int nh, int nkv, int hd, int64_t lora_r)
 {
     if (precision != QL_PREC_BF16) return 0;
-    /* products: the rounded activation (4 bytes an element on the CPU, 2 on
-     * the GPU) then the weights; attention (CUDA): bf16 q, k, v and dout,
-     * then one query tile's scores and their gradient (float32) and both in
-     * bf16 */
+    /* rounded operands: 4 bytes an element on the CPU (floats), 2 on the GPU
+     * (bf16 bits).  Products: the activation, then the weights; attention
+     * (CUDA): bf16 q, k, v and dout, then one query tile's scores and their
+     * gradient (float32) and both in bf16; LoRA: the input and dy, A and B,
+     * h and dh */
+    const size_t e = !be || be->host_memory ? 4 : 2;
     const int64_t io = max_in > max_out ? max_in : max_out;
-    const size_t prod = align256((size_t)(rows * io) * 4) + align256((size_t)max_w * 4);
+    const size_t prod = align256((size_t)(rows * io) * e) + align256((size_t)max_w * e);
     const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, tile = ql_be_att_tile(T, nh);
     const size_t sq = (size_t)((int64_t)nh * tile * T);
     const size_t att = align256((size_t)(rows * qd) * 2) * 2 + align256((size_t)(rows * kvd) * 2) * 2 +
                        align256(sq * 4) * 2 + align256(sq * 2) * 2;
-    /* LoRA (4 bytes an element on the CPU, 2 on the GPU): the input and dy
-     * rounded, A and B, h and dh */
     const int64_t r = lora_r > 0 ? lora_r : 0;
-    const size_t lora = r ? align256((size_t)(rows * max_in) * 4) + align256((size_t)(rows * max_out) * 4) +
-                                align256((size_t)(r * max_in) * 4) + align256((size_t)(r * max_out) * 4) +
-                                align256((size_t)(rows * r) * 4) * 2
+    const size_t lora = r ? align256((size_t)(rows * max_in) * e) + align256((size_t)(rows * max_out) * e) +
+                                align256((size_t)(r * max_in) * e) + align256((size_t)(r * max_out) * e) +
+                                align256((size_t)(rows * r) * e) * 2
                           : 0;
     const size_t big = prod > att ? prod : att;
     return big > lora ? big : lora;

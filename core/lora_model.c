@@ -787,8 +787,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         if (d.qd > io) io = d.qd;
         const int64_t lr = o->logit_rows > 0 ? o->logit_rows : LOGIT_CHUNK_BYTES / ((int64_t)d.V * 4);
         const int64_t widest = lm->ctx->be->host_memory ? (maxw > d.V * d.H ? maxw : d.V * d.H) : 0;
-        size_t a = ql_be_scratch_bytes(QL_PREC_BF16, d.R, io, io, widest, T, d.nh, d.nkv, (int)d.hd, d.r),
-               b = ql_be_scratch_bytes(QL_PREC_BF16, lr < d.R ? lr : d.R, d.H, d.V, widest, 1, 1, 1, 1, 0);
+        size_t a = ql_be_scratch_bytes(lm->ctx->be, QL_PREC_BF16, d.R, io, io, widest, T, d.nh, d.nkv, (int)d.hd, d.r),
+               b = ql_be_scratch_bytes(lm->ctx->be, QL_PREC_BF16, lr < d.R ? lr : d.R, d.H, d.V, widest, 1, 1, 1, 1, 0);
         lm->scratch_bytes = a > b ? a : b;
         ql_plan_add(p, QL_ROLE_WEIGHTS, &lm->scratch, (int64_t)lm->scratch_bytes, 1);
     }

@@ -470,7 +470,7 @@ START_TEST(lora_ops_are_their_operators)
     void *scratch = NULL;
     if (prec) {
         ctx->precision = QL_PREC_BF16;
-        ctx->scratch_bytes = ql_be_scratch_bytes(QL_PREC_BF16, rows, in, out, out * in, 1, 1, 1, 1, r);
+        ctx->scratch_bytes = ql_be_scratch_bytes(NULL, QL_PREC_BF16, rows, in, out, out * in, 1, 1, 1, 1, r);
         ctx->scratch = scratch = malloc(ctx->scratch_bytes);
     }
     const ql_be_dropout dr = {.p = p, .mb = &mb, .seeds = seeds, .scratch = xs}, *drp = dropped ? &dr : NULL;

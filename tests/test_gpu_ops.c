@@ -289,7 +289,7 @@ START_TEST(lora_ops)
     buf a = rnd((size_t)(r * in), 0.1f), b = rnd((size_t)(out * r), 0.1f);
     buf xs = poisoned((size_t)(rows * in)), scratch = {0};
     for (int prec = 0; prec < 2; prec++) {
-        if (prec) set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, rows, in, out, out * in, 1, 1, 1, 1, r), &scratch);
+        if (prec) set_bf16(ql_be_scratch_bytes(NULL, QL_PREC_BF16, rows, in, out, out * in, 1, 1, 1, 1, r), &scratch);
         const double tol = prec ? 1e-3 : 2e-5;
         for (int dropped = 0; dropped < 2; dropped++) {
             const float p = dropped ? 0.25f : 0.0f;
@@ -365,7 +365,7 @@ START_TEST(matmuls_bf16)
     CU(cudaMemcpy(w16.d, h16, (size_t)(out * in) * 2, cudaMemcpyHostToDevice));
     buf scratch;
     for (int prec = 0; prec < 2; prec++) {
-        if (prec) set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, rows, in > out ? in : out, in > out ? in : out, out * in, 1, 1, 1, 1, 0), &scratch);
+        if (prec) set_bf16(ql_be_scratch_bytes(NULL, QL_PREC_BF16, rows, in > out ? in : out, in > out ? in : out, out * in, 1, 1, 1, 1, 0), &scratch);
         else set_bf16((size_t)(rows * (in > out ? in : out) + out * in) * 4 + 1024, &scratch), cpu->precision = gpu->precision = QL_PREC_FP32;
         const double tol = prec ? 1e-4 : 2e-5;
         for (int acc = 0; acc < 2; acc++) {
@@ -458,7 +458,7 @@ START_TEST(attention)
         ql_be_att_budget_set(small ? (int64_t)nh * 32 * T : 0);
         if (small) ck_assert_int_eq(ql_be_att_tile(T, nh), T < 32 ? T : 32);
         buf scratch;
-        set_bf16(ql_be_scratch_bytes(QL_PREC_BF16, B * T, 1, 1, 0, T, nh, nkv, hd, 0), &scratch);
+        set_bf16(ql_be_scratch_bytes(NULL, QL_PREC_BF16, B * T, 1, 1, 0, T, nh, nkv, hd, 0), &scratch);
         cpu->precision = QL_PREC_FP32;
         CU(cudaMemset(out.d, 0xff, out.n * 4));
         CU(cudaMemset(probs.d, 0xff, probs.n * 4));
