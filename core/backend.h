@@ -98,7 +98,14 @@ typedef struct ql_backend {
     /* ---- context ---- */
     int (*open)(ql_be_ctx *ctx);   /* fill ctx->impl (stream, handles); may be NULL */
     void (*close)(ql_be_ctx *ctx); /* release ctx->impl; may be NULL */
-    int (*sync)(ql_be_ctx *ctx);   /* wait for queued work; report its first failure */
+    int (*sync)(ql_be_ctx *ctx);   /* wait for queued work (both queues); report its first failure */
+    /* Two queues: ctx->queue 0 is the main one, 1 a side one for work that
+     * may overlap it (the next weights' materialize); the CPU runs every op
+     * at once.  event(ctx, slot, 0) records event `slot` (0 ..
+     * QL_BE_EVENTS-1) on the current queue; event(ctx, slot, 1) makes the
+     * current queue wait for the last record of `slot` (none yet: no wait).
+     * Only materialize and event may run on the side queue. */
+    int (*event)(ql_be_ctx *ctx, int slot, int wait);
 
     /* ---- memory ---- */
     int (*alloc)(ql_be_ctx *ctx, void **out, size_t bytes); /* QL_ENOMEM (with the size) when it cannot */
@@ -252,6 +259,7 @@ typedef struct ql_backend {
 } ql_backend;
 
 enum { QL_PREC_FP32 = 0, QL_PREC_BF16 = 1 };
+enum { QL_BE_EVENTS = 4 };
 
 struct ql_be_ctx {
     const ql_backend *be;
@@ -264,6 +272,7 @@ struct ql_be_ctx {
      * copy (CUDA does when nothing else used the scratch in between).  Every
      * product clears it. */
     int reuse_x;
+    int queue; /* 0: ops go to the main queue (the default), 1: to the side one */
     size_t scratch_bytes;
     int status;         /* QL_OK, or the code of the first failed op not yet checked */
     char message[1024]; /* that failure's message */

@@ -375,6 +375,13 @@ static const float *lora_input(ql_be_ctx *ctx, const float *x, const ql_be_dropo
     return bf16 ? rounded(o->x, x, rows * in) : x;
 }
 
+static int cpu_event(ql_be_ctx *ctx, int slot, int wait)
+{
+    (void)ctx, (void)wait;
+    if (slot < 0 || slot >= QL_BE_EVENTS) return ql_error(QL_EINVAL, "event %d: 0 to %d", slot, QL_BE_EVENTS - 1);
+    return QL_OK; /* every op has run when it returns */
+}
+
 static int cpu_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *x, const ql_be_dropout *dr,
                             const float *a, const float *b, int64_t rows, int64_t in, int64_t out, int64_t r,
                             float scale)
@@ -462,6 +469,7 @@ static const ql_backend cpu_backend = {
     .open = NULL,
     .close = NULL,
     .sync = cpu_sync,
+    .event = cpu_event,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .zero = cpu_zero,

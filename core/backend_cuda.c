@@ -38,7 +38,8 @@ typedef struct cached_arg {
 
 typedef struct cuda_impl {
     int device;
-    cudaStream_t stream;
+    cudaStream_t stream, side; /* the main queue and the side one (ctx->queue) */
+    cudaEvent_t events[QL_BE_EVENTS];
     cublasHandle_t blas;
     void *args;      /* device staging for per-op host arguments too large for the ring */
     size_t args_cap;
@@ -83,7 +84,7 @@ static const char *blas_status(cublasStatus_t s)
 }
 
 static cuda_impl *impl(ql_be_ctx *ctx) { return ctx->impl; }
-static void *stream(ql_be_ctx *ctx) { return (void *)impl(ctx)->stream; }
+static void *stream(ql_be_ctx *ctx) { return (void *)(ctx->queue ? impl(ctx)->side : impl(ctx)->stream); }
 
 /* a launcher's status */
 static int launched(int e, const char *op)
@@ -100,6 +101,9 @@ static int cuda_open(ql_be_ctx *ctx)
     int rc = QL_OK;
     cudaError_t e = cudaGetDevice(&c->device);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking);
+    for (int i = 0; i < QL_BE_EVENTS && e == cudaSuccess; i++)
+        e = cudaEventCreateWithFlags(&c->events[i], cudaEventDisableTiming);
     if (e != cudaSuccess) rc = cuda_fail(e, "cannot open the device");
     cublasStatus_t bs = rc ? CUBLAS_STATUS_SUCCESS : cublasCreate(&c->blas);
     if (bs != CUBLAS_STATUS_SUCCESS) rc = ql_error(QL_ECUDA, "cuBLAS: cannot create a handle: %s", blas_status(bs));
@@ -118,6 +122,9 @@ static int cuda_open(ql_be_ctx *ctx)
         cudaFree(c->ring_d);
         if (c->blas) cublasDestroy(c->blas);
         if (c->stream) cudaStreamDestroy(c->stream);
+        if (c->side) cudaStreamDestroy(c->side);
+        for (int i = 0; i < QL_BE_EVENTS; i++)
+            if (c->events[i]) cudaEventDestroy(c->events[i]);
         free(c);
         return rc;
     }
@@ -130,6 +137,7 @@ static void cuda_close(ql_be_ctx *ctx)
     cuda_impl *c = impl(ctx);
     if (!c) return;
     cudaStreamSynchronize(c->stream);
+    cudaStreamSynchronize(c->side);
     cublasDestroy(c->blas);
     cudaFree(c->args);
     for (int i = 0; i < 2; i++) cudaEventDestroy(c->half_done[i]);
@@ -140,12 +148,24 @@ static void cuda_close(ql_be_ctx *ctx)
         cudaFree(c->cached[i].dev);
     }
     cudaStreamDestroy(c->stream);
+    cudaStreamDestroy(c->side);
+    for (int i = 0; i < QL_BE_EVENTS; i++) cudaEventDestroy(c->events[i]);
     free(c);
     ctx->impl = NULL;
 }
 
+static int cuda_event(ql_be_ctx *ctx, int slot, int wait)
+{
+    if (slot < 0 || slot >= QL_BE_EVENTS) return ql_error(QL_EINVAL, "event %d: 0 to %d", slot, QL_BE_EVENTS - 1);
+    cudaEvent_t e = impl(ctx)->events[slot];
+    if (wait) CUDA_TRY(cudaStreamWaitEvent((cudaStream_t)stream(ctx), e, 0), "waiting for an event");
+    else CUDA_TRY(cudaEventRecord(e, (cudaStream_t)stream(ctx)), "recording an event");
+    return QL_OK;
+}
+
 static int cuda_sync(ql_be_ctx *ctx)
 {
+    CUDA_TRY(cudaStreamSynchronize(impl(ctx)->side), "a queued operation failed");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "a queued operation failed");
     CUDA_TRY(cudaGetLastError(), "a queued operation failed");
     return QL_OK;
@@ -476,8 +496,8 @@ static int cuda_materialize(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_lin
     int rc = dtype == QL_DTYPE_F32 ? ql_linear_weights(l, host_scratch) : ql_linear_weights_bf16(l, h16, host_scratch);
     if (rc) return rc;
     size_t bytes = (size_t)(l->out * l->in) * (dtype == QL_DTYPE_F32 ? 4 : 2);
-    CUDA_TRY(cudaMemcpyAsync(w, dtype == QL_DTYPE_F32 ? (const void *)host_scratch : (const void *)h16, bytes, cudaMemcpyHostToDevice, impl(ctx)->stream), "weights to the device");
-    CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "weights to the device");
+    CUDA_TRY(cudaMemcpyAsync(w, dtype == QL_DTYPE_F32 ? (const void *)host_scratch : (const void *)h16, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream(ctx)), "weights to the device");
+    CUDA_TRY(cudaStreamSynchronize((cudaStream_t)stream(ctx)), "weights to the device");
     return QL_OK;
 }
 
@@ -959,6 +979,7 @@ static const ql_backend cuda_backend = {
     .open = cuda_open,
     .close = cuda_close,
     .sync = cuda_sync,
+    .event = cuda_event,
     .alloc = cuda_alloc,
     .free = cuda_free,
     .zero = cuda_zero,

@@ -79,6 +79,18 @@ struct ql_lora_model {
     float *xnf, *rstdf; /* final norm */
     float *logits;      /* [logit_rows, V] */
     float *w;           /* one materialized weight matrix */
+    /* prefetching (opts.prefetch): w2 a second buffer and mat_ws2 the side
+     * queue's workspace; held[j] the linear (layer * QL_MOD_COUNT + module)
+     * whose weights buffer j holds or is being given, -1 none; seq[k] the
+     * order in which a step with backward k asks for quantized weights,
+     * recorded by the first such step */
+    float *w2;
+    void *mat_ws2;
+    int held[2], last;
+    int slow_path; /* some quantized layer has no device materialize */
+    struct wseq {
+        int *ids, n, cap, state; /* state: 0 to record, 1 recording, 2 recorded */
+    } seq[2];
     bwd_scratch s;
     /* host staging */
     int32_t *h_ids, *h_labels, *h_len, *targets;
@@ -122,6 +134,9 @@ typedef struct ctx {
     int dropout;     /* dropout active */
     const float *inv_freq; /* host [B, hd/2]: sequence b's rotary frequencies */
     float rope_scale;      /* and the factor on cos and sin */
+    /* prefetching: this step's place in lm->seq[seqk], off when it left it */
+    int seqk, pos, off_seq;
+    int wbuf; /* the buffer the last weights() gave, or -1 */
 } ctx;
 
 /* sequence b's seed for (layer, module), as a one-sequence step derives it */
@@ -145,24 +160,87 @@ static const ql_linear *layer_linear(ql_llama_layer *L, int k)
 
 /* A frozen linear's weights for the products: float32, or bf16 bits in bf16
  * precision (*w16 set, the float pointer NULL).  A quantized layer is
- * materialized into the plan's scratch: nothing is kept. */
-static const float *weights(ctx *x, const ql_linear *l, const be_linear *bl, const uint16_t **w16)
+ * materialized into the plan's scratch: nothing is kept.  With prefetching
+ * (lm->w2) its weights may already be in one of the two buffers (or on the
+ * way, on the side queue), and the next linear of the recorded order is
+ * materialized into the other while this one computes; weights_used() after
+ * the product says when that buffer may be written again. */
+enum { EV_MAT = 0, EV_USED = 2 }; /* + buffer: its materialize done; its last product done */
+
+static int materialize_into(ctx *x, int j, int id)
+{
+    ql_lora_model *lm = x->lm;
+    const int i = id / QL_MOD_COUNT, k = id % QL_MOD_COUNT;
+    const ql_linear *l = layer_linear(&ql_llama_layers(x->m)[i], k);
+    const be_linear *bl = &lm->layers[i].lin[k];
+    return ql_be(x->be, materialize, j ? (void *)lm->w2 : (void *)lm->w,
+                 lm->precision == QL_PREC_BF16 ? QL_DTYPE_BF16 : QL_DTYPE_F32, l,
+                 bl->device_materialize ? bl->bufs : NULL, x->be->queue ? lm->mat_ws2 : lm->mat_ws, lm->mat_ws_bytes,
+                 lm->host_w);
+}
+
+static const float *weights(ctx *x, int i, int k, const be_linear *bl, const uint16_t **w16)
 {
     *w16 = NULL;
+    x->wbuf = -1;
     if (bl->dense16) {
         *w16 = bl->dense16;
         return NULL;
     }
     if (bl->dense) return bl->dense;
     ql_lora_model *lm = x->lm;
-    const int bf16 = lm->precision == QL_PREC_BF16;
-    ql_be(x->be, materialize, lm->w, bf16 ? QL_DTYPE_BF16 : QL_DTYPE_F32, l,
-          bl->device_materialize ? bl->bufs : NULL, lm->mat_ws, lm->mat_ws_bytes, lm->host_w);
+    const int bf16 = lm->precision == QL_PREC_BF16, id = i * QL_MOD_COUNT + k;
+    int j = 0;
+    if (!lm->w2) {
+        materialize_into(x, 0, id);
+    } else {
+        struct wseq *sq = &lm->seq[x->seqk];
+        if (sq->state == 1) { /* recording this step's order */
+            if (sq->n == sq->cap) {
+                int cap = sq->cap ? 2 * sq->cap : 64, *ids = realloc(sq->ids, (size_t)cap * sizeof *ids);
+                if (!ids) return ql_be_record(x->be, ql_error(QL_ENOMEM, "out of memory")), NULL;
+                sq->ids = ids, sq->cap = cap;
+            }
+            sq->ids[sq->n++] = id;
+        } else if (sq->state == 2 && !x->off_seq && (x->pos >= sq->n || sq->ids[x->pos] != id)) {
+            x->off_seq = 1; /* not the recorded order: no more prefetching this step */
+        }
+        x->pos++;
+        j = lm->held[0] == id ? 0 : lm->held[1] == id ? 1 : -1;
+        if (j < 0) { /* not prefetched: here, into the buffer the last product did not use */
+            j = 1 - lm->last;
+            ql_be(x->be, event, EV_MAT + j, 1); /* a prefetch into it has finished */
+            lm->held[j] = -1;
+            if (materialize_into(x, j, id) == QL_OK) lm->held[j] = id;
+        } else {
+            ql_be(x->be, event, EV_MAT + j, 1);
+        }
+        lm->last = j;
+        x->wbuf = j;
+        if (sq->state == 2 && !x->off_seq && x->pos < sq->n) {
+            const int next = sq->ids[x->pos], o = 1 - j;
+            if (next != id && lm->held[o] != next) { /* the next weights into the other buffer, on the side */
+                x->be->queue = 1;
+                ql_be(x->be, event, EV_USED + o, 1); /* after the last product that reads it */
+                lm->held[o] = -1;
+                if (materialize_into(x, o, next) == QL_OK) lm->held[o] = next;
+                ql_be(x->be, event, EV_MAT + o, 0);
+                x->be->queue = 0;
+            }
+        }
+    }
+    float *w = j ? lm->w2 : lm->w;
     if (bf16) {
-        *w16 = (const uint16_t *)lm->w;
+        *w16 = (const uint16_t *)w;
         return NULL;
     }
-    return lm->w;
+    return w;
+}
+
+/* after the product that read weights()'s buffer */
+static void weights_used(ctx *x)
+{
+    if (x->wbuf >= 0) ql_be(x->be, event, EV_USED + x->wbuf, 0);
 }
 
 static ql_lora_pair *pair_at(ctx *x, int i, int k)
@@ -192,11 +270,12 @@ static int linear_fwd(ctx *x, int i, int k, layer_acts *a, const float *in, floa
     const ql_linear *l = layer_linear(L, k);
     const be_linear *bl = &x->lm->layers[i].lin[k];
     const uint16_t *w16;
-    const float *w = weights(x, l, bl, &w16);
+    const float *w = weights(x, i, k, bl, &w16);
     x->be->reuse_x = same_in;
     if (w16) ql_be(x->be, matmul_nt_w16, y, in, w16, x->d.R, l->in, l->out, 0);
     else ql_be(x->be, matmul_nt, y, in, w, x->d.R, l->in, l->out, 0);
     x->be->reuse_x = 0;
+    weights_used(x);
     if (bl->bias) /* frozen: no gradient, and dy passes through it unchanged; valid rows only, so padded rows stay 0 */
         ql_be(x->be, add_bias, y, bl->bias, &x->mb, l->out);
     ql_lora_pair *p = pair_at(x, i, k);
@@ -217,9 +296,10 @@ static int linear_bwd(ctx *x, int i, int k, layer_acts *a, const float *in, cons
     ql_llama_layer *L = &ql_llama_layers(x->m)[i];
     const ql_linear *l = layer_linear(L, k);
     const uint16_t *w16;
-    const float *w = weights(x, l, &x->lm->layers[i].lin[k], &w16); /* materialized again: nothing was kept */
+    const float *w = weights(x, i, k, &x->lm->layers[i].lin[k], &w16); /* materialized again: nothing was kept */
     if (w16) ql_be(x->be, matmul_backward_input_w16, din, dy, w16, x->d.R, l->in, l->out, accumulate);
     else ql_be(x->be, matmul_backward_input, din, dy, w, x->d.R, l->in, l->out, accumulate);
+    weights_used(x);
     ql_lora_pair *p = pair_at(x, i, k);
     if (p) {
         ql_be_dropout dr;
@@ -449,6 +529,7 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
     lm->mat_ws_bytes = (uint64_t)ws;
     /* the slow path's host scratch (float32, and bf16 after it in bf16
      * precision); on the CPU in bf16, where a plugin materializes F32 only */
+    lm->slow_path = slow > 0;
     if (host && lm->precision == QL_PREC_BF16) slow = *maxw;
     ql_plan_add(p, QL_ROLE_HOST, (void **)&lm->host_w, lm->precision == QL_PREC_BF16 ? slow * 6 : slow * 4, 1);
     ql_lora *lora = lm->lora;
@@ -782,6 +863,11 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     }
     /* one materialized matrix: bf16 in bf16 precision */
     ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, lm->precision == QL_PREC_BF16 ? 2 : 4);
+    lm->held[0] = lm->held[1] = -1;
+    if (maxw > 0 && (o->prefetch > 0 || (o->prefetch == 0 && !lm->ctx->be->host_memory && !lm->slow_path))) {
+        ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w2, maxw, lm->precision == QL_PREC_BF16 ? 2 : 4);
+        ql_plan_add(p, QL_ROLE_WEIGHTS, &lm->mat_ws2, (int64_t)lm->mat_ws_bytes, 1);
+    }
     if (lm->precision == QL_PREC_BF16) { /* the backend's rounded operands */
         int64_t io = d.H > d.I ? d.H : d.I;
         if (d.qd > io) io = d.qd;
@@ -842,6 +928,8 @@ void ql_lora_model_destroy(ql_lora_model *lm)
     free(lm->acts);
     free(lm->inputs);
     free(lm->in16);
+    free(lm->seq[0].ids);
+    free(lm->seq[1].ids);
     free(lm);
 }
 
@@ -883,8 +971,8 @@ int ql_lora_model_gather(ql_lora_model *lm, const ql_example *const *ex, int n, 
 
 /* ---- the step ---- */
 
-int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,
-                       int64_t *n_targets)
+static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,
+                int64_t *n_targets)
 {
     const ql_llama_config *c = lm->c;
     ql_llama *m = lm->m;
@@ -941,6 +1029,8 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
             count += y != QL_IGNORE_INDEX;
         }
     int do_backward = backward && count > 0;
+    x.seqk = do_backward; /* the order of the weights: recorded by the first step of each kind */
+    if (lm->seq[x.seqk].state == 0) lm->seq[x.seqk].state = 1;
 
     /* forward; in bf16 the residual stream is rounded to bf16 at each layer
      * boundary (backend.h), and kept as bf16 where in16 is planned */
@@ -1001,4 +1091,17 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
         grad2 = tmp;
     }
     return ql_be_check(be);
+}
+
+int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,
+                       int64_t *n_targets)
+{
+    int rc = step(lm, mb, opts, loss_sum, n_targets);
+    for (int k = 0; k < 2; k++) /* a recording ends with its step: kept when whole */
+        if (lm->seq[k].state == 1) {
+            lm->seq[k].state = rc ? 0 : 2;
+            if (rc) lm->seq[k].n = 0;
+        }
+    if (rc) lm->held[0] = lm->held[1] = -1; /* a failed materialize may have left either buffer */
+    return rc;
 }

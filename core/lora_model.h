@@ -43,6 +43,11 @@ typedef struct ql_lora_model_opts {
     int64_t logit_rows;  /* logits rows computed at a time; 0: as many as fit in 64 MiB */
     int precision;       /* QL_PREC_FP32 (0) or QL_PREC_BF16 (backend.h); set on the context */
     int optimizer;       /* where AdamW runs on a device backend (QL_OPTIM_*; the CPU: on the host) */
+    /* a second materialized-weight buffer, so that the next quantized
+     * linear's weights are materialized on the side queue while the current
+     * one computes: 0 (auto): on a device backend when every quantized
+     * layer has device kernels; -1 off; 1 on (also on the CPU, in order) */
+    int prefetch;
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the

@@ -434,6 +434,83 @@ START_TEST(bf16_checkpointing_keeps_bf16_inputs_exactly)
 }
 END_TEST
 
+/* Prefetching the next quantized weights (a second buffer, the side queue)
+ * changes no bit: training and forward-only steps, with and without
+ * checkpointing, against a model without it; and it does prefetch (the
+ * recorded order is used from the second step on: materializes on the side
+ * queue, none more than without). */
+static int mat_calls, mat_side;
+
+static int counting_materialize(ql_be_ctx *ctx, void *w, int32_t dtype, const ql_linear *l,
+                                const void *const *dev_bufs, void *workspace, uint64_t workspace_bytes,
+                                float *host_scratch)
+{
+    mat_calls++;
+    mat_side += ctx->queue == 1;
+    return cpu->materialize(ctx, w, dtype, l, dev_bufs, workspace, workspace_bytes, host_scratch);
+}
+
+START_TEST(prefetch_gives_the_same_bits)
+{
+    cpu = ql_backend_cpu();
+    ql_backend counting = *cpu;
+    counting.name = "counting";
+    counting.materialize = counting_materialize;
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, 0.1f);
+    const ql_llama_config *c = ql_llama_get_config(m);
+    int32_t ids[NSEQ][TMAX], labels[NSEQ][TMAX];
+    make_seqs(c->vocab, ids, labels);
+    uint64_t seeds[NSEQ] = {5, 6, 7, 8};
+    ql_lora_batch mb = {.B = NSEQ, .T = TMAX, .ids = &ids[0][0], .labels = &labels[0][0], .len = lens,
+                        .dropout_seeds = seeds};
+    const int ck = _i;
+    enum { STEPS = 4 };
+    double loss[2][STEPS];
+    float *g[2][STEPS];
+    int calls[2][STEPS], side[2][STEPS];
+    uint64_t wbytes[2];
+    for (int pf = 0; pf < 2; pf++) {
+        ql_be_ctx *ctx = NULL;
+        ck_assert_int_eq(ql_be_ctx_open(NULL, &counting, &ctx), QL_OK);
+        ql_lora_model_opts o = {.batch = NSEQ, .max_len = TMAX, .checkpointing = ck, .backward = 1, .allocate = 1,
+                                .precision = QL_PREC_BF16, .prefetch = pf ? 1 : -1};
+        ql_lora_model *lm = NULL;
+        ck_assert_msg(ql_lora_model_create(m, l, ctx, &o, &lm) == QL_OK, "%s", ql_error_message());
+        wbytes[pf] = ql_lora_model_plan_bytes(lm, QL_ROLE_WEIGHTS);
+        for (int st = 0; st < STEPS; st++) { /* train, forward only, train, train */
+            ql_lora_step_opts so = {.loss_scale = 1.0f / 50, .backward = st != 1};
+            memset(l->grads, 0, l->n_params * 4);
+            mat_calls = mat_side = 0;
+            int64_t n = 0;
+            loss[pf][st] = 0;
+            ck_assert_msg(ql_lora_model_step(lm, &mb, &so, &loss[pf][st], &n) == QL_OK, "%s", ql_error_message());
+            calls[pf][st] = mat_calls, side[pf][st] = mat_side;
+            g[pf][st] = malloc(l->n_params * 4);
+            memcpy(g[pf][st], l->grads, l->n_params * 4);
+        }
+        ql_lora_model_destroy(lm);
+        ql_be_ctx_close(ctx);
+    }
+    for (int st = 0; st < STEPS; st++) {
+        ck_assert_msg(loss[0][st] == loss[1][st], "step %d: loss %.17g without prefetching, %.17g with", st,
+                      loss[0][st], loss[1][st]);
+        ck_assert_msg(memcmp(g[0][st], g[1][st], l->n_params * 4) == 0, "step %d: gradients differ with prefetching",
+                      st);
+        ck_assert_int_eq(side[0][st], 0);
+        ck_assert_int_le(calls[1][st], calls[0][st]);
+        free(g[0][st]), free(g[1][st]);
+    }
+    ck_assert_int_eq(side[1][0], 0); /* the first step of each kind records the order */
+    ck_assert_int_eq(side[1][1], 0);
+    ck_assert_int_gt(side[1][2], calls[1][2] / 2); /* then most weights come from the side queue */
+    ck_assert_int_gt(side[1][3], calls[1][3] / 2);
+    ck_assert_uint_gt(wbytes[1], wbytes[0]); /* the second buffer */
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
 /* The LoRA ops of the CPU reference against the operators they are made of:
  * with dropout (p 0.3, over a micro-batch with padded rows) the output of
  * dropout_forward through ql_lora_forward, and backward ql_lora_backward then
@@ -724,6 +801,7 @@ int main(void)
     tcase_add_test(p, bf16_checkpointing_keeps_bf16_inputs_exactly);
     tcase_add_test(p, bf16_round_and_widen);
     tcase_add_loop_test(p, lora_ops_are_their_operators, 0, 4);
+    tcase_add_loop_test(p, prefetch_gives_the_same_bits, 0, 2);
     tcase_add_test(p, plan_out_of_memory_says_what_to_reduce);
     tcase_add_test(p, cli_dry_run_and_oom);
     suite_add_tcase(s, p);
