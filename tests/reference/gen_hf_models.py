@@ -31,6 +31,11 @@ about is dropped (rope scaling -> none, rope_theta -> 10000, sliding window
 -> none, biases / q-k norms -> neutral), so a loader that ignores it fails
 the 1e-5 bound by orders of magnitude.
 
+BNB_FORMS are dense folders quantized by transformers + bitsandbytes (its CPU
+backend) and saved with save_pretrained, with references computed by
+transformers over the 4-bit checkpoint (float32; see bnb_generic_dequantize and
+load for two bitsandbytes CPU details).
+
 The weights are drawn once with a fixed seed; the tf4 forms are written by a
 transformers 4.x installed beside (--tf4 DIR on PYTHONPATH, e.g.
 `pip install --target /work/tf4 'transformers<5'`), loaded from the
@@ -100,6 +105,15 @@ TF4_FORMS = {
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=256))),
 }
+# name -> (dense folder it is quantized from, BitsAndBytesConfig kwargs): what
+# from_pretrained(quantization_config=...) + save_pretrained write, bitsandbytes'
+# CPU backend quantizing; float32 compute so that the references are exact
+BNB_FORMS = {
+    "qwen2_bnb_nf4_dq": ("qwen2", dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)),
+    "qwen3_bnb_nf4": ("qwen3", dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)),
+    "mistral_sliding_bnb_fp4_dq": ("mistral_sliding", dict(bnb_4bit_quant_type="fp4",
+                                                           bnb_4bit_use_double_quant=True)),
+}
 TOKENIZER_FOR = "llama"  # the folder whose tokenizer is byte-level with its own vocab_size (300)
 TRAIN_TEXT = [
     "the small robot found a red ball in the garden and rolled it to the old dog.",
@@ -153,6 +167,33 @@ def build(name, out_dir, vocab):
     return cfg
 
 
+_generic = []
+
+
+def bnb_generic_dequantize():
+    """Route bitsandbytes' 4-bit dequantization on the CPU through its generic
+    torch implementation (backends/default: the element order of the CUDA
+    kernels and of the bytes quantize_4bit writes).  bitsandbytes 0.50.2's CPU
+    C kernel (cdequantize_blockwise_cpu_*) takes each row's blocks from the row
+    start, which misreads a matrix whose row length is not a multiple of the
+    blocksize: Qwen3's o_proj here, [64, 96], dequantizes with a largest error
+    of 0.20 against the original weights (their largest magnitude 0.38),
+    against 0.043 through the generic code.  Real checkpoints have rows of
+    multiples of 64, where both agree."""
+    if _generic:
+        return
+    torch._dynamo.config.disable = True  # bitsandbytes' torch.compile'd helpers run eagerly
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute as compiled
+    from bitsandbytes.backends.utils import _get_4bit_code
+    _dequantize_4bit_compute = getattr(compiled, "_torchdynamo_orig_callable", compiled)  # not through dynamo
+
+    @torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu")
+    def _(A, absmax, blocksize, quant_type, shape, dtype):
+        return _dequantize_4bit_compute(A.view(torch.uint8).reshape(-1), absmax.float(),
+                                        _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
+    _generic.append(_)
+
+
 def load(model_dir, **cfg_override):
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -160,8 +201,34 @@ def load(model_dir, **cfg_override):
         setattr(cfg, k, v)
     if "rope_parameters" in cfg_override and hasattr(cfg, "standardize_rope_params"):
         cfg.standardize_rope_params()
-    return AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    if not getattr(cfg, "quantization_config", None):
+        return AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    import bitsandbytes
+    bnb_generic_dequantize()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager",
+                                             device_map="cpu").eval()
+    # bitsandbytes 0.50's CPU inference path repacks a 4-bit weight for an
+    # AVX512-BF16 kernel and fails on rows not a multiple of 32 (Qwen3's k_proj,
+    # 48); off, every 4-bit matmul dequantizes to float32 and multiplies, as in
+    # training mode
+    # And its backward (MatMul4Bit) dequantizes in the quant_state's dtype, the
+    # bfloat16 the weights were quantized from, while its forward computes in
+    # float32: the input gradients through the base would carry bfloat16
+    # weights (LoRA gradients off by 2e-3).  float32 throughout, as qlora.
+    for mod in m.modules():
+        if isinstance(mod, bitsandbytes.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+            mod.weight.quant_state.dtype = torch.float32
+    # from_pretrained keeps a pre-quantized checkpoint's other weights in the
+    # file's bfloat16 whatever dtype says: widen them (exact), as for the rest
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dtype.is_floating_point and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for b in m.buffers():
+            assert not b.dtype.is_floating_point or b.dtype == torch.float32, b.dtype
+    return m
 
 
 def logits_of(model, seqs):
@@ -179,7 +246,8 @@ def fixed_adapter(model):
     sd = {}
     for layer, block in enumerate(model.model.layers):
         for mi, m in enumerate(MODULES):
-            out, inn = getattr(getattr(block, PATHS[m]), m).weight.shape
+            lin = getattr(getattr(block, PATHS[m]), m)  # a 4-bit weight's shape is its packed bytes
+            out, inn = lin.out_features, lin.in_features
             ia = torch.arange(R * inn, dtype=torch.float64).reshape(R, inn)
             ib = torch.arange(out * R, dtype=torch.float64).reshape(out, R)
             a = 0.05 * torch.sin(0.37 * ia + 1.3 * layer + 0.7 * mi)
@@ -191,6 +259,9 @@ def fixed_adapter(model):
 
 
 def sensitivity(name, model_dir, seqs, base):
+    if name in BNB_FORMS:  # the quantization: against the dense source folder
+        src = load_file(os.path.join(os.path.dirname(model_dir), BNB_FORMS[name][0], "reference.safetensors"))
+        return rel([src[f"logits.{i}"] for i in range(len(seqs))], base)
     variant = FIXTURES[name][2]
     if isinstance(variant, dict):
         m = load(model_dir, **variant)
@@ -345,6 +416,30 @@ def write_tf4(name, out_root, tf4):
             shutil.copy(os.path.join(src, f), os.path.join(dst, f))
 
 
+def write_bnb(name, out_root):
+    """NAME: the source folder quantized by transformers + bitsandbytes as a
+    user does it (4-bit Linear layers, lm_head and the rest kept in bfloat16),
+    saved with save_pretrained, then its references as for the dense folders."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    import bitsandbytes
+    src_name, kw = BNB_FORMS[name]
+    src, dst = os.path.join(out_root, src_name), os.path.join(out_root, name)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **kw)
+    m = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=torch.bfloat16, device_map="cpu")
+    n4 = sum(1 for mod in m.modules() if isinstance(mod, bitsandbytes.nn.Linear4bit))
+    assert n4 == len(MODULES) * SHAPE["num_hidden_layers"], f"{name}: {n4} 4-bit layers"
+    m.save_pretrained(dst)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    seqs = sequences(SHAPE["vocab_size"])  # the source folder's
+    out, sens, lora_change = references(name, dst, seqs)
+    write_reference(dst, out, {"sensitivity": f"{sens:.3g}", "lora_change": f"{lora_change:.3g}",
+                               "bitsandbytes": bitsandbytes.__version__})
+    print(f"{name}: bitsandbytes {bitsandbytes.__version__} {kw}; loss {out['loss'].item():.6f}, the quantization "
+          f"changes {src_name}'s logits by {sens:.3g}, the adapter by {lora_change:.3g}")
+    assert sens > 1e-3, f"{name}: the quantization barely changes the logits"
+
+
 def add_qlora_adapter(out_root, run_dir, name="llama"):
     """Copy the adapter `qlora train` wrote in run_dir to OUT/NAME/qlora_adapter
     and record peft's logits with it over NAME's transformers model."""
@@ -424,7 +519,7 @@ def main():
         return
     if args.qlora_adapters:
         names = args.only if args.only is not None else [
-            n for n in FIXTURES if not os.path.isdir(os.path.join(args.out, n, "qlora_adapter"))]
+            n for n in [*FIXTURES, *BNB_FORMS] if not os.path.isdir(os.path.join(args.out, n, "qlora_adapter"))]
         train_qlora_adapters(args.out, args.qlora_adapters, names)
         return
     print(versions())
@@ -459,6 +554,20 @@ def main():
             continue
         shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
         write_tf4(name, args.out, args.tf4)
+    for name in BNB_FORMS:
+        if args.only is not None and name not in args.only and BNB_FORMS[name][0] not in args.only:
+            continue
+        d = os.path.join(args.out, name)
+        keep_qlora = None
+        if os.path.isdir(os.path.join(d, "qlora_adapter")):
+            keep_qlora = os.path.join(args.out, ".qlora_adapter")
+            shutil.rmtree(keep_qlora, ignore_errors=True)
+            shutil.move(os.path.join(d, "qlora_adapter"), keep_qlora)
+        shutil.rmtree(d, ignore_errors=True)
+        write_bnb(name, args.out)
+        if keep_qlora:
+            shutil.move(keep_qlora, os.path.join(d, "qlora_adapter"))
+            add_qlora_adapter(args.out, os.path.join(d, "qlora_adapter"), name)
 
 
 if __name__ == "__main__":
