@@ -91,7 +91,8 @@ static ql_llama *load(const hf_form *f)
     ck_assert_msg(ql_llama_load(dir, &o, &m) == QL_OK, "%s: %s", f->name, ql_error_message());
     const char *q = ql_llama_quantization(m);
     printf("%s: loaded, quantization %s\n", f->name, q);
-    if (f->quant) ck_assert_msg(strncmp(q, f->quant, strlen(f->quant)) == 0, "%s: quantization %s, not %s", f->name, q, f->quant);
+    if (f->quant)
+        ck_assert_msg(strncmp(q, f->quant, strlen(f->quant)) == 0, "%s: quantization %s, not %s", f->name, q, f->quant);
     else ck_assert_str_eq(q, "none");
     return m;
 }
@@ -171,9 +172,10 @@ END_TEST
 
 /* An adapter written by `qlora train` on the folder (NAME/qlora_adapter), as
  * peft reads it over the same transformers model: every architecture and
- * RoPE form, dense and pre-quantized.  Observed 3.3e-7 - 7.3e-7 relative (bound LOGITS_TOL); the
- * adapters move peft's logits by 0.61-0.95 from the base's, so one read
- * wrong (a module, the scale, a transposed A) fails by orders of magnitude. */
+ * RoPE form, dense and pre-quantized.  Observed 3.3e-7 - 7.3e-7 relative
+ * (bound LOGITS_TOL); the adapters move peft's logits by 0.61-0.95 from the
+ * base's, so one read wrong (a module, the scale, a transposed A) fails by
+ * orders of magnitude. */
 START_TEST(qlora_adapter_in_peft)
 {
     const hf_form *f = form_setup(_i);
