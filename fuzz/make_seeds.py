@@ -234,6 +234,77 @@ def mmlu_seeds(out, shared):
     write(out, "mmlu", "quoted", b'question,choice0,choice1,choice2,choice3,answer\n"a ""quoted""\nline",b,c,d,e,2\r\nq,1,2,3,4,0\n')
 
 
+def config_seeds(out, c):
+    """The config forms docs/models.md lists, over the tiny model's config
+    (head_dim 8, max_position_embeddings 64) so that most load and run: the
+    transformers-5 rope_parameters of every RoPE type, the 4.x rope_theta +
+    rope_scaling (with `type` and `rope_type`), both forms at once, refused
+    types and keys, Qwen2/Qwen3/Mistral fields; and the configs transformers
+    wrote for tests/reference/hf_models, as they are."""
+    base = {k: v for k, v in c.items() if k not in ("rope_theta", "torch_dtype")}
+    rp = {
+        "default": {"rope_type": "default", "rope_theta": 50000.0},
+        "linear": {"rope_type": "linear", "rope_theta": 30000.0, "factor": 2.5},
+        "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 3.0},
+        "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                 "beta_fast": 32.0, "beta_slow": 1.0},
+        "yarn-mscale": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": None,
+                        "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.5,
+                        "truncate": False, "attention_factor": None},
+        "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                     "long_factor": [2.0] * 4},
+        "partial": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    }
+    for name, params in rp.items():
+        write(out, "config", f"rope-parameters-{name}.json", json.dumps(dict(base, dtype="bfloat16",
+                                                                               rope_parameters=params), indent=2))
+    # 4.x: top-level rope_theta, rope_scaling with `type` (older) or `rope_type`
+    write(out, "config", "rope-scaling-null.json", json.dumps(dict(base, rope_theta=50000.0, rope_scaling=None,
+                                                                   torch_dtype="float32")))
+    write(out, "config", "rope-scaling-linear-type.json",
+          json.dumps(dict(base, rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 2.0})))
+    write(out, "config", "rope-scaling-dynamic.json",
+          json.dumps(dict(base, rope_theta=10000.0, rope_scaling={"rope_type": "dynamic", "factor": 2.0})))
+    write(out, "config", "rope-scaling-llama3.json",
+          json.dumps(dict(base, rope_theta=500000.0, torch_dtype="bfloat16", rope_scaling={
+              "rope_type": "llama3", "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16})))
+    write(out, "config", "rope-scaling-yarn-top-original.json",
+          json.dumps(dict(base, rope_theta=10000.0, original_max_position_embeddings=16,
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0})))
+    # both forms: they must agree; rope_theta only fills in a missing one
+    write(out, "config", "rope-both-agree.json",
+          json.dumps(dict(base, rope_theta=20000.0, dtype="float32", torch_dtype="float32",
+                          rope_parameters={"rope_type": "linear", "factor": 2.0},
+                          rope_scaling={"type": "linear", "factor": 2.0})))
+    write(out, "config", "rope-both-differ.json",
+          json.dumps(dict(base, rope_theta=20000.0, rope_parameters=rp["default"],
+                          rope_scaling={"rope_type": "linear", "factor": 2.0})))
+    write(out, "config", "big-integer.json", json.dumps(dict(base, rope_parameters=rp["default"])).replace(
+        '"max_position_embeddings": 64', '"max_position_embeddings": 1000000000000000019884624838656'))
+    # architectures and their fields
+    write(out, "config", "qwen2.json", json.dumps(dict(
+        base, architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_parameters=rp["default"],
+        use_sliding_window=False, sliding_window=None, max_window_layers=28, attention_dropout=0.0), indent=2))
+    write(out, "config", "qwen2-sliding-layer-types.json", json.dumps(dict(
+        base, architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0, use_sliding_window=True,
+        sliding_window=8, max_window_layers=1, layer_types=["full_attention", "sliding_attention"])))
+    write(out, "config", "qwen3.json", json.dumps(dict(
+        base, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=8, attention_bias=False,
+        rope_parameters=dict(rp["yarn"], rope_theta=1000000.0), use_sliding_window=False, sliding_window=None,
+        layer_types=["full_attention", "full_attention"], dtype="bfloat16"), indent=2))
+    write(out, "config", "mistral-no-window.json", json.dumps(dict(
+        base, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None, head_dim=None,
+        rope_parameters=rp["default"])))
+    hf = os.path.join(SRC, "tests", "reference", "hf_models")
+    for name in sorted(os.listdir(hf)):
+        path = os.path.join(hf, name, "config.json")
+        if os.path.isfile(path):
+            write(out, "config", f"hf-{name}.json", open(path, "rb").read())
+
+
 def model_seeds(out, build, shared, work):
     tiny = os.path.join(work, "tiny-model")
     run([os.path.join(build, "fuzz", "fuzz_fixture"), tiny])
@@ -262,6 +333,7 @@ def model_seeds(out, build, shared, work):
                                                          sliding_window=32, head_dim=8, eos_token_id=[2, 0])))
     write(out, "config", "model-type-only.json",
           json.dumps({k: v for k, v in c.items() if k != "architectures"}))
+    config_seeds(out, c)
 
     # quantized tiny models: inspect, config and the plugin load() seeds
     specs = {"nf4": "nf4", "nf4-nodq": "nf4:double_quant=0,blocksize=128", "fp4": "fp4:blocksize=32", "int8": "int8"}

@@ -3,8 +3,8 @@
  * (tests/reference/hf_models/NAME, written by tests/reference/gen_hf_models.py;
  * tests/reference/README.md says how, with which versions, and the errors
  * seen).  For a supported form: base logits, logits with a peft adapter, the
- * loss and every LoRA gradient; for the llama weights also an adapter written
- * by `qlora train`, as peft reads it.  A form qlora does not support yet must
+ * loss and every LoRA gradient, and an adapter written by `qlora train` on it,
+ * as peft reads it.  A form qlora does not support yet must
  * be refused with a message naming what is missing: it may load and run only
  * where its answers are right. */
 #include <check.h>
@@ -31,6 +31,7 @@ typedef struct hf_form {
     const char *ref;  /* folder with reference.safetensors and adapter/ (same weights) */
     int supported;    /* 0: qlora must refuse it (at load or at the first sequence it cannot run) */
     const char *refusal; /* with supported 0: a part of the expected error message */
+    const char *quant;   /* a pre-quantized checkpoint: the quantizer it must load with (else dense) */
 } hf_form;
 
 /* Flip `supported` to 1 as the branches adding each feature land. */
@@ -53,6 +54,13 @@ static const hf_form forms[] = {
     {"mistral_sliding", "mistral_sliding", 1, NULL},
     {"qwen2", "qwen2", 1, NULL},
     {"qwen3", "qwen3", 1, NULL},
+    /* Pre-quantized: the dense folders above quantized by transformers +
+     * bitsandbytes 0.50 on the CPU and saved with save_pretrained (4-bit
+     * linears, double-quantized absmax in two of them, float32 compute);
+     * transformers' logits, loss and gradients over them. */
+    {"qwen2_bnb_nf4_dq", "qwen2_bnb_nf4_dq", 1, NULL, "nf4"},
+    {"qwen3_bnb_nf4", "qwen3_bnb_nf4", 1, NULL, "nf4"},
+    {"mistral_sliding_bnb_fp4_dq", "mistral_sliding_bnb_fp4_dq", 1, NULL, "fp4"},
 };
 enum { NFORMS = sizeof forms / sizeof forms[0] };
 
@@ -81,6 +89,11 @@ static ql_llama *load(const hf_form *f)
     ql_llama *m = NULL;
     ql_llama_load_opts o = {.quantizer = "none"};
     ck_assert_msg(ql_llama_load(dir, &o, &m) == QL_OK, "%s: %s", f->name, ql_error_message());
+    const char *q = ql_llama_quantization(m);
+    printf("%s: loaded, quantization %s\n", f->name, q);
+    if (f->quant)
+        ck_assert_msg(strncmp(q, f->quant, strlen(f->quant)) == 0, "%s: quantization %s, not %s", f->name, q, f->quant);
+    else ck_assert_str_eq(q, "none");
     return m;
 }
 
@@ -157,11 +170,20 @@ START_TEST(adapter_logits)
 }
 END_TEST
 
-/* An adapter written by `qlora train`, as peft reads it (llama weights). */
+/* An adapter written by `qlora train` on the folder (NAME/qlora_adapter), as
+ * peft reads it over the same transformers model: every architecture and
+ * RoPE form, dense and pre-quantized.  Observed 3.3e-7 - 7.3e-7 relative
+ * (bound LOGITS_TOL); the adapters move peft's logits by 0.61-0.95 from the
+ * base's, so one read wrong (a module, the scale, a transposed A) fails by
+ * orders of magnitude. */
 START_TEST(qlora_adapter_in_peft)
 {
     const hf_form *f = form_setup(_i);
-    if (!f->supported || !ql_st_find(ref, "logits.qlora_adapter.0")) return;
+    if (!f->supported) return;
+    ck_assert_msg(ql_st_find(ref, "logits.qlora_adapter.0") != NULL,
+                  "%s: no peft logits with a qlora adapter in %s/reference.safetensors "
+                  "(tests/reference/gen_hf_models.py --qlora-adapters)",
+                  f->name, f->ref);
     ql_llama *m = load(f);
     ql_lora *l = load_adapter(f, m, "qlora_adapter");
     ql_lora_attach(m, l);

@@ -294,6 +294,26 @@ START_TEST(base_model_facts)
                   "%s", out);
     free(out);
     free(err);
+    /* A prompt of a few words, greedy, dense and nf4: the text as generate gave it
+     * when its prompt went through ql_llama_forward (issue 7 moves prompt
+     * processing to the batched forward; the tokens must stay the same). */
+    static const struct {
+        const char *q, *want;
+    } pinned[] = {
+        {"none", "play with his toys and run around the house. One day, Tom saw a big box in the ground. He wanted to\n"},
+        {"nf4", "play with his toys. One day, he found a big box in the park. He was very happy.\nTom wanted to play with the "
+                "b\n"},
+    };
+    for (size_t i = 0; i < sizeof pinned / sizeof pinned[0]; i++) {
+        ck_assert_int_eq(qlora(&out, &err,
+                               "generate --model %s --quantizer=%s --prompt 'Once upon a time, there was a little boy "
+                               "named Tom. He liked to' --max-new-tokens 40",
+                               model, pinned[i].q),
+                         0);
+        ck_assert_str_eq(out, pinned[i].want);
+        free(out);
+        free(err);
+    }
     char stories[1200];
     snprintf(stories, sizeof stories, "%s/data/tinystories/validation.txt", tu_env("QLORA_SHARED"));
     ck_assert_int_eq(qlora(&out, &err, "eval --model %s --quantizer=none --data %s --format text --max-examples 200 --quiet",

@@ -5,7 +5,8 @@ for tests/test_hf_models.c.  See tests/reference/README.md for how to
 regenerate, the versions used and the errors observed.
 
     python tests/reference/gen_hf_models.py [--out tests/reference/hf_models] [--tf4 /work/tf4]
-    python tests/reference/gen_hf_models.py --qlora-adapter RUN_DIR      # after `qlora train`
+    python tests/reference/gen_hf_models.py --qlora-adapters build/core/qlora   # runs `qlora train`
+    python tests/reference/gen_hf_models.py --qlora-adapter RUN_DIR [--name NAME]  # after `qlora train`
 
 CPU, float32, eager attention.  Every folder OUT/NAME holds what
 save_pretrained writes (config.json, generation_config.json,
@@ -19,13 +20,21 @@ KEYS
   logits.lora.{i}   F32 [T, V] with the fixed adapter
   loss              F32 []     mean CE over all target tokens of the batch, with the adapter
   grad.{layer}.{module}.{A|B}   F32 dL/dA [r, in], dL/dB [out, r]
-  logits.qlora_adapter.{i}      F32 [T, V] (llama only) peft with OUT/llama/qlora_adapter,
-                                an adapter written by `qlora train` (--qlora-adapter)
+  logits.qlora_adapter.{i}      F32 [T, V] peft with OUT/NAME/qlora_adapter, an adapter
+                                written by `qlora train` on that folder (--qlora-adapters)
+Every such folder carries a tokenizer so that `qlora train` runs on it: `llama`
+a byte-level BPE of 300 ids (its vocab_size), the others a Metaspace BPE of
+128 ids (the vocab_size of the rest), both trained here on TRAIN_TEXT.
 Metadata: torch, transformers, peft versions, r, alpha, and `sensitivity`:
 the relative L2 change of the base logits when the feature the folder is
 about is dropped (rope scaling -> none, rope_theta -> 10000, sliding window
 -> none, biases / q-k norms -> neutral), so a loader that ignores it fails
 the 1e-5 bound by orders of magnitude.
+
+BNB_FORMS are dense folders quantized by transformers + bitsandbytes (its CPU
+backend) and saved with save_pretrained, with references computed by
+transformers over the 4-bit checkpoint (float32; see bnb_generic_dequantize and
+load for two bitsandbytes CPU details).
 
 The weights are drawn once with a fixed seed; the tf4 forms are written by a
 transformers 4.x installed beside (--tf4 DIR on PYTHONPATH, e.g.
@@ -96,7 +105,16 @@ TF4_FORMS = {
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=256))),
 }
-TOKENIZER_FOR = "llama"  # the folder that gets a tokenizer, so `qlora train` runs on it
+# name -> (dense folder it is quantized from, BitsAndBytesConfig kwargs): what
+# from_pretrained(quantization_config=...) + save_pretrained write, bitsandbytes'
+# CPU backend quantizing; float32 compute so that the references are exact
+BNB_FORMS = {
+    "qwen2_bnb_nf4_dq": ("qwen2", dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)),
+    "qwen3_bnb_nf4": ("qwen3", dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)),
+    "mistral_sliding_bnb_fp4_dq": ("mistral_sliding", dict(bnb_4bit_quant_type="fp4",
+                                                           bnb_4bit_use_double_quant=True)),
+}
+TOKENIZER_FOR = "llama"  # the folder whose tokenizer is byte-level with its own vocab_size (300)
 TRAIN_TEXT = [
     "the small robot found a red ball in the garden and rolled it to the old dog.",
     "a girl named mia liked to draw boats. one day she drew a boat that could fly.",
@@ -149,6 +167,33 @@ def build(name, out_dir, vocab):
     return cfg
 
 
+_generic = []
+
+
+def bnb_generic_dequantize():
+    """Route bitsandbytes' 4-bit dequantization on the CPU through its generic
+    torch implementation (backends/default: the element order of the CUDA
+    kernels and of the bytes quantize_4bit writes).  bitsandbytes 0.50.2's CPU
+    C kernel (cdequantize_blockwise_cpu_*) takes each row's blocks from the row
+    start, which misreads a matrix whose row length is not a multiple of the
+    blocksize: Qwen3's o_proj here, [64, 96], dequantizes with a largest error
+    of 0.20 against the original weights (their largest magnitude 0.38),
+    against 0.043 through the generic code.  Real checkpoints have rows of
+    multiples of 64, where both agree."""
+    if _generic:
+        return
+    torch._dynamo.config.disable = True  # bitsandbytes' torch.compile'd helpers run eagerly
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute as compiled
+    from bitsandbytes.backends.utils import _get_4bit_code
+    _dequantize_4bit_compute = getattr(compiled, "_torchdynamo_orig_callable", compiled)  # not through dynamo
+
+    @torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu")
+    def _(A, absmax, blocksize, quant_type, shape, dtype):
+        return _dequantize_4bit_compute(A.view(torch.uint8).reshape(-1), absmax.float(),
+                                        _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
+    _generic.append(_)
+
+
 def load(model_dir, **cfg_override):
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -156,8 +201,34 @@ def load(model_dir, **cfg_override):
         setattr(cfg, k, v)
     if "rope_parameters" in cfg_override and hasattr(cfg, "standardize_rope_params"):
         cfg.standardize_rope_params()
-    return AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    if not getattr(cfg, "quantization_config", None):
+        return AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    import bitsandbytes
+    bnb_generic_dequantize()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager",
+                                             device_map="cpu").eval()
+    # bitsandbytes 0.50's CPU inference path repacks a 4-bit weight for an
+    # AVX512-BF16 kernel and fails on rows not a multiple of 32 (Qwen3's k_proj,
+    # 48); off, every 4-bit matmul dequantizes to float32 and multiplies, as in
+    # training mode
+    # And its backward (MatMul4Bit) dequantizes in the quant_state's dtype, the
+    # bfloat16 the weights were quantized from, while its forward computes in
+    # float32: the input gradients through the base would carry bfloat16
+    # weights (LoRA gradients off by 2e-3).  float32 throughout, as qlora.
+    for mod in m.modules():
+        if isinstance(mod, bitsandbytes.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+            mod.weight.quant_state.dtype = torch.float32
+    # from_pretrained keeps a pre-quantized checkpoint's other weights in the
+    # file's bfloat16 whatever dtype says: widen them (exact), as for the rest
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dtype.is_floating_point and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for b in m.buffers():
+            assert not b.dtype.is_floating_point or b.dtype == torch.float32, b.dtype
+    return m
 
 
 def logits_of(model, seqs):
@@ -175,7 +246,8 @@ def fixed_adapter(model):
     sd = {}
     for layer, block in enumerate(model.model.layers):
         for mi, m in enumerate(MODULES):
-            out, inn = getattr(getattr(block, PATHS[m]), m).weight.shape
+            lin = getattr(getattr(block, PATHS[m]), m)  # a 4-bit weight's shape is its packed bytes
+            out, inn = lin.out_features, lin.in_features
             ia = torch.arange(R * inn, dtype=torch.float64).reshape(R, inn)
             ib = torch.arange(out * R, dtype=torch.float64).reshape(out, R)
             a = 0.05 * torch.sin(0.37 * ia + 1.3 * layer + 0.7 * mi)
@@ -187,6 +259,9 @@ def fixed_adapter(model):
 
 
 def sensitivity(name, model_dir, seqs, base):
+    if name in BNB_FORMS:  # the quantization: against the dense source folder
+        src = load_file(os.path.join(os.path.dirname(model_dir), BNB_FORMS[name][0], "reference.safetensors"))
+        return rel([src[f"logits.{i}"] for i in range(len(seqs))], base)
     variant = FIXTURES[name][2]
     if isinstance(variant, dict):
         m = load(model_dir, **variant)
@@ -261,16 +336,26 @@ def write_reference(model_dir, out, extra):
     save_file(out, os.path.join(model_dir, "reference.safetensors"), metadata=meta)
 
 
-def write_tokenizer(model_dir):
-    """A byte-level BPE tokenizer trained here (ids 0-2 <unk> <s> </s>), so the
-    llama folder is a complete model for `qlora train`; returns its vocab size."""
+def write_tokenizer(model_dir, vocab=None):
+    """A BPE tokenizer trained here (ids 0-2 <unk> <s> </s>), so the folder is
+    a complete model for `qlora train`; returns its vocab size.  vocab None: a
+    byte-level BPE of 300 ids (the llama folder); else a Metaspace BPE of at
+    most `vocab` ids over TRAIN_TEXT's characters (unknown characters <unk>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    specials = ["<unk>", "<s>", "</s>"]
+    if vocab is None:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False)
     tok.train_from_iterator(TRAIN_TEXT, trainer=trainer)
+    assert vocab is None or tok.get_vocab_size() <= vocab, tok.get_vocab_size()
     tok.save(os.path.join(model_dir, "tokenizer.json"))
     with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
@@ -331,9 +416,35 @@ def write_tf4(name, out_root, tf4):
             shutil.copy(os.path.join(src, f), os.path.join(dst, f))
 
 
-def add_qlora_adapter(out_root, run_dir):
+def write_bnb(name, out_root):
+    """NAME: the source folder quantized by transformers + bitsandbytes as a
+    user does it (4-bit Linear layers, lm_head and the rest kept in bfloat16),
+    saved with save_pretrained, then its references as for the dense folders."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    import bitsandbytes
+    src_name, kw = BNB_FORMS[name]
+    src, dst = os.path.join(out_root, src_name), os.path.join(out_root, name)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **kw)
+    m = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=torch.bfloat16, device_map="cpu")
+    n4 = sum(1 for mod in m.modules() if isinstance(mod, bitsandbytes.nn.Linear4bit))
+    assert n4 == len(MODULES) * SHAPE["num_hidden_layers"], f"{name}: {n4} 4-bit layers"
+    m.save_pretrained(dst)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    seqs = sequences(SHAPE["vocab_size"])  # the source folder's
+    out, sens, lora_change = references(name, dst, seqs)
+    write_reference(dst, out, {"sensitivity": f"{sens:.3g}", "lora_change": f"{lora_change:.3g}",
+                               "bitsandbytes": bitsandbytes.__version__})
+    print(f"{name}: bitsandbytes {bitsandbytes.__version__} {kw}; loss {out['loss'].item():.6f}, the quantization "
+          f"changes {src_name}'s logits by {sens:.3g}, the adapter by {lora_change:.3g}")
+    assert sens > 1e-3, f"{name}: the quantization barely changes the logits"
+
+
+def add_qlora_adapter(out_root, run_dir, name="llama"):
+    """Copy the adapter `qlora train` wrote in run_dir to OUT/NAME/qlora_adapter
+    and record peft's logits with it over NAME's transformers model."""
     from peft import PeftModel
-    model_dir = os.path.join(out_root, "llama")
+    model_dir = os.path.join(out_root, name)
     dst = os.path.join(model_dir, "qlora_adapter")
     if os.path.abspath(run_dir) != os.path.abspath(dst):
         os.makedirs(dst, exist_ok=True)
@@ -346,13 +457,41 @@ def add_qlora_adapter(out_root, run_dir):
     ref = load_file(path)
     seqs = [(ref[f"ids.{i}"].tolist(), 0) for i in range(len(LENGTHS))]
     pm = PeftModel.from_pretrained(load(model_dir), dst).eval()
+    n_lora = sum(1 for n, _ in pm.named_parameters() if "lora_" in n)
+    assert n_lora == 2 * len(MODULES) * SHAPE["num_hidden_layers"], f"{name}: peft loaded {n_lora} LoRA tensors"
     logits = logits_of(pm, seqs)
     for i, l in enumerate(logits):
         ref[f"logits.qlora_adapter.{i}"] = l
     change = rel(logits, [ref[f"logits.{i}"] for i in range(len(seqs))])
     meta["qlora_adapter_change"] = f"{change:.3g}"
     save_file(ref, path, metadata=meta)
-    print(f"llama: peft logits with {dst} recorded (relative change from the base logits {change:.3g})")
+    print(f"{name}: peft logits with {dst} recorded (relative change from the base logits {change:.3g})")
+    assert change > 1e-2, f"{name}: the trained adapter barely changes the logits"
+
+
+# `qlora train` as a user runs it on a folder: r 8 over all seven modules,
+# dropout on, a few steps at a high rate so that A and B move far from init
+QLORA_TRAIN = ["--format", "text", "--quantizer=none", "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0.1",
+               "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "1", "--steps", "6", "--warmup-ratio", "0",
+               "--no-shuffle", "--seed", "7", "--quiet"]
+
+
+def train_qlora_adapters(out_root, qlora, names):
+    """For each folder: a tokenizer if it has none, `qlora train` on it, and
+    peft's logits with the adapter it wrote."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="hf_qlora_") as tmp:
+        text = os.path.join(tmp, "train.txt")
+        with open(text, "w") as f:
+            f.write("\n\n".join(TRAIN_TEXT) + "\n")
+        for name in names:
+            d = os.path.join(out_root, name)
+            if not os.path.exists(os.path.join(d, "tokenizer.json")):
+                write_tokenizer(d, SHAPE["vocab_size"])
+            run = os.path.join(tmp, name)
+            subprocess.run([qlora, "train", "--model", d, "--data", text, "--output", run, *QLORA_TRAIN],
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+            add_qlora_adapter(out_root, run, name)
 
 
 def main():
@@ -360,7 +499,11 @@ def main():
     ap.add_argument("--out", default="tests/reference/hf_models")
     ap.add_argument("--tf4", default="/work/tf4", help="a transformers 4.x installed with pip --target")
     ap.add_argument("--qlora-adapter", default=None,
-                    help="record peft's logits with this adapter written by `qlora train` (only)")
+                    help="record peft's logits with this adapter written by `qlora train` on --name (only)")
+    ap.add_argument("--name", default="llama", help="the folder --qlora-adapter's adapter was trained on")
+    ap.add_argument("--qlora-adapters", default=None, metavar="QLORA",
+                    help="run this qlora's `train` on every folder without qlora_adapter/ (or on --only's) "
+                         "and record peft's logits with each adapter (only)")
     ap.add_argument("--train-text", default=None, help="write the text `qlora train` uses here and exit")
     ap.add_argument("--only", nargs="*", default=None, help="regenerate only these folders")
     args = ap.parse_args()
@@ -372,7 +515,12 @@ def main():
             f.write("\n\n".join(TRAIN_TEXT) + "\n")
         return
     if args.qlora_adapter:
-        add_qlora_adapter(args.out, args.qlora_adapter)
+        add_qlora_adapter(args.out, args.qlora_adapter, args.name)
+        return
+    if args.qlora_adapters:
+        names = args.only if args.only is not None else [
+            n for n in [*FIXTURES, *BNB_FORMS] if not os.path.isdir(os.path.join(args.out, n, "qlora_adapter"))]
+        train_qlora_adapters(args.out, args.qlora_adapters, names)
         return
     print(versions())
     for name in FIXTURES:
@@ -380,13 +528,17 @@ def main():
             continue
         d = os.path.join(args.out, name)
         keep_qlora = None
-        if name == "llama" and os.path.isdir(os.path.join(d, "qlora_adapter")):
+        if os.path.isdir(os.path.join(d, "qlora_adapter")):
             keep_qlora = os.path.join(args.out, ".qlora_adapter")
             shutil.rmtree(keep_qlora, ignore_errors=True)
             shutil.move(os.path.join(d, "qlora_adapter"), keep_qlora)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        vocab = write_tokenizer(d) if name == TOKENIZER_FOR else SHAPE["vocab_size"]
+        if name == TOKENIZER_FOR:
+            vocab = write_tokenizer(d)
+        else:
+            write_tokenizer(d, SHAPE["vocab_size"])
+            vocab = SHAPE["vocab_size"]
         build(name, d, vocab)
         seqs = sequences(vocab)
         out, sens, lora_change = references(name, d, seqs)
@@ -396,12 +548,26 @@ def main():
         assert sens > 1e-2, f"{name}: the feature under test barely changes the logits"
         if keep_qlora:
             shutil.move(keep_qlora, os.path.join(d, "qlora_adapter"))
-            add_qlora_adapter(args.out, os.path.join(d, "qlora_adapter"))
+            add_qlora_adapter(args.out, os.path.join(d, "qlora_adapter"), name)
     for name in TF4_FORMS:
         if args.only is not None and name not in args.only and TF4_FORMS[name][0] not in args.only:
             continue
         shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
         write_tf4(name, args.out, args.tf4)
+    for name in BNB_FORMS:
+        if args.only is not None and name not in args.only and BNB_FORMS[name][0] not in args.only:
+            continue
+        d = os.path.join(args.out, name)
+        keep_qlora = None
+        if os.path.isdir(os.path.join(d, "qlora_adapter")):
+            keep_qlora = os.path.join(args.out, ".qlora_adapter")
+            shutil.rmtree(keep_qlora, ignore_errors=True)
+            shutil.move(os.path.join(d, "qlora_adapter"), keep_qlora)
+        shutil.rmtree(d, ignore_errors=True)
+        write_bnb(name, args.out)
+        if keep_qlora:
+            shutil.move(keep_qlora, os.path.join(d, "qlora_adapter"))
+            add_qlora_adapter(args.out, os.path.join(d, "qlora_adapter"), name)
 
 
 if __name__ == "__main__":
