@@ -39,21 +39,21 @@ static const hf_form forms[] = {
     /* Failed on main before rope_parameters was read (core/llama.c): the
      * transformers-5 form keeps rope_theta there, and qlora ran with 10000
      * instead of 50000 (logits off by 0.058 relative). */
-    {"llama", "llama", 1, NULL},
-    {"llama_tf4", "llama", 1, NULL},
-    {"llama_tied", "llama_tied", 1, NULL},
+    {"llama", "llama", 1, NULL, NULL},
+    {"llama_tf4", "llama", 1, NULL, NULL},
+    {"llama_tied", "llama_tied", 1, NULL, NULL},
     /* Each loaded and ran silently wrong before rope_parameters.rope_type was
      * read (core/rope.c). */
-    {"llama_rope_linear", "llama_rope_linear", 1, NULL},
-    {"llama_rope_dynamic", "llama_rope_dynamic", 1, NULL},
-    {"llama_rope_yarn", "llama_rope_yarn", 1, NULL},
-    {"llama_rope_llama3", "llama_rope_llama3", 1, NULL},
-    {"llama_rope_llama3_tf4", "llama_rope_llama3", 1, NULL},
+    {"llama_rope_linear", "llama_rope_linear", 1, NULL, NULL},
+    {"llama_rope_dynamic", "llama_rope_dynamic", 1, NULL, NULL},
+    {"llama_rope_yarn", "llama_rope_yarn", 1, NULL, NULL},
+    {"llama_rope_llama3", "llama_rope_llama3", 1, NULL, NULL},
+    {"llama_rope_llama3_tf4", "llama_rope_llama3", 1, NULL, NULL},
     /* Sliding window 16 against sequences of 12, 20 and 40 tokens (banded
      * attention), q/k/v biases, per-head q/k norms with head_dim 24. */
-    {"mistral_sliding", "mistral_sliding", 1, NULL},
-    {"qwen2", "qwen2", 1, NULL},
-    {"qwen3", "qwen3", 1, NULL},
+    {"mistral_sliding", "mistral_sliding", 1, NULL, NULL},
+    {"qwen2", "qwen2", 1, NULL, NULL},
+    {"qwen3", "qwen3", 1, NULL, NULL},
     /* Pre-quantized: the dense folders above quantized by transformers +
      * bitsandbytes 0.50 on the CPU and saved with save_pretrained (4-bit
      * linears, double-quantized absmax in two of them, float32 compute);
