@@ -439,7 +439,8 @@ static const struct {
     {"generate", "--temperature", "0"},
     {"generate", "--top-p", "1"},
     {"generate", "--seed", "0"},
-    {"bench", "--shapes", "7b"},
+    {"bench", "--shapes", "7b; 4096x4096,11008x4096,28672x8192"},
+    {"bench", "--tokens", "4096"},
     {"bench", "--seq", "2048"},
     {"bench", "--batch-size", "1"},
     {"bench", "--lora-r", "64"},
@@ -857,9 +858,28 @@ START_TEST(test_device_flags)
     ck_assert_int_ne(st, 0);
     ck_assert_contains(err, "unknown shape '8b'");
     free(out), free(err);
-    st = qlora(&out, &err, "bench --only linear --device cpu");
+    /* the kernels: materialize against a copy, the 4-bit linear against bf16 */
+    st = qlora(&out, &err, "bench --only materialize --device cpu --shapes 64x128,32x256 --steps 2 --warmup 0");
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "{\"bench\": \"materialize\", \"impl\": \"qlora\", \"quantizer\": "
+                            "\"nf4:blocksize=64,double_quant=1\", \"rows\": 64, \"cols\": 128, \"out\": \"bf16\"");
+    ck_assert_contains(out, "\"rows\": 32, \"cols\": 256");
+    ck_assert_contains(out, "\"bytes_out\": 16384"); /* 64 x 128 bf16 */
+    ck_assert_contains(out, "x copy");
+    free(out), free(err);
+    st = qlora(&out, &err, "bench --only linear --device cpu -q int8 --shapes 48x64 --tokens 16 --steps 2 --warmup 1");
+    ck_assert_msg(st == 0, "exit %d: %s", st, err);
+    ck_assert_contains(out, "{\"bench\": \"linear\", \"impl\": \"qlora\", \"quantizer\": \"int8");
+    ck_assert_contains(out, "\"rows\": 48, \"cols\": 64, \"tokens\": 16");
+    ck_assert_contains(out, "x bf16");
+    free(out), free(err);
+    st = qlora(&out, &err, "bench --only kernels --device cpu");
     ck_assert_int_eq(st, 2);
-    ck_assert_contains(err, "bench: --only linear");
+    ck_assert_contains(err, "--only kernels: use step, materialize or linear");
+    free(out), free(err);
+    st = qlora(&out, &err, "bench --only linear --device cpu --shapes 64x");
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "matrix shape '64x': want ROWSxCOLS");
     free(out), free(err);
     free(json), free(data), free(run), free(parent), free(model);
 }

@@ -49,7 +49,7 @@ static const char usage_text[] =
     "       [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--optim auto|adamw|paged_adamw]\n"
     "                                      auto: cuda when present, bf16 and paged_adamw there\n"
     "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
-    "  bench [--only step] [--shapes 7b,13b,33b,65b,70b] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
+    "  bench [--only step|materialize|linear] [--shapes 7b,13b,33b,65b,70b] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
     "       [--layers N] [--seq 2048] [--batch-size 1] [--lora-r 64] [--lora-dropout 0.1] [--steps 5]\n"
     "       [--warmup 2] [--optim auto|adamw|paged_adamw] [--json FILE]\n"
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
@@ -215,6 +215,7 @@ enum {
     OPT_SHAPES,
     OPT_OPTIM,
     OPT_ONLY,
+    OPT_TOKENS,
     OPT_LAYERS,
     OPT_WARMUP,
     OPT_SUMMARY_ONLY,
@@ -598,10 +599,14 @@ static int help_bench(void)
     ql_bench_opts_default(&o);
     printf("usage: qlora bench [OPTIONS]\n\n"
            "Time a QLoRA training step (forward, backward with gradient checkpointing, LoRA on every linear,\n"
-           "AdamW) at the shapes of LLaMA models, with random weights: a JSON line per shape, then a table.\n\n"
+           "AdamW) at the shapes of LLaMA models, with random weights: a JSON line per shape, then a table.\n"
+           "--only materialize times the quantizer's materialize to bf16 against a copy of as many bytes;\n"
+           "--only linear the 4-bit linear forward against the same product with bf16 weights.\n\n"
            "options:\n");
-    help_opt("--only WHAT", "what to measure: this build measures the training step", "step");
-    help_opt("--shapes LIST", "some of 7b,13b,33b,65b,70b, comma-separated", o.shapes);
+    help_opt("--only WHAT", "step, materialize or linear", "step");
+    help_opt("--shapes LIST", "step: some of 7b,13b,33b,65b,70b; materialize, linear: matrices ROWSxCOLS, "
+             "comma-separated", "7b; 4096x4096,11008x4096,28672x8192");
+    help_int("--tokens N", "linear: rows of the input", o.tokens);
     help_device();
     help_opt("--precision P", "fp32, bf16 or auto",
              strcmp(o.precision, "auto") ? o.precision : "auto: bf16 on cuda, fp32 on cpu");
@@ -612,8 +617,8 @@ static int help_bench(void)
     help_int("--batch-size N", "sequences per step (also --batch)", o.batch);
     help_int("--lora-r N", "LoRA rank", o.lora_r);
     help_num("--lora-dropout P", "dropout on the LoRA input", o.lora_dropout);
-    help_int("--steps N", "timed steps", o.steps);
-    help_int("--warmup N", "untimed steps first", o.warmup);
+    help_int("--steps N", "timed steps (materialize, linear: timed samples)", o.steps);
+    help_int("--warmup N", "untimed steps (samples) first", o.warmup);
     help_opt("--optim O", "adamw, paged_adamw (= paged_adamw_32bit) or auto",
              strcmp(o.optim, "auto") ? o.optim : "auto: paged_adamw on cuda; on cpu, AdamW on the host");
     help_opt("--json FILE", "write the JSON lines to FILE (whole, or not at all) instead of stdout", NULL);
@@ -632,7 +637,7 @@ static int cmd_bench(int argc, char **argv)
         {"lora-r", required_argument, NULL, OPT_LORA_R},       {"steps", required_argument, NULL, OPT_STEPS},
         {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
         {"warmup", required_argument, NULL, OPT_WARMUP},       {"json", required_argument, NULL, OPT_JSON},
-        {"optim", required_argument, NULL, OPT_OPTIM},
+        {"optim", required_argument, NULL, OPT_OPTIM},         {"tokens", required_argument, NULL, OPT_TOKENS},
         {"quiet", no_argument, NULL, OPT_QUIET},               {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -662,6 +667,7 @@ static int cmd_bench(int argc, char **argv)
         case OPT_LORA_DROPOUT: bad |= parse_float_arg("--lora-dropout", optarg, 0, 0.99, &dv), o.lora_dropout = (float)dv; break;
         case OPT_STEPS: bad |= parse_long_arg("--steps", optarg, 1, 100000, &lv), o.steps = (int)lv; break;
         case OPT_WARMUP: bad |= parse_long_arg("--warmup", optarg, 0, 100000, &lv), o.warmup = (int)lv; break;
+        case OPT_TOKENS: bad |= parse_long_arg("--tokens", optarg, 1, 1L << 20, &lv), o.tokens = (int)lv; break;
         case OPT_JSON: json_path = optarg; break;
         case OPT_QUIET: o.progress = 0; break;
         case OPT_OPTIM:
@@ -674,9 +680,7 @@ static int cmd_bench(int argc, char **argv)
     }
     if (bad) return 2;
     if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
-    if (strcmp(only, "step"))
-        return usage_error("--only %s: this build measures the training step (--only step); the materialize "
-                           "and linear kernels are measured by build/bench/bench_materialize", only);
+    if (choice("--only", only, "step materialize linear", "step, materialize or linear", &only)) return 2;
     FILE *json = stdout;
     char tmp[4200];
     if (json_path) {
@@ -687,7 +691,7 @@ static int cmd_bench(int argc, char **argv)
         if (!json) return fail(ql_error(QL_EIO, "cannot write %s: %s", tmp, strerror(errno)));
     }
     /* JSON lines, then a blank line and a table (as the peers in bench/peers print theirs) */
-    int rc = ql_bench_step(&o, json, stdout);
+    int rc = !strcmp(only, "step") ? ql_bench_step(&o, json, stdout) : ql_bench_kernels(&o, only, json, stdout);
     if (json_path) {
         int wrc = fflush(json) || fsync(fileno(json));
         fclose(json);

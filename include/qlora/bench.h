@@ -10,7 +10,10 @@ extern "C" {
 #endif
 
 typedef struct ql_bench_opts {
-    const char *shapes;    /* "7b,13b,33b,65b,70b" (any subset, comma-separated) */
+    /* step: "7b,13b,33b,65b,70b" (any subset, comma-separated; NULL: 7b);
+     * materialize, linear: matrices "ROWSxCOLS,..." (NULL: 4096x4096,
+     * 11008x4096,28672x8192) */
+    const char *shapes;
     const char *device;    /* "cuda", "cpu" or "auto" */
     const char *precision; /* "fp32", "bf16" or "auto" */
     const char *quantizer; /* "nf4" by default */
@@ -21,6 +24,7 @@ typedef struct ql_bench_opts {
     float lora_dropout;    /* 0.1, as the QLoRA paper for 7B and 13B */
     int steps, warmup;     /* timed steps (5), untimed first (2) */
     int progress;          /* per-step JSON lines on stderr */
+    int tokens;            /* linear: rows of the activation (4096) */
 } ql_bench_opts;
 
 void ql_bench_opts_default(ql_bench_opts *o);
@@ -29,6 +33,13 @@ void ql_bench_opts_default(ql_bench_opts *o);
  * every linear, AdamW) of each shape: one JSON line per shape on `json`
  * (NULL: none), and a table on `table` (NULL: none). */
 int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table);
+
+/* what = "materialize": the quantizer's materialize to bf16 of each matrix
+ * (o->shapes), against a copy of as many bytes in backend memory; "linear":
+ * the 4-bit linear forward (materialize, then the bf16 product) of
+ * o->tokens rows against the same product with bf16 weights.  Medians of
+ * o->steps samples after o->warmup; a JSON line per matrix and a table. */
+int ql_bench_kernels(const ql_bench_opts *o, const char *what, FILE *json, FILE *table);
 
 #ifdef __cplusplus
 }
