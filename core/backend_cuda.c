@@ -374,7 +374,12 @@ static int gemm16(ql_be_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t 
     int rc = too_big(M, N, K, op);
     if (rc) return rc;
     if (M == 0 || N == 0 || batch == 0) return QL_OK;
-    cublasStatus_t s = cublasGemmStridedBatchedEx(
+    cublasStatus_t s;
+    if (batch == 1) /* the plain entry point: cuBLAS' heuristics pick better kernels for it than for a batch of one */
+        s = cublasGemmEx(impl(ctx)->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)N, (int)M,
+                         (int)K, &alpha, B, CUDA_R_16BF, (int)ldb, A, CUDA_R_16BF, (int)lda, &beta, C, CUDA_R_32F,
+                         (int)ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    else s = cublasGemmStridedBatchedEx(
         impl(ctx)->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)N, (int)M, (int)K,
         &alpha, B, CUDA_R_16BF, (int)ldb, sb, A, CUDA_R_16BF, (int)lda, sa, &beta, C, CUDA_R_32F, (int)ldc, sc,
         (int)batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
