@@ -15,7 +15,11 @@
 
 #include "qlora/mmlu.h"
 #include "qlora/qlora.h"
+#include "qlora/train.h"
 #include "testutil.h"
+
+/* transformers' get_scheduler, every step (tests/reference/gen_schedule_ref.py) */
+#include "reference/schedule_ref.h"
 
 static char model[1024], data[1100], tmp[1024];
 static char cmd[8192];
@@ -140,7 +144,7 @@ START_TEST(same_seed_same_losses_and_run_files)
     ck_assert_str_eq(json_string_value(json_object_get(cfg, "peft_type")), "LORA");
     ck_assert_int_eq(json_integer_value(json_object_get(cfg, "r")), 4);
     ck_assert_double_eq(json_number_value(json_object_get(cfg, "lora_alpha")), 16.0);
-    ck_assert_double_eq_tol(json_number_value(json_object_get(cfg, "lora_dropout")), 0.05, 1e-12);
+    ck_assert_double_eq_tol(json_number_value(json_object_get(cfg, "lora_dropout")), 0.0, 1e-12);
     ck_assert_uint_eq(json_array_size(json_object_get(cfg, "target_modules")), 7);
     ck_assert_str_eq(json_string_value(json_object_get(cfg, "task_type")), "CAUSAL_LM");
     json_decref(cfg);
@@ -1322,6 +1326,58 @@ START_TEST(force_replaces_only_earlier_runs)
 }
 END_TEST
 
+/* ql_lr_at against transformers' schedulers: every step of each schedule,
+ * for totals from 1 to 250 steps and warmup ratios from 0 to 1; constant
+ * ignores the warmup, the others warm up from 0 */
+START_TEST(schedule_matches_transformers)
+{
+    size_t n = sizeof schedule_ref_cases / sizeof schedule_ref_cases[0];
+    for (size_t i = 0; i < n; i++) {
+        ql_train_opts o;
+        ql_train_opts_default(&o);
+        o.lr = (float)schedule_ref_lr;
+        o.warmup_ratio = schedule_ref_cases[i].warmup_ratio;
+        ck_assert_int_eq(ql_lr_schedule_parse(schedule_ref_cases[i].schedule, &o.schedule), QL_OK);
+        ck_assert_str_eq(ql_lr_schedule_name(o.schedule), schedule_ref_cases[i].schedule);
+        int total = schedule_ref_cases[i].total;
+        for (int k = 0; k < total; k++) {
+            double want = schedule_ref_values[schedule_ref_cases[i].first + k], got = ql_lr_at(&o, k, total);
+            ck_assert_msg(fabs(got - want) <= 1e-7 * schedule_ref_lr,
+                          "%s, %d steps, warmup ratio %g: step %d has lr %.9g, transformers %.9g",
+                          schedule_ref_cases[i].schedule, total, o.warmup_ratio, k, got, want);
+        }
+    }
+    ql_lr_schedule s;
+    ck_assert_int_eq(ql_lr_schedule_parse("polynomial", &s), QL_EINVAL);
+    ck_assert_str_eq(ql_error_message(), "--lr-scheduler polynomial: use constant, constant_with_warmup, linear or cosine");
+}
+END_TEST
+
+/* qlora.py's defaults, as ql_train_opts_default and run_config.json have them */
+START_TEST(defaults_are_qlora_py)
+{
+    ql_train_opts o;
+    ql_train_opts_default(&o);
+    ck_assert_int_eq(o.lora.r, 64);
+    ck_assert_float_eq(o.lora.alpha, 16.0f);
+    ck_assert_float_eq(o.lora.dropout, 0.0f);
+    ck_assert_float_eq(o.lr, 2e-4f);
+    ck_assert_int_eq(o.schedule, QL_SCHED_CONSTANT);
+    ck_assert_double_eq(o.warmup_ratio, 0.03);
+    ck_assert_int_eq(o.group_by_length, 1);
+    ck_assert_int_eq(o.batch_size, 1);
+    ck_assert_int_eq(o.grad_accum, 16);
+    ck_assert_float_eq(o.max_grad_norm, 0.3f);
+    ck_assert_float_eq(o.weight_decay, 0.0f);
+    ck_assert_int_eq(o.data.source_max_len, 1024);
+    ck_assert_int_eq(o.data.target_max_len, 256);
+    ck_assert_int_eq(o.data.train_on_source, 0);
+    ck_assert_float_eq(o.beta2, 0.999f);
+    /* the constant default ignores the warmup, as transformers' does */
+    for (int k = 0; k < 10; k++) ck_assert_float_eq(ql_lr_at(&o, k, 100), 2e-4f);
+}
+END_TEST
+
 Suite *train_suite(void)
 {
     Suite *s = suite_create("train");
@@ -1353,6 +1409,10 @@ Suite *train_suite(void)
     tcase_add_test(r, save_total_limit_keeps_the_newest);
     tcase_add_test(r, save_defaults_are_qlora_py);
     suite_add_tcase(s, r);
+    TCase *sc = tcase_create("schedule");
+    tcase_add_test(sc, schedule_matches_transformers);
+    tcase_add_test(sc, defaults_are_qlora_py);
+    suite_add_tcase(s, sc);
     TCase *c = tcase_create("checkpoint_files");
     tcase_add_unchecked_fixture(c, base_setup, base_teardown);
     tcase_add_checked_fixture(c, setup, teardown);
