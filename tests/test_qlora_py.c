@@ -338,6 +338,81 @@ START_TEST(qlora_py_names_on_eval)
 }
 END_TEST
 
+/* --format when not given: detected from the file and said on stderr; the
+ * result is that of the format given by hand; what fits none is refused */
+START_TEST(format_is_detected)
+{
+    char alpaca[1200], guanaco[1200], odd[1200];
+    snprintf(alpaca, sizeof alpaca, "%s/a.json", tmp);
+    snprintf(guanaco, sizeof guanaco, "%s/g.jsonl", tmp);
+    snprintf(odd, sizeof odd, "%s/odd.json", tmp);
+    FILE *f = fopen(alpaca, "w");
+    fputs("[{\"instruction\": \"Say hi.\", \"input\": \"\", \"output\": \"Hi there, friend.\"},\n"
+          " {\"instruction\": \"Count.\", \"input\": \"to 3\", \"output\": \"1 2 3\"}]\n", f);
+    fclose(f);
+    f = fopen(guanaco, "w");
+    fputs("{\"text\": \"### Human: Hi. ### Assistant: Hello, how can I help?\"}\n", f);
+    fclose(f);
+    f = fopen(odd, "w");
+    fputs("[{\"question\": \"q\", \"answer\": \"a\"}]\n", f);
+    fclose(f);
+    static const struct {
+        const char *file, *format, *why;
+    } cases[] = {
+        {"a", "alpaca", "a JSON array whose first record has \\\"instruction\\\" and \\\"output\\\""},
+        {"g", "oasst1", "JSON Lines whose first record has \\\"text\\\""},
+        {"io", "input-output", "JSON Lines whose first record has \\\"input\\\" and \\\"output\\\""},
+    };
+    const char *paths[] = {alpaca, guanaco, data};
+    for (int i = 0; i < 3; i++) {
+        char *a_out, *a_err, *b_out, *b_err, want[1600];
+        int st = qlora(&a_out, &a_err, "eval --model '%s' --data '%s' --quiet", model, paths[i]);
+        ck_assert_msg(st == 0, "exit %d: %s", st, a_err);
+        snprintf(want, sizeof want, "{\"event\": \"format\", \"file\": \"%s\", \"format\": \"%s\", \"detected_from\": \"%s\"}\n",
+                 paths[i], cases[i].format, cases[i].why);
+        ck_assert_str_eq(a_err, want);
+        st = qlora(&b_out, &b_err, "eval --model '%s' --data '%s' --format %s --quiet", model, paths[i], cases[i].format);
+        ck_assert_msg(st == 0, "exit %d: %s", st, b_err);
+        ck_assert_str_eq(a_out, b_out);
+        free(a_out), free(a_err), free(b_out), free(b_err);
+    }
+    /* not scored as raw text (the issue: eval of an Alpaca file gave the JSON's NLL) */
+    char *out, *err;
+    ck_assert_int_eq(qlora(&out, &err, "eval --model '%s' --data '%s' --format text --quiet", model, alpaca), 0);
+    ck_assert_contains(out, "\"examples\": 1,");
+    free(out), free(err);
+    /* a Guanaco text record trains on the whole text: every token but BOS is a target */
+    ck_assert_int_eq(qlora(&out, &err, "eval --model '%s' --data '%s' --quiet", model, guanaco), 0);
+    ck_assert_int_eq(qlora(NULL, NULL, "eval --model '%s' --data '%s' --quiet", model, guanaco), 0);
+    char *t_out;
+    char story[1200];
+    snprintf(story, sizeof story, "%s/g.txt", tmp);
+    f = fopen(story, "w");
+    fputs("### Human: Hi. ### Assistant: Hello, how can I help?", f);
+    fclose(f);
+    ck_assert_int_eq(qlora(&t_out, NULL, "eval --model '%s' --data '%s' --quiet", model, story), 0);
+    /* text: BOS + text; oasst1 text: BOS + text + EOS, one target more */
+    json_t *g = json_loads(strrchr(out, '{'), 0, NULL), *t = json_loads(strrchr(t_out, '{'), 0, NULL);
+    ck_assert_int_eq(json_integer_value(json_object_get(g, "tokens")), json_integer_value(json_object_get(t, "tokens")) + 1);
+    json_decref(g), json_decref(t);
+    free(out), free(err), free(t_out);
+    /* train detects the same way, and refuses what fits none */
+    char args[1400];
+    snprintf(args, sizeof args, "--data '%s'", alpaca);
+    json_t *s = settings(args);
+    ck_assert_str_eq(str(s, "format"), "alpaca");
+    json_decref(s);
+    for (int c = 0; c < 2; c++) {
+        int st = qlora(&out, &err, "%s --model '%s' --data '%s' %s%s", c ? "eval" : "train", model, odd, c ? "" : "--output ",
+                       c ? "" : tmp);
+        ck_assert_int_ne(st, 0);
+        ck_assert_contains(err, "cannot tell the format: record index 0 has \"question\", \"answer\"");
+        ck_assert_contains(err, "; or give --format alpaca, input-output, oasst1 or text\n");
+        free(out), free(err);
+    }
+}
+END_TEST
+
 Suite *qlora_py_suite(void)
 {
     Suite *s = suite_create("qlora_py");
@@ -349,6 +424,7 @@ Suite *qlora_py_suite(void)
     tcase_add_test(t, qlora_py_quantization);
     tcase_add_test(t, qlora_py_refusals_and_notes);
     tcase_add_test(t, qlora_py_names_on_eval);
+    tcase_add_test(t, format_is_detected);
     suite_add_tcase(s, t);
     return s;
 }

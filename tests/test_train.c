@@ -1326,6 +1326,81 @@ START_TEST(force_replaces_only_earlier_runs)
 }
 END_TEST
 
+/* --eval-dataset-size N: qlora.py's --do_eval without an eval split.  N
+ * examples of the training data are held out (ql_dataset_split with seed
+ * 42), never trained on, and their loss is logged at --eval-steps: the same
+ * loss `qlora eval` gives for those records with the final adapter. */
+START_TEST(eval_dataset_size_holds_out)
+{
+    char run[1200], held[1200], *out, *err;
+    snprintf(run, sizeof run, "%s/run", tmp);
+    snprintf(held, sizeof held, "%s/held.json", tmp);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 4 --eval-dataset-size 3 --eval-steps 2 --output %s", model, data,
+                        run) == 0,
+                  "%s", err);
+    ck_assert_contains(err, "{\"event\": \"eval_split\", \"held_out\": 3, \"train\": 9, \"seed\": 42}");
+    free(err);
+    size_t n;
+    json_t *rows = read_rows(run, &n);
+    ck_assert_uint_eq(n, 6); /* 4 steps + evals at 2 and 4 */
+    ck_assert_int_eq((int)field(rows, 2, "step"), 2);
+    ck_assert(field(rows, 2, "eval_loss") > 0);
+    ck_assert_int_eq((int)field(rows, 5, "step"), 4);
+    double eval_at_4 = field(rows, 5, "eval_loss");
+    int64_t eval_tokens = (int64_t)field(rows, 5, "eval_tokens");
+    ck_assert(field(rows, 2, "eval_loss") != eval_at_4);
+    json_decref(rows);
+
+    /* which records were held out: the split of the same examples */
+    ql_tokenizer *tok;
+    ck_assert_int_eq(ql_tokenizer_load(model, &tok), QL_OK);
+    ql_dataset_opts dopts = {.format = QL_FMT_ALPACA, .source_max_len = 1024, .target_max_len = 256, .max_len = 512};
+    ql_dataset *d, *tr, *ev;
+    ck_assert_int_eq(ql_dataset_load(data, tok, &dopts, &d), QL_OK);
+    ck_assert_uint_eq(d->n, 12);
+    ck_assert_int_eq(ql_dataset_split(d, 3, 42, &tr, &ev), QL_OK);
+    json_error_t jerr;
+    json_t *all = json_load_file(data, 0, &jerr), *some = json_array();
+    for (size_t k = 0; k < ev->n; k++)
+        for (size_t i = 0; i < d->n; i++)
+            if (ev->examples[k].ids == d->examples[i].ids) json_array_append(some, json_array_get(all, i));
+    ck_assert_uint_eq(json_array_size(some), 3);
+    ck_assert_int_eq(json_dump_file(some, held, 0), 0);
+    json_decref(all), json_decref(some);
+    ql_dataset_destroy(ev), ql_dataset_destroy(tr), ql_dataset_destroy(d);
+    ql_tokenizer_destroy(tok);
+    ck_assert_msg(qlora(&out, &err, "eval --model %s --adapter %s --data %s --format alpaca --quiet", model, run, held) == 0,
+                  "%s", err);
+    json_t *res = json_loads(strrchr(out, '{'), 0, NULL);
+    ck_assert_ptr_nonnull(res);
+    ck_assert_msg(fabs(json_number_value(json_object_get(res, "nll")) - eval_at_4) < 1e-5,
+                  "eval of the held-out records: nll %.7f, the run's eval_loss %.7f",
+                  json_number_value(json_object_get(res, "nll")), eval_at_4);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "tokens")), eval_tokens);
+    json_decref(res);
+    free(out), free(err);
+
+    /* a fraction: ceil(0.25 x 12) = 3, the same examples; the refusals */
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 0.25 --max-eval-examples 2 --dry-run", model, data), 0);
+    ck_assert_contains(out, "\"eval_examples\": 2,");
+    ck_assert_contains(out, "\"train_examples\": 9,");
+    ck_assert_contains(out, "\"eval_dataset_size\": 0.25,");
+    free(out), free(err);
+    ck_assert_int_ne(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 12 --output %s/r2", model, data, tmp), 0);
+    ck_assert_contains(err, "--eval-dataset-size 12 holds out 12 of the 12 examples of");
+    free(out), free(err);
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 3 --eval-data %s --output %s/r2", model, data, data, tmp), 2);
+    ck_assert_contains(err, "give --eval-data or --eval-dataset-size, not both");
+    free(out), free(err);
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 2.5 --output %s/r2", model, data, tmp), 2);
+    ck_assert_contains(err, "--eval-dataset-size=2.5: a whole number of examples, or a fraction below 1");
+    free(out), free(err);
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-steps 2 --output %s/r2", model, data, tmp), 2);
+    ck_assert_contains(err, "--eval-steps needs --eval-data FILE or --eval-dataset-size N");
+    free(out), free(err);
+}
+END_TEST
+
 /* ql_lr_at against transformers' schedulers: every step of each schedule,
  * for totals from 1 to 250 steps and warmup ratios from 0 to 1; constant
  * ignores the warmup, the others warm up from 0 */
@@ -1388,6 +1463,7 @@ Suite *train_suite(void)
     tcase_add_test(t, resume_is_bit_exact);
     tcase_add_loop_test(t, interrupt_saves_a_checkpoint, 0, 2);
     tcase_add_test(t, eval_generate_merge_with_adapter);
+    tcase_add_test(t, eval_dataset_size_holds_out);
     tcase_add_test(t, base_model_facts);
     tcase_add_test(t, bad_input);
     tcase_add_test(t, mmlu_scoring);

@@ -417,7 +417,11 @@ static int detect_format(const char *path, ql_data_format *fmt)
 {
     char why[256];
     int rc = ql_data_format_detect(path, fmt, why, sizeof why);
-    if (rc) return ql_error(rc, "%s; or give --format alpaca, input-output, oasst1 or text", ql_error_message());
+    if (rc) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", ql_error_message());
+        return ql_error(rc, "%s; or give --format alpaca, input-output, oasst1 or text", msg);
+    }
     json_t *j = json_pack("{s:s, s:s, s:s, s:s}", "event", "format", "file", path, "format", ql_data_format_name(*fmt),
                           "detected_from", why);
     char *text = j ? json_dumps(j, JSON_PRESERVE_ORDER) : NULL;
