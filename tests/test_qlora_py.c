@@ -171,6 +171,54 @@ START_TEST(qlora_py_names_are_ours)
 }
 END_TEST
 
+/* The options of qlora.py's Guanaco 7B script (scripts/finetune_guanaco_7b.sh
+ * of artidoro/qlora), with a local Guanaco file for its Hub dataset, a
+ * smaller hold-out for 12 examples, and without --do_mmlu_eval, which is
+ * refused: the run it describes */
+START_TEST(guanaco_script_options)
+{
+    char guanaco[1200], args[4096];
+    snprintf(guanaco, sizeof guanaco, "%s/guanaco.jsonl", tmp);
+    FILE *f = fopen(guanaco, "w");
+    for (int i = 0; i < 12; i++) fprintf(f, "{\"text\": \"### Human: Story %d? ### Assistant: Once upon a time.\"}\n", i);
+    fclose(f);
+    snprintf(args, sizeof args,
+             "--model_name_or_path '%s' --output_dir '%s/guanaco-7b' --logging_steps 10 --save_strategy steps "
+             "--data_seed 42 --save_steps 500 --save_total_limit 40 --evaluation_strategy steps --eval_dataset_size 4 "
+             "--max_eval_samples 1000 --per_device_eval_batch_size 1 --max_new_tokens 32 --dataloader_num_workers 3 "
+             "--group_by_length --logging_strategy steps --remove_unused_columns False --do_train --do_eval "
+             "--lora_r 64 --lora_alpha 16 --lora_modules all --double_quant --quant_type nf4 --bf16 --bits 4 "
+             "--warmup_ratio 0.03 --lr_scheduler_type constant --gradient_checkpointing --dataset '%s' "
+             "--source_max_len 16 --target_max_len 512 --per_device_train_batch_size 1 --gradient_accumulation_steps 16 "
+             "--max_steps 1875 --eval_steps 187 --learning_rate 0.0002 --adam_beta2 0.999 --max_grad_norm 0.3 "
+             "--lora_dropout 0.1 --weight_decay 0.0 --seed 0 --use_auth",
+             model, tmp, guanaco);
+    char *out, *err;
+    int st = qlora(&out, &err, "train %s --do_mmlu_eval", args);
+    ck_assert_int_eq(st, 2);
+    ck_assert_contains(err, "qlora.py's --do_mmlu_eval is not supported");
+    free(out), free(err);
+    json_t *s = settings(args);
+    ck_assert_str_eq(str(s, "format"), "oasst1");
+    ck_assert_str_eq(str(s, "quantizer"), "nf4:blocksize=64,double_quant=1");
+    ck_assert_int_eq((int)num(s, "steps"), 1875);
+    ck_assert_int_eq((int)num(s, "warmup_steps"), 0); /* constant: no warmup, as transformers */
+    ck_assert_int_eq((int)num(s, "eval_steps"), 187);
+    ck_assert_int_eq((int)num(s, "save_steps"), 500);
+    ck_assert_int_eq((int)num(s, "eval_examples"), 4);
+    ck_assert_int_eq((int)num(s, "train_examples"), 8);
+    ck_assert_int_eq((int)num(s, "source_max_len"), 16);
+    ck_assert_int_eq((int)num(s, "target_max_len"), 512);
+    ck_assert_int_eq((int)num(s, "seed"), 0);
+    ck_assert_int_eq((int)num(s, "data_seed"), 42);
+    ck_assert_double_eq_tol(num(s, "lora_dropout"), 0.1, 1e-7);
+    ck_assert(boolean(s, "gradient_checkpointing"));
+    ck_assert(boolean(s, "group_by_length"));
+    ck_assert_str_eq(str(s, "precision"), "bf16");
+    json_decref(s);
+}
+END_TEST
+
 /* Booleans as HfArgumentParser reads them: --flag, --flag True, --flag=no,
  * --no_flag for those that default to true; a bad word is refused. */
 START_TEST(qlora_py_booleans)
@@ -255,7 +303,6 @@ START_TEST(qlora_py_refusals_and_notes)
         {"--report_to wandb", "qlora.py's --report_to wandb is not supported: qlora logs to RUN_DIR/metrics.jsonl"},
         {"--dataset_format chip2", "qlora.py's --dataset_format chip2 is not supported"},
         {"--do_train False", "qlora.py's --do_train False is not supported: qlora train always trains"},
-        {"--trust_remote_code", "qlora never runs code from a model folder"},
         {"--bits 3", "--bits 3: qlora.py takes 4, 8, 16 or 32"},
         {"--quant_type int4", "--quant_type int4: qlora.py takes nf4 or fp4"},
         {"--bits 4 -q nf4", "give --quantizer or qlora.py's --bits/--quant_type/--double_quant, not both"},
@@ -420,6 +467,7 @@ Suite *qlora_py_suite(void)
     tcase_add_checked_fixture(t, setup, teardown);
     tcase_set_timeout(t, 240);
     tcase_add_test(t, qlora_py_names_are_ours);
+    tcase_add_test(t, guanaco_script_options);
     tcase_add_test(t, qlora_py_booleans);
     tcase_add_test(t, qlora_py_quantization);
     tcase_add_test(t, qlora_py_refusals_and_notes);

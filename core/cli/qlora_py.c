@@ -119,8 +119,9 @@ static const qp_flag flags[] = {
     {.name = "bf16", .cmds = TE, .kind = QP_BOOL, .on = "--precision=bf16", .off = "--precision=fp32"},
     {.name = "fp16", .cmds = TE, .kind = QP_BOOL, .on = NULL, .off = "", .why = "qlora computes in fp32 or bf16: use --bf16 (or --precision bf16)"},
     {.name = "full_finetune", .cmds = T, .kind = QP_BOOL, .on = NULL, .off = "", .why = "qlora trains LoRA adapters over a frozen base only"},
-    {.name = "trust_remote_code", .cmds = TE, .kind = QP_BOOL, .on = NULL, .off = "", .why = "qlora never runs code from a model folder"},
-    {.name = "use_auth_token", .cmds = TE, .kind = QP_BOOL, .on = NULL, .off = "", .why = "qlora reads local model folders only (--model DIR)"},
+    {.name = "trust_remote_code", .cmds = TE, .kind = QP_NOTE_BOOL,
+     .why = "qlora never runs code from a model folder; it reads the architectures it knows (docs/models.md)"},
+    {.name = "use_auth_token", .cmds = TE, .kind = QP_NOTE_BOOL, .why = "qlora reads local model folders only (--model DIR)"},
     {.name = "cache_dir", .cmds = TE, .kind = QP_NOTE, .why = "qlora reads local folders; there is no download cache"},
     /* LoRA */
     {.name = "lora_r", .cmds = T, .kind = QP_VALUE, .on = "--lora-r"},
@@ -147,7 +148,7 @@ static const qp_flag flags[] = {
     {.name = "max_steps", .cmds = T, .kind = QP_MAX_STEPS, .on = "--steps"},
     {.name = "num_train_epochs", .cmds = T, .kind = QP_VALUE, .on = "--epochs"},
     {.name = "gradient_checkpointing", .cmds = T, .kind = QP_BOOL, .on = "--gradient-checkpointing", .off = "--no-gradient-checkpointing", .default_true = 1},
-    {.name = "seed", .cmds = TE, .kind = QP_VALUE, .on = "--seed"},
+    {.name = "seed", .cmds = T, .kind = QP_VALUE, .on = "--seed"},
     {.name = "data_seed", .cmds = T, .kind = QP_VALUE, .on = "--data-seed"},
     /* checkpoints, evaluation, logging */
     {.name = "save_steps", .cmds = T, .kind = QP_VALUE, .on = "--save-steps"},
@@ -204,11 +205,20 @@ static const struct {
     {"oasst1", "timdettmers/openassistant-guanaco"},
 };
 
+/* The flag `name` names exactly, or as the unique prefix argparse takes
+ * (qlora.py's scripts write --use_auth for --use_auth_token). */
 static const qp_flag *find_flag(const char *name, int which)
 {
-    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
-        if ((flags[i].cmds & (unsigned)which) && !strcmp(flags[i].name, name)) return &flags[i];
-    return NULL;
+    const qp_flag *hit = NULL;
+    size_t n = strlen(name);
+    int count = 0;
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        if (!(flags[i].cmds & (unsigned)which) || strncmp(flags[i].name, name, n)) continue;
+        if (!flags[i].name[n]) return &flags[i];
+        if (!hit || strcmp(hit->name, flags[i].name)) count++;
+        hit = &flags[i];
+    }
+    return count == 1 && n >= 4 ? hit : NULL;
 }
 
 /* Our long option that `name` (n characters, no "--") names exactly or as
