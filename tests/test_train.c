@@ -192,6 +192,40 @@ START_TEST(resume_is_bit_exact)
 }
 END_TEST
 
+/* A checkpoint written before data_seed, the Adam settings and
+ * eval_dataset_size were recorded resumes when the run keeps their old
+ * values, and is refused naming the setting when it does not. */
+START_TEST(resume_checkpoint_without_newer_settings)
+{
+    char part[1200], ckpt[1300], ts[1400], *err;
+    snprintf(part, sizeof part, "%s/part", tmp);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s", model, data, part) == 0, "%s", err);
+    free(err);
+    snprintf(ckpt, sizeof ckpt, "%s/checkpoint-1", part);
+    snprintf(ts, sizeof ts, "%s/trainer_state.json", ckpt);
+    json_t *state = json_load_file(ts, 0, NULL);
+    ck_assert_ptr_nonnull(state);
+    json_t *config = json_object_get(state, "config");
+    static const char *const newer[] = {"data_seed", "adam_beta1", "adam_beta2", "adam_epsilon", "eval_dataset_size"};
+    for (int k = 0; k < 5; k++) ck_assert_int_eq(json_object_del(config, newer[k]), 0);
+    ck_assert_int_eq(json_dump_file(state, ts, JSON_INDENT(2)), 0);
+    json_decref(state);
+    static const char *const changed[][2] = {{"--data-seed 5", "data_seed"},
+                                             {"--adam-beta2 0.99", "adam_beta2"},
+                                             {"--eval-dataset-size 2", "eval_dataset_size"}};
+    for (int k = 0; k < 3; k++) {
+        ck_assert_int_ne(qlora(NULL, &err, TRAIN_ARGS " --steps 2 %s --resume %s", model, data, changed[k][0], ckpt), 0);
+        char want[256];
+        snprintf(want, sizeof want, "was written by a run with %s = (absent), but this run has %s = ", changed[k][1],
+                 changed[k][1]);
+        ck_assert_contains(err, want);
+        free(err);
+    }
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --resume %s", model, data, ckpt) == 0, "%s", err);
+    free(err);
+}
+END_TEST
+
 /* SIGINT (or SIGTERM) during training: the step finishes, a checkpoint is
  * written, the message names it and the --resume that continues, the exit
  * status is non-zero; resuming from it goes on to the end. */
@@ -1485,6 +1519,11 @@ Suite *train_suite(void)
     tcase_add_test(r, save_total_limit_keeps_the_newest);
     tcase_add_test(r, save_defaults_are_qlora_py);
     suite_add_tcase(s, r);
+    TCase *rc = tcase_create("resume_compat");
+    tcase_add_checked_fixture(rc, setup, teardown);
+    tcase_set_timeout(rc, 240);
+    tcase_add_test(rc, resume_checkpoint_without_newer_settings);
+    suite_add_tcase(s, rc);
     TCase *sc = tcase_create("schedule");
     tcase_add_test(sc, schedule_matches_transformers);
     tcase_add_test(sc, defaults_are_qlora_py);
