@@ -487,7 +487,7 @@ static int help_train(void)
     help_opt("--gradient-checkpointing",
              "recompute activations in the backward pass: less memory, more time (--no-gradient-checkpointing: off)",
              o.gradient_checkpointing ? "on" : "off");
-    help_opt("--dry-run", "print the memory plan and stop before training", NULL);
+    help_opt("--dry-run", "print the memory plan and the run's settings, and stop before training", NULL);
     help_int("--save-steps N", "a checkpoint every N steps (the last step is always saved); 0: only the last",
              o.save_steps);
     help_int("--save-total-limit N", "keep the newest N checkpoint-* folders, deleting older ones qlora wrote; 0: all",

@@ -274,7 +274,7 @@ static void note(const char *user, const char *why)
 int qp_translate(int which, int argc, char **argv, const struct option *ours, const char *shortopts, qp_args *a)
 {
     memset(a, 0, sizeof *a);
-    /* every argument gives at most one, plus the trailing ones and the quantizer */
+    /* every argument gives at most one, and the trailing ones come from arguments too */
     a->argv = calloc((size_t)argc * 2 + 4, sizeof *a->argv);
     a->owned = calloc((size_t)argc * 2 + 4, sizeof *a->owned);
     char **trailing = calloc((size_t)argc + 1, sizeof *trailing);
