@@ -204,6 +204,14 @@ static int json_record(ql_data_format fmt, const json_t *rec, const char *where,
     case QL_FMT_ALPACA: return alpaca_record(rec, where, emit, ctx);
     case QL_FMT_INPUT_OUTPUT:
         if (json_object_get(rec, "instances")) return self_instruct_record(rec, where, emit, ctx);
+        /* qlora.py's self-instruct columns, which it renames to input/output */
+        if (!json_object_get(rec, "input") && !json_object_get(rec, "output") &&
+            (json_object_get(rec, "prompt") || json_object_get(rec, "completion"))) {
+            if ((rc = get_string(rec, "prompt", 1, where, &src, &src_n)) ||
+                (rc = get_string(rec, "completion", 1, where, &tgt, &tgt_n)))
+                return rc;
+            return emit(ctx, where, src, src_n, tgt, tgt_n);
+        }
         break;
     case QL_FMT_OASST1:
         /* qlora.py's Guanaco records are {"text": whole conversation} -> all target. */
@@ -648,4 +656,164 @@ int ql_dataset_order(const ql_dataset *d, int64_t seed, int group_by_length, int
     order[0] = order[longest_at];
     order[longest_at] = t;
     return QL_OK;
+}
+
+/* ---- held-out split ---- */
+
+static int cmp_size(const void *a, const void *b)
+{
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* A view of d's examples idx[0..n): d keeps the storage. */
+static int dataset_view(const ql_dataset *d, const size_t *idx, size_t n, ql_dataset **out)
+{
+    ql_dataset *v = calloc(1, sizeof *v);
+    if (!v || !(v->examples = malloc((n ? n : 1) * sizeof *v->examples))) {
+        free(v);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        const ql_example *e = &d->examples[idx[i]];
+        v->examples[i] = *e;
+        v->total_tokens += e->len;
+        for (int32_t t = 1; t < e->len; t++) v->total_target_tokens += e->labels[t] != QL_IGNORE_INDEX;
+    }
+    v->n = v->n_read = n;
+    *out = v;
+    return QL_OK;
+}
+
+int ql_dataset_split(const ql_dataset *d, size_t n_eval, int64_t seed, ql_dataset **train, ql_dataset **eval)
+{
+    *train = *eval = NULL;
+    if (!d) return ql_error(QL_EINVAL, "ql_dataset_split: no dataset");
+    if (n_eval < 1 || n_eval >= d->n)
+        return ql_error(QL_EINVAL, "holding out %zu of %zu examples leaves %s", n_eval, d->n,
+                        n_eval < 1 ? "nothing to evaluate" : "nothing to train on");
+    size_t *order = malloc(d->n * sizeof *order);
+    if (!order) return ql_error(QL_ENOMEM, "out of memory");
+    int rc = ql_dataset_order(d, seed, 0, 1, order);
+    if (rc == QL_OK) {
+        qsort(order, n_eval, sizeof *order, cmp_size);
+        qsort(order + n_eval, d->n - n_eval, sizeof *order, cmp_size);
+        rc = dataset_view(d, order, n_eval, eval);
+    }
+    if (rc == QL_OK && (rc = dataset_view(d, order + n_eval, d->n - n_eval, train))) {
+        ql_dataset_destroy(*eval);
+        *eval = NULL;
+    }
+    free(order);
+    return rc;
+}
+
+/* ---- format detection ---- */
+
+/* The format a record's fields mean, with the fields named in `why`; -1: none */
+static int record_format(const json_t *rec, const char **why)
+{
+    static const struct {
+        const char *a, *b;
+        ql_data_format fmt;
+    } rules[] = {
+        {"instruction", "output", QL_FMT_ALPACA},
+        {"instruction", "instances", QL_FMT_INPUT_OUTPUT},
+        {"input", "output", QL_FMT_INPUT_OUTPUT},
+        {"prompt", "completion", QL_FMT_INPUT_OUTPUT},
+        {"text", NULL, QL_FMT_OASST1},
+    };
+    static const char *const whys[] = {"\"instruction\" and \"output\"", "\"instruction\" and \"instances\"",
+                                       "\"input\" and \"output\"", "\"prompt\" and \"completion\"", "\"text\""};
+    if (!json_is_object(rec)) return -1;
+    for (size_t i = 0; i < sizeof rules / sizeof rules[0]; i++)
+        if (json_object_get(rec, rules[i].a) && (!rules[i].b || json_object_get(rec, rules[i].b))) {
+            *why = whys[i];
+            return (int)rules[i].fmt;
+        }
+    return -1;
+}
+
+/* The first fields of a record, for a refusal: "a", "b", ... */
+static void field_names(const json_t *rec, char *buf, size_t cap)
+{
+    const char *key;
+    json_t *v;
+    size_t k = 0, n = 0;
+    buf[0] = '\0';
+    if (!json_is_object(rec)) {
+        snprintf(buf, cap, "%s, not an object", json_kind(rec));
+        return;
+    }
+    json_object_foreach((json_t *)rec, key, v) {
+        if (n++ == 6) {
+            k += (size_t)snprintf(buf + k, k < cap ? cap - k : 0, ", ...");
+            break;
+        }
+        k += (size_t)snprintf(buf + k, k < cap ? cap - k : 0, "%s\"%.40s\"", n > 1 ? ", " : "", key);
+        if (k >= cap) break;
+    }
+    if (n == 0) snprintf(buf, cap, "no fields");
+}
+
+int ql_data_format_detect(const char *path, ql_data_format *out, char *why, size_t cap)
+{
+    if (!path || !out) return ql_error(QL_EINVAL, "ql_data_format_detect: path and out are required");
+    if (ql_is_dir(path)) return ql_error(QL_EINVAL, "dataset %s is a folder; give the file", path);
+    char *data;
+    size_t len;
+    int rc = ql_read_file(path, &data, &len);
+    if (rc) return ql_error_context("reading the dataset");
+    const char *p = data;
+    size_t n = len;
+    if (n >= 3 && !memcmp(p, "\xEF\xBB\xBF", 3)) p += 3, n -= 3;
+    size_t i = 0;
+    while (i < n && is_space(p[i])) i++;
+    const char *fix = "give --format alpaca, input-output, oasst1 or text";
+    char fields[320];
+    const char *rule = NULL;
+    json_error_t err;
+    int fmt = -1;
+    if (i == n) {
+        rc = ql_error(QL_EFORMAT, "%s is empty: no format to detect, and nothing to read", path);
+    } else if (p[i] == '[') {
+        json_t *root = json_loadb(p, n, 0, &err);
+        if (!root)
+            rc = ql_error(QL_EFORMAT, "%s starts with '[' but is not valid JSON: %s (line %d, column %d); %s", path,
+                          err.text, err.line, err.column, fix);
+        else if (!json_is_array(root) || json_array_size(root) == 0)
+            rc = ql_error(QL_EFORMAT, "%s: expected a JSON array of records, found %s", path,
+                          json_is_array(root) ? "an empty array" : json_kind(root));
+        else if ((fmt = record_format(json_array_get(root, 0), &rule)) < 0) {
+            field_names(json_array_get(root, 0), fields, sizeof fields);
+            rc = ql_error(QL_EFORMAT,
+                          "%s: cannot tell the format: record index 0 has %s, none of instruction/output (alpaca), "
+                          "input/output, prompt/completion, instruction/instances (input-output) or text (oasst1)",
+                          path, fields);
+        } else if (why)
+            snprintf(why, cap, "a JSON array whose first record has %s", rule);
+        json_decref(root);
+    } else if (p[i] == '{') {
+        size_t eol = i;
+        while (eol < n && p[eol] != '\n') eol++;
+        json_t *rec = json_loadb(p + i, eol - i, 0, &err);
+        if (!rec)
+            rc = ql_error(QL_EFORMAT, "%s starts with '{' but its first line is not a JSON record: %s (column %d); %s",
+                          path, err.text, err.column, fix);
+        else if ((fmt = record_format(rec, &rule)) < 0) {
+            field_names(rec, fields, sizeof fields);
+            rc = ql_error(QL_EFORMAT,
+                          "%s: cannot tell the format: the first JSON line has %s, none of instruction/output (alpaca), "
+                          "input/output, prompt/completion, instruction/instances (input-output) or text (oasst1)",
+                          path, fields);
+        } else if (why)
+            snprintf(why, cap, "JSON Lines whose first record has %s", rule);
+        json_decref(rec);
+    } else {
+        fmt = QL_FMT_TEXT;
+        if (why) snprintf(why, cap, "plain text (not JSON)");
+    }
+    free(data);
+    if (rc == QL_OK) *out = (ql_data_format)fmt;
+    return rc;
 }

@@ -35,22 +35,24 @@ void ql_train_opts_default(ql_train_opts *o)
     o->data.format = QL_FMT_ALPACA;
     o->data.source_max_len = 1024;
     o->data.target_max_len = 256;
-    o->lora = (ql_lora_config){.r = 64, .alpha = 16.0f, .dropout = 0.05f, .modules = QL_LORA_ALL_MODULES};
+    /* qlora.py's defaults (docs/training.md lists where ours differ and why) */
+    o->lora = (ql_lora_config){.r = 64, .alpha = 16.0f, .dropout = 0.0f, .modules = QL_LORA_ALL_MODULES};
     o->lr = 2e-4f;
     o->weight_decay = 0.0f;
     o->max_grad_norm = 0.3f;
-    o->warmup_ratio = 0.03f;
+    o->warmup_ratio = 0.03;
     o->beta1 = 0.9f;
     o->beta2 = 0.999f;
     o->eps = 1e-8f;
     o->schedule = QL_SCHED_CONSTANT;
     o->batch_size = 1;
     o->grad_accum = 16;
-    /* qlora.py's defaults (its scripts pass the same) */
     o->save_steps = 250;
     o->save_total_limit = 40;
+    o->group_by_length = 1;
     o->epochs = 1.0;
     o->seed = 42;
+    o->data_seed = -1;
     o->shuffle = 1;
     o->progress = 1;
 }
@@ -60,25 +62,36 @@ int ql_lr_schedule_parse(const char *name, ql_lr_schedule *out)
     if (!strcmp(name, "constant")) *out = QL_SCHED_CONSTANT;
     else if (!strcmp(name, "linear")) *out = QL_SCHED_LINEAR;
     else if (!strcmp(name, "cosine")) *out = QL_SCHED_COSINE;
-    else return ql_error(QL_EINVAL, "--lr-scheduler %s: use constant, linear or cosine", name);
+    else if (!strcmp(name, "constant_with_warmup")) *out = QL_SCHED_CONSTANT_WITH_WARMUP;
+    else return ql_error(QL_EINVAL, "--lr-scheduler %s: use constant, constant_with_warmup, linear or cosine", name);
     return QL_OK;
 }
 
-static const char *schedule_name(ql_lr_schedule s)
+const char *ql_lr_schedule_name(ql_lr_schedule s)
 {
-    return s == QL_SCHED_LINEAR ? "linear" : s == QL_SCHED_COSINE ? "cosine" : "constant";
+    switch (s) {
+    case QL_SCHED_CONSTANT: return "constant";
+    case QL_SCHED_LINEAR: return "linear";
+    case QL_SCHED_COSINE: return "cosine";
+    case QL_SCHED_CONSTANT_WITH_WARMUP: return "constant_with_warmup";
+    }
+    return "?";
 }
 
-/* Linear warmup over ceil(warmup_ratio * total) steps (for every schedule,
- * constant included), then constant, linear decay to 0, or half a cosine to 0. */
+/* transformers' schedules (optimization.py): the lambda of step k times lr */
 float ql_lr_at(const ql_train_opts *o, int64_t step, int64_t total)
 {
-    int64_t warm = (int64_t)ceil((double)o->warmup_ratio * (double)total);
-    if (step < warm) return o->lr * (float)(step + 1) / (float)(warm + 1);
-    if (o->schedule == QL_SCHED_CONSTANT || total <= warm) return o->lr;
-    double progress = (double)(step - warm) / (double)(total - warm);
-    if (o->schedule == QL_SCHED_LINEAR) return (float)(o->lr * (1.0 - progress));
-    return (float)(o->lr * 0.5 * (1.0 + cos(M_PI * progress)));
+    if (o->schedule == QL_SCHED_CONSTANT) return o->lr;
+    int64_t warm = (int64_t)ceil(o->warmup_ratio * (double)total);
+    double f;
+    if (step < warm) f = (double)step / (double)(warm > 1 ? warm : 1);
+    else if (o->schedule == QL_SCHED_CONSTANT_WITH_WARMUP) f = 1.0;
+    else if (o->schedule == QL_SCHED_LINEAR) f = fmax(0.0, (double)(total - step) / (double)(total - warm > 1 ? total - warm : 1));
+    else {
+        double progress = (double)(step - warm) / (double)(total - warm > 1 ? total - warm : 1);
+        f = fmax(0.0, 0.5 * (1.0 + cos(M_PI * progress)));
+    }
+    return (float)((double)o->lr * f);
 }
 
 /* ---- the run's configuration, compared on --resume ---- */
@@ -105,17 +118,34 @@ static json_t *run_config(const ql_train_opts *o, const char *quantization)
     json_object_set_new(c, "lr", ql_json_float(o->lr));
     json_object_set_new(c, "weight_decay", ql_json_float(o->weight_decay));
     json_object_set_new(c, "max_grad_norm", ql_json_float(o->max_grad_norm));
-    json_object_set_new(c, "warmup_ratio", ql_json_float(o->warmup_ratio));
-    json_object_set_new(c, "lr_scheduler", json_string(schedule_name(o->schedule)));
+    json_object_set_new(c, "warmup_ratio", json_real(o->warmup_ratio));
+    json_object_set_new(c, "lr_scheduler", json_string(ql_lr_schedule_name(o->schedule)));
     json_object_set_new(c, "batch_size", json_integer(o->batch_size));
     json_object_set_new(c, "grad_accum", json_integer(o->grad_accum));
     json_object_set_new(c, "seed", json_integer(o->seed));
+    json_object_set_new(c, "data_seed", json_integer(o->data_seed));
+    json_object_set_new(c, "adam_beta1", ql_json_float(o->beta1));
+    json_object_set_new(c, "adam_beta2", ql_json_float(o->beta2));
+    json_object_set_new(c, "adam_epsilon", ql_json_float(o->eps));
+    json_object_set_new(c, "eval_dataset_size", json_real(o->eval_dataset_size));
     json_object_set_new(c, "shuffle", json_boolean(o->shuffle));
     json_object_set_new(c, "group_by_length", json_boolean(o->group_by_length));
     json_object_set_new(c, "gradient_checkpointing", json_boolean(o->gradient_checkpointing));
     json_object_set_new(c, "device", json_string(o->device ? o->device : "cpu"));
     json_object_set_new(c, "precision", json_string(o->precision ? o->precision : "fp32"));
     return c;
+}
+
+/* The value of a key that checkpoints written before it existed lack: what
+ * those runs did (NULL: the key was always written). */
+static json_t *value_before_key(const char *key)
+{
+    if (!strcmp(key, "data_seed")) return json_integer(-1);
+    if (!strcmp(key, "adam_beta1")) return ql_json_float(0.9f);
+    if (!strcmp(key, "adam_beta2")) return ql_json_float(0.999f);
+    if (!strcmp(key, "adam_epsilon")) return ql_json_float(1e-8f);
+    if (!strcmp(key, "eval_dataset_size")) return json_real(0);
+    return NULL;
 }
 
 /* Keys whose change makes a checkpoint's continuation a different run. */
@@ -127,8 +157,10 @@ static int config_mismatch(json_t *saved, json_t *now, const char *ckpt)
         if (!strcmp(key, "gradient_checkpointing")) continue; /* same results either way */
         /* the same run on other hardware or arithmetic: the same trajectory within rounding */
         if (!strcmp(key, "device") || !strcmp(key, "precision")) continue;
-        json_t *s = json_object_get(saved, key);
-        if (!s || !json_equal(s, v)) {
+        json_t *s = json_object_get(saved, key), *before = s ? NULL : value_before_key(key);
+        int same = s ? json_equal(s, v) : before && json_equal(before, v);
+        json_decref(before);
+        if (!same) {
             char *a = s ? json_dumps(s, JSON_ENCODE_ANY) : strdup("(absent)"), *b = json_dumps(v, JSON_ENCODE_ANY);
             int rc = ql_error(QL_EINVAL,
                               "%s was written by a run with %s = %s, but this run has %s = %s; resume with the same "
@@ -860,7 +892,7 @@ int ql_train(const ql_train_opts *o)
     int rc = QL_OK;
     ql_llama *m = NULL;
     ql_tokenizer *tok = NULL;
-    ql_dataset *d = NULL, *ed = NULL;
+    ql_dataset *d = NULL, *ed = NULL, *full = NULL; /* full: the data d and ed are views of, when split */
     ql_lora *lora = NULL;
     ql_adamw *opt = NULL;
     ql_lora_model *lm = NULL;
@@ -925,6 +957,24 @@ int ql_train(const ql_train_opts *o)
             "\"dropped_empty\": %zu, \"tokens\": %lld, \"target_tokens\": %lld}\n",
             o->data_path, d->n, d->n_read, d->n_truncated, d->n_dropped_empty, (long long)d->total_tokens,
             (long long)d->total_target_tokens);
+    if (o->eval_dataset_size > 0) {
+        /* qlora.py's --do_eval without an eval split: train_test_split(test_size=N or fraction, seed=42) */
+        double want = o->eval_dataset_size < 1 ? ceil(o->eval_dataset_size * (double)d->n) : o->eval_dataset_size;
+        if (o->eval_data_path) {
+            rc = ql_error(QL_EINVAL, "give --eval-data or --eval-dataset-size, not both");
+            goto done;
+        }
+        if (!(want >= 1 && want < (double)d->n)) {
+            rc = ql_error(QL_EINVAL, "--eval-dataset-size %g holds out %.0f of the %zu examples of %s: leave at least one "
+                                     "to train on", o->eval_dataset_size, want, d->n, o->data_path);
+            goto done;
+        }
+        full = d;
+        d = NULL;
+        if ((rc = ql_dataset_split(full, (size_t)want, 42, &d, &ed))) goto done;
+        fprintf(stderr, "{\"event\": \"eval_split\", \"held_out\": %zu, \"train\": %zu, \"seed\": 42}\n", ed->n, d->n);
+    }
+    if (ed && o->max_eval_examples > 0 && ed->n > (size_t)o->max_eval_examples) ed->n = (size_t)o->max_eval_examples;
 
     if ((rc = ql_lora_create(m, &o->lora, (uint64_t)o->seed, &lora))) goto done;
     if ((rc = ql_adamw_create(lora->n_params, o->beta1, o->beta2, o->eps, o->weight_decay, &opt))) goto done;
@@ -945,8 +995,33 @@ int ql_train(const ql_train_opts *o)
                              .backward = 1, .allocate = !o->dry_run, .opt = opt, .precision = precision,
                              .optimizer = optimizer};
     if ((rc = ql_lora_model_create(m, lora, bctx, &mo, &lm))) goto done;
+    const int64_t mb_per_epoch = ((int64_t)d->n + o->batch_size - 1) / o->batch_size;
+    total = o->steps;
+    if (total <= 0) {
+        total = (int64_t)floor(o->epochs * (double)mb_per_epoch / (double)o->grad_accum);
+        if (total < 1) total = 1;
+    }
     if (o->dry_run) {
         ql_lora_model_print_plan(lm, stdout);
+        /* what the run would do: run_config.json's settings and the rest */
+        json_t *plan = json_deep_copy(config);
+        json_object_set_new(plan, "steps", json_integer(total));
+        json_object_set_new(plan, "warmup_steps",
+                            json_integer(o->schedule == QL_SCHED_CONSTANT ? 0 : (json_int_t)ceil(o->warmup_ratio * (double)total)));
+        json_object_set_new(plan, "train_examples", json_integer((json_int_t)d->n));
+        json_object_set_new(plan, "eval_examples", json_integer(ed ? (json_int_t)ed->n : 0));
+        json_object_set_new(plan, "save_steps", json_integer(o->save_steps));
+        json_object_set_new(plan, "save_total_limit", json_integer(o->save_total_limit));
+        json_object_set_new(plan, "eval_steps", json_integer(o->eval_steps));
+        json_object_set_new(plan, "optim", json_string(ql_optim_name(optimizer)));
+        char *text = ql_json_dumps_py(plan, 0, 0);
+        json_decref(plan);
+        if (!text) {
+            rc = ql_error(QL_ENOMEM, "out of memory");
+            goto done;
+        }
+        printf("settings: %s\n", text);
+        free(text);
         goto done;
     }
     seeds = malloc((size_t)o->batch_size * sizeof *seeds);
@@ -956,12 +1031,6 @@ int ql_train(const ql_train_opts *o)
         goto done;
     }
 
-    const int64_t mb_per_epoch = ((int64_t)d->n + o->batch_size - 1) / o->batch_size;
-    total = o->steps;
-    if (total <= 0) {
-        total = (int64_t)floor(o->epochs * (double)mb_per_epoch / (double)o->grad_accum);
-        if (total < 1) total = 1;
-    }
     if (o->resume_from) {
         /* lock first: nothing of the folder is read while another run writes it */
         if ((rc = open_resume_dir(run_dir, &lock_fd))) goto done;
@@ -1002,7 +1071,8 @@ int ql_train(const ql_train_opts *o)
             int64_t g = st.micro_done++;
             int64_t epoch = g / mb_per_epoch, within = g % mb_per_epoch;
             if (epoch != order_epoch) {
-                if ((rc = ql_dataset_order(d, o->shuffle ? o->seed + epoch : -1, o->group_by_length, o->batch_size,
+                int64_t data_seed = o->data_seed >= 0 ? o->data_seed : o->seed;
+                if ((rc = ql_dataset_order(d, o->shuffle ? data_seed + epoch : -1, o->group_by_length, o->batch_size,
                                            order)))
                     goto done;
                 order_epoch = epoch;
@@ -1119,6 +1189,7 @@ done:
     ql_lora_destroy(lora);
     ql_dataset_destroy(ed);
     ql_dataset_destroy(d);
+    ql_dataset_destroy(full);
     ql_tokenizer_destroy(tok);
     ql_llama_destroy(m);
     return rc;

@@ -2,8 +2,9 @@
  * built with -DQF_FORMAT_NAME="alpaca" (or input-output, self-instruct,
  * oasst1, text).  The input is the whole file; it is tokenized with the
  * stories260K tokenizer under limits chosen from the input's hash, then the
- * epoch order is drawn.  The whole input as one record goes through
- * ql_dataset_format_example too. */
+ * epoch order and a held-out split are drawn.  The file's format is
+ * detected (ql_data_format_detect), and the whole input as one record goes
+ * through ql_dataset_format_example too. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,8 +73,27 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
             free(order);
         }
+        if (d->n >= 2) {
+            /* a held-out split is a partition of the examples */
+            size_t n_eval = 1 + (size_t)((h >> 44) % (d->n - 1));
+            ql_dataset *tr = NULL, *ev = NULL;
+            ql_error_clear();
+            rc = ql_dataset_split(d, n_eval, (int64_t)(h >> 48), &tr, &ev);
+            qf_check_status(rc, "ql_dataset_split");
+            if (rc == QL_OK && (ev->n != n_eval || tr->n + ev->n != d->n ||
+                                tr->total_tokens + ev->total_tokens != d->total_tokens))
+                abort();
+            ql_dataset_destroy(tr);
+            ql_dataset_destroy(ev);
+        }
     }
     ql_dataset_destroy(d);
+    ql_data_format detected;
+    char why[256];
+    ql_error_clear();
+    rc = ql_data_format_detect(path, &detected, why, sizeof why);
+    qf_check_status(rc, "ql_data_format_detect");
+    if (rc == QL_OK && !ql_data_format_name(detected)[0]) abort();
     free(path);
     /* one record, as a string */
     char *rec = malloc(size + 1);

@@ -224,6 +224,11 @@ START_TEST(test_other_prompts)
               "### Human: Hi ### Assistant:", "Hello!");
     format_ok(QL_FMT_OASST1, "{\"text\": \"### Human: Hi ### Assistant: Hello!\"}", "", "### Human: Hi ### Assistant: Hello!");
     format_ok(QL_FMT_TEXT, "  Once upon a time. \r\nThe end.\r", "", "  Once upon a time. \nThe end.");
+    /* qlora.py's self-instruct columns: prompt -> input, completion -> output */
+    format_ok(QL_FMT_INPUT_OUTPUT, "{\"prompt\": \"Write a haiku.\\n\", \"completion\": \"Autumn moon.\"}",
+              "Write a haiku.\n", "Autumn moon.");
+    /* input/output win over prompt/completion, as they are what qlora.py reads */
+    format_ok(QL_FMT_INPUT_OUTPUT, "{\"input\": \"I\", \"output\": \"O\", \"prompt\": \"P\", \"completion\": \"C\"}", "I", "O");
 }
 END_TEST
 
@@ -237,6 +242,107 @@ START_TEST(test_format_errors)
     format_fails(QL_FMT_INPUT_OUTPUT,
                  "{\"instruction\": \"x\", \"instances\": [{\"input\": \"\", \"output\": \"a\"}, {\"input\": \"\", \"output\": \"b\"}]}",
                  QL_EINVAL, "record yields 2 examples");
+    format_fails(QL_FMT_INPUT_OUTPUT, "{\"prompt\": \"x\"}", QL_EFORMAT, "record: missing field \"completion\"");
+    format_fails(QL_FMT_INPUT_OUTPUT, "{\"completion\": \"x\"}", QL_EFORMAT, "record: missing field \"prompt\"");
+    format_fails(QL_FMT_INPUT_OUTPUT, "{\"prompt\": 3, \"completion\": \"x\"}", QL_EFORMAT,
+                 "record: field \"prompt\" is a number, not a string");
+}
+END_TEST
+
+/* --format when not given: what the file holds */
+static void detects(const char *name, const char *text, ql_data_format want, const char *want_why)
+{
+    char *path = write_tmp(name, text), why[256] = "";
+    ql_data_format got = (ql_data_format)-1;
+    int rc = ql_data_format_detect(path, &got, why, sizeof why);
+    ck_assert_msg(rc == QL_OK, "%s: %s", name, ql_error_message());
+    ck_assert_msg(got == want, "%s: detected %s, not %s", name, ql_data_format_name(got), ql_data_format_name(want));
+    ck_assert_str_eq(why, want_why);
+    free(path);
+}
+
+static void undetected(const char *name, const char *text, const char *needle)
+{
+    char *path = write_tmp(name, text);
+    ql_data_format got;
+    int rc = ql_data_format_detect(path, &got, NULL, 0);
+    ck_assert_msg(rc == QL_EFORMAT, "%s: %s (%s)", name, ql_status_name(rc), ql_error_message());
+    ck_assert_contains(ql_error_message(), path);
+    ck_assert_contains(ql_error_message(), needle);
+    free(path);
+}
+
+START_TEST(test_detect_format)
+{
+    detects("a.json", "\xEF\xBB\xBF [ {\"instruction\": \"i\", \"input\": \"\", \"output\": \"o\"} ]", QL_FMT_ALPACA,
+            "a JSON array whose first record has \"instruction\" and \"output\"");
+    detects("a.jsonl", "{\"instruction\": \"i\", \"output\": \"o\"}\n", QL_FMT_ALPACA,
+            "JSON Lines whose first record has \"instruction\" and \"output\"");
+    detects("io.jsonl", "\n{\"input\": \"i\", \"output\": \"o\", \"text\": \"t\"}\n{\"input\": 1", QL_FMT_INPUT_OUTPUT,
+            "JSON Lines whose first record has \"input\" and \"output\"");
+    detects("pc.json", "[{\"prompt\": \"p\", \"completion\": \"c\"}]", QL_FMT_INPUT_OUTPUT,
+            "a JSON array whose first record has \"prompt\" and \"completion\"");
+    detects("si.jsonl", "{\"id\": \"x\", \"instruction\": \"i\", \"instances\": []}\n", QL_FMT_INPUT_OUTPUT,
+            "JSON Lines whose first record has \"instruction\" and \"instances\"");
+    detects("guanaco.jsonl", "{\"text\": \"### Human: Hi ### Assistant: Hello.\"}\n", QL_FMT_OASST1,
+            "JSON Lines whose first record has \"text\"");
+    detects("story.txt", "Once upon a time.\n\n{not json}\n", QL_FMT_TEXT, "plain text (not JSON)");
+    detects("brace.txt", "  \n(a story) [1]\n", QL_FMT_TEXT, "plain text (not JSON)");
+
+    undetected("other.json", "[{\"question\": \"q\", \"answer\": \"a\"}]",
+               "cannot tell the format: record index 0 has \"question\", \"answer\", none of instruction/output (alpaca)");
+    undetected("other.jsonl", "{\"q\": 1}\n", "cannot tell the format: the first JSON line has \"q\"");
+    undetected("nums.json", "[1, 2]", "record index 0 has a number, not an object");
+    undetected("obj.json", "[]", "expected a JSON array of records, found an empty array");
+    undetected("bad.json", "[{\"instruction\": ", "starts with '[' but is not valid JSON");
+    undetected("bad.jsonl", "{\"input\": \"x\"\n", "starts with '{' but its first line is not a JSON record");
+    undetected("empty.txt", " \n\n", "is empty: no format to detect");
+    remove_tmp();
+}
+END_TEST
+
+/* --eval-dataset-size: the held-out examples, and the rest, in file order */
+START_TEST(test_split)
+{
+    ql_tokenizer *t = load_tokenizer();
+    char text[4096] = "";
+    for (int i = 0; i < 10; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "{\"input\": \"q%d\", \"output\": \"%.*s\"}\n", i, i + 1,
+                 "aaaaaaaaaaaa");
+    char *path = write_tmp("split.jsonl", text);
+    ql_dataset_opts o = opts_of(QL_FMT_INPUT_OUTPUT, 1024, 256, 0);
+    ql_dataset *d = load_ok(path, t, &o), *train, *eval;
+    size_t order[10];
+    ck_assert_int_eq(ql_dataset_order(d, 42, 0, 1, order), QL_OK);
+    ck_assert_int_eq(ql_dataset_split(d, 3, 42, &train, &eval), QL_OK);
+    ck_assert_uint_eq(eval->n, 3);
+    ck_assert_uint_eq(train->n, 7);
+    /* eval: the first 3 of the seed's order, sorted; train: the others */
+    int held[10] = {0};
+    for (int k = 0; k < 3; k++) held[order[k]] = 1;
+    size_t e = 0, r = 0;
+    int64_t tokens = 0;
+    for (size_t i = 0; i < 10; i++) {
+        const ql_example *want = &d->examples[i];
+        const ql_example *got = held[i] ? &eval->examples[e++] : &train->examples[r++];
+        ck_assert_ptr_eq(got->ids, want->ids);
+        ck_assert_int_eq(got->len, want->len);
+        if (held[i]) tokens += want->len;
+    }
+    ck_assert_int_eq(eval->total_tokens, tokens);
+    ck_assert_int_eq(eval->total_tokens + train->total_tokens, d->total_tokens);
+    ck_assert_int_eq(eval->total_target_tokens + train->total_target_tokens, d->total_target_tokens);
+    ql_dataset_destroy(eval);
+    ql_dataset_destroy(train);
+    /* at least one on each side */
+    ck_assert_int_eq(ql_dataset_split(d, 10, 42, &train, &eval), QL_EINVAL);
+    ck_assert_str_eq(ql_error_message(), "holding out 10 of 10 examples leaves nothing to train on");
+    ck_assert_ptr_null(train);
+    ck_assert_int_eq(ql_dataset_split(d, 0, 42, &train, &eval), QL_EINVAL);
+    ql_dataset_destroy(d);
+    free(path);
+    ql_tokenizer_destroy(t);
+    remove_tmp();
 }
 END_TEST
 
@@ -743,6 +849,7 @@ Suite *dataset_suite(void)
     tcase_add_test(tc, test_alpaca_prompts);
     tcase_add_test(tc, test_other_prompts);
     tcase_add_test(tc, test_format_errors);
+    tcase_add_test(tc, test_detect_format);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("tokenize");
@@ -773,6 +880,7 @@ Suite *dataset_suite(void)
     tc = tcase_create("order");
     tcase_add_test(tc, test_order_shuffle);
     tcase_add_test(tc, test_order_group_by_length);
+    tcase_add_test(tc, test_split);
     suite_add_tcase(s, tc);
     return s;
 }

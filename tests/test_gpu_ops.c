@@ -746,7 +746,7 @@ START_TEST(train_30_steps_matches_cpu)
     for (int d = 0; d < 3; d++) {
         snprintf(cmd, sizeof cmd,
                  "%s train --model %s/models/stories260K --data %s/data/alpaca/alpaca_en_demo.json --format alpaca "
-                 "--output %s/run-%s-%s --steps 30 --grad-accum 2 --batch-size 2 --lora-r 8 --max-len 128 --lr 1e-3 "
+                 "--output %s/run-%s-%s --steps 30 --grad-accum 2 --batch-size 2 --lora-r 8 --lora-dropout 0.05 --max-len 128 --lr 1e-3 "
                  "--device %s --precision %s --quiet",
                  tu_env("QLORA_BIN"), tu_env("QLORA_SHARED"), tu_env("QLORA_SHARED"), tmp, devs[d], precs[d], devs[d],
                  precs[d]);

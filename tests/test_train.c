@@ -15,7 +15,11 @@
 
 #include "qlora/mmlu.h"
 #include "qlora/qlora.h"
+#include "qlora/train.h"
 #include "testutil.h"
+
+/* transformers' get_scheduler, every step (tests/reference/gen_schedule_ref.py) */
+#include "reference/schedule_ref.h"
 
 static char model[1024], data[1100], tmp[1024];
 static char cmd[8192];
@@ -140,7 +144,7 @@ START_TEST(same_seed_same_losses_and_run_files)
     ck_assert_str_eq(json_string_value(json_object_get(cfg, "peft_type")), "LORA");
     ck_assert_int_eq(json_integer_value(json_object_get(cfg, "r")), 4);
     ck_assert_double_eq(json_number_value(json_object_get(cfg, "lora_alpha")), 16.0);
-    ck_assert_double_eq_tol(json_number_value(json_object_get(cfg, "lora_dropout")), 0.05, 1e-12);
+    ck_assert_double_eq_tol(json_number_value(json_object_get(cfg, "lora_dropout")), 0.0, 1e-12);
     ck_assert_uint_eq(json_array_size(json_object_get(cfg, "target_modules")), 7);
     ck_assert_str_eq(json_string_value(json_object_get(cfg, "task_type")), "CAUSAL_LM");
     json_decref(cfg);
@@ -185,6 +189,40 @@ START_TEST(resume_is_bit_exact)
     snprintf(a, sizeof a, "%s/checkpoint-6/optimizer.safetensors", full);
     snprintf(b, sizeof b, "%s/checkpoint-6/optimizer.safetensors", part);
     ck_assert_msg(same_file(a, b), "resumed optimizer state differs");
+}
+END_TEST
+
+/* A checkpoint written before data_seed, the Adam settings and
+ * eval_dataset_size were recorded resumes when the run keeps their old
+ * values, and is refused naming the setting when it does not. */
+START_TEST(resume_checkpoint_without_newer_settings)
+{
+    char part[1200], ckpt[1300], ts[1400], *err;
+    snprintf(part, sizeof part, "%s/part", tmp);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 1 --output %s", model, data, part) == 0, "%s", err);
+    free(err);
+    snprintf(ckpt, sizeof ckpt, "%s/checkpoint-1", part);
+    snprintf(ts, sizeof ts, "%s/trainer_state.json", ckpt);
+    json_t *state = json_load_file(ts, 0, NULL);
+    ck_assert_ptr_nonnull(state);
+    json_t *config = json_object_get(state, "config");
+    static const char *const newer[] = {"data_seed", "adam_beta1", "adam_beta2", "adam_epsilon", "eval_dataset_size"};
+    for (int k = 0; k < 5; k++) ck_assert_int_eq(json_object_del(config, newer[k]), 0);
+    ck_assert_int_eq(json_dump_file(state, ts, JSON_INDENT(2)), 0);
+    json_decref(state);
+    static const char *const changed[][2] = {{"--data-seed 5", "data_seed"},
+                                             {"--adam-beta2 0.99", "adam_beta2"},
+                                             {"--eval-dataset-size 2", "eval_dataset_size"}};
+    for (int k = 0; k < 3; k++) {
+        ck_assert_int_ne(qlora(NULL, &err, TRAIN_ARGS " --steps 2 %s --resume %s", model, data, changed[k][0], ckpt), 0);
+        char want[256];
+        snprintf(want, sizeof want, "was written by a run with %s = (absent), but this run has %s = ", changed[k][1],
+                 changed[k][1]);
+        ck_assert_contains(err, want);
+        free(err);
+    }
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 2 --resume %s", model, data, ckpt) == 0, "%s", err);
+    free(err);
 }
 END_TEST
 
@@ -1342,6 +1380,133 @@ START_TEST(force_replaces_only_earlier_runs)
 }
 END_TEST
 
+/* --eval-dataset-size N: qlora.py's --do_eval without an eval split.  N
+ * examples of the training data are held out (ql_dataset_split with seed
+ * 42), never trained on, and their loss is logged at --eval-steps: the same
+ * loss `qlora eval` gives for those records with the final adapter. */
+START_TEST(eval_dataset_size_holds_out)
+{
+    char run[1200], held[1200], *out, *err;
+    snprintf(run, sizeof run, "%s/run", tmp);
+    snprintf(held, sizeof held, "%s/held.json", tmp);
+    ck_assert_msg(qlora(NULL, &err, TRAIN_ARGS " --steps 4 --eval-dataset-size 3 --eval-steps 2 --output %s", model, data,
+                        run) == 0,
+                  "%s", err);
+    ck_assert_contains(err, "{\"event\": \"eval_split\", \"held_out\": 3, \"train\": 9, \"seed\": 42}");
+    free(err);
+    size_t n;
+    json_t *rows = read_rows(run, &n);
+    ck_assert_uint_eq(n, 6); /* 4 steps + evals at 2 and 4 */
+    ck_assert_int_eq((int)field(rows, 2, "step"), 2);
+    ck_assert(field(rows, 2, "eval_loss") > 0);
+    ck_assert_int_eq((int)field(rows, 5, "step"), 4);
+    double eval_at_4 = field(rows, 5, "eval_loss");
+    int64_t eval_tokens = (int64_t)field(rows, 5, "eval_tokens");
+    ck_assert(field(rows, 2, "eval_loss") != eval_at_4);
+    json_decref(rows);
+
+    /* which records were held out: the split of the same examples */
+    ql_tokenizer *tok;
+    ck_assert_int_eq(ql_tokenizer_load(model, &tok), QL_OK);
+    ql_dataset_opts dopts = {.format = QL_FMT_ALPACA, .source_max_len = 1024, .target_max_len = 256, .max_len = 512};
+    ql_dataset *d, *tr, *ev;
+    ck_assert_int_eq(ql_dataset_load(data, tok, &dopts, &d), QL_OK);
+    ck_assert_uint_eq(d->n, 12);
+    ck_assert_int_eq(ql_dataset_split(d, 3, 42, &tr, &ev), QL_OK);
+    json_error_t jerr;
+    json_t *all = json_load_file(data, 0, &jerr), *some = json_array();
+    for (size_t k = 0; k < ev->n; k++)
+        for (size_t i = 0; i < d->n; i++)
+            if (ev->examples[k].ids == d->examples[i].ids) json_array_append(some, json_array_get(all, i));
+    ck_assert_uint_eq(json_array_size(some), 3);
+    ck_assert_int_eq(json_dump_file(some, held, 0), 0);
+    json_decref(all), json_decref(some);
+    ql_dataset_destroy(ev), ql_dataset_destroy(tr), ql_dataset_destroy(d);
+    ql_tokenizer_destroy(tok);
+    ck_assert_msg(qlora(&out, &err, "eval --model %s --adapter %s --data %s --format alpaca --quiet", model, run, held) == 0,
+                  "%s", err);
+    json_t *res = json_loads(strrchr(out, '{'), 0, NULL);
+    ck_assert_ptr_nonnull(res);
+    ck_assert_msg(fabs(json_number_value(json_object_get(res, "nll")) - eval_at_4) < 1e-5,
+                  "eval of the held-out records: nll %.7f, the run's eval_loss %.7f",
+                  json_number_value(json_object_get(res, "nll")), eval_at_4);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "tokens")), eval_tokens);
+    json_decref(res);
+    free(out), free(err);
+
+    /* a fraction: ceil(0.25 x 12) = 3, the same examples; the refusals */
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 0.25 --max-eval-examples 2 --dry-run", model, data), 0);
+    ck_assert_contains(out, "\"eval_examples\": 2,");
+    ck_assert_contains(out, "\"train_examples\": 9,");
+    ck_assert_contains(out, "\"eval_dataset_size\": 0.25,");
+    free(out), free(err);
+    ck_assert_int_ne(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 12 --output %s/r2", model, data, tmp), 0);
+    ck_assert_contains(err, "--eval-dataset-size 12 holds out 12 of the 12 examples of");
+    free(out), free(err);
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 3 --eval-data %s --output %s/r2", model, data, data, tmp), 2);
+    ck_assert_contains(err, "give --eval-data or --eval-dataset-size, not both");
+    free(out), free(err);
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-dataset-size 2.5 --output %s/r2", model, data, tmp), 2);
+    ck_assert_contains(err, "--eval-dataset-size=2.5: a whole number of examples, or a fraction below 1");
+    free(out), free(err);
+    ck_assert_int_eq(qlora(&out, &err, TRAIN_ARGS " --eval-steps 2 --output %s/r2", model, data, tmp), 2);
+    ck_assert_contains(err, "--eval-steps needs --eval-data FILE or --eval-dataset-size N");
+    free(out), free(err);
+}
+END_TEST
+
+/* ql_lr_at against transformers' schedulers: every step of each schedule,
+ * for totals from 1 to 250 steps and warmup ratios from 0 to 1; constant
+ * ignores the warmup, the others warm up from 0 */
+START_TEST(schedule_matches_transformers)
+{
+    size_t n = sizeof schedule_ref_cases / sizeof schedule_ref_cases[0];
+    for (size_t i = 0; i < n; i++) {
+        ql_train_opts o;
+        ql_train_opts_default(&o);
+        o.lr = (float)schedule_ref_lr;
+        o.warmup_ratio = schedule_ref_cases[i].warmup_ratio;
+        ck_assert_int_eq(ql_lr_schedule_parse(schedule_ref_cases[i].schedule, &o.schedule), QL_OK);
+        ck_assert_str_eq(ql_lr_schedule_name(o.schedule), schedule_ref_cases[i].schedule);
+        int total = schedule_ref_cases[i].total;
+        for (int k = 0; k < total; k++) {
+            double want = schedule_ref_values[schedule_ref_cases[i].first + k], got = ql_lr_at(&o, k, total);
+            ck_assert_msg(fabs(got - want) <= 1e-7 * schedule_ref_lr,
+                          "%s, %d steps, warmup ratio %g: step %d has lr %.9g, transformers %.9g",
+                          schedule_ref_cases[i].schedule, total, o.warmup_ratio, k, got, want);
+        }
+    }
+    ql_lr_schedule s;
+    ck_assert_int_eq(ql_lr_schedule_parse("polynomial", &s), QL_EINVAL);
+    ck_assert_str_eq(ql_error_message(), "--lr-scheduler polynomial: use constant, constant_with_warmup, linear or cosine");
+}
+END_TEST
+
+/* qlora.py's defaults, as ql_train_opts_default and run_config.json have them */
+START_TEST(defaults_are_qlora_py)
+{
+    ql_train_opts o;
+    ql_train_opts_default(&o);
+    ck_assert_int_eq(o.lora.r, 64);
+    ck_assert_float_eq(o.lora.alpha, 16.0f);
+    ck_assert_float_eq(o.lora.dropout, 0.0f);
+    ck_assert_float_eq(o.lr, 2e-4f);
+    ck_assert_int_eq(o.schedule, QL_SCHED_CONSTANT);
+    ck_assert_double_eq(o.warmup_ratio, 0.03);
+    ck_assert_int_eq(o.group_by_length, 1);
+    ck_assert_int_eq(o.batch_size, 1);
+    ck_assert_int_eq(o.grad_accum, 16);
+    ck_assert_float_eq(o.max_grad_norm, 0.3f);
+    ck_assert_float_eq(o.weight_decay, 0.0f);
+    ck_assert_int_eq(o.data.source_max_len, 1024);
+    ck_assert_int_eq(o.data.target_max_len, 256);
+    ck_assert_int_eq(o.data.train_on_source, 0);
+    ck_assert_float_eq(o.beta2, 0.999f);
+    /* the constant default ignores the warmup, as transformers' does */
+    for (int k = 0; k < 10; k++) ck_assert_float_eq(ql_lr_at(&o, k, 100), 2e-4f);
+}
+END_TEST
+
 Suite *train_suite(void)
 {
     Suite *s = suite_create("train");
@@ -1352,6 +1517,7 @@ Suite *train_suite(void)
     tcase_add_test(t, resume_is_bit_exact);
     tcase_add_loop_test(t, interrupt_saves_a_checkpoint, 0, 2);
     tcase_add_test(t, eval_generate_merge_with_adapter);
+    tcase_add_test(t, eval_dataset_size_holds_out);
     tcase_add_test(t, base_model_facts);
     tcase_add_test(t, bad_input);
     tcase_add_test(t, mmlu_scoring);
@@ -1373,6 +1539,15 @@ Suite *train_suite(void)
     tcase_add_test(r, save_total_limit_keeps_the_newest);
     tcase_add_test(r, save_defaults_are_qlora_py);
     suite_add_tcase(s, r);
+    TCase *rc = tcase_create("resume_compat");
+    tcase_add_checked_fixture(rc, setup, teardown);
+    tcase_set_timeout(rc, 240);
+    tcase_add_test(rc, resume_checkpoint_without_newer_settings);
+    suite_add_tcase(s, rc);
+    TCase *sc = tcase_create("schedule");
+    tcase_add_test(sc, schedule_matches_transformers);
+    tcase_add_test(sc, defaults_are_qlora_py);
+    suite_add_tcase(s, sc);
     TCase *c = tcase_create("checkpoint_files");
     tcase_add_unchecked_fixture(c, base_setup, base_teardown);
     tcase_add_checked_fixture(c, setup, teardown);

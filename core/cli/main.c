@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 
+#include "cli.h"
 #include "qlora/bench.h"
 #include "qlora/eval.h"
 #include "qlora/lora.h"
@@ -30,7 +31,7 @@ static const char usage_text[] =
     "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, bits/param\n"
     "  compare [--quantizers=Q1,Q2,...] MODEL_DIR [--json FILE] [--summary-only]\n"
     "                                      bits/param, bytes, error and time per quantizer and layer\n"
-    "  eval --model DIR [--quantizer=Q] --data FILE --format text|alpaca|input-output|oasst1\n"
+    "  eval --model DIR [--quantizer=Q] --data FILE [--format text|alpaca|input-output|oasst1 (default: detected)]\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
     "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--mmlu-split test] [--max-examples N per subject]\n"
@@ -39,15 +40,17 @@ static const char usage_text[] =
     "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens 128]\n"
     "       [--temperature 0] [--top-p 1] [--seed 0]\n"
     "                                      prints only the generated text (temperature 0 = greedy)\n"
-    "  train --model DIR --data FILE --format F --output RUN_DIR [--quantizer=nf4|none|Q] [--resume CKPT]\n"
-    "       [--lora-r 64] [--lora-alpha 16] [--lora-dropout 0.05] [--lora-modules all|q_proj,...]\n"
-    "       [--lr 2e-4] [--weight-decay 0] [--max-grad-norm 0.3] [--lr-scheduler constant|linear|cosine]\n"
-    "       [--warmup-ratio 0.03] [--batch-size 1] [--grad-accum 16] [--steps N | --epochs E]\n"
-    "       [--gradient-checkpointing] [--dry-run] [--save-steps 250] [--save-total-limit 40]\n"
-    "       [--eval-steps N --eval-data FILE] [--seed 42] [--no-shuffle] [--group-by-length] [--train-on-source] [--source-max-len 1024]\n"
-    "       [--target-max-len 256] [--max-len N] [--max-examples N] [--force]\n"
-    "       [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--optim auto|adamw|paged_adamw]\n"
-    "                                      auto: cuda when present, bf16 and paged_adamw there\n"
+    "  train --model DIR --data FILE [--format F (default: detected)] --output RUN_DIR [--quantizer=nf4|none|Q]\n"
+    "       [--resume CKPT] [--lora-r 64] [--lora-alpha 16] [--lora-dropout 0] [--lora-modules all|q_proj,...]\n"
+    "       [--lr 2e-4] [--weight-decay 0] [--max-grad-norm 0.3] [--adam-beta1 0.9] [--adam-beta2 0.999]\n"
+    "       [--lr-scheduler constant|constant_with_warmup|linear|cosine] [--warmup-ratio 0.03]\n"
+    "       [--batch-size 1] [--grad-accum 16] [--steps N | --epochs E] [--[no-]gradient-checkpointing] [--dry-run]\n"
+    "       [--save-steps 250] [--save-total-limit 40] [--eval-steps N --eval-data FILE | --eval-dataset-size N]\n"
+    "       [--max-eval-examples N] [--seed 42] [--data-seed S] [--no-shuffle] [--no-group-by-length]\n"
+    "       [--train-on-source] [--source-max-len 1024] [--target-max-len 256] [--max-len N] [--max-examples N]\n"
+    "       [--force] [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--optim auto|adamw|paged_adamw]\n"
+    "                                      auto: cuda when present, bf16 and paged_adamw there;\n"
+    "                                      qlora.py's option names work too (docs/training.md)\n"
     "  merge --model DIR --adapter RUN_DIR -o OUT_DIR [--dtype bf16|f16|f32] [--quantizer=Q] [--force]\n"
     "  bench [--only step|materialize|linear] [--shapes 7b,13b,33b,65b,70b] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
     "       [--layers N] [--seq 2048] [--batch-size 1] [--lora-r 64] [--lora-dropout 0.1] [--steps 5]\n"
@@ -81,14 +84,10 @@ static int fail(int rc)
     return rc ? rc : 1;
 }
 
-/* The command being run ("train", ...), named by every usage error; NULL
- * before one is chosen. */
-static const char *command;
+/* NULL before a command is chosen */
+const char *command;
 
-/* A mistake on the command line: one line that names the command and where
- * its options are listed; exit status 2. */
-static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int usage_error(const char *fmt, ...)
+int usage_error(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -260,6 +259,14 @@ enum {
     OPT_MMLU,
     OPT_SHOTS,
     OPT_MMLU_SPLIT,
+    OPT_EVAL_DATASET_SIZE,
+    OPT_MAX_EVAL_EXAMPLES,
+    OPT_NO_GROUP_BY_LENGTH,
+    OPT_NO_GRAD_CKPT,
+    OPT_DATA_SEED,
+    OPT_ADAM_BETA1,
+    OPT_ADAM_BETA2,
+    OPT_ADAM_EPSILON,
     OPT_HELP,
 };
 
@@ -403,8 +410,36 @@ static int load_with_adapter(const char *model, const char *adapter, const char 
     return rc;
 }
 
-/* train's --format when not given */
-static const char train_default_format[] = "alpaca";
+/* --format when not given: what the file holds (ql_data_format_detect),
+ * said on stderr as a JSON line */
+static const char format_detected[] = "detected from the file";
+
+static int detect_format(const char *path, ql_data_format *fmt)
+{
+    char why[256];
+    int rc = ql_data_format_detect(path, fmt, why, sizeof why);
+    if (rc) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", ql_error_message());
+        return ql_error(rc, "%s; or give --format alpaca, input-output, oasst1 or text", msg);
+    }
+    json_t *j = json_pack("{s:s, s:s, s:s, s:s}", "event", "format", "file", path, "format", ql_data_format_name(*fmt),
+                          "detected_from", why);
+    char *text = j ? json_dumps(j, JSON_PRESERVE_ORDER) : NULL;
+    if (text) fprintf(stderr, "%s\n", text);
+    else fprintf(stderr, "qlora: %s: --format %s (%s)\n", path, ql_data_format_name(*fmt), why);
+    free(text);
+    json_decref(j);
+    return QL_OK;
+}
+
+/* --optim: HF's names of plain AdamW are ours */
+static int optim_choice(const char *value, const char **out)
+{
+    if (!strcmp(value, "adamw_torch") || !strcmp(value, "adamw_torch_fused") || !strcmp(value, "adamw_hf")) value = "adamw";
+    if (strstr(value, "8bit")) return usage_error("--optim %s is not supported: %s", value, qp_eight_bit);
+    return choice("--optim", value, OPTIMS, out);
+}
 
 static int help_train(void)
 {
@@ -424,37 +459,46 @@ static int help_train(void)
     help_opt("--model DIR", "the base model: a Hugging Face folder (required)", NULL);
     help_opt("-q, --quantizer Q", "how the base is stored: nf4, fp4, int8, none (dense) or any Q", o.quantizer);
     help_opt("--data FILE", "the training data (required)", NULL);
-    help_opt("--format F", "alpaca, input-output, oasst1 or text", train_default_format);
+    help_opt("--format F", "alpaca, input-output (self-instruct), oasst1 or text", format_detected);
     help_opt("--output RUN_DIR", "where the run goes (required, unless --resume or --dry-run)", NULL);
     help_opt("--resume CKPT", "continue the run of RUN_DIR/checkpoint-N, bit for bit", NULL);
     help_opt("--force", "replace RUN_DIR when it exists", NULL);
     help_opt("--eval-data FILE", "held-out data: its loss every --eval-steps and at the end", NULL);
+    help_opt("--eval-dataset-size N", "hold out N examples of --data (a fraction when below 1) as the eval data",
+             o.eval_dataset_size > 0 ? NULL : "none");
+    help_opt("--max-eval-examples N", "evaluate the first N examples of the eval data", "all");
     help_int("--lora-r N", "LoRA rank", o.lora.r);
     help_num("--lora-alpha A", "LoRA alpha: the update is scaled by alpha / r", o.lora.alpha);
     help_num("--lora-dropout P", "dropout on the LoRA input", o.lora.dropout);
     help_opt("--lora-modules M", "all, or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", mods);
-    help_num("--lr LR", "the learning rate after warmup", o.lr);
+    help_num("--lr LR", "the learning rate (after any warmup)", o.lr);
     help_num("--weight-decay W", "AdamW's weight decay", o.weight_decay);
     help_num("--max-grad-norm N", "clip the gradient norm to N; 0 does not clip", o.max_grad_norm);
-    help_opt("--lr-scheduler S", "constant, linear or cosine, after the warmup",
-             o.schedule == QL_SCHED_LINEAR ? "linear" : o.schedule == QL_SCHED_COSINE ? "cosine" : "constant");
-    help_num("--warmup-ratio R", "linear warmup over this fraction of the steps", o.warmup_ratio);
+    help_num("--adam-beta1 B", "AdamW's beta1", o.beta1);
+    help_num("--adam-beta2 B", "AdamW's beta2", o.beta2);
+    help_num("--adam-epsilon E", "AdamW's epsilon", o.eps);
+    help_opt("--lr-scheduler S", "constant (no warmup), constant_with_warmup, linear or cosine",
+             ql_lr_schedule_name(o.schedule));
+    help_num("--warmup-ratio R", "warm up from 0 over ceil(R x steps) steps; not with constant", o.warmup_ratio);
     help_int("--batch-size N", "sequences per micro-batch", o.batch_size);
     help_int("--grad-accum N", "micro-batches per optimizer step", o.grad_accum);
     if (o.steps > 0) help_int("--steps N", "optimizer steps", o.steps);
     else help_opt("--steps N", "optimizer steps", "from --epochs");
     help_num("--epochs E", "passes over the data, when --steps is not given", o.epochs);
-    help_opt("--gradient-checkpointing", "recompute activations in the backward pass: less memory, more time",
+    help_opt("--gradient-checkpointing",
+             "recompute activations in the backward pass: less memory, more time (--no-gradient-checkpointing: off)",
              o.gradient_checkpointing ? "on" : "off");
-    help_opt("--dry-run", "print the memory plan and stop before training", NULL);
+    help_opt("--dry-run", "print the memory plan and the run's settings, and stop before training", NULL);
     help_int("--save-steps N", "a checkpoint every N steps (the last step is always saved); 0: only the last",
              o.save_steps);
     help_int("--save-total-limit N", "keep the newest N checkpoint-* folders, deleting older ones qlora wrote; 0: all",
              o.save_total_limit);
-    help_int("--eval-steps N", "evaluate --eval-data every N steps; 0: only at the end", o.eval_steps);
-    help_int("--seed S", "LoRA initialisation, data order and dropout", o.seed);
+    help_int("--eval-steps N", "evaluate the eval data every N steps; 0: only at the end", o.eval_steps);
+    help_int("--seed S", "LoRA initialisation, dropout, and the data order unless --data-seed", o.seed);
+    help_opt("--data-seed S", "the data order's seed (HF's data_seed)", "--seed");
     help_opt("--no-shuffle", "the data in file order", o.shuffle ? "shuffled" : "file order");
     help_opt("--group-by-length", "batch examples of similar length together", o.group_by_length ? "on" : "off");
+    help_opt("--no-group-by-length", "batches in the shuffled order", NULL);
     help_opt("--train-on-source", "train on the prompt tokens too, not only the response",
              o.data.train_on_source ? "on" : "off");
     help_int("--source-max-len N", "prompt tokens kept at most", o.data.source_max_len);
@@ -468,58 +512,73 @@ static int help_train(void)
     help_opt("--optim O", "adamw, paged_adamw (= paged_adamw_32bit) or auto",
              o.optim ? o.optim : "auto: paged_adamw on cuda; on cpu, AdamW on the host");
     help_quiet();
-    return help_end("qlora train --model models/llama-7b --data alpaca_data.json --format alpaca "
-                    "--output runs/llama-7b-alpaca --steps 1000 --save-steps 250");
+    help_opt("-h, --help", "print this help and exit", NULL);
+    printf("\nqlora.py's option names are taken too (--learning_rate, --per_device_train_batch_size,\n"
+           "--max_steps, --bits 4 --quant_type nf4 --double_quant True, ...); docs/training.md has the table.\n");
+    printf("\nexample:\n  %s\n", "qlora train --model models/llama-7b --data alpaca_data.json --output runs/llama-7b-alpaca "
+                                 "--steps 1000 --save-steps 250");
+    return 0;
 }
 
-static int cmd_train(int argc, char **argv)
+static const struct option train_options[] = {
+    {"model", required_argument, NULL, OPT_MODEL},
+    {"quantizer", required_argument, NULL, 'q'},
+    {"data", required_argument, NULL, OPT_DATA},
+    {"format", required_argument, NULL, OPT_FORMAT},
+    {"output", required_argument, NULL, OPT_OUTPUT},
+    {"resume", required_argument, NULL, OPT_RESUME},
+    {"force", no_argument, NULL, OPT_FORCE},
+    {"eval-data", required_argument, NULL, OPT_EVAL_DATA},
+    {"eval-dataset-size", required_argument, NULL, OPT_EVAL_DATASET_SIZE},
+    {"max-eval-examples", required_argument, NULL, OPT_MAX_EVAL_EXAMPLES},
+    {"lora-r", required_argument, NULL, OPT_LORA_R},
+    {"lora-alpha", required_argument, NULL, OPT_LORA_ALPHA},
+    {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
+    {"lora-modules", required_argument, NULL, OPT_LORA_MODULES},
+    {"lr", required_argument, NULL, OPT_LR},
+    {"weight-decay", required_argument, NULL, OPT_WEIGHT_DECAY},
+    {"max-grad-norm", required_argument, NULL, OPT_MAX_GRAD_NORM},
+    {"adam-beta1", required_argument, NULL, OPT_ADAM_BETA1},
+    {"adam-beta2", required_argument, NULL, OPT_ADAM_BETA2},
+    {"adam-epsilon", required_argument, NULL, OPT_ADAM_EPSILON},
+    {"lr-scheduler", required_argument, NULL, OPT_LR_SCHEDULER},
+    {"warmup-ratio", required_argument, NULL, OPT_WARMUP_RATIO},
+    {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
+    {"grad-accum", required_argument, NULL, OPT_GRAD_ACCUM},
+    {"steps", required_argument, NULL, OPT_STEPS},
+    {"epochs", required_argument, NULL, OPT_EPOCHS},
+    {"gradient-checkpointing", no_argument, NULL, OPT_GRAD_CKPT},
+    {"no-gradient-checkpointing", no_argument, NULL, OPT_NO_GRAD_CKPT},
+    {"dry-run", no_argument, NULL, OPT_DRY_RUN},
+    {"save-steps", required_argument, NULL, OPT_SAVE_STEPS},
+    {"save-total-limit", required_argument, NULL, OPT_SAVE_TOTAL_LIMIT},
+    {"eval-steps", required_argument, NULL, OPT_EVAL_STEPS},
+    {"seed", required_argument, NULL, OPT_SEED},
+    {"data-seed", required_argument, NULL, OPT_DATA_SEED},
+    {"no-shuffle", no_argument, NULL, OPT_NO_SHUFFLE},
+    {"group-by-length", no_argument, NULL, OPT_GROUP_BY_LENGTH},
+    {"no-group-by-length", no_argument, NULL, OPT_NO_GROUP_BY_LENGTH},
+    {"train-on-source", no_argument, NULL, OPT_TRAIN_ON_SOURCE},
+    {"source-max-len", required_argument, NULL, OPT_SOURCE_MAX_LEN},
+    {"target-max-len", required_argument, NULL, OPT_TARGET_MAX_LEN},
+    {"max-len", required_argument, NULL, OPT_MAX_LEN},
+    {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
+    {"quiet", no_argument, NULL, OPT_QUIET},
+    {"device", required_argument, NULL, OPT_DEVICE},
+    {"precision", required_argument, NULL, OPT_PRECISION},
+    {"optim", required_argument, NULL, OPT_OPTIM},
+    {"help", no_argument, NULL, OPT_HELP},
+    {NULL, 0, NULL, 0},
+};
+
+/* train's options, after qp_translate */
+static int train_parsed(int argc, char **argv, const qp_args *qp)
 {
-    static const struct option longopts[] = {
-        {"model", required_argument, NULL, OPT_MODEL},
-        {"quantizer", required_argument, NULL, 'q'},
-        {"data", required_argument, NULL, OPT_DATA},
-        {"format", required_argument, NULL, OPT_FORMAT},
-        {"output", required_argument, NULL, OPT_OUTPUT},
-        {"resume", required_argument, NULL, OPT_RESUME},
-        {"force", no_argument, NULL, OPT_FORCE},
-        {"eval-data", required_argument, NULL, OPT_EVAL_DATA},
-        {"lora-r", required_argument, NULL, OPT_LORA_R},
-        {"lora-alpha", required_argument, NULL, OPT_LORA_ALPHA},
-        {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
-        {"lora-modules", required_argument, NULL, OPT_LORA_MODULES},
-        {"lr", required_argument, NULL, OPT_LR},
-        {"weight-decay", required_argument, NULL, OPT_WEIGHT_DECAY},
-        {"max-grad-norm", required_argument, NULL, OPT_MAX_GRAD_NORM},
-        {"lr-scheduler", required_argument, NULL, OPT_LR_SCHEDULER},
-        {"warmup-ratio", required_argument, NULL, OPT_WARMUP_RATIO},
-        {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
-        {"grad-accum", required_argument, NULL, OPT_GRAD_ACCUM},
-        {"steps", required_argument, NULL, OPT_STEPS},
-        {"epochs", required_argument, NULL, OPT_EPOCHS},
-        {"gradient-checkpointing", no_argument, NULL, OPT_GRAD_CKPT},
-        {"dry-run", no_argument, NULL, OPT_DRY_RUN},
-        {"save-steps", required_argument, NULL, OPT_SAVE_STEPS},
-        {"save-total-limit", required_argument, NULL, OPT_SAVE_TOTAL_LIMIT},
-        {"eval-steps", required_argument, NULL, OPT_EVAL_STEPS},
-        {"seed", required_argument, NULL, OPT_SEED},
-        {"no-shuffle", no_argument, NULL, OPT_NO_SHUFFLE},
-        {"group-by-length", no_argument, NULL, OPT_GROUP_BY_LENGTH},
-        {"train-on-source", no_argument, NULL, OPT_TRAIN_ON_SOURCE},
-        {"source-max-len", required_argument, NULL, OPT_SOURCE_MAX_LEN},
-        {"target-max-len", required_argument, NULL, OPT_TARGET_MAX_LEN},
-        {"max-len", required_argument, NULL, OPT_MAX_LEN},
-        {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
-        {"quiet", no_argument, NULL, OPT_QUIET},
-        {"device", required_argument, NULL, OPT_DEVICE},
-        {"precision", required_argument, NULL, OPT_PRECISION},
-        {"optim", required_argument, NULL, OPT_OPTIM},
-        {"help", no_argument, NULL, OPT_HELP},
-        {NULL, 0, NULL, 0},
-    };
+    const struct option *longopts = train_options;
     ql_train_opts o;
     ql_train_opts_default(&o);
     o.device = default_device();
-    const char *format = train_default_format;
+    const char *format = NULL;
     long lv = 0;
     double dv = 0;
     int c, bad = 0, rc;
@@ -534,6 +593,14 @@ static int cmd_train(int argc, char **argv)
         case OPT_RESUME: o.resume_from = optarg; break;
         case OPT_FORCE: o.force = 1; break;
         case OPT_EVAL_DATA: o.eval_data_path = optarg; break;
+        case OPT_EVAL_DATASET_SIZE:
+            bad |= parse_float_arg("--eval-dataset-size", optarg, 1e-12, 1e15, &o.eval_dataset_size);
+            if (!bad && o.eval_dataset_size >= 1 && o.eval_dataset_size != floor(o.eval_dataset_size))
+                bad |= usage_error("--eval-dataset-size=%s: a whole number of examples, or a fraction below 1", optarg);
+            break;
+        case OPT_MAX_EVAL_EXAMPLES:
+            bad |= parse_long_arg("--max-eval-examples", optarg, 1, 1L << 40, &lv), o.max_eval_examples = lv;
+            break;
         case OPT_LORA_R: bad |= parse_long_arg("--lora-r", optarg, 1, 65536, &lv), o.lora.r = (int)lv; break;
         case OPT_LORA_ALPHA: bad |= parse_float_arg("--lora-alpha", optarg, 1e-6, 1e6, &dv), o.lora.alpha = (float)dv; break;
         case OPT_LORA_DROPOUT: bad |= parse_float_arg("--lora-dropout", optarg, 0, 0.99, &dv), o.lora.dropout = (float)dv; break;
@@ -543,15 +610,19 @@ static int cmd_train(int argc, char **argv)
         case OPT_LR: bad |= parse_float_arg("--lr", optarg, 1e-12, 1e30, &dv), o.lr = (float)dv; break;
         case OPT_WEIGHT_DECAY: bad |= parse_float_arg("--weight-decay", optarg, 0, 10, &dv), o.weight_decay = (float)dv; break;
         case OPT_MAX_GRAD_NORM: bad |= parse_float_arg("--max-grad-norm", optarg, 0, 1e30, &dv), o.max_grad_norm = (float)dv; break;
+        case OPT_ADAM_BETA1: bad |= parse_float_arg("--adam-beta1", optarg, 0, 0.999999, &dv), o.beta1 = (float)dv; break;
+        case OPT_ADAM_BETA2: bad |= parse_float_arg("--adam-beta2", optarg, 0, 0.999999999, &dv), o.beta2 = (float)dv; break;
+        case OPT_ADAM_EPSILON: bad |= parse_float_arg("--adam-epsilon", optarg, 1e-30, 1, &dv), o.eps = (float)dv; break;
         case OPT_LR_SCHEDULER:
             if ((rc = ql_lr_schedule_parse(optarg, &o.schedule))) return fail(rc);
             break;
-        case OPT_WARMUP_RATIO: bad |= parse_float_arg("--warmup-ratio", optarg, 0, 1, &dv), o.warmup_ratio = (float)dv; break;
+        case OPT_WARMUP_RATIO: bad |= parse_float_arg("--warmup-ratio", optarg, 0, 1, &o.warmup_ratio); break;
         case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1 << 20, &lv), o.batch_size = (int)lv; break;
         case OPT_GRAD_ACCUM: bad |= parse_long_arg("--grad-accum", optarg, 1, 1 << 20, &lv), o.grad_accum = (int)lv; break;
         case OPT_STEPS: bad |= parse_long_arg("--steps", optarg, 1, 1L << 40, &lv), o.steps = lv; break;
         case OPT_EPOCHS: bad |= parse_float_arg("--epochs", optarg, 1e-9, 1e9, &o.epochs); break;
         case OPT_GRAD_CKPT: o.gradient_checkpointing = 1; break;
+        case OPT_NO_GRAD_CKPT: o.gradient_checkpointing = 0; break;
         case OPT_DRY_RUN: o.dry_run = 1; break;
         case OPT_SAVE_STEPS: bad |= parse_long_arg("--save-steps", optarg, 0, 1L << 40, &lv), o.save_steps = lv; break;
         case OPT_SAVE_TOTAL_LIMIT:
@@ -559,8 +630,10 @@ static int cmd_train(int argc, char **argv)
             break;
         case OPT_EVAL_STEPS: bad |= parse_long_arg("--eval-steps", optarg, 0, 1L << 40, &lv), o.eval_steps = lv; break;
         case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &lv), o.seed = lv; break;
+        case OPT_DATA_SEED: bad |= parse_long_arg("--data-seed", optarg, 0, LONG_MAX, &lv), o.data_seed = lv; break;
         case OPT_NO_SHUFFLE: o.shuffle = 0; break;
         case OPT_GROUP_BY_LENGTH: o.group_by_length = 1; break;
+        case OPT_NO_GROUP_BY_LENGTH: o.group_by_length = 0; break;
         case OPT_TRAIN_ON_SOURCE: o.data.train_on_source = 1; break;
         case OPT_SOURCE_MAX_LEN: bad |= parse_long_arg("--source-max-len", optarg, 1, 1L << 24, &lv), o.data.source_max_len = (int)lv; break;
         case OPT_TARGET_MAX_LEN: bad |= parse_long_arg("--target-max-len", optarg, 1, 1L << 24, &lv), o.data.target_max_len = (int)lv; break;
@@ -574,7 +647,7 @@ static int cmd_train(int argc, char **argv)
             if (choice("--precision", optarg, PRECISIONS, &o.precision)) return 2;
             break;
         case OPT_OPTIM:
-            if (choice("--optim", optarg, OPTIMS, &o.optim)) return 2;
+            if (optim_choice(optarg, &o.optim)) return 2;
             break;
         case 'h':
         case OPT_HELP: return help_train();
@@ -583,14 +656,30 @@ static int cmd_train(int argc, char **argv)
     }
     if (bad) return 2;
     if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (qp->quantizer[0]) o.quantizer = qp->quantizer;
+    /* qlora.py's --do_eval without an eval split holds out --eval_dataset_size (1024) examples */
+    if (qp->do_eval && !o.eval_data_path && o.eval_dataset_size == 0) o.eval_dataset_size = 1024;
     if (!o.model_dir) return usage_error("--model DIR is required");
     if (!o.data_path) return usage_error("--data FILE is required");
     if (!o.output_dir && !o.resume_from && !o.dry_run)
         return usage_error("--output RUN_DIR (or --resume CHECKPOINT) is required");
-    if (o.eval_steps > 0 && !o.eval_data_path) return usage_error("--eval-steps needs --eval-data FILE");
-    if ((rc = ql_data_format_parse(format, &o.data.format))) return fail(rc);
+    if (o.eval_data_path && o.eval_dataset_size > 0) return usage_error("give --eval-data or --eval-dataset-size, not both");
+    if (o.eval_steps > 0 && !o.eval_data_path && o.eval_dataset_size == 0)
+        return usage_error("--eval-steps needs --eval-data FILE or --eval-dataset-size N");
+    if (format) rc = ql_data_format_parse(format, &o.data.format);
+    else rc = detect_format(o.data_path, &o.data.format);
+    if (rc) return fail(rc);
     rc = ql_train(&o);
     return rc ? fail(rc) : 0;
+}
+
+static int cmd_train(int argc, char **argv)
+{
+    qp_args qp;
+    int rc = qp_translate(QP_TRAIN, argc, argv, train_options, ":q:h", &qp);
+    if (rc == 0) rc = train_parsed(qp.argc, qp.argv, &qp);
+    qp_free(&qp);
+    return rc;
 }
 
 static int help_bench(void)
@@ -755,9 +844,9 @@ static int cmd_merge(int argc, char **argv)
 
 /* eval's defaults, shown by its --help */
 static const struct {
-    const char *format, *mmlu_split, *precision;
+    const char *mmlu_split, *precision;
     long shots, batch, source_max_len, target_max_len;
-} eval_defaults = {.format = "text", .mmlu_split = "test", .precision = "auto", .shots = 5, .batch = 8,
+} eval_defaults = {.mmlu_split = "test", .precision = "auto", .shots = 5, .batch = 8,
                    .source_max_len = 1024, .target_max_len = 256};
 
 static int help_eval(void)
@@ -773,7 +862,7 @@ static int help_eval(void)
     help_opt("-q, --quantizer Q", "quantize the base with Q; none keeps it dense",
              "as RUN_DIR/run_config.json says, else none");
     help_opt("--data FILE", "the examples to score (this or --mmlu is required)", NULL);
-    help_opt("--format F", "text, alpaca, input-output or oasst1", eval_defaults.format);
+    help_opt("--format F", "text, alpaca, input-output (self-instruct) or oasst1", format_detected);
     help_opt("--max-examples N", "the first N examples; with --mmlu, N questions per subject", "all");
     help_opt("--max-len N", "tokens per example at most", "the model's max_position_embeddings");
     help_int("--source-max-len N", "prompt tokens kept at most", eval_defaults.source_max_len);
@@ -790,29 +879,31 @@ static int help_eval(void)
                     "--format alpaca");
 }
 
-static int cmd_eval(int argc, char **argv)
+static const struct option eval_options[] = {
+    {"model", required_argument, NULL, OPT_MODEL},
+    {"adapter", required_argument, NULL, OPT_ADAPTER},
+    {"quantizer", required_argument, NULL, 'q'},
+    {"data", required_argument, NULL, OPT_DATA},
+    {"format", required_argument, NULL, OPT_FORMAT},
+    {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
+    {"max-len", required_argument, NULL, OPT_MAX_LEN},
+    {"source-max-len", required_argument, NULL, OPT_SOURCE_MAX_LEN},
+    {"target-max-len", required_argument, NULL, OPT_TARGET_MAX_LEN},
+    {"quiet", no_argument, NULL, OPT_QUIET},
+    {"mmlu", required_argument, NULL, OPT_MMLU},
+    {"shots", required_argument, NULL, OPT_SHOTS},
+    {"mmlu-split", required_argument, NULL, OPT_MMLU_SPLIT},
+    {"device", required_argument, NULL, OPT_DEVICE},
+    {"precision", required_argument, NULL, OPT_PRECISION},
+    {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
+    {"help", no_argument, NULL, OPT_HELP},
+    {NULL, 0, NULL, 0},
+};
+
+static int eval_parsed(int argc, char **argv, const qp_args *qp)
 {
-    static const struct option longopts[] = {
-        {"model", required_argument, NULL, OPT_MODEL},
-        {"adapter", required_argument, NULL, OPT_ADAPTER},
-        {"quantizer", required_argument, NULL, 'q'},
-        {"data", required_argument, NULL, OPT_DATA},
-        {"format", required_argument, NULL, OPT_FORMAT},
-        {"max-examples", required_argument, NULL, OPT_MAX_EXAMPLES},
-        {"max-len", required_argument, NULL, OPT_MAX_LEN},
-        {"source-max-len", required_argument, NULL, OPT_SOURCE_MAX_LEN},
-        {"target-max-len", required_argument, NULL, OPT_TARGET_MAX_LEN},
-        {"quiet", no_argument, NULL, OPT_QUIET},
-        {"mmlu", required_argument, NULL, OPT_MMLU},
-        {"shots", required_argument, NULL, OPT_SHOTS},
-        {"mmlu-split", required_argument, NULL, OPT_MMLU_SPLIT},
-        {"device", required_argument, NULL, OPT_DEVICE},
-        {"precision", required_argument, NULL, OPT_PRECISION},
-        {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
-        {"help", no_argument, NULL, OPT_HELP},
-        {NULL, 0, NULL, 0},
-    };
-    const char *model = NULL, *data = NULL, *format = eval_defaults.format, *quantizer = NULL, *adapter = NULL,
+    const struct option *longopts = eval_options;
+    const char *model = NULL, *data = NULL, *format = NULL, *quantizer = NULL, *adapter = NULL,
                *mmlu = NULL, *mmlu_split = eval_defaults.mmlu_split, *device = default_device(),
                *precision = eval_defaults.precision;
     long shots = eval_defaults.shots, batch = eval_defaults.batch;
@@ -852,9 +943,10 @@ static int cmd_eval(int argc, char **argv)
     if (!model) return usage_error("--model DIR is required");
     if (mmlu && data) return usage_error("give --data or --mmlu, not both");
     if (!mmlu && !data) return usage_error("--data FILE (or --mmlu DIR) is required");
+    if (qp->quantizer[0]) quantizer = qp->quantizer;
     ql_dataset_opts dopts = {.source_max_len = (int)source_max_len, .target_max_len = (int)target_max_len,
                              .max_len = (int)max_len, .train_on_source = 0, .max_examples = max_examples};
-    int rc = mmlu ? QL_OK : ql_data_format_parse(format, &dopts.format);
+    int rc = mmlu ? QL_OK : format ? ql_data_format_parse(format, &dopts.format) : detect_format(data, &dopts.format);
     if (rc) return fail(rc);
     ql_llama *m = NULL;
     ql_tokenizer *tok = NULL;
@@ -879,13 +971,23 @@ static int cmd_eval(int argc, char **argv)
     double nll = r.tokens ? r.nll_sum / (double)r.tokens : 0.0;
     printf("{\"examples\": %lld, \"tokens\": %lld, \"nll\": %.6f, \"ppl\": %.6f, \"truncated\": %zu, "
            "\"quantizer\": \"%s\", \"format\": \"%s\"}\n",
-           (long long)r.examples, (long long)r.tokens, nll, exp(nll), d->n_truncated, ql_llama_quantization(m), format);
+           (long long)r.examples, (long long)r.tokens, nll, exp(nll), d->n_truncated, ql_llama_quantization(m),
+           ql_data_format_name(dopts.format));
 done:
     ql_dataset_destroy(d);
     ql_tokenizer_destroy(tok);
     ql_llama_destroy(m);
     ql_lora_destroy(lora);
     return rc ? fail(rc) : 0;
+}
+
+static int cmd_eval(int argc, char **argv)
+{
+    qp_args qp;
+    int rc = qp_translate(QP_EVAL, argc, argv, eval_options, ":q:h", &qp);
+    if (rc == 0) rc = eval_parsed(qp.argc, qp.argv, &qp);
+    qp_free(&qp);
+    return rc;
 }
 
 /* generate's defaults, shown by its --help */

@@ -13,9 +13,10 @@
  * Lines, one record per line, blank lines skipped):
  *   alpaca        {instruction, input (optional), output}: source = the Alpaca
  *                 prompt (docs/quant-formats.md), target = output
- *   input-output  {input, output}; self-instruct records
- *                 {instruction, instances: [{input, output}, ...]} give one
- *                 example per instance (see ql_dataset_format_example)
+ *   input-output  {input, output}; self-instruct records: qlora.py's
+ *                 {prompt, completion} (source = prompt, target = completion)
+ *                 or the released {instruction, instances: [{input, output},
+ *                 ...]}, one example per instance (ql_dataset_format_example)
  *   oasst1        {input: "### Human: ... ### Assistant:", output}; a record
  *                 with "text" and neither "input" nor "output" is all target
  *                 (empty source), as qlora.py reads Guanaco's {"text"}
@@ -41,6 +42,18 @@ typedef enum { QL_FMT_ALPACA, QL_FMT_INPUT_OUTPUT, QL_FMT_OASST1, QL_FMT_TEXT } 
  * an unknown name is QL_EINVAL with a message listing the valid ones. */
 int ql_data_format_parse(const char *name, ql_data_format *out);
 const char *ql_data_format_name(ql_data_format fmt);
+
+/* The format of a dataset file by what it holds, for when none is given:
+ * a JSON array, or JSON Lines, whose first record has
+ *   instruction and output                      -> alpaca
+ *   instruction and instances (self-instruct),
+ *   input and output, or prompt and completion  -> input-output
+ *   text (Guanaco's {"text": ...})               -> oasst1
+ * and a file that starts with neither '[' nor '{' -> text.  `why` (may be
+ * NULL) gets what was seen, e.g. "JSON Lines whose first record has "input"
+ * and "output"".  JSON that fits none of these, or a file that starts like
+ * JSON and is not, is QL_EFORMAT naming what was found. */
+int ql_data_format_detect(const char *path, ql_data_format *out, char *why, size_t cap);
 
 typedef struct ql_dataset_opts {
     ql_data_format format;
@@ -101,6 +114,14 @@ int ql_dataset_format_example(ql_data_format fmt, const char *record, char **sou
  *              permutation with torch.randperm and qlora.py measures length
  *              in characters; we use our permutation and token counts. */
 int ql_dataset_order(const ql_dataset *d, int64_t seed, int group_by_length, int batch_size, size_t *order);
+
+/* Hold out n_eval of d's examples for evaluation, as qlora.py's
+ * train_test_split(test_size=n_eval, shuffle=True, seed=42) does: the
+ * first n_eval of ql_dataset_order(d, seed) are *eval, the rest *train,
+ * each kept in file order.  Both are views of d's examples (destroy them
+ * before d); their n_read is their n and they count no truncation.
+ * n_eval must be from 1 to d->n - 1. */
+int ql_dataset_split(const ql_dataset *d, size_t n_eval, int64_t seed, ql_dataset **train, ql_dataset **eval);
 
 #ifdef __cplusplus
 }

@@ -12,19 +12,27 @@
 extern "C" {
 #endif
 
-typedef enum { QL_SCHED_CONSTANT, QL_SCHED_LINEAR, QL_SCHED_COSINE } ql_lr_schedule;
+/* transformers' get_scheduler names: constant ignores the warmup, the
+ * others warm up linearly from 0 over ceil(warmup_ratio * steps) steps */
+typedef enum { QL_SCHED_CONSTANT, QL_SCHED_LINEAR, QL_SCHED_COSINE, QL_SCHED_CONSTANT_WITH_WARMUP } ql_lr_schedule;
 
 typedef struct ql_train_opts {
     const char *model_dir;
     const char *quantizer; /* "nf4" default; "none" keeps the base dense */
     const char *data_path;
-    const char *eval_data_path; /* NULL: no evaluation during training */
+    const char *eval_data_path; /* NULL: no evaluation during training (unless eval_dataset_size) */
+    /* hold out this many examples of the training data for evaluation (a
+     * fraction of them when below 1), as qlora.py's --eval_dataset_size
+     * does with --do_eval; 0: none.  Not with eval_data_path. */
+    double eval_dataset_size;
+    int64_t max_eval_examples; /* evaluate the first N of the eval set only; <= 0: all */
     const char *output_dir;
     const char *resume_from; /* a checkpoint-N folder or NULL */
     int force;
     ql_dataset_opts data;
     ql_lora_config lora;
-    float lr, weight_decay, max_grad_norm, warmup_ratio;
+    float lr, weight_decay, max_grad_norm;
+    double warmup_ratio; /* a double, as transformers' ceil(warmup_ratio * steps) computes it */
     float beta1, beta2, eps;
     ql_lr_schedule schedule;
     int batch_size, grad_accum;
@@ -37,6 +45,7 @@ typedef struct ql_train_opts {
     int64_t save_total_limit;
     int64_t eval_steps; /* 0: evaluate only at the end (when eval data is given) */
     int64_t seed;
+    int64_t data_seed; /* the data order's seed (HF's data_seed); < 0: seed */
     int shuffle;
     int group_by_length;
     int progress; /* 1: live line on a terminal / JSON lines otherwise */
@@ -47,8 +56,14 @@ typedef struct ql_train_opts {
 } ql_train_opts;
 
 void ql_train_opts_default(ql_train_opts *o);
+/* "constant", "constant_with_warmup", "linear" or "cosine" */
 int ql_lr_schedule_parse(const char *name, ql_lr_schedule *out);
-/* The learning rate at optimizer step `step` (0-based) of `total`. */
+const char *ql_lr_schedule_name(ql_lr_schedule s);
+/* The learning rate at optimizer step `step` (0-based) of `total`, as
+ * transformers' get_scheduler(name, warmup = ceil(warmup_ratio * total))
+ * gives it: warmup lr * step / warmup (0 at the first step), then constant,
+ * lr * (total - step) / (total - warmup), or half a cosine to 0; the
+ * constant schedule has no warmup. */
 float ql_lr_at(const ql_train_opts *o, int64_t step, int64_t total);
 
 int ql_train(const ql_train_opts *o);
