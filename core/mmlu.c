@@ -82,9 +82,7 @@ int ql_csv_record(const char *text, size_t len, size_t *pos, char **fields, int 
     return n;
 }
 
-typedef struct question {
-    char *field[6]; /* question, choice0..3, answer */
-} question;
+typedef ql_mmlu_question question;
 
 static void free_questions(question *q, size_t n)
 {
@@ -146,10 +144,9 @@ static int read_csv(const char *path, question **out, size_t *n)
 static const char letters[4] = {'A', 'B', 'C', 'D'};
 
 /* Appends s; on a failed allocation frees *buf and leaves it NULL (later appends do nothing). */
-static void append(char **buf, size_t *len, size_t *cap, const char *s)
+static void append_n(char **buf, size_t *len, size_t *cap, const char *s, size_t l)
 {
     if (!*buf) return;
-    size_t l = strlen(s);
     if (*len + l + 1 > *cap) {
         size_t want = (*len + l + 1) * 2;
         char *p = realloc(*buf, want);
@@ -161,9 +158,12 @@ static void append(char **buf, size_t *len, size_t *cap, const char *s)
         *buf = p;
         *cap = want;
     }
-    memcpy(*buf + *len, s, l + 1);
+    memcpy(*buf + *len, s, l);
     *len += l;
+    (*buf)[*len] = '\0';
 }
+
+static void append(char **buf, size_t *len, size_t *cap, const char *s) { append_n(buf, len, cap, s, strlen(s)); }
 
 static void format_question(char **buf, size_t *len, size_t *cap, const question *q, int with_answer)
 {
@@ -182,21 +182,25 @@ static void format_question(char **buf, size_t *len, size_t *cap, const question
     }
 }
 
-/* "The following are multiple choice questions (with answers) about X.\n\n"
- * + shots dev questions with answers + the question. */
-static char *build_prompt(const char *subject, const question *dev, int shots, const question *q)
+/* hendrycks' format_subject: each word of the file name after a space, so
+ * "abstract_algebra" is " abstract algebra" and the header reads "about  abstract
+ * algebra." with two spaces, as in qlora.py's five-shot files. */
+char *ql_mmlu_prompt(const char *subject, const ql_mmlu_question *dev, int shots, const ql_mmlu_question *q)
 {
     size_t len = 0, cap = 1024;
     char *buf = malloc(cap);
     if (!buf) return NULL;
     buf[0] = '\0';
-    char head[512];
-    char pretty[256];
-    snprintf(pretty, sizeof pretty, "%s", subject);
-    for (char *p = pretty; *p; p++)
-        if (*p == '_') *p = ' ';
-    snprintf(head, sizeof head, "The following are multiple choice questions (with answers) about %s.\n\n", pretty);
-    append(&buf, &len, &cap, head);
+    append(&buf, &len, &cap, "The following are multiple choice questions (with answers) about ");
+    for (const char *w = subject;;) {
+        const char *end = strchr(w, '_');
+        size_t wl = end ? (size_t)(end - w) : strlen(w);
+        append(&buf, &len, &cap, " ");
+        append_n(&buf, &len, &cap, w, wl);
+        if (!end) break;
+        w = end + 1;
+    }
+    append(&buf, &len, &cap, ".\n\n");
     for (int s = 0; s < shots; s++) format_question(&buf, &len, &cap, &dev[s], 1);
     format_question(&buf, &len, &cap, q, 0);
     return buf;
@@ -216,6 +220,70 @@ static char *subject_file(const char *dir, const char *subject, const char *suff
 }
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* The ids scored for "A".."D".  qlora.py takes the first id of each letter
+ * encoded alone (with a SentencePiece tokenizer that is " A", the token after
+ * "Answer:").  When the four encodings are not four distinct single tokens,
+ * that first id can be shared (stories260K: " A", " C", " D" all start with
+ * the lone space piece), and scoring by it answers one letter always: then each
+ * letter's own (last) token is scored, with a warning.  Four letters that
+ * still share a token cannot be scored at all. */
+static int letter_tokens(const ql_tokenizer *tok, int vocab, int32_t id[4], int *by_last)
+{
+    int32_t first[4], last[4];
+    size_t count[4];
+    char shown[4][64];
+    for (int c = 0; c < 4; c++) {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        char s[2] = {letters[c], 0};
+        int rc = ql_tokenizer_encode(tok, s, 1, 0, &ids, &n);
+        if (rc) return rc;
+        if (n == 0) {
+            free(ids);
+            return ql_error(QL_EINVAL, "MMLU: the tokenizer gives no token for \"%c\"", letters[c]);
+        }
+        for (size_t k = 0; k < n; k++)
+            if (ids[k] < 0 || ids[k] >= vocab) {
+                rc = ql_error(QL_EINVAL, "MMLU: a token of \"%c\" (id %d) is outside the model's vocabulary (%d)",
+                              letters[c], ids[k], vocab);
+                free(ids);
+                return rc;
+            }
+        first[c] = ids[0];
+        last[c] = ids[n - 1];
+        count[c] = n;
+        int w = snprintf(shown[c], sizeof shown[c], "%c:", letters[c]);
+        for (size_t k = 0; k < n && w > 0 && (size_t)w < sizeof shown[c]; k++)
+            w += snprintf(shown[c] + w, sizeof shown[c] - (size_t)w, "%s%d", k ? "," : "[", ids[k]);
+        if (w > 0 && (size_t)w < sizeof shown[c]) snprintf(shown[c] + w, sizeof shown[c] - (size_t)w, "]");
+        free(ids);
+    }
+    int single = 1, first_distinct = 1, last_distinct = 1;
+    for (int a = 0; a < 4; a++) {
+        single &= count[a] == 1;
+        for (int b = a + 1; b < 4; b++) {
+            first_distinct &= first[a] != first[b];
+            last_distinct &= last[a] != last[b];
+        }
+    }
+    if (single && first_distinct) {
+        memcpy(id, first, sizeof first);
+        *by_last = 0;
+        return QL_OK;
+    }
+    if (!last_distinct)
+        return ql_error(QL_EINVAL, "MMLU: the tokenizer gives the answer letters no four distinct tokens (%s %s %s %s)",
+                        shown[0], shown[1], shown[2], shown[3]);
+    fprintf(stderr,
+            "qlora: warning: MMLU: the answer letters are not four distinct single tokens (%s %s %s %s)%s; scoring "
+            "each letter by its last token (%d %d %d %d), not by the first as qlora.py does\n",
+            shown[0], shown[1], shown[2], shown[3], first_distinct ? "" : ", and their first tokens are shared",
+            last[0], last[1], last[2], last[3]);
+    memcpy(id, last, sizeof last);
+    *by_last = 1;
+    return QL_OK;
+}
 
 int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FILE *out)
 {
@@ -253,27 +321,16 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     closedir(d);
     if (rc == QL_OK && ns == 0) rc = ql_error(QL_ENOTFOUND, "MMLU: no *%s files in %s", suffix, split_dir);
     if (ns) qsort(subjects, ns, sizeof *subjects, cmp_str);
-    /* token ids of the four letters, as qlora.py takes them: the first id of each letter alone */
     int32_t letter_id[4];
-    for (int c = 0; c < 4 && rc == QL_OK; c++) {
-        int32_t *ids = NULL;
-        size_t n = 0;
-        char s[2] = {letters[c], 0};
-        rc = ql_tokenizer_encode(tok, s, 1, 0, &ids, &n);
-        if (rc == QL_OK && n == 0) rc = ql_error(QL_EINVAL, "MMLU: the tokenizer gives no token for \"%c\"", letters[c]);
-        if (rc == QL_OK && (ids[0] < 0 || ids[0] >= ql_llama_get_config(m)->vocab))
-            rc = ql_error(QL_EINVAL, "MMLU: the token of \"%c\" (id %d) is outside the model's vocabulary (%d)",
-                          letters[c], ids[0], ql_llama_get_config(m)->vocab);
-        if (rc == QL_OK) letter_id[c] = ids[0];
-        free(ids);
-    }
+    int by_last = 0;
+    if (rc == QL_OK) rc = letter_tokens(tok, ql_llama_get_config(m)->vocab, letter_id, &by_last);
     const ql_llama_config *c = ql_llama_get_config(m);
     float *logits = malloc((size_t)c->vocab * sizeof *logits);
     ql_kv_cache *cache = NULL;
     if (rc == QL_OK) rc = logits ? ql_kv_cache_create(m, c->max_len, &cache) : ql_error(QL_ENOMEM, "out of memory");
     json_t *per = json_object();
     double sum_subject = 0;
-    int64_t correct_all = 0, total_all = 0, dropped_shots = 0;
+    int64_t correct_all = 0, total_all = 0, fewer_shots = 0, truncated = 0;
     ql_progress prog;
     ql_progress_begin(&prog, "mmlu", (int64_t)ns, "subjects", o->progress);
     for (size_t s = 0; s < ns && rc == QL_OK; s++) {
@@ -294,8 +351,9 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
             /* fewer shots when the prompt does not fit the model */
             int32_t *ids = NULL;
             size_t n = 0;
-            for (int shots = o->shots; shots >= 0; shots--) {
-                char *prompt = build_prompt(subjects[s], dev, shots, &qs[i]);
+            int shots = o->shots;
+            for (;; shots--) {
+                char *prompt = ql_mmlu_prompt(subjects[s], dev, shots, &qs[i]);
                 if (!prompt) {
                     rc = ql_error(QL_ENOMEM, "out of memory");
                     break;
@@ -309,9 +367,11 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                     /* keep the end (the question and "Answer:") */
                     memmove(ids, ids + (n - (size_t)c->max_len), (size_t)c->max_len * sizeof *ids);
                     n = (size_t)c->max_len;
+                    truncated++;
+                    break;
                 }
-                dropped_shots++;
             }
+            if (rc == QL_OK && shots < o->shots) fewer_shots++;
             if (rc == QL_OK) {
                 ql_kv_cache_reset(cache);
                 rc = ql_llama_forward(m, cache, ids, (int)n, logits, 1);
@@ -337,6 +397,16 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     }
     if (rc == QL_OK) {
         ql_progress_end(&prog);
+        if (fewer_shots)
+            fprintf(stderr,
+                    "qlora: warning: MMLU: %lld of %lld prompts have fewer than --shots %d dev questions: with all of "
+                    "them the prompt is longer than the model's %d positions\n",
+                    (long long)fewer_shots, (long long)total_all, o->shots, c->max_len);
+        if (truncated)
+            fprintf(stderr,
+                    "qlora: warning: MMLU: %lld of %lld prompts are longer than the model's %d positions even without "
+                    "dev questions; their start was cut\n",
+                    (long long)truncated, (long long)total_all, c->max_len);
         json_t *res = json_object();
         json_object_set_new(res, "mmlu_split", json_string(split));
         json_object_set_new(res, "shots", json_integer(o->shots));
@@ -344,7 +414,12 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         json_object_set_new(res, "questions", json_integer(total_all));
         json_object_set_new(res, "accuracy", json_real(json_object_size(per) ? sum_subject / (double)json_object_size(per) : 0));
         json_object_set_new(res, "accuracy_micro", json_real(total_all ? (double)correct_all / (double)total_all : 0));
-        json_object_set_new(res, "prompts_with_fewer_shots", json_integer(dropped_shots));
+        json_object_set_new(res, "prompts_with_fewer_shots", json_integer(fewer_shots));
+        json_object_set_new(res, "prompts_truncated", json_integer(truncated));
+        json_t *aid = json_array();
+        for (int k = 0; k < 4; k++) json_array_append_new(aid, json_integer(letter_id[k]));
+        json_object_set_new(res, "answer_token_ids", aid);
+        json_object_set_new(res, "answer_tokens", json_string(by_last ? "last" : "first"));
         json_object_set_new(res, "per_subject", per);
         per = NULL;
         char *text = ql_json_dumps_py(res, 0, 0);

@@ -26,6 +26,20 @@ typedef struct ql_mmlu_opts {
  * line on `out`. */
 int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *opts, FILE *out);
 
+/* One question of a SUBJECT_SPLIT.csv file: question, choice0..3, answer (a
+ * digit 0-3 naming the choice). */
+typedef struct ql_mmlu_question {
+    char *field[6];
+} ql_mmlu_question;
+
+/* The prompt of question q as hendrycks' evaluate.py and qlora.py's MMLU files
+ * write it: "The following are multiple choice questions (with answers) about
+ * " + each word of subject (underscores split words) after a space + ".\n\n",
+ * then the first `shots` dev questions as "Q\nA. c0\nB. c1\nC. c2\nD. c3\nAnswer: X\n\n"
+ * and q the same way without its answer (ending in "Answer:").  Returns a
+ * malloc'd string, NULL when out of memory. */
+char *ql_mmlu_prompt(const char *subject, const ql_mmlu_question *dev, int shots, const ql_mmlu_question *q);
+
 /* One CSV record (RFC 4180: quotes, doubled quotes, newlines in quotes) from
  * text at *pos; fields are malloc'd.  Returns the record's field count (fields
  * past max_fields are counted but not kept), 0 at the end, or a negative
