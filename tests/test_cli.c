@@ -1938,6 +1938,80 @@ static void mmlu_refuses(const char *model, const char *root, const char *csv, s
     free(err);
 }
 
+/* qlora.py's MMLU on stories260K, whose tokenizer encodes "A", "C" and "D" as
+ * the lone space piece then the letter: scoring by the first ids (shared) would
+ * answer one letter always, so each letter's last token is scored, and a
+ * warning says so.  --split picks the folder; prompts_with_fewer_shots counts
+ * prompts (not dropped shots) and a warning says --shots was not honoured. */
+START_TEST(test_mmlu_letters_split_shots)
+{
+    char *model = model_dir(), *root = fresh_dir();
+    char *dev = join(root, "dev"), *val = join(root, "val"), *test = join(root, "test");
+    ck_assert_int_eq(ql_mkdir_p(dev), QL_OK);
+    ck_assert_int_eq(ql_mkdir_p(val), QL_OK);
+    ck_assert_int_eq(ql_mkdir_p(test), QL_OK);
+    const char *short_dev = "q one,a,b,c,d,1\nq two,a,b,c,d,2\n";
+    write_text_file(dev, "x_dev.csv", short_dev, strlen(short_dev));
+    const char *one = "t,a,b,c,d,0\n", *three = "v one,a,b,c,d,0\nv two,a,b,c,d,3\nv three,a,b,c,d,1\n";
+    write_text_file(test, "x_test.csv", one, strlen(one));
+    write_text_file(val, "x_val.csv", three, strlen(three));
+    char *out, *err;
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --split val --quiet", model, root) == 0, "%s",
+                  err);
+    json_t *res = parse_json(out); /* the one stdout line with --quiet */
+    ck_assert_str_eq(json_string_value(json_object_get(res, "mmlu_split")), "val");
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "questions")), 3);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "prompts_with_fewer_shots")), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(res, "answer_tokens")), "last");
+    json_t *ids = json_object_get(res, "answer_token_ids");
+    ck_assert_uint_eq(json_array_size(ids), 4);
+    for (size_t a = 0; a < 4; a++)
+        for (size_t b = a + 1; b < 4; b++)
+            ck_assert_msg(json_integer_value(json_array_get(ids, a)) != json_integer_value(json_array_get(ids, b)),
+                          "letters %zu and %zu are scored by one token: %s", a, b, out);
+    ck_assert_contains(err, "warning: MMLU: the answer letters are not four distinct single tokens");
+    ck_assert_contains(err, "their first tokens are shared; scoring each letter by its last token");
+    ck_assert(strstr(err, "fewer than --shots") == NULL);
+    json_decref(res);
+    free(out), free(err);
+    /* the old name of the flag, and the default split */
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --mmlu-split val --quiet", model, root) == 0,
+                  "%s", err);
+    ck_assert_contains(out, "\"questions\": 3");
+    free(out), free(err);
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --quiet", model, root) == 0, "%s", err);
+    ck_assert_contains(out, "\"mmlu_split\": \"test\", \"shots\": 1, \"subjects\": 1, \"questions\": 1,");
+    free(out), free(err);
+    assert_usage_error("eval --model m --data d --split val", "qlora: eval: --split NAME is for --mmlu only (see 'qlora eval --help')\n");
+
+    /* dev questions of about 120 tokens each: 5 shots do not fit 512
+     * positions, 3 do, so each of the 2 prompts drops 2 shots */
+    char long_dev[4096] = "";
+    for (int i = 0; i < 5; i++) {
+        size_t k = strlen(long_dev);
+        fmt(long_dev + k, sizeof long_dev - k, "Question %d:", i);
+        for (int w = 0; w < 20; w++) {
+            k = strlen(long_dev);
+            fmt(long_dev + k, sizeof long_dev - k, " word%d", (i * 20 + w) * 7919 % 1000);
+        }
+        k = strlen(long_dev);
+        fmt(long_dev + k, sizeof long_dev - k, "?,a,b,c,d,%d\n", i % 4);
+    }
+    write_text_file(dev, "x_dev.csv", long_dev, strlen(long_dev));
+    const char *two = "t one,a,b,c,d,0\nt two,a,b,c,d,1\n";
+    write_text_file(test, "x_test.csv", two, strlen(two));
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 5 --quiet", model, root) == 0, "%s", err);
+    res = parse_json(out);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "questions")), 2);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "prompts_with_fewer_shots")), 2);
+    ck_assert_int_eq(json_integer_value(json_object_get(res, "prompts_truncated")), 0);
+    ck_assert_contains(err, "warning: MMLU: 2 of 2 prompts have fewer than --shots 5 dev questions");
+    json_decref(res);
+    free(out), free(err);
+    free(dev), free(val), free(test), free(root), free(model);
+}
+END_TEST
+
 START_TEST(test_mmlu_bad_csv)
 {
     char *model = model_dir(), *root = fresh_dir();
@@ -2285,6 +2359,7 @@ Suite *cli_suite(void)
     tc = tcase_create("readers");
     tcase_set_timeout(tc, 240);
     tcase_add_test(tc, test_mmlu_bad_csv);
+    tcase_add_test(tc, test_mmlu_letters_split_shots);
     tcase_add_test(tc, test_generate_max_new_tokens_zero);
     tcase_add_test(tc, test_config_fields_checked);
     tcase_add_test(tc, test_fifo_inputs_refused);

@@ -800,6 +800,31 @@ static void free_fields(char **f, int n)
     }
 }
 
+/* The prompt byte for byte as hendrycks' evaluate.py (format_subject puts a
+ * space before each word of the subject, so "about  abstract algebra." has two)
+ * and qlora.py's five-shot MMLU files write it. */
+START_TEST(test_mmlu_prompt_bytes)
+{
+    ql_mmlu_question dev[2] = {{{"Find 1+1.", "0", "1", "2", "3", "2"}}, {{"Pick, \"one\".", "w", "x", "y", "z", "0"}}};
+    ql_mmlu_question q = {{"Which?", "p", "q", "r", "s", "3"}};
+    char *p = ql_mmlu_prompt("abstract_algebra", dev, 2, &q);
+    ck_assert_ptr_nonnull(p);
+    ck_assert_str_eq(p, "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
+                        "Find 1+1.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: C\n\n"
+                        "Pick, \"one\".\nA. w\nB. x\nC. y\nD. z\nAnswer: A\n\n"
+                        "Which?\nA. p\nB. q\nC. r\nD. s\nAnswer:");
+    free(p);
+    p = ql_mmlu_prompt("us_foreign_policy", dev, 0, &q);
+    ck_assert_str_eq(p, "The following are multiple choice questions (with answers) about  us foreign policy.\n\n"
+                        "Which?\nA. p\nB. q\nC. r\nD. s\nAnswer:");
+    free(p);
+    p = ql_mmlu_prompt("x", dev, 1, &q);
+    ck_assert_str_eq(p, "The following are multiple choice questions (with answers) about  x.\n\n"
+                        "Find 1+1.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: C\n\nWhich?\nA. p\nB. q\nC. r\nD. s\nAnswer:");
+    free(p);
+}
+END_TEST
+
 /* MMLU's CSV records: a failed record leaves no field behind (the caller's
  * cleanup must not free them twice), extra fields are counted, NUL bytes are
  * an error rather than a silent cut. */
@@ -875,6 +900,7 @@ Suite *dataset_suite(void)
     tcase_set_timeout(tc, 20); /* a reader that waits on a FIFO fails by timing out */
     tcase_add_test(tc, test_fifo_is_refused);
     tcase_add_test(tc, test_csv_records);
+    tcase_add_test(tc, test_mmlu_prompt_bytes);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("order");

@@ -34,7 +34,7 @@ static const char usage_text[] =
     "  eval --model DIR [--quantizer=Q] --data FILE [--format text|alpaca|input-output|oasst1 (default: detected)]\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
-    "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--mmlu-split test] [--max-examples N per subject]\n"
+    "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--split test] [--max-examples N per subject]\n"
     "       [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
     "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens 128]\n"
@@ -863,7 +863,7 @@ static int help_eval(void)
              "as RUN_DIR/run_config.json says, else none");
     help_opt("--data FILE", "the examples to score (this or --mmlu is required)", NULL);
     help_opt("--format F", "text, alpaca, input-output (self-instruct) or oasst1", format_detected);
-    help_opt("--max-examples N", "the first N examples; with --mmlu, N questions per subject", "all");
+    help_opt("--max-examples N", "the first N examples; with --mmlu, the first N questions of each subject", "all");
     help_opt("--max-len N", "tokens per example at most", "the model's max_position_embeddings");
     help_int("--source-max-len N", "prompt tokens kept at most", eval_defaults.source_max_len);
     help_int("--target-max-len N", "response tokens kept at most", eval_defaults.target_max_len);
@@ -873,7 +873,8 @@ static int help_eval(void)
              strcmp(eval_defaults.precision, "auto") ? eval_defaults.precision : "auto: bf16 on cuda, fp32 on cpu");
     help_opt("--mmlu MMLU_DIR", "score MMLU: a folder of dev/ and test/ SUBJECT_{dev,test}.csv", NULL);
     help_int("--shots N", "dev questions before each MMLU question", eval_defaults.shots);
-    help_opt("--mmlu-split NAME", "the folder of MMLU_DIR with the questions", eval_defaults.mmlu_split);
+    help_opt("--split NAME", "with --mmlu, the folder of MMLU_DIR with the questions (also --mmlu-split)",
+             eval_defaults.mmlu_split);
     help_quiet();
     return help_end("qlora eval --model models/llama-7b --adapter runs/llama-7b-alpaca --data alpaca_eval.json "
                     "--format alpaca");
@@ -892,6 +893,7 @@ static const struct option eval_options[] = {
     {"quiet", no_argument, NULL, OPT_QUIET},
     {"mmlu", required_argument, NULL, OPT_MMLU},
     {"shots", required_argument, NULL, OPT_SHOTS},
+    {"split", required_argument, NULL, OPT_MMLU_SPLIT},
     {"mmlu-split", required_argument, NULL, OPT_MMLU_SPLIT},
     {"device", required_argument, NULL, OPT_DEVICE},
     {"precision", required_argument, NULL, OPT_PRECISION},
@@ -943,6 +945,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
     if (!model) return usage_error("--model DIR is required");
     if (mmlu && data) return usage_error("give --data or --mmlu, not both");
     if (!mmlu && !data) return usage_error("--data FILE (or --mmlu DIR) is required");
+    if (!mmlu && mmlu_split != eval_defaults.mmlu_split) return usage_error("--split NAME is for --mmlu only");
     if (qp->quantizer[0]) quantizer = qp->quantizer;
     ql_dataset_opts dopts = {.source_max_len = (int)source_max_len, .target_max_len = (int)target_max_len,
                              .max_len = (int)max_len, .train_on_source = 0, .max_examples = max_examples};
