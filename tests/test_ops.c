@@ -829,20 +829,43 @@ START_TEST(blas_same_bits_for_a_thread_count)
 END_TEST
 
 /* The plain C operators: the same bits for any thread count. */
+/* Every size is above QL_PARALLEL_MIN_WORK in the measure its loop uses (the
+ * work asserted below), so the 4-thread run really forks a team: with every op
+ * below the threshold both runs were single-threaded and a thread-dependent
+ * result passed. */
 START_TEST(same_bits_any_thread_count)
 {
     const int saved = omp_get_max_threads();
-    const int64_t T = 64, in = 300, out = 200, C = 512, V = 5000, n = 100000;
-    const int at = 40, nh = 4, nkv = 2, hd = 16;
+    const int64_t T = 64, in = 320, out = 256, C = 8192, V = 40000, n = 600000, lt = 256, lr = 32;
+    const int at = 160, nh = 8, nkv = 2, hd = 32, rt = 2048;
+    const struct {
+        const char *op;
+        int64_t work;
+    } works[] = {{"matmul", T * in * out},
+                 {"rmsnorm", T * C * 8},
+                 {"attention", (int64_t)at * at * nh * hd},
+                 {"cross-entropy", 16 * V * 8},
+                 {"swiglu, dropout", n * 8},
+                 {"rope", (int64_t)rt * nh * hd * 8},
+                 {"lora", lt * (in + out) * lr}};
+    for (size_t i = 0; i < sizeof works / sizeof works[0]; i++)
+        ck_assert_msg(works[i].work >= QL_PARALLEL_MIN_WORK, "%s: work %lld is below the parallel threshold %lld: "
+                      "this test would run it on one thread", works[i].op, (long long)works[i].work,
+                      (long long)QL_PARALLEL_MIN_WORK);
     float *x = randn(T * C, 121, 1), *w = randn(out * in, 122, 1), *dy = randn(T * out, 123, 1);
     float *rs = fnew(T), *xn = fnew(T * C), *nw = randn(C, 124, 1), *dyc = randn(T * C, 125, 1);
     float *q = randn(at * nh * hd, 126, 1), *k = randn(at * nkv * hd, 127, 1), *v = randn(at * nkv * hd, 128, 1);
-    float *dout = randn(at * nh * hd, 129, 1), *ao = fnew(at * nh * hd);
+    float *dout = randn(at * nh * hd, 129, 1), *ao = fnew(at * nh * hd), *probs = fnew(nh * at * at);
     float *logits = randn(16 * V, 130, 2), *g = randn(n, 131, 2), *u = randn(n, 132, 1), *dn = randn(n, 133, 1);
+    float *ra = randn(lr * in, 134, 0.1f), *rb = randn(out * lr, 135, 0.1f), *lx = randn(lt * in, 136, 1);
+    float *rope_in = randn(rt * nh * hd, 137, 1), inv[16];
+    for (int i = 0; i < hd / 2; i++) inv[i] = powf(10000.0f, -2.0f * (float)i / (float)hd);
     int32_t tg[16];
     for (int i = 0; i < 16; i++) tg[i] = i % 5 == 4 ? QL_IGNORE_INDEX : (int32_t)(i * 311 % V);
     ql_rmsnorm_forward(xn, rs, x, nw, T, C, 1e-5f);
-    float *res[2][13];
+    ql_attention_forward_train_ref(ao, probs, q, k, v, at, nh, nkv, hd, 0);
+    enum { NR = 23 };
+    float *res[2][NR];
     double loss[2];
     for (int run = 0; run < 2; run++) {
         omp_set_num_threads(run == 0 ? 1 : 4);
@@ -850,23 +873,41 @@ START_TEST(same_bits_any_thread_count)
         r[0] = fnew(T * in), r[1] = fnew(out * in), r[2] = fnew(T * C), r[3] = fnew(C);
         r[4] = fnew(at * nh * hd), r[5] = fnew(at * nkv * hd), r[6] = fnew(at * nkv * hd), r[7] = fnew(nh * at * at);
         r[8] = fnew(16 * V), r[9] = fnew(n), r[10] = fnew(n), r[11] = fnew(n), r[12] = fnew(nh * at * at);
+        r[13] = fnew(T * out), r[14] = fnew(at * nh * hd), r[15] = fnew(at * nh * hd), r[16] = fnew(nh * at * at);
+        r[17] = fnew(at * nh * hd), r[18] = fnew(at * nkv * hd), r[19] = fnew(at * nkv * hd), r[20] = fnew(n);
+        r[21] = fnew(rt * nh * hd), r[22] = fnew(lt * out);
         ql_matmul_backward_input_ref(r[0], dy, w, T, in, out, 0);
         ql_matmul_backward_weight_ref(r[1], dy, x, T, in, out, 0);
+        ql_matmul_nt_ref(r[13], x, w, T, in, out, 0);
         ql_rmsnorm_backward(r[2], r[3], dyc, x, nw, rs, T, C, 0);
-        ql_attention_forward_train(ao, r[12], q, k, v, at, nh, nkv, hd, 0);
-        ql_attention_backward(r[4], r[5], r[6], r[7], dout, q, k, v, r[12], at, nh, nkv, hd, 0);
+        /* the blocked (BLAS) attention and the plain loops, each threaded */
+        ql_attention_forward_train(r[4], r[12], q, k, v, at, nh, nkv, hd, 0);
+        ql_attention_backward(r[17], r[18], r[19], r[7], dout, q, k, v, r[12], at, nh, nkv, hd, 0);
+        ql_attention_forward_train_ref(r[14], r[16], q, k, v, at, nh, nkv, hd, 0);
+        ql_attention_forward_ref(r[15], q, k, v, at, 0, nh, nkv, hd, 0);
+        ql_attention_backward_ref(r[4], r[5], r[6], r[16], dout, q, k, v, probs, at, nh, nkv, hd, 0);
         float *losses = fnew(16);
         loss[run] = ql_cross_entropy_forward_backward(losses, r[8], logits, tg, 16, V, QL_IGNORE_INDEX, 0.1f);
         ql_swiglu_backward(r[9], r[10], dn, g, u, n);
-        ql_dropout_forward(r[11], NULL, g, n, 0.1f, 5);
+        uint8_t *mask = talloc((size_t)n);
+        ql_dropout_forward(r[11], mask, g, n, 0.1f, 5);
+        ql_dropout_backward(r[20], dn, mask, n, 0.1f, 5, 0);
+        memcpy(r[21], rope_in, (size_t)(rt * nh * hd) * sizeof(float));
+        ql_rope_backward(r[21], rt, nh, hd, 3, inv, 1.0f);
+        float *h = fnew(lt * lr);
+        ql_lora_forward_ref(r[22], h, lx, ra, rb, lt, in, out, lr, 0.5f);
     }
     omp_set_num_threads(saved);
-    static const char *what[13] = {"matmul dx (ref)", "matmul dW (ref)", "rmsnorm dx", "rmsnorm dweight", "attention dq",
-                                   "attention dk", "attention dv", "attention dscores", "cross-entropy dlogits",
-                                   "swiglu dgate", "swiglu dup", "dropout out", "attention probs"};
-    const int64_t len[13] = {T * in, out * in, T * C, C, at * nh * hd, at * nkv * hd, at * nkv * hd, nh * at * at,
-                             16 * V, n, n, n, nh * at * at};
-    for (int i = 0; i < 13; i++) assert_bitwise(what[i], res[1][i], res[0][i], len[i]);
+    static const char *what[NR] = {"matmul dx (ref)", "matmul dW (ref)", "rmsnorm dx", "rmsnorm dweight",
+                                   "attention dq (ref)", "attention dk (ref)", "attention dv (ref)",
+                                   "attention dscores", "cross-entropy dlogits", "swiglu dgate", "swiglu dup",
+                                   "dropout out", "attention probs", "matmul y (ref)", "attention out (train ref)",
+                                   "attention out (ref)", "attention probs (train ref)", "attention dq", "attention dk",
+                                   "attention dv", "dropout dx", "rope dx", "lora y (ref)"};
+    const int64_t len[NR] = {T * in, out * in, T * C, C, at * nh * hd, at * nkv * hd, at * nkv * hd, nh * at * at,
+                             16 * V, n, n, n, nh * at * at, T * out, at * nh * hd, at * nh * hd, nh * at * at,
+                             at * nh * hd, at * nkv * hd, at * nkv * hd, n, rt * nh * hd, lt * out};
+    for (int i = 0; i < NR; i++) assert_bitwise(what[i], res[1][i], res[0][i], len[i]);
     ck_assert(loss[0] == loss[1]);
     tfree_all();
 }
