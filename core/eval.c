@@ -90,10 +90,7 @@ static double next_uniform(uint64_t *s)
     return (double)((*s * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
 }
 
-typedef struct prob_index {
-    float p;
-    int32_t id;
-} prob_index;
+typedef ql_sample_slot prob_index;
 
 static int cmp_prob_desc(const void *a, const void *b)
 {
@@ -102,7 +99,7 @@ static int cmp_prob_desc(const void *a, const void *b)
     return ((const prob_index *)a)->id - ((const prob_index *)b)->id;
 }
 
-static int32_t sample(const float *logits, int V, const ql_generate_opts *o, uint64_t *rng, prob_index *work)
+int32_t ql_sample_token(const float *logits, int V, const ql_generate_opts *o, uint64_t *rng, ql_sample_slot *work)
 {
     if (o->temperature <= 0.0f) {
         int32_t best = 0;
@@ -167,7 +164,7 @@ int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const 
     if (rc == QL_OK) rc = ql_kv_cache_create(m, cap, &cache);
     if (rc == QL_OK) rc = ql_llama_forward(m, cache, ids, (int)n, logits, 1);
     while (rc == QL_OK && produced < o->max_new_tokens && ql_kv_cache_length(cache) < cap) {
-        int32_t next = sample(logits, c->vocab, o, &rng, work);
+        int32_t next = ql_sample_token(logits, c->vocab, o, &rng, work);
         if (next == ql_tokenizer_eos(tok)) break;
         out[produced++] = next;
         if (ql_kv_cache_length(cache) >= cap) break;

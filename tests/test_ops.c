@@ -19,6 +19,7 @@
 #include "ops.h"
 #include "ops_backward.h"
 #include "rope.h"
+#include "qlora/eval.h"
 
 #define FD_STEP 0x1p-7
 #define FD_TOL 5e-3
@@ -914,6 +915,62 @@ START_TEST(same_bits_any_thread_count)
 END_TEST
 #endif
 
+/* ---- sampling (generate's --temperature, --top-p) ----
+ * Frequencies of 200,000 draws with a fixed seed against distributions worked
+ * out by hand from p = (0.5, 0.25, 0.15, 0.1): temperature T gives p^(1/T)
+ * renormalised; top-p keeps the most probable tokens until their sum reaches
+ * top_p.  The ids are shuffled so the sort is exercised.  4 sigma is 0.0045 at
+ * most; each wrong rule below moves some frequency by 0.05 or more. */
+START_TEST(sampling_temperature_top_p)
+{
+    static const int id_of_rank[4] = {2, 0, 3, 1}; /* rank 0 (p 0.5) is token 2 */
+    static const double p[4] = {0.5, 0.25, 0.15, 0.1};
+    static const struct {
+        float temperature, top_p;
+        double want[4]; /* by rank */
+    } cases[] = {
+        {1.0f, 1.0f, {0.5, 0.25, 0.15, 0.1}},
+        {2.0f, 1.0f, {0.370090, 0.261693, 0.202707, 0.165509}},      /* sqrt(p) / 1.910565 */
+        {0.5f, 1.0f, {0.724638, 0.181159, 0.065217, 0.028986}},      /* p^2 / 0.345 */
+        {1.0f, 0.8f, {0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0}},       /* 0.5, 0.75 < 0.8 <= 0.9 */
+        {2.0f, 0.6f, {0.585786, 0.414214, 0.0, 0.0}},                /* 0.370 < 0.6 <= 0.632 */
+        {1.0f, 0.3f, {1.0, 0.0, 0.0, 0.0}},                          /* the first token reaches it */
+        {1.0f, 0.0f, {0.5, 0.25, 0.15, 0.1}},                        /* top_p 0: no cut */
+    };
+    float logits[4];
+    for (int r = 0; r < 4; r++) logits[id_of_rank[r]] = (float)log(p[r]) + 3.0f;
+    ql_sample_slot work[4];
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        ql_generate_opts o = {.max_new_tokens = 1, .temperature = cases[c].temperature, .top_p = cases[c].top_p};
+        uint64_t rng = 0x9E3779B97F4A7C15ull + c;
+        const int n = 200000;
+        int count[4] = {0};
+        for (int i = 0; i < n; i++) {
+            int32_t t = ql_sample_token(logits, 4, &o, &rng, work);
+            ck_assert_msg(t >= 0 && t < 4, "token %d", t);
+            count[t]++;
+        }
+        for (int r = 0; r < 4; r++) {
+            double got = (double)count[id_of_rank[r]] / n, want = cases[c].want[r];
+            double tol = want == 0.0 || want == 1.0 ? 0.0 : 4.0 * sqrt(want * (1 - want) / n);
+            ck_assert_msg(fabs(got - want) <= tol, "temperature %g top_p %g: token %d (p %g) drawn %.5f of the time, "
+                          "expected %.5f +- %.5f", cases[c].temperature, cases[c].top_p, id_of_rank[r], p[r], got, want,
+                          tol);
+        }
+    }
+    /* temperature 0 is greedy and draws nothing */
+    ql_generate_opts greedy = {.max_new_tokens = 1, .temperature = 0.0f, .top_p = 0.5f};
+    uint64_t rng = 7, before = rng;
+    ck_assert_int_eq(ql_sample_token(logits, 4, &greedy, &rng, work), 2);
+    ck_assert(rng == before);
+    /* the same seed draws the same tokens */
+    ql_generate_opts o = {.max_new_tokens = 1, .temperature = 1.0f, .top_p = 1.0f};
+    uint64_t r1 = 42, r2 = 42;
+    for (int i = 0; i < 100; i++)
+        ck_assert_int_eq(ql_sample_token(logits, 4, &o, &r1, work), ql_sample_token(logits, 4, &o, &r2, work));
+}
+END_TEST
+
 /* ---- end to end: one LLaMA block, final norm, LM head, mean token NLL ----
  * LoRA (with dropout) on q_proj and down_proj; all other weights frozen. */
 
@@ -1094,6 +1151,7 @@ Suite *ops_suite(void)
     tcase_add_test(tc, dropout_mask_and_grads);
     tcase_add_test(tc, expf_within_1_5_ulp);
     tcase_add_test(tc, log_sum_exp_vs_double);
+    tcase_add_test(tc, sampling_temperature_top_p);
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
 #ifdef _OPENMP

@@ -40,6 +40,17 @@ typedef struct ql_generate_opts {
     uint64_t seed;
 } ql_generate_opts;
 
+/* One token from logits[V] as ql_generate draws it: the argmax when
+ * o->temperature <= 0; otherwise softmax(logits / temperature), cut when
+ * 0 < top_p < 1 to the most probable tokens whose probabilities first reach
+ * top_p in sum (the token that crosses it is kept), renormalised, and drawn
+ * with *rng (xorshift64*, advanced once).  work: V slots of scratch. */
+typedef struct ql_sample_slot {
+    float p;
+    int32_t id;
+} ql_sample_slot;
+int32_t ql_sample_token(const float *logits, int V, const ql_generate_opts *o, uint64_t *rng, ql_sample_slot *work);
+
 /* Generated text only (the prompt is not repeated); caller frees. */
 int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const ql_generate_opts *opts, char **text);
 
