@@ -31,20 +31,26 @@ int ql_lora_modules_parse(const char *list, uint32_t *mask)
         *mask = QL_LORA_ALL_MODULES;
         return QL_OK;
     }
-    char *copy = strdup(list), *save = NULL;
-    if (!copy) return ql_error(QL_ENOMEM, "out of memory");
+    if (!*list) return ql_error(QL_EINVAL, "--lora-modules is empty (use all or some of q_proj,k_proj,v_proj,o_proj,"
+                                           "gate_proj,up_proj,down_proj)");
+    /* names between commas; an empty one ("q_proj,,v_proj", a trailing comma) is a typo, not nothing */
     int rc = QL_OK;
-    for (char *tok = strtok_r(copy, ",", &save); tok && rc == QL_OK; tok = strtok_r(NULL, ",", &save)) {
+    for (const char *p = list; rc == QL_OK;) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
         int found = -1;
         for (int k = 0; k < QL_MOD_COUNT; k++)
-            if (!strcmp(tok, module_names[k])) found = k;
-        if (found < 0)
-            rc = ql_error(QL_EINVAL, "--lora-modules: unknown module '%s' (use all or q_proj,k_proj,v_proj,o_proj,"
-                                     "gate_proj,up_proj,down_proj)", tok);
+            if (strlen(module_names[k]) == n && !strncmp(p, module_names[k], n)) found = k;
+        if (n == 0)
+            rc = ql_error(QL_EINVAL, "--lora-modules %s: an empty module name (use all or a comma-separated list of "
+                                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)", list);
+        else if (found < 0)
+            rc = ql_error(QL_EINVAL, "--lora-modules: unknown module '%.*s' (use all or q_proj,k_proj,v_proj,o_proj,"
+                                     "gate_proj,up_proj,down_proj)", (int)(n < 200 ? n : 200), p);
         else *mask |= 1u << found;
+        if (!end) break;
+        p = end + 1;
     }
-    free(copy);
-    if (rc == QL_OK && *mask == 0) rc = ql_error(QL_EINVAL, "--lora-modules is empty");
     return rc;
 }
 

@@ -765,6 +765,71 @@ END_TEST
 /* --device cuda: on a machine without a usable GPU (CI) a clear refusal that
  * writes nothing; with one, the same files as --device cpu.  --device takes
  * only cpu, cuda and auto. */
+/* --lora-modules and --lr-scheduler (and qlora.py's --lr_scheduler_type) as
+ * train parses them: the settings --dry-run prints name the modules' mask
+ * (bit k: q, k, v, o, gate, up, down) and the schedule; typos are refused by
+ * name, an empty name between commas too. */
+START_TEST(test_modules_and_scheduler_parse)
+{
+    char *model = model_dir();
+    char *data = join(tu_env("QLORA_SHARED"), "data/alpaca/alpaca_en_demo.json");
+    static const struct {
+        const char *args;
+        long long modules;
+        const char *schedule;
+    } ok[] = {
+        {"--lora-modules all", 0x7f, "constant"},
+        {"--lora-modules all-linear --lr-scheduler linear", 0x7f, "linear"},
+        {"--lora-modules q_proj", 0x01, "constant"},
+        {"--lora-modules k_proj,o_proj --lr-scheduler cosine", 0x0a, "cosine"},
+        {"--lora-modules down_proj,q_proj,q_proj --lr-scheduler constant_with_warmup", 0x41, "constant_with_warmup"},
+        {"--lora-modules gate_proj,up_proj,v_proj --lr_scheduler_type cosine", 0x34, "cosine"},
+        {"--lora-modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --lr-scheduler=constant", 0x7f,
+         "constant"},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        char *out, *err;
+        int st = qlora(&out, &err, "train --model '%s' --data '%s' --max-examples 4 --dry-run --quiet %s", model, data,
+                       ok[i].args);
+        ck_assert_msg(st == 0, "%s: exit %d: %s", ok[i].args, st, err);
+        const char *line = strstr(out, "settings: ");
+        ck_assert_msg(line != NULL, "%s: no settings line: %s", ok[i].args, out);
+        char *end = strchr(line, '\n');
+        if (end) *end = '\0';
+        json_t *j = parse_json(line + strlen("settings: "));
+        ck_assert_msg(json_integer_value(json_object_get(j, "lora_modules")) == ok[i].modules,
+                      "%s: lora_modules %lld, expected %lld", ok[i].args,
+                      (long long)json_integer_value(json_object_get(j, "lora_modules")), ok[i].modules);
+        ck_assert_str_eq(json_string_value(json_object_get(j, "lr_scheduler")), ok[i].schedule);
+        json_decref(j);
+        free(out), free(err);
+    }
+    static const struct {
+        const char *args, *msg;
+    } bad[] = {
+        {"--lora-modules q_proj,,v_proj", "--lora-modules q_proj,,v_proj: an empty module name"},
+        {"--lora-modules q_proj,", "--lora-modules q_proj,: an empty module name"},
+        {"--lora-modules ,", "--lora-modules ,: an empty module name"},
+        {"--lora-modules=", "--lora-modules is empty"},
+        {"--lora-modules Q_PROJ", "--lora-modules: unknown module 'Q_PROJ'"},
+        {"'--lora-modules=q_proj, v_proj'", "--lora-modules: unknown module ' v_proj'"},
+        {"--lora-modules lm_head", "--lora-modules: unknown module 'lm_head'"},
+        {"--lr-scheduler Linear", "--lr-scheduler Linear: use constant, constant_with_warmup, linear or cosine"},
+        {"--lr-scheduler=", "--lr-scheduler : use constant, constant_with_warmup, linear or cosine"},
+        {"--lr-scheduler polynomial", "--lr-scheduler polynomial: use constant"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char *out, *err;
+        int st = qlora(&out, &err, "train --model '%s' --data '%s' --max-examples 4 --dry-run --quiet %s", model, data,
+                       bad[i].args);
+        ck_assert_msg(st != 0, "%s was taken: %s", bad[i].args, out);
+        ck_assert_contains(err, bad[i].msg);
+        free(out), free(err);
+    }
+    free(data), free(model);
+}
+END_TEST
+
 /* --device, --precision and --optim of train, eval and bench: bad values are
  * usage errors; a missing GPU is an error before anything is written (here,
  * in CI, there is none); QLORA_DEVICE sets the default; `qlora bench` on the
@@ -2344,6 +2409,7 @@ Suite *cli_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("refusals");
+    tcase_add_test(tc, test_modules_and_scheduler_parse);
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_output_exists_and_force);
     tcase_add_test(tc, test_unknown_quantizer);
