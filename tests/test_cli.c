@@ -2048,6 +2048,19 @@ START_TEST(test_mmlu_letters_split_shots)
     ck_assert_contains(out, "\"mmlu_split\": \"test\", \"shots\": 1, \"subjects\": 1, \"questions\": 1,");
     free(out), free(err);
     assert_usage_error("eval --model m --data d --split val", "qlora: eval: --split NAME is for --mmlu only (see 'qlora eval --help')\n");
+    /* a tokenizer with a token of its own for each letter is scored as qlora.py does, by the first ids, and
+     * silently; one whose letters share every token is refused */
+    char *llama = join(tu_env("QLORA_SOURCE_ROOT"), "tests/reference/hf_models/llama");
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 0 --quiet", llama, root) == 0, "%s", err);
+    res = parse_json(out);
+    ck_assert_str_eq(json_string_value(json_object_get(res, "answer_tokens")), "first");
+    ck_assert(strstr(err, "answer letters") == NULL);
+    json_decref(res);
+    free(out), free(err), free(llama);
+    char *qwen2 = join(tu_env("QLORA_SOURCE_ROOT"), "tests/reference/hf_models/qwen2");
+    ck_assert_int_ne(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 0 --quiet", qwen2, root), 0);
+    ck_assert_contains(err, "MMLU: the tokenizer gives the answer letters no four distinct tokens");
+    free(out), free(err), free(qwen2);
 
     /* dev questions of about 120 tokens each: 5 shots do not fit 512
      * positions, 3 do, so each of the 2 prompts drops 2 shots */
