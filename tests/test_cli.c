@@ -432,7 +432,7 @@ static const struct {
     {"eval", "--format", "detected from the file"},
     {"eval", "--batch-size", "8"},
     {"eval", "--shots", "5"},
-    {"eval", "--mmlu-split", "test"},
+    {"eval", "--split", "test"},
     {"eval", "--source-max-len", "1024"},
     {"eval", "--device", "cpu, from $QLORA_DEVICE"},
     {"eval", "--precision", "auto: bf16 on cuda, fp32 on cpu"},
