@@ -228,7 +228,7 @@ static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *
  * the lone space piece), and scoring by it answers one letter always: then each
  * letter's own (last) token is scored, with a warning.  Four letters that
  * still share a token cannot be scored at all. */
-static int letter_tokens(const ql_tokenizer *tok, int vocab, int32_t id[4], int *by_last)
+static int letter_tokens(const ql_tokenizer *tok, int vocab, int32_t id[4], int *by_last, int quiet)
 {
     int32_t first[4], last[4];
     size_t count[4];
@@ -275,11 +275,12 @@ static int letter_tokens(const ql_tokenizer *tok, int vocab, int32_t id[4], int 
     if (!last_distinct)
         return ql_error(QL_EINVAL, "MMLU: the tokenizer gives the answer letters no four distinct tokens (%s %s %s %s)",
                         shown[0], shown[1], shown[2], shown[3]);
-    fprintf(stderr,
-            "qlora: warning: MMLU: the answer letters are not four distinct single tokens (%s %s %s %s)%s; scoring "
-            "each letter by its last token (%d %d %d %d), not by the first as qlora.py does\n",
-            shown[0], shown[1], shown[2], shown[3], first_distinct ? "" : ", and their first tokens are shared",
-            last[0], last[1], last[2], last[3]);
+    if (!quiet)
+        fprintf(stderr,
+                "qlora: warning: MMLU: the answer letters are not four distinct single tokens (%s %s %s %s)%s; scoring "
+                "each letter by its last token (%d %d %d %d), not by the first as qlora.py does\n",
+                shown[0], shown[1], shown[2], shown[3], first_distinct ? "" : ", and their first tokens are shared",
+                last[0], last[1], last[2], last[3]);
     memcpy(id, last, sizeof last);
     *by_last = 1;
     return QL_OK;
@@ -323,7 +324,7 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     if (ns) qsort(subjects, ns, sizeof *subjects, cmp_str);
     int32_t letter_id[4];
     int by_last = 0;
-    if (rc == QL_OK) rc = letter_tokens(tok, ql_llama_get_config(m)->vocab, letter_id, &by_last);
+    if (rc == QL_OK) rc = letter_tokens(tok, ql_llama_get_config(m)->vocab, letter_id, &by_last, o->no_warnings);
     const ql_llama_config *c = ql_llama_get_config(m);
     float *logits = malloc((size_t)c->vocab * sizeof *logits);
     ql_kv_cache *cache = NULL;
@@ -397,12 +398,12 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     }
     if (rc == QL_OK) {
         ql_progress_end(&prog);
-        if (fewer_shots)
+        if (fewer_shots && !o->no_warnings)
             fprintf(stderr,
                     "qlora: warning: MMLU: %lld of %lld prompts have fewer than --shots %d dev questions: with all of "
                     "them the prompt is longer than the model's %d positions\n",
                     (long long)fewer_shots, (long long)total_all, o->shots, c->max_len);
-        if (truncated)
+        if (truncated && !o->no_warnings)
             fprintf(stderr,
                     "qlora: warning: MMLU: %lld of %lld prompts are longer than the model's %d positions even without "
                     "dev questions; their start was cut\n",

@@ -49,7 +49,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     qf_write_path(dev_csv, part[0], len[0]);
     qf_write_path(test_csv, part[1], len[1]);
     uint64_t h = qf_hash(data, size);
-    ql_mmlu_opts o = {.dir = root, .split = "test", .shots = (int)(h % 3), .max_per_subject = 1 + (int64_t)((h >> 8) % 4)};
+    ql_mmlu_opts o = {.dir = root, .split = "test", .shots = (int)(h % 3), .max_per_subject = 1 + (int64_t)((h >> 8) % 4),
+                      .no_warnings = 1};
     ql_error_clear();
     int rc = ql_mmlu_eval(model, tok, &o, devnull);
     qf_check_status(rc, "ql_mmlu_eval");

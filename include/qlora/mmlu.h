@@ -19,6 +19,7 @@ typedef struct ql_mmlu_opts {
     int shots;               /* dev examples in each prompt (qlora.py: 5) */
     int64_t max_per_subject; /* <= 0: all */
     int progress;
+    int no_warnings; /* 1: the warnings (letter tokens, fewer shots, cut prompts) are not printed; the JSON has them */
 } ql_mmlu_opts;
 
 /* Prints one JSON object (accuracy = mean over subjects as qlora.py reports
