@@ -212,6 +212,7 @@ enum {
     OPT_DEVICE,
     OPT_PRECISION,
     OPT_SHAPES,
+    OPT_SHAPE,
     OPT_OPTIM,
     OPT_ONLY,
     OPT_TOKENS,
@@ -272,9 +273,10 @@ enum {
 
 static int help_quantizers(void)
 {
-    printf("usage: qlora quantizers [--json]\n\n"
-           "The quantizer plugins found: name, bits per parameter of a 4096 x 4096 matrix with the default\n"
-           "options, ABI, version, description, default options and file.\n"
+    printf("usage: qlora quantizers [--shape ROWSxCOLS] [--json]\n\n"
+           "The quantizer plugins found: name, matrix bits/param (every byte the plugin stores for a\n"
+           "ROWS x COLS matrix with its default options over its parameters; see \"Bits per parameter\"\n"
+           "in docs/writing-a-quantizer.md), ABI, version, description, default options and file.\n"
            "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the plugin folder of the installed qlora\n"
            "(<libdir>/qlora/plugins; <builddir>/plugins when it runs from a build tree)");
     char **dirs;
@@ -285,22 +287,32 @@ static int help_quantizers(void)
         ql_string_list_free(dirs, nd);
     }
     printf("\n\noptions:\n");
+    help_opt("--shape ROWSxCOLS", "the matrix the bits/param figure is for", "4096x4096");
     help_opt("--json", "one JSON array of the plugins instead of the table", NULL);
-    return help_end("qlora quantizers --json");
+    return help_end("qlora quantizers --shape 11008x4096");
 }
 
 static int cmd_quantizers(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"json", no_argument, NULL, OPT_JSON},
+        {"shape", required_argument, NULL, OPT_SHAPE},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
     int as_json = 0, c;
+    long long rows = 4096, cols = 4096;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_JSON: as_json = 1; break;
+        case OPT_SHAPE: {
+            char x, extra;
+            if (sscanf(optarg, "%lld%c%lld%c", &rows, &x, &cols, &extra) != 3 || x != 'x' || rows < 1 || cols < 1 ||
+                rows > (1LL << 20) || cols > (1LL << 20))
+                return usage_error("--shape=%s: expected ROWSxCOLS, each from 1 to 1048576", optarg);
+            break;
+        }
         case 'h':
         case OPT_HELP: return help_quantizers();
         default: return option_error(c, argv, longopts);
@@ -311,39 +323,44 @@ static int cmd_quantizers(int argc, char **argv)
     size_t n;
     int rc = ql_plugin_scan(&paths, &n);
     if (rc) return fail(rc);
-    if (!as_json) printf("%-10s %-10s %-5s %-8s %-s\n", "name", "bits/param", "ABI", "version", "description / file");
+    if (!as_json) printf("%-10s %-11s %-5s %-8s %-s\n", "name", "matrix bits", "ABI", "version", "description / file");
     else printf("[");
     /* Each plugin is opened in a child process: one that crashes, exits or
      * hangs is reported by name and the others are still listed. */
     int bad = 0, listed = 0;
     for (size_t i = 0; i < n; i++) {
         ql_plugin_info d;
-        if (ql_plugin_probe(paths[i], 10.0, &d) != QL_OK) {
+        if (ql_plugin_probe_shape(paths[i], 10.0, rows, cols, &d) != QL_OK) {
             fprintf(stderr, "qlora: error: %s\n", d.error ? d.error : ql_error_message());
             ql_plugin_info_free(&d);
             bad++;
             continue;
         }
-        /* bits/param of a 4096 x 4096 matrix with default options */
+        /* matrix bits/param of a rows x cols matrix with default options */
         if (as_json) {
             /* the plugin's strings are escaped by jansson */
             char abi[32];
             snprintf(abi, sizeof abi, "%u.%u", d.abi_major, d.abi_minor);
-            json_t *j = json_pack("{s:s, s:s, s:f, s:s, s:s, s:s, s:s}", "name", d.name, "description", d.description,
-                                  "bits_per_param", round(d.bits_per_param * 1e4) / 1e4, "abi", abi, "version",
-                                  d.version, "options", d.options, "file", d.path);
+            json_t *j = json_pack("{s:s, s:s, s:f, s:[I,I], s:s, s:s, s:s, s:s}", "name", d.name, "description",
+                                  d.description, "matrix_bits_per_param", round(d.bits_per_param * 1e6) / 1e6,
+                                  "matrix_shape", (json_int_t)rows, (json_int_t)cols, "abi", abi, "version", d.version,
+                                  "options", d.options, "file", d.path);
             char *text = j ? json_dumps(j, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
             printf("%s\n  %s", listed ? "," : "", text ? text : "null");
             free(text);
             json_decref(j);
         } else
-            printf("%-10s %-10.3f %u.%-3u %-8s %s\n%-37s defaults: %s\n%-37s %s\n", d.name, d.bits_per_param,
+            printf("%-10s %-11.3f %u.%-3u %-8s %s\n%-38s defaults: %s\n%-38s %s\n", d.name, d.bits_per_param,
                    d.abi_major, d.abi_minor, d.version, d.description, "", d.options[0] ? d.options : "(none)", "",
                    d.path);
         listed++;
         ql_plugin_info_free(&d);
     }
     if (as_json) printf("\n]\n");
+    else if (listed)
+        printf("\nmatrix bits: bits/param of a %lld x %lld matrix with the default options: every byte the plugin\n"
+               "stores for it (codes, scales, second-level constants, code tables, metadata) over its parameters\n",
+               rows, cols);
     if (n == 0) {
         char **dirs;
         size_t nd;
@@ -1138,14 +1155,23 @@ static int cmd_inspect(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"json", no_argument, NULL, OPT_JSON},
+        {"shape", required_argument, NULL, OPT_SHAPE},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
     int as_json = 0, c;
+    long long rows = 4096, cols = 4096;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_JSON: as_json = 1; break;
+        case OPT_SHAPE: {
+            char x, extra;
+            if (sscanf(optarg, "%lld%c%lld%c", &rows, &x, &cols, &extra) != 3 || x != 'x' || rows < 1 || cols < 1 ||
+                rows > (1LL << 20) || cols > (1LL << 20))
+                return usage_error("--shape=%s: expected ROWSxCOLS, each from 1 to 1048576", optarg);
+            break;
+        }
         case 'h':
         case OPT_HELP: return help_inspect();
         default: return option_error(c, argv, longopts);
