@@ -28,9 +28,9 @@ static const char usage_text[] =
     "  quantize [--quantizer=Q] MODEL_DIR -o OUT_DIR [--force] [--device cpu|cuda|auto]\n"
     "                                      quantize a Hugging Face checkpoint (bitsandbytes layout);\n"
     "                                      --device cuda quantizes on the GPU, byte-identical files (default cpu)\n"
-    "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, bits/param\n"
+    "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, matrix and model bits/param\n"
     "  compare [--quantizers=Q1,Q2,...] MODEL_DIR [--json FILE] [--summary-only]\n"
-    "                                      bits/param, bytes, error and time per quantizer and layer\n"
+    "                                      matrix and model bits/param, bytes, error, time per quantizer\n"
     "  eval --model DIR [--quantizer=Q] --data FILE [--format text|alpaca|input-output|oasst1 (default: detected)]\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
@@ -1209,7 +1209,8 @@ static int help_inspect(void)
 {
     printf("usage: qlora inspect FILE.safetensors|MODEL_DIR [--json]\n\n"
            "The tensors of a safetensors file (of a model folder: its model.safetensors): dtype, shape,\n"
-           "quantization and bits per parameter.\n\n"
+           "quantization, matrix bits/param (every byte stored for the quantized matrices over their\n"
+           "parameters) and model bits/param (every tensor byte over all parameters).\n\n"
            "options:\n");
     help_opt("--json", "one JSON object instead of the table", NULL);
     return help_end("qlora inspect models/llama-7b-nf4/model.safetensors --json");
@@ -1252,8 +1253,9 @@ static const char compare_default_quantizers[] = "nf4,fp4,int8";
 static int help_compare(void)
 {
     printf("usage: qlora compare [--quantizers=Q1,Q2,...] MODEL_DIR [OPTIONS]\n\n"
-           "Quantize every linear layer of MODEL_DIR with each quantizer, in memory: bits per parameter,\n"
-           "bytes, error and time per quantizer and per layer.\n\n"
+           "Quantize every linear layer of MODEL_DIR with each quantizer, in memory: matrix bits/param and\n"
+           "stored bytes of the quantized matrices, model bits/param of the checkpoint quantize would write,\n"
+           "error and time, per quantizer and per layer.\n\n"
            "options:\n");
     help_opt("-q, --quantizers LIST", "quantizers to compare, comma-separated", compare_default_quantizers);
     help_opt("--json FILE", "also write the results to FILE as JSON", NULL);
