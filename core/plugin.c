@@ -723,7 +723,7 @@ static void write_all(int fd, const char *s, size_t n)
     }
 }
 
-static void probe_child(const char *path, int fd)
+static void probe_child(const char *path, int64_t rows, int64_t cols, int fd)
 {
     /* A plugin that prints must not mix into the parent's listing. */
     dup2(STDERR_FILENO, STDOUT_FILENO);
@@ -734,7 +734,7 @@ static void probe_child(const char *path, int fd)
     if (rc == QL_OK) {
         const ql_quantizer_desc *d = q->desc;
         probe_stage("bits_per_param");
-        double bpp = d->bits_per_param(q->inst, 4096, 4096);
+        double bpp = d->bits_per_param(q->inst, rows, cols);
         j = json_pack("{s:i, s:s, s:s, s:s, s:s, s:i, s:i, s:f}", "status", QL_OK, "name", d->name, "description",
                       d->description, "version", d->version ? d->version : "", "options", q->options, "abi_major",
                       (int)d->abi_major, "abi_minor", (int)d->abi_minor, "bits_per_param", isfinite(bpp) ? bpp : -1.0);
@@ -797,7 +797,14 @@ static int probe_fail(ql_plugin_info *out, int code)
 
 int ql_plugin_probe(const char *path, double timeout_s, ql_plugin_info *out)
 {
+    return ql_plugin_probe_shape(path, timeout_s, 4096, 4096, out);
+}
+
+int ql_plugin_probe_shape(const char *path, double timeout_s, int64_t rows, int64_t cols, ql_plugin_info *out)
+{
     memset(out, 0, sizeof *out);
+    out->rows = rows;
+    out->cols = cols;
     if (!(out->path = strdup(path))) return ql_error(QL_ENOMEM, "out of memory");
     int fds[2];
     if (pipe(fds) != 0) return probe_fail(out, ql_error(QL_EIO, "plugin %s: pipe: %s", path, strerror(errno)));
@@ -811,7 +818,7 @@ int ql_plugin_probe(const char *path, double timeout_s, ql_plugin_info *out)
     }
     if (pid == 0) {
         close(fds[0]);
-        probe_child(path, fds[1]);
+        probe_child(path, rows, cols, fds[1]);
     }
     close(fds[1]);
     fcntl(fds[0], F_SETFD, FD_CLOEXEC);

@@ -249,13 +249,15 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
     ql_progress prog;
     ql_progress_begin(&prog, "quantize", (int64_t)nlin, "layers", opts->progress);
     size_t done_layers = 0;
-    int64_t params = 0;
-    uint64_t bytes_in = 0, bytes_out = 0;
+    int64_t params = 0, all_params = 0;
+    uint64_t bytes_in = 0, bytes_out = 0, all_bytes = 0;
     for (size_t i = 0; i < ql_model_files_count(m) && rc == QL_OK; i++) {
         const ql_tensor *t = ql_model_files_at(m, i);
         char prefix[512];
         if (!ql_is_block_linear(t->name, prefix, sizeof prefix)) {
             rc = ql_st_writer_add(w, t);
+            all_params += ql_shape_numel(t->shape, t->ndim);
+            all_bytes += t->nbytes;
             continue;
         }
         float *dense;
@@ -281,8 +283,10 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
             break;
         }
         params += md.rows * md.cols;
+        all_params += md.rows * md.cols;
         bytes_in += t->nbytes;
         bytes_out += info.bytes;
+        all_bytes += info.bytes;
         ql_progress_update(&prog, (int64_t)++done_layers, prefix);
     }
     if (rc) goto done;
@@ -305,10 +309,14 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
     rc = ql_outdir_commit(od);
     od = NULL;
     if (rc) goto done;
-    printf("quantized %zu layers (%lld parameters) with %s%s%s: %.2f MiB -> %.2f MiB, %.3f bits/param, %.2f s%s\n",
+    /* the two figures of docs/writing-a-quantizer.md, "Bits per parameter" */
+    printf("quantized %zu layers (%lld parameters) with %s%s%s: %.2f MiB -> %.2f MiB, %.2f s%s\n",
            nlin, (long long)params, q->desc->name, q->options[0] ? ":" : "", q->options,
-           (double)bytes_in / 1048576.0, (double)bytes_out / 1048576.0, 8.0 * (double)bytes_out / (double)params,
-           ql_now() - t0, on_gpu ? " on cuda" : "");
+           (double)bytes_in / 1048576.0, (double)bytes_out / 1048576.0, ql_now() - t0, on_gpu ? " on cuda" : "");
+    printf("matrix bits/param: %.3f (every byte stored for the quantized matrices, %llu, over their parameters)\n",
+           8.0 * (double)bytes_out / (double)params, (unsigned long long)bytes_out);
+    printf("model bits/param: %.3f (every tensor byte of model.safetensors, %llu, over all %lld parameters)\n",
+           8.0 * (double)all_bytes / (double)all_params, (unsigned long long)all_bytes, (long long)all_params);
     printf("wrote %s\n", out_dir);
 done:
     if (rc == QL_EIO && od) ql_error_context("writing %s (nothing there was changed)", out_dir);
@@ -325,8 +333,7 @@ done:
 typedef struct layer_result {
     char name[512];
     int64_t rows, cols;
-    double bits_per_param;
-    uint64_t bytes;
+    uint64_t stored_bytes; /* every tensor save() writes for it: codes, scales, second-level constants, tables */
     double rel_err, max_abs_err;
     double sq_err, sq_ref;
     double quant_ms, materialize_ms;
@@ -338,6 +345,8 @@ typedef struct qz_result {
     char options[512];
     layer_result *layers;
     size_t nlayers;
+    int64_t other_params;  /* the tensors kept as they are: embeddings, norms, ... */
+    uint64_t other_bytes;
 } qz_result;
 
 /* Split "nf4:double_quant=0,blocksize=64,fp4,int8" into quantizer specs: a
@@ -385,7 +394,11 @@ static int compare_one(const ql_model_files *m, ql_qz *q, qz_result *res, ql_pro
     for (size_t i = 0; i < n; i++) {
         const ql_tensor *t = ql_model_files_at(m, i);
         char prefix[512];
-        if (!ql_is_block_linear(t->name, prefix, sizeof prefix)) continue;
+        if (!ql_is_block_linear(t->name, prefix, sizeof prefix)) {
+            res->other_params += ql_shape_numel(t->shape, t->ndim);
+            res->other_bytes += t->nbytes;
+            continue;
+        }
         int rc = check_linear(t);
         if (rc) return rc;
         float *dense, *back;
@@ -430,8 +443,7 @@ static int compare_one(const ql_model_files *m, ql_qz *q, qz_result *res, ql_pro
         lr->sq_ref = ref;
         lr->rel_err = ref > 0 ? sqrt(sq / ref) : sqrt(sq);
         lr->max_abs_err = mx;
-        lr->bits_per_param = q->desc->bits_per_param(q->inst, md.rows, md.cols);
-        lr->bytes = info.bytes;
+        lr->stored_bytes = info.bytes;
         lr->quant_ms = (t1 - t0) * 1e3;
         lr->materialize_ms = (t2 - t1) * 1e3;
         res->nlayers++;
@@ -442,10 +454,13 @@ static int compare_one(const ql_model_files *m, ql_qz *q, qz_result *res, ql_pro
 
 typedef struct totals {
     int64_t params;
-    double bits;
     uint64_t bytes;
+    double matrix_bits_per_param;
+    double model_bits_per_param; /* the whole checkpoint quantized with this quantizer */
     double sq_err, sq_ref, max_abs, quant_ms, materialize_ms;
 } totals;
+
+static double matrix_bpp(const layer_result *l) { return 8.0 * (double)l->stored_bytes / (double)(l->rows * l->cols); }
 
 static totals sum_layers(const qz_result *r)
 {
@@ -454,14 +469,16 @@ static totals sum_layers(const qz_result *r)
         const layer_result *l = &r->layers[i];
         int64_t p = l->rows * l->cols;
         t.params += p;
-        t.bits += l->bits_per_param * (double)p;
-        t.bytes += l->bytes;
+        t.bytes += l->stored_bytes;
         t.sq_err += l->sq_err;
         t.sq_ref += l->sq_ref;
         if (l->max_abs_err > t.max_abs) t.max_abs = l->max_abs_err;
         t.quant_ms += l->quant_ms;
         t.materialize_ms += l->materialize_ms;
     }
+    t.matrix_bits_per_param = t.params ? 8.0 * (double)t.bytes / (double)t.params : 0.0;
+    int64_t all = t.params + r->other_params;
+    t.model_bits_per_param = all ? 8.0 * (double)(t.bytes + r->other_bytes) / (double)all : 0.0;
     return t;
 }
 
@@ -478,15 +495,18 @@ static int write_compare_json(const char *path, const char *model_dir, const qz_
             const layer_result *l = &res[i].layers[k];
             json_array_append_new(layers,
                                   json_pack("{s:s, s:[I,I], s:f, s:I, s:f, s:f, s:f, s:f}", "name", l->name, "shape",
-                                            (json_int_t)l->rows, (json_int_t)l->cols, "bits_per_param",
-                                            l->bits_per_param, "bytes", (json_int_t)l->bytes, "rel_error", l->rel_err,
+                                            (json_int_t)l->rows, (json_int_t)l->cols, "matrix_bits_per_param",
+                                            matrix_bpp(l), "stored_bytes", (json_int_t)l->stored_bytes,
+                                            "rel_error", l->rel_err,
                                             "max_abs_error", l->max_abs_err, "quantize_ms", l->quant_ms,
                                             "materialize_ms", l->materialize_ms));
         }
         json_array_append_new(
-            arr, json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:f, s:f, s:f, s:f, s:o}", "spec", res[i].spec, "name",
-                           res[i].name, "options", res[i].options, "params", (json_int_t)t.params, "bits_per_param",
-                           t.params ? t.bits / (double)t.params : 0.0, "bytes", (json_int_t)t.bytes, "rel_error",
+            arr, json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:o}", "spec", res[i].spec,
+                           "name", res[i].name, "options", res[i].options, "params", (json_int_t)t.params,
+                           "matrix_bits_per_param", t.matrix_bits_per_param, "stored_bytes",
+                           (json_int_t)t.bytes, "model_params", (json_int_t)(t.params + res[i].other_params),
+                           "model_bits_per_param", t.model_bits_per_param, "rel_error",
                            t.sq_ref > 0 ? sqrt(t.sq_err / t.sq_ref) : 0.0, "max_abs_error", t.max_abs, "quantize_ms",
                            t.quant_ms, "materialize_ms", t.materialize_ms, "layers", layers));
     }
@@ -540,24 +560,29 @@ int ql_compare_model(const char *model_dir, const char *spec_list, const ql_comp
     if (rc) goto done;
     ql_progress_end(&prog);
 
-    fprintf(out, "%-12s %-28s %10s %12s %10s %12s %11s %11s\n", "quantizer", "options", "bits/param", "bytes",
-            "rel.error", "max.abs.err", "quant ms", "dequant ms");
+    /* the two figures of docs/writing-a-quantizer.md, "Bits per parameter" */
+    fprintf(out, "%-12s %-28s %11s %12s %11s %10s %12s %11s %11s\n", "quantizer", "options", "matrix bits",
+            "stored bytes", "model bits", "rel.error", "max.abs.err", "quant ms", "dequant ms");
     for (size_t i = 0; i < nspecs; i++) {
         totals t = sum_layers(&res[i]);
-        fprintf(out, "%-12s %-28s %10.3f %12llu %10.5f %12.6f %11.2f %11.2f\n", res[i].name, res[i].options,
-                t.params ? t.bits / (double)t.params : 0.0, (unsigned long long)t.bytes,
+        fprintf(out, "%-12s %-28s %11.3f %12llu %11.3f %10.5f %12.6f %11.2f %11.2f\n", res[i].name, res[i].options,
+                t.matrix_bits_per_param, (unsigned long long)t.bytes, t.model_bits_per_param,
                 t.sq_ref > 0 ? sqrt(t.sq_err / t.sq_ref) : 0.0, t.max_abs, t.quant_ms, t.materialize_ms);
     }
+    fprintf(out,
+            "\nmatrix bits: bits/param of the quantized matrices, all they store (stored bytes) over their parameters;\n"
+            "model bits: bits/param of the whole checkpoint, every tensor (embeddings, norms) over all parameters\n");
     if (opts->per_layer) {
-        fprintf(out, "\n%-12s %-40s %-12s %10s %10s %10s %12s %9s\n", "quantizer", "layer", "shape", "bits/param",
-                "bytes", "rel.error", "max.abs.err", "quant ms");
+        fprintf(out, "\n%-12s %-40s %-12s %11s %12s %10s %12s %9s\n", "quantizer", "layer", "shape", "matrix bits",
+                "stored bytes", "rel.error", "max.abs.err", "quant ms");
         for (size_t i = 0; i < nspecs; i++)
             for (size_t k = 0; k < res[i].nlayers; k++) {
                 const layer_result *l = &res[i].layers[k];
                 char shape[32];
                 snprintf(shape, sizeof shape, "%lldx%lld", (long long)l->rows, (long long)l->cols);
-                fprintf(out, "%-12s %-40s %-12s %10.3f %10llu %10.5f %12.6f %9.2f\n", res[i].name, l->name, shape,
-                        l->bits_per_param, (unsigned long long)l->bytes, l->rel_err, l->max_abs_err, l->quant_ms);
+                fprintf(out, "%-12s %-40s %-12s %11.3f %12llu %10.5f %12.6f %9.2f\n", res[i].name, l->name, shape,
+                        matrix_bpp(l), (unsigned long long)l->stored_bytes, l->rel_err, l->max_abs_err,
+                        l->quant_ms);
             }
     }
     if (opts->json_path) rc = write_compare_json(opts->json_path, model_dir, res, nspecs);
@@ -608,6 +633,12 @@ static int module_prefixes(const ql_st_file *f, char ***out, size_t *n)
     }
     *n = k;
     return QL_OK;
+}
+
+static int has_prefix(const char *name, const char *prefix)
+{
+    size_t n = strlen(prefix);
+    return strncmp(name, prefix, n) == 0 && name[n] == '.';
 }
 
 /* When no plugin found a quantized layer in `path`: is that because the
@@ -726,8 +757,18 @@ int ql_inspect_file(const char *path, int as_json, FILE *out)
         }
     }
     if (nlayers == 0 && (rc = named_plugin_missing(path, plugins, nplugins, qs))) goto done;
+    /* the two figures of docs/writing-a-quantizer.md, "Bits per parameter" */
+    double matrix_bpp = qparams ? 8.0 * (double)qbytes / (double)qparams : 0.0;
     uint64_t total = 0;
-    for (size_t i = 0; i < ql_st_count(f); i++) total += ql_st_at(f, i)->nbytes;
+    int64_t all_params = qparams;
+    for (size_t i = 0; i < ql_st_count(f); i++) {
+        const ql_tensor *t = ql_st_at(f, i);
+        total += t->nbytes;
+        size_t k = 0;
+        while (k < nlayers && !has_prefix(t->name, layers[k].prefix)) k++;
+        if (k == nlayers) all_params += ql_shape_numel(t->shape, t->ndim);
+    }
+    double model_bpp = all_params ? 8.0 * (double)total / (double)all_params : 0.0;
     if (as_json) {
         json_t *root = json_object();
         json_object_set_new(root, "file", json_string(path));
@@ -743,16 +784,20 @@ int ql_inspect_file(const char *path, int as_json, FILE *out)
         json_object_set_new(root, "tensors", ts);
         json_t *ls = json_array();
         for (size_t i = 0; i < nlayers; i++)
-            json_array_append_new(ls, json_pack("{s:s, s:s, s:[I,I], s:s, s:I, s:f}", "layer", layers[i].prefix,
+            json_array_append_new(ls, json_pack("{s:s, s:s, s:[I,I], s:s, s:I, s:o}", "layer", layers[i].prefix,
                                                 "quantizer", layers[i].quantizer, "shape", (json_int_t)layers[i].info.rows,
                                                 (json_int_t)layers[i].info.cols, "source_dtype",
-                                                ql_dtype_torch_name(layers[i].info.src_dtype), "bytes",
-                                                (json_int_t)layers[i].info.bytes, "bits_per_param",
-                                                8.0 * (double)layers[i].info.bytes /
-                                                    (double)(layers[i].info.rows * layers[i].info.cols)));
+                                                ql_dtype_torch_name(layers[i].info.src_dtype), "stored_bytes",
+                                                (json_int_t)layers[i].info.bytes, "matrix_bits_per_param",
+                                                json_real(8.0 * (double)layers[i].info.bytes /
+                                                          (double)(layers[i].info.rows * layers[i].info.cols))));
         json_object_set_new(root, "quantized_layers", ls);
         json_object_set_new(root, "quantized_params", json_integer(qparams));
-        json_object_set_new(root, "quantized_bytes", json_integer((json_int_t)qbytes));
+        json_object_set_new(root, "quantized_stored_bytes", json_integer((json_int_t)qbytes));
+        json_object_set_new(root, "matrix_bits_per_param", json_real(matrix_bpp));
+        json_object_set_new(root, "model_params", json_integer(all_params));
+        json_object_set_new(root, "tensor_bytes", json_integer((json_int_t)total));
+        json_object_set_new(root, "model_bits_per_param", json_real(model_bpp));
         char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
         json_decref(root);
         if (text) fprintf(out, "%s\n", text);
@@ -771,22 +816,23 @@ int ql_inspect_file(const char *path, int as_json, FILE *out)
                     (unsigned long long)t->nbytes);
         }
         if (nlayers) {
-            fprintf(out, "\n%-48s %-10s %-12s %-9s %10s %10s\n", "quantized layer", "quantizer", "shape", "from",
-                    "bytes", "bits/param");
+            fprintf(out, "\n%-48s %-10s %-12s %-9s %12s %11s\n", "quantized layer", "quantizer", "shape", "from",
+                    "stored bytes", "matrix bits");
             for (size_t i = 0; i < nlayers; i++) {
                 char shape[32];
                 snprintf(shape, sizeof shape, "%lldx%lld", (long long)layers[i].info.rows, (long long)layers[i].info.cols);
-                fprintf(out, "%-48s %-10s %-12s %-9s %10llu %10.3f\n", layers[i].prefix, layers[i].quantizer, shape,
+                fprintf(out, "%-48s %-10s %-12s %-9s %12llu %11.3f\n", layers[i].prefix, layers[i].quantizer, shape,
                         ql_dtype_torch_name(layers[i].info.src_dtype), (unsigned long long)layers[i].info.bytes,
                         8.0 * (double)layers[i].info.bytes / (double)(layers[i].info.rows * layers[i].info.cols));
             }
-            fprintf(out, "\n%zu quantized layers, %lld parameters in %llu bytes: %.3f bits/param (tables and metadata included)\n",
-                    nlayers, (long long)qparams, (unsigned long long)qbytes,
-                    qparams ? 8.0 * (double)qbytes / (double)qparams : 0.0);
+            fprintf(out, "\n%zu quantized layers, %lld parameters\n", nlayers, (long long)qparams);
+            fprintf(out, "matrix bits/param: %.3f (every byte stored for the quantized matrices, %llu, over their parameters)\n",
+                    matrix_bpp, (unsigned long long)qbytes);
         } else {
             fprintf(out, "\nno quantized layers\n");
         }
-        fprintf(out, "total tensor bytes: %llu\n", (unsigned long long)total);
+        fprintf(out, "model bits/param: %.3f (every tensor byte, %llu, over all %lld parameters)\n", model_bpp,
+                (unsigned long long)total, (long long)all_params);
     }
 done:
     if (qs)

@@ -115,8 +115,11 @@ START_TEST(conformance)
         ck_assert_int_eq(info.cols, cols);
         ck_assert_uint_eq(info.bytes, sv.bytes);
         double bpp = d->bits_per_param(q->inst, rows, cols);
-        ck_assert_msg(bpp * (double)n / 8.0 <= (double)sv.bytes + 1e-9, "%s: bits_per_param %g exceeds saved bytes %llu",
-                      q->spec, bpp, (unsigned long long)sv.bytes);
+        /* every byte save() wrote, but for the few characters of a float the
+         * weights put in bitsandbytes' quant_state JSON (the nested offset) */
+        ck_assert_msg(fabs(bpp * (double)n / 8.0 - (double)sv.bytes) <= 4.0 + 1e-9,
+                      "%s: bits_per_param %g gives %g bytes, save() wrote %llu", q->spec, bpp, bpp * (double)n / 8.0,
+                      (unsigned long long)sv.bytes);
         char *path = ql_path_join(dir, "state.safetensors");
         ck_assert_int_eq(ql_st_writer_save(sv.w, path), QL_OK);
         ql_st_writer_destroy(sv.w);
@@ -162,12 +165,18 @@ START_TEST(bits_per_param_values)
 {
     ql_qz *q;
     ck_assert_int_eq(ql_qz_open("nf4", &q), QL_OK);
+    /* every byte save() writes for a 4096 x 4096 float32 matrix: 4-bit codes, an
+     * 8-bit absmax per 64, a float32 nested absmax per 256 blocks, the 16- and
+     * 256-entry float32 code tables, and the quant_state JSON (171 bytes with
+     * the offset 0.05; 81 without double quant) */
+    const double n = 4096.0 * 4096.0;
     double bpp = q->desc->bits_per_param(q->inst, 4096, 4096);
-    ck_assert_msg(fabs(bpp - 4.127) < 0.0005, "nf4 + double quant: %g bits/param", bpp);
+    ck_assert_double_eq_tol(bpp, 8.0 * (n / 2 + n / 64 + n / 64 / 256 * 4 + 64 + 1024 + 171) / n, 1e-12);
     ck_assert_str_eq(q->options, "blocksize=64,double_quant=1");
     ql_qz_close(q);
     ck_assert_int_eq(ql_qz_open("nf4:double_quant=0", &q), QL_OK);
-    ck_assert_double_eq_tol(q->desc->bits_per_param(q->inst, 4096, 4096), 4.5, 1e-12);
+    ck_assert_double_eq_tol(q->desc->bits_per_param(q->inst, 4096, 4096), 8.0 * (n / 2 + n / 64 * 4 + 64 + 81) / n,
+                            1e-12);
     ql_qz_close(q);
     ck_assert_int_eq(ql_qz_open("int8", &q), QL_OK);
     ck_assert_double_eq_tol(q->desc->bits_per_param(q->inst, 4096, 4096), 8.0 + 32.0 / 4096 + 8.0 / (4096.0 * 4096),

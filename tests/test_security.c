@@ -499,7 +499,7 @@ START_TEST(probe_reports_what_happened)
     ck_assert_msg(ql_plugin_probe(path, 30, &info) == QL_OK, "%s", ql_error_message());
     ck_assert_str_eq(info.name, "nf4");
     ck_assert_str_eq(info.options, "blocksize=64,double_quant=1");
-    ck_assert_double_eq_tol(info.bits_per_param, 4.127, 0.0005);
+    ck_assert_double_eq_tol(info.bits_per_param, 4.12755, 0.00001); /* 4096 x 4096, all save() writes */
     ck_assert_uint_eq(info.abi_major, QL_QUANTIZER_ABI_MAJOR);
     ck_assert_ptr_null(info.error);
     ql_plugin_info_free(&info);

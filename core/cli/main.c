@@ -28,9 +28,9 @@ static const char usage_text[] =
     "  quantize [--quantizer=Q] MODEL_DIR -o OUT_DIR [--force] [--device cpu|cuda|auto]\n"
     "                                      quantize a Hugging Face checkpoint (bitsandbytes layout);\n"
     "                                      --device cuda quantizes on the GPU, byte-identical files (default cpu)\n"
-    "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, bits/param\n"
+    "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, matrix and model bits/param\n"
     "  compare [--quantizers=Q1,Q2,...] MODEL_DIR [--json FILE] [--summary-only]\n"
-    "                                      bits/param, bytes, error and time per quantizer and layer\n"
+    "                                      matrix and model bits/param, bytes, error, time per quantizer\n"
     "  eval --model DIR [--quantizer=Q] --data FILE [--format text|alpaca|input-output|oasst1 (default: detected)]\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
@@ -212,6 +212,7 @@ enum {
     OPT_DEVICE,
     OPT_PRECISION,
     OPT_SHAPES,
+    OPT_SHAPE,
     OPT_OPTIM,
     OPT_ONLY,
     OPT_TOKENS,
@@ -272,9 +273,10 @@ enum {
 
 static int help_quantizers(void)
 {
-    printf("usage: qlora quantizers [--json]\n\n"
-           "The quantizer plugins found: name, bits per parameter of a 4096 x 4096 matrix with the default\n"
-           "options, ABI, version, description, default options and file.\n"
+    printf("usage: qlora quantizers [--quantizer SPEC] [--shape ROWSxCOLS] [--json]\n\n"
+           "The quantizer plugins found: name, matrix bits/param (every byte the plugin stores for a\n"
+           "ROWS x COLS matrix with its default options over its parameters; see \"Bits per parameter\"\n"
+           "in docs/writing-a-quantizer.md), ABI, version, description, default options and file.\n"
            "Plugins are searched in $" QL_PLUGIN_PATH_ENV ", then the plugin folder of the installed qlora\n"
            "(<libdir>/qlora/plugins; <builddir>/plugins when it runs from a build tree)");
     char **dirs;
@@ -285,22 +287,85 @@ static int help_quantizers(void)
         ql_string_list_free(dirs, nd);
     }
     printf("\n\noptions:\n");
+    help_opt("--quantizer SPEC", "only this plugin, with these options (nf4:double_quant=0, or a path)",
+             "every plugin found, default options");
+    help_opt("--shape ROWSxCOLS", "the matrix the bits/param figure is for", "4096x4096");
     help_opt("--json", "one JSON array of the plugins instead of the table", NULL);
-    return help_end("qlora quantizers --json");
+    return help_end("qlora quantizers --shape 11008x4096");
+}
+
+/* --quantizer=SPEC of `quantizers`: the one plugin file to probe, as
+ * "FILE:OPTIONS" so the probe configures it with them; a name is looked up
+ * among the plugins found (never opened here: the probe opens it). */
+static int quantizer_to_probe(const char *spec, char ***out, size_t *n)
+{
+    size_t nl = strcspn(spec, ":");
+    const char *opts = spec[nl] ? spec + nl : "";
+    if (ql_qz_spec_is_path(spec)) {
+        *out = calloc(1, sizeof **out);
+        if (!*out || !(**out = strdup(spec))) return ql_error(QL_ENOMEM, "out of memory");
+        *n = 1;
+        return QL_OK;
+    }
+    char **paths;
+    size_t np;
+    int rc = ql_plugin_scan(&paths, &np);
+    if (rc) return rc;
+    char want[96];
+    snprintf(want, sizeof want, "/qlora_%.*s.so", (int)(nl < 64 ? nl : 64), spec);
+    size_t lw = strlen(want);
+    char *found = NULL;
+    for (size_t i = 0; i < np && !found; i++) {
+        size_t lp = strlen(paths[i]);
+        if (lp >= lw && !strcmp(paths[i] + lp - lw, want)) {
+            size_t len = lp + strlen(opts) + 1;
+            if ((found = malloc(len))) snprintf(found, len, "%s%s", paths[i], opts);
+            else rc = ql_error(QL_ENOMEM, "out of memory");
+        }
+    }
+    ql_string_list_free(paths, np);
+    if (rc) return rc;
+    /* not found: ql_qz_open says so, with where it looked */
+    ql_qz *q = NULL;
+    if (!found) {
+        rc = ql_qz_open(spec, &q);
+        ql_qz_close(q);
+        return rc ? rc : ql_error(QL_ENOTFOUND, "quantizer %.*s is not among the plugins found", (int)nl, spec);
+    }
+    *out = calloc(1, sizeof **out);
+    if (!*out) {
+        free(found);
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
+    **out = found;
+    *n = 1;
+    return QL_OK;
 }
 
 static int cmd_quantizers(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"json", no_argument, NULL, OPT_JSON},
+        {"shape", required_argument, NULL, OPT_SHAPE},
+        {"quantizer", required_argument, NULL, 'q'},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
+    const char *spec = NULL;
     int as_json = 0, c;
+    long long rows = 4096, cols = 4096;
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":hq:", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_JSON: as_json = 1; break;
+        case 'q': spec = optarg; break;
+        case OPT_SHAPE: {
+            char x, extra;
+            if (sscanf(optarg, "%lld%c%lld%c", &rows, &x, &cols, &extra) != 3 || x != 'x' || rows < 1 || cols < 1 ||
+                rows > (1LL << 20) || cols > (1LL << 20))
+                return usage_error("--shape=%s: expected ROWSxCOLS, each from 1 to 1048576", optarg);
+            break;
+        }
         case 'h':
         case OPT_HELP: return help_quantizers();
         default: return option_error(c, argv, longopts);
@@ -309,41 +374,57 @@ static int cmd_quantizers(int argc, char **argv)
     if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
     char **paths;
     size_t n;
-    int rc = ql_plugin_scan(&paths, &n);
+    int rc = spec ? quantizer_to_probe(spec, &paths, &n) : ql_plugin_scan(&paths, &n);
     if (rc) return fail(rc);
-    if (!as_json) printf("%-10s %-10s %-5s %-8s %-s\n", "name", "bits/param", "ABI", "version", "description / file");
+    if (!as_json) printf("%-10s %-11s %-5s %-8s %-s\n", "name", "matrix bits", "ABI", "version", "description / file");
     else printf("[");
     /* Each plugin is opened in a child process: one that crashes, exits or
      * hangs is reported by name and the others are still listed. */
     int bad = 0, listed = 0;
     for (size_t i = 0; i < n; i++) {
         ql_plugin_info d;
-        if (ql_plugin_probe(paths[i], 10.0, &d) != QL_OK) {
+        if (ql_plugin_probe_shape(paths[i], 10.0, rows, cols, &d) != QL_OK) {
             fprintf(stderr, "qlora: error: %s\n", d.error ? d.error : ql_error_message());
             ql_plugin_info_free(&d);
             bad++;
             continue;
         }
-        /* bits/param of a 4096 x 4096 matrix with default options */
+        /* the file, without the options quantizer_to_probe appended for the probe */
+        int shown = (int)strlen(d.path);
+        const char *opt_colon = spec ? strrchr(d.path, ':') : NULL;
+        if (opt_colon && strchr(opt_colon, '=')) shown = (int)(opt_colon - d.path);
+        char *file = strndup(d.path, (size_t)shown);
+        if (!file) {
+            ql_plugin_info_free(&d);
+            ql_string_list_free(paths, n);
+            return fail(ql_error(QL_ENOMEM, "out of memory"));
+        }
+        /* matrix bits/param of a rows x cols matrix with the default (or given) options */
         if (as_json) {
             /* the plugin's strings are escaped by jansson */
             char abi[32];
             snprintf(abi, sizeof abi, "%u.%u", d.abi_major, d.abi_minor);
-            json_t *j = json_pack("{s:s, s:s, s:f, s:s, s:s, s:s, s:s}", "name", d.name, "description", d.description,
-                                  "bits_per_param", round(d.bits_per_param * 1e4) / 1e4, "abi", abi, "version",
-                                  d.version, "options", d.options, "file", d.path);
+            json_t *j = json_pack("{s:s, s:s, s:f, s:[I,I], s:s, s:s, s:s, s:s}", "name", d.name, "description",
+                                  d.description, "matrix_bits_per_param", d.bits_per_param,
+                                  "matrix_shape", (json_int_t)rows, (json_int_t)cols, "abi", abi, "version", d.version,
+                                  "options", d.options, "file", file);
             char *text = j ? json_dumps(j, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
             printf("%s\n  %s", listed ? "," : "", text ? text : "null");
             free(text);
             json_decref(j);
         } else
-            printf("%-10s %-10.3f %u.%-3u %-8s %s\n%-37s defaults: %s\n%-37s %s\n", d.name, d.bits_per_param,
-                   d.abi_major, d.abi_minor, d.version, d.description, "", d.options[0] ? d.options : "(none)", "",
-                   d.path);
+            printf("%-10s %-11.3f %u.%-3u %-8s %s\n%-38s %s: %s\n%-38s %s\n", d.name, d.bits_per_param, d.abi_major,
+                   d.abi_minor, d.version, d.description, "", spec ? "options" : "defaults",
+                   d.options[0] ? d.options : "(none)", "", file);
+        free(file);
         listed++;
         ql_plugin_info_free(&d);
     }
     if (as_json) printf("\n]\n");
+    else if (listed)
+        printf("\nmatrix bits: bits/param of a %lld x %lld matrix with the %s options: every byte the plugin\n"
+               "stores for it (codes, scales, second-level constants, code tables, metadata) over its parameters\n",
+               rows, cols, spec ? "given" : "default");
     if (n == 0) {
         char **dirs;
         size_t nd;
@@ -1131,7 +1212,8 @@ static int help_inspect(void)
 {
     printf("usage: qlora inspect FILE.safetensors|MODEL_DIR [--json]\n\n"
            "The tensors of a safetensors file (of a model folder: its model.safetensors): dtype, shape,\n"
-           "quantization and bits per parameter.\n\n"
+           "quantization, matrix bits/param (every byte stored for the quantized matrices over their\n"
+           "parameters) and model bits/param (every tensor byte over all parameters).\n\n"
            "options:\n");
     help_opt("--json", "one JSON object instead of the table", NULL);
     return help_end("qlora inspect models/llama-7b-nf4/model.safetensors --json");
@@ -1174,8 +1256,9 @@ static const char compare_default_quantizers[] = "nf4,fp4,int8";
 static int help_compare(void)
 {
     printf("usage: qlora compare [--quantizers=Q1,Q2,...] MODEL_DIR [OPTIONS]\n\n"
-           "Quantize every linear layer of MODEL_DIR with each quantizer, in memory: bits per parameter,\n"
-           "bytes, error and time per quantizer and per layer.\n\n"
+           "Quantize every linear layer of MODEL_DIR with each quantizer, in memory: matrix bits/param and\n"
+           "stored bytes of the quantized matrices, model bits/param of the checkpoint quantize would write,\n"
+           "error and time, per quantizer and per layer.\n\n"
            "options:\n");
     help_opt("-q, --quantizers LIST", "quantizers to compare, comma-separated", compare_default_quantizers);
     help_opt("--json FILE", "also write the results to FILE as JSON", NULL);

@@ -406,8 +406,12 @@ static int rtn_describe(const ql_quantizer *q, char *buf, size_t cap)
 static double rtn_bits_per_param(const ql_quantizer *q, int64_t rows, int64_t cols)
 {
     if (!shape_is_supported(rows, cols)) return 0.0;
+    /* every byte save() writes, the config JSON included, as state_info() counts */
     packed_layout layout = layout_for(rows, cols, q->group_size);
-    uint64_t total_bytes = layout.qweight_bytes + layout.scales_bytes + layout.qzeros_bytes;
+    ql_qstate shape_only = {.rows = rows, .cols = cols, .group_size = q->group_size, .sym = q->sym};
+    int config_length = write_config_json(&shape_only, NULL, 0);
+    uint64_t total_bytes = layout.qweight_bytes + layout.scales_bytes + layout.qzeros_bytes +
+                           (uint64_t)(config_length > 0 ? config_length : 0);
     return 8.0 * (double)total_bytes / ((double)rows * (double)cols);
 }
 

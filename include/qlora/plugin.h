@@ -86,7 +86,9 @@ typedef struct ql_plugin_info {
     char *path;
     char *name, *description, *version, *options; /* NULL when the probe failed */
     unsigned abi_major, abi_minor;
-    double bits_per_param; /* of a 4096 x 4096 matrix, default options */
+    int64_t rows, cols;    /* the matrix bits_per_param is for */
+    double bits_per_param; /* of a rows x cols matrix, default options: every byte save() writes for it
+                            * over its parameters (docs/writing-a-quantizer.md, "Bits per parameter") */
     char *error;           /* NULL when the plugin loaded; else what happened */
 } ql_plugin_info;
 
@@ -99,6 +101,8 @@ typedef struct ql_plugin_info {
  * The plugin's code runs (in the child): pass only paths the user trusts,
  * such as those ql_plugin_scan finds. */
 int ql_plugin_probe(const char *path, double timeout_s, ql_plugin_info *out);
+/* The same, with bits_per_param for a rows x cols matrix (ql_plugin_probe: 4096 x 4096). */
+int ql_plugin_probe_shape(const char *path, double timeout_s, int64_t rows, int64_t cols, ql_plugin_info *out);
 void ql_plugin_info_free(ql_plugin_info *info);
 
 #ifdef __cplusplus

@@ -198,8 +198,11 @@ typedef struct ql_quantizer_desc {
     void (*destroy)(ql_quantizer *q); /* destroy(NULL) is a no-op */
     /* Canonical options, "key=value,..." with every key, for logs and files. */
     int (*describe)(const ql_quantizer *q, char *buf, size_t cap);
-    /* Storage cost of a rows x cols matrix in bits per parameter, counting
-     * every tensor save() writes except per-format constant tables. */
+    /* Storage cost of a rows x cols float32 matrix in bits per parameter:
+     * every byte save() would write for it (codes, scales, second-level
+     * constants, and the tables and metadata the layout keeps per matrix),
+     * over rows x cols.  Lengths that depend on the weights count a typical
+     * value.  docs/writing-a-quantizer.md, "Bits per parameter". */
     double (*bits_per_param)(const ql_quantizer *q, int64_t rows, int64_t cols);
     /* Quantize a dense float32 row-major matrix.  Non-finite input is QL_ENUMERIC
      * with the index in the message. */

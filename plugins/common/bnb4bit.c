@@ -94,21 +94,6 @@ int qlp_4bit_describe(const ql_quantizer *q, char *buf, size_t cap)
     return QL_OK;
 }
 
-double qlp_4bit_bits_per_param(const ql_quantizer *q, int64_t rows, int64_t cols)
-{
-    int64_t n = rows * cols;
-    if (n <= 0) return 0.0;
-    int64_t nblocks = (n + q->blocksize - 1) / q->blocksize;
-    double bits = 8.0 * (double)((n + 1) / 2);
-    if (q->double_quant) {
-        int64_t nnested = (nblocks + NESTED_BLOCKSIZE - 1) / NESTED_BLOCKSIZE;
-        bits += 8.0 * (double)nblocks + 32.0 * (double)nnested + 32.0; /* codes, nested absmax, offset */
-    } else {
-        bits += 32.0 * (double)nblocks;
-    }
-    return bits / (double)n;
-}
-
 static void state_free(ql_qstate *s)
 {
     if (!s) return;
@@ -438,18 +423,40 @@ int qlp_4bit_load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tenso
     return QL_OK;
 }
 
+/* Every byte save() writes for s: codes, absmax (or their codes and the
+ * nested absmax), the code tables and the quant_state JSON. */
+static uint64_t stored_bytes(const ql_qstate *s)
+{
+    char json[512];
+    int len = state_json(s, json, sizeof json);
+    uint64_t bytes = (uint64_t)((s->n + 1) / 2) + 16 * 4 + (uint64_t)(len > 0 ? len : 0);
+    if (s->double_quant) bytes += (uint64_t)s->nblocks + (uint64_t)s->nnested * 4 + 256 * 4;
+    else bytes += (uint64_t)s->nblocks * 4;
+    return bytes;
+}
+
 int qlp_4bit_state_info(const ql_quantizer *q, const ql_qstate *s, ql_state_info *info)
 {
     (void)q;
-    char json[512];
-    int len = state_json(s, json, sizeof json);
     info->rows = s->rows;
     info->cols = s->cols;
     info->src_dtype = s->src_dtype;
-    info->bytes = (uint64_t)((s->n + 1) / 2) + 16 * 4 + (uint64_t)(len > 0 ? len : 0);
-    if (s->double_quant) info->bytes += (uint64_t)s->nblocks + (uint64_t)s->nnested * 4 + 256 * 4;
-    else info->bytes += (uint64_t)s->nblocks * 4;
+    info->bytes = stored_bytes(s);
     return QL_OK;
+}
+
+/* What state_info() will say for a float32 matrix of this shape, over its
+ * parameters.  Only the quant_state JSON depends on the weights: it holds
+ * the nested offset as Python writes a float, 18 to 22 characters; counted
+ * here as 0.05 (19), so a real layer may differ by a few bytes. */
+double qlp_4bit_bits_per_param(const ql_quantizer *q, int64_t rows, int64_t cols)
+{
+    if (rows <= 0 || cols <= 0) return 0.0;
+    ql_qstate s = {.type = q->type, .rows = rows, .cols = cols, .n = rows * cols, .src_dtype = QL_DTYPE_F32,
+                   .blocksize = q->blocksize, .double_quant = q->double_quant, .offset = 0.05f};
+    s.nblocks = (s.n + q->blocksize - 1) / q->blocksize;
+    s.nnested = q->double_quant ? (s.nblocks + NESTED_BLOCKSIZE - 1) / NESTED_BLOCKSIZE : 0;
+    return 8.0 * (double)stored_bytes(&s) / (double)s.n;
 }
 
 int qlp_4bit_checkpoint_config(const ql_quantizer *q, char *buf, size_t cap)
