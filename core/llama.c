@@ -374,10 +374,19 @@ int ql_prequantized_spec(json_t *cfg, const char *file, const char **spec, const
             }
             int rc = ql_qz_check_from_file(json_string_value(t), file, *field);
             if (rc) return rc;
-            *spec = json_string_value(t);
-            if (strcmp(*spec, "nf4") && strcmp(*spec, "fp4"))
+            const char *type = json_string_value(t);
+            if (strcmp(type, "nf4") && strcmp(type, "fp4"))
                 return ql_error(QL_ENOTSUP, "%s: %s is '%s'; bitsandbytes' 4-bit types are nf4 and fp4", file, *field,
-                                *spec);
+                                type);
+            /* the file's own double quantization, so that the spec reported
+             * (eval, run_config.json, merge) is the checkpoint's; absent, the
+             * plugin's default */
+            json_t *dq = json_object_get(qc, "bnb_4bit_use_double_quant");
+            if (dq && !json_is_null(dq) && !json_is_boolean(dq))
+                return ql_error(QL_EFORMAT, "%s: quantization_config.bnb_4bit_use_double_quant must be true or false",
+                                file);
+            const int nf4 = !strcmp(type, "nf4"), off = dq && json_is_false(dq);
+            *spec = nf4 ? (off ? "nf4:double_quant=0" : "nf4") : (off ? "fp4:double_quant=0" : "fp4");
             return QL_OK;
         }
         if (json_is_true(json_object_get(qc, "load_in_8bit")) || json_is_true(json_object_get(qc, "_load_in_8bit"))) {

@@ -58,9 +58,12 @@ static const hf_form forms[] = {
      * bitsandbytes 0.50 on the CPU and saved with save_pretrained (4-bit
      * linears, double-quantized absmax in two of them, float32 compute);
      * transformers' logits, loss and gradients over them. */
-    {"qwen2_bnb_nf4_dq", "qwen2_bnb_nf4_dq", 1, NULL, "nf4"},
-    {"qwen3_bnb_nf4", "qwen3_bnb_nf4", 1, NULL, "nf4"},
-    {"mistral_sliding_bnb_fp4_dq", "mistral_sliding_bnb_fp4_dq", 1, NULL, "fp4"},
+    {"qwen2_bnb_nf4_dq", "qwen2_bnb_nf4_dq", 1, NULL, "nf4:blocksize=64,double_quant=1"},
+    /* without double quant: reported as the file has it (it said
+     * double_quant=1, the plugin's default, before the config's
+     * bnb_4bit_use_double_quant was read) */
+    {"qwen3_bnb_nf4", "qwen3_bnb_nf4", 1, NULL, "nf4:blocksize=64,double_quant=0"},
+    {"mistral_sliding_bnb_fp4_dq", "mistral_sliding_bnb_fp4_dq", 1, NULL, "fp4:blocksize=64,double_quant=1"},
 };
 enum { NFORMS = sizeof forms / sizeof forms[0] };
 
