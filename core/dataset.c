@@ -734,6 +734,11 @@ static int record_format(const json_t *rec, const char **why)
     return -1;
 }
 
+/* what format detection knows, for its refusals */
+#define KNOWN_FORMATS                                                                                        \
+    "none of instruction/output (alpaca), input/output, prompt/completion, instruction/instances (input-output) " \
+    "or text (oasst1)"
+
 /* The first fields of a record, for a refusal: "a", "b", ... */
 static void field_names(const json_t *rec, char *buf, size_t cap)
 {
@@ -786,10 +791,7 @@ int ql_data_format_detect(const char *path, ql_data_format *out, char *why, size
                           json_is_array(root) ? "an empty array" : json_kind(root));
         else if ((fmt = record_format(json_array_get(root, 0), &rule)) < 0) {
             field_names(json_array_get(root, 0), fields, sizeof fields);
-            rc = ql_error(QL_EFORMAT,
-                          "%s: cannot tell the format: record index 0 has %s, none of instruction/output (alpaca), "
-                          "input/output, prompt/completion, instruction/instances (input-output) or text (oasst1)",
-                          path, fields);
+            rc = ql_error(QL_EFORMAT, "%s: cannot tell the format: record index 0 has %s, " KNOWN_FORMATS, path, fields);
         } else if (why)
             snprintf(why, cap, "a JSON array whose first record has %s", rule);
         json_decref(root);
@@ -802,10 +804,8 @@ int ql_data_format_detect(const char *path, ql_data_format *out, char *why, size
                           path, err.text, err.column, fix);
         else if ((fmt = record_format(rec, &rule)) < 0) {
             field_names(rec, fields, sizeof fields);
-            rc = ql_error(QL_EFORMAT,
-                          "%s: cannot tell the format: the first JSON line has %s, none of instruction/output (alpaca), "
-                          "input/output, prompt/completion, instruction/instances (input-output) or text (oasst1)",
-                          path, fields);
+            rc = ql_error(QL_EFORMAT, "%s: cannot tell the format: the first JSON line has %s, " KNOWN_FORMATS, path,
+                          fields);
         } else if (why)
             snprintf(why, cap, "JSON Lines whose first record has %s", rule);
         json_decref(rec);
