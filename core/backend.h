@@ -84,6 +84,9 @@ typedef struct ql_be_dropout {
     void *scratch;
 } ql_be_dropout;
 
+/* 1 when dr asks for dropout (the LoRA ops' test) */
+static inline int ql_be_dropping(const ql_be_dropout *dr) { return dr && dr->p > 0; }
+
 typedef struct ql_backend {
     const char *name;
     /* 1 when the backend's memory is host memory (the CPU): the model's host

@@ -339,8 +339,6 @@ static int cpu_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, co
 
 /* ---- LoRA (the dropout of its input inside) ---- */
 
-static int dropping(const ql_be_dropout *dr) { return dr && dr->p > 0; }
-
 /* bf16 precision's LoRA operands in ctx->scratch: xd (when not in
  * dr->scratch), dy, A, B, h and dh rounded, one region each */
 typedef struct lora16 {
@@ -367,7 +365,7 @@ static const float *lora_input(ql_be_ctx *ctx, const float *x, const ql_be_dropo
                                int64_t in)
 {
     const int bf16 = ctx->precision == QL_PREC_BF16;
-    if (dropping(dr)) {
+    if (ql_be_dropping(dr)) {
         float *xd = dr->scratch;
         cpu_dropout_forward(ctx, xd, x, dr->mb, in, dr->p, dr->seeds);
         return bf16 ? rounded(xd, xd, rows * in) : xd;
@@ -392,7 +390,7 @@ static int cpu_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *x, 
         ql_lora_forward(y, h, lora_input(ctx, x, dr, &o, rows, in), a, b, rows, in, out, r, scale);
         return QL_OK;
     }
-    int rc = lora16_carve(ctx, &o, rows, in, out, r, !dropping(dr), 0, "LoRA forward");
+    int rc = lora16_carve(ctx, &o, rows, in, out, r, !ql_be_dropping(dr), 0, "LoRA forward");
     if (rc) return rc;
     const float *xd = lora_input(ctx, x, dr, &o, rows, in);
     ql_matmul_nt(h, xd, rounded(o.a, a, r * in), rows, in, r, 0);
@@ -405,7 +403,7 @@ static int cpu_lora_backward(ql_be_ctx *ctx, float *dx, float *da, float *db, fl
                              int64_t rows, int64_t in, int64_t out, int64_t r, float scale, int accumulate)
 {
     lora16 o = {0};
-    const int drop = dropping(dr);
+    const int drop = ql_be_dropping(dr);
     ctx->reuse_x = 0;
     /* with dropout the gradient through xd is made over xd in dr->scratch
      * (xd is read first), then taken through the mask into dx */

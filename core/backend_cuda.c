@@ -760,15 +760,22 @@ static int cuda_add_bias(ql_be_ctx *ctx, float *y, const float *bias, const ql_b
     return rc ? rc : launched(qlk_add_bias(stream(ctx), y, bias, len, mb->B, mb->T, n), "bias");
 }
 
+/* the device copies of a dropout's lengths and per-sequence seeds */
+static int stage_dropout(ql_be_ctx *ctx, const ql_be_batch *mb, const uint64_t *seeds, const int32_t **len,
+                         const uint64_t **d_seeds)
+{
+    int rc = stage_len(ctx, mb, len);
+    const void *srcs[1] = {seeds};
+    size_t sizes[1] = {(size_t)mb->B * sizeof *seeds};
+    return rc ? rc : stage(ctx, 1, srcs, sizes, (void **)d_seeds);
+}
+
 static int dropout(ql_be_ctx *ctx, float *out, const float *in, const ql_be_batch *mb, int64_t C, float p,
                    const uint64_t *seeds, int backward, int accumulate)
 {
     const int32_t *len = NULL;
     const uint64_t *d_seeds = NULL;
-    int rc = stage_len(ctx, mb, &len);
-    const void *srcs[1] = {seeds};
-    size_t sizes[1] = {(size_t)mb->B * sizeof *seeds};
-    if (!rc) rc = stage(ctx, 1, srcs, sizes, (void **)&d_seeds);
+    int rc = stage_dropout(ctx, mb, seeds, &len, &d_seeds);
     const float inv = 1.0f / (1.0f - p); /* as the CPU operators compute it */
     return rc ? rc
               : launched(qlk_dropout(stream(ctx), out, in, len, d_seeds, mb->B, mb->T, C, p, inv, backward, accumulate),
@@ -789,8 +796,6 @@ static int cuda_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, c
 
 /* ---- LoRA (the dropout of its input inside) ---- */
 
-static int dropping(const ql_be_dropout *dr) { return dr && dr->p > 0; }
-
 static size_t al256(size_t b) { return (b + 255) / 256 * 256; }
 
 /* dr's dropout of x[rows, in] rounded to bf16 into dr->scratch */
@@ -798,10 +803,7 @@ static int dropout16(ql_be_ctx *ctx, const float *x, const ql_be_dropout *dr, in
 {
     const int32_t *len = NULL;
     const uint64_t *d_seeds = NULL;
-    int rc = stage_len(ctx, dr->mb, &len);
-    const void *srcs[1] = {dr->seeds};
-    size_t sizes[1] = {(size_t)dr->mb->B * sizeof *dr->seeds};
-    if (!rc) rc = stage(ctx, 1, srcs, sizes, (void **)&d_seeds);
+    int rc = stage_dropout(ctx, dr->mb, dr->seeds, &len, &d_seeds);
     const float inv = 1.0f / (1.0f - dr->p);
     return rc ? rc
               : launched(qlk_dropout16(stream(ctx), dr->scratch, x, len, d_seeds, dr->mb->B, dr->mb->T, in, dr->p, inv),
@@ -848,7 +850,7 @@ static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *x,
     int rc = QL_OK;
     if (ctx->precision != QL_PREC_BF16) {
         const float *xd = x;
-        if (dropping(dr)) {
+        if (ql_be_dropping(dr)) {
             rc = dropout(ctx, dr->scratch, x, dr->mb, in, dr->p, dr->seeds, 0, 0);
             xd = dr->scratch;
         }
@@ -862,7 +864,7 @@ static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *x,
     size_t off = 0;
     uint16_t *x16 = NULL, *a16, *b16, *h16;
     int kept = 0, made = 0;
-    if (dropping(dr)) { /* region 0 is left as it is */
+    if (ql_be_dropping(dr)) { /* region 0 is left as it is */
         kept = reuse && I->x16_src == x && I->x16_n == rows * in;
         if (kept) off = al256((size_t)(rows * in) * 2);
         rc = dropout16(ctx, x, dr, in);
@@ -886,7 +888,7 @@ static int cuda_lora_backward(ql_be_ctx *ctx, float *dx, float *da, float *db, f
                               const float *x, const ql_be_dropout *dr, const float *h, const float *a, const float *b,
                               int64_t rows, int64_t in, int64_t out, int64_t r, float scale, int accumulate)
 {
-    const int reuse = ctx->reuse_x, drop = dropping(dr);
+    const int reuse = ctx->reuse_x, drop = ql_be_dropping(dr);
     ctx->reuse_x = 0;
     /* with dropout the gradient through xd is made in dr->scratch (xd is
      * read first), then taken through the mask into dx */
