@@ -604,6 +604,24 @@ static ql_llama *load_model(const char *quantizer)
 
 enum { NSEQ = 3, TMAX = 96 };
 
+/* LoRA r 8 (dropout 0.1) with B != 0, so every gradient is non-trivial, and
+ * a random micro-batch of NSEQ sequences (ids, labels, per-sequence seeds) */
+static ql_lora *random_lora_and_batch(ql_llama *m, int32_t *ids, int32_t *labels, uint64_t *seeds)
+{
+    ql_lora_config cfg = {.r = 8, .alpha = 16.0f, .dropout = 0.1f, .modules = QL_LORA_ALL_MODULES};
+    ql_lora *l = NULL;
+    ok(ql_lora_create(m, &cfg, next_seed(), &l), "ql_lora_create");
+    for (size_t i = 0; i < l->n_params; i++)
+        if (!l->params[i]) l->params[i] = 0.01f * (float)((int)(next_seed() % 201) - 100) / 100.0f;
+    const int V = ql_llama_get_config(m)->vocab;
+    for (int b = 0; b < NSEQ; b++) seeds[b] = next_seed();
+    for (int i = 0; i < NSEQ * TMAX; i++) {
+        ids[i] = (int32_t)(next_seed() % (uint64_t)V);
+        labels[i] = i % TMAX < 5 ? QL_IGNORE_INDEX : ids[i];
+    }
+    return l;
+}
+
 static void step_on(ql_llama *m, ql_lora *l, ql_be_ctx *ctx, int checkpointing, int precision, const int32_t *ids,
                     const int32_t *labels, const int32_t *len, const uint64_t *seeds, double *loss, float *grads)
 {
@@ -632,18 +650,9 @@ START_TEST(training_step_matches_cpu)
     const char *qname = quantizers[_i % 4];
     const int checkpointing = (_i / 4) % 2 || _i >= 8, bf16 = _i >= 8;
     ql_llama *m = load_model(qname);
-    ql_lora_config cfg = {.r = 8, .alpha = 16.0f, .dropout = 0.1f, .modules = QL_LORA_ALL_MODULES};
-    ql_lora *l = NULL;
-    ok(ql_lora_create(m, &cfg, next_seed(), &l), "ql_lora_create");
-    for (size_t i = 0; i < l->n_params; i++) /* B != 0: every gradient is non-trivial */
-        if (!l->params[i]) l->params[i] = 0.01f * (float)((int)(next_seed() % 201) - 100) / 100.0f;
-    const int V = ql_llama_get_config(m)->vocab;
     int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
-    uint64_t seeds[NSEQ] = {next_seed(), next_seed(), next_seed()};
-    for (int i = 0; i < NSEQ * TMAX; i++) {
-        ids[i] = (int32_t)(next_seed() % (uint64_t)V);
-        labels[i] = i % TMAX < 5 ? QL_IGNORE_INDEX : ids[i];
-    }
+    uint64_t seeds[NSEQ];
+    ql_lora *l = random_lora_and_batch(m, ids, labels, seeds);
     float *gc = malloc(l->n_params * sizeof *gc), *gg = malloc(l->n_params * sizeof *gg);
     double lc, lg;
     step_on(m, l, cpu, checkpointing, QL_PREC_FP32, ids, labels, len, seeds, &lc, gc);
@@ -670,18 +679,9 @@ END_TEST
 START_TEST(prefetch_on_the_gpu_is_bit_exact)
 {
     ql_llama *m = load_model("nf4");
-    ql_lora_config cfg = {.r = 8, .alpha = 16.0f, .dropout = 0.1f, .modules = QL_LORA_ALL_MODULES};
-    ql_lora *l = NULL;
-    ok(ql_lora_create(m, &cfg, next_seed(), &l), "ql_lora_create");
-    for (size_t i = 0; i < l->n_params; i++)
-        if (!l->params[i]) l->params[i] = 0.01f * (float)((int)(next_seed() % 201) - 100) / 100.0f;
-    const int V = ql_llama_get_config(m)->vocab;
     int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
-    uint64_t seeds[NSEQ] = {next_seed(), next_seed(), next_seed()};
-    for (int i = 0; i < NSEQ * TMAX; i++) {
-        ids[i] = (int32_t)(next_seed() % (uint64_t)V);
-        labels[i] = i % TMAX < 5 ? QL_IGNORE_INDEX : ids[i];
-    }
+    uint64_t seeds[NSEQ];
+    ql_lora *l = random_lora_and_batch(m, ids, labels, seeds);
     enum { STEPS = 4 };
     double loss[2][STEPS];
     float *g[2][STEPS];
