@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "json_out.h"
+#include "prequantized.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
 #include "qlora/llama.h"
@@ -273,6 +274,44 @@ START_TEST(dynamic_state)
 }
 END_TEST
 
+/* A bitsandbytes 4-bit quantization_config: the spec follows its quant type
+ * and bnb_4bit_use_double_quant (absent: the plugin's default); any other
+ * type of that field is refused naming it. */
+START_TEST(bnb_spec_follows_double_quant)
+{
+    static const struct {
+        const char *qc, *spec;
+    } cases[] = {
+        {"\"bnb_4bit_quant_type\": \"nf4\", \"bnb_4bit_use_double_quant\": true", "nf4"},
+        {"\"bnb_4bit_quant_type\": \"nf4\", \"bnb_4bit_use_double_quant\": false", "nf4:double_quant=0"},
+        {"\"bnb_4bit_quant_type\": \"fp4\", \"bnb_4bit_use_double_quant\": false", "fp4:double_quant=0"},
+        {"\"bnb_4bit_quant_type\": \"fp4\"", "fp4"},
+        {"\"bnb_4bit_quant_type\": \"nf4\", \"bnb_4bit_use_double_quant\": null", "nf4"},
+        {"\"bnb_4bit_quant_type\": \"nf4\", \"bnb_4bit_use_double_quant\": \"yes\"", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char text[512];
+        snprintf(text, sizeof text,
+                 "{\"quantization_config\": {\"quant_method\": \"bitsandbytes\", \"load_in_4bit\": true, %s}}",
+                 cases[i].qc);
+        json_error_t err;
+        json_t *cfg = json_loads(text, 0, &err);
+        ck_assert_msg(cfg, "%s", err.text);
+        const char *spec = NULL, *field = NULL;
+        int rc = ql_prequantized_spec(cfg, "config.json", &spec, &field);
+        if (cases[i].spec) {
+            ck_assert_msg(rc == QL_OK, "%s: %s", cases[i].qc, ql_error_message());
+            ck_assert_str_eq(spec, cases[i].spec);
+        } else {
+            ck_assert_int_eq(rc, QL_EFORMAT);
+            ck_assert_str_eq(ql_error_message(),
+                             "config.json: quantization_config.bnb_4bit_use_double_quant must be true or false");
+        }
+        json_decref(cfg);
+    }
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -283,6 +322,7 @@ static Suite *config_suite(void)
     tcase_add_loop_test(tc, refused, 0, (int)(sizeof refusals / sizeof refusals[0]));
     tcase_add_test(tc, big_integer_refused);
     tcase_add_test(tc, dynamic_state);
+    tcase_add_test(tc, bnb_spec_follows_double_quant);
     suite_add_tcase(s, tc);
     return s;
 }
