@@ -102,12 +102,14 @@ typedef struct ql_backend {
     int (*open)(ql_be_ctx *ctx);   /* fill ctx->impl (stream, handles); may be NULL */
     void (*close)(ql_be_ctx *ctx); /* release ctx->impl; may be NULL */
     int (*sync)(ql_be_ctx *ctx);   /* wait for queued work (both queues); report its first failure */
-    /* Two queues: ctx->queue 0 is the main one, 1 a side one for work that
-     * may overlap it (the next weights' materialize); the CPU runs every op
-     * at once.  event(ctx, slot, 0) records event `slot` (0 ..
-     * QL_BE_EVENTS-1) on the current queue; event(ctx, slot, 1) makes the
-     * current queue wait for the last record of `slot` (none yet: no wait).
-     * Only materialize and event may run on the side queue. */
+    /* Three queues: ctx->queue 0 is the main one, 1 a side one for work that
+     * may overlap it (the next weights' materialize), 2 one for copies
+     * between pinned host memory and the device that overlap both (offloaded
+     * activations); the CPU runs every op at once.  event(ctx, slot, 0)
+     * records event `slot` (0 .. QL_BE_EVENTS-1) on the current queue;
+     * event(ctx, slot, 1) makes the current queue wait for the last record
+     * of `slot` (none yet: no wait).  Only materialize and event may run on
+     * the side queue; only upload, download_async and event on the copy one. */
     int (*event)(ql_be_ctx *ctx, int slot, int wait);
 
     /* ---- memory ---- */
@@ -262,7 +264,7 @@ typedef struct ql_backend {
 } ql_backend;
 
 enum { QL_PREC_FP32 = 0, QL_PREC_BF16 = 1 };
-enum { QL_BE_EVENTS = 4 };
+enum { QL_BE_EVENTS = 8 };
 
 struct ql_be_ctx {
     const ql_backend *be;
@@ -275,7 +277,7 @@ struct ql_be_ctx {
      * copy (CUDA does when nothing else used the scratch in between).  Every
      * product clears it. */
     int reuse_x;
-    int queue; /* 0: ops go to the main queue (the default), 1: to the side one */
+    int queue; /* 0: ops go to the main queue (the default), 1: to the side one, 2: to the copy one */
     size_t scratch_bytes;
     int status;         /* QL_OK, or the code of the first failed op not yet checked */
     char message[1024]; /* that failure's message */

@@ -38,7 +38,7 @@ typedef struct cached_arg {
 
 typedef struct cuda_impl {
     int device;
-    cudaStream_t stream, side; /* the main queue and the side one (ctx->queue) */
+    cudaStream_t stream, side, copyq; /* the main queue, the side one and the copy one (ctx->queue) */
     cudaEvent_t events[QL_BE_EVENTS];
     cublasHandle_t blas;
     void *args;      /* device staging for per-op host arguments too large for the ring */
@@ -84,7 +84,11 @@ static const char *blas_status(cublasStatus_t s)
 }
 
 static cuda_impl *impl(ql_be_ctx *ctx) { return ctx->impl; }
-static void *stream(ql_be_ctx *ctx) { return (void *)(ctx->queue ? impl(ctx)->side : impl(ctx)->stream); }
+static void *stream(ql_be_ctx *ctx)
+{
+    cuda_impl *c = impl(ctx);
+    return (void *)(ctx->queue == 2 ? c->copyq : ctx->queue ? c->side : c->stream);
+}
 
 /* a launcher's status */
 static int launched(int e, const char *op)
@@ -102,6 +106,7 @@ static int cuda_open(ql_be_ctx *ctx)
     cudaError_t e = cudaGetDevice(&c->device);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->copyq, cudaStreamNonBlocking);
     for (int i = 0; i < QL_BE_EVENTS && e == cudaSuccess; i++)
         e = cudaEventCreateWithFlags(&c->events[i], cudaEventDisableTiming);
     if (e != cudaSuccess) rc = cuda_fail(e, "cannot open the device");
@@ -123,6 +128,7 @@ static int cuda_open(ql_be_ctx *ctx)
         if (c->blas) cublasDestroy(c->blas);
         if (c->stream) cudaStreamDestroy(c->stream);
         if (c->side) cudaStreamDestroy(c->side);
+        if (c->copyq) cudaStreamDestroy(c->copyq);
         for (int i = 0; i < QL_BE_EVENTS; i++)
             if (c->events[i]) cudaEventDestroy(c->events[i]);
         free(c);
@@ -138,6 +144,7 @@ static void cuda_close(ql_be_ctx *ctx)
     if (!c) return;
     cudaStreamSynchronize(c->stream);
     cudaStreamSynchronize(c->side);
+    cudaStreamSynchronize(c->copyq);
     cublasDestroy(c->blas);
     cudaFree(c->args);
     for (int i = 0; i < 2; i++) cudaEventDestroy(c->half_done[i]);
@@ -149,6 +156,7 @@ static void cuda_close(ql_be_ctx *ctx)
     }
     cudaStreamDestroy(c->stream);
     cudaStreamDestroy(c->side);
+    cudaStreamDestroy(c->copyq);
     for (int i = 0; i < QL_BE_EVENTS; i++) cudaEventDestroy(c->events[i]);
     free(c);
     ctx->impl = NULL;
@@ -165,6 +173,7 @@ static int cuda_event(ql_be_ctx *ctx, int slot, int wait)
 
 static int cuda_sync(ql_be_ctx *ctx)
 {
+    CUDA_TRY(cudaStreamSynchronize(impl(ctx)->copyq), "a queued copy failed");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->side), "a queued operation failed");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "a queued operation failed");
     CUDA_TRY(cudaGetLastError(), "a queued operation failed");
@@ -210,7 +219,8 @@ static int cuda_copy(ql_be_ctx *ctx, void *dst, const void *src, size_t bytes)
 static int cuda_upload(ql_be_ctx *ctx, void *dst, const void *host_src, size_t bytes)
 {
     /* from pageable memory the copy has read host_src when it returns */
-    CUDA_TRY(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, impl(ctx)->stream), "copy to the device");
+    CUDA_TRY(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream(ctx)),
+             "copy to the device");
     return QL_OK;
 }
 
@@ -223,7 +233,8 @@ static int cuda_download(ql_be_ctx *ctx, void *host_dst, const void *src, size_t
 
 static int cuda_download_async(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes)
 {
-    CUDA_TRY(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, impl(ctx)->stream), "copy to the host");
+    CUDA_TRY(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)stream(ctx)),
+             "copy to the host");
     return QL_OK;
 }
 

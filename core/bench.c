@@ -37,6 +37,7 @@ void ql_bench_opts_default(ql_bench_opts *o)
     o->precision = "auto";
     o->quantizer = "nf4";
     o->optim = "auto";
+    o->offload = "auto";
     o->seq = 2048;
     o->batch = 1;
     o->lora_r = 64;
@@ -55,6 +56,7 @@ static const shape *find_shape(const char *name, size_t len)
 
 typedef struct result {
     double s_per_step, tokens_per_s, plan_gib, base_gib, acts_gib, build_s;
+    double fwd_bwd_s, clip_s, optim_s, pinned_gib; /* per timed step: the model's step, clipping, the optimizer */
     double loss_first, loss_last;
 } result;
 
@@ -82,7 +84,9 @@ static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, 
     if (rc == QL_OK) rc = ql_adamw_create(lora->n_params, 0.9f, 0.999f, 1e-8f, 0.0f, &opt);
     ql_lora_model_opts mo = {.batch = o->batch, .max_len = o->seq, .checkpointing = 1, .backward = 1, .allocate = 1,
                              .opt = opt, .precision = precision, .optimizer = optimizer};
+    if (rc == QL_OK) rc = ql_offload_parse(o->offload, &mo.offload);
     if (rc == QL_OK) rc = ql_lora_model_create(m, lora, ctx, &mo, &lm);
+    if (rc == QL_OK && o->plan) ql_lora_model_print_plan(lm, stderr);
     if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
     const int64_t n = (int64_t)o->batch * o->seq;
     ids = malloc((size_t)n * sizeof *ids);
@@ -97,6 +101,7 @@ static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, 
         res->plan_gib = (double)ql_lora_model_plan_bytes(lm, -2) / 1073741824.0;
         res->base_gib = (double)ql_lora_model_plan_bytes(lm, QL_ROLE_BASE) / 1073741824.0;
         res->acts_gib = (double)ql_lora_model_plan_bytes(lm, QL_ROLE_ACTS) / 1073741824.0;
+        res->pinned_gib = (double)ql_lora_model_plan_bytes(lm, QL_ROLE_PINNED) / 1073741824.0;
     }
     double t_timed = 0;
     for (int step = 0; rc == QL_OK && step < o->warmup + o->steps; step++) {
@@ -106,10 +111,18 @@ static int bench_shape(const ql_bench_opts *o, const shape *sh, ql_be_ctx *ctx, 
         double sum = 0;
         int64_t count = 0;
         double norm = 0;
-        if ((rc = ql_lora_model_zero_grads(lm)) || (rc = ql_lora_model_step(lm, &mb, &so, &sum, &count)) ||
-            (rc = ql_lora_model_clip_grads(lm, 0.3, &norm)) || (rc = ql_lora_model_optimizer_step(lm, opt, 2e-4f)))
-            break;
+        /* each call ends synchronized (ql_be_check), so the phases are timed as they run */
+        if ((rc = ql_lora_model_zero_grads(lm)) || (rc = ql_lora_model_step(lm, &mb, &so, &sum, &count))) break;
+        const double t1 = ql_now();
+        if ((rc = ql_lora_model_clip_grads(lm, 0.3, &norm))) break;
+        const double t2 = ql_now();
+        if ((rc = ql_lora_model_optimizer_step(lm, opt, 2e-4f))) break;
         const double dt = ql_now() - ts, loss = sum / (double)count;
+        if (step >= o->warmup) {
+            res->fwd_bwd_s += (t1 - ts) / o->steps;
+            res->clip_s += (t2 - t1) / o->steps;
+            res->optim_s += (ts + dt - t2) / o->steps;
+        }
         if (step == 0) res->loss_first = loss;
         res->loss_last = loss;
         if (step >= o->warmup) t_timed += dt;
@@ -169,11 +182,13 @@ int ql_bench_step(const ql_bench_opts *o, FILE *json, FILE *table)
                     "\"batch\": %d, \"lora_r\": %d, \"lora_dropout\": %g, \"quantizer\": \"%s\", \"device\": \"%s\", \"precision\": \"%s\", "
                     "\"checkpointing\": true, \"optim\": \"%s\", \"warmup\": %d, \"steps\": %d, "
                     "\"build_s\": %.2f, \"s_per_step\": %.4f, \"tokens_per_s\": %.1f, \"plan_gib\": %.3f, "
-                    "\"base_gib\": %.3f, \"acts_gib\": %.3f, \"loss_first\": %.5f, \"loss_last\": %.5f}\n",
+                    "\"base_gib\": %.3f, \"acts_gib\": %.3f, \"pinned_gib\": %.3f, \"fwd_bwd_s\": %.4f, \"clip_s\": %.4f, "
+                    "\"optim_s\": %.4f, \"loss_first\": %.5f, \"loss_last\": %.5f}\n",
                     list[i]->name, layers, o->seq, o->batch, o->lora_r, (double)o->lora_dropout, o->quantizer, ctx->be->name,
                     ql_be_precision_name(precision), ql_optim_name(optimizer), o->warmup,
                     o->steps, r.build_s, r.s_per_step, r.tokens_per_s,
-                    r.plan_gib, r.base_gib, r.acts_gib, r.loss_first, r.loss_last);
+                    r.plan_gib, r.base_gib, r.acts_gib, r.pinned_gib, r.fwd_bwd_s, r.clip_s, r.optim_s, r.loss_first,
+                    r.loss_last);
             fflush(json);
         }
         rs[done++] = r;

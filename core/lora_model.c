@@ -76,6 +76,11 @@ struct ql_lora_model {
                            alternate (forward only, or with in16) */
     int n_inputs;
     uint16_t **in16;    /* [n_layers] bf16 copies of the layer inputs (bf16 checkpointing), or NULL */
+    /* offloading (opts.offload): in16 in the pinned host arena, and two
+     * device buffers through which layer i's copy goes out (forward) and
+     * comes back (backward): stage16[i & 1] */
+    int offload;
+    uint16_t *stage16[2];
     float *xnf, *rstdf; /* final norm */
     float *logits;      /* [logit_rows, V] */
     float *w;           /* one materialized weight matrix */
@@ -166,6 +171,7 @@ static const ql_linear *layer_linear(ql_llama_layer *L, int k)
  * materialized into the other while this one computes; weights_used() after
  * the product says when that buffer may be written again. */
 enum { EV_MAT = 0, EV_USED = 2 }; /* + buffer: its materialize done; its last product done */
+enum { EV_STAGED = 4, EV_MOVED = 6 }; /* + stage16 buffer: its bytes ready for the copy queue; its copy done */
 
 static int materialize_into(ctx *x, int j, int id)
 {
@@ -610,6 +616,15 @@ int ql_optim_parse(const char *name, const ql_backend *be, int *out)
     return QL_OK;
 }
 
+int ql_offload_parse(const char *name, int *out)
+{
+    if (!name || !strcmp(name, "auto")) *out = 0;
+    else if (!strcmp(name, "on")) *out = 1;
+    else if (!strcmp(name, "off")) *out = -1;
+    else return ql_error(QL_EINVAL, "--offload %s: use on, off or auto", name);
+    return QL_OK;
+}
+
 const char *ql_optim_name(int optimizer)
 {
     return optimizer == QL_OPTIM_PAGED ? "paged_adamw" : optimizer == QL_OPTIM_DEVICE ? "adamw" : "adamw (host)";
@@ -826,7 +841,10 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
      * alternate (forward only; bf16 checkpointing, which keeps bf16 copies) */
     lm->n_inputs = lm->backward && !store16 ? nl + 1 : 2;
     for (int i = 0; i < lm->n_inputs; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->inputs[i], d.R * d.H, 4);
-    for (int i = 0; store16 && i < nl; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->in16[i], d.R * d.H, 2);
+    lm->offload = store16 && (o->offload > 0 || (o->offload == 0 && !lm->ctx->be->host_memory));
+    for (int i = 0; store16 && i < nl; i++)
+        ql_plan_add(p, lm->offload ? QL_ROLE_PINNED : QL_ROLE_ACTS, (void **)&lm->in16[i], d.R * d.H, 2);
+    for (int i = 0; lm->offload && i < 2; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->stage16[i], d.R * d.H, 2);
     for (int i = 0; i < (lm->keep_all ? nl : 1); i++) plan_acts(lm, &lm->acts[i], i, &d, B);
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->xnf, d.R * d.H, 4);
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->rstdf, d.R, 4);
@@ -912,6 +930,7 @@ void ql_lora_model_destroy(ql_lora_model *lm)
 {
     if (!lm) return;
     if (lm->ctx) {
+        if (lm->ctx->be->sync) lm->ctx->be->sync(lm->ctx); /* no queued copy still reads what is freed */
         lm->ctx->be->unpin(lm->ctx, lm->pinned_m);
         lm->ctx->be->unpin(lm->ctx, lm->pinned_v);
     }
@@ -970,6 +989,42 @@ int ql_lora_model_gather(ql_lora_model *lm, const ql_example *const *ex, int n, 
 }
 
 /* ---- the step ---- */
+
+/* Offloading: layer i's input rounded to bf16 into stage16[i & 1] (once the
+ * copy that last used that buffer is done), then copied to the host on the
+ * copy queue, except for the last two layers, whose copies the backward
+ * finds still in their buffers. */
+static void save_input(ql_lora_model *lm, int i, float *x, int64_t n)
+{
+    ql_be_ctx *be = lm->ctx;
+    const int b = i & 1;
+    ql_be(be, event, EV_MOVED + b, 1);
+    ql_be(be, round_bf16, lm->stage16[b], x, n);
+    if (i >= lm->c->n_layers - 2) return;
+    ql_be(be, event, EV_STAGED + b, 0);
+    be->queue = 2;
+    ql_be(be, event, EV_STAGED + b, 1);
+    ql_be(be, download_async, lm->in16[i], lm->stage16[b], (size_t)n * 2);
+    ql_be(be, event, EV_MOVED + b, 0);
+    be->queue = 0;
+}
+
+/* The backward's layer i: its input widened from stage16[i & 1] (once the
+ * copy into it is done), then layer i - 2's copy into that buffer. */
+static void restore_input(ql_lora_model *lm, int i, float *x, int64_t n)
+{
+    ql_be_ctx *be = lm->ctx;
+    const int b = i & 1;
+    ql_be(be, event, EV_MOVED + b, 1);
+    ql_be(be, widen_bf16, x, lm->stage16[b], n);
+    if (i < 2) return;
+    ql_be(be, event, EV_STAGED + b, 0);
+    be->queue = 2;
+    ql_be(be, event, EV_STAGED + b, 1);
+    ql_be(be, upload, lm->stage16[b], lm->in16[i - 2], (size_t)n * 2);
+    ql_be(be, event, EV_MOVED + b, 0);
+    be->queue = 0;
+}
 
 static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,
                 int64_t *n_targets)
@@ -1043,7 +1098,8 @@ static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_o
     for (int i = 0; i < nl && rc == QL_OK; i++) {
         layer_acts *a = &lm->acts[keep_all ? i : 0];
         a->x = in[alt ? i & 1 : i];
-        if (lm->in16 && backward) ql_be(be, round_bf16, lm->in16[i], a->x, R * H);
+        if (lm->in16 && backward && lm->offload) save_input(lm, i, a->x, R * H);
+        else if (lm->in16 && backward) ql_be(be, round_bf16, lm->in16[i], a->x, R * H);
         else if (bf16 && i > 0) ql_be(be, round_bf16, NULL, a->x, R * H); /* the embedding is bf16 already */
         rc = layer_fwd(&x, i, a, in[alt ? (i + 1) & 1 : i + 1]);
     }
@@ -1081,7 +1137,8 @@ static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_o
         if (!keep_all) { /* recompute this layer's activations from its saved input */
             if (lm->in16) { /* widened into a free float buffer: the forward's input, bit for bit */
                 a->x = in[0];
-                ql_be(be, widen_bf16, a->x, lm->in16[i], R * H);
+                if (lm->offload) restore_input(lm, i, a->x, R * H);
+                else ql_be(be, widen_bf16, a->x, lm->in16[i], R * H);
             } else a->x = in[i];
             if ((rc = layer_fwd(&x, i, a, grad2))) break;
         }

@@ -31,6 +31,8 @@ enum {
  * "paged_adamw_32bit" (QL_OPTIM_PAGED), "auto"/NULL (paged on a device); on
  * the CPU every name means the host loop.  Unknown names are QL_EINVAL. */
 int ql_optim_parse(const char *name, const ql_backend *be, int *out);
+/* --offload: "on" 1, "off" -1, "auto"/NULL 0 (ql_lora_model_opts.offload) */
+int ql_offload_parse(const char *name, int *out);
 const char *ql_optim_name(int optimizer);
 
 typedef struct ql_lora_model_opts {
@@ -48,6 +50,12 @@ typedef struct ql_lora_model_opts {
      * one computes: 0 (auto): on a device backend when every quantized
      * layer has device kernels; -1 off; 1 on (also on the CPU, in order) */
     int prefetch;
+    /* bf16 checkpointing on a device: the layer inputs kept for the backward
+     * in page-locked host memory instead of device memory, copied out and
+     * back on the copy queue while the layers compute (two device staging
+     * buffers): 0 (auto): on with a device backend; -1 off; 1 on (also on
+     * the CPU, in order) */
+    int offload;
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the

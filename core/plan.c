@@ -10,7 +10,7 @@ static const char *const role_names[QL_ROLE_COUNT] = {
     [QL_ROLE_GRADS] = "LoRA gradients",    [QL_ROLE_OPTIM] = "optimizer state",
     [QL_ROLE_ACTS] = "activations",        [QL_ROLE_BWD] = "backward scratch",
     [QL_ROLE_WEIGHTS] = "materialized weights", [QL_ROLE_LOGITS] = "logits (chunked)",
-    [QL_ROLE_HOST] = "host staging",
+    [QL_ROLE_HOST] = "host staging",       [QL_ROLE_PINNED] = "offloaded (pinned)",
 };
 
 const char *ql_plan_role_name(int role) { return role >= 0 && role < QL_ROLE_COUNT ? role_names[role] : "?"; }
@@ -19,6 +19,27 @@ void ql_plan_init(ql_plan *p, ql_be_ctx *ctx)
 {
     memset(p, 0, sizeof *p);
     p->ctx = ctx;
+    p->on_host[QL_ROLE_PINNED] = ctx && !ctx->be->host_memory; /* beside a device: not in its total */
+}
+
+/* the pinned arena: host memory, page-locked beside a device */
+static int pinned_alloc(ql_plan *p, size_t bytes)
+{
+    size_t n = (bytes + 4095) / 4096 * 4096;
+    void *a = aligned_alloc(4096, n);
+    if (!a) return ql_error(QL_ENOMEM, "out of host memory: cannot allocate %.1f MiB", (double)n / 1048576.0);
+    if (p->on_host[QL_ROLE_PINNED] && ql_be(p->ctx, pin, a, n)) {
+        free(a);
+        return ql_be_check(p->ctx);
+    }
+    p->arena[QL_ROLE_PINNED] = a;
+    return QL_OK;
+}
+
+static void pinned_free(ql_plan *p)
+{
+    if (p->on_host[QL_ROLE_PINNED]) p->ctx->be->unpin(p->ctx, p->arena[QL_ROLE_PINNED]);
+    free(p->arena[QL_ROLE_PINNED]);
 }
 
 static int add_size(size_t *acc, uint64_t b)
@@ -81,7 +102,7 @@ uint64_t ql_plan_backend_bytes(const ql_plan *p)
 {
     uint64_t t = 0;
     for (int r = 0; r < QL_ROLE_COUNT; r++)
-        if (is_arena(p, r) && r != QL_ROLE_HOST) t += p->bytes[r];
+        if (is_arena(p, r) && r != QL_ROLE_HOST && !(r == QL_ROLE_PINNED && p->on_host[r])) t += p->bytes[r];
     return t;
 }
 
@@ -102,7 +123,9 @@ static void plan_text(const ql_plan *p, char *buf, size_t cap)
     for (int r = 0; r < QL_ROLE_COUNT; r++) {
         format_size(sz, sizeof sz, p->bytes[r]);
         PUT("  %-22s %12s  %s\n", role_names[r], sz,
-            p->on_host[r] ? "(host memory, not in the total)" : r == QL_ROLE_HOST ? "(arena, host memory)"
+            r == QL_ROLE_PINNED && p->on_host[r] ? "(arena, page-locked host memory, not in the total)"
+            : r == QL_ROLE_PINNED ? "(arena)"
+            : p->on_host[r] ? "(host memory, not in the total)" : r == QL_ROLE_HOST ? "(arena, host memory)"
             : is_arena(p, r) ? "(arena)" : "(held by its owner)");
     }
     format_size(sz, sizeof sz, ql_plan_total(p));
@@ -130,6 +153,8 @@ int ql_plan_alloc(ql_plan *p)
             if (r == QL_ROLE_HOST) {
                 p->arena[r] = malloc(p->bytes[r]);
                 if (!p->arena[r]) failed = r;
+            } else if (r == QL_ROLE_PINNED) {
+                if (pinned_alloc(p, p->bytes[r])) failed = r;
             } else if (ql_be(p->ctx, alloc, &p->arena[r], p->bytes[r])) {
                 ql_be_check(p->ctx);
                 p->arena[r] = NULL;
@@ -155,6 +180,7 @@ void ql_plan_free(ql_plan *p)
     for (int r = 0; r < QL_ROLE_COUNT; r++) {
         if (!p->arena[r]) continue;
         if (r == QL_ROLE_HOST) free(p->arena[r]);
+        else if (r == QL_ROLE_PINNED) pinned_free(p);
         else p->ctx->be->free(p->ctx, p->arena[r]);
         p->arena[r] = NULL;
     }

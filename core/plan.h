@@ -28,6 +28,7 @@ typedef enum ql_plan_role {
     QL_ROLE_WEIGHTS, /* one materialized (dequantized) weight matrix */
     QL_ROLE_LOGITS,  /* logits and their gradient, a chunk of rows at a time */
     QL_ROLE_HOST,    /* host staging: token ids, labels, targets, per-row losses */
+    QL_ROLE_PINNED,  /* offloaded from a device: page-locked host memory the copy queue reads and writes */
     QL_ROLE_COUNT
 } ql_plan_role;
 
@@ -68,7 +69,8 @@ void ql_plan_add(ql_plan *p, int role, void **dst, int64_t count, size_t elem);
 /* Allocate every arena and set the pointers.  Out of memory (or sizes that
  * overflow) is QL_ENOMEM with the whole plan and p->advice in the message. */
 int ql_plan_alloc(ql_plan *p);
-/* Total bytes of the plan (held roles included, host-held ones not). */
+/* Total bytes of the plan (held roles included, host-held ones and, beside
+ * a device, the pinned arena not). */
 uint64_t ql_plan_total(const ql_plan *p);
 /* Bytes the plan takes in backend memory: its arenas other than host staging. */
 uint64_t ql_plan_backend_bytes(const ql_plan *p);

@@ -994,6 +994,7 @@ int ql_train(const ql_train_opts *o)
     ql_lora_model_opts mo = {.batch = o->batch_size, .max_len = max_len, .checkpointing = o->gradient_checkpointing,
                              .backward = 1, .allocate = !o->dry_run, .opt = opt, .precision = precision,
                              .optimizer = optimizer};
+    if ((rc = ql_offload_parse(o->offload, &mo.offload))) goto done;
     if ((rc = ql_lora_model_create(m, lora, bctx, &mo, &lm))) goto done;
     const int64_t mb_per_epoch = ((int64_t)d->n + o->batch_size - 1) / o->batch_size;
     total = o->steps;

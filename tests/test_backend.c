@@ -511,6 +511,88 @@ START_TEST(prefetch_gives_the_same_bits)
 }
 END_TEST
 
+/* Offloading the checkpointed layer inputs (bf16) to pinned host memory
+ * gives the same bits as keeping them in the plan's activations: losses
+ * and gradients of training steps, with a forward-only step between them;
+ * every layer but the last two goes out in the forward and comes back in
+ * the backward, on the copy queue, and the activations arena shrinks by the
+ * inputs less the two staging buffers. */
+static int copies_out, copies_in;
+
+static int counting_download_async(ql_be_ctx *ctx, void *host_dst, const void *src, size_t bytes)
+{
+    copies_out += ctx->queue == 2;
+    return cpu->download_async(ctx, host_dst, src, bytes);
+}
+
+static int counting_upload(ql_be_ctx *ctx, void *dst, const void *host_src, size_t bytes)
+{
+    copies_in += ctx->queue == 2;
+    return cpu->upload(ctx, dst, host_src, bytes);
+}
+
+START_TEST(offload_gives_the_same_bits)
+{
+    cpu = ql_backend_cpu();
+    ql_backend counting = *cpu;
+    counting.name = "counting";
+    counting.download_async = counting_download_async;
+    counting.upload = counting_upload;
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, 0.1f);
+    const ql_llama_config *c = ql_llama_get_config(m);
+    int32_t ids[NSEQ][TMAX], labels[NSEQ][TMAX];
+    make_seqs(c->vocab, ids, labels);
+    uint64_t seeds[NSEQ] = {5, 6, 7, 8};
+    ql_lora_batch mb = {.B = NSEQ, .T = TMAX, .ids = &ids[0][0], .labels = &labels[0][0], .len = lens,
+                        .dropout_seeds = seeds};
+    enum { STEPS = 3 };
+    double loss[2][STEPS];
+    float *g[2][STEPS];
+    int outs[2][STEPS], ins[2][STEPS];
+    uint64_t acts[2], pinned[2];
+    for (int off = 0; off < 2; off++) {
+        ql_be_ctx *ctx = NULL;
+        ck_assert_int_eq(ql_be_ctx_open(NULL, &counting, &ctx), QL_OK);
+        ql_lora_model_opts o = {.batch = NSEQ, .max_len = TMAX, .checkpointing = 1, .backward = 1, .allocate = 1,
+                                .precision = QL_PREC_BF16, .offload = off ? 1 : -1};
+        ql_lora_model *lm = NULL;
+        ck_assert_msg(ql_lora_model_create(m, l, ctx, &o, &lm) == QL_OK, "%s", ql_error_message());
+        acts[off] = ql_lora_model_plan_bytes(lm, QL_ROLE_ACTS);
+        pinned[off] = ql_lora_model_plan_bytes(lm, QL_ROLE_PINNED);
+        for (int st = 0; st < STEPS; st++) { /* train, forward only, train */
+            ql_lora_step_opts so = {.loss_scale = 1.0f / 50, .backward = st != 1};
+            memset(l->grads, 0, l->n_params * 4);
+            copies_out = copies_in = 0;
+            int64_t n = 0;
+            loss[off][st] = 0;
+            ck_assert_msg(ql_lora_model_step(lm, &mb, &so, &loss[off][st], &n) == QL_OK, "%s", ql_error_message());
+            outs[off][st] = copies_out, ins[off][st] = copies_in;
+            g[off][st] = malloc(l->n_params * 4);
+            memcpy(g[off][st], l->grads, l->n_params * 4);
+        }
+        ql_lora_model_destroy(lm);
+        ql_be_ctx_close(ctx);
+    }
+    const int nl = c->n_layers;
+    for (int st = 0; st < STEPS; st++) {
+        ck_assert_msg(loss[0][st] == loss[1][st], "step %d: loss %.17g kept, %.17g offloaded", st, loss[0][st],
+                      loss[1][st]);
+        ck_assert_msg(memcmp(g[0][st], g[1][st], l->n_params * 4) == 0, "step %d: gradients differ offloaded", st);
+        ck_assert_int_eq(outs[0][st] + ins[0][st], 0);
+        ck_assert_int_eq(outs[1][st], st == 1 ? 0 : nl - 2);
+        ck_assert_int_eq(ins[1][st], st == 1 ? 0 : nl - 2);
+        free(g[0][st]), free(g[1][st]);
+    }
+    const uint64_t input = (uint64_t)NSEQ * TMAX * (uint64_t)c->hidden * 2; /* a multiple of the plan's alignment */
+    ck_assert_uint_eq(pinned[0], 0);
+    ck_assert_uint_eq(pinned[1], (uint64_t)nl * input);
+    ck_assert_uint_eq(acts[0] - acts[1], (uint64_t)(nl - 2) * input);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
 /* The LoRA ops of the CPU reference against the operators they are made of:
  * with dropout (p 0.3, over a micro-batch with padded rows) the output of
  * dropout_forward through ql_lora_forward, and backward ql_lora_backward then
@@ -802,6 +884,7 @@ int main(void)
     tcase_add_test(p, bf16_round_and_widen);
     tcase_add_loop_test(p, lora_ops_are_their_operators, 0, 4);
     tcase_add_loop_test(p, prefetch_gives_the_same_bits, 0, 2);
+    tcase_add_test(p, offload_gives_the_same_bits);
     tcase_add_test(p, plan_out_of_memory_says_what_to_reduce);
     tcase_add_test(p, cli_dry_run_and_oom);
     suite_add_tcase(s, p);

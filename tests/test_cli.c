@@ -431,6 +431,7 @@ static const struct {
     {"train", "--device", "cpu, from $QLORA_DEVICE"},
     {"train", "--precision", "auto: bf16 on cuda, fp32 on cpu"},
     {"train", "--optim", "auto: paged_adamw on cuda; on cpu, AdamW on the host"},
+    {"train", "--offload", "auto: on on cuda"},
     {"train", "--resume", ""},
     {"eval", "--model", ""},
     {"eval", "--data", ""},
@@ -457,6 +458,8 @@ static const struct {
     {"bench", "--warmup", "2"},
     {"bench", "--quantizer", "nf4"},
     {"bench", "--optim", "auto: paged_adamw on cuda; on cpu, AdamW on the host"},
+    {"bench", "--offload", "auto: on on cuda"},
+    {"bench", "--plan", ""},
     {"quantize", "--quantizer", "nf4"},
     {"quantize", "--output", ""},
     {"quantize", "--device", "cpu"},
@@ -475,6 +478,7 @@ static const char *valid_value(const help_line *h)
 {
     static const char *const values[][2] = {
         {"--device", "cpu"},         {"--precision", "fp32"}, {"--optim", "adamw"}, {"--lora-modules", "q_proj"},
+        {"--offload", "off"},
         {"--lr-scheduler", "linear"}, {"--dtype", "f32"},         {"--shape", "64x64"},
     };
     for (size_t i = 0; i < sizeof values / sizeof values[0]; i++)

@@ -672,11 +672,12 @@ START_TEST(training_step_matches_cpu)
 }
 END_TEST
 
-/* Prefetching the next weights on the side stream changes no bit: four
- * steps (train, forward only, train, train) in bf16 with and without it, on
- * the device, over nf4 (device materialize); a missing wait would show as
- * other losses or gradients. */
-START_TEST(prefetch_on_the_gpu_is_bit_exact)
+/* Prefetching the next weights on the side stream, and offloading the
+ * checkpointed layer inputs to pinned host memory on the copy stream, change
+ * no bit: four steps (train, forward only, train, train) in bf16 with and
+ * without each, on the device, over nf4 (device materialize); a missing wait
+ * would show as other losses or gradients. */
+START_TEST(prefetch_and_offload_on_the_gpu_are_bit_exact)
 {
     ql_llama *m = load_model("nf4");
     int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
@@ -685,13 +686,17 @@ START_TEST(prefetch_on_the_gpu_is_bit_exact)
     enum { STEPS = 4 };
     double loss[2][STEPS];
     float *g[2][STEPS];
-    uint64_t wbytes[2];
+    uint64_t bytes[2];
+    const int knob = _i; /* 0: prefetching, 1: offloading, each off then auto (the other at auto) */
+    const char *what = knob ? "offloading" : "prefetching";
     for (int pf = 0; pf < 2; pf++) {
         ql_lora_model_opts o = {.batch = NSEQ, .max_len = TMAX, .checkpointing = 1, .backward = 1, .allocate = 1,
-                                .logit_rows = 50, .precision = QL_PREC_BF16, .prefetch = pf ? 0 : -1};
+                                .logit_rows = 50, .precision = QL_PREC_BF16};
+        if (knob) o.offload = pf ? 0 : -1;
+        else o.prefetch = pf ? 0 : -1;
         ql_lora_model *lm = NULL;
         ok(ql_lora_model_create(m, l, gpu, &o, &lm), "ql_lora_model_create");
-        wbytes[pf] = ql_lora_model_plan_bytes(lm, QL_ROLE_WEIGHTS);
+        bytes[pf] = ql_lora_model_plan_bytes(lm, knob ? QL_ROLE_PINNED : QL_ROLE_WEIGHTS);
         ok(ql_lora_model_push_params(lm), "push");
         ql_lora_batch mb = {.B = NSEQ, .T = TMAX, .ids = ids, .labels = labels, .len = len, .dropout_seeds = seeds};
         for (int st = 0; st < STEPS; st++) {
@@ -707,13 +712,14 @@ START_TEST(prefetch_on_the_gpu_is_bit_exact)
         ql_lora_model_destroy(lm);
         gpu->precision = QL_PREC_FP32;
     }
-    ck_assert_msg(wbytes[1] > wbytes[0], "auto did not plan the second weights buffer (%llu vs %llu bytes)",
-                  (unsigned long long)wbytes[1], (unsigned long long)wbytes[0]);
+    ck_assert_msg(bytes[1] > bytes[0], "auto did not plan %s (%llu vs %llu bytes)",
+                  knob ? "the pinned inputs" : "the second weights buffer", (unsigned long long)bytes[1],
+                  (unsigned long long)bytes[0]);
     for (int st = 0; st < STEPS; st++) {
-        ck_assert_msg(loss[0][st] == loss[1][st], "step %d: loss %.17g without prefetching, %.17g with", st,
-                      loss[0][st], loss[1][st]);
+        ck_assert_msg(loss[0][st] == loss[1][st], "step %d: loss %.17g without %s, %.17g with", st, loss[0][st],
+                      what, loss[1][st]);
         ck_assert_msg(memcmp(g[0][st], g[1][st], l->n_params * sizeof(float)) == 0,
-                      "step %d: gradients differ with prefetching", st);
+                      "step %d: gradients differ with %s", st, what);
         free(g[0][st]), free(g[1][st]);
     }
     ql_lora_destroy(l);
@@ -898,7 +904,7 @@ int main(void)
     TCase *st = tcase_create("step");
     tcase_set_timeout(st, 900);
     tcase_add_loop_test(st, training_step_matches_cpu, 0, 12);
-    tcase_add_test(st, prefetch_on_the_gpu_is_bit_exact);
+    tcase_add_loop_test(st, prefetch_and_offload_on_the_gpu_are_bit_exact, 0, 2);
     tcase_add_test(st, train_30_steps_matches_cpu);
     tcase_add_test(st, resume_on_the_gpu_is_bit_exact);
     tcase_add_loop_test(st, slow_path_plugins_train_on_the_gpu, 0, 2);

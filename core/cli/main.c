@@ -118,6 +118,7 @@ static int choice(const char *flag, const char *value, const char *allowed, cons
 #define DEVICES "cpu cuda auto", "cpu, cuda or auto"
 #define PRECISIONS "fp32 bf16 auto", "fp32, bf16 or auto"
 #define OPTIMS "adamw paged_adamw paged_adamw_32bit auto", "adamw, paged_adamw (paged_adamw_32bit) or auto"
+#define OFFLOADS "on off auto", "on, off or auto"
 
 
 /* getopt_long's '?' and ':' in our words (main sets opterr = 0, and every
@@ -214,6 +215,8 @@ enum {
     OPT_SHAPES,
     OPT_SHAPE,
     OPT_OPTIM,
+    OPT_OFFLOAD,
+    OPT_PLAN,
     OPT_ONLY,
     OPT_TOKENS,
     OPT_LAYERS,
@@ -592,6 +595,8 @@ static int help_train(void)
     help_opt("--precision P", "fp32, bf16 or auto", o.precision ? o.precision : "auto: bf16 on cuda, fp32 on cpu");
     help_opt("--optim O", "adamw, paged_adamw (= paged_adamw_32bit) or auto",
              o.optim ? o.optim : "auto: paged_adamw on cuda; on cpu, AdamW on the host");
+    help_opt("--offload O", "on, off or auto: the layer inputs gradient checkpointing keeps (bf16), in pinned host memory",
+             o.offload ? o.offload : "auto: on on cuda");
     help_quiet();
     help_opt("-h, --help", "print this help and exit", NULL);
     printf("\nqlora.py's option names are taken too (--learning_rate, --per_device_train_batch_size,\n"
@@ -648,6 +653,7 @@ static const struct option train_options[] = {
     {"device", required_argument, NULL, OPT_DEVICE},
     {"precision", required_argument, NULL, OPT_PRECISION},
     {"optim", required_argument, NULL, OPT_OPTIM},
+    {"offload", required_argument, NULL, OPT_OFFLOAD},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -730,6 +736,9 @@ static int train_parsed(int argc, char **argv, const qp_args *qp)
         case OPT_OPTIM:
             if (optim_choice(optarg, &o.optim)) return 2;
             break;
+        case OPT_OFFLOAD:
+            if (choice("--offload", optarg, OFFLOADS, &o.offload)) return 2;
+            break;
         case 'h':
         case OPT_HELP: return help_train();
         default: return option_error(c, argv, longopts);
@@ -791,6 +800,8 @@ static int help_bench(void)
     help_int("--warmup N", "untimed steps (samples) first", o.warmup);
     help_opt("--optim O", "adamw, paged_adamw (= paged_adamw_32bit) or auto",
              strcmp(o.optim, "auto") ? o.optim : "auto: paged_adamw on cuda; on cpu, AdamW on the host");
+    help_opt("--offload O", "on, off or auto: the checkpointed layer inputs in pinned host memory", "auto: on on cuda");
+    help_opt("--plan", "print each shape's memory plan on stderr", NULL);
     help_opt("--json FILE", "write the JSON lines to FILE (whole, or not at all) instead of stdout", NULL);
     help_quiet();
     return help_end("qlora bench --device cuda --shapes 7b,13b --steps 5");
@@ -808,6 +819,7 @@ static int cmd_bench(int argc, char **argv)
         {"lora-dropout", required_argument, NULL, OPT_LORA_DROPOUT},
         {"warmup", required_argument, NULL, OPT_WARMUP},       {"json", required_argument, NULL, OPT_JSON},
         {"optim", required_argument, NULL, OPT_OPTIM},         {"tokens", required_argument, NULL, OPT_TOKENS},
+        {"offload", required_argument, NULL, OPT_OFFLOAD},     {"plan", no_argument, NULL, OPT_PLAN},
         {"quiet", no_argument, NULL, OPT_QUIET},               {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -843,6 +855,10 @@ static int cmd_bench(int argc, char **argv)
         case OPT_OPTIM:
             if (choice("--optim", optarg, OPTIMS, &o.optim)) return 2;
             break;
+        case OPT_OFFLOAD:
+            if (choice("--offload", optarg, OFFLOADS, &o.offload)) return 2;
+            break;
+        case OPT_PLAN: o.plan = 1; break;
         case 'h':
         case OPT_HELP: return help_bench();
         default: return option_error(c, argv, longopts);

@@ -25,6 +25,8 @@ typedef struct ql_bench_opts {
     int steps, warmup;     /* timed steps (5), untimed first (2) */
     int progress;          /* per-step JSON lines on stderr */
     int tokens;            /* linear: rows of the activation (4096) */
+    const char *offload;   /* step: "on", "off" or "auto" (ql_train_opts.offload) */
+    int plan;              /* step: each shape's memory plan on stderr */
 } ql_bench_opts;
 
 void ql_bench_opts_default(ql_bench_opts *o);

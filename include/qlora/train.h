@@ -53,6 +53,9 @@ typedef struct ql_train_opts {
     const char *device; /* "cpu", "cuda" or "auto" (cuda when present); NULL: cpu */
     const char *precision; /* "fp32", "bf16" or "auto"/NULL: bf16 on cuda, fp32 on the CPU */
     const char *optim;     /* "adamw", "paged_adamw" (= "paged_adamw_32bit") or "auto"/NULL: paged on the GPU */
+    /* "on", "off" or "auto"/NULL (on on the GPU): the layer inputs that
+     * gradient checkpointing keeps, in page-locked host memory */
+    const char *offload;
 } ql_train_opts;
 
 void ql_train_opts_default(ql_train_opts *o);
