@@ -102,14 +102,17 @@ typedef struct ql_backend {
     int (*open)(ql_be_ctx *ctx);   /* fill ctx->impl (stream, handles); may be NULL */
     void (*close)(ql_be_ctx *ctx); /* release ctx->impl; may be NULL */
     int (*sync)(ql_be_ctx *ctx);   /* wait for queued work (both queues); report its first failure */
-    /* Three queues: ctx->queue 0 is the main one, 1 a side one for work that
+    /* Four queues: ctx->queue 0 is the main one, 1 a side one for work that
      * may overlap it (the next weights' materialize), 2 one for copies
      * between pinned host memory and the device that overlap both (offloaded
-     * activations); the CPU runs every op at once.  event(ctx, slot, 0)
-     * records event `slot` (0 .. QL_BE_EVENTS-1) on the current queue;
-     * event(ctx, slot, 1) makes the current queue wait for the last record
-     * of `slot` (none yet: no wait).  Only materialize and event may run on
-     * the side queue; only upload, download_async and event on the copy one. */
+     * activations and gradients), 3 the paged optimizer's (its moments in
+     * and out, its updates) while the next step computes; the CPU runs every
+     * op at once.  event(ctx, slot, 0) records event `slot` (0 ..
+     * QL_BE_EVENTS-1) on the current queue; event(ctx, slot, 1) makes the
+     * current queue wait for the last record of `slot` (none yet: no wait).
+     * Only materialize and event may run on the side queue; only upload,
+     * download_async, zero and event on the copy one; those and scale and
+     * adamw on the optimizer's. */
     int (*event)(ql_be_ctx *ctx, int slot, int wait);
 
     /* ---- memory ---- */
@@ -126,6 +129,9 @@ typedef struct ql_backend {
      * release it; the CPU does nothing */
     int (*pin)(ql_be_ctx *ctx, void *host, size_t bytes);
     void (*unpin)(ql_be_ctx *ctx, void *host);
+    /* *dev = where ops read pinned host memory `host` in place (CUDA: its
+     * mapped device address, reads cross the bus; the CPU: host itself) */
+    int (*mapped)(ql_be_ctx *ctx, const void *host, const void **dev);
 
     /* Weights of a quantized linear layer as dense float32 w[out, in] in
      * backend memory (w is scratch from the plan, nothing is kept).  dev_bufs:
@@ -245,6 +251,9 @@ typedef struct ql_backend {
     /* ---- optimizer (the LoRA parameters, flat arrays of n) ---- */
     /* *out (host) = sum of (double)x[i]^2: a synchronization point */
     int (*sum_squares)(ql_be_ctx *ctx, double *out, const float *x, int64_t n);
+    /* *out (backend memory) = sum of (double)x[i]^2, queued; partials:
+     * backend scratch of QL_BE_SUMSQ_PARTS doubles (unused on the CPU) */
+    int (*sum_squares_into)(ql_be_ctx *ctx, double *out, double *partials, const float *x, int64_t n);
     /* x[n] *= c */
     int (*scale)(ql_be_ctx *ctx, float *x, float c, int64_t n);
     /* One AdamW step as ql_adamw_update computes it (lora.c), with its
@@ -264,7 +273,7 @@ typedef struct ql_backend {
 } ql_backend;
 
 enum { QL_PREC_FP32 = 0, QL_PREC_BF16 = 1 };
-enum { QL_BE_EVENTS = 8 };
+enum { QL_BE_EVENTS = 144, QL_BE_SUMSQ_PARTS = 1024 };
 
 struct ql_be_ctx {
     const ql_backend *be;
@@ -277,7 +286,7 @@ struct ql_be_ctx {
      * copy (CUDA does when nothing else used the scratch in between).  Every
      * product clears it. */
     int reuse_x;
-    int queue; /* 0: ops go to the main queue (the default), 1: to the side one, 2: to the copy one */
+    int queue; /* 0: ops go to the main queue (the default), 1: to the side one, 2: the copy one, 3: the optimizer's */
     size_t scratch_bytes;
     int status;         /* QL_OK, or the code of the first failed op not yet checked */
     char message[1024]; /* that failure's message */

@@ -437,6 +437,13 @@ static int cpu_cross_entropy(ql_be_ctx *ctx, float *losses, float *dlogits, cons
     return QL_OK;
 }
 
+static int cpu_mapped(ql_be_ctx *ctx, const void *host, const void **dev)
+{
+    (void)ctx;
+    *dev = host;
+    return QL_OK;
+}
+
 static int cpu_sum_squares(ql_be_ctx *ctx, double *out, const float *x, int64_t n)
 {
     (void)ctx;
@@ -444,6 +451,12 @@ static int cpu_sum_squares(ql_be_ctx *ctx, double *out, const float *x, int64_t 
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
     *out = ss;
     return QL_OK;
+}
+
+static int cpu_sum_squares_into(ql_be_ctx *ctx, double *out, double *partials, const float *x, int64_t n)
+{
+    (void)partials;
+    return cpu_sum_squares(ctx, out, x, n);
 }
 
 static int cpu_scale(ql_be_ctx *ctx, float *x, float c, int64_t n)
@@ -475,6 +488,7 @@ static const ql_backend cpu_backend = {
     .upload = cpu_copy,
     .download = cpu_copy,
     .download_async = cpu_copy,
+    .mapped = cpu_mapped,
     .pin = cpu_pin,
     .unpin = cpu_unpin,
     .materialize = cpu_materialize,
@@ -503,6 +517,7 @@ static const ql_backend cpu_backend = {
     .dropout_backward = cpu_dropout_backward,
     .cross_entropy = cpu_cross_entropy,
     .sum_squares = cpu_sum_squares,
+    .sum_squares_into = cpu_sum_squares_into,
     .scale = cpu_scale,
     .adamw = cpu_adamw,
 };

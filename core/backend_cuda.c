@@ -26,6 +26,8 @@
 
 #include "../kernels/cuda_ops.h"
 
+_Static_assert(QLK_SUMSQ_PARTS == QL_BE_SUMSQ_PARTS, "the sum of squares scratch");
+
 enum { N_CACHED = 2 }; /* staged arrays kept between ops: lengths, rotary table */
 enum { RING_BYTES = 8 << 20 };
 
@@ -38,7 +40,7 @@ typedef struct cached_arg {
 
 typedef struct cuda_impl {
     int device;
-    cudaStream_t stream, side, copyq; /* the main queue, the side one and the copy one (ctx->queue) */
+    cudaStream_t stream, side, copyq, optq; /* the queues of ctx->queue: main, side, copy, optimizer */
     cudaEvent_t events[QL_BE_EVENTS];
     cublasHandle_t blas;
     void *args;      /* device staging for per-op host arguments too large for the ring */
@@ -87,7 +89,7 @@ static cuda_impl *impl(ql_be_ctx *ctx) { return ctx->impl; }
 static void *stream(ql_be_ctx *ctx)
 {
     cuda_impl *c = impl(ctx);
-    return (void *)(ctx->queue == 2 ? c->copyq : ctx->queue ? c->side : c->stream);
+    return (void *)(ctx->queue == 3 ? c->optq : ctx->queue == 2 ? c->copyq : ctx->queue ? c->side : c->stream);
 }
 
 /* a launcher's status */
@@ -107,6 +109,7 @@ static int cuda_open(ql_be_ctx *ctx)
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->copyq, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->optq, cudaStreamNonBlocking);
     for (int i = 0; i < QL_BE_EVENTS && e == cudaSuccess; i++)
         e = cudaEventCreateWithFlags(&c->events[i], cudaEventDisableTiming);
     if (e != cudaSuccess) rc = cuda_fail(e, "cannot open the device");
@@ -129,6 +132,7 @@ static int cuda_open(ql_be_ctx *ctx)
         if (c->stream) cudaStreamDestroy(c->stream);
         if (c->side) cudaStreamDestroy(c->side);
         if (c->copyq) cudaStreamDestroy(c->copyq);
+        if (c->optq) cudaStreamDestroy(c->optq);
         for (int i = 0; i < QL_BE_EVENTS; i++)
             if (c->events[i]) cudaEventDestroy(c->events[i]);
         free(c);
@@ -145,6 +149,7 @@ static void cuda_close(ql_be_ctx *ctx)
     cudaStreamSynchronize(c->stream);
     cudaStreamSynchronize(c->side);
     cudaStreamSynchronize(c->copyq);
+    cudaStreamSynchronize(c->optq);
     cublasDestroy(c->blas);
     cudaFree(c->args);
     for (int i = 0; i < 2; i++) cudaEventDestroy(c->half_done[i]);
@@ -157,6 +162,7 @@ static void cuda_close(ql_be_ctx *ctx)
     cudaStreamDestroy(c->stream);
     cudaStreamDestroy(c->side);
     cudaStreamDestroy(c->copyq);
+    cudaStreamDestroy(c->optq);
     for (int i = 0; i < QL_BE_EVENTS; i++) cudaEventDestroy(c->events[i]);
     free(c);
     ctx->impl = NULL;
@@ -173,6 +179,7 @@ static int cuda_event(ql_be_ctx *ctx, int slot, int wait)
 
 static int cuda_sync(ql_be_ctx *ctx)
 {
+    CUDA_TRY(cudaStreamSynchronize(impl(ctx)->optq), "a queued optimizer step failed");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->copyq), "a queued copy failed");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->side), "a queued operation failed");
     CUDA_TRY(cudaStreamSynchronize(impl(ctx)->stream), "a queued operation failed");
@@ -206,7 +213,7 @@ static void cuda_free(ql_be_ctx *ctx, void *p)
 
 static int cuda_zero(ql_be_ctx *ctx, void *p, size_t bytes)
 {
-    CUDA_TRY(cudaMemsetAsync(p, 0, bytes, impl(ctx)->stream), "memset");
+    CUDA_TRY(cudaMemsetAsync(p, 0, bytes, (cudaStream_t)stream(ctx)), "memset");
     return QL_OK;
 }
 
@@ -249,6 +256,15 @@ static void cuda_unpin(ql_be_ctx *ctx, void *host)
 {
     (void)ctx;
     if (host && cudaHostUnregister(host) != cudaSuccess) cudaGetLastError();
+}
+
+static int cuda_mapped(ql_be_ctx *ctx, const void *host, const void **dev)
+{
+    (void)ctx;
+    void *d = NULL;
+    CUDA_TRY(cudaHostGetDevicePointer(&d, (void *)host, 0), "mapping page-locked host memory");
+    *dev = d;
+    return QL_OK;
 }
 
 /* ---- host arguments ---- */
@@ -977,6 +993,11 @@ static int cuda_sum_squares(ql_be_ctx *ctx, double *out, const float *x, int64_t
     return rc ? rc : cuda_download(ctx, out, devs[0], sizeof *out);
 }
 
+static int cuda_sum_squares_into(ql_be_ctx *ctx, double *out, double *partials, const float *x, int64_t n)
+{
+    return launched(qlk_sum_squares(stream(ctx), out, partials, x, n), "sum of squares");
+}
+
 static int cuda_scale(ql_be_ctx *ctx, float *x, float c, int64_t n)
 {
     return launched(qlk_scale(stream(ctx), x, c, n), "scale");
@@ -1005,6 +1026,7 @@ static const ql_backend cuda_backend = {
     .upload = cuda_upload,
     .download = cuda_download,
     .download_async = cuda_download_async,
+    .mapped = cuda_mapped,
     .pin = cuda_pin,
     .unpin = cuda_unpin,
     .materialize = cuda_materialize,
@@ -1033,6 +1055,7 @@ static const ql_backend cuda_backend = {
     .dropout_backward = cuda_dropout_backward,
     .cross_entropy = cuda_cross_entropy,
     .sum_squares = cuda_sum_squares,
+    .sum_squares_into = cuda_sum_squares_into,
     .scale = cuda_scale,
     .adamw = cuda_adamw,
 };

@@ -59,6 +59,7 @@ typedef struct upload {
     const void *src;
     size_t bytes;
     int owned; /* src is a converted copy, freed once uploaded */
+    int host;  /* dst is in the pinned host arena: copied on the host */
 } upload;
 
 struct ql_lora_model {
@@ -79,7 +80,7 @@ struct ql_lora_model {
     /* offloading (opts.offload): in16 in the pinned host arena, and two
      * device buffers through which layer i's copy goes out (forward) and
      * comes back (backward): stage16[i & 1] */
-    int offload;
+    int offload, offload_on; /* offload_on: opts.offload resolved (the inputs need bf16 checkpointing too) */
     uint16_t *stage16[2];
     float *xnf, *rstdf; /* final norm */
     float *logits;      /* [logit_rows, V] */
@@ -120,8 +121,23 @@ struct ql_lora_model {
     float *opt_m, *opt_v; /* the device optimizer's moments, or (paged) one chunk of each; NULL: on the host */
     const ql_adamw *opt;  /* whose moments they start from */
     int paged;            /* opt_m, opt_v are chunk buffers; opt's own (pinned) arrays hold the moments */
-    int64_t chunk;        /* elements a chunk */
+    int64_t chunk;        /* elements a chunk: the most LoRA parameters of one layer */
     void *pinned_m, *pinned_v;
+    /* the paged optimizer's two slots of each moment (opt_m, opt_v are slot
+     * 0; slot 1 follows each); layer i's parameters are [goff[i], goff[i+1]) */
+    float *opt_m2, *opt_v2;
+    int64_t *goff;
+    /* paged gradients (offloading with the paged optimizer): the gradients
+     * accumulate in lora->grads (page-locked); layer i's are on the device
+     * in gbuf[i & 1] only during its backward, loaded before it (or zeroed
+     * after ql_lora_model_zero_grads: grads_zero) and copied back after it,
+     * with their sum of squares into ss[i] for the clipping; the clipping's
+     * factor (gclip: any) is applied as the optimizer loads them */
+    int page_grads, grads_zero, gclip;
+    float gscale;
+    float *gbuf[2];
+    double *ss, *ss_parts;
+    void *pinned_g;
     int ups_failed;
 };
 
@@ -172,6 +188,11 @@ static const ql_linear *layer_linear(ql_llama_layer *L, int k)
  * the product says when that buffer may be written again. */
 enum { EV_MAT = 0, EV_USED = 2 }; /* + buffer: its materialize done; its last product done */
 enum { EV_STAGED = 4, EV_MOVED = 6 }; /* + stage16 buffer: its bytes ready for the copy queue; its copy done */
+/* + gbuf buffer: free for the next layer's gradients; they are in it; the layer's backward is done */
+enum { EV_GFREE = 8, EV_GIN = 10, EV_GDONE = 12 };
+/* the paged optimizer: its start on the main queue; layer i's update done (EV_OPT + i % EV_OPT_RING) */
+enum { EV_OPT_START = 14, EV_OPT = 16, EV_OPT_RING = 128 };
+_Static_assert(EV_OPT + EV_OPT_RING <= QL_BE_EVENTS, "events");
 
 static int materialize_into(ctx *x, int j, int id)
 {
@@ -439,8 +460,9 @@ static void plan_resident(ql_lora_model *lm, int role, const void **dst, const v
     lm->ups[lm->n_ups++] = (upload){.dst = (void **)dst, .src = src, .bytes = (size_t)bytes};
 }
 
-/* bf16 precision: a bf16 copy of float weights src[n] in the weights arena (on every backend) */
-static void plan_bf16_copy(ql_lora_model *lm, const uint16_t **dst, const float *src, int64_t n)
+/* bf16 precision: a bf16 copy of float weights src[n] in arena `role` (the
+ * weights', on every backend; or the pinned host arena) */
+static void plan_bf16_copy(ql_lora_model *lm, int role, const uint16_t **dst, const float *src, int64_t n)
 {
     *dst = NULL;
     uint16_t *h = malloc((size_t)(n > 0 ? n : 1) * sizeof *h);
@@ -456,8 +478,9 @@ static void plan_bf16_copy(ql_lora_model *lm, const uint16_t **dst, const float 
         lm->cap_ups = cap;
     }
     for (int64_t i = 0; i < n; i++) h[i] = ql_be_bf16(src[i]);
-    ql_plan_add(&lm->plan, QL_ROLE_WEIGHTS, (void **)dst, n, 2);
-    lm->ups[lm->n_ups++] = (upload){.dst = (void **)dst, .src = h, .bytes = (size_t)n * 2, .owned = 1};
+    ql_plan_add(&lm->plan, role, (void **)dst, n, 2);
+    lm->ups[lm->n_ups++] =
+        (upload){.dst = (void **)dst, .src = h, .bytes = (size_t)n * 2, .owned = 1, .host = role == QL_ROLE_PINNED};
 }
 
 #define RESIDENT(lm, role, dst, src, count) \
@@ -477,9 +500,11 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
     const float *fn, *head;
     ql_llama_output_weights(m, &fn, &head);
     if (lm->precision != QL_PREC_BF16) RESIDENT(lm, B, &lm->embed, ql_llama_embeddings(m), V * H);
-    else if (head != ql_llama_embeddings(m)) plan_bf16_copy(lm, &lm->embed16, ql_llama_embeddings(m), V * H);
+    else if (head != ql_llama_embeddings(m)) /* offloading: read in place from host memory, only the rows a step needs */
+        plan_bf16_copy(lm, lm->offload_on && !host ? QL_ROLE_PINNED : QL_ROLE_WEIGHTS, &lm->embed16,
+                       ql_llama_embeddings(m), V * H);
     RESIDENT(lm, B, &lm->final_norm, fn, H);
-    if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, &lm->head16, head, V * H); /* tied: embed16 too */
+    if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, QL_ROLE_WEIGHTS, &lm->head16, head, V * H); /* tied: embed16 too */
     else if (head == ql_llama_embeddings(m)) lm->head = NULL; /* tied: set after the plan is allocated */
     else RESIDENT(lm, B, &lm->head, head, V * H);
     int64_t ws = 0, slow = 0;
@@ -497,7 +522,7 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
             be_linear *b = &bl->lin[k];
             RESIDENT(lm, B, &b->bias, l->bias, l->bias ? l->out : 0);
             if (l->dense) {
-                if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, &b->dense16, l->dense, l->out * l->in);
+                if (lm->precision == QL_PREC_BF16) plan_bf16_copy(lm, QL_ROLE_WEIGHTS, &b->dense16, l->dense, l->out * l->in);
                 else RESIDENT(lm, B, &b->dense, l->dense, l->out * l->in);
                 continue;
             }
@@ -548,7 +573,7 @@ static int plan_weights(ql_lora_model *lm, int64_t *maxw)
             lm->pairs = lora->pairs;
         } else {
             ql_plan_add(p, QL_ROLE_LORA, (void **)&lm->params, (int64_t)lora->n_params, 4);
-            if (lm->backward) ql_plan_add(p, QL_ROLE_GRADS, (void **)&lm->grads, (int64_t)lora->n_params, 4);
+            /* paged gradients are planned with the optimizer (ql_lora_model_create) */
             lm->pairs = calloc((size_t)lora->n_layers * QL_MOD_COUNT, sizeof *lm->pairs);
             if (!lm->pairs) return ql_error(QL_ENOMEM, "out of memory");
         }
@@ -561,7 +586,8 @@ static int fill_weights(ql_lora_model *lm)
 {
     ql_be_ctx *be = lm->ctx;
     for (size_t i = 0; i < lm->n_ups; i++) {
-        ql_be(be, upload, *lm->ups[i].dst, lm->ups[i].src, lm->ups[i].bytes);
+        if (lm->ups[i].host) memcpy(*lm->ups[i].dst, lm->ups[i].src, lm->ups[i].bytes);
+        else ql_be(be, upload, *lm->ups[i].dst, lm->ups[i].src, lm->ups[i].bytes);
         if (lm->ups[i].owned) { /* an upload has read its source when it returns (backend.h) */
             free((void *)lm->ups[i].src);
             lm->ups[i].src = NULL;
@@ -570,6 +596,9 @@ static int fill_weights(ql_lora_model *lm)
     }
     if (!lm->head && !lm->head16) lm->head = lm->embed;
     if (lm->head16 && !lm->embed16) lm->embed16 = lm->head16; /* tied */
+    else if (lm->embed16 && lm->plan.on_host[QL_ROLE_PINNED] && (const void *)lm->embed16 >= lm->plan.arena[QL_ROLE_PINNED] &&
+             (const char *)lm->embed16 < (const char *)lm->plan.arena[QL_ROLE_PINNED] + lm->plan.bytes[QL_ROLE_PINNED])
+        ql_be(be, mapped, lm->embed16, (const void **)&lm->embed16); /* in the pinned arena */
     be->precision = lm->precision;
     be->scratch = lm->scratch;
     be->scratch_bytes = lm->scratch_bytes;
@@ -584,6 +613,12 @@ static int fill_weights(ql_lora_model *lm)
             d->B = lm->params + (h->B - lora->params);
             d->dA = lm->grads ? lm->grads + (h->dA - lora->grads) : NULL;
             d->dB = lm->grads ? lm->grads + (h->dB - lora->grads) : NULL;
+            if (lm->page_grads) { /* layer i's in gbuf[i & 1] */
+                const int i = j / QL_MOD_COUNT;
+                float *g = lm->gbuf[i & 1] - lm->goff[i];
+                d->dA = g + (h->dA - lora->grads);
+                d->dB = g + (h->dB - lora->grads);
+            }
         }
         ql_be(be, upload, lm->params, lora->params, lora->n_params * sizeof(float));
     }
@@ -594,6 +629,13 @@ static int fill_weights(ql_lora_model *lm)
     if (lm->paged) { /* the moments stay in opt's arrays, page-locked for queued copies */
         if (ql_be(be, pin, lm->opt->m, lm->opt->n * sizeof(float)) == QL_OK) lm->pinned_m = lm->opt->m;
         if (ql_be(be, pin, lm->opt->v, lm->opt->n * sizeof(float)) == QL_OK) lm->pinned_v = lm->opt->v;
+        lm->opt_m2 = lm->opt_m + lm->chunk;
+        lm->opt_v2 = lm->opt_v + lm->chunk;
+    }
+    if (lm->page_grads) { /* so are the gradients, in lora's array */
+        if (ql_be(be, pin, lora->grads, lora->n_params * sizeof(float)) == QL_OK) lm->pinned_g = lora->grads;
+        lm->grads_zero = 1;
+        ql_be(be, zero, lm->ss, (size_t)lm->c->n_layers * sizeof(double));
     }
     return ql_be_check(be);
 }
@@ -601,6 +643,8 @@ static int fill_weights(ql_lora_model *lm)
 int ql_lora_model_push_params(ql_lora_model *lm)
 {
     if (!lm->lora || lm->params == lm->lora->params || !lm->params) return QL_OK;
+    int rc = ql_be_check(lm->ctx); /* a queued optimizer step is done */
+    if (rc) return rc;
     ql_be(lm->ctx, upload, lm->params, lm->lora->params, lm->lora->n_params * sizeof(float));
     return ql_be_check(lm->ctx);
 }
@@ -639,13 +683,28 @@ int ql_lora_model_clip_grads(ql_lora_model *lm, double max_norm, double *norm)
         if (rc == QL_OK) *norm = ql_clip_grad_norm(lora->grads, lora->n_params, max_norm);
         return rc;
     }
+    /* ql_clip_grad_norm's arithmetic, the sum in another order: each
+     * layer's sum of squares (paged gradients: made in their backward), then
+     * their sum in layer order on the host */
     ql_be_ctx *be = lm->ctx;
-    const int64_t n = (int64_t)lora->n_params;
-    double ss = 0;
-    if (ql_be(be, sum_squares, &ss, lm->grads, n)) return ql_be_check(be);
-    /* ql_clip_grad_norm's arithmetic (the sum in another order) */
+    const int nl = lm->c->n_layers;
+    for (int i = 0; !lm->page_grads && i < nl; i++)
+        ql_be(be, sum_squares_into, lm->ss + i, lm->ss_parts, lm->grads + lm->goff[i], lm->goff[i + 1] - lm->goff[i]);
+    double *part = malloc((size_t)nl * sizeof *part), ss = 0;
+    if (!part) return ql_error(QL_ENOMEM, "out of memory");
+    int rc = ql_be(be, download, part, lm->ss, (size_t)nl * sizeof *part);
+    for (int i = 0; rc == QL_OK && i < nl; i++) ss += part[i];
+    free(part);
+    if (rc) return ql_be_check(be);
     *norm = sqrt(ss);
-    if (max_norm > 0 && *norm > max_norm) ql_be(be, scale, lm->grads, (float)(max_norm / (*norm + 1e-6)), n);
+    const int clip = max_norm > 0 && *norm > max_norm;
+    const float coef = clip ? (float)(max_norm / (*norm + 1e-6)) : 1.0f;
+    if (lm->page_grads) { /* scaled as the optimizer loads them */
+        lm->gclip = clip;
+        lm->gscale = coef;
+        return QL_OK;
+    }
+    if (clip) ql_be(be, scale, lm->grads, coef, (int64_t)lora->n_params);
     return ql_be_check(be);
 }
 
@@ -665,27 +724,48 @@ int ql_lora_model_optimizer_step(ql_lora_model *lm, ql_adamw *opt, float lr)
         ql_be(lm->ctx, adamw, lm->params, lm->opt_m, lm->opt_v, lm->grads, (int64_t)lora->n_params, &h);
         return ql_be_check(lm->ctx);
     }
-    if (opt->m != lm->pinned_m || opt->v != lm->pinned_v)
+    if (opt->m != lm->pinned_m || opt->v != lm->pinned_v || (lm->page_grads && lora->grads != lm->pinned_g))
         return ql_error(QL_EINVAL, "the paged optimizer was planned for another AdamW state");
-    /* paged: each chunk of the moments in, the step, and back out (one
-     * stream: a chunk's buffers are refilled only after its step and copies) */
+    /* paged: a layer at a time on the optimizer's queue, its moments (and
+     * paged gradients) in, the step, the moments out; layer i in slot i & 1,
+     * refilled only after the copies out of layer i - 2 (one queue).  Not
+     * waited for: the next step's forward waits for each layer's update
+     * (EV_OPT), anything else that reads the parameters or moments
+     * synchronizes first. */
     ql_be_ctx *be = lm->ctx;
-    const int64_t n = (int64_t)lora->n_params;
-    for (int64_t off = 0; off < n; off += lm->chunk) {
-        const int64_t k = n - off < lm->chunk ? n - off : lm->chunk;
-        ql_be(be, upload, lm->opt_m, opt->m + off, (size_t)k * sizeof(float));
-        ql_be(be, upload, lm->opt_v, opt->v + off, (size_t)k * sizeof(float));
-        ql_be(be, adamw, lm->params + off, lm->opt_m, lm->opt_v, lm->grads + off, k, &h);
-        ql_be(be, download_async, opt->m + off, lm->opt_m, (size_t)k * sizeof(float));
-        ql_be(be, download_async, opt->v + off, lm->opt_v, (size_t)k * sizeof(float));
+    if (be->status) return ql_be_check(be);
+    ql_be(be, event, EV_OPT_START, 0); /* after the backward and the clipping */
+    be->queue = 3;
+    ql_be(be, event, EV_OPT_START, 1);
+    for (int i = 0; i < lm->c->n_layers; i++) {
+        const int64_t off = lm->goff[i], k = lm->goff[i + 1] - off;
+        if (k == 0) continue;
+        float *m = i & 1 ? lm->opt_m2 : lm->opt_m, *v = i & 1 ? lm->opt_v2 : lm->opt_v;
+        const float *g = lm->grads ? lm->grads + off : NULL;
+        ql_be(be, upload, m, opt->m + off, (size_t)k * sizeof(float));
+        ql_be(be, upload, v, opt->v + off, (size_t)k * sizeof(float));
+        if (lm->page_grads) {
+            float *gb = lm->gbuf[i & 1];
+            if (lm->grads_zero) ql_be(be, zero, gb, (size_t)k * sizeof(float));
+            else ql_be(be, upload, gb, lora->grads + off, (size_t)k * sizeof(float));
+            if (lm->gclip) ql_be(be, scale, gb, lm->gscale, k);
+            g = gb;
+        }
+        ql_be(be, adamw, lm->params + off, m, v, g, k, &h);
+        ql_be(be, event, EV_OPT + i % EV_OPT_RING, 0);
+        ql_be(be, download_async, opt->m + off, m, (size_t)k * sizeof(float));
+        ql_be(be, download_async, opt->v + off, v, (size_t)k * sizeof(float));
     }
-    return ql_be_check(be);
+    be->queue = 0;
+    return be->status ? ql_be_check(be) : QL_OK;
 }
 
 int ql_lora_model_pull_state(ql_lora_model *lm, ql_adamw *opt)
 {
     ql_lora *lora = lm->lora;
     if (!lora || lm->params == lora->params) return QL_OK;
+    int rc = ql_be_check(lm->ctx); /* a queued optimizer step is done */
+    if (rc) return rc;
     ql_be(lm->ctx, download, lora->params, lm->params, lora->n_params * sizeof(float));
     if (lm->opt_m && opt && !lm->paged) {
         ql_be(lm->ctx, download, opt->m, lm->opt_m, opt->n * sizeof(float));
@@ -706,6 +786,12 @@ int ql_lora_model_push_state(ql_lora_model *lm, const ql_adamw *opt)
 int ql_lora_model_zero_grads(ql_lora_model *lm)
 {
     if (!lm->lora) return QL_OK;
+    if (lm->page_grads) { /* the next backward starts each layer from zeros */
+        lm->grads_zero = 1;
+        lm->gclip = 0;
+        ql_be(lm->ctx, zero, lm->ss, (size_t)lm->c->n_layers * sizeof(double));
+        return ql_be_check(lm->ctx);
+    }
     if (lm->grads == lm->lora->grads || !lm->grads) {
         memset(lm->lora->grads, 0, lm->lora->n_params * sizeof(float));
         return QL_OK;
@@ -716,9 +802,33 @@ int ql_lora_model_zero_grads(ql_lora_model *lm)
 
 int ql_lora_model_pull_grads(ql_lora_model *lm)
 {
+    if (lm->page_grads) { /* in lora->grads once the queued copies are done */
+        int rc = ql_be_check(lm->ctx);
+        if (rc == QL_OK && lm->grads_zero) memset(lm->lora->grads, 0, lm->lora->n_params * sizeof(float));
+        return rc;
+    }
     if (!lm->lora || lm->grads == lm->lora->grads || !lm->grads) return QL_OK;
     ql_be(lm->ctx, download, lm->lora->grads, lm->grads, lm->lora->n_params * sizeof(float));
     return ql_be_check(lm->ctx);
+}
+
+/* [n_layers + 1]: where each layer's LoRA parameters (and gradients) start
+ * in lora->params (ql_lora_create lays them out a layer after another) */
+static int64_t *layer_offsets(const ql_lora_model *lm)
+{
+    const ql_lora *lora = lm->lora;
+    const int nl = lm->c->n_layers;
+    int64_t *off = calloc((size_t)nl + 1, sizeof *off);
+    if (!off) return NULL;
+    for (int i = 0; i < nl; i++) {
+        off[i + 1] = off[i];
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            const ql_lora_pair *pr = &lora->pairs[i * QL_MOD_COUNT + k];
+            if (!pr->A) continue;
+            off[i + 1] += (int64_t)lora->cfg.r * (pr->in + pr->out);
+        }
+    }
+    return off;
 }
 
 static void plan_acts(ql_lora_model *lm, layer_acts *a, int layer, const dims *d, int64_t B)
@@ -804,6 +914,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     dims d;
     const int64_t B = o->batch, T = o->max_len;
     set_dims(&d, c, lora, B, T);
+    const int offload_on = o->offload > 0 || (o->offload == 0 && !lm->ctx->be->host_memory);
+    lm->offload_on = offload_on;
     ql_plan *p = &lm->plan;
     ql_plan_init(p, lm->ctx);
     int n_mod = 0;
@@ -829,19 +941,40 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
             ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_m, (int64_t)o->opt->n, 4);
             ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_v, (int64_t)o->opt->n, 4);
         } else if (o->optimizer == QL_OPTIM_PAGED && lm->backward) {
-            enum { PAGED_CHUNK = 8 << 20 }; /* 32 MiB of each moment on the device at a time */
+            /* a layer at a time, in two slots (layer i in slot i & 1) */
             lm->paged = 1;
-            lm->chunk = (int64_t)o->opt->n < PAGED_CHUNK ? (int64_t)o->opt->n : PAGED_CHUNK;
-            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_m, lm->chunk, 4);
-            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_v, lm->chunk, 4);
+            if (!(lm->goff = layer_offsets(lm))) {
+                ql_lora_model_destroy(lm);
+                return ql_error(QL_ENOMEM, "out of memory");
+            }
+            lm->chunk = 1;
+            for (int i = 0; i < nl; i++)
+                if (lm->goff[i + 1] - lm->goff[i] > lm->chunk) lm->chunk = lm->goff[i + 1] - lm->goff[i];
+            lm->chunk = (lm->chunk + 63) / 64 * 64; /* slot 1 aligned as the plan aligns its buffers */
+            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_m, 2 * lm->chunk, 4);
+            ql_plan_add(p, QL_ROLE_OPTIM, (void **)&lm->opt_v, 2 * lm->chunk, 4);
+            lm->page_grads = offload_on;
         } else ql_plan_held_host(p, QL_ROLE_OPTIM, (uint64_t)o->opt->n * 8);
+    }
+    if (lora && lm->backward && !lm->ctx->be->host_memory) {
+        if (!lm->goff && !(lm->goff = layer_offsets(lm))) {
+            ql_lora_model_destroy(lm);
+            return ql_error(QL_ENOMEM, "out of memory");
+        }
+        if (lm->page_grads) { /* two layers' gradients; the rest in lora->grads */
+            ql_plan_add(p, QL_ROLE_GRADS, (void **)&lm->gbuf[0], lm->chunk, 4);
+            ql_plan_add(p, QL_ROLE_GRADS, (void **)&lm->gbuf[1], lm->chunk, 4);
+        } else ql_plan_add(p, QL_ROLE_GRADS, (void **)&lm->grads, (int64_t)lora->n_params, 4);
+        /* each layer's sum of squares, for the clipping's norm (both ways the same bits) */
+        ql_plan_add(p, QL_ROLE_GRADS, (void **)&lm->ss, nl, 8);
+        ql_plan_add(p, QL_ROLE_GRADS, (void **)&lm->ss_parts, QL_BE_SUMSQ_PARTS, 8);
     }
 
     /* the layer inputs: all of them in float32 for the backward, or two that
      * alternate (forward only; bf16 checkpointing, which keeps bf16 copies) */
     lm->n_inputs = lm->backward && !store16 ? nl + 1 : 2;
     for (int i = 0; i < lm->n_inputs; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->inputs[i], d.R * d.H, 4);
-    lm->offload = store16 && (o->offload > 0 || (o->offload == 0 && !lm->ctx->be->host_memory));
+    lm->offload = store16 && offload_on;
     for (int i = 0; store16 && i < nl; i++)
         ql_plan_add(p, lm->offload ? QL_ROLE_PINNED : QL_ROLE_ACTS, (void **)&lm->in16[i], d.R * d.H, 2);
     for (int i = 0; lm->offload && i < 2; i++) ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->stage16[i], d.R * d.H, 2);
@@ -933,6 +1066,7 @@ void ql_lora_model_destroy(ql_lora_model *lm)
         if (lm->ctx->be->sync) lm->ctx->be->sync(lm->ctx); /* no queued copy still reads what is freed */
         lm->ctx->be->unpin(lm->ctx, lm->pinned_m);
         lm->ctx->be->unpin(lm->ctx, lm->pinned_v);
+        lm->ctx->be->unpin(lm->ctx, lm->pinned_g);
     }
     ql_plan_free(&lm->plan);
     for (size_t i = 0; i < lm->n_ups; i++)
@@ -947,6 +1081,7 @@ void ql_lora_model_destroy(ql_lora_model *lm)
     free(lm->acts);
     free(lm->inputs);
     free(lm->in16);
+    free(lm->goff);
     free(lm->seq[0].ids);
     free(lm->seq[1].ids);
     free(lm);
@@ -1006,6 +1141,41 @@ static void save_input(ql_lora_model *lm, int i, float *x, int64_t n)
     ql_be(be, event, EV_STAGED + b, 1);
     ql_be(be, download_async, lm->in16[i], lm->stage16[b], (size_t)n * 2);
     ql_be(be, event, EV_MOVED + b, 0);
+    be->queue = 0;
+}
+
+/* Paged gradients: layer i's gradients so far into gbuf[i & 1] (zeros
+ * after ql_lora_model_zero_grads) on the copy queue, once the main queue is
+ * at the layer (the buffer's last reader, the optimizer or layer i + 2, is
+ * done); the layer's LoRA backward waits for EV_GIN. */
+static void grads_in(ql_lora_model *lm, int i)
+{
+    ql_be_ctx *be = lm->ctx;
+    const int b = i & 1;
+    const int64_t off = lm->goff[i], k = lm->goff[i + 1] - off;
+    if (k == 0) return;
+    ql_be(be, event, EV_GFREE + b, 0);
+    be->queue = 2;
+    ql_be(be, event, EV_GFREE + b, 1);
+    if (lm->grads_zero) ql_be(be, zero, lm->gbuf[b], (size_t)k * sizeof(float));
+    else ql_be(be, upload, lm->gbuf[b], lm->lora->grads + off, (size_t)k * sizeof(float));
+    ql_be(be, event, EV_GIN + b, 0);
+    be->queue = 0;
+}
+
+/* ... and after its backward, their sum of squares into ss[i] and the
+ * gradients back to lora->grads on the copy queue */
+static void grads_out(ql_lora_model *lm, int i)
+{
+    ql_be_ctx *be = lm->ctx;
+    const int b = i & 1;
+    const int64_t off = lm->goff[i], k = lm->goff[i + 1] - off;
+    if (k == 0) return;
+    ql_be(be, sum_squares_into, lm->ss + i, lm->ss_parts, lm->gbuf[b], k);
+    ql_be(be, event, EV_GDONE + b, 0);
+    be->queue = 2;
+    ql_be(be, event, EV_GDONE + b, 1);
+    ql_be(be, download_async, lm->lora->grads + off, lm->gbuf[b], (size_t)k * sizeof(float));
     be->queue = 0;
 }
 
@@ -1098,6 +1268,7 @@ static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_o
     for (int i = 0; i < nl && rc == QL_OK; i++) {
         layer_acts *a = &lm->acts[keep_all ? i : 0];
         a->x = in[alt ? i & 1 : i];
+        if (lm->paged) ql_be(be, event, EV_OPT + i % EV_OPT_RING, 1); /* the last optimizer step's update of the layer */
         if (lm->in16 && backward && lm->offload) save_input(lm, i, a->x, R * H);
         else if (lm->in16 && backward) ql_be(be, round_bf16, lm->in16[i], a->x, R * H);
         else if (bf16 && i > 0) ql_be(be, round_bf16, NULL, a->x, R * H); /* the embedding is bf16 already */
@@ -1134,6 +1305,7 @@ static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_o
     ql_be(be, rmsnorm_backward, grad, NULL, s->dxn, hidden, final_norm, lm->rstdf, R, H, 0);
     for (int i = nl - 1; i >= 0 && rc == QL_OK; i--) {
         layer_acts *a = &lm->acts[keep_all ? i : 0];
+        if (lm->page_grads) grads_in(lm, i);
         if (!keep_all) { /* recompute this layer's activations from its saved input */
             if (lm->in16) { /* widened into a free float buffer: the forward's input, bit for bit */
                 a->x = in[0];
@@ -1142,12 +1314,16 @@ static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_o
             } else a->x = in[i];
             if ((rc = layer_fwd(&x, i, a, grad2))) break;
         }
+        if (lm->page_grads) ql_be(be, event, EV_GIN + (i & 1), 1);
         rc = layer_bwd(&x, i, a, grad, grad2, s);
+        if (lm->page_grads && rc == QL_OK) grads_out(lm, i);
         float *tmp = grad;
         grad = grad2;
         grad2 = tmp;
     }
-    return ql_be_check(be);
+    rc = ql_be_check(be);
+    if (rc == QL_OK && lm->page_grads) lm->grads_zero = 0; /* every layer's gradients are in lora->grads */
+    return rc;
 }
 
 int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,

@@ -679,15 +679,24 @@ END_TEST
  * would show as other losses or gradients. */
 START_TEST(prefetch_and_offload_on_the_gpu_are_bit_exact)
 {
-    ql_llama *m = load_model("nf4");
+    /* _i 2: offloading over an untied model, whose embeddings it also reads from host memory */
+    ql_llama *m = NULL;
+    if (_i < 2) m = load_model("nf4");
+    else
+        ok(ql_llama_random("{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": 64, "
+                           "\"intermediate_size\": 172, \"num_hidden_layers\": 5, \"num_attention_heads\": 8, "
+                           "\"num_key_value_heads\": 4, \"vocab_size\": 512, \"max_position_embeddings\": 512, "
+                           "\"rms_norm_eps\": 1e-5, \"tie_word_embeddings\": false}",
+                           "nf4", next_seed(), 0, &m),
+           "ql_llama_random");
     int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
     uint64_t seeds[NSEQ];
     ql_lora *l = random_lora_and_batch(m, ids, labels, seeds);
     enum { STEPS = 4 };
     double loss[2][STEPS];
     float *g[2][STEPS];
-    uint64_t bytes[2];
-    const int knob = _i; /* 0: prefetching, 1: offloading, each off then auto (the other at auto) */
+    uint64_t bytes[2], wbytes[2];
+    const int knob = _i > 0; /* 0: prefetching, 1: offloading, each off then auto (the other at auto) */
     const char *what = knob ? "offloading" : "prefetching";
     for (int pf = 0; pf < 2; pf++) {
         ql_lora_model_opts o = {.batch = NSEQ, .max_len = TMAX, .checkpointing = 1, .backward = 1, .allocate = 1,
@@ -697,6 +706,7 @@ START_TEST(prefetch_and_offload_on_the_gpu_are_bit_exact)
         ql_lora_model *lm = NULL;
         ok(ql_lora_model_create(m, l, gpu, &o, &lm), "ql_lora_model_create");
         bytes[pf] = ql_lora_model_plan_bytes(lm, knob ? QL_ROLE_PINNED : QL_ROLE_WEIGHTS);
+        wbytes[pf] = ql_lora_model_plan_bytes(lm, QL_ROLE_WEIGHTS);
         ok(ql_lora_model_push_params(lm), "push");
         ql_lora_batch mb = {.B = NSEQ, .T = TMAX, .ids = ids, .labels = labels, .len = len, .dropout_seeds = seeds};
         for (int st = 0; st < STEPS; st++) {
@@ -715,6 +725,9 @@ START_TEST(prefetch_and_offload_on_the_gpu_are_bit_exact)
     ck_assert_msg(bytes[1] > bytes[0], "auto did not plan %s (%llu vs %llu bytes)",
                   knob ? "the pinned inputs" : "the second weights buffer", (unsigned long long)bytes[1],
                   (unsigned long long)bytes[0]);
+    if (_i == 2) /* the bf16 embeddings [512, 64] left the device */
+        ck_assert_msg(wbytes[0] - wbytes[1] == 512 * 64 * 2, "offloading moved %lld bytes of weights",
+                      (long long)(wbytes[0] - wbytes[1]));
     for (int st = 0; st < STEPS; st++) {
         ck_assert_msg(loss[0][st] == loss[1][st], "step %d: loss %.17g without %s, %.17g with", st, loss[0][st],
                       what, loss[1][st]);
@@ -722,6 +735,94 @@ START_TEST(prefetch_and_offload_on_the_gpu_are_bit_exact)
                       "step %d: gradients differ with %s", st, what);
         free(g[0][st]), free(g[1][st]);
     }
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
+/* The paged optimizer (a layer at a time on its own queue, overlapping the
+ * next step's forward) and paged gradients (accumulated in page-locked host
+ * memory, a layer at a time on the device) give the bits of AdamW with its
+ * state and the gradients on the device: three optimizer steps of two
+ * micro-batches each, clipped, compared after each step (gradients before
+ * the clipping, norms, parameters and both moments). */
+START_TEST(paged_optimizer_and_gradients_are_bit_exact)
+{
+    ql_llama *m = load_model("nf4");
+    int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
+    uint64_t seeds[2][NSEQ];
+    ql_lora *l = random_lora_and_batch(m, ids, labels, seeds[0]);
+    for (int b = 0; b < NSEQ; b++) seeds[1][b] = next_seed();
+    const size_t n = l->n_params;
+    float *p0 = malloc(n * sizeof *p0);
+    memcpy(p0, l->params, n * sizeof *p0);
+    enum { MODES = 3, STEPS = 3 };
+    static const char *const names[MODES] = {"adamw on the device", "paged", "paged, gradients paged"};
+    float *got[MODES][STEPS][4]; /* gradients, parameters, m, v */
+    double norm[MODES][STEPS];
+    uint64_t gbytes[MODES];
+    for (int mode = 0; mode < MODES; mode++) {
+        memcpy(l->params, p0, n * sizeof *p0);
+        ql_adamw *opt = NULL;
+        ck_assert_int_eq(ql_adamw_create(n, 0.9f, 0.999f, 1e-8f, 0.01f, &opt), QL_OK);
+        ql_lora_model_opts o = {.batch = NSEQ, .max_len = TMAX, .checkpointing = 1, .backward = 1, .allocate = 1,
+                                .logit_rows = 50, .precision = QL_PREC_BF16, .opt = opt,
+                                .optimizer = mode ? QL_OPTIM_PAGED : QL_OPTIM_DEVICE, .offload = mode == 2 ? 0 : -1};
+        ql_lora_model *lm = NULL;
+        ok(ql_lora_model_create(m, l, gpu, &o, &lm), "ql_lora_model_create");
+        gbytes[mode] = ql_lora_model_plan_bytes(lm, QL_ROLE_GRADS);
+        ok(ql_lora_model_push_state(lm, opt), "push");
+        for (int st = 0; st < STEPS; st++) {
+            ok(ql_lora_model_zero_grads(lm), "zero");
+            for (int k = 0; k < 2; k++) {
+                ql_lora_batch mb = {.B = NSEQ, .T = TMAX, .ids = ids, .labels = labels, .len = len,
+                                    .dropout_seeds = seeds[k]};
+                ql_lora_step_opts so = {.loss_scale = 1.0f / 200.0f, .backward = 1};
+                double loss = 0;
+                int64_t cnt = 0;
+                ok(ql_lora_model_step(lm, &mb, &so, &loss, &cnt), "ql_lora_model_step");
+            }
+            ok(ql_lora_model_pull_grads(lm), "pull grads");
+            got[mode][st][0] = malloc(n * sizeof(float));
+            memcpy(got[mode][st][0], l->grads, n * sizeof(float));
+            ok(ql_lora_model_clip_grads(lm, 0.02, &norm[mode][st]), "clip");
+            ok(ql_lora_model_optimizer_step(lm, opt, 1e-2f), "optimizer");
+            ok(ql_lora_model_pull_state(lm, opt), "pull state");
+            const float *src[3] = {l->params, opt->m, opt->v};
+            for (int a = 0; a < 3; a++) {
+                got[mode][st][a + 1] = malloc(n * sizeof(float));
+                memcpy(got[mode][st][a + 1], src[a], n * sizeof(float));
+            }
+        }
+        ql_lora_model_destroy(lm);
+        ql_adamw_destroy(opt);
+        gpu->precision = QL_PREC_FP32;
+    }
+    ck_assert_msg(gbytes[2] * 4 < gbytes[0], "paged gradients planned %llu bytes of %llu",
+                  (unsigned long long)gbytes[2], (unsigned long long)gbytes[0]);
+    static const char *const what[4] = {"gradients", "parameters", "first moments", "second moments"};
+    for (int st = 0; st < STEPS; st++) {
+        ck_assert_msg(norm[0][st] > 0.02, "step %d: norm %g, not clipped", st, norm[0][st]);
+        for (int mode = 1; mode < MODES; mode++) {
+            ck_assert_msg(norm[mode][st] == norm[0][st], "step %d, %s: norm %.17g, on the device %.17g", st,
+                          names[mode], norm[mode][st], norm[0][st]);
+            for (int a = 0; a < 4; a++) {
+                size_t bad = n;
+                for (size_t i = 0; i < n && bad == n; i++)
+                    if (memcmp(&got[mode][st][a][i], &got[0][st][a][i], sizeof(float))) bad = i;
+                ck_assert_msg(bad == n, "step %d, %s: %s differ at %zu: %.9g vs %.9g", st, names[mode], what[a], bad,
+                              bad < n ? (double)got[mode][st][a][bad] : 0.0, bad < n ? (double)got[0][st][a][bad] : 0.0);
+            }
+        }
+    }
+    printf("paged optimizer and gradients: 3 steps bit for bit (norms %.6g, %.6g, %.6g); gradients on the device "
+           "%llu bytes, paged %llu\n", norm[0][0], norm[0][1], norm[0][2], (unsigned long long)gbytes[0],
+           (unsigned long long)gbytes[2]);
+    for (int mode = 0; mode < MODES; mode++)
+        for (int st = 0; st < STEPS; st++)
+            for (int a = 0; a < 4; a++) free(got[mode][st][a]);
+    memcpy(l->params, p0, n * sizeof *p0);
+    free(p0);
     ql_lora_destroy(l);
     ql_llama_destroy(m);
 }
@@ -904,7 +1005,8 @@ int main(void)
     TCase *st = tcase_create("step");
     tcase_set_timeout(st, 900);
     tcase_add_loop_test(st, training_step_matches_cpu, 0, 12);
-    tcase_add_loop_test(st, prefetch_and_offload_on_the_gpu_are_bit_exact, 0, 2);
+    tcase_add_loop_test(st, prefetch_and_offload_on_the_gpu_are_bit_exact, 0, 3);
+    tcase_add_test(st, paged_optimizer_and_gradients_are_bit_exact);
     tcase_add_test(st, train_30_steps_matches_cpu);
     tcase_add_test(st, resume_on_the_gpu_is_bit_exact);
     tcase_add_loop_test(st, slow_path_plugins_train_on_the_gpu, 0, 2);
