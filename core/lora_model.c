@@ -631,10 +631,10 @@ static int fill_weights(ql_lora_model *lm)
         if (ql_be(be, pin, lm->opt->v, lm->opt->n * sizeof(float)) == QL_OK) lm->pinned_v = lm->opt->v;
         lm->opt_m2 = lm->opt_m + lm->chunk;
         lm->opt_v2 = lm->opt_v + lm->chunk;
+        lm->grads_zero = 1; /* the gradients start from zeros (ql_lora_model_zero_grads) */
     }
     if (lm->page_grads) { /* so are the gradients, in lora's array */
         if (ql_be(be, pin, lora->grads, lora->n_params * sizeof(float)) == QL_OK) lm->pinned_g = lora->grads;
-        lm->grads_zero = 1;
         ql_be(be, zero, lm->ss, (size_t)lm->c->n_layers * sizeof(double));
     }
     return ql_be_check(be);
@@ -688,6 +688,11 @@ int ql_lora_model_clip_grads(ql_lora_model *lm, double max_norm, double *norm)
      * their sum in layer order on the host */
     ql_be_ctx *be = lm->ctx;
     const int nl = lm->c->n_layers;
+    if (lm->paged && lm->grads_zero) { /* no backward since they were zeroed */
+        *norm = 0;
+        lm->gclip = 0;
+        return ql_be_check(be);
+    }
     for (int i = 0; !lm->page_grads && i < nl; i++)
         ql_be(be, sum_squares_into, lm->ss + i, lm->ss_parts, lm->grads + lm->goff[i], lm->goff[i + 1] - lm->goff[i]);
     double *part = malloc((size_t)nl * sizeof *part), ss = 0;
@@ -737,6 +742,7 @@ int ql_lora_model_optimizer_step(ql_lora_model *lm, ql_adamw *opt, float lr)
     ql_be(be, event, EV_OPT_START, 0); /* after the backward and the clipping */
     be->queue = 3;
     ql_be(be, event, EV_OPT_START, 1);
+    if (lm->grads && lm->grads_zero) ql_be(be, zero, lm->grads, lora->n_params * sizeof(float));
     for (int i = 0; i < lm->c->n_layers; i++) {
         const int64_t off = lm->goff[i], k = lm->goff[i + 1] - off;
         if (k == 0) continue;
@@ -786,10 +792,12 @@ int ql_lora_model_push_state(ql_lora_model *lm, const ql_adamw *opt)
 int ql_lora_model_zero_grads(ql_lora_model *lm)
 {
     if (!lm->lora) return QL_OK;
-    if (lm->page_grads) { /* the next backward starts each layer from zeros */
+    /* paged: the next backward starts each layer from zeros (the queued
+     * optimizer step may still read the gradients on the device) */
+    if (lm->paged) {
         lm->grads_zero = 1;
         lm->gclip = 0;
-        ql_be(lm->ctx, zero, lm->ss, (size_t)lm->c->n_layers * sizeof(double));
+        if (lm->page_grads) ql_be(lm->ctx, zero, lm->ss, (size_t)lm->c->n_layers * sizeof(double));
         return ql_be_check(lm->ctx);
     }
     if (lm->grads == lm->lora->grads || !lm->grads) {
@@ -808,6 +816,10 @@ int ql_lora_model_pull_grads(ql_lora_model *lm)
         return rc;
     }
     if (!lm->lora || lm->grads == lm->lora->grads || !lm->grads) return QL_OK;
+    if (lm->paged && lm->grads_zero) { /* no backward since they were zeroed */
+        memset(lm->lora->grads, 0, lm->lora->n_params * sizeof(float));
+        return ql_be_check(lm->ctx);
+    }
     ql_be(lm->ctx, download, lm->lora->grads, lm->grads, lm->lora->n_params * sizeof(float));
     return ql_be_check(lm->ctx);
 }
@@ -1315,6 +1327,8 @@ static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_o
             if ((rc = layer_fwd(&x, i, a, grad2))) break;
         }
         if (lm->page_grads) ql_be(be, event, EV_GIN + (i & 1), 1);
+        else if (lm->paged && lm->grads_zero) /* zeroed here, where the last optimizer step is done with them */
+            ql_be(be, zero, lm->grads + lm->goff[i], (size_t)(lm->goff[i + 1] - lm->goff[i]) * sizeof(float));
         rc = layer_bwd(&x, i, a, grad, grad2, s);
         if (lm->page_grads && rc == QL_OK) grads_out(lm, i);
         float *tmp = grad;
@@ -1322,7 +1336,7 @@ static int step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_o
         grad2 = tmp;
     }
     rc = ql_be_check(be);
-    if (rc == QL_OK && lm->page_grads) lm->grads_zero = 0; /* every layer's gradients are in lora->grads */
+    if (rc == QL_OK && lm->paged) lm->grads_zero = 0; /* every layer's gradients are made (paged: in lora->grads) */
     return rc;
 }
 
