@@ -588,6 +588,119 @@ START_TEST(calibration_pass_feeds_each_group_its_inputs)
 }
 END_TEST
 
+/* ---- against IST-DASLab/gptq (tests/reference/gptq_compare.py) ---- */
+
+static json_t *compare_json(void)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/tests/reference/optq/compare.json", tu_env("QLORA_SOURCE_ROOT"));
+    json_error_t e;
+    json_t *j = json_load_file(path, 0, &e);
+    ck_assert_msg(j != NULL, "%s: %s", path, e.text);
+    return j;
+}
+
+static const char *const reference_configs[] = {"b4_g128", "b3_g128", "b3_gm1_act", "b2_g32_sym"};
+
+/* Field k of a little-endian bit stream of `bits`-bit fields in 32-bit words `stride` apart. */
+static unsigned stream_field(const uint32_t *w, int64_t stride, int64_t k, int bits)
+{
+    uint64_t bit = (uint64_t)(k * bits), v = w[(bit / 32) * stride] >> (bit % 32);
+    if (bit % 32 + (uint64_t)bits > 32) v |= (uint64_t)w[(bit / 32 + 1) * stride] << (32 - bit % 32);
+    return (unsigned)(v & ((1u << bits) - 1));
+}
+
+static double qlora_eval_nll(const char *dir)
+{
+    char cmd[12000], *out = NULL, *err = NULL;
+    snprintf(cmd, sizeof cmd, "'%s' eval --model '%s' --data '%s' --format text --max-examples 200 --quiet",
+             tu_env("QLORA_BIN"), dir, calib_file());
+    ck_assert_msg(tu_run(cmd, &out, &err) == 0, "%s", err);
+    const char *last = strrchr(out, '{');
+    ck_assert(last != NULL);
+    json_t *j = json_loads(last, 0, NULL);
+    ck_assert(j != NULL);
+    double nll = json_number_value(json_object_get(j, "nll"));
+    json_decref(j);
+    free(out), free(err);
+    return nll;
+}
+
+/* A fresh build's codes are the reference's, on the inputs our pass fed
+ * each layer (the script ran the reference's GPTQ class on them in
+ * float64); every layer's output error within 1% of the reference's; the
+ * whole model's NLL near the reference's own pass; and qlora eval of a
+ * fresh checkpoint gives the NLL the comparison measured. */
+START_TEST(codes_and_errors_match_the_reference)
+{
+    json_t *root = compare_json(), *cal = json_object_get(root, "calibration");
+    json_t *cfg = json_object_get(json_object_get(root, "configs"), reference_configs[_i]);
+    ck_assert(cfg != NULL);
+    json_t *same = json_object_get(cfg, "same_inputs"), *own = json_object_get(cfg, "own_pass");
+    const char *spec = json_string_value(json_object_get(cfg, "spec"));
+    const int bits = spec[strlen("optq:bits=")] - '0';
+    char dir[4200], cmd[16000], *out = NULL, *err = NULL;
+    snprintf(dir, sizeof dir, "%s/ref-%s", tu_tmpdir(), reference_configs[_i]);
+    snprintf(cmd, sizeof cmd,
+             "'%s' quantize --quantizer=%s '%s' -o '%s' --calib-data '%s' --calib-format text --calib-samples %lld "
+             "--calib-len %lld --seed %lld --quiet",
+             tu_env("QLORA_BIN"), spec, model_dir(), dir, calib_file(),
+             (long long)json_integer_value(json_object_get(cal, "samples")),
+             (long long)json_integer_value(json_object_get(cal, "len")),
+             (long long)json_integer_value(json_object_get(cal, "seed")));
+    ck_assert_msg(tu_run(cmd, &out, &err) == 0, "%s", err);
+    free(out), free(err);
+    char path[4400];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    ql_st_file *f = NULL, *ref = NULL;
+    ck_assert_int_eq(ql_st_open(path, &f), QL_OK);
+    snprintf(path, sizeof path, "%s/tests/reference/optq/ref_codes_%s.safetensors", tu_env("QLORA_SOURCE_ROOT"),
+             reference_configs[_i]);
+    ck_assert_int_eq(ql_st_open(path, &ref), QL_OK);
+    int64_t equal = 0, total = 0;
+    for (size_t i = 0; i < ql_st_count(ref); i++) {
+        const ql_tensor *rc = ql_st_at(ref, i);
+        const ql_tensor *qw = tu_need(f, "%s.qweight", rc->name);
+        const int64_t rows = rc->shape[0], cols = rc->shape[1];
+        ck_assert_int_eq(qw->shape[1], rows);
+        uint32_t *words = malloc(qw->nbytes);
+        memcpy(words, qw->data, qw->nbytes);
+        const uint8_t *want = rc->data;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t k = 0; k < cols; k++) equal += stream_field(words + r, rows, k, bits) == want[r * cols + k];
+        total += rows * cols;
+        free(words);
+    }
+    ck_assert_int_eq(total, json_integer_value(json_object_get(same, "codes")));
+    ck_assert_msg(equal >= total - total / 1000, "%s: %lld of %lld codes are the reference's", reference_configs[_i],
+                  (long long)equal, (long long)total);
+    ql_st_close(ref);
+    ql_st_close(f);
+    /* the figures the script measured */
+    ck_assert_double_ge(json_number_value(json_object_get(same, "identical_code_share")), 0.999);
+    ck_assert_double_le(json_number_value(json_object_get(same, "max_abs_ratio_minus_1")), 0.01);
+    const char *key;
+    json_t *layer;
+    size_t nlayers = 0;
+    json_object_foreach(json_object_get(same, "layers"), key, layer) {
+        double ratio = json_number_value(json_object_get(layer, "ratio"));
+        ck_assert_msg(fabs(ratio - 1) <= 0.01, "%s: ||WX - QX|| ours / reference = %g", key, ratio);
+        nlayers++;
+    }
+    ck_assert_uint_eq(nlayers, 35);
+    const double nll_ref = json_number_value(json_object_get(own, "nll_reference_fp64"));
+    const double nll_ours = json_number_value(json_object_get(own, "nll_ours_fp64"));
+    if (bits >= 3) ck_assert_msg(fabs(nll_ours - nll_ref) <= 0.01 * nll_ref, "NLL %g vs the reference's %g", nll_ours,
+                                 nll_ref);
+    const double nll = qlora_eval_nll(dir);
+    ck_assert_msg(fabs(nll - json_number_value(json_object_get(own, "nll_qlora_eval"))) < 1e-4,
+                  "qlora eval NLL %g, the comparison measured %g", nll,
+                  json_number_value(json_object_get(own, "nll_qlora_eval")));
+    ck_assert_double_le(fabs(nll - nll_ours), 1e-3); /* our forward (float32) on our checkpoint vs float64 */
+    json_decref(root);
+}
+END_TEST
+
 Suite *optq_suite(void)
 {
     Suite *s = suite_create("optq");
@@ -610,6 +723,11 @@ Suite *optq_suite(void)
     tcase_add_test(t, quantize_without_calibration_is_refused);
     tcase_add_test(t, calibration_pass_feeds_each_group_its_inputs);
     tcase_set_timeout(t, 120);
+    suite_add_tcase(s, t);
+    t = tcase_create("reference");
+    tcase_add_loop_test(t, codes_and_errors_match_the_reference, 0,
+                        sizeof reference_configs / sizeof reference_configs[0]);
+    tcase_set_timeout(t, 300);
     suite_add_tcase(s, t);
     return s;
 }
