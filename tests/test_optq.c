@@ -701,6 +701,64 @@ START_TEST(codes_and_errors_match_the_reference)
 }
 END_TEST
 
+/* ---- against GPTQModel (tests/reference/gptqmodel_pack_check.py) ---- */
+
+/* A GPTQ model folder packed by GPTQModel's own writer loads here, through
+ * config.json's quantization_config, and every linear materializes exactly
+ * what GPTQModel's reader dequantizes; and the script found GPTQModel's
+ * writer and reader agree with qlora's layout at 2, 3, 4 and 8 bits. */
+START_TEST(gptqmodel_checkpoint_loads_exactly)
+{
+    char dir[4200], path[4300];
+    snprintf(dir, sizeof dir, "%s/tests/reference/optq/gptqmodel_llama", tu_env("QLORA_SOURCE_ROOT"));
+    ql_llama *m = NULL;
+    ql_llama_load_opts lo = {.quantizer = NULL};
+    ck_assert_msg(ql_llama_load(dir, &lo, &m) == QL_OK, "%s", ql_error_message());
+    ck_assert_str_eq(ql_llama_quantization(m), "optq:bits=3,groupsize=32,act_order=1,sym=0,damp=0.01,rtn=0");
+    snprintf(path, sizeof path, "%s/tests/reference/optq/gptqmodel_llama_dequant.safetensors",
+             tu_env("QLORA_SOURCE_ROOT"));
+    ql_st_file *f = NULL;
+    ck_assert_int_eq(ql_st_open(path, &f), QL_OK);
+    const ql_llama_config *c = ql_llama_get_config(m);
+    int checked = 0;
+    for (int i = 0; i < c->n_layers; i++) {
+        ql_llama_layer *L = &ql_llama_layers(m)[i];
+        ql_linear *ls[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (int k = 0; k < 7; k++) {
+            ck_assert(ls[k]->state != NULL);
+            const ql_tensor *want = tu_need(f, "%s.weight", ls[k]->name);
+            ck_assert_int_eq(want->shape[0], ls[k]->out);
+            float *w = malloc((size_t)(ls[k]->out * ls[k]->in) * sizeof *w), *ref = malloc(want->nbytes);
+            memcpy(ref, want->data, want->nbytes);
+            ck_assert_int_eq(ql_linear_weights(ls[k], w), QL_OK);
+            for (int64_t e = 0; e < ls[k]->out * ls[k]->in; e++)
+                ck_assert_msg(w[e] == ref[e], "%s[%lld]: %g, GPTQModel %g", ls[k]->name, (long long)e, w[e], ref[e]);
+            free(w), free(ref);
+            checked++;
+        }
+    }
+    ck_assert_int_eq(checked, 14);
+    ql_st_close(f);
+    ql_llama_destroy(m);
+    snprintf(path, sizeof path, "%s/tests/reference/optq/gptqmodel_check.json", tu_env("QLORA_SOURCE_ROOT"));
+    json_t *j = json_load_file(path, 0, NULL);
+    ck_assert(j != NULL);
+    const char *bits;
+    json_t *r;
+    int n = 0;
+    json_object_foreach(json_object_get(j, "ours"), bits, r) {
+        const json_int_t layers = json_integer_value(json_object_get(r, "layers"));
+        ck_assert_int_eq(layers, 14);
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "reader_exact")), layers);
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "qweight_identical")), layers);
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "qzeros_identical")), layers);
+        n++;
+    }
+    ck_assert_int_eq(n, 4);
+    json_decref(j);
+}
+END_TEST
+
 Suite *optq_suite(void)
 {
     Suite *s = suite_create("optq");
@@ -727,6 +785,7 @@ Suite *optq_suite(void)
     t = tcase_create("reference");
     tcase_add_loop_test(t, codes_and_errors_match_the_reference, 0,
                         sizeof reference_configs / sizeof reference_configs[0]);
+    tcase_add_test(t, gptqmodel_checkpoint_loads_exactly);
     tcase_set_timeout(t, 300);
     suite_add_tcase(s, t);
     return s;
