@@ -588,6 +588,28 @@ START_TEST(calibration_pass_feeds_each_group_its_inputs)
 }
 END_TEST
 
+/* qlora train --quantizer=optq --calib-data: quantized on load, then trained. */
+START_TEST(train_quantizes_on_load_with_calibration)
+{
+    char *out = NULL, *err = NULL, cmd[20000], run[4200], path[4300];
+    snprintf(run, sizeof run, "%s/optq-train", tu_tmpdir());
+    snprintf(cmd, sizeof cmd,
+             "'%s' train --model '%s' --quantizer=optq:bits=3,groupsize=128 --calib-data '%s' --calib-format text "
+             "--calib-samples 8 --calib-len 64 --data '%s' --format text --max-examples 16 --max-steps 2 "
+             "--output '%s' --quiet",
+             tu_env("QLORA_BIN"), model_dir(), calib_file(), calib_file(), run);
+    ck_assert_msg(tu_run(cmd, &out, &err) == 0, "%s\n%s", out, err);
+    ck_assert_contains(err, "adapter after 2 steps");
+    free(out), free(err);
+    snprintf(path, sizeof path, "%s/run_config.json", run);
+    json_t *j = json_load_file(path, 0, NULL);
+    ck_assert(j != NULL);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "quantizer")),
+                     "optq:bits=3,groupsize=128,act_order=0,sym=0,damp=0.01,rtn=0");
+    json_decref(j);
+}
+END_TEST
+
 /* ---- against IST-DASLab/gptq (tests/reference/gptq_compare.py) ---- */
 
 static json_t *compare_json(void)
@@ -701,6 +723,70 @@ START_TEST(codes_and_errors_match_the_reference)
 }
 END_TEST
 
+/* ---- against round-to-nearest (tests/reference/optq_rtn_table.py, docs/optq.md) ---- */
+
+/* The text of `path` after its first n examples (blank-line separated), as
+ * optq_rtn_table.py cuts it for the calibration. */
+static void write_after_examples(const char *path, int n, const char *out)
+{
+    FILE *f = fopen(path, "rb"), *o = fopen(out, "wb");
+    ck_assert(f && o);
+    char line[65536];
+    int seen = 0, in_example = 0, copying = 0;
+    while (fgets(line, sizeof line, f)) {
+        int blank = 1;
+        for (const char *p = line; *p; p++) blank &= *p == ' ' || *p == '\t' || *p == '\n' || *p == '\r';
+        if (!copying && !blank && !in_example) {
+            if (seen == n) copying = 1;
+            else seen++;
+        }
+        in_example = !blank;
+        if (copying) fputs(line, o);
+    }
+    fclose(f);
+    fclose(o);
+}
+
+/* OPTQ is clearly better than round-to-nearest at the same bits and group
+ * size, and a fresh build reproduces the table's 3-bit figure. */
+START_TEST(optq_beats_rtn_in_the_table)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/tests/reference/optq/rtn_table.json", tu_env("QLORA_SOURCE_ROOT"));
+    json_t *j = json_load_file(path, 0, NULL);
+    ck_assert(j != NULL);
+    json_t *table = json_object_get(j, "table"), *e;
+    size_t i;
+    double b3g128 = 0;
+    ck_assert_uint_eq(json_array_size(table), 6);
+    json_array_foreach(table, i, e) {
+        const int bits = (int)json_integer_value(json_object_get(e, "bits"));
+        const int gs = (int)json_integer_value(json_object_get(e, "groupsize"));
+        const double optq = json_number_value(json_object_get(e, "optq")), rtn = json_number_value(json_object_get(e, "rtn"));
+        const double margin = bits == 4 ? 0.02 : bits == 3 ? 0.3 : 0.1;
+        ck_assert_msg(optq < rtn - margin, "%d bits, groupsize %d: OPTQ %g, RTN %g", bits, gs, optq, rtn);
+        if (bits == 3 && gs == 128) b3g128 = optq;
+    }
+    json_t *cal = json_object_get(j, "calibration");
+    char calib[4300], dir[4300], cmd[20000], *out = NULL, *err = NULL;
+    snprintf(calib, sizeof calib, "%s/calib-after-200.txt", tu_tmpdir());
+    snprintf(dir, sizeof dir, "%s/optq-table-b3", tu_tmpdir());
+    write_after_examples(calib_file(), (int)json_integer_value(json_object_get(json_object_get(j, "eval"), "examples")),
+                         calib);
+    snprintf(cmd, sizeof cmd,
+             "'%s' quantize --quantizer=optq:bits=3,groupsize=128 '%s' -o '%s' --calib-data '%s' --calib-format text "
+             "--calib-samples %lld --calib-len %lld --seed %lld --quiet",
+             tu_env("QLORA_BIN"), model_dir(), dir, calib, (long long)json_integer_value(json_object_get(cal, "samples")),
+             (long long)json_integer_value(json_object_get(cal, "len")),
+             (long long)json_integer_value(json_object_get(cal, "seed")));
+    ck_assert_msg(tu_run(cmd, &out, &err) == 0, "%s", err);
+    free(out), free(err);
+    const double nll = qlora_eval_nll(dir);
+    ck_assert_msg(fabs(nll - b3g128) < 1e-4, "3 bits, g128: NLL %g, the table says %g", nll, b3g128);
+    json_decref(j);
+}
+END_TEST
+
 /* ---- against GPTQModel (tests/reference/gptqmodel_pack_check.py) ---- */
 
 /* A GPTQ model folder packed by GPTQModel's own writer loads here, through
@@ -780,12 +866,14 @@ Suite *optq_suite(void)
     t = tcase_create("pass");
     tcase_add_test(t, quantize_without_calibration_is_refused);
     tcase_add_test(t, calibration_pass_feeds_each_group_its_inputs);
+    tcase_add_test(t, train_quantizes_on_load_with_calibration);
     tcase_set_timeout(t, 120);
     suite_add_tcase(s, t);
     t = tcase_create("reference");
     tcase_add_loop_test(t, codes_and_errors_match_the_reference, 0,
                         sizeof reference_configs / sizeof reference_configs[0]);
     tcase_add_test(t, gptqmodel_checkpoint_loads_exactly);
+    tcase_add_test(t, optq_beats_rtn_in_the_table);
     tcase_set_timeout(t, 300);
     suite_add_tcase(s, t);
     return s;

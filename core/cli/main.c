@@ -528,6 +528,48 @@ static int optim_choice(const char *value, const char **out)
     return choice("--optim", value, OPTIMS, out);
 }
 
+/* The calibration flags of a data-aware quantizer (plugin ABI 1.3), in quantize and train. */
+static void help_calib(void)
+{
+    help_opt("--calib-data FILE", "calibration text for a data-aware quantizer (optq); needed by those", NULL);
+    help_opt("--calib-format F", "text, alpaca, input-output or oasst1", "detected");
+    help_opt("--calib-samples N", "windows of --calib-len tokens drawn from the file", "128");
+    help_opt("--calib-len L", "tokens a window", "512");
+    help_opt("--calib-seed S", "where the windows start (--seed in quantize)", "0");
+    help_opt("--calib-save FILE", "write the windows' token ids as JSON", NULL);
+}
+
+/* One calibration flag into co; 1 when c was one, -1 on a bad value. */
+static int calib_flag(int c, const char *arg, ql_calib_opts *co)
+{
+    long v = 0;
+    switch (c) {
+    case OPT_CALIB_DATA: co->data = arg; return 1;
+    case OPT_CALIB_FORMAT: co->format = arg; return 1;
+    case OPT_CALIB_SAMPLES:
+        if (parse_long_arg("--calib-samples", arg, 1, 1 << 20, &v)) return -1;
+        co->samples = (int)v;
+        return 1;
+    case OPT_CALIB_LEN:
+        if (parse_long_arg("--calib-len", arg, 1, 1 << 24, &v)) return -1;
+        co->len = (int)v;
+        return 1;
+    case OPT_CALIB_SEED:
+        if (parse_long_arg("--seed", arg, 0, LONG_MAX, &v)) return -1;
+        co->seed = (uint64_t)v;
+        return 1;
+    case OPT_CALIB_SAVE: co->save_tokens = arg; return 1;
+    default: return 0;
+    }
+}
+
+#define CALIB_LONGOPTS                                                                                         \
+    {"calib-data", required_argument, NULL, OPT_CALIB_DATA},                                                    \
+        {"calib-format", required_argument, NULL, OPT_CALIB_FORMAT},                                            \
+        {"calib-samples", required_argument, NULL, OPT_CALIB_SAMPLES},                                          \
+        {"calib-len", required_argument, NULL, OPT_CALIB_LEN}, {"calib-seed", required_argument, NULL, OPT_CALIB_SEED}, \
+        {"calib-save", required_argument, NULL, OPT_CALIB_SAVE}
+
 static int help_train(void)
 {
     ql_train_opts o;
@@ -554,6 +596,7 @@ static int help_train(void)
     help_opt("--eval-dataset-size N", "hold out N examples of --data (a fraction when below 1) as the eval data",
              o.eval_dataset_size > 0 ? NULL : "none");
     help_opt("--max-eval-examples N", "evaluate the first N examples of the eval data", "all");
+    help_calib();
     help_int("--lora-r N", "LoRA rank", o.lora.r);
     help_num("--lora-alpha A", "LoRA alpha: the update is scaled by alpha / r", o.lora.alpha);
     help_num("--lora-dropout P", "dropout on the LoRA input", o.lora.dropout);
@@ -654,6 +697,7 @@ static const struct option train_options[] = {
     {"device", required_argument, NULL, OPT_DEVICE},
     {"precision", required_argument, NULL, OPT_PRECISION},
     {"optim", required_argument, NULL, OPT_OPTIM},
+    CALIB_LONGOPTS,
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -669,8 +713,12 @@ static int train_parsed(int argc, char **argv, const qp_args *qp)
     long lv = 0;
     double dv = 0;
     int c, bad = 0, rc;
+    ql_calib_opts calib = {.progress = 1};
     optind = 1;
     while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
+        int cf = calib_flag(c, optarg, &calib);
+        if (cf < 0) return 2;
+        if (cf) continue;
         switch (c) {
         case OPT_MODEL: o.model_dir = optarg; break;
         case 'q': o.quantizer = optarg; break;
@@ -756,6 +804,10 @@ static int train_parsed(int argc, char **argv, const qp_args *qp)
     if (format) rc = ql_data_format_parse(format, &o.data.format);
     else rc = detect_format(o.data_path, &o.data.format);
     if (rc) return fail(rc);
+    if (!calib.data && (calib.format || calib.samples || calib.len || calib.save_tokens))
+        return usage_error("--calib-format, --calib-samples, --calib-len and --calib-save need --calib-data FILE");
+    calib.progress = o.progress;
+    if (calib.data) o.calib = &calib;
     rc = ql_train(&o);
     return rc ? fail(rc) : 0;
 }
@@ -1164,48 +1216,6 @@ static int cmd_generate(int argc, char **argv)
 static const struct {
     const char *quantizer, *device;
 } quantize_defaults = {.quantizer = "nf4", .device = "cpu"};
-
-/* The calibration flags of a data-aware quantizer (plugin ABI 1.3), in quantize and train. */
-static void help_calib(void)
-{
-    help_opt("--calib-data FILE", "calibration text for a data-aware quantizer (optq); needed by those", NULL);
-    help_opt("--calib-format F", "text, alpaca, input-output or oasst1", "detected");
-    help_opt("--calib-samples N", "windows of --calib-len tokens drawn from the file", "128");
-    help_opt("--calib-len L", "tokens a window", "512");
-    help_opt("--calib-seed S", "where the windows start (--seed in quantize)", "0");
-    help_opt("--calib-save FILE", "write the windows' token ids as JSON", NULL);
-}
-
-/* One calibration flag into co; 1 when c was one, -1 on a bad value. */
-static int calib_flag(int c, const char *arg, ql_calib_opts *co)
-{
-    long v = 0;
-    switch (c) {
-    case OPT_CALIB_DATA: co->data = arg; return 1;
-    case OPT_CALIB_FORMAT: co->format = arg; return 1;
-    case OPT_CALIB_SAMPLES:
-        if (parse_long_arg("--calib-samples", arg, 1, 1 << 20, &v)) return -1;
-        co->samples = (int)v;
-        return 1;
-    case OPT_CALIB_LEN:
-        if (parse_long_arg("--calib-len", arg, 1, 1 << 24, &v)) return -1;
-        co->len = (int)v;
-        return 1;
-    case OPT_CALIB_SEED:
-        if (parse_long_arg("--seed", arg, 0, LONG_MAX, &v)) return -1;
-        co->seed = (uint64_t)v;
-        return 1;
-    case OPT_CALIB_SAVE: co->save_tokens = arg; return 1;
-    default: return 0;
-    }
-}
-
-#define CALIB_LONGOPTS                                                                                         \
-    {"calib-data", required_argument, NULL, OPT_CALIB_DATA},                                                    \
-        {"calib-format", required_argument, NULL, OPT_CALIB_FORMAT},                                            \
-        {"calib-samples", required_argument, NULL, OPT_CALIB_SAMPLES},                                          \
-        {"calib-len", required_argument, NULL, OPT_CALIB_LEN}, {"calib-seed", required_argument, NULL, OPT_CALIB_SEED}, \
-        {"calib-save", required_argument, NULL, OPT_CALIB_SAVE}
 
 static int help_quantize(void)
 {

@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "calibrate.h"
 #include "dataset.h"
 #include "lora.h"
 
@@ -53,6 +54,9 @@ typedef struct ql_train_opts {
     const char *device; /* "cpu", "cuda" or "auto" (cuda when present); NULL: cpu */
     const char *precision; /* "fp32", "bf16" or "auto"/NULL: bf16 on cuda, fp32 on the CPU */
     const char *optim;     /* "adamw", "paged_adamw" (= "paged_adamw_32bit") or "auto"/NULL: paged on the GPU */
+    /* calibration data for a data-aware quantizer that quantizes the base on
+     * load (plugin ABI 1.3); NULL: none */
+    const ql_calib_opts *calib;
 } ql_train_opts;
 
 void ql_train_opts_default(ql_train_opts *o);
