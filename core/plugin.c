@@ -227,7 +227,8 @@ static int validate_calibration(const char *path, const ql_quantizer_desc *d)
     };
     size_t n = 0, k = sizeof calib / sizeof calib[0];
     for (size_t i = 0; i < k; i++) n += (size_t)calib[i].present;
-    const int needs = (d->flags & QL_QUANTIZER_NEEDS_CALIBRATION) != 0;
+    /* the bit means something from 1.3 on; an older plugin's flags cannot have meant it */
+    const int needs = (d->flags & QL_QUANTIZER_NEEDS_CALIBRATION) != 0 && d->abi_minor >= 3;
     if (n == k || (n == 0 && !needs)) return QL_OK;
     for (size_t i = 0; i < k; i++)
         if (!calib[i].present)
@@ -712,7 +713,7 @@ int ql_qz_can_calibrate(const ql_qz *q) { return q && q->desc->calib_create != N
 
 int ql_qz_needs_calibration(const ql_qz *q)
 {
-    if (!q || !(q->desc->flags & QL_QUANTIZER_NEEDS_CALIBRATION)) return 0;
+    if (!q || !(q->desc->flags & QL_QUANTIZER_NEEDS_CALIBRATION) || q->desc->abi_minor < 3) return 0;
     if (!q->desc->calibration_needed) return 1;
     probe_stage("calibration_needed");
     return q->desc->calibration_needed(q->inst) != 0;

@@ -10,7 +10,8 @@
  *   CALIB_FLAGONLY QL_QUANTIZER_NEEDS_CALIBRATION without the slots: refused.
  *   CALIB_V12      built against ABI 1.2: its struct_size ends before
  *                  calib_create, and the bytes past it are garbage the host
- *                  must never read as slots. */
+ *                  must never read as slots; its flags hold the 1.3 bit
+ *                  QL_QUANTIZER_NEEDS_CALIBRATION, which 1.2 did not define. */
 #include <qlora/quantizer.h>
 
 #include <math.h>
@@ -198,9 +199,8 @@ static const ql_quantizer_desc descriptor = {
 #endif
     .description = "calibration ABI test plugin",
     .version = "0",
-#ifndef CALIB_V12
+    /* in CALIB_V12, a bit that meant nothing in 1.2: ignored */
     .flags = QL_QUANTIZER_NEEDS_CALIBRATION,
-#endif
     .init = init,
     .create = create,
     .destroy = destroy,

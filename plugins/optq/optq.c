@@ -46,6 +46,9 @@
 
 #define OPTQ_BLOCK 128 /* the lazy batch of columns (the reference's blocksize) */
 #define OPTQ_MAX_DIM ((int64_t)1 << 24)
+/* Below about this many multiply-adds a parallel region costs more than it
+ * saves (and on a loaded machine, OpenMP's spinning barriers cost far more). */
+#define OPTQ_PARALLEL_WORK ((int64_t)1 << 16)
 
 static const ql_host_api *host;
 
@@ -388,7 +391,7 @@ static int64_t cholesky_lower(double *a, int64_t n)
         if (!(d > 0) || !isfinite(d)) return j + 1;
         const double ljj = sqrt(d);
         a[j * n + j] = ljj;
-#pragma omp parallel for schedule(static) num_threads(host->num_threads())
+#pragma omp parallel for schedule(static) num_threads(host->num_threads()) if ((n - j) * j >= OPTQ_PARALLEL_WORK)
         for (int64_t i = j + 1; i < n; i++) {
             double v = a[i * n + j];
             for (int64_t k = 0; k < j; k++) v -= a[i * n + k] * a[j * n + k];
@@ -405,7 +408,7 @@ static int64_t cholesky_lower(double *a, int64_t n)
 static int64_t upper_cholesky_of_inverse(const double *l, double *u, double *tmp, int64_t n)
 {
     /* tmp = (l^-1)^T, row c holding column c of l^-1 (zero above c) */
-#pragma omp parallel for schedule(dynamic, 16) num_threads(host->num_threads())
+#pragma omp parallel for schedule(dynamic, 16) num_threads(host->num_threads()) if (n * n >= OPTQ_PARALLEL_WORK)
     for (int64_t c = 0; c < n; c++) {
         double *x = tmp + c * n;
         for (int64_t i = 0; i < c; i++) x[i] = 0;
@@ -416,7 +419,7 @@ static int64_t upper_cholesky_of_inverse(const double *l, double *u, double *tmp
         }
     }
     /* H^-1 = l^-T l^-1: element (i, j) = sum over k >= max(i, j) of x_i[k] x_j[k] */
-#pragma omp parallel for schedule(dynamic, 16) num_threads(host->num_threads())
+#pragma omp parallel for schedule(dynamic, 16) num_threads(host->num_threads()) if (n * n >= OPTQ_PARALLEL_WORK)
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j <= i; j++) {
             double v = 0;
@@ -477,7 +480,7 @@ static int calib_feed(const ql_quantizer *q, ql_calib *c, const float *x, int64_
         const int64_t m = t0 + CHUNK <= n ? CHUNK : n - t0;
         for (int64_t t = 0; t < m; t++)
             for (int64_t i = 0; i < cols; i++) xt[i * CHUNK + t] = x[(t0 + t) * cols + i];
-#pragma omp parallel for schedule(dynamic, 8) num_threads(host->num_threads())
+#pragma omp parallel for schedule(dynamic, 8) num_threads(host->num_threads()) if (cols * cols * m >= 64 * OPTQ_PARALLEL_WORK)
         for (int64_t i = 0; i < cols; i++)
             for (int64_t j = 0; j <= i; j++) {
                 double v = 0;
@@ -568,7 +571,7 @@ static int quantize_calibrated(const ql_quantizer *q, const ql_matrix_desc *m, c
         goto done;
     }
     int failed = 0;
-#pragma omp parallel num_threads(host->num_threads())
+#pragma omp parallel num_threads(host->num_threads()) if (rows * n * n >= 64 * OPTQ_PARALLEL_WORK)
     {
         double *wrow = malloc((size_t)n * sizeof *wrow), *w1 = malloc(OPTQ_BLOCK * sizeof *w1);
         double *err = malloc(OPTQ_BLOCK * sizeof *err);
@@ -662,7 +665,7 @@ static int materialize(const ql_quantizer *q, const ql_qstate *s, int32_t out_dt
     if (out_dtype != QL_DTYPE_F32 && out_dtype != QL_DTYPE_BF16)
         return host->error(QL_ENOTSUP, "optq materializes float32 or bfloat16, not dtype %d", out_dtype);
     const int64_t rows = s->rows, cols = s->cols;
-#pragma omp parallel for schedule(static) num_threads(host->num_threads())
+#pragma omp parallel for schedule(static) num_threads(host->num_threads()) if (rows * cols >= 4 * OPTQ_PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t k = 0; k < cols; k++) {
             const int64_t gi = (int64_t)s->g_idx[k] * rows + r;
