@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "calibrate_internal.h"
 #include "ops.h"
 #include "prequantized.h"
 #include "progress.h"
@@ -353,6 +354,36 @@ static const ql_tensor *files_get(void *ctx, const char *suffix)
     return ql_model_files_find(r->mf, name);
 }
 
+/* A GPTQ checkpoint (transformers' GPTQConfig: quant_method "gptq") is read
+ * by the optq plugin; the spec names its layout.  Valid until the next call
+ * on this thread. */
+static int gptq_spec(json_t *qc, const char *file, const char **spec, const char **field)
+{
+    static _Thread_local char buf[160];
+    json_t *bits = json_object_get(qc, "bits"), *gs = json_object_get(qc, "group_size");
+    json_t *desc = json_object_get(qc, "desc_act"), *sym = json_object_get(qc, "sym");
+    json_t *damp = json_object_get(qc, "damp_percent"), *fmt = json_object_get(qc, "checkpoint_format");
+    *field = "quantization_config";
+    if (!json_is_integer(bits) || (json_integer_value(bits) != 2 && json_integer_value(bits) != 3 &&
+                                   json_integer_value(bits) != 4 && json_integer_value(bits) != 8))
+        return ql_error(QL_ENOTSUP, "%s: quantization_config.bits of a GPTQ checkpoint must be 2, 3, 4 or 8", file);
+    long g = gs && !json_is_null(gs) ? (json_is_integer(gs) ? (long)json_integer_value(gs) : 0) : -1;
+    if (g != -1 && (g < 32 || g > 1024))
+        return ql_error(QL_ENOTSUP, "%s: quantization_config.group_size must be -1 or 32..1024 (optq)", file);
+    if ((desc && !json_is_null(desc) && !json_is_boolean(desc)) || (sym && !json_is_null(sym) && !json_is_boolean(sym)))
+        return ql_error(QL_EFORMAT, "%s: quantization_config.desc_act and sym must be true or false", file);
+    if (fmt && !json_is_null(fmt) && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "gptq")))
+        return ql_error(QL_ENOTSUP, "%s: quantization_config.checkpoint_format %s%s%s is not supported (only \"gptq\", v1)",
+                        file, json_is_string(fmt) ? "'" : "", json_is_string(fmt) ? json_string_value(fmt) : "(not a string)",
+                        json_is_string(fmt) ? "'" : "");
+    int k = snprintf(buf, sizeof buf, "optq:bits=%d,groupsize=%ld,act_order=%d,sym=%d", (int)json_integer_value(bits), g,
+                     json_is_true(desc), sym ? json_is_true(sym) : 1);
+    if (json_is_number(damp) && json_number_value(damp) > 0 && json_number_value(damp) <= 1)
+        snprintf(buf + k, sizeof buf - (size_t)k, ",damp=%.9g", json_number_value(damp));
+    *spec = buf;
+    return QL_OK;
+}
+
 /* The quantizer a pre-quantized checkpoint's quantization_config names, and
  * the field it was read from.  The text is untrusted: it is only checked here
  * and opened by ql_qz_open_from_file, which takes plugin names only. */
@@ -395,6 +426,7 @@ int ql_prequantized_spec(json_t *cfg, const char *file, const char **spec, const
             return QL_OK;
         }
     }
+    if (method && !strcmp(method, "gptq")) return gptq_spec(qc, file, spec, field);
     if (method && !strcmp(method, "qlora")) {
         json_t *q = json_object_get(qc, "quantizer");
         if (q) {
@@ -445,8 +477,10 @@ static int open_prequantized(ql_llama *m, const char *dir, const char *file, con
     return QL_OK;
 }
 
-static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, ql_linear *l, const char *prefix,
-                       int64_t out, int64_t in, int has_bias)
+/* defer: keep the weights dense for the calibration pass (core/calibrate.c),
+ * which quantizes them block by block. */
+static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, int defer, ql_linear *l,
+                       const char *prefix, int64_t out, int64_t in, int has_bias)
 {
     l->name = strdup(prefix);
     l->out = out;
@@ -477,7 +511,7 @@ static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, 
     float *w;
     int rc = load_dense(mf, wname, out, in, &w);
     if (rc) return rc;
-    if (!m->qz) {
+    if (!m->qz || defer) {
         l->dense = w;
         return QL_OK;
     }
@@ -536,6 +570,19 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
     }
     free(cfg_file);
     if (rc) goto fail;
+    /* a data-aware quantizer on a full-precision checkpoint: quantize in
+     * the calibration pass after loading, or refuse before any work */
+    const ql_calib_opts *calib = opts ? opts->calib : NULL;
+    int calibrate = 0;
+    if (m->qz && !prequantized) {
+        if (calib && calib->data && ql_qz_can_calibrate(m->qz)) calibrate = 1;
+        else if (calib && calib->data)
+            fprintf(stderr, "qlora: warning: quantizer %s takes no calibration data; ignoring --calib-data %s\n",
+                    m->qz->desc->name, calib->data);
+        else if ((rc = ql_qz_require_calibration(m->qz, 0, "quantize the model on load"))) goto fail;
+    } else if (prequantized && calib && calib->data) {
+        fprintf(stderr, "qlora: warning: %s is already quantized; ignoring --calib-data %s\n", dir, calib->data);
+    }
     if (m->qz)
         snprintf(m->quantization, sizeof m->quantization, "%s%s%s", m->qz->desc->name, m->qz->options[0] ? ":" : "",
                  m->qz->options);
@@ -586,7 +633,8 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         };
         for (size_t k = 0; k < sizeof lin / sizeof lin[0]; k++) {
             snprintf(p, sizeof p, "model.layers.%d.%s", i, lin[k].what);
-            if ((rc = load_linear(m, mf, prequantized, lin[k].l, p, lin[k].out, lin[k].in, lin[k].bias))) goto fail;
+            if ((rc = load_linear(m, mf, prequantized, calibrate, lin[k].l, p, lin[k].out, lin[k].in, lin[k].bias)))
+                goto fail;
         }
         ql_progress_update(&prog, i + 1, "");
     }
@@ -596,6 +644,8 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         goto fail;
     }
     ql_model_files_close(mf);
+    mf = NULL;
+    if (calibrate && (rc = ql_llama_calibrate(m, m->qz, calib))) goto fail;
     free(windows);
     *out = m;
     return QL_OK;
@@ -926,4 +976,83 @@ done:;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ctx->be->free(ctx, bufs[i]);
     free(inv_freq);
     return rc;
+}
+
+/* ---- one decoder block, for the calibration pass ---- */
+
+int ql_llama_block_forward(ql_llama *m, int layer, float *x, int T, ql_block_hook hook, void *hook_ctx)
+{
+    const ql_llama_config *c = &m->cfg;
+    const int64_t H = c->hidden, I = c->intermediate, hd = c->head_dim;
+    const int64_t qd = (int64_t)c->n_heads * hd, kvd = (int64_t)c->n_kv_heads * hd;
+    if (layer < 0 || layer >= c->n_layers || T <= 0) return ql_error(QL_EINVAL, "block %d, %d tokens", layer, T);
+    ql_be_ctx *ctx = m->ctx;
+    int rc = ql_be_check(ctx);
+    if (rc) return rc;
+    ql_llama_layer *L = &m->layers[layer];
+    float *xn = NULL, *q = NULL, *k = NULL, *v = NULL, *att = NULL, *g = NULL, *u = NULL, *tmp = NULL;
+    float *inv_freq = malloc((size_t)(hd / 2) * sizeof *inv_freq), rope_scale;
+    ql_be(ctx, alloc, (void **)&xn, (size_t)T * H * sizeof *xn);
+    ql_be(ctx, alloc, (void **)&q, (size_t)T * qd * sizeof *q);
+    ql_be(ctx, alloc, (void **)&k, (size_t)T * kvd * sizeof *k);
+    ql_be(ctx, alloc, (void **)&v, (size_t)T * kvd * sizeof *v);
+    ql_be(ctx, alloc, (void **)&att, (size_t)T * qd * sizeof *att);
+    ql_be(ctx, alloc, (void **)&g, (size_t)T * I * sizeof *g);
+    ql_be(ctx, alloc, (void **)&u, (size_t)T * I * sizeof *u);
+    ql_be(ctx, alloc, (void **)&tmp, (size_t)T * H * sizeof *tmp);
+    if (!inv_freq) ql_be_record(ctx, ql_error(QL_ENOMEM, "out of memory"));
+    if ((rc = ql_be_check(ctx))) goto done;
+    const int32_t len = T;
+    const ql_be_batch one = {.B = 1, .T = T, .len = &len};
+    ql_llama_rope(inv_freq, &rope_scale, m, T);
+    /* the hook sees each linear group's input once it is computed; the ops
+     * of the CPU context (the model's) have run when ql_be_check returns */
+#define HOOK(group, in, cols)                                                           \
+    do {                                                                                \
+        if ((rc = ql_be_check(ctx))) goto done;                                         \
+        if (hook && (rc = hook(hook_ctx, (group), (in), T, (cols))) != QL_OK) goto done; \
+    } while (0)
+    ql_be(ctx, rmsnorm_forward, xn, NULL, x, L->attn_norm, T, H, c->rms_eps);
+    HOOK(QL_BLOCK_QKV, xn, H);
+    linear_forward(m, &L->q, xn, T, q, NULL);
+    linear_forward(m, &L->k, xn, T, k, NULL);
+    linear_forward(m, &L->v, xn, T, v, NULL);
+    if (L->q_norm) {
+        ql_be(ctx, rmsnorm_forward, q, NULL, q, L->q_norm, (int64_t)T * c->n_heads, hd, c->rms_eps);
+        ql_be(ctx, rmsnorm_forward, k, NULL, k, L->k_norm, (int64_t)T * c->n_kv_heads, hd, c->rms_eps);
+    }
+    ql_be(ctx, rope_forward, q, &one, c->n_heads, (int)hd, 0, inv_freq, rope_scale);
+    ql_be(ctx, rope_forward, k, &one, c->n_kv_heads, (int)hd, 0, inv_freq, rope_scale);
+    ql_be(ctx, attention_forward, att, q, k, v, T, 0, c->n_heads, c->n_kv_heads, (int)hd, L->window);
+    HOOK(QL_BLOCK_O, att, qd);
+    linear_forward(m, &L->o, att, T, tmp, NULL);
+    ql_be(ctx, add_inplace, x, tmp, (int64_t)T * H);
+    ql_be(ctx, rmsnorm_forward, xn, NULL, x, L->mlp_norm, T, H, c->rms_eps);
+    HOOK(QL_BLOCK_GATE_UP, xn, H);
+    linear_forward(m, &L->gate, xn, T, g, NULL);
+    linear_forward(m, &L->up, xn, T, u, NULL);
+    ql_be(ctx, swiglu_forward, g, g, u, (int64_t)T * I);
+    HOOK(QL_BLOCK_DOWN, g, I);
+    linear_forward(m, &L->down, g, T, tmp, NULL);
+    ql_be(ctx, add_inplace, x, tmp, (int64_t)T * H);
+#undef HOOK
+    rc = ql_be_check(ctx);
+done:;
+    float *bufs[] = {xn, q, k, v, att, g, u, tmp};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) ctx->be->free(ctx, bufs[i]);
+    free(inv_freq);
+    return rc;
+}
+
+int ql_llama_embed(ql_llama *m, const int32_t *tokens, int T, float *x)
+{
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->cfg.vocab)
+            return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", tokens[t], t,
+                            m->cfg.vocab);
+    for (int t = 0; t < T; t++)
+        memcpy(x + (size_t)t * m->cfg.hidden, m->embed + (size_t)tokens[t] * m->cfg.hidden,
+               (size_t)m->cfg.hidden * sizeof *x);
+    return QL_OK;
 }

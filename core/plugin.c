@@ -156,6 +156,8 @@ static int valid_name(const char *name)
     return n >= 1 && n <= 63;
 }
 
+static int validate_calibration(const char *path, const ql_quantizer_desc *d);
+
 static int validate(const char *path, const ql_quantizer_desc *d)
 {
     if (!d) return ql_error(QL_EABI, "plugin %s: %s() returned NULL", path, QL_QUANTIZER_ENTRY_NAME);
@@ -202,6 +204,41 @@ static int validate(const char *path, const ql_quantizer_desc *d)
             return ql_error(QL_EABI, "plugin %s: required slot '%s' is NULL (plugin ABI %u.%u, host %d.%d)", path,
                             required[i].field, d->abi_major, d->abi_minor, QL_QUANTIZER_ABI_MAJOR,
                             QL_QUANTIZER_ABI_MINOR);
+    return validate_calibration(path, d);
+}
+
+/* The calibration slots of a descriptor as the host will see them: NULL
+ * past the plugin's struct_size. */
+static int has_slot(const ql_quantizer_desc *d, size_t offset) { return d->struct_size >= offset + sizeof(void (*)(void)); }
+#define SLOT(d, field) (has_slot((d), offsetof(ql_quantizer_desc, field)) ? (d)->field : NULL)
+
+/* ABI 1.3: the four calibration slots come together, and a plugin that
+ * says it needs calibration has them. */
+static int validate_calibration(const char *path, const ql_quantizer_desc *d)
+{
+    const struct {
+        const char *field;
+        int present;
+    } calib[] = {
+        {"calib_create", SLOT(d, calib_create) != NULL},
+        {"calib_feed", SLOT(d, calib_feed) != NULL},
+        {"quantize_calibrated", SLOT(d, quantize_calibrated) != NULL},
+        {"calib_free", SLOT(d, calib_free) != NULL},
+    };
+    size_t n = 0, k = sizeof calib / sizeof calib[0];
+    for (size_t i = 0; i < k; i++) n += (size_t)calib[i].present;
+    /* the bit means something from 1.3 on; an older plugin's flags cannot have meant it */
+    const int needs = (d->flags & QL_QUANTIZER_NEEDS_CALIBRATION) != 0 && d->abi_minor >= 3;
+    if (n == k || (n == 0 && !needs)) return QL_OK;
+    for (size_t i = 0; i < k; i++)
+        if (!calib[i].present)
+            return ql_error(QL_EABI,
+                            "plugin %s: %s, but calibration slot '%s' is %s (plugin ABI %u.%u, host %d.%d): "
+                            "calib_create, calib_feed, quantize_calibrated and calib_free come together",
+                            path, needs ? "its flags say it needs calibration (QL_QUANTIZER_NEEDS_CALIBRATION)"
+                                        : "it has some calibration slots",
+                            calib[i].field, has_slot(d, offsetof(ql_quantizer_desc, calib_free)) ? "NULL" : "absent",
+                            d->abi_major, d->abi_minor, QL_QUANTIZER_ABI_MAJOR, QL_QUANTIZER_ABI_MINOR);
     return QL_OK;
 }
 
@@ -671,6 +708,28 @@ fail:
 }
 
 int ql_qz_open(const char *spec, ql_qz **out) { return qz_open(spec, 1, out); }
+
+int ql_qz_can_calibrate(const ql_qz *q) { return q && q->desc->calib_create != NULL; }
+
+int ql_qz_needs_calibration(const ql_qz *q)
+{
+    if (!q || !(q->desc->flags & QL_QUANTIZER_NEEDS_CALIBRATION) || q->desc->abi_minor < 3) return 0;
+    if (!q->desc->calibration_needed) return 1;
+    probe_stage("calibration_needed");
+    return q->desc->calibration_needed(q->inst) != 0;
+}
+
+int ql_qz_require_calibration(const ql_qz *q, int have_data, const char *what)
+{
+    if (have_data || !ql_qz_needs_calibration(q)) return QL_OK;
+    return ql_error(QL_EINVAL,
+                    "quantizer %s%s%s needs calibration data to %s: pass --calib-data FILE (qlora quantize and qlora "
+                    "train take it, with --calib-format, --calib-samples and --calib-len), or quantize the model "
+                    "first with qlora quantize --quantizer=%s%s%s MODEL_DIR -o OUT_DIR --calib-data FILE and use "
+                    "OUT_DIR",
+                    q->desc->name, q->options[0] ? ":" : "", q->options, what, q->desc->name, q->options[0] ? ":" : "",
+                    q->options);
+}
 
 int ql_qz_open_from_file(const char *spec, const char *file, const char *field, ql_qz **out)
 {

@@ -14,6 +14,7 @@
 #include "qlora/dtype.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
+#include "qlora/llama.h"
 #include "qlora/model.h"
 #include "qlora/safetensors.h"
 
@@ -215,19 +216,41 @@ static int quantize_on_device(const ql_qz *q, const ql_matrix_desc *md, const fl
 #endif
 }
 
+/* The block linear of m with module prefix `prefix`, or NULL. */
+static ql_linear *find_linear(ql_llama *m, const char *prefix)
+{
+    ql_llama_layer *layers = ql_llama_layers(m);
+    for (int i = 0; i < ql_llama_get_config(m)->n_layers; i++) {
+        ql_linear *ls[] = {&layers[i].q,    &layers[i].k,  &layers[i].v,   &layers[i].o,
+                           &layers[i].gate, &layers[i].up, &layers[i].down};
+        for (size_t k = 0; k < sizeof ls / sizeof ls[0]; k++)
+            if (!strcmp(ls[k]->name, prefix)) return ls[k];
+    }
+    return NULL;
+}
+
 int ql_quantize_model(const char *model_dir, const char *spec, const char *out_dir, const ql_quantize_opts *opts)
 {
     ql_model_files *m = NULL;
     ql_qz *q = NULL;
     ql_outdir *od = NULL;
     ql_st_writer *w = NULL;
+    ql_llama *cm = NULL; /* the model quantized in the calibration pass */
     int rc;
     double t0 = ql_now();
     device_upload upload = {NULL, 0};
     int on_gpu = 0;
     if ((rc = ql_model_files_open(model_dir, &m))) goto done;
     if ((rc = ql_qz_open(spec, &q))) goto done;
-    if ((rc = pick_device(opts->device, q, &on_gpu))) goto done;
+    const int have_calib = opts->calib && opts->calib->data;
+    if ((rc = ql_qz_require_calibration(q, have_calib, "quantize a model"))) goto done;
+    const int calibrated = have_calib && ql_qz_can_calibrate(q);
+    if (have_calib && !calibrated)
+        fprintf(stderr, "qlora: warning: quantizer %s takes no calibration data; ignoring --calib-data %s\n",
+                q->desc->name, opts->calib->data);
+    if (calibrated && opts->device && strcmp(opts->device, "cpu"))
+        fprintf(stderr, "qlora: warning: the calibration pass runs on the CPU; ignoring --device %s\n", opts->device);
+    if (!calibrated && (rc = pick_device(opts->device, q, &on_gpu))) goto done;
     /* check all inputs before writing anything */
     for (size_t i = 0; i < ql_model_files_count(m); i++) {
         const ql_tensor *t = ql_model_files_at(m, i);
@@ -239,6 +262,12 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
         rc = ql_error(QL_EFORMAT, "%s has no decoder-block linear layers (model.layers.N.{self_attn,mlp}.*_proj.weight)",
                       model_dir);
         goto done;
+    }
+    /* a data-aware quantizer: the model, quantized in the calibration pass
+     * (its own instance of the plugin), before the output folder is begun */
+    if (calibrated) {
+        ql_llama_load_opts lo = {.quantizer = spec, .progress = 0, .calib = opts->calib};
+        if ((rc = ql_llama_load(model_dir, &lo, &cm))) goto done;
     }
     const char *const inputs[] = {model_dir};
     if ((rc = ql_outdir_begin(out_dir, "quantized-model", opts->force, inputs, 1, &od))) goto done;
@@ -260,24 +289,35 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
             all_bytes += t->nbytes;
             continue;
         }
-        float *dense;
-        if ((rc = tensor_to_f32(t, &dense))) break;
         ql_matrix_desc md = {.name = prefix, .rows = t->shape[0], .cols = t->shape[1], .src_dtype = t->dtype};
         ql_qstate *s = NULL;
-        ql_error_clear();
-        rc = on_gpu ? quantize_on_device(q, &md, dense, &upload, &s) : q->desc->quantize(q->inst, &md, dense, &s);
-        free(dense);
-        if (rc) {
-            if (!ql_error_message()[0]) ql_error(rc, "quantize failed");
-            ql_error_context("quantizer %s on %s", q->desc->name, t->name);
-            break;
+        const ql_qz *sq = q; /* the instance that made s */
+        if (calibrated) {
+            const ql_linear *l = find_linear(cm, prefix);
+            if (!l || !l->state) {
+                rc = ql_error(QL_EINTERNAL, "%s: the calibration pass left no quantized state", prefix);
+                break;
+            }
+            s = l->state;
+            sq = l->qz;
+        } else {
+            float *dense;
+            if ((rc = tensor_to_f32(t, &dense))) break;
+            ql_error_clear();
+            rc = on_gpu ? quantize_on_device(q, &md, dense, &upload, &s) : q->desc->quantize(q->inst, &md, dense, &s);
+            free(dense);
+            if (rc) {
+                if (!ql_error_message()[0]) ql_error(rc, "quantize failed");
+                ql_error_context("quantizer %s on %s", q->desc->name, t->name);
+                break;
+            }
         }
         prefixed_writer pw = {w, prefix};
         ql_tensor_writer tw = {&pw, prefixed_put};
-        rc = q->desc->save(q->inst, s, &tw);
+        rc = sq->desc->save(sq->inst, s, &tw);
         ql_state_info info = {0};
-        if (rc == QL_OK) rc = q->desc->state_info(q->inst, s, &info);
-        q->desc->free_state(q->inst, s);
+        if (rc == QL_OK) rc = sq->desc->state_info(sq->inst, s, &info);
+        if (!calibrated) q->desc->free_state(q->inst, s); /* the model owns the calibrated states */
         if (rc) {
             ql_error_context("quantizer %s saving %s", q->desc->name, prefix);
             break;
@@ -317,12 +357,18 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
            8.0 * (double)bytes_out / (double)params, (unsigned long long)bytes_out);
     printf("model bits/param: %.3f (every tensor byte of model.safetensors, %llu, over all %lld parameters)\n",
            8.0 * (double)all_bytes / (double)all_params, (unsigned long long)all_bytes, (long long)all_params);
+    if (calibrated)
+        printf("calibration: %d windows of %d tokens from %s (seed %llu), layer by layer\n",
+               opts->calib->samples > 0 ? opts->calib->samples : QL_CALIB_DEFAULT_SAMPLES,
+               opts->calib->len > 0 ? opts->calib->len : QL_CALIB_DEFAULT_LEN, opts->calib->data,
+               (unsigned long long)opts->calib->seed);
     printf("wrote %s\n", out_dir);
 done:
     if (rc == QL_EIO && od) ql_error_context("writing %s (nothing there was changed)", out_dir);
     ql_outdir_abandon(od);
     ql_st_writer_destroy(w);
     device_upload_free(&upload);
+    ql_llama_destroy(cm);
     ql_qz_close(q);
     ql_model_files_close(m);
     return rc;
@@ -545,7 +591,10 @@ int ql_compare_model(const char *model_dir, const char *spec_list, const ql_comp
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
-    for (size_t i = 0; i < nspecs && rc == QL_OK; i++) rc = ql_qz_open(specs[i], &qs[i]);
+    for (size_t i = 0; i < nspecs && rc == QL_OK; i++)
+        if ((rc = ql_qz_open(specs[i], &qs[i])) == QL_OK)
+            rc = ql_qz_require_calibration(qs[i], 0, "be compared (compare quantizes without calibration; use rtn=1, "
+                                                     "or quantize with --calib-data and eval the result)");
     ql_progress prog;
     ql_progress_begin(&prog, "compare", (int64_t)(nlin * nspecs), "layers", opts->progress);
     int64_t done_layers = 0;

@@ -223,7 +223,7 @@ START_TEST(test_quantizers_lists_builtins)
     sscanf(nf4 + 1, "%255[^\n]", row_buf);
     const char *row = row_buf;
     ck_assert_contains(row, " 4.128 "); /* 4.12755: everything save() writes, the tables and JSON included */
-    ck_assert_contains(row, " 1.2 ");
+    ck_assert_contains(row, " 1.3 ");
     ck_assert_contains(out, "\nfp4 ");
     ck_assert_contains(out, "\nint8 ");
     ck_assert_contains(out, "defaults: blocksize=64,double_quant=1");
@@ -243,7 +243,7 @@ START_TEST(test_quantizers_lists_builtins)
     json_array_foreach(arr, i, q) {
         const char *name = json_string_value(json_object_get(q, "name"));
         ck_assert_ptr_nonnull(name);
-        ck_assert_str_eq(json_string_value(json_object_get(q, "abi")), "1.2");
+        ck_assert_str_eq(json_string_value(json_object_get(q, "abi")), "1.3");
         double bpp = json_number_value(json_object_get(q, "matrix_bits_per_param"));
         ck_assert_ptr_null(json_object_get(q, "bits_per_param")); /* one name for one figure */
         json_t *shape = json_object_get(q, "matrix_shape");
@@ -276,7 +276,7 @@ START_TEST(test_version_and_usage)
     int st = qlora(&out, &err, "version");
     ck_assert_int_eq(st, 0);
     char want[128];
-    snprintf(want, sizeof want, "qlora %s (quantizer ABI 1.2)\n", ql_version());
+    snprintf(want, sizeof want, "qlora %s (quantizer ABI 1.3)\n", ql_version());
     ck_assert_str_eq(out, want);
     free(out);
     free(err);
@@ -2079,10 +2079,10 @@ static const struct {
     const char *kind;
     const char *want[2];
 } abi_cases[] = {
-    {"major", {"abi_major is 99", "this qlora speaks ABI 1.2"}},
+    {"major", {"abi_major is 99", "this qlora speaks ABI 1.3"}},
     {"minor", {"abi_minor is 99", "needs a newer qlora"}},
     {"size", {"struct_size is 40 bytes", "smaller than"}},
-    {"nullslot", {"required slot 'quantize' is NULL", "plugin ABI 1.2, host 1.2"}},
+    {"nullslot", {"required slot 'quantize' is NULL", "plugin ABI 1.3, host 1.3"}},
     {"name", {"name 'Bad Name!'", "is not 1-63 characters of [a-z0-9_-]"}},
     {"noentry", {"does not export ql_quantizer_entry()", NULL}},
     {"nulldesc", {"ql_quantizer_entry() returned NULL", NULL}},

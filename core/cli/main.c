@@ -25,7 +25,7 @@ static const char usage_text[] =
     "\n"
     "commands:\n"
     "  quantizers                          list the quantizer plugins found\n"
-    "  quantize [--quantizer=Q] MODEL_DIR -o OUT_DIR [--force] [--device cpu|cuda|auto]\n"
+    "  quantize [--quantizer=Q] MODEL_DIR -o OUT_DIR [--force] [--device cpu|cuda|auto] [--calib-data FILE ...]\n"
     "                                      quantize a Hugging Face checkpoint (bitsandbytes layout);\n"
     "                                      --device cuda quantizes on the GPU, byte-identical files (default cpu)\n"
     "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, matrix and model bits/param\n"
@@ -207,6 +207,12 @@ static int help_end(const char *example)
 
 /* Long options without a short letter; every val is >= 256 (option_error relies on it). */
 enum {
+    OPT_CALIB_DATA = 900, /* the calibration flags (help_calib) */
+    OPT_CALIB_FORMAT,
+    OPT_CALIB_SAMPLES,
+    OPT_CALIB_LEN,
+    OPT_CALIB_SEED,
+    OPT_CALIB_SAVE,
     OPT_FORCE = 1000,
     OPT_JSON,
     OPT_QUIET,
@@ -525,6 +531,48 @@ static int optim_choice(const char *value, const char **out)
     return choice("--optim", value, OPTIMS, out);
 }
 
+/* The calibration flags of a data-aware quantizer (plugin ABI 1.3), in quantize and train. */
+static void help_calib(void)
+{
+    help_opt("--calib-data FILE", "calibration text for a data-aware quantizer (optq); needed by those", NULL);
+    help_opt("--calib-format F", "text, alpaca, input-output or oasst1", "detected");
+    help_opt("--calib-samples N", "windows of --calib-len tokens drawn from the file", "128");
+    help_opt("--calib-len L", "tokens a window", "512");
+    help_opt("--calib-seed S", "where the windows start (--seed in quantize)", "0");
+    help_opt("--calib-save FILE", "write the windows' token ids as JSON", NULL);
+}
+
+/* One calibration flag into co; 1 when c was one, -1 on a bad value. */
+static int calib_flag(int c, const char *arg, ql_calib_opts *co)
+{
+    long v = 0;
+    switch (c) {
+    case OPT_CALIB_DATA: co->data = arg; return 1;
+    case OPT_CALIB_FORMAT: co->format = arg; return 1;
+    case OPT_CALIB_SAMPLES:
+        if (parse_long_arg("--calib-samples", arg, 1, 1 << 20, &v)) return -1;
+        co->samples = (int)v;
+        return 1;
+    case OPT_CALIB_LEN:
+        if (parse_long_arg("--calib-len", arg, 1, 1 << 24, &v)) return -1;
+        co->len = (int)v;
+        return 1;
+    case OPT_CALIB_SEED:
+        if (parse_long_arg("--seed", arg, 0, LONG_MAX, &v)) return -1;
+        co->seed = (uint64_t)v;
+        return 1;
+    case OPT_CALIB_SAVE: co->save_tokens = arg; return 1;
+    default: return 0;
+    }
+}
+
+#define CALIB_LONGOPTS                                                                                         \
+    {"calib-data", required_argument, NULL, OPT_CALIB_DATA},                                                    \
+        {"calib-format", required_argument, NULL, OPT_CALIB_FORMAT},                                            \
+        {"calib-samples", required_argument, NULL, OPT_CALIB_SAMPLES},                                          \
+        {"calib-len", required_argument, NULL, OPT_CALIB_LEN}, {"calib-seed", required_argument, NULL, OPT_CALIB_SEED}, \
+        {"calib-save", required_argument, NULL, OPT_CALIB_SAVE}
+
 static int help_train(void)
 {
     ql_train_opts o;
@@ -551,6 +599,7 @@ static int help_train(void)
     help_opt("--eval-dataset-size N", "hold out N examples of --data (a fraction when below 1) as the eval data",
              o.eval_dataset_size > 0 ? NULL : "none");
     help_opt("--max-eval-examples N", "evaluate the first N examples of the eval data", "all");
+    help_calib();
     help_int("--lora-r N", "LoRA rank", o.lora.r);
     help_num("--lora-alpha A", "LoRA alpha: the update is scaled by alpha / r", o.lora.alpha);
     help_num("--lora-dropout P", "dropout on the LoRA input", o.lora.dropout);
@@ -654,6 +703,7 @@ static const struct option train_options[] = {
     {"precision", required_argument, NULL, OPT_PRECISION},
     {"optim", required_argument, NULL, OPT_OPTIM},
     {"offload", required_argument, NULL, OPT_OFFLOAD},
+    CALIB_LONGOPTS,
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -669,8 +719,12 @@ static int train_parsed(int argc, char **argv, const qp_args *qp)
     long lv = 0;
     double dv = 0;
     int c, bad = 0, rc;
+    ql_calib_opts calib = {.progress = 1};
     optind = 1;
     while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
+        int cf = calib_flag(c, optarg, &calib);
+        if (cf < 0) return 2;
+        if (cf) continue;
         switch (c) {
         case OPT_MODEL: o.model_dir = optarg; break;
         case 'q': o.quantizer = optarg; break;
@@ -759,6 +813,10 @@ static int train_parsed(int argc, char **argv, const qp_args *qp)
     if (format) rc = ql_data_format_parse(format, &o.data.format);
     else rc = detect_format(o.data_path, &o.data.format);
     if (rc) return fail(rc);
+    if (!calib.data && (calib.format || calib.samples || calib.len || calib.save_tokens))
+        return usage_error("--calib-format, --calib-samples, --calib-len and --calib-save need --calib-data FILE");
+    calib.progress = o.progress;
+    if (calib.data) o.calib = &calib;
     rc = ql_train(&o);
     return rc ? fail(rc) : 0;
 }
@@ -1187,8 +1245,11 @@ static int help_quantize(void)
     help_opt("--force", "replace OUT_DIR when it exists", NULL);
     help_opt("--device D", "cpu, cuda or auto: where to quantize; the files are byte-identical",
              quantize_defaults.device);
+    help_calib();
     help_quiet();
-    return help_end("qlora quantize --quantizer=nf4:double_quant=0 models/llama-7b -o models/llama-7b-nf4");
+    return help_end("qlora quantize --quantizer=nf4:double_quant=0 models/llama-7b -o models/llama-7b-nf4\n"
+                    "       qlora quantize --quantizer=optq:bits=3,groupsize=128 models/llama-7b -o models/llama-7b-optq3 "
+                    "--calib-data c4.txt --calib-format text --calib-samples 128 --calib-len 2048");
 }
 
 static int cmd_quantize(int argc, char **argv)
@@ -1197,14 +1258,20 @@ static int cmd_quantize(int argc, char **argv)
         {"quantizer", required_argument, NULL, 'q'}, {"output", required_argument, NULL, 'o'},
         {"force", no_argument, NULL, OPT_FORCE},     {"quiet", no_argument, NULL, OPT_QUIET},
         {"device", required_argument, NULL, OPT_DEVICE},
+        CALIB_LONGOPTS,
+        {"seed", required_argument, NULL, OPT_CALIB_SEED},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
     const char *spec = quantize_defaults.quantizer, *out = NULL;
-    ql_quantize_opts opts = {.force = 0, .progress = 1, .device = quantize_defaults.device};
+    ql_calib_opts calib = {.progress = 1};
+    ql_quantize_opts opts = {.force = 0, .progress = 1, .device = quantize_defaults.device, .calib = &calib};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":q:o:h", longopts, NULL)) != -1) {
+        int cf = calib_flag(c, optarg, &calib);
+        if (cf < 0) return 2;
+        if (cf) continue;
         switch (c) {
         case 'q': spec = optarg; break;
         case 'o': out = optarg; break;
@@ -1220,6 +1287,9 @@ static int cmd_quantize(int argc, char **argv)
     }
     if (optind != argc - 1) return usage_error("expected one MODEL_DIR");
     if (!out) return usage_error("-o OUT_DIR is required");
+    if (!calib.data && (calib.format || calib.samples || calib.len || calib.save_tokens))
+        return usage_error("--calib-format, --calib-samples, --calib-len and --calib-save need --calib-data FILE");
+    calib.progress = opts.progress;
     int rc = ql_quantize_model(argv[optind], spec, out, &opts);
     return rc ? fail(rc) : 0;
 }

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "calibrate.h"
 #include "plugin.h"
 
 #ifdef __cplusplus
@@ -111,6 +112,11 @@ typedef struct ql_llama_load_opts {
      * search path is taken (ql_qz_open_from_file). */
     const char *quantizer_file;
     int progress;
+    /* Calibration data for a data-aware quantizer (plugin ABI 1.3) on a
+     * full-precision checkpoint: the model loads dense, then the
+     * layer-sequential pass quantizes it.  NULL (or calib->data NULL) with a
+     * quantizer that needs calibration is QL_EINVAL naming --calib-data. */
+    const ql_calib_opts *calib;
 } ql_llama_load_opts;
 
 int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **out);

@@ -76,6 +76,14 @@ int ql_qz_matches(const ql_qz *q, const char *file_spec);
  * "nf4:blocksize=64"). */
 int ql_qz_same_name(const char *a, const char *b);
 void ql_qz_close(ql_qz *q);
+/* ABI 1.3: 1 when q has the calibration slots; 1 when q, as configured,
+ * cannot quantize without calibration data (QL_QUANTIZER_NEEDS_CALIBRATION,
+ * and calibration_needed() when present). */
+int ql_qz_can_calibrate(const ql_qz *q);
+int ql_qz_needs_calibration(const ql_qz *q);
+/* QL_OK when q can `what` ("quantize MODEL", ...) with have_data, else
+ * QL_EINVAL with a message naming --calib-data. */
+int ql_qz_require_calibration(const ql_qz *q, int have_data, const char *what);
 
 /* ---- probing plugins in a child process ---- */
 

@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 
+#include "calibrate.h"
 #include "plugin.h"
 
 #ifdef __cplusplus
@@ -18,6 +19,11 @@ typedef struct ql_quantize_opts {
      * quantizes on the CPU with a warning) or "auto" (cuda when a device is
      * present and the plugin has quantize_device, else cpu). */
     const char *device;
+    /* Calibration data for a data-aware quantizer (plugin ABI 1.3); NULL or
+     * calib->data NULL: none, and a quantizer that needs it is refused
+     * before anything is written.  With data, the model is loaded and
+     * quantized in the layer-sequential pass (on the CPU). */
+    const ql_calib_opts *calib;
 } ql_quantize_opts;
 
 /* Quantize every block linear of MODEL_DIR into OUT_DIR in the layout that

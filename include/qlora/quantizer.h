@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 #define QL_QUANTIZER_ABI_MAJOR 1
-#define QL_QUANTIZER_ABI_MINOR 2
+#define QL_QUANTIZER_ABI_MINOR 3
 #define QL_QUANTIZER_ENTRY_NAME "ql_quantizer_entry"
 
 #if defined(_WIN32)
@@ -120,6 +120,7 @@ typedef struct ql_state_info {
 
 typedef struct ql_quantizer ql_quantizer; /* a configured quantizer (plugin-defined) */
 typedef struct ql_qstate ql_qstate;       /* packed weights of one matrix (plugin-defined) */
+typedef struct ql_calib ql_calib;         /* ABI 1.3: what a data-aware quantizer saw of a matrix's inputs */
 
 enum { QL_LOG_DEBUG = 0, QL_LOG_INFO = 1, QL_LOG_WARN = 2 };
 
@@ -176,6 +177,12 @@ typedef struct ql_device_out {
 
 /* Optional-slot capability bits in ql_quantizer_desc.flags. */
 #define QL_QUANTIZER_HAS_CUDA 0x1u
+/* ABI 1.3: quantize() needs calibration data: the host must calibrate
+ * (calib_create, calib_feed, quantize_calibrated, calib_free, all four
+ * present) unless calibration_needed() says this configured instance does
+ * not (an option such as optq's rtn=1).  The host refuses to quantize with
+ * such a plugin without calibration data, before any work. */
+#define QL_QUANTIZER_NEEDS_CALIBRATION 0x2u
 
 /* The descriptor a plugin exports.  Required slots must be non-NULL; optional
  * slots are NULL when unsupported and the host checks before calling.  New
@@ -223,7 +230,8 @@ typedef struct ql_quantizer_desc {
     /* --- optional (NULL when absent) --- */
     /* y[n, rows] = x[n, cols] * W^T, without materializing W. */
     int (*matmul)(const ql_quantizer *q, const ql_qstate *s, const float *x, int64_t n, float *y);
-    /* Data-aware quantizers: see a layer's inputs x[n, cols] before quantize(). */
+    /* Retired by ABI 1.3's calibration slots below: no host calls it (it
+     * stays in the table, which is append-only). */
     int (*calibrate)(ql_quantizer *q, const ql_matrix_desc *m, const float *x, int64_t n);
     /* CUDA: copy a state to the device, materialize there on a stream
      * (cudaStream_t passed as void *), free the device copy. */
@@ -264,6 +272,33 @@ typedef struct ql_quantizer_desc {
      * quantize(); a CUDA failure is QL_ECUDA with the CUDA error text. */
     int (*quantize_device)(const ql_quantizer *q, const ql_matrix_desc *m, const void *dev_w, int32_t w_dtype,
                            void *stream, ql_qstate **out);
+
+    /* --- optional, ABI 1.3 (data-aware quantizers; docs/plugin-abi.md, "Calibration (1.3)") --- */
+    /* The four calibration slots come together (all or none).  Per matrix
+     * the host calls calib_create, then calib_feed once per batch of the
+     * inputs the matrix sees at inference (the layer-sequential pass: the
+     * blocks before it already quantized), then quantize_calibrated, then
+     * calib_free.  One calibration may serve several matrices that see the
+     * same inputs (q, k and v; gate and up): quantize_calibrated only reads
+     * it.  Calls on one calibration come from one thread; different
+     * calibrations may be fed concurrently. */
+    /* A calibration for matrices of m->cols input features (m names the
+     * first matrix it serves, for messages). */
+    int (*calib_create)(const ql_quantizer *q, const ql_matrix_desc *m, ql_calib **out);
+    /* One batch of inputs: x[n, cols] float32 rows, row-major, borrowed for
+     * the call (conventionally one calibration sequence of n tokens).
+     * Non-finite input is QL_ENUMERIC with the index. */
+    int (*calib_feed)(const ql_quantizer *q, ql_calib *c, const float *x, int64_t n);
+    /* quantize() of w with what c has seen; m->cols equals c's width (else
+     * QL_EINVAL).  The state is an ordinary one: save(), materialize() and
+     * the rest take it unchanged. */
+    int (*quantize_calibrated)(const ql_quantizer *q, const ql_matrix_desc *m, const float *w, const ql_calib *c,
+                               ql_qstate **out);
+    void (*calib_free)(const ql_quantizer *q, ql_calib *c); /* calib_free(q, NULL) is a no-op */
+    /* Optional even with the four: 1 when this configured instance cannot
+     * quantize without calibration, 0 when it can (quantize() then works
+     * alone).  NULL: as QL_QUANTIZER_NEEDS_CALIBRATION in flags says. */
+    int (*calibration_needed)(const ql_quantizer *q);
 } ql_quantizer_desc;
 
 /* The one symbol a plugin exports. */

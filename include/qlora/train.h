@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "calibrate.h"
 #include "dataset.h"
 #include "lora.h"
 
@@ -56,6 +57,9 @@ typedef struct ql_train_opts {
     /* "on", "off" or "auto"/NULL (on on the GPU): the layer inputs that
      * gradient checkpointing keeps, in page-locked host memory */
     const char *offload;
+    /* calibration data for a data-aware quantizer that quantizes the base on
+     * load (plugin ABI 1.3); NULL: none */
+    const ql_calib_opts *calib;
 } ql_train_opts;
 
 void ql_train_opts_default(ql_train_opts *o);
