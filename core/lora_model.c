@@ -798,7 +798,7 @@ int ql_lora_model_zero_grads(ql_lora_model *lm)
         lm->grads_zero = 1;
         lm->gclip = 0;
         if (lm->page_grads) ql_be(lm->ctx, zero, lm->ss, (size_t)lm->c->n_layers * sizeof(double));
-        return ql_be_check(lm->ctx);
+        return lm->ctx->status ? ql_be_check(lm->ctx) : QL_OK; /* no synchronization: the optimizer step runs on */
     }
     if (lm->grads == lm->lora->grads || !lm->grads) {
         memset(lm->lora->grads, 0, lm->lora->n_params * sizeof(float));
