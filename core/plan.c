@@ -166,6 +166,9 @@ int ql_plan_alloc(ql_plan *p)
         plan_text(p, text, sizeof text);
         format_size(sz, sizeof sz, failed >= 0 ? p->bytes[failed] : 0);
         ql_plan_free(p);
+        if (failed == QL_ROLE_PINNED) /* host memory that could not be had or page-locked */
+            return ql_error(QL_ENOMEM, "cannot allocate and page-lock the %s arena (%s) in host memory for this %s%s, "
+                            "or keep it on the device with --offload off", role_names[failed], sz, text, p->advice);
         if (failed >= 0)
             return ql_error(QL_ENOMEM, "out of memory for the %s arena (%s) of this %s%s", role_names[failed], sz,
                             text, p->advice);
