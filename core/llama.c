@@ -884,6 +884,7 @@ void ql_kv_cache_destroy(ql_kv_cache *c)
 
 void ql_kv_cache_reset(ql_kv_cache *c) { c->len = 0; }
 int ql_kv_cache_length(const ql_kv_cache *c) { return c->len; }
+void ql_kv_cache_truncate(ql_kv_cache *c, int len) { c->len = len < 0 ? 0 : len < c->len ? len : c->len; }
 
 /* ---- forward ---- */
 

@@ -330,6 +330,14 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     ql_kv_cache *cache = NULL;
     if (rc == QL_OK) rc = logits ? ql_kv_cache_create(m, c->max_len, &cache) : ql_error(QL_ENOMEM, "out of memory");
     json_t *per = json_object();
+    /* the table: each subject's questions and correct answers */
+    int64_t *sub_n = calloc(ns ? ns : 1, sizeof *sub_n), *sub_ok = calloc(ns ? ns : 1, sizeof *sub_ok);
+    if (rc == QL_OK && (!sub_n || !sub_ok)) rc = ql_error(QL_ENOMEM, "out of memory");
+    /* the previous prompt's ids, whose attention cache the next one reuses where they agree */
+    const int reuse = !o->no_reuse && c->rope.type != QL_ROPE_DYNAMIC;
+    int32_t *prev = NULL;
+    size_t prev_n = 0;
+    int64_t reused = 0, run = 0;
     double sum_subject = 0;
     int64_t correct_all = 0, total_all = 0, fewer_shots = 0, truncated = 0;
     ql_progress prog;
@@ -373,9 +381,18 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                 }
             }
             if (rc == QL_OK && shots < o->shots) fewer_shots++;
-            if (rc == QL_OK) {
-                ql_kv_cache_reset(cache);
-                rc = ql_llama_forward(m, cache, ids, (int)n, logits, 1);
+            if (rc == QL_OK) { /* from the first token where it differs from the previous prompt (at least the last) */
+                size_t keep = 0;
+                if (reuse)
+                    while (keep < prev_n && keep + 1 < n && ids[keep] == prev[keep]) keep++;
+                ql_kv_cache_truncate(cache, (int)keep);
+                rc = ql_llama_forward(m, cache, ids + keep, (int)(n - keep), logits, 1);
+                reused += (int64_t)keep;
+                run += (int64_t)(n - keep);
+                free(prev);
+                prev = ids;
+                prev_n = rc == QL_OK ? n : 0;
+                ids = NULL;
             }
             if (rc == QL_OK) {
                 int best = 0;
@@ -391,6 +408,8 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
             sum_subject += acc;
             correct_all += correct;
             total_all += (int64_t)limit;
+            sub_n[s] = (int64_t)limit;
+            sub_ok[s] = correct;
         }
         free_questions(dev, ndev);
         free_questions(qs, nq);
@@ -408,6 +427,19 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                     "qlora: warning: MMLU: %lld of %lld prompts are longer than the model's %d positions even without "
                     "dev questions; their start was cut\n",
                     (long long)truncated, (long long)total_all, c->max_len);
+        if (o->table) {
+            fprintf(out, "%-40s %9s %8s %9s\n", "subject", "questions", "correct", "accuracy");
+            for (size_t s = 0; s < ns; s++)
+                if (sub_n[s])
+                    fprintf(out, "%-40s %9lld %8lld %8.1f%%\n", subjects[s], (long long)sub_n[s], (long long)sub_ok[s],
+                            100.0 * (double)sub_ok[s] / (double)sub_n[s]);
+            const size_t k = json_object_size(per);
+            fprintf(out, "%-40s %9lld %8lld %8.1f%%  (the mean of the %zu subjects' accuracies, as qlora.py reports it)\n",
+                    "all subjects", (long long)total_all, (long long)correct_all, k ? 100.0 * sum_subject / (double)k : 0.0,
+                    k);
+            fprintf(out, "%-40s %9s %8s %8.1f%%  (correct / questions)\n", "all questions", "", "",
+                    total_all ? 100.0 * (double)correct_all / (double)total_all : 0.0);
+        }
         json_t *res = json_object();
         json_object_set_new(res, "mmlu_split", json_string(split));
         json_object_set_new(res, "shots", json_integer(o->shots));
@@ -417,6 +449,8 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         json_object_set_new(res, "accuracy_micro", json_real(total_all ? (double)correct_all / (double)total_all : 0));
         json_object_set_new(res, "prompts_with_fewer_shots", json_integer(fewer_shots));
         json_object_set_new(res, "prompts_truncated", json_integer(truncated));
+        json_object_set_new(res, "tokens_run", json_integer(run));
+        json_object_set_new(res, "tokens_reused", json_integer(reused));
         json_t *aid = json_array();
         for (int k = 0; k < 4; k++) json_array_append_new(aid, json_integer(letter_id[k]));
         json_object_set_new(res, "answer_token_ids", aid);
@@ -429,6 +463,9 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         free(text);
     }
     json_decref(per);
+    free(prev);
+    free(sub_n);
+    free(sub_ok);
     ql_kv_cache_destroy(cache);
     free(logits);
     for (size_t i = 0; i < ns; i++) free(subjects[i]);

@@ -1116,7 +1116,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
         goto done;
     if (mmlu) {
         ql_mmlu_opts mo = {.dir = mmlu, .split = mmlu_split, .shots = (int)shots, .max_per_subject = max_examples,
-                           .progress = progress};
+                           .progress = progress, .table = isatty(STDOUT_FILENO)}; /* the JSON line stays last */
         rc = ql_mmlu_eval(m, tok, &mo, stdout);
         goto done;
     }

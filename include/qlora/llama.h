@@ -149,6 +149,9 @@ int ql_kv_cache_create(const ql_llama *m, int capacity, ql_kv_cache **out);
 void ql_kv_cache_destroy(ql_kv_cache *c);
 void ql_kv_cache_reset(ql_kv_cache *c);
 int ql_kv_cache_length(const ql_kv_cache *c);
+/* Keep the first len positions (0 <= len <= the length; others are clamped):
+ * the next forward continues from there. */
+void ql_kv_cache_truncate(ql_kv_cache *c, int len);
 
 /* Run T tokens starting at the cache's current length; logits [T, vocab]
  * (logits may be NULL to skip the output layer, or `last_only` to compute

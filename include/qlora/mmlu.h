@@ -20,6 +20,14 @@ typedef struct ql_mmlu_opts {
     int64_t max_per_subject; /* <= 0: all */
     int progress;
     int no_warnings; /* 1: the warnings (letter tokens, fewer shots, cut prompts) are not printed; the JSON has them */
+    /* 1: a table of each subject's questions and accuracy, then the
+     * averages, before the JSON line (the command does so on a terminal) */
+    int table;
+    /* 1: every prompt from an empty cache.  0 (default): a prompt reuses the
+     * attention cache of the tokens it shares with the one before (the
+     * subject's header and dev questions), so only its question is run;
+     * not with dynamic RoPE, whose frequencies follow the whole length */
+    int no_reuse;
 } ql_mmlu_opts;
 
 /* Prints one JSON object (accuracy = mean over subjects as qlora.py reports
