@@ -920,7 +920,7 @@ START_TEST(test_mmlu_prefix_reuse)
         ck_assert_msg(json_equal(json_object_get(a, keys[k]), json_object_get(b, keys[k])),
                       "%s differs with the prefix reused:\n%s\n%s", keys[k], fresh, kept);
     /* the table: a header, a line per subject, the two averages, then the JSON */
-    ck_assert(strstr(fresh, "subject") == NULL);
+    ck_assert(fresh[0] == '{'); /* no table: the JSON line alone */
     ck_assert_msg(!strncmp(kept, "subject ", 8), "%s", kept);
     ck_assert_ptr_nonnull(strstr(kept, "\nabstract_algebra "));
     ck_assert_ptr_nonnull(strstr(kept, "\nall subjects "));
