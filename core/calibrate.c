@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "calibrate_internal.h"
+#include "ops_backward.h"
 #include "progress.h"
 #include "qlora/dataset.h"
 #include "qlora/error.h"
@@ -21,23 +22,6 @@
 #include "qlora/tokenizer.h"
 
 /* ---- the windows ---- */
-
-static uint64_t splitmix64(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static uint64_t uniform_below(uint64_t *state, uint64_t bound)
-{
-    uint64_t threshold = (0 - bound) % bound;
-    for (;;) {
-        uint64_t r = splitmix64(state);
-        if (r >= threshold) return r % bound;
-    }
-}
 
 static int save_windows(const char *path, const int32_t *tokens, int samples, int len)
 {
@@ -108,7 +92,7 @@ int ql_calib_tokens(const ql_calib_opts *opts, const char *model_dir, int max_le
     }
     uint64_t state = opts->seed;
     for (int s = 0; s < S; s++) {
-        const uint64_t start = uniform_below(&state, (uint64_t)(total - T));
+        const uint64_t start = ql_uniform_below(&state, (uint64_t)(total - T));
         memcpy(out + (size_t)s * T, stream + start, (size_t)T * sizeof *out);
     }
     if (opts->save_tokens && (rc = save_windows(opts->save_tokens, out, S, T))) goto done;

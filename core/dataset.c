@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ops_backward.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
 
@@ -588,24 +589,6 @@ void ql_dataset_destroy(ql_dataset *d)
 
 /* ---- epoch order ---- */
 
-static uint64_t splitmix64(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* Uniform in [0, bound): reject draws below 2^64 mod bound, then reduce. */
-static uint64_t uniform_below(uint64_t *state, uint64_t bound)
-{
-    uint64_t threshold = (0 - bound) % bound;
-    for (;;) {
-        uint64_t r = splitmix64(state);
-        if (r >= threshold) return r % bound;
-    }
-}
-
 typedef struct sort_item {
     int32_t len;
     size_t pos, idx;
@@ -628,7 +611,7 @@ int ql_dataset_order(const ql_dataset *d, int64_t seed, int group_by_length, int
     if (seed >= 0) {
         uint64_t state = (uint64_t)seed;
         for (size_t i = n; i > 1; i--) {
-            size_t j = (size_t)uniform_below(&state, i);
+            size_t j = (size_t)ql_uniform_below(&state, i);
             size_t t = order[i - 1];
             order[i - 1] = order[j];
             order[j] = t;

@@ -1137,6 +1137,15 @@ int ql_lora_model_gather(ql_lora_model *lm, const ql_example *const *ex, int n, 
 
 /* ---- the step ---- */
 
+/* The copy queue, from here on, after what the main queue has queued so far
+ * (event `slot` recorded there, waited for here); back with be->queue = 0. */
+static void to_copy_queue(ql_be_ctx *be, int slot)
+{
+    ql_be(be, event, slot, 0);
+    be->queue = 2;
+    ql_be(be, event, slot, 1);
+}
+
 /* Offloading: layer i's input rounded to bf16 into stage16[i & 1] (once the
  * copy that last used that buffer is done), then copied to the host on the
  * copy queue, except for the last two layers, whose copies the backward
@@ -1148,9 +1157,7 @@ static void save_input(ql_lora_model *lm, int i, float *x, int64_t n)
     ql_be(be, event, EV_MOVED + b, 1);
     ql_be(be, round_bf16, lm->stage16[b], x, n);
     if (i >= lm->c->n_layers - 2) return;
-    ql_be(be, event, EV_STAGED + b, 0);
-    be->queue = 2;
-    ql_be(be, event, EV_STAGED + b, 1);
+    to_copy_queue(be, EV_STAGED + b);
     ql_be(be, download_async, lm->in16[i], lm->stage16[b], (size_t)n * 2);
     ql_be(be, event, EV_MOVED + b, 0);
     be->queue = 0;
@@ -1166,9 +1173,7 @@ static void grads_in(ql_lora_model *lm, int i)
     const int b = i & 1;
     const int64_t off = lm->goff[i], k = lm->goff[i + 1] - off;
     if (k == 0) return;
-    ql_be(be, event, EV_GFREE + b, 0);
-    be->queue = 2;
-    ql_be(be, event, EV_GFREE + b, 1);
+    to_copy_queue(be, EV_GFREE + b);
     if (lm->grads_zero) ql_be(be, zero, lm->gbuf[b], (size_t)k * sizeof(float));
     else ql_be(be, upload, lm->gbuf[b], lm->lora->grads + off, (size_t)k * sizeof(float));
     ql_be(be, event, EV_GIN + b, 0);
@@ -1184,9 +1189,7 @@ static void grads_out(ql_lora_model *lm, int i)
     const int64_t off = lm->goff[i], k = lm->goff[i + 1] - off;
     if (k == 0) return;
     ql_be(be, sum_squares_into, lm->ss + i, lm->ss_parts, lm->gbuf[b], k);
-    ql_be(be, event, EV_GDONE + b, 0);
-    be->queue = 2;
-    ql_be(be, event, EV_GDONE + b, 1);
+    to_copy_queue(be, EV_GDONE + b);
     ql_be(be, download_async, lm->lora->grads + off, lm->gbuf[b], (size_t)k * sizeof(float));
     be->queue = 0;
 }
@@ -1200,9 +1203,7 @@ static void restore_input(ql_lora_model *lm, int i, float *x, int64_t n)
     ql_be(be, event, EV_MOVED + b, 1);
     ql_be(be, widen_bf16, x, lm->stage16[b], n);
     if (i < 2) return;
-    ql_be(be, event, EV_STAGED + b, 0);
-    be->queue = 2;
-    ql_be(be, event, EV_STAGED + b, 1);
+    to_copy_queue(be, EV_STAGED + b);
     ql_be(be, upload, lm->stage16[b], lm->in16[i - 2], (size_t)n * 2);
     ql_be(be, event, EV_MOVED + b, 0);
     be->queue = 0;

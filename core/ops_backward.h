@@ -137,6 +137,8 @@ int64_t ql_count_targets(const int32_t *targets, int64_t T, int32_t ignore_index
 /* splitmix64 (Steele, Lea, Flood 2014): state += 0x9E3779B97F4A7C15, then the
  * output is the mixed state.  Use it to derive per-step / per-layer seeds. */
 uint64_t ql_splitmix64_next(uint64_t *state);
+/* Uniform in [0, bound) from the stream: draws below 2^64 mod bound rejected, then reduced. */
+uint64_t ql_uniform_below(uint64_t *state, uint64_t bound);
 /* Inverted dropout: element i is kept iff u_i >= p, where u_i is a 16-bit
  * uniform / 2^16: of z = the (i/4)-th (0-based) output of a splitmix64 stream
  * whose state starts at seed, i.e. mix(seed + (i/4 + 1) * 0x9E3779B97F4A7C15),

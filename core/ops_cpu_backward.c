@@ -448,6 +448,15 @@ uint64_t ql_splitmix64_next(uint64_t *state)
     return splitmix64_mix(*state);
 }
 
+uint64_t ql_uniform_below(uint64_t *state, uint64_t bound)
+{
+    const uint64_t threshold = (0 - bound) % bound;
+    for (;;) {
+        uint64_t r = ql_splitmix64_next(state);
+        if (r >= threshold) return r % bound;
+    }
+}
+
 /* element i's 16 bits of the (i/4)-th output of the splitmix64 stream seeded
  * with seed, as a uniform in [0, 1) */
 static int dropout_keep(uint64_t seed, int64_t i, float p)
