@@ -855,8 +855,9 @@ START_TEST(test_device_flags)
         {"--device tpu", "train: --device tpu: use cpu, cuda or auto"},
         {"--precision fp8", "train: --precision fp8: use fp32, bf16 or auto"},
         {"--optim sgd", "train: --optim sgd: use adamw, paged_adamw (paged_adamw_32bit) or auto"},
+        {"--offload yes", "train: --offload yes: use on, off or auto"},
     };
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         int st = qlora(&out, &err, "train --model '%s' --data '%s' --output '%s' --steps 1 %s", model, data, run,
                        bad[i][0]);
         ck_assert_int_eq(st, 2);
