@@ -2,7 +2,7 @@
 """Ours beside the peer's, from the JSON lines of one scripts/gpu-check call.
 
 Reads the lines of `qlora bench` (impl "qlora") and of the peer scripts in
-bench/peers/ (qlora_step.py, bnb_materialize.py, bnb_linear.py) on stdin or
+bench/peers/ (qlora_step.py, bnb_materialize.py, bnb_linear.py, sdpa_attention.py) on stdin or
 from the files named, and prints one table a kind of row that both sides
 measured: the training step (s/step, tokens/s, memory, speed-up), the
 materialize (ms and times a copy, speed-up) and the 4-bit linear forward
@@ -39,7 +39,7 @@ def main(argv):
                 lines += f.readlines()
     else:
         lines = sys.stdin.readlines()
-    step, mat, lin = {}, {}, {}
+    step, mat, lin, att = {}, {}, {}, {}
     for r in rows(lines):
         side = "ours" if ours(r) else "peer"
         if r["bench"] == "step" and "s_per_step" in r:
@@ -50,6 +50,8 @@ def main(argv):
         elif r["bench"] == "linear":
             key = (r["rows"], r["cols"], r["tokens"]) if side == "ours" else (r["out"], r["in"], r["tokens"])
             lin.setdefault(key, {})[side] = r
+        elif r["bench"] == "attention" and (side == "peer" or r.get("variant") == "fused"):
+            att.setdefault((r["shape"], r["seq"]), {})[side] = r
     out = []
     both = [(k, v) for k, v in step.items() if len(v) == 2]
     if both:
@@ -78,6 +80,16 @@ def main(argv):
             o, p = v["ours"], v["peer"]
             out.append("%-12s %6d %11.2f %12.2f %12.4f %12.4f" % ("%dx%d" % (rr, cc), t, o["x_bf16"], p["ratio"],
                                                                   o["ms_4bit"], p["ms_4bit"]))
+    both = [(k, v) for k, v in sorted(att.items()) if len(v) == 2]
+    if both:
+        out.append("")
+        out.append("%-9s %6s %9s %9s %9s %9s %9s" % ("attention", "T", "ours fwd", "peer fwd", "ours bwd", "peer bwd",
+                                                   "fwd+bwd"))
+        for (shape, t), v in both:
+            o, p = v["ours"], v["peer"]
+            out.append("%-9s %6d %9.3f %9.3f %9.3f %9.3f %8.2fx" % (shape, t, o["fwd_ms"], p["fwd_ms"], o["bwd_ms"],
+                                                                    p["bwd_ms"], (p["fwd_ms"] + p["bwd_ms"]) /
+                                                                    (o["fwd_ms"] + o["bwd_ms"])))
     print("\n".join(out) if out else "ratio_table: no row measured by both sides")
     return 0
 

@@ -98,6 +98,9 @@ typedef struct ql_backend {
      * probabilities a tile of ql_be_att_tile() query rows at a time in the
      * scratch; `dscores` is then unused (ql_be_attention_floats sizes both). */
     int attention_lse;
+    /* 1 when that bf16 attention with head size hd runs fused (CUDA, flash
+     * style: no tile of scores in memory; ql_be_att_fused); NULL: never */
+    int (*fused_attention)(int hd);
     /* ---- context ---- */
     int (*open)(ql_be_ctx *ctx);   /* fill ctx->impl (stream, handles); may be NULL */
     void (*close)(ql_be_ctx *ctx); /* release ctx->impl; may be NULL */
@@ -227,9 +230,10 @@ typedef struct ql_backend {
     /* masked: backward of attention_forward_train (same window).  dq[B*T, nh,
      * hd], dk, dv[B*T, nkv, hd] written (padded rows 0); dscores[B, nh, T, T]
      * is scratch laid out as probs.  q, k are the rotated values the forward
-     * consumed. */
+     * consumed; out is the forward's output (the fused attention takes
+     * rowsum(P dP) as dout . out; the others do not read it). */
     int (*attention_backward)(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
-                              const float *q, const float *k, const float *v, const float *probs,
+                              const float *out, const float *q, const float *k, const float *v, const float *probs,
                               const ql_be_batch *mb, int nh, int nkv, int hd, int window);
     /* dgate[n], dup[n] of out = silu(gate) * up; outputs may alias inputs */
     int (*swiglu_backward)(ql_be_ctx *ctx, float *dgate, float *dup, const float *dout, const float *gate,
@@ -300,6 +304,12 @@ struct ql_be_ctx {
 #define QL_BE_ATT_BUDGET ((int64_t)16 << 20)
 int64_t ql_be_att_tile(int64_t T, int nh);
 void ql_be_att_budget_set(int64_t elements); /* <= 0: QL_BE_ATT_BUDGET */
+/* 1 when backend be runs the bf16 training attention of head size hd fused
+ * (be->fused_attention), unless a test or benchmark turned fusion off with
+ * ql_be_att_fused_set(0) (then the tiled path; 1 restores the default).
+ * Set it before the plan sizes the scratch: the tiled path needs more. */
+int ql_be_att_fused(const ql_backend *be, int hd);
+void ql_be_att_fused_set(int on);
 
 /* Floats of `probs` (which = 0) or `dscores` (which = 1) that the training
  * attention of backend be needs under `precision`. */

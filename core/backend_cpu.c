@@ -300,10 +300,10 @@ static int cpu_rope_backward(ql_be_ctx *ctx, float *dx, const ql_be_batch *mb, i
 }
 
 static int cpu_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores, const float *dout,
-                                  const float *q, const float *k, const float *v, const float *probs,
+                                  const float *out, const float *q, const float *k, const float *v, const float *probs,
                                   const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
-    (void)ctx;
+    (void)ctx, (void)out;
     const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
     for (int64_t b = 0; b < mb->B; b++) {
         const int64_t n = mb->len[b], sq = b * T * qd, skv = b * T * kvd, sp = b * nh * T * T;
@@ -608,6 +608,14 @@ int64_t ql_be_attention_floats(const ql_backend *be, int precision, int which, i
 }
 
 static int64_t att_budget = QL_BE_ATT_BUDGET;
+static int att_fused = 1;
+
+void ql_be_att_fused_set(int on) { att_fused = on != 0; }
+
+int ql_be_att_fused(const ql_backend *be, int hd)
+{
+    return att_fused && be && be->fused_attention && be->fused_attention(hd);
+}
 
 void ql_be_att_budget_set(int64_t elements) { att_budget = elements > 0 ? elements : QL_BE_ATT_BUDGET; }
 
@@ -631,9 +639,12 @@ size_t ql_be_scratch_bytes(const ql_backend *be, int precision, int64_t rows, in
     const int64_t io = max_in > max_out ? max_in : max_out;
     const size_t prod = align256((size_t)(rows * io) * e) + align256((size_t)max_w * e);
     const int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, tile = ql_be_att_tile(T, nh);
+    /* fused: rowsum(P dP) [rows, nh] beside the operands; tiled: a tile's
+     * scores and their gradient in float32 and bf16 */
     const size_t sq = (size_t)((int64_t)nh * tile * T);
-    const size_t att = align256((size_t)(rows * qd) * 2) * 2 + align256((size_t)(rows * kvd) * 2) * 2 +
-                       align256(sq * 4) * 2 + align256(sq * 2) * 2;
+    const size_t tiles = ql_be_att_fused(be, hd) ? align256((size_t)(rows * nh) * 4)
+                                                 : align256(sq * 4) * 2 + align256(sq * 2) * 2;
+    const size_t att = align256((size_t)(rows * qd) * 2) * 2 + align256((size_t)(rows * kvd) * 2) * 2 + tiles;
     const int64_t r = lora_r > 0 ? lora_r : 0;
     const size_t lora = r ? align256((size_t)(rows * max_in) * e) + align256((size_t)(rows * max_out) * e) +
                                 align256((size_t)(r * max_in) * e) + align256((size_t)(r * max_out) * e) +

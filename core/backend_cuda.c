@@ -677,9 +677,42 @@ static int tile_apply(ql_be_ctx *ctx, const uint16_t *p16, const uint16_t *x16, 
     return rc;
 }
 
+/* The fused attention (kernels/ops_flash_attention.cu): bf16 copies of q, k,
+ * v (and dout) in the scratch, then one kernel forward, three backward. */
+static int fused16(ql_be_ctx *ctx, att16 *a, float **D, const float *q, const float *k, const float *v,
+                   const float *dout, const ql_be_batch *mb, int nh, int nkv, int hd)
+{
+    const int64_t R = mb->B * mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
+    size_t off = 0;
+    memset(a, 0, sizeof *a);
+    int rc = carve(ctx, &off, (size_t)(R * qd) * 2, (void **)&a->q, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)(R * qd) * 2, (void **)&a->dout, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)(R * kvd) * 2, (void **)&a->k, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)(R * kvd) * 2, (void **)&a->v, "attention");
+    if (!rc) rc = carve(ctx, &off, (size_t)(R * nh) * 4, (void **)D, "attention");
+    if (!rc) rc = to_bf16(ctx, a->q, q, R * qd);
+    if (!rc) rc = to_bf16(ctx, a->k, k, R * kvd);
+    if (!rc) rc = to_bf16(ctx, a->v, v, R * kvd);
+    if (!rc && dout) rc = to_bf16(ctx, a->dout, dout, R * qd);
+    return rc;
+}
+
+static int cuda_fused_attention(int hd) { return qlk_flash_supported(hd); }
+
 static int attention16_forward(ql_be_ctx *ctx, float *out, float *lse, const float *q, const float *k, const float *v,
                                const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
+    if (ql_be_att_fused(ctx->be, hd)) {
+        att16 a;
+        float *D;
+        const int32_t *len = NULL;
+        int rc = stage_len(ctx, mb, &len);
+        if (!rc) rc = fused16(ctx, &a, &D, q, k, v, NULL, mb, nh, nkv, hd);
+        return rc ? rc
+                  : launched(qlk_flash_forward(stream(ctx), out, lse, a.q, a.k, a.v, len, mb->B, mb->T, nh, nkv, hd,
+                                               window),
+                             "attention");
+    }
     const int64_t T = mb->T, qd = (int64_t)nh * hd, tile = ql_be_att_tile(T, nh);
     att16 a;
     int rc = att16_operands(ctx, &a, q, k, v, NULL, mb, nh, nkv, hd);
@@ -700,10 +733,21 @@ static int attention16_forward(ql_be_ctx *ctx, float *out, float *lse, const flo
     return rc;
 }
 
-static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                                const float *k, const float *v, const float *lse, const ql_be_batch *mb, int nh,
-                                int nkv, int hd, int window)
+static int attention16_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, const float *dout,
+                                const float *fwd_out, const float *q, const float *k, const float *v, const float *lse,
+                                const ql_be_batch *mb, int nh, int nkv, int hd, int window)
 {
+    if (ql_be_att_fused(ctx->be, hd)) {
+        att16 a;
+        float *D;
+        const int32_t *len = NULL;
+        int rc = stage_len(ctx, mb, &len);
+        if (!rc) rc = fused16(ctx, &a, &D, q, k, v, dout, mb, nh, nkv, hd);
+        return rc ? rc
+                  : launched(qlk_flash_backward(stream(ctx), dq, dk, dv, D, dout, fwd_out, a.q, a.k, a.v, a.dout, lse,
+                                                len, mb->B, mb->T, nh, nkv, hd, window),
+                             "attention backward");
+    }
     const int64_t T = mb->T, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, g = nh / nkv,
                   tile = ql_be_att_tile(T, nh);
     const float scale = 1.0f / sqrtf((float)hd);
@@ -751,11 +795,12 @@ static int cuda_attention_forward_train(ql_be_ctx *ctx, float *out, float *probs
 }
 
 static int cuda_attention_backward(ql_be_ctx *ctx, float *dq, float *dk, float *dv, float *dscores,
-                                   const float *dout, const float *q, const float *k, const float *v,
-                                   const float *probs, const ql_be_batch *mb, int nh, int nkv, int hd, int window)
+                                   const float *dout, const float *out, const float *q, const float *k,
+                                   const float *v, const float *probs, const ql_be_batch *mb, int nh, int nkv, int hd,
+                                   int window)
 {
     if (ctx->precision == QL_PREC_BF16)
-        return attention16_backward(ctx, dq, dk, dv, dout, q, k, v, probs, mb, nh, nkv, hd, window);
+        return attention16_backward(ctx, dq, dk, dv, dout, out, q, k, v, probs, mb, nh, nkv, hd, window);
     const int32_t *len = NULL;
     int rc = stage_len(ctx, mb, &len);
     return rc ? rc
@@ -1015,6 +1060,7 @@ static const ql_backend cuda_backend = {
     .name = "cuda",
     .host_memory = 0,
     .attention_lse = 1,
+    .fused_attention = cuda_fused_attention,
     .open = cuda_open,
     .close = cuda_close,
     .sync = cuda_sync,

@@ -387,7 +387,7 @@ static int layer_bwd(ctx *x, int i, layer_acts *a, const float *dout, float *dx,
     ql_be(x->be, rmsnorm_backward, s->dmid, NULL, s->dxn, a->xmid, L->mlp_norm, a->rstd2, d->R, d->H, 1);
     /* attention */
     if ((rc = linear_bwd(x, i, QL_MOD_O, a, a->att, s->dmid, s->datt, 0, s->dh))) return rc;
-    ql_be(x->be, attention_backward, s->dq, s->dk, s->dv, s->dscores, s->datt, a->q, a->k, a->v, a->probs, &x->mb,
+    ql_be(x->be, attention_backward, s->dq, s->dk, s->dv, s->dscores, s->datt, a->att, a->q, a->k, a->v, a->probs, &x->mb,
           d->nh, d->nkv, (int)d->hd, window);
     ql_be(x->be, rope_backward, s->dq, &x->mb, d->nh, (int)d->hd, 0, x->inv_freq, x->rope_scale);
     ql_be(x->be, rope_backward, s->dk, &x->mb, d->nkv, (int)d->hd, 0, x->inv_freq, x->rope_scale);

@@ -79,6 +79,20 @@ int qlk_tile_softmax(void *stream, const float *s, uint16_t *p16, float *lse, in
 int qlk_tile_softmax_backward(void *stream, const float *s, const float *dp, uint16_t *p16, uint16_t *ds16,
                               const float *lse, int64_t ld_lse, int nh, int64_t t0, int64_t m, int64_t k0, int64_t kn,
                               int window);
+/* The fused bf16 training attention (ops_flash_attention.cu): 1 when head
+ * size hd has a kernel and the device can run it (sm_80 or newer).  Operands
+ * are bf16 [B*T, heads, hd]; lse [B, nh, T] as qlk_tile_softmax writes it.
+ * Backward: D is scratch of B*nh*T floats, dout and out the float32 output
+ * gradient and forward output (for rowsum(dO O)), dout16 its bf16 copy. */
+int qlk_flash_supported(int hd);
+int qlk_flash_forward(void *stream, float *out, float *lse, const uint16_t *q16, const uint16_t *k16,
+                      const uint16_t *v16, const int32_t *len, int64_t B, int64_t T, int nh, int nkv, int hd,
+                      int window);
+int qlk_flash_backward(void *stream, float *dq, float *dk, float *dv, float *D, const float *dout, const float *out,
+                       const uint16_t *q16, const uint16_t *k16, const uint16_t *v16, const uint16_t *dout16,
+                       const float *lse, const int32_t *len, int64_t B, int64_t T, int nh, int nkv, int hd,
+                       int window);
+
 #ifdef __cplusplus
 }
 #endif

@@ -446,20 +446,25 @@ START_TEST(attention)
     }
     buf dout = rnd((size_t)(B * T * qd), 1.0f), dq = poisoned((size_t)(B * T * qd));
     buf dk = poisoned((size_t)(B * T * kvd)), dv = poisoned((size_t)(B * T * kvd)), ds = poisoned((size_t)(B * nh * T * T));
-    BOTH((ctx, attention_backward, S(dq), S(dk), S(dv), S(ds), S(dout), S(q), S(k), S(v), S(probs), &mb, nh, nkv, hd,
+    BOTH((ctx, attention_backward, S(dq), S(dk), S(dv), S(ds), S(dout), S(out), S(q), S(k), S(v), S(probs), &mb, nh, nkv, hd,
           window));
     expect(&dq, 2e-5, "attention_backward dq");
     expect(&dk, 2e-5, "attention_backward dk");
     expect(&dv, 2e-5, "attention_backward dv");
     /* bf16 on the device (tensor-core products of rounded q, k, v, P) against
      * the CPU's float32: 3e-2 (observed near 3e-3); an index off by one is O(1).
-     * Twice: tiles of up to 256 query rows, then of 32 (a smaller score budget,
-     * as large models get: ql_be_att_tile) */
-    for (int small = 0; small < 2; small++) {
-        ql_be_att_budget_set(small ? (int64_t)nh * 32 * T : 0);
-        if (small) ck_assert_int_eq(ql_be_att_tile(T, nh), T < 32 ? T : 32);
+     * Three ways: fused (flash style, head sizes 64 and 128: the default
+     * there), then tiled with tiles of up to 256 query rows, then of 32 (a
+     * smaller score budget, as large models get: ql_be_att_tile) */
+    for (int mode = 0; mode < 3; mode++) {
+        const int fused = mode == 0 && (hd == 64 || hd == 128);
+        if (mode == 0 && !fused) continue; /* no fused kernel: modes 1 and 2 are the path */
+        ql_be_att_fused_set(mode == 0);
+        ck_assert_int_eq(ql_be_att_fused(gpu->be, hd), fused);
+        ql_be_att_budget_set(mode == 2 ? (int64_t)nh * 32 * T : 0);
+        if (mode == 2) ck_assert_int_eq(ql_be_att_tile(T, nh), T < 32 ? T : 32);
         buf scratch;
-        set_bf16(ql_be_scratch_bytes(NULL, QL_PREC_BF16, B * T, 1, 1, 0, T, nh, nkv, hd, 0), &scratch);
+        set_bf16(ql_be_scratch_bytes(gpu->be, QL_PREC_BF16, B * T, 1, 1, 0, T, nh, nkv, hd, 0), &scratch);
         cpu->precision = QL_PREC_FP32;
         CU(cudaMemset(out.d, 0xff, out.n * 4));
         CU(cudaMemset(probs.d, 0xff, probs.n * 4));
@@ -469,17 +474,31 @@ START_TEST(attention)
         /* probs holds each row's log-sum-exp [B, nh, T] (backend attention_lse) */
         ck_assert(gpu->be->attention_lse);
         ck_assert_int_eq(ql_be_attention_floats(gpu->be, QL_PREC_BF16, 0, B, T, nh), B * nh * T);
-        CU(cudaMemset(dq.d, 0xff, dq.n * 4));
-        CU(cudaMemset(dk.d, 0xff, dk.n * 4));
-        CU(cudaMemset(dv.d, 0xff, dv.n * 4));
-        ok(ql_be(gpu, attention_backward, dq.d, dk.d, dv.d, ds.d, dout.d, q.d, k.d, v.d, probs.d, &mb, nh, nkv, hd,
-                 window), "bf16 attention backward");
-        ok(ql_be_check(gpu), "bf16 attention backward");
+        buf grads[3] = {dq, dk, dv};
+        float *first[3];
+        for (int rep = 0; rep < 2; rep++) { /* twice: the same bits (no atomics, fixed orders) */
+            for (int j = 0; j < 3; j++) CU(cudaMemset(grads[j].d, 0xff, grads[j].n * 4));
+            ok(ql_be(gpu, attention_backward, dq.d, dk.d, dv.d, ds.d, dout.d, out.d, q.d, k.d, v.d, probs.d, &mb, nh,
+                     nkv, hd, window),
+               "bf16 attention backward");
+            ok(ql_be_check(gpu), "bf16 attention backward");
+            for (int j = 0; j < 3; j++) {
+                float *h = malloc(grads[j].n * 4);
+                CU(cudaMemcpy(h, grads[j].d, grads[j].n * 4, cudaMemcpyDeviceToHost));
+                if (rep == 0) first[j] = h;
+                else {
+                    ck_assert_msg(!memcmp(h, first[j], grads[j].n * 4), "bf16 attention backward (mode %d): "
+                                  "gradient %d differs between two runs", mode, j);
+                    free(h), free(first[j]);
+                }
+            }
+        }
         expect(&dq, 3e-2, "attention_backward dq (bf16)");
         expect(&dk, 3e-2, "attention_backward dk (bf16)");
         expect(&dv, 3e-2, "attention_backward dv (bf16)");
         set_fp32(&scratch);
     }
+    ql_be_att_fused_set(1);
     ql_be_att_budget_set(0);
     /* generation: T new rows after `past` cached ones, of sequence 0's data */
     for (int64_t past = 0; past <= 11; past += 11) {
@@ -642,14 +661,28 @@ static void step_on(ql_llama *m, ql_lora *l, ql_be_ctx *ctx, int checkpointing, 
     ctx->precision = QL_PREC_FP32;
 }
 
+/* A random untied LLaMA of head size 64 (the fused attention's; stories260K's is 8) */
+static ql_llama *random_hd64_model(const char *quantizer)
+{
+    ql_llama *m = NULL;
+    ok(ql_llama_random("{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": 256, "
+                       "\"intermediate_size\": 172, \"num_hidden_layers\": 3, \"num_attention_heads\": 4, "
+                       "\"num_key_value_heads\": 2, \"vocab_size\": 512, \"max_position_embeddings\": 512, "
+                       "\"rms_norm_eps\": 1e-5, \"tie_word_embeddings\": false}",
+                       quantizer, next_seed(), 0, &m),
+       "ql_llama_random");
+    return m;
+}
+
 /* _i < 8: float32 on both, checkpointing off then on; _i >= 8: bf16 on the
- * device against float32 on the CPU (loss 1e-2, gradients 5e-2 relative) */
+ * device against float32 on the CPU (loss 1e-2, gradients 5e-2 relative);
+ * _i >= 12: the same over a model of head size 64 (fused attention) */
 START_TEST(training_step_matches_cpu)
 {
     static const char *const quantizers[] = {"nf4", "int8", "none", "fp4:double_quant=0"};
     const char *qname = quantizers[_i % 4];
     const int checkpointing = (_i / 4) % 2 || _i >= 8, bf16 = _i >= 8;
-    ql_llama *m = load_model(qname);
+    ql_llama *m = _i >= 12 ? random_hd64_model(qname) : load_model(qname);
     int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
     uint64_t seeds[NSEQ];
     ql_lora *l = random_lora_and_batch(m, ids, labels, seeds);
@@ -681,14 +714,7 @@ START_TEST(prefetch_and_offload_on_the_gpu_are_bit_exact)
 {
     /* _i 2: offloading over an untied model, whose embeddings it also reads from host memory */
     ql_llama *m = NULL;
-    if (_i < 2) m = load_model("nf4");
-    else
-        ok(ql_llama_random("{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": 64, "
-                           "\"intermediate_size\": 172, \"num_hidden_layers\": 5, \"num_attention_heads\": 8, "
-                           "\"num_key_value_heads\": 4, \"vocab_size\": 512, \"max_position_embeddings\": 512, "
-                           "\"rms_norm_eps\": 1e-5, \"tie_word_embeddings\": false}",
-                           "nf4", next_seed(), 0, &m),
-           "ql_llama_random");
+    m = _i < 2 ? load_model("nf4") : random_hd64_model("nf4");
     int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX], len[NSEQ] = {TMAX, 41, 1};
     uint64_t seeds[NSEQ];
     ql_lora *l = random_lora_and_batch(m, ids, labels, seeds);
@@ -725,8 +751,8 @@ START_TEST(prefetch_and_offload_on_the_gpu_are_bit_exact)
     ck_assert_msg(bytes[1] > bytes[0], "auto did not plan %s (%llu vs %llu bytes)",
                   knob ? "the pinned inputs" : "the second weights buffer", (unsigned long long)bytes[1],
                   (unsigned long long)bytes[0]);
-    if (_i == 2) /* the bf16 embeddings [512, 64] left the device */
-        ck_assert_msg(wbytes[0] - wbytes[1] == 512 * 64 * 2, "offloading moved %lld bytes of weights",
+    if (_i == 2) /* the bf16 embeddings [512, 256] left the device */
+        ck_assert_msg(wbytes[0] - wbytes[1] == 512 * 256 * 2, "offloading moved %lld bytes of weights",
                       (long long)(wbytes[0] - wbytes[1]));
     for (int st = 0; st < STEPS; st++) {
         ck_assert_msg(loss[0][st] == loss[1][st], "step %d: loss %.17g without %s, %.17g with", st, loss[0][st],
@@ -1004,7 +1030,7 @@ int main(void)
     suite_add_tcase(s, t);
     TCase *st = tcase_create("step");
     tcase_set_timeout(st, 900);
-    tcase_add_loop_test(st, training_step_matches_cpu, 0, 12);
+    tcase_add_loop_test(st, training_step_matches_cpu, 0, 14);
     tcase_add_loop_test(st, prefetch_and_offload_on_the_gpu_are_bit_exact, 0, 3);
     tcase_add_test(st, paged_optimizer_and_gradients_are_bit_exact);
     tcase_add_test(st, train_30_steps_matches_cpu);
