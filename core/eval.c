@@ -138,11 +138,28 @@ int32_t ql_sample_token(const float *logits, int V, const ql_generate_opts *o, u
     return work[keep - 1].id;
 }
 
+/* 1 when some linear of m has a LoRA adapter attached (ql_lora_attach) */
+static int lora_attached(ql_llama *m)
+{
+    const ql_llama_config *c = ql_llama_get_config(m);
+    for (int i = 0; i < c->n_layers; i++) {
+        const ql_llama_layer *L = &ql_llama_layers(m)[i];
+        const ql_linear *ls[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (size_t k = 0; k < sizeof ls / sizeof *ls; k++)
+            if (ls[k]->lora_a) return 1;
+    }
+    return 0;
+}
+
+enum { DECODE_PIECE = 512 }; /* prompt tokens one pass of the decoder takes */
+
 int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const ql_generate_opts *o, char **text)
 {
     *text = NULL;
     const ql_llama_config *c = ql_llama_get_config(m);
     if (o->max_new_tokens < 1) return ql_error(QL_EINVAL, "max_new_tokens must be >= 1 (got %d)", o->max_new_tokens);
+    if (!o->lora && lora_attached(m))
+        return ql_error(QL_EINVAL, "the model has a LoRA adapter attached: pass it as ql_generate_opts.lora");
     int32_t *ids = NULL;
     size_t n = 0;
     int rc = ql_tokenizer_encode(tok, prompt, strlen(prompt), 1, &ids, &n);
@@ -152,26 +169,39 @@ int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const 
         return ql_error(QL_EINVAL, "the prompt has %zu tokens; the model takes %d, so no room is left to generate", n,
                         c->max_len);
     }
+    if (n == 0) { /* a tokenizer without a beginning-of-sequence token, and an empty prompt */
+        free(ids);
+        return ql_error(QL_EINVAL, "the prompt is empty and the tokenizer adds no beginning-of-sequence token: "
+                                   "nothing to continue from");
+    }
     int64_t cap64 = (int64_t)n + o->max_new_tokens;
     int cap = cap64 > c->max_len ? c->max_len : (int)cap64;
-    ql_kv_cache *cache = NULL;
+    ql_be_ctx *ctx = NULL;
+    ql_lora_model *lm = NULL;
     float *logits = malloc((size_t)c->vocab * sizeof *logits);
     prob_index *work = malloc((size_t)c->vocab * sizeof *work);
     int32_t *out = malloc((size_t)(o->max_new_tokens > 0 ? o->max_new_tokens : 1) * sizeof *out);
     int produced = 0;
     uint64_t rng = o->seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
     if (!logits || !work || !out) rc = ql_error(QL_ENOMEM, "out of memory");
-    if (rc == QL_OK) rc = ql_kv_cache_create(m, cap, &cache);
-    if (rc == QL_OK) rc = ql_llama_forward(m, cache, ids, (int)n, logits, 1);
-    while (rc == QL_OK && produced < o->max_new_tokens && ql_kv_cache_length(cache) < cap) {
+    if (rc == QL_OK) rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &ctx);
+    int precision = QL_PREC_FP32;
+    if (rc == QL_OK) rc = ql_be_precision(o->precision, ctx->be, &precision);
+    ql_lora_model_opts mo = {.batch = 1, .max_len = cap < DECODE_PIECE ? cap : DECODE_PIECE, .backward = 0,
+                             .allocate = 1, .precision = precision, .kv_capacity = cap};
+    if (rc == QL_OK) rc = ql_lora_model_create(m, (ql_lora *)o->lora, ctx, &mo, &lm);
+    if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
+    if (rc == QL_OK) rc = ql_lora_model_decode(lm, ids, (int)n, logits);
+    while (rc == QL_OK && produced < o->max_new_tokens && ql_lora_model_kv_length(lm) < cap) {
         int32_t next = ql_sample_token(logits, c->vocab, o, &rng, work);
         if (next == ql_tokenizer_eos(tok)) break;
         out[produced++] = next;
-        if (ql_kv_cache_length(cache) >= cap) break;
-        rc = ql_llama_forward(m, cache, &next, 1, logits, 1);
+        if (ql_lora_model_kv_length(lm) >= cap) break;
+        rc = ql_lora_model_decode(lm, &next, 1, logits);
     }
     if (rc == QL_OK) rc = ql_tokenizer_decode(tok, out, (size_t)produced, 1, text);
-    ql_kv_cache_destroy(cache);
+    ql_lora_model_destroy(lm);
+    ql_be_ctx_close(ctx);
     free(logits);
     free(work);
     free(out);

@@ -139,6 +139,10 @@ struct ql_lora_model {
     double *ss, *ss_parts;
     void *pinned_g;
     int ups_failed;
+    /* generation (opts.kv_capacity): keys and values [n_layers, kv_cap, kvd],
+     * the first kv_len positions filled */
+    float *kv_k, *kv_v;
+    int kv_cap, kv_len;
 };
 
 /* What one step works on (the model, this micro-batch's dims and seeds). */
@@ -861,8 +865,10 @@ static void plan_acts(ql_lora_model *lm, layer_acts *a, int layer, const dims *d
         ql_plan_add(p, A, (void **)&a->rstdq, R * d->nh, 4);
         ql_plan_add(p, A, (void **)&a->rstdk, R * d->nkv, 4);
     }
-    ql_plan_add(p, A, (void **)&a->probs,
-                ql_be_attention_floats(lm->ctx->be, lm->precision, 0, B, d->T, d->nh), 4);
+    a->probs = NULL; /* generation (a KV cache) runs attention_forward, which keeps nothing */
+    if (!lm->kv_cap)
+        ql_plan_add(p, A, (void **)&a->probs, ql_be_attention_floats(lm->ctx->be, lm->precision, 0, B, d->T, d->nh),
+                    4);
     ql_plan_add(p, A, (void **)&a->att, R * d->qd, 4);
     ql_plan_add(p, A, (void **)&a->xmid, R * d->H, 4);
     ql_plan_add(p, A, (void **)&a->xn2, R * d->H, 4);
@@ -914,6 +920,11 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     lm->checkpointing = o->checkpointing;
     lm->keep_all = lm->backward && !o->checkpointing;
     const int nl = c->n_layers;
+    if (o->kv_capacity > 0 && (lm->backward || o->batch != 1)) {
+        free(lm);
+        return ql_error(QL_EINVAL, "a key/value cache is for generation: one sequence, forward only");
+    }
+    lm->kv_cap = o->kv_capacity > 0 ? o->kv_capacity : 0;
     lm->acts = calloc((size_t)(lm->keep_all ? nl : 1), sizeof *lm->acts);
     lm->inputs = calloc((size_t)nl + 1, sizeof *lm->inputs);
     /* bf16 checkpointing keeps the layer inputs in bf16 (they are bf16 values) */
@@ -993,6 +1004,12 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     for (int i = 0; i < (lm->keep_all ? nl : 1); i++) plan_acts(lm, &lm->acts[i], i, &d, B);
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->xnf, d.R * d.H, 4);
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->rstdf, d.R, 4);
+    if (lm->kv_cap) {
+        ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->kv_k, (int64_t)nl * lm->kv_cap * d.kvd, 4);
+        ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->kv_v, (int64_t)nl * lm->kv_cap * d.kvd, 4);
+        snprintf(p->shape + strlen(p->shape), sizeof p->shape - strlen(p->shape), ", a %d-position KV cache",
+                 lm->kv_cap);
+    }
     if (lm->backward) {
         bwd_scratch *s = &lm->s;
         int S = QL_ROLE_BWD;
@@ -1352,4 +1369,124 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
         }
     if (rc) lm->held[0] = lm->held[1] = -1; /* a failed materialize may have left either buffer */
     return rc;
+}
+
+/* ---- generation ---- */
+
+/* layer_fwd for T new rows at positions past.., their keys and values
+ * written into the cache, attention over the cache (attention_forward) */
+static int layer_decode(ctx *x, int i, layer_acts *a, float *out, int past)
+{
+    const dims *d = &x->d;
+    const ql_llama_config *c = x->c;
+    const be_layer *L = &x->lm->layers[i];
+    const ql_lora_model *lm = x->lm;
+    const int window = ql_llama_layers(x->m)[i].window;
+    float *kc = lm->kv_k + (int64_t)i * lm->kv_cap * d->kvd, *vc = lm->kv_v + (int64_t)i * lm->kv_cap * d->kvd;
+    float *kn = kc + (int64_t)past * d->kvd, *vn = vc + (int64_t)past * d->kvd; /* this call's rows */
+    int rc;
+    ql_be(x->be, rmsnorm_forward, a->xn1, a->rstd1, a->x, L->attn_norm, d->R, d->H, c->rms_eps);
+    float *qp = L->q_norm ? a->qpre : a->q, *kp = L->q_norm ? a->kpre : kn;
+    if ((rc = linear_fwd(x, i, QL_MOD_Q, a, a->xn1, qp)) || (rc = linear_fwd(x, i, QL_MOD_K, a, a->xn1, kp)) ||
+        (rc = linear_fwd(x, i, QL_MOD_V, a, a->xn1, vn)))
+        return rc;
+    if (L->q_norm) {
+        ql_be(x->be, rmsnorm_forward, a->q, a->rstdq, a->qpre, L->q_norm, d->R * d->nh, d->hd, c->rms_eps);
+        ql_be(x->be, rmsnorm_forward, kn, a->rstdk, a->kpre, L->k_norm, d->R * d->nkv, d->hd, c->rms_eps);
+    }
+    ql_be(x->be, rope_forward, a->q, &x->mb, d->nh, (int)d->hd, past, x->inv_freq, x->rope_scale);
+    ql_be(x->be, rope_forward, kn, &x->mb, d->nkv, (int)d->hd, past, x->inv_freq, x->rope_scale);
+    ql_be(x->be, attention_forward, a->att, a->q, kc, vc, d->T, past, d->nh, d->nkv, (int)d->hd, window);
+    if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
+    ql_be(x->be, add_inplace, a->xmid, a->x, d->R * d->H);
+    ql_be(x->be, rmsnorm_forward, a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->R, d->H, c->rms_eps);
+    if ((rc = linear_fwd(x, i, QL_MOD_GATE, a, a->xn2, a->gate)) || (rc = linear_fwd(x, i, QL_MOD_UP, a, a->xn2, a->up)))
+        return rc;
+    ql_be(x->be, swiglu_forward, a->hm, a->gate, a->up, d->R * d->I);
+    if ((rc = linear_fwd(x, i, QL_MOD_DOWN, a, a->hm, out))) return rc;
+    ql_be(x->be, add_inplace, out, a->xmid, d->R * d->H);
+    return x->be->status;
+}
+
+/* T <= Tmax tokens at position lm->kv_len; logits of the last when wanted */
+static int decode_piece(ql_lora_model *lm, const int32_t *tokens, int T, float *logits)
+{
+    const ql_llama_config *c = lm->c;
+    ql_llama *m = lm->m;
+    const int past = lm->kv_len;
+    ctx x = {.lm = lm, .be = lm->ctx, .m = m, .lora = lm->lora, .c = c, .seeds = lm->h_seeds};
+    dims *d = &x.d;
+    set_dims(d, c, lm->lora, 1, T);
+    lm->h_len[0] = T;
+    x.mb = (ql_be_batch){.B = 1, .T = T, .len = lm->h_len};
+    /* the rotary table as ql_llama_forward takes it: for every position so far */
+    ql_llama_rope(lm->inv_freq, &x.rope_scale, m, past + T);
+    x.inv_freq = lm->inv_freq;
+    x.seqk = 0; /* the forward-only order of the weights */
+    if (lm->seq[0].state == 0) lm->seq[0].state = 1;
+    ql_be_ctx *be = lm->ctx;
+    const int64_t R = d->R, H = d->H;
+    const int nl = c->n_layers, bf16 = lm->precision == QL_PREC_BF16;
+    float *const *in = lm->inputs;
+    memcpy(lm->h_ids, tokens, (size_t)T * sizeof *tokens);
+    if (lm->embed16) ql_be(be, embedding_w16, in[0], lm->embed16, lm->h_ids, &x.mb, H);
+    else ql_be(be, embedding, in[0], lm->embed, lm->h_ids, &x.mb, H);
+    int rc = QL_OK;
+    for (int i = 0; i < nl && rc == QL_OK; i++) {
+        layer_acts *a = &lm->acts[0];
+        a->x = in[i & 1];
+        if (bf16 && i > 0) ql_be(be, round_bf16, NULL, a->x, R * H); /* the embedding is bf16 already */
+        rc = layer_decode(&x, i, a, in[(i + 1) & 1], past);
+    }
+    float *hidden = in[nl & 1];
+    if (bf16 && nl > 0) ql_be(be, round_bf16, NULL, hidden, R * H);
+    if (logits && rc == QL_OK) {
+        ql_be(be, rmsnorm_forward, lm->xnf, lm->rstdf, hidden + (R - 1) * H, lm->final_norm, 1, H, c->rms_eps);
+        if (lm->head16) ql_be(be, matmul_nt_w16, lm->logits, lm->xnf, lm->head16, 1, H, d->V, 0);
+        else ql_be(be, matmul_nt, lm->logits, lm->xnf, lm->head, 1, H, d->V, 0);
+        ql_be(be, download, logits, lm->logits, (size_t)d->V * sizeof *logits);
+    }
+    if (rc == QL_OK) rc = ql_be_check(be);
+    else ql_be_check(be);
+    if (lm->seq[0].state == 1) { /* a recording ends with its call: kept when whole */
+        lm->seq[0].state = rc ? 0 : 2;
+        if (rc) lm->seq[0].n = 0;
+    }
+    if (rc) lm->held[0] = lm->held[1] = -1;
+    else lm->kv_len += T;
+    return rc;
+}
+
+int ql_lora_model_decode(ql_lora_model *lm, const int32_t *tokens, int T, float *logits)
+{
+    const ql_llama_config *c = lm->c;
+    if (!lm->kv_cap) return ql_error(QL_EINVAL, "decode needs a model planned with a key/value cache");
+    if (!lm->h_ids) return ql_error(QL_EINVAL, "the model's memory plan was not allocated (a dry run)");
+    if (T < 1) return ql_error(QL_EINVAL, "decode of %d tokens", T);
+    if ((int64_t)lm->kv_len + T > lm->kv_cap)
+        return ql_error(QL_EINVAL, "sequence of %lld tokens exceeds the cache of %d", (long long)lm->kv_len + T,
+                        lm->kv_cap);
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= c->vocab)
+            return ql_error(QL_EINVAL, "token id %d at position %d is outside the vocabulary (%d)", tokens[t], t,
+                            c->vocab);
+    if (lm->ctx->status) return ql_be_check(lm->ctx); /* an earlier unchecked failure */
+    const int start = lm->kv_len;
+    for (int t0 = 0; t0 < T;) {
+        const int n = T - t0 < lm->Tmax ? T - t0 : lm->Tmax;
+        int rc = decode_piece(lm, tokens + t0, n, t0 + n == T ? logits : NULL);
+        if (rc) {
+            lm->kv_len = start;
+            return rc;
+        }
+        t0 += n;
+    }
+    return QL_OK;
+}
+
+int ql_lora_model_kv_length(const ql_lora_model *lm) { return lm->kv_len; }
+
+void ql_lora_model_kv_truncate(ql_lora_model *lm, int len)
+{
+    lm->kv_len = len < 0 ? 0 : len < lm->kv_len ? len : lm->kv_len;
 }

@@ -56,6 +56,11 @@ typedef struct ql_lora_model_opts {
      * buffers): 0 (auto): on with a device backend; -1 off; 1 on (also on
      * the CPU, in order) */
     int offload;
+    /* > 0: a key/value cache of that many positions in backend memory, for
+     * ql_lora_model_decode (generation); forward only.  batch must be 1 and
+     * max_len is then the most tokens one pass of decode takes (a longer
+     * prompt goes through in pieces of max_len). */
+    int kv_capacity;
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the
@@ -120,5 +125,19 @@ typedef struct ql_lora_step_opts {
  * d(sum)/dparams into lora->grads. */
 int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora_step_opts *opts, double *loss_sum,
                        int64_t *n_targets);
+
+/* Generation through the memory plan's weights (on the plan's backend): the
+ * T tokens append to the key/value cache (opts.kv_capacity) after the
+ * ql_lora_model_kv_length() positions already in it, through every layer
+ * (the same ops as a forward step: RoPE at their positions, the LoRA
+ * adapter without dropout, bf16 rounding at layer boundaries in bf16
+ * precision), and logits (host [V], may be NULL) gets the next-token logits
+ * of the last of them.  Positions past the cache's capacity, or tokens
+ * outside the vocabulary, are QL_EINVAL; on failure the cache keeps its
+ * length. */
+int ql_lora_model_decode(ql_lora_model *lm, const int32_t *tokens, int T, float *logits);
+int ql_lora_model_kv_length(const ql_lora_model *lm);
+/* keep the first len positions (0: empty) */
+void ql_lora_model_kv_truncate(ql_lora_model *lm, int len);
 
 #endif

@@ -30,6 +30,7 @@
  * cp.async, ldmatrix). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "cuda_common.cuh"
 #include "cuda_ops.h"
@@ -38,7 +39,7 @@
 
 namespace {
 
-enum { FA_THREADS = 128, FA_ROWS = 64, FA_KEYS = 64, FA_QSUB = 32 };
+enum { FA_THREADS = 128, FA_ROWS = 64, FA_KEYS = 64 };
 const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
 __device__ inline int64_t band_start(int64_t t, int window) { return window > 0 && t >= window ? t - window + 1 : 0; }
@@ -49,6 +50,11 @@ __device__ inline uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_ge
 __device__ inline void cp_async16(uint32_t dst, const void *src, int src_bytes)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+/* 4 bytes global -> shared, zeros when src_bytes is 0 */
+__device__ inline void cp_async4(uint32_t dst, const void *src, int src_bytes)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -75,10 +81,22 @@ __device__ inline void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* two floats as bf16 (nearest even) in one register, lo in the low half */
+/* two floats as bf16 (nearest even, one instruction) in one register, lo in
+ * the low half */
 __device__ inline uint32_t pack2(float lo, float hi)
 {
-    return (uint32_t)to_bf16(lo) | ((uint32_t)to_bf16(hi) << 16);
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+/* 2^x by the hardware's approximation (2 ulp; -inf gives 0): the
+ * probabilities enter bf16 products, which keep 8 bits */
+__device__ inline float ex2(float x)
+{
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
 }
 
 /* A tile of ROWS x HD bf16 in shared memory, its 16-byte chunks swizzled
@@ -94,12 +112,15 @@ template <int HD> __device__ inline uint32_t tile_at(uint32_t base, int row, int
 template <int HD, int ROWS>
 __device__ inline void load_tile(uint32_t dst, const uint16_t *src, int64_t ld, int64_t r0, int64_t limit)
 {
-    constexpr int CH = HD / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += FA_THREADS) {
-        const int row = i / CH, c = i % CH;
-        const int64_t r = r0 + row;
-        const int ok = r < limit;
-        cp_async16(tile_at<HD>(dst, row, c), ok ? src + r * ld + c * 8 : src, ok ? 16 : 0);
+    constexpr int CH = HD / 8, STEP = FA_THREADS / CH; /* chunks a row; rows a pass of the block */
+    static_assert(ROWS % STEP == 0, "tile rows");
+    const int c = threadIdx.x % CH, row0 = threadIdx.x / CH;
+    const uint16_t *p = src + (r0 + row0) * ld + c * 8;
+#pragma unroll
+    for (int k = 0; k < ROWS / STEP; k++) {
+        const int row = row0 + k * STEP;
+        const bool ok = r0 + row < limit;
+        cp_async16(tile_at<HD>(dst, row, c), ok ? p + (int64_t)k * STEP * ld : src, ok ? 16 : 0);
     }
 }
 
@@ -128,154 +149,206 @@ template <int HD> __device__ inline void frag_bt(uint32_t r[4], uint32_t tile, i
 }
 
 /* Is (query t, key s) inside the causal band of a sequence of n rows? */
-__device__ inline bool seen(int64_t t, int64_t s, int64_t n, int window)
+__device__ inline bool seen(int t, int s, int n, int window)
 {
-    return t < n && s <= t && s >= band_start(t, window);
+    return t < n && s <= t && (window <= 0 || s > t - window);
 }
 
 /* ---- forward ---- */
 
-template <int HD>
-__global__ void __launch_bounds__(FA_THREADS) k_flash_fwd(float *out, float *lse, const uint16_t *q, const uint16_t *k,
+/* Each warp takes RB blocks of 16 query rows (4 * 16 * RB rows a block) and
+ * tiles of KC keys.  RB 1 keeps the warp's Q fragments in registers; RB 2
+ * reads them from shared memory at every step and uses each K and V fragment
+ * for both row blocks (half the shared-memory reads per product). */
+template <int HD, int RB, int KC, int MINB>
+__global__ void __launch_bounds__(FA_THREADS, MINB) k_flash_fwd(float *out, float *lse, const uint16_t *q, const uint16_t *k,
                                                           const uint16_t *v, const int32_t *len, int64_t T, int nh,
                                                           int nkv, int window, float scale)
 {
+    constexpr int BR = 4 * 16 * RB;
     extern __shared__ uint4 smem[];
     const int qt = gridDim.x - 1 - blockIdx.x; /* the longest rows first */
     const int h = blockIdx.y, b = blockIdx.z, kvh = h / (nh / nkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int64_t n = len[b], q0 = (int64_t)qt * FA_ROWS, qd = (int64_t)nh * HD, kvd = (int64_t)nkv * HD;
+    const int64_t n = len[b], q0 = (int64_t)qt * BR, qd = (int64_t)nh * HD, kvd = (int64_t)nkv * HD;
     float *ob = out + b * T * qd + h * HD;
     float *lb = lse + ((int64_t)b * nh + h) * T;
     if (q0 >= n) { /* padded rows only */
-        for (int64_t i = threadIdx.x; i < (int64_t)FA_ROWS * HD; i += FA_THREADS) {
+        for (int64_t i = threadIdx.x; i < (int64_t)BR * HD; i += FA_THREADS) {
             const int64_t t = q0 + i / HD;
             if (t < T) ob[t * qd + i % HD] = 0.0f;
         }
-        for (int64_t t = q0 + threadIdx.x; t < q0 + FA_ROWS && t < T; t += FA_THREADS) lb[t] = 0.0f;
+        for (int64_t t = q0 + threadIdx.x; t < q0 + BR && t < T; t += FA_THREADS) lb[t] = 0.0f;
         return;
     }
-    const uint32_t sQ = smem_addr(smem), sK = sQ + FA_ROWS * HD * 2, sV = sK + 2 * FA_KEYS * HD * 2;
+    const uint32_t sQ = smem_addr(smem), sK = sQ + BR * HD * 2, sV = sK + 2 * KC * HD * 2;
     const uint16_t *qb = q + b * T * qd + h * HD, *kb = k + b * T * kvd + kvh * HD, *vb = v + b * T * kvd + kvh * HD;
-    const int64_t last = (q0 + FA_ROWS < n ? q0 + FA_ROWS : n) - 1;
-    const int kt0 = (int)(band_start(q0, window) / FA_KEYS), kt1 = (int)(last / FA_KEYS);
-    load_tile<HD, FA_ROWS>(sQ, qb, qd, q0, n);
-    load_tile<HD, FA_KEYS>(sK, kb, kvd, (int64_t)kt0 * FA_KEYS, n);
-    load_tile<HD, FA_KEYS>(sV, vb, kvd, (int64_t)kt0 * FA_KEYS, n);
+    const int64_t last = (q0 + BR < n ? q0 + BR : n) - 1;
+    const int kt0 = (int)(band_start(q0, window) / KC), kt1 = (int)(last / KC);
+    load_tile<HD, BR>(sQ, qb, qd, q0, n);
+    load_tile<HD, KC>(sK, kb, kvd, (int64_t)kt0 * KC, n);
+    load_tile<HD, KC>(sV, vb, kvd, (int64_t)kt0 * KC, n);
     cp_async_commit();
 
     const float sl = scale * LOG2E;
-    const int64_t tr[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}; /* this thread's two rows */
-    float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    int tr[RB][2]; /* this thread's rows (int: T < 2^31) */
+    float o[RB][HD / 8][4], m[RB][2], l[RB][2];
 #pragma unroll
-    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-    uint32_t qa[HD / 16][4];
+    for (int rb = 0; rb < RB; rb++) {
+        tr[rb][0] = (int)q0 + warp * 16 * RB + rb * 16 + g, tr[rb][1] = tr[rb][0] + 8;
+        m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) o[rb][j][0] = o[rb][j][1] = o[rb][j][2] = o[rb][j][3] = 0.0f;
+    }
+    uint32_t qa[RB == 1 ? HD / 16 : 1][4];
     for (int kt = kt0; kt <= kt1; kt++) {
         const int buf = (kt - kt0) & 1;
         if (kt < kt1) {
-            load_tile<HD, FA_KEYS>(sK + (buf ^ 1) * FA_KEYS * HD * 2, kb, kvd, (int64_t)(kt + 1) * FA_KEYS, n);
-            load_tile<HD, FA_KEYS>(sV + (buf ^ 1) * FA_KEYS * HD * 2, vb, kvd, (int64_t)(kt + 1) * FA_KEYS, n);
+            load_tile<HD, KC>(sK + (buf ^ 1) * KC * HD * 2, kb, kvd, (int64_t)(kt + 1) * KC, n);
+            load_tile<HD, KC>(sV + (buf ^ 1) * KC * HD * 2, vb, kvd, (int64_t)(kt + 1) * KC, n);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (kt == kt0) {
+        if constexpr (RB == 1) {
+            if (kt == kt0) {
 #pragma unroll
-            for (int ks = 0; ks < HD / 16; ks++) frag_a<HD>(qa[ks], sQ, warp * 16, ks);
+                for (int ks = 0; ks < HD / 16; ks++) frag_a<HD>(qa[ks], sQ, warp * 16, ks);
+            }
         }
-        const uint32_t tK = sK + buf * FA_KEYS * HD * 2, tV = sV + buf * FA_KEYS * HD * 2;
-        float s[FA_KEYS / 8][4];
+        const uint32_t tK = sK + buf * KC * HD * 2, tV = sV + buf * KC * HD * 2;
+        float s[RB][KC / 8][4];
 #pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        for (int rb = 0; rb < RB; rb++)
 #pragma unroll
-        for (int np = 0; np < FA_KEYS / 16; np++)
+            for (int j = 0; j < KC / 8; j++) s[rb][j][0] = s[rb][j][1] = s[rb][j][2] = s[rb][j][3] = 0.0f;
 #pragma unroll
-            for (int ks = 0; ks < HD / 16; ks++) {
+        for (int ks = 0; ks < HD / 16; ks++) { /* independent accumulators a step */
+            uint32_t a[RB][4];
+#pragma unroll
+            for (int rb = 0; rb < RB; rb++) {
+                if constexpr (RB == 1) {
+#pragma unroll
+                    for (int x = 0; x < 4; x++) a[rb][x] = qa[ks][x];
+                } else {
+                    frag_a<HD>(a[rb], sQ, warp * 16 * RB + rb * 16, ks);
+                }
+            }
+#pragma unroll
+            for (int np = 0; np < KC / 16; np++) {
                 uint32_t bf[4];
                 frag_b<HD>(bf, tK, np * 16, ks);
-                mma(s[2 * np], qa[ks], bf[0], bf[1]);
-                mma(s[2 * np + 1], qa[ks], bf[2], bf[3]);
+#pragma unroll
+                for (int rb = 0; rb < RB; rb++) {
+                    mma(s[rb][2 * np], a[rb], bf[0], bf[1]);
+                    mma(s[rb][2 * np + 1], a[rb], bf[2], bf[3]);
+                }
             }
-        /* scale, mask, online softmax */
-        const int64_t k0 = (int64_t)kt * FA_KEYS;
+        }
+        /* mask, online softmax in base 2 of the scaled scores (s sl) */
+        const int64_t k0 = (int64_t)kt * KC;
         /* a tile needs the mask where it reaches past the diagonal or before
          * some row's band; keys past n are past the diagonal of every valid row */
-        const bool edge = k0 + FA_KEYS - 1 > q0 || (window > 0 && k0 < band_start(q0 + FA_ROWS - 1, window));
-        float mt[2] = {-INFINITY, -INFINITY};
+        const bool edge = k0 + KC - 1 > q0 || (window > 0 && k0 < band_start(q0 + BR - 1, window));
+        uint32_t pa[RB][KC / 16][4];
 #pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; j++)
+        for (int rb = 0; rb < RB; rb++) {
+            if (edge) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int64_t t = tr[e >> 1], sk = k0 + j * 8 + 2 * t4 + (e & 1);
-                float x = s[j][e] * sl;
-                if (edge && !seen(t, sk, n, window)) x = -INFINITY;
-                s[j][e] = x;
-                mt[e >> 1] = fmaxf(mt[e >> 1], x);
+                for (int j = 0; j < KC / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (!seen(tr[rb][e >> 1], (int)k0 + j * 8 + 2 * t4 + (e & 1), (int)n, window)) s[rb][j][e] = -INFINITY;
             }
-        float alpha[2], base[2];
+            /* row maxima and sums as trees: without reassociation a running
+             * max or sum is a chain of KC / 4 dependent instructions */
+            float mt[2];
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
-            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
-            const float mn = fmaxf(m[r], mt[r]);
-            base[r] = mn == -INFINITY ? 0.0f : mn;
-            alpha[r] = exp2f(m[r] - base[r]);
-            m[r] = mn;
-            l[r] *= alpha[r];
-        }
+            for (int r = 0; r < 2; r++) {
+                float t[KC / 8];
 #pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            o[j][0] *= alpha[0], o[j][1] *= alpha[0];
-            o[j][2] *= alpha[1], o[j][3] *= alpha[1];
-        }
-        uint32_t pa[FA_KEYS / 16][4];
+                for (int j = 0; j < KC / 8; j++) t[j] = fmaxf(s[rb][j][2 * r], s[rb][j][2 * r + 1]);
 #pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; j++) {
+                for (int w = KC / 16; w >= 1; w /= 2)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[j][e] = exp2f(s[j][e] - base[e >> 1]);
-                l[e >> 1] += s[j][e];
+                    for (int j = 0; j < w; j++) t[j] = fmaxf(t[j], t[j + w]);
+                mt[r] = t[0];
+            }
+            float alpha[2], base[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
+                mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
+                const float mn = fmaxf(m[rb][r], mt[r] * sl);
+                base[r] = mn == -INFINITY ? 0.0f : mn;
+                alpha[r] = ex2(m[rb][r] - base[r]);
+                m[rb][r] = mn;
+                l[rb][r] *= alpha[r];
+            }
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                o[rb][j][0] *= alpha[0], o[rb][j][1] *= alpha[0];
+                o[rb][j][2] *= alpha[1], o[rb][j][3] *= alpha[1];
+            }
+#pragma unroll
+            for (int j = 0; j < KC / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[rb][j][e] = ex2(fmaf(s[rb][j][e], sl, -base[e >> 1]));
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float t[KC / 8];
+#pragma unroll
+                for (int j = 0; j < KC / 8; j++) t[j] = s[rb][j][2 * r] + s[rb][j][2 * r + 1];
+#pragma unroll
+                for (int w = KC / 16; w >= 1; w /= 2)
+#pragma unroll
+                    for (int j = 0; j < w; j++) t[j] += t[j + w];
+                l[rb][r] += t[0];
+            }
+#pragma unroll
+            for (int ks = 0; ks < KC / 16; ks++) {
+                pa[rb][ks][0] = pack2(s[rb][2 * ks][0], s[rb][2 * ks][1]);
+                pa[rb][ks][1] = pack2(s[rb][2 * ks][2], s[rb][2 * ks][3]);
+                pa[rb][ks][2] = pack2(s[rb][2 * ks + 1][0], s[rb][2 * ks + 1][1]);
+                pa[rb][ks][3] = pack2(s[rb][2 * ks + 1][2], s[rb][2 * ks + 1][3]);
             }
         }
 #pragma unroll
-        for (int ks = 0; ks < FA_KEYS / 16; ks++) {
-            pa[ks][0] = pack2(s[2 * ks][0], s[2 * ks][1]);
-            pa[ks][1] = pack2(s[2 * ks][2], s[2 * ks][3]);
-            pa[ks][2] = pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-            pa[ks][3] = pack2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
-        }
-#pragma unroll
-        for (int ks = 0; ks < FA_KEYS / 16; ks++)
+        for (int ks = 0; ks < KC / 16; ks++)
 #pragma unroll
             for (int np = 0; np < HD / 16; np++) {
                 uint32_t bf[4];
                 frag_bt<HD>(bf, tV, ks * 16, np);
-                mma(o[2 * np], pa[ks], bf[0], bf[1]);
-                mma(o[2 * np + 1], pa[ks], bf[2], bf[3]);
+#pragma unroll
+                for (int rb = 0; rb < RB; rb++) {
+                    mma(o[rb][2 * np], pa[rb][ks], bf[0], bf[1]);
+                    mma(o[rb][2 * np + 1], pa[rb][ks], bf[2], bf[3]);
+                }
             }
         __syncthreads(); /* every warp is done with this buffer before it is refilled */
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
+    for (int rb = 0; rb < RB; rb++)
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int64_t t = tr[r];
-        if (t >= T) continue;
-        const bool valid = t < n;
-        const float inv = valid ? 1.0f / l[r] : 0.0f;
-        float *orow = ob + t * qd;
+        for (int r = 0; r < 2; r++) {
+            float lr = l[rb][r];
+            lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+            lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+            const int64_t t = tr[rb][r];
+            if (t >= T) continue;
+            const bool valid = t < n;
+            const float inv = valid ? 1.0f / lr : 0.0f;
+            float *orow = ob + t * qd;
 #pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            float2 w = valid ? make_float2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv) : make_float2(0.0f, 0.0f);
-            *reinterpret_cast<float2 *>(orow + j * 8 + 2 * t4) = w;
+            for (int j = 0; j < HD / 8; j++) {
+                float2 w = valid ? make_float2(o[rb][j][2 * r] * inv, o[rb][j][2 * r + 1] * inv)
+                                 : make_float2(0.0f, 0.0f);
+                *reinterpret_cast<float2 *>(orow + j * 8 + 2 * t4) = w;
+            }
+            if (t4 == 0) lb[t] = valid ? (m[rb][r] + log2f(lr)) * LN2 : 0.0f;
         }
-        if (t4 == 0) lb[t] = valid ? (m[r] + log2f(l[r])) * LN2 : 0.0f;
-    }
 }
 
 /* ---- backward ---- */
@@ -298,8 +371,9 @@ __global__ void k_flash_rowdot(float *D, const float *dout, const float *out, co
     if (lane == 0) D[(b * nh + h) * T + t] = acc;
 }
 
-template <int HD>
-__global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dq(float *dq, const uint16_t *q, const uint16_t *k,
+/* KC keys a tile; MINB blocks an SM asked of the register allocator */
+template <int HD, int KC, int MINB>
+__global__ void __launch_bounds__(FA_THREADS, MINB) k_flash_bwd_dq(float *dq, const uint16_t *q, const uint16_t *k,
                                                              const uint16_t *v, const uint16_t *dout,
                                                              const float *lse, const float *D, const int32_t *len,
                                                              int64_t T, int nh, int nkv, int window, float scale)
@@ -318,15 +392,15 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dq(float *dq, const ui
         return;
     }
     const uint32_t sQ = smem_addr(smem), sO = sQ + FA_ROWS * HD * 2, sK = sO + FA_ROWS * HD * 2,
-                   sV = sK + 2 * FA_KEYS * HD * 2;
+                   sV = sK + 2 * KC * HD * 2;
     const uint16_t *qb = q + b * T * qd + h * HD, *ob = dout + b * T * qd + h * HD;
     const uint16_t *kb = k + b * T * kvd + kvh * HD, *vb = v + b * T * kvd + kvh * HD;
     const int64_t last = (q0 + FA_ROWS < n ? q0 + FA_ROWS : n) - 1;
-    const int kt0 = (int)(band_start(q0, window) / FA_KEYS), kt1 = (int)(last / FA_KEYS);
+    const int kt0 = (int)(band_start(q0, window) / KC), kt1 = (int)(last / KC);
     load_tile<HD, FA_ROWS>(sQ, qb, qd, q0, n);
     load_tile<HD, FA_ROWS>(sO, ob, qd, q0, n);
-    load_tile<HD, FA_KEYS>(sK, kb, kvd, (int64_t)kt0 * FA_KEYS, n);
-    load_tile<HD, FA_KEYS>(sV, vb, kvd, (int64_t)kt0 * FA_KEYS, n);
+    load_tile<HD, KC>(sK, kb, kvd, (int64_t)kt0 * KC, n);
+    load_tile<HD, KC>(sV, vb, kvd, (int64_t)kt0 * KC, n);
     cp_async_commit();
 
     const float sl = scale * LOG2E;
@@ -344,18 +418,18 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dq(float *dq, const ui
     for (int kt = kt0; kt <= kt1; kt++) {
         const int buf = (kt - kt0) & 1;
         if (kt < kt1) {
-            load_tile<HD, FA_KEYS>(sK + (buf ^ 1) * FA_KEYS * HD * 2, kb, kvd, (int64_t)(kt + 1) * FA_KEYS, n);
-            load_tile<HD, FA_KEYS>(sV + (buf ^ 1) * FA_KEYS * HD * 2, vb, kvd, (int64_t)(kt + 1) * FA_KEYS, n);
+            load_tile<HD, KC>(sK + (buf ^ 1) * KC * HD * 2, kb, kvd, (int64_t)(kt + 1) * KC, n);
+            load_tile<HD, KC>(sV + (buf ^ 1) * KC * HD * 2, vb, kvd, (int64_t)(kt + 1) * KC, n);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
-        const uint32_t tK = sK + buf * FA_KEYS * HD * 2, tV = sV + buf * FA_KEYS * HD * 2;
-        float s[FA_KEYS / 8][4], dp[FA_KEYS / 8][4];
+        const uint32_t tK = sK + buf * KC * HD * 2, tV = sV + buf * KC * HD * 2;
+        float s[KC / 8][4], dp[KC / 8][4];
 #pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; j++)
+        for (int j = 0; j < KC / 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
 #pragma unroll
@@ -364,7 +438,7 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dq(float *dq, const ui
             frag_a<HD>(fa, sQ, warp * 16, ks);
             frag_a<HD>(fo, sO, warp * 16, ks);
 #pragma unroll
-            for (int np = 0; np < FA_KEYS / 16; np++) {
+            for (int np = 0; np < KC / 16; np++) {
                 uint32_t bf[4];
                 frag_b<HD>(bf, tK, np * 16, ks);
                 mma(s[2 * np], fa, bf[0], bf[1]);
@@ -374,25 +448,26 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dq(float *dq, const ui
                 mma(dp[2 * np + 1], fo, bf[2], bf[3]);
             }
         }
-        const int64_t k0 = (int64_t)kt * FA_KEYS;
-        uint32_t da[FA_KEYS / 16][4];
+        const int64_t k0 = (int64_t)kt * KC;
+        const bool edge = k0 + KC - 1 > q0 || (window > 0 && k0 < band_start(q0 + FA_ROWS - 1, window));
+        uint32_t da[KC / 16][4];
 #pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; j++)
+        for (int j = 0; j < KC / 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int64_t t = tr[e >> 1], sk = k0 + j * 8 + 2 * t4 + (e & 1);
-                const float p = seen(t, sk, n, window) ? exp2f(s[j][e] * sl - ll[e >> 1]) : 0.0f;
+                float p = ex2(fmaf(s[j][e], sl, -ll[e >> 1]));
+                if (edge && !seen((int)tr[e >> 1], (int)k0 + j * 8 + 2 * t4 + (e & 1), (int)n, window)) p = 0.0f;
                 s[j][e] = p * (dp[j][e] - dd[e >> 1]);
             }
 #pragma unroll
-        for (int ks = 0; ks < FA_KEYS / 16; ks++) {
+        for (int ks = 0; ks < KC / 16; ks++) {
             da[ks][0] = pack2(s[2 * ks][0], s[2 * ks][1]);
             da[ks][1] = pack2(s[2 * ks][2], s[2 * ks][3]);
             da[ks][2] = pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
             da[ks][3] = pack2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
         }
 #pragma unroll
-        for (int ks = 0; ks < FA_KEYS / 16; ks++)
+        for (int ks = 0; ks < KC / 16; ks++)
 #pragma unroll
             for (int np = 0; np < HD / 16; np++) {
                 uint32_t bf[4];
@@ -415,7 +490,8 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dq(float *dq, const ui
     }
 }
 
-template <int HD>
+/* QS query rows a step */
+template <int HD, int QS>
 __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dkdv(float *dk, float *dv, const uint16_t *q,
                                                                const uint16_t *k, const uint16_t *v,
                                                                const uint16_t *dout, const float *lse, const float *D,
@@ -435,20 +511,29 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dkdv(float *dk, float 
         return;
     }
     const uint32_t sK = smem_addr(smem), sV = sK + FA_KEYS * HD * 2, sQ = sV + FA_KEYS * HD * 2,
-                   sO = sQ + 2 * FA_QSUB * HD * 2;
+                   sO = sQ + 2 * QS * HD * 2;
     const uint16_t *kb = k + b * T * kvd + kvh * HD, *vb = v + b * T * kvd + kvh * HD;
     /* the queries that see these keys: k0 .. qend-1 */
     int64_t qend = n;
     if (window > 0 && k0 + FA_KEYS - 1 + window < n) qend = k0 + FA_KEYS - 1 + window;
-    const int nsub = (int)((qend - k0 + FA_QSUB - 1) / FA_QSUB), steps = nsub * group;
+    const int nsub = (int)((qend - k0 + QS - 1) / QS), steps = nsub * group;
     load_tile<HD, FA_KEYS>(sK, kb, kvd, k0, n);
     load_tile<HD, FA_KEYS>(sV, vb, kvd, k0, n);
-    /* step i: query head kvh * group + i / nsub, rows k0 + (i % nsub) * FA_QSUB .. */
+    /* step i: query head kvh * group + i / nsub, rows k0 + (i % nsub) * QS .. */
+    /* each step's log-sum-exps (times log2 e) and rowsum(P dP), beside its tiles */
+    float *sL = reinterpret_cast<float *>(reinterpret_cast<char *>(smem) + (2 * FA_KEYS + 4 * QS) * HD * 2);
+    float *sD = sL + 2 * QS;
     auto load_step = [&](int i, int buf) {
         const int h = kvh * group + i / nsub;
-        const int64_t t0 = k0 + (int64_t)(i % nsub) * FA_QSUB;
-        load_tile<HD, FA_QSUB>(sQ + buf * FA_QSUB * HD * 2, q + b * T * qd + h * HD, qd, t0, n);
-        load_tile<HD, FA_QSUB>(sO + buf * FA_QSUB * HD * 2, dout + b * T * qd + h * HD, qd, t0, n);
+        const int64_t t0 = k0 + (int64_t)(i % nsub) * QS;
+        load_tile<HD, QS>(sQ + buf * QS * HD * 2, q + b * T * qd + h * HD, qd, t0, n);
+        load_tile<HD, QS>(sO + buf * QS * HD * 2, dout + b * T * qd + h * HD, qd, t0, n);
+        /* queued like the tiles (a plain load would stall its warp here for
+         * the whole trip to memory); rows past n read as zeros */
+        const int j = threadIdx.x & (QS - 1);
+        const int64_t t = t0 + j, row = ((int64_t)b * nh + h) * T + (t < n ? t : 0);
+        if (threadIdx.x < QS) cp_async4(smem_addr(sL + buf * QS + j), lse + row, t < n ? 4 : 0);
+        else if (threadIdx.x < 2 * QS) cp_async4(smem_addr(sD + buf * QS + j), D + row, t < n ? 4 : 0);
     };
     load_step(0, 0);
     cp_async_commit();
@@ -470,14 +555,12 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dkdv(float *dk, float 
             cp_async_wait<0>();
         }
         __syncthreads();
-        const int h = kvh * group + i / nsub;
-        const int64_t t0 = k0 + (int64_t)(i % nsub) * FA_QSUB;
-        const uint32_t tQ = sQ + buf * FA_QSUB * HD * 2, tO = sO + buf * FA_QSUB * HD * 2;
-        const float *lb = lse + ((int64_t)b * nh + h) * T, *Db = D + ((int64_t)b * nh + h) * T;
+        const int64_t t0 = k0 + (int64_t)(i % nsub) * QS;
+        const uint32_t tQ = sQ + buf * QS * HD * 2, tO = sO + buf * QS * HD * 2;
         /* S^T [16 keys, 32 queries] and dP^T */
-        float s[FA_QSUB / 8][4], dp[FA_QSUB / 8][4];
+        float s[QS / 8][4], dp[QS / 8][4];
 #pragma unroll
-        for (int j = 0; j < FA_QSUB / 8; j++)
+        for (int j = 0; j < QS / 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
 #pragma unroll
@@ -486,7 +569,7 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dkdv(float *dk, float 
             frag_a<HD>(fk, sK, warp * 16, ks);
             frag_a<HD>(fv, sV, warp * 16, ks);
 #pragma unroll
-            for (int np = 0; np < FA_QSUB / 16; np++) {
+            for (int np = 0; np < QS / 16; np++) {
                 uint32_t bf[4];
                 frag_b<HD>(bf, tQ, np * 16, ks);
                 mma(s[2 * np], fk, bf[0], bf[1]);
@@ -496,25 +579,31 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dkdv(float *dk, float 
                 mma(dp[2 * np + 1], fv, bf[2], bf[3]);
             }
         }
-        uint32_t pa[FA_QSUB / 16][4], da[FA_QSUB / 16][4];
+        /* the mask where the step reaches before the diagonal, past some
+         * key's band or past n (rows past n read as zeros would add zeros,
+         * but no exp of them is taken on trust) */
+        const bool edge = t0 < k0 + FA_KEYS - 1 || t0 + QS > n ||
+                          (window > 0 && t0 + QS - 1 - window + 1 > k0);
+        const float *stL = sL + buf * QS, *stD = sD + buf * QS;
+        uint32_t pa[QS / 16][4], da[QS / 16][4];
 #pragma unroll
-        for (int j = 0; j < FA_QSUB / 8; j++) {
+        for (int j = 0; j < QS / 8; j++) {
 #pragma unroll
             for (int c = 0; c < 2; c++) { /* the query column 2 t4 + c of n-tile j */
-                const int64_t t = t0 + j * 8 + 2 * t4 + c;
-                const bool tv = t < n;
-                const float lt = tv ? lb[t] * LOG2E : 0.0f, dt = tv ? Db[t] : 0.0f;
+                const int jj = j * 8 + 2 * t4 + c;
+                const float lt = stL[jj] * LOG2E, dt = stD[jj];
 #pragma unroll
                 for (int r = 0; r < 2; r++) { /* key rows g, g + 8 */
                     const int e = 2 * r + c;
-                    const float p = seen(t, sr[r], n, window) ? exp2f(s[j][e] * sl - lt) : 0.0f;
+                    float p = ex2(fmaf(s[j][e], sl, -lt));
+                    if (edge && !seen((int)t0 + jj, (int)sr[r], (int)n, window)) p = 0.0f;
                     s[j][e] = p;
                     dp[j][e] = p * (dp[j][e] - dt);
                 }
             }
         }
 #pragma unroll
-        for (int ks = 0; ks < FA_QSUB / 16; ks++) {
+        for (int ks = 0; ks < QS / 16; ks++) {
             pa[ks][0] = pack2(s[2 * ks][0], s[2 * ks][1]);
             pa[ks][1] = pack2(s[2 * ks][2], s[2 * ks][3]);
             pa[ks][2] = pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
@@ -525,7 +614,7 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd_dkdv(float *dk, float 
             da[ks][3] = pack2(dp[2 * ks + 1][2], dp[2 * ks + 1][3]);
         }
 #pragma unroll
-        for (int ks = 0; ks < FA_QSUB / 16; ks++)
+        for (int ks = 0; ks < QS / 16; ks++)
 #pragma unroll
             for (int np = 0; np < HD / 16; np++) {
                 uint32_t bf[4];
@@ -568,21 +657,72 @@ bool flash_device(void)
 }
 
 /* dynamic shared memory of each kernel, and raising the 48 KB default once */
-template <int HD> constexpr int fwd_smem() { return (FA_ROWS + 4 * FA_KEYS) * HD * 2; }
-template <int HD> constexpr int dq_smem() { return (2 * FA_ROWS + 4 * FA_KEYS) * HD * 2; }
-template <int HD> constexpr int dkdv_smem() { return (2 * FA_KEYS + 4 * FA_QSUB) * HD * 2; }
+template <int HD, int RB, int KC> constexpr int fwd_smem() { return (4 * 16 * RB + 4 * KC) * HD * 2; }
+template <int HD, int KC> constexpr int dq_smem() { return (2 * FA_ROWS + 4 * KC) * HD * 2; }
+template <int HD, int QS> constexpr int dkdv_smem() { return (2 * FA_KEYS + 4 * QS) * HD * 2 + 4 * QS * 4; }
 
 int raised[2] = {0, 0};
+
+/* The forward's variant: 0 (16 rows a warp, 64 keys a tile), 1 (32 rows, 32
+ * keys), 2 (32 rows, 64 keys; FlashAttention-2's shape), 3 (16 rows, 32 keys,
+ * three blocks an SM).  The default is the
+ * fastest measured (docs/benchmarks.md, bench/bench_attention.c): 2 for head
+ * size 128 (0.255 against 0.270 ms at 7b, 0.376 against 0.442 at 70b on the
+ * H200), 0 for 64.  QLK_FLASH_FWD=0|1|2|3 picks one for kernel work and the
+ * gpu suite; read once. */
+int fwd_variant = -2; /* -2: not read yet, -1: not set */
+
+int fwd_choice(int hd)
+{
+    if (fwd_variant == -2) {
+        const char *e = getenv("QLK_FLASH_FWD");
+        fwd_variant = e && *e >= '0' && *e <= '3' && !e[1] ? *e - '0' : -1;
+    }
+    return fwd_variant >= 0 ? fwd_variant : hd == 128 ? 2 : 0;
+}
+
+/* the dQ kernel's: 0 (64 keys a tile), 1 (32 keys, three blocks an SM);
+ * QLK_FLASH_DQ=0|1 */
+int dq_variant = -2;
+
+int dq_choice(void)
+{
+    if (dq_variant == -2) {
+        const char *e = getenv("QLK_FLASH_DQ");
+        dq_variant = e && *e >= '0' && *e <= '1' && !e[1] ? *e - '0' : -1;
+    }
+    return dq_variant >= 0 ? dq_variant : 0;
+}
+
+/* the dK/dV kernel's: 0 (32 query rows a step), 1 (64); QLK_FLASH_DKDV=0|1 */
+int dkdv_variant = -2;
+
+int dkdv_choice(void)
+{
+    if (dkdv_variant == -2) {
+        const char *e = getenv("QLK_FLASH_DKDV");
+        dkdv_variant = e && *e >= '0' && *e <= '1' && !e[1] ? *e - '0' : -1;
+    }
+    return dkdv_variant >= 0 ? dkdv_variant : 0;
+}
+
+template <typename K> cudaError_t smem_attr(K kernel, int bytes)
+{
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
 
 template <int HD> cudaError_t raise_smem(void)
 {
     int &done = raised[HD == 128];
     if (done) return cudaSuccess;
-    cudaError_t e = cudaFuncSetAttribute(k_flash_fwd<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_smem<HD>());
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_flash_bwd_dq<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem<HD>());
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_flash_bwd_dkdv<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_smem<HD>());
+    cudaError_t e = smem_attr(k_flash_fwd<HD, 1, 64, 1>, fwd_smem<HD, 1, 64>());
+    if (e == cudaSuccess) e = smem_attr(k_flash_fwd<HD, 2, 32, 1>, fwd_smem<HD, 2, 32>());
+    if (e == cudaSuccess) e = smem_attr(k_flash_fwd<HD, 2, 64, 1>, fwd_smem<HD, 2, 64>());
+    if (e == cudaSuccess) e = smem_attr(k_flash_fwd<HD, 1, 32, 3>, fwd_smem<HD, 1, 32>());
+    if (e == cudaSuccess) e = smem_attr(k_flash_bwd_dq<HD, 64, 1>, dq_smem<HD, 64>());
+    if (e == cudaSuccess) e = smem_attr(k_flash_bwd_dq<HD, 32, 3>, dq_smem<HD, 32>());
+    if (e == cudaSuccess) e = smem_attr(k_flash_bwd_dkdv<HD, 32>, dkdv_smem<HD, 32>());
+    if (e == cudaSuccess) e = smem_attr(k_flash_bwd_dkdv<HD, 64>, dkdv_smem<HD, 64>());
     done = e == cudaSuccess;
     return e;
 }
@@ -593,9 +733,26 @@ int flash_fwd(cudaStream_t st, float *out, float *lse, const uint16_t *q, const 
 {
     cudaError_t e = raise_smem<HD>();
     if (e != cudaSuccess) return (int)e;
-    const dim3 grid((unsigned)((T + FA_ROWS - 1) / FA_ROWS), (unsigned)nh, (unsigned)B);
-    k_flash_fwd<HD><<<grid, FA_THREADS, fwd_smem<HD>(), st>>>(out, lse, q, k, v, len, T, nh, nkv, window,
-                                                              1.0f / sqrtf((float)HD));
+    const float scale = 1.0f / sqrtf((float)HD);
+    const unsigned tiles64 = (unsigned)((T + 63) / 64), tiles128 = (unsigned)((T + 127) / 128);
+    const dim3 g64(tiles64, (unsigned)nh, (unsigned)B), g128(tiles128, (unsigned)nh, (unsigned)B);
+    switch (fwd_choice(HD)) {
+    case 1:
+        k_flash_fwd<HD, 2, 32, 1><<<g128, FA_THREADS, fwd_smem<HD, 2, 32>(), st>>>(out, lse, q, k, v, len, T, nh, nkv,
+                                                                                   window, scale);
+        break;
+    case 2:
+        k_flash_fwd<HD, 2, 64, 1><<<g128, FA_THREADS, fwd_smem<HD, 2, 64>(), st>>>(out, lse, q, k, v, len, T, nh, nkv,
+                                                                                   window, scale);
+        break;
+    case 3:
+        k_flash_fwd<HD, 1, 32, 3><<<g64, FA_THREADS, fwd_smem<HD, 1, 32>(), st>>>(out, lse, q, k, v, len, T, nh, nkv,
+                                                                                  window, scale);
+        break;
+    default:
+        k_flash_fwd<HD, 1, 64, 1><<<g64, FA_THREADS, fwd_smem<HD, 1, 64>(), st>>>(out, lse, q, k, v, len, T, nh, nkv,
+                                                                                  window, scale);
+    }
     return qlk_status();
 }
 
@@ -610,10 +767,19 @@ int flash_bwd(cudaStream_t st, float *dq, float *dk, float *dv, float *D, const 
     const int64_t warps = B * T * nh;
     k_flash_rowdot<<<qlk_blocks(warps * 32, 256), 256, 0, st>>>(D, dout32, out, len, B, T, nh, HD);
     const unsigned tiles = (unsigned)((T + FA_ROWS - 1) / FA_ROWS);
-    k_flash_bwd_dq<HD><<<dim3(tiles, (unsigned)nh, (unsigned)B), FA_THREADS, dq_smem<HD>(), st>>>(
-        dq, q, k, v, dout, lse, D, len, T, nh, nkv, window, scale);
-    k_flash_bwd_dkdv<HD><<<dim3((unsigned)((T + FA_KEYS - 1) / FA_KEYS), (unsigned)nkv, (unsigned)B), FA_THREADS,
-                           dkdv_smem<HD>(), st>>>(dk, dv, q, k, v, dout, lse, D, len, T, nh, nkv, window, scale);
+    if (dq_choice() == 1)
+        k_flash_bwd_dq<HD, 32, 3><<<dim3(tiles, (unsigned)nh, (unsigned)B), FA_THREADS, dq_smem<HD, 32>(), st>>>(
+            dq, q, k, v, dout, lse, D, len, T, nh, nkv, window, scale);
+    else
+        k_flash_bwd_dq<HD, 64, 1><<<dim3(tiles, (unsigned)nh, (unsigned)B), FA_THREADS, dq_smem<HD, 64>(), st>>>(
+            dq, q, k, v, dout, lse, D, len, T, nh, nkv, window, scale);
+    const dim3 gk((unsigned)((T + FA_KEYS - 1) / FA_KEYS), (unsigned)nkv, (unsigned)B);
+    if (dkdv_choice() == 1)
+        k_flash_bwd_dkdv<HD, 64><<<gk, FA_THREADS, dkdv_smem<HD, 64>(), st>>>(dk, dv, q, k, v, dout, lse, D, len, T,
+                                                                             nh, nkv, window, scale);
+    else
+        k_flash_bwd_dkdv<HD, 32><<<gk, FA_THREADS, dkdv_smem<HD, 32>(), st>>>(dk, dv, q, k, v, dout, lse, D, len, T,
+                                                                             nh, nkv, window, scale);
     return qlk_status();
 }
 

@@ -862,6 +862,92 @@ START_TEST(eval_batched_matches_generation_path)
 }
 END_TEST
 
+/* Generation through the memory plan (ql_lora_model_decode, a KV cache in
+ * backend memory) against ql_llama_forward, the per-call path generation
+ * used before: over nf4 with a LoRA adapter, a 23-token prompt in pieces of
+ * at most 7 (the plan's max_len) and then tokens one at a time, the same
+ * ops in the same pieces on both, so the same logits bit for bit.  Then the
+ * cache's bookkeeping: a truncated cache decodes the rest again to the same
+ * logits, and what does not fit or is not a token is refused. */
+START_TEST(decode_matches_the_generation_path)
+{
+    ql_llama *m = load_model();
+    ql_lora *l = make_lora(m, 0.0f);
+    ql_lora_attach(m, l);
+    const ql_llama_config *c = ql_llama_get_config(m);
+    const int V = c->vocab, P = 23, CAP = 40, PIECE = 7, NEW = 6;
+    int32_t ids[40];
+    uint64_t s = 99;
+    for (int t = 0; t < CAP; t++) ids[t] = (int32_t)(ql_splitmix64_next(&s) % (uint64_t)V);
+    float *want = malloc((size_t)V * sizeof *want), *got = malloc((size_t)V * sizeof *got);
+    ql_kv_cache *cache = NULL;
+    ck_assert_int_eq(ql_kv_cache_create(m, CAP, &cache), QL_OK);
+    ql_be_ctx *ctx = NULL;
+    ck_assert_int_eq(ql_be_ctx_open("cpu", NULL, &ctx), QL_OK);
+    ql_lora_model_opts o = {.batch = 1, .max_len = PIECE, .allocate = 1, .kv_capacity = CAP};
+    ql_lora_model *lm = NULL;
+    ck_assert_msg(ql_lora_model_create(m, l, ctx, &o, &lm) == QL_OK, "%s", ql_error_message());
+    ck_assert_int_eq(ql_lora_model_push_params(lm), QL_OK);
+    for (int t0 = 0; t0 < P; t0 += PIECE) { /* the prompt, piece by piece on the old path */
+        const int n = P - t0 < PIECE ? P - t0 : PIECE;
+        ck_assert_int_eq(ql_llama_forward(m, cache, ids + t0, n, want, 1), QL_OK);
+    }
+    ck_assert_msg(ql_lora_model_decode(lm, ids, P, got) == QL_OK, "%s", ql_error_message());
+    ck_assert_int_eq(ql_lora_model_kv_length(lm), P);
+    ck_assert_msg(!memcmp(want, got, (size_t)V * sizeof *got), "prompt: logits differ from ql_llama_forward's");
+    for (int k = 0; k < NEW; k++) { /* greedy steps */
+        int32_t next = 0;
+        for (int i = 1; i < V; i++)
+            if (want[i] > want[next]) next = i;
+        ck_assert_int_eq(ql_llama_forward(m, cache, &next, 1, want, 1), QL_OK);
+        ck_assert_int_eq(ql_lora_model_decode(lm, &next, 1, got), QL_OK);
+        ck_assert_msg(!memcmp(want, got, (size_t)V * sizeof *got), "token %d: logits differ", k);
+        ids[P + k] = next;
+    }
+    ck_assert_int_eq(ql_lora_model_kv_length(lm), P + NEW);
+    /* the cache cut back to 10 positions, then the rest of the same tokens
+     * in one call (pieces of 7 from position 10): the last logits as before,
+     * to rounding (other pieces, so other product shapes) */
+    ql_lora_model_kv_truncate(lm, 10);
+    ck_assert_int_eq(ql_lora_model_kv_length(lm), 10);
+    float *again = malloc((size_t)V * sizeof *again);
+    ck_assert_int_eq(ql_lora_model_decode(lm, ids + 10, P + NEW - 10, again), QL_OK);
+    ck_assert_msg(rel_max_diff(again, got, (size_t)V) < 1e-5, "after truncating: %.3g", rel_max_diff(again, got, (size_t)V));
+    /* refused: past the capacity (the length stays), a bad token, no cache */
+    ck_assert_int_eq(ql_lora_model_decode(lm, ids, CAP - (P + NEW) + 1, got), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "exceeds the cache of 40");
+    ck_assert_int_eq(ql_lora_model_kv_length(lm), P + NEW);
+    int32_t bad = V;
+    ck_assert_int_eq(ql_lora_model_decode(lm, &bad, 1, got), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "outside the vocabulary");
+    ql_lora_model_destroy(lm);
+    ql_lora_model_opts nocache = {.batch = 1, .max_len = PIECE, .allocate = 1};
+    ck_assert_int_eq(ql_lora_model_create(m, l, ctx, &nocache, &lm), QL_OK);
+    ck_assert_int_eq(ql_lora_model_decode(lm, ids, 1, got), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "key/value cache");
+    ql_lora_model_destroy(lm);
+    ql_lora_model_opts two = {.batch = 2, .max_len = PIECE, .allocate = 1, .kv_capacity = CAP};
+    ck_assert_int_eq(ql_lora_model_create(m, l, ctx, &two, &lm), QL_EINVAL);
+    /* ql_generate with the adapter attached but not passed: refused */
+    ql_tokenizer *tok = NULL;
+    ck_assert_int_eq(ql_tokenizer_load(model_dir, &tok), QL_OK);
+    char *text = NULL;
+    ql_generate_opts go = {.max_new_tokens = 3};
+    ck_assert_int_eq(ql_generate(m, tok, "Once", &go, &text), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "pass it as ql_generate_opts.lora");
+    go.lora = l;
+    ck_assert_msg(ql_generate(m, tok, "Once", &go, &text) == QL_OK, "%s", ql_error_message());
+    ck_assert(text && strlen(text) > 0);
+    free(text);
+    ql_tokenizer_destroy(tok);
+    ql_be_ctx_close(ctx);
+    ql_kv_cache_destroy(cache);
+    free(want), free(got), free(again);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("backend");
@@ -871,6 +957,7 @@ int main(void)
     tcase_add_test(t, batched_equals_single_dropout_checkpointing);
     tcase_add_test(t, batched_equals_single_extra_padding_chunked_logits);
     tcase_add_test(t, eval_batched_matches_generation_path);
+    tcase_add_test(t, decode_matches_the_generation_path);
     suite_add_tcase(s, t);
     TCase *e = tcase_create("status");
     tcase_set_timeout(e, 60);

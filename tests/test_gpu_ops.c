@@ -26,7 +26,9 @@
 #include "lora_model.h"
 #include "ops_backward.h"
 #include "plan.h"
+#include "qlora/eval.h"
 #include "qlora/qlora.h"
+#include "qlora/tokenizer.h"
 #include "testutil.h"
 
 static uint64_t seed;
@@ -854,6 +856,77 @@ START_TEST(paged_optimizer_and_gradients_are_bit_exact)
 }
 END_TEST
 
+/* Generation on the device (ql_lora_model_decode: a KV cache in device
+ * memory) against the CPU: stories260K over nf4 with a LoRA adapter, a
+ * 23-token prompt in pieces of 7, then 6 greedy tokens.  float32: the
+ * logits within 1e-5 relative and the same tokens; bf16 (_i 1): within
+ * 3e-2.  Then `qlora generate`'s library call on each device, float32: the
+ * same text. */
+START_TEST(generation_on_the_gpu_matches_cpu)
+{
+    const int bf16 = _i == 1;
+    ql_llama *m = load_model("nf4");
+    int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX];
+    uint64_t seeds[NSEQ];
+    ql_lora *l = random_lora_and_batch(m, ids, labels, seeds);
+    const int V = ql_llama_get_config(m)->vocab, P = 23, NEW = 6;
+    float *lg[2];
+    int32_t toks[2][6];
+    ql_be_ctx *ctxs[2] = {cpu, gpu};
+    for (int dev = 0; dev < 2; dev++) {
+        ql_lora_model_opts o = {.batch = 1, .max_len = 7, .allocate = 1, .kv_capacity = 40,
+                                .precision = dev && bf16 ? QL_PREC_BF16 : QL_PREC_FP32};
+        ql_lora_model *lm = NULL;
+        ok(ql_lora_model_create(m, l, ctxs[dev], &o, &lm), "ql_lora_model_create (KV cache)");
+        ok(ql_lora_model_push_params(lm), "push");
+        lg[dev] = malloc((size_t)(NEW + 1) * V * sizeof(float));
+        ok(ql_lora_model_decode(lm, ids, P, lg[dev]), "decode the prompt");
+        for (int k = 0; k < NEW; k++) {
+            const float *z = lg[0] + (size_t)k * V; /* the CPU's choice on both: the same inputs */
+            int32_t next = 0;
+            for (int i = 1; i < V; i++)
+                if (z[i] > z[next]) next = i;
+            const float *mine = lg[dev] + (size_t)k * V;
+            int32_t own = 0;
+            for (int i = 1; i < V; i++)
+                if (mine[i] > mine[own]) own = i;
+            toks[dev][k] = own;
+            ok(ql_lora_model_decode(lm, &next, 1, lg[dev] + (size_t)(k + 1) * V), "decode a token");
+        }
+        ck_assert_int_eq(ql_lora_model_kv_length(lm), P + NEW);
+        ql_lora_model_destroy(lm);
+        ctxs[dev]->precision = QL_PREC_FP32;
+    }
+    size_t worst = 0;
+    double e = tu_rel_error(lg[1], lg[0], (size_t)(NEW + 1) * V, &worst);
+    ck_assert_msg(isfinite(e) && e <= (bf16 ? 3e-2 : 1e-5), "decode logits on the GPU%s: relative error %.3g",
+                  bf16 ? " (bf16)" : "", e);
+    if (!bf16)
+        for (int k = 0; k < NEW; k++) ck_assert_int_eq(toks[1][k], toks[0][k]);
+    printf("generation, %s on the GPU: logits within %.2g of the CPU's\n", bf16 ? "bf16" : "fp32", e);
+    free(lg[0]), free(lg[1]);
+    if (!bf16) {
+        ql_tokenizer *tok = NULL;
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s/models/stories260K", tu_env("QLORA_SHARED"));
+        ok(ql_tokenizer_load(dir, &tok), "tokenizer");
+        char *text[2] = {NULL, NULL};
+        const char *devs[2] = {"cpu", "cuda"};
+        for (int dev = 0; dev < 2; dev++) {
+            ql_generate_opts go = {.max_new_tokens = 40, .lora = l, .device = devs[dev], .precision = "fp32"};
+            ok(ql_generate(m, tok, "Once upon a time, there was a little boy named Tom. He liked to", &go,
+                           &text[dev]),
+               "ql_generate");
+        }
+        ck_assert_str_eq(text[1], text[0]);
+        free(text[0]), free(text[1]);
+        ql_tokenizer_destroy(tok);
+    }
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
 /* ---- 30 optimizer steps of `qlora train` on each device ---- */
 
 static double *losses_of(const char *metrics, int *n)
@@ -1032,6 +1105,7 @@ int main(void)
     tcase_set_timeout(st, 900);
     tcase_add_loop_test(st, training_step_matches_cpu, 0, 14);
     tcase_add_loop_test(st, prefetch_and_offload_on_the_gpu_are_bit_exact, 0, 3);
+    tcase_add_loop_test(st, generation_on_the_gpu_matches_cpu, 0, 2);
     tcase_add_test(st, paged_optimizer_and_gradients_are_bit_exact);
     tcase_add_test(st, train_30_steps_matches_cpu);
     tcase_add_test(st, resume_on_the_gpu_is_bit_exact);

@@ -1168,6 +1168,8 @@ static int help_generate(void)
     help_num("--temperature T", "sampling temperature; 0 is greedy", generate_defaults.temperature);
     help_num("--top-p P", "sample from the fewest tokens of total probability P; 1: all", generate_defaults.top_p);
     help_int("--seed S", "the sampler's seed", generate_defaults.seed);
+    help_device();
+    help_opt("--precision P", "fp32, bf16 or auto", "auto: bf16 on cuda, fp32 on cpu");
     return help_end("qlora generate --model models/llama-7b --adapter runs/llama-7b-alpaca --prompt 'Once upon a time' "
                     "--temperature 0.7 --top-p 0.9");
 }
@@ -1183,10 +1185,13 @@ static int cmd_generate(int argc, char **argv)
         {"temperature", required_argument, NULL, OPT_TEMPERATURE},
         {"top-p", required_argument, NULL, OPT_TOP_P},
         {"seed", required_argument, NULL, OPT_SEED},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"precision", required_argument, NULL, OPT_PRECISION},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
-    const char *model = NULL, *prompt = "", *quantizer = NULL, *adapter = NULL;
+    const char *model = NULL, *prompt = "", *quantizer = NULL, *adapter = NULL, *device = default_device(),
+               *precision = "auto";
     long max_new = generate_defaults.max_new_tokens, seed = generate_defaults.seed;
     double temperature = generate_defaults.temperature, top_p = generate_defaults.top_p;
     int c, bad = 0;
@@ -1201,6 +1206,12 @@ static int cmd_generate(int argc, char **argv)
         case OPT_TEMPERATURE: bad |= parse_float_arg("--temperature", optarg, 0.0, 100.0, &temperature); break;
         case OPT_TOP_P: bad |= parse_float_arg("--top-p", optarg, 0.0, 1.0, &top_p); break;
         case OPT_SEED: bad |= parse_long_arg("--seed", optarg, 0, LONG_MAX, &seed); break;
+        case OPT_DEVICE:
+            if (choice("--device", optarg, DEVICES, &device)) return 2;
+            break;
+        case OPT_PRECISION:
+            if (choice("--precision", optarg, PRECISIONS, &precision)) return 2;
+            break;
         case 'h':
         case OPT_HELP: return help_generate();
         default: return option_error(c, argv, longopts);
@@ -1215,8 +1226,10 @@ static int cmd_generate(int argc, char **argv)
     char *text = NULL;
     char qbuf[512];
     ql_generate_opts gopts = {.max_new_tokens = (int)max_new, .temperature = (float)temperature,
-                              .top_p = (float)top_p, .seed = (uint64_t)seed};
+                              .top_p = (float)top_p, .seed = (uint64_t)seed, .device = device,
+                              .precision = precision};
     int rc = load_with_adapter(model, adapter, quantizer, qbuf, sizeof qbuf, &m, &lora);
+    gopts.lora = lora;
     if (rc == QL_OK) rc = ql_tokenizer_load(model, &tok);
     if (rc == QL_OK) rc = ql_generate(m, tok, prompt, &gopts, &text);
     if (rc == QL_OK) printf("%s\n", text);

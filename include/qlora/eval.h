@@ -38,6 +38,11 @@ typedef struct ql_generate_opts {
     float temperature; /* 0: greedy */
     float top_p;       /* 1: no nucleus cut */
     uint64_t seed;
+    /* the LoRA adapter to generate with (NULL: the base model; a model with
+     * an adapter attached by ql_lora_attach must pass it here) */
+    const ql_lora *lora;
+    const char *device;    /* as ql_eval_opts: "cpu" (also NULL), "cuda" or "auto" */
+    const char *precision; /* as ql_eval_opts: "fp32", "bf16" or "auto"/NULL */
 } ql_generate_opts;
 
 /* One token from logits[V] as ql_generate draws it: the argmax when
@@ -51,7 +56,9 @@ typedef struct ql_sample_slot {
 } ql_sample_slot;
 int32_t ql_sample_token(const float *logits, int V, const ql_generate_opts *o, uint64_t *rng, ql_sample_slot *work);
 
-/* Generated text only (the prompt is not repeated); caller frees. */
+/* Generated text only (the prompt is not repeated); caller frees.  The
+ * prompt and every new token go through the training forward pass's memory
+ * plan with a key/value cache (ql_lora_model_decode) on the chosen device. */
 int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const ql_generate_opts *opts, char **text);
 
 #ifdef __cplusplus
