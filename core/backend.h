@@ -266,6 +266,14 @@ typedef struct ql_backend {
     int (*adamw)(ql_be_ctx *ctx, float *params, float *m, float *v, const float *grads, int64_t n,
                  const ql_adamw_scalars *h);
 
+    /* ---- merging an adapter into its base (qlora merge) ---- */
+    /* w[out, in] += for each row o, for r = 0..rank-1 in order, (b[o, r] *
+     * scale) * a[r, :], a product that is 0 skipped: float32 without
+     * contraction, each element's sum in that order, so the same bits on
+     * every backend */
+    int (*lora_merge)(ql_be_ctx *ctx, float *w, const float *a, const float *b, int64_t out, int64_t in, int64_t rank,
+                      float scale);
+
     /* ---- loss ---- */
     /* Token cross-entropy over logits[rows, V] with host targets[rows]: rows
      * whose target is ignore_index count nothing (loss 0, zero gradient row).

@@ -474,6 +474,22 @@ static int cpu_adamw(ql_be_ctx *ctx, float *params, float *m, float *v, const fl
     return QL_OK;
 }
 
+static int cpu_lora_merge(ql_be_ctx *ctx, float *w, const float *a, const float *b, int64_t out, int64_t in,
+                          int64_t rank, float scale)
+{
+    (void)ctx;
+#pragma omp parallel for schedule(static) if (out * in * rank >= QL_PARALLEL_MIN_WORK)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t r = 0; r < rank; r++) {
+            const float c = b[o * rank + r] * scale;
+            if (c == 0.0f) continue;
+            const float *ar = a + r * in;
+            float *row = w + o * in;
+            for (int64_t j = 0; j < in; j++) row[j] += c * ar[j];
+        }
+    return QL_OK;
+}
+
 static const ql_backend cpu_backend = {
     .name = "cpu",
     .host_memory = 1,
@@ -512,6 +528,7 @@ static const ql_backend cpu_backend = {
     .rmsnorm_backward = cpu_rmsnorm_backward,
     .rope_backward = cpu_rope_backward,
     .attention_backward = cpu_attention_backward,
+    .lora_merge = cpu_lora_merge,
     .swiglu_backward = cpu_swiglu_backward,
     .lora_backward = cpu_lora_backward,
     .dropout_backward = cpu_dropout_backward,

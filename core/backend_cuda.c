@@ -1056,6 +1056,12 @@ static int cuda_adamw(ql_be_ctx *ctx, float *params, float *m, float *v, const f
                     "adamw");
 }
 
+static int cuda_lora_merge(ql_be_ctx *ctx, float *w, const float *a, const float *b, int64_t out, int64_t in,
+                           int64_t rank, float scale)
+{
+    return launched(qlk_lora_merge(stream(ctx), w, a, b, out, in, rank, scale), "LoRA merge");
+}
+
 static const ql_backend cuda_backend = {
     .name = "cuda",
     .host_memory = 0,
@@ -1096,6 +1102,7 @@ static const ql_backend cuda_backend = {
     .rmsnorm_backward = cuda_rmsnorm_backward,
     .rope_backward = cuda_rope_backward,
     .attention_backward = cuda_attention_backward,
+    .lora_merge = cuda_lora_merge,
     .swiglu_backward = cuda_swiglu_backward,
     .lora_backward = cuda_lora_backward,
     .dropout_backward = cuda_dropout_backward,

@@ -138,19 +138,6 @@ int32_t ql_sample_token(const float *logits, int V, const ql_generate_opts *o, u
     return work[keep - 1].id;
 }
 
-/* 1 when some linear of m has a LoRA adapter attached (ql_lora_attach) */
-static int lora_attached(ql_llama *m)
-{
-    const ql_llama_config *c = ql_llama_get_config(m);
-    for (int i = 0; i < c->n_layers; i++) {
-        const ql_llama_layer *L = &ql_llama_layers(m)[i];
-        const ql_linear *ls[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
-        for (size_t k = 0; k < sizeof ls / sizeof *ls; k++)
-            if (ls[k]->lora_a) return 1;
-    }
-    return 0;
-}
-
 enum { DECODE_PIECE = 512 }; /* prompt tokens one pass of the decoder takes */
 
 int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const ql_generate_opts *o, char **text)
@@ -158,7 +145,7 @@ int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const 
     *text = NULL;
     const ql_llama_config *c = ql_llama_get_config(m);
     if (o->max_new_tokens < 1) return ql_error(QL_EINVAL, "max_new_tokens must be >= 1 (got %d)", o->max_new_tokens);
-    if (!o->lora && lora_attached(m))
+    if (!o->lora && ql_lora_attached(m))
         return ql_error(QL_EINVAL, "the model has a LoRA adapter attached: pass it as ql_generate_opts.lora");
     int32_t *ids = NULL;
     size_t n = 0;

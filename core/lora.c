@@ -163,6 +163,18 @@ ql_lora_pair *ql_lora_pair_at(ql_lora *l, int layer, int module)
     return p->A ? p : NULL;
 }
 
+int ql_lora_attached(ql_llama *m)
+{
+    const ql_llama_config *c = ql_llama_get_config(m);
+    for (int i = 0; i < c->n_layers; i++) {
+        const ql_llama_layer *L = &ql_llama_layers(m)[i];
+        const ql_linear *ls[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (size_t k = 0; k < sizeof ls / sizeof *ls; k++)
+            if (ls[k]->lora_a) return 1;
+    }
+    return 0;
+}
+
 void ql_lora_attach(ql_llama *m, const ql_lora *l)
 {
     const ql_llama_config *c = ql_llama_get_config(m);

@@ -143,6 +143,7 @@ struct ql_lora_model {
      * the first kv_len positions filled */
     float *kv_k, *kv_v;
     int kv_cap, kv_len;
+    int merge; /* opts.merge: w holds any linear, dense ones too */
 };
 
 /* What one step works on (the model, this micro-batch's dims and seeds). */
@@ -925,6 +926,11 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         return ql_error(QL_EINVAL, "a key/value cache is for generation: one sequence, forward only");
     }
     lm->kv_cap = o->kv_capacity > 0 ? o->kv_capacity : 0;
+    if (o->merge && (lm->backward || o->precision != QL_PREC_FP32 || o->prefetch > 0)) {
+        free(lm);
+        return ql_error(QL_EINVAL, "a plan for merging is float32, forward only, without prefetching");
+    }
+    lm->merge = o->merge;
     lm->acts = calloc((size_t)(lm->keep_all ? nl : 1), sizeof *lm->acts);
     lm->inputs = calloc((size_t)nl + 1, sizeof *lm->inputs);
     /* bf16 checkpointing keeps the layer inputs in bf16 (they are bf16 values) */
@@ -956,6 +962,11 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
         ql_lora_model_destroy(lm);
         return rc;
     }
+    for (int i = 0; lm->merge && i < nl; i++) /* merging: the dense linears go through w too */
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            const ql_linear *l = layer_linear(&ql_llama_layers(m)[i], k);
+            if (l->out * l->in > maxw) maxw = l->out * l->in;
+        }
     /* the optimizer's moments: in the plan with the device optimizer, else
      * host memory (beside a device plan) */
     if (o->opt) {
@@ -1044,7 +1055,8 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     /* one materialized matrix: bf16 in bf16 precision */
     ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w, maxw, lm->precision == QL_PREC_BF16 ? 2 : 4);
     lm->held[0] = lm->held[1] = -1;
-    if (maxw > 0 && (o->prefetch > 0 || (o->prefetch == 0 && !lm->ctx->be->host_memory && !lm->slow_path))) {
+    if (maxw > 0 && !lm->merge &&
+        (o->prefetch > 0 || (o->prefetch == 0 && !lm->ctx->be->host_memory && !lm->slow_path))) {
         ql_plan_add(p, QL_ROLE_WEIGHTS, (void **)&lm->w2, maxw, lm->precision == QL_PREC_BF16 ? 2 : 4);
         ql_plan_add(p, QL_ROLE_WEIGHTS, &lm->mat_ws2, (int64_t)lm->mat_ws_bytes, 1);
     }
@@ -1489,4 +1501,26 @@ int ql_lora_model_kv_length(const ql_lora_model *lm) { return lm->kv_len; }
 void ql_lora_model_kv_truncate(ql_lora_model *lm, int len)
 {
     lm->kv_len = len < 0 ? 0 : len < lm->kv_len ? len : lm->kv_len;
+}
+
+/* ---- merging ---- */
+
+int ql_lora_model_merged_weights(ql_lora_model *lm, int layer, int module, float *host)
+{
+    if (!lm->merge) return ql_error(QL_EINVAL, "merged weights need a model planned for merging");
+    if (!lm->h_ids) return ql_error(QL_EINVAL, "the model's memory plan was not allocated (a dry run)");
+    if (layer < 0 || layer >= lm->c->n_layers || module < 0 || module >= QL_MOD_COUNT)
+        return ql_error(QL_EINVAL, "no linear (layer %d, module %d)", layer, module);
+    ctx x = {.lm = lm, .be = lm->ctx, .m = lm->m, .lora = lm->lora, .c = lm->c};
+    ql_be_ctx *be = lm->ctx;
+    if (be->status) return ql_be_check(be);
+    const ql_linear *l = layer_linear(&ql_llama_layers(lm->m)[layer], module);
+    const be_linear *bl = &lm->layers[layer].lin[module];
+    const size_t bytes = (size_t)(l->out * l->in) * sizeof(float);
+    if (bl->dense) ql_be(be, copy, lm->w, bl->dense, bytes);
+    else materialize_into(&x, 0, layer * QL_MOD_COUNT + module);
+    ql_lora_pair *p = pair_at(&x, layer, module);
+    if (p) ql_be(be, lora_merge, lm->w, p->A, p->B, l->out, l->in, lm->lora->cfg.r, lm->lora->scaling);
+    ql_be(be, download, host, lm->w, bytes);
+    return ql_be_check(be);
 }

@@ -61,6 +61,10 @@ typedef struct ql_lora_model_opts {
      * max_len is then the most tokens one pass of decode takes (a longer
      * prompt goes through in pieces of max_len). */
     int kv_capacity;
+    /* 1: for ql_lora_model_merged_weights (qlora merge): a float32 matrix
+     * of the largest linear, dense ones too; float32 precision, forward
+     * only, no prefetching */
+    int merge;
 } ql_lora_model_opts;
 
 /* lora may be NULL (base model only, no backward); ctx NULL means the
@@ -137,6 +141,11 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
  * length. */
 int ql_lora_model_decode(ql_lora_model *lm, const int32_t *tokens, int T, float *logits);
 int ql_lora_model_kv_length(const ql_lora_model *lm);
+/* Linear (layer, module)'s frozen weights in float32 (materialized through
+ * its plugin on the plan's backend) with the adapter's scaling * B A added
+ * (the backend's lora_merge), into host[out, in]: on every backend the same
+ * bits.  Needs a plan made with opts.merge. */
+int ql_lora_model_merged_weights(ql_lora_model *lm, int layer, int module, float *host);
 /* keep the first len positions (0: empty) */
 void ql_lora_model_kv_truncate(ql_lora_model *lm, int len);
 

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "json_out.h"
+#include "lora_model.h"
 #include "ops.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
@@ -76,6 +77,8 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
     ql_st_writer *w = NULL;
     ql_outdir *od = NULL;
     float *wbuf = NULL;
+    ql_be_ctx *ctx = NULL;
+    ql_lora_model *lm = NULL;
     int rc;
     ql_llama_load_opts lo = {.quantizer = spec, .quantizer_file = run_config, .progress = 0};
     rc = ql_llama_load(model_dir, &lo, &m);
@@ -109,31 +112,27 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
-    /* block linears: materialized base + scaling * B A */
+    /* block linears: materialized base + scaling * B A, on the chosen device
+     * (ql_lora_model_merged_weights: the same bits on every device) */
+    if ((rc = ql_be_ctx_open(opts->device ? opts->device : "cpu", NULL, &ctx))) goto done;
+    ql_lora_model_opts mo = {.batch = 1, .max_len = 1, .allocate = 1, .precision = QL_PREC_FP32, .prefetch = -1,
+                             .offload = -1, .merge = 1};
+    if ((rc = ql_lora_model_create(m, lora, ctx, &mo, &lm))) goto done;
+    if ((rc = ql_lora_model_push_params(lm))) goto done;
     for (int i = 0; i < c->n_layers && rc == QL_OK; i++) {
         ql_llama_layer *L = &ql_llama_layers(m)[i];
         const ql_linear *ls[QL_MOD_COUNT] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
         for (int k = 0; k < QL_MOD_COUNT && rc == QL_OK; k++) {
             const ql_linear *l = ls[k];
-            if ((rc = ql_linear_weights(l, wbuf))) break;
-            ql_lora_pair *p = ql_lora_pair_at(lora, i, k);
-            if (p) {
-                /* W[o, j] += s * sum_r B[o, r] A[r, j] */
-                for (int64_t o = 0; o < l->out; o++)
-                    for (int64_t r = 0; r < lora->cfg.r; r++) {
-                        float b = p->B[o * lora->cfg.r + r] * lora->scaling;
-                        if (b == 0.0f) continue;
-                        const float *a = p->A + r * l->in;
-                        float *row = wbuf + o * l->in;
-                        for (int64_t j = 0; j < l->in; j++) row[j] += b * a[j];
-                    }
-            }
+            if ((rc = ql_lora_model_merged_weights(lm, i, k, wbuf))) break;
             char name[600];
             snprintf(name, sizeof name, "%s.weight", l->name);
             const int64_t shape[2] = {l->out, l->in};
             rc = add_converted(w, name, wbuf, shape, 2, dtype);
         }
     }
+    ql_lora_model_destroy(lm);
+    lm = NULL;
     /* everything else from the base checkpoint, converted to dtype */
     for (size_t i = 0; i < ql_model_files_count(mf) && rc == QL_OK; i++) {
         const ql_tensor *t = ql_model_files_at(mf, i);
@@ -182,6 +181,8 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
 done:
     if (rc == QL_EIO && od) ql_error_context("writing %s (nothing there was changed)", out_dir);
     ql_outdir_abandon(od);
+    ql_lora_model_destroy(lm);
+    ql_be_ctx_close(ctx);
     free(wbuf);
     ql_st_writer_destroy(w);
     ql_model_files_close(mf);

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "json_out.h"
+#include "lora_model.h"
 #include "progress.h"
 #include "qlora/error.h"
 #include "qlora/fs.h"
@@ -327,8 +328,19 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     if (rc == QL_OK) rc = letter_tokens(tok, ql_llama_get_config(m)->vocab, letter_id, &by_last, o->no_warnings);
     const ql_llama_config *c = ql_llama_get_config(m);
     float *logits = malloc((size_t)c->vocab * sizeof *logits);
-    ql_kv_cache *cache = NULL;
-    if (rc == QL_OK) rc = logits ? ql_kv_cache_create(m, c->max_len, &cache) : ql_error(QL_ENOMEM, "out of memory");
+    if (rc == QL_OK && !logits) rc = ql_error(QL_ENOMEM, "out of memory");
+    if (rc == QL_OK && !o->lora && ql_lora_attached(m))
+        rc = ql_error(QL_EINVAL, "the model has a LoRA adapter attached: pass it as ql_mmlu_opts.lora");
+    /* the decoder: a cache of the model's positions, prompts in pieces of 512 */
+    ql_be_ctx *ctx = NULL;
+    ql_lora_model *lm = NULL;
+    if (rc == QL_OK) rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &ctx);
+    int precision = QL_PREC_FP32;
+    if (rc == QL_OK) rc = ql_be_precision(o->precision, ctx->be, &precision);
+    ql_lora_model_opts mo = {.batch = 1, .max_len = c->max_len < 512 ? c->max_len : 512, .allocate = 1,
+                             .precision = precision, .kv_capacity = c->max_len};
+    if (rc == QL_OK) rc = ql_lora_model_create(m, (ql_lora *)o->lora, ctx, &mo, &lm);
+    if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
     json_t *per = json_object();
     /* the table: each subject's questions and correct answers */
     int64_t *sub_n = calloc(ns ? ns : 1, sizeof *sub_n), *sub_ok = calloc(ns ? ns : 1, sizeof *sub_ok);
@@ -385,8 +397,8 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                 size_t keep = 0;
                 if (reuse)
                     while (keep < prev_n && keep + 1 < n && ids[keep] == prev[keep]) keep++;
-                ql_kv_cache_truncate(cache, (int)keep);
-                rc = ql_llama_forward(m, cache, ids + keep, (int)(n - keep), logits, 1);
+                ql_lora_model_kv_truncate(lm, (int)keep);
+                rc = ql_lora_model_decode(lm, ids + keep, (int)(n - keep), logits);
                 reused += (int64_t)keep;
                 run += (int64_t)(n - keep);
                 free(prev);
@@ -466,7 +478,8 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     free(prev);
     free(sub_n);
     free(sub_ok);
-    ql_kv_cache_destroy(cache);
+    ql_lora_model_destroy(lm);
+    ql_be_ctx_close(ctx);
     free(logits);
     for (size_t i = 0; i < ns; i++) free(subjects[i]);
     free(subjects);

@@ -62,6 +62,10 @@ int qlk_attention_backward(void *stream, float *dq, float *dk, float *dv, float 
 int qlk_adamw(void *stream, float *params, float *m, float *v, const float *grads, int64_t n, float beta1, float beta2,
               float eps, float decay, float step_size, float bc2_sqrt);
 int qlk_scale(void *stream, float *x, float c, int64_t n);
+/* w[out, in] += sum over r in order of (b[o, r] scale) a[r, :], zero products
+ * skipped: the CPU's lora_merge, element for element */
+int qlk_lora_merge(void *stream, float *w, const float *a, const float *b, int64_t out, int64_t in, int64_t rank,
+                   float scale);
 /* *out (device) = sum of (double)x[i]^2; partials: device scratch of QLK_SUMSQ_PARTS doubles */
 #define QLK_SUMSQ_PARTS 1024
 int qlk_sum_squares(void *stream, double *out, double *partials, const float *x, int64_t n);

@@ -70,3 +70,29 @@ extern "C" int qlk_sum_squares(void *stream, double *out, double *partials, cons
     k_sumsq_final<<<1, SS_THREADS, 0, ST(stream)>>>(out, partials, SS_BLOCKS);
     return qlk_status();
 }
+
+/* one thread an element of w: its rank terms in order, as the CPU's loop adds them */
+__global__ void k_lora_merge(float *w, const float *a, const float *b, int64_t out, int64_t in, int64_t rank,
+                             float scale)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < out * in; i += stride) {
+        const int64_t o = i / in, j = i % in;
+        float acc = w[i];
+        for (int64_t r = 0; r < rank; r++) {
+            const float c = b[o * rank + r] * scale;
+            if (c == 0.0f) continue;
+            acc += c * a[r * in + j];
+        }
+        w[i] = acc;
+    }
+}
+
+extern "C" int qlk_lora_merge(void *stream, float *w, const float *a, const float *b, int64_t out, int64_t in,
+                              int64_t rank, float scale)
+{
+    if (out * in > 0)
+        k_lora_merge<<<qlk_blocks(out * in, 256) < 132 * 64 ? qlk_blocks(out * in, 256) : 132 * 64, 256, 0,
+                       (cudaStream_t)stream>>>(w, a, b, out, in, rank, scale);
+    return qlk_status();
+}

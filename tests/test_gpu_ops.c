@@ -27,6 +27,7 @@
 #include "ops_backward.h"
 #include "plan.h"
 #include "qlora/eval.h"
+#include "qlora/merge.h"
 #include "qlora/qlora.h"
 #include "qlora/tokenizer.h"
 #include "testutil.h"
@@ -856,6 +857,40 @@ START_TEST(paged_optimizer_and_gradients_are_bit_exact)
 }
 END_TEST
 
+/* `qlora merge --device cuda`: the materialize and the B A sums on the
+ * device give the file of the CPU's merge byte for byte (ql_merge over nf4
+ * with a random adapter, f32 and bf16 outputs). */
+START_TEST(merge_on_the_gpu_is_byte_identical)
+{
+    const int dtype = _i ? QL_DTYPE_BF16 : QL_DTYPE_F32;
+    ql_llama *m = load_model("nf4");
+    int32_t ids[NSEQ * TMAX], labels[NSEQ * TMAX];
+    uint64_t seeds[NSEQ];
+    ql_lora *l = random_lora_and_batch(m, ids, labels, seeds);
+    char model[4096], adapter[512], out[2][600], path[2][1300];
+    snprintf(model, sizeof model, "%s/models/stories260K", tu_env("QLORA_SHARED"));
+    snprintf(adapter, sizeof adapter, "%s", tu_tmpdir());
+    ok(ql_lora_save_peft(l, adapter, model), "save the adapter");
+    const char *devs[2] = {"cpu", "cuda"};
+    for (int dev = 0; dev < 2; dev++) {
+        snprintf(out[dev], sizeof out[dev], "%s/merged-%s", adapter, devs[dev]);
+        ql_merge_opts mo = {.quantizer = "nf4", .dtype = dtype, .device = devs[dev]};
+        ok(ql_merge(model, adapter, out[dev], &mo), "ql_merge");
+        snprintf(path[dev], sizeof path[dev], "%s/model.safetensors", out[dev]);
+    }
+    size_t n0 = 0, n1 = 0;
+    char *a = NULL, *b = NULL;
+    ok(ql_read_file(path[0], &a, &n0), "read the CPU's merge");
+    ok(ql_read_file(path[1], &b, &n1), "read the GPU's merge");
+    ck_assert_msg(a && b && n0 == n1 && n0 > 1000 && !memcmp(a, b, n0), "merged files differ (%zu and %zu bytes)", n0,
+                  n1);
+    printf("merge on the GPU (%s): %zu bytes, identical to the CPU's\n", _i ? "bf16" : "f32", n0);
+    free(a), free(b);
+    ql_lora_destroy(l);
+    ql_llama_destroy(m);
+}
+END_TEST
+
 /* Generation on the device (ql_lora_model_decode: a KV cache in device
  * memory) against the CPU: stories260K over nf4 with a LoRA adapter, a
  * 23-token prompt in pieces of 7, then 6 greedy tokens.  float32: the
@@ -1106,6 +1141,7 @@ int main(void)
     tcase_add_loop_test(st, training_step_matches_cpu, 0, 14);
     tcase_add_loop_test(st, prefetch_and_offload_on_the_gpu_are_bit_exact, 0, 3);
     tcase_add_loop_test(st, generation_on_the_gpu_matches_cpu, 0, 2);
+    tcase_add_loop_test(st, merge_on_the_gpu_is_byte_identical, 0, 2);
     tcase_add_test(st, paged_optimizer_and_gradients_are_bit_exact);
     tcase_add_test(st, train_30_steps_matches_cpu);
     tcase_add_test(st, resume_on_the_gpu_is_bit_exact);

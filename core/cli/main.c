@@ -958,6 +958,7 @@ static int help_merge(void)
     help_opt("--dtype T", "bf16, f16 or f32", "the base's embedding dtype, f32 when it is not a float");
     help_opt("-q, --quantizer Q", "the base's quantizer", "as RUN_DIR/run_config.json says, else none");
     help_opt("--force", "replace OUT_DIR when it exists", NULL);
+    help_opt("--device D", "cpu, cuda or auto: where the weights are merged; the file is byte-identical", "cpu");
     return help_end("qlora merge --model models/llama-7b --adapter runs/llama-7b-alpaca -o models/llama-7b-alpaca");
 }
 
@@ -967,10 +968,11 @@ static int cmd_merge(int argc, char **argv)
         {"model", required_argument, NULL, OPT_MODEL},   {"adapter", required_argument, NULL, OPT_ADAPTER},
         {"output", required_argument, NULL, 'o'},        {"dtype", required_argument, NULL, OPT_DTYPE},
         {"quantizer", required_argument, NULL, 'q'},     {"force", no_argument, NULL, OPT_FORCE},
-        {"help", no_argument, NULL, OPT_HELP},           {NULL, 0, NULL, 0},
+        {"device", required_argument, NULL, OPT_DEVICE}, {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *adapter = NULL, *out = NULL;
-    ql_merge_opts mo = {.quantizer = NULL, .dtype = -1, .force = 0};
+    ql_merge_opts mo = {.quantizer = NULL, .dtype = -1, .force = 0, .device = "cpu"};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":o:q:h", longopts, NULL)) != -1) {
@@ -980,6 +982,9 @@ static int cmd_merge(int argc, char **argv)
         case 'o': out = optarg; break;
         case 'q': mo.quantizer = optarg; break;
         case OPT_FORCE: mo.force = 1; break;
+        case OPT_DEVICE:
+            if (choice("--device", optarg, DEVICES, &mo.device)) return 2;
+            break;
         case OPT_DTYPE:
             if (!strcmp(optarg, "f32") || !strcmp(optarg, "float32")) mo.dtype = QL_DTYPE_F32;
             else if (!strcmp(optarg, "f16") || !strcmp(optarg, "float16")) mo.dtype = QL_DTYPE_F16;
@@ -1116,7 +1121,8 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
         goto done;
     if (mmlu) {
         ql_mmlu_opts mo = {.dir = mmlu, .split = mmlu_split, .shots = (int)shots, .max_per_subject = max_examples,
-                           .progress = progress, .table = isatty(STDOUT_FILENO)}; /* the JSON line stays last */
+                           .progress = progress, .table = isatty(STDOUT_FILENO), /* the JSON line stays last */
+                           .lora = lora, .device = device, .precision = precision};
         rc = ql_mmlu_eval(m, tok, &mo, stdout);
         goto done;
     }

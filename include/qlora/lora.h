@@ -54,6 +54,8 @@ ql_lora_pair *ql_lora_pair_at(ql_lora *l, int layer, int module); /* NULL if not
 /* Make the model's forward pass (ql_llama_forward: eval, generate) apply
  * these adapters; NULL detaches.  The adapter must outlive the attachment. */
 void ql_lora_attach(ql_llama *m, const ql_lora *l);
+/* 1 when an adapter is attached to some linear of m */
+int ql_lora_attached(ql_llama *m);
 
 /* PEFT adapter folder: adapter_config.json + adapter_model.safetensors,
  * written into `dir` (which must exist) so that a crash leaves the pair old,

@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "llama.h"
+#include "lora.h"
 #include "tokenizer.h"
 
 #ifdef __cplusplus
@@ -28,6 +29,13 @@ typedef struct ql_mmlu_opts {
      * subject's header and dev questions), so only its question is run;
      * not with dynamic RoPE, whose frequencies follow the whole length */
     int no_reuse;
+    /* the adapter to score with (NULL: the base model; an attached adapter
+     * must be passed here), and where, as ql_eval_opts: every prompt goes
+     * through the training forward pass's memory plan with a key/value
+     * cache (ql_lora_model_decode) */
+    const ql_lora *lora;
+    const char *device;    /* "cpu" (also NULL), "cuda" or "auto" */
+    const char *precision; /* "fp32", "bf16" or "auto"/NULL: bf16 on cuda, fp32 on the CPU */
 } ql_mmlu_opts;
 
 /* Prints one JSON object (accuracy = mean over subjects as qlora.py reports
