@@ -18,7 +18,7 @@
  *     tile, S and dP = dO V^T again, P = exp(S - lse), dS = P (dP - D),
  *     dQ += dS K;
  *   k_flash_bwd_dkdv: a block per 64 keys of one kv head: for each query
- *     head of its group and each 32-row query tile that sees those keys,
+ *     head of its group and each tile of 64 (or 32) query rows that sees those keys,
  *     S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
  * Two more products than a backward that adds dQ atomically across key
  * blocks, for gradients that are the same bits on every run.
@@ -665,11 +665,11 @@ int raised[2] = {0, 0};
 
 /* The forward's variant: 0 (16 rows a warp, 64 keys a tile), 1 (32 rows, 32
  * keys), 2 (32 rows, 64 keys; FlashAttention-2's shape), 3 (16 rows, 32 keys,
- * three blocks an SM).  The default is the
- * fastest measured (docs/benchmarks.md, bench/bench_attention.c): 2 for head
- * size 128 (0.255 against 0.270 ms at 7b, 0.376 against 0.442 at 70b on the
- * H200), 0 for 64.  QLK_FLASH_FWD=0|1|2|3 picks one for kernel work and the
- * gpu suite; read once. */
+ * three blocks an SM).  The default, 0, was the fastest in the last
+ * measurement (H200, 2026-12-03, bench/bench_attention: 0.205 ms against
+ * 0.220 for 2 at 7b; 2 led by 5% in an earlier call on another machine,
+ * 3 and 1 were never ahead).  QLK_FLASH_FWD=0|1|2|3 picks one for kernel
+ * work; read once. */
 int fwd_variant = -2; /* -2: not read yet, -1: not set */
 
 int fwd_choice(int hd)
@@ -678,11 +678,12 @@ int fwd_choice(int hd)
         const char *e = getenv("QLK_FLASH_FWD");
         fwd_variant = e && *e >= '0' && *e <= '3' && !e[1] ? *e - '0' : -1;
     }
-    return fwd_variant >= 0 ? fwd_variant : hd == 128 ? 2 : 0;
+    (void)hd;
+    return fwd_variant >= 0 ? fwd_variant : 0;
 }
 
-/* the dQ kernel's: 0 (64 keys a tile), 1 (32 keys, three blocks an SM);
- * QLK_FLASH_DQ=0|1 */
+/* the dQ kernel's: 0 (64 keys a tile, the default), 1 (32 keys, three blocks
+ * an SM: 3% slower); QLK_FLASH_DQ=0|1 */
 int dq_variant = -2;
 
 int dq_choice(void)
@@ -694,7 +695,9 @@ int dq_choice(void)
     return dq_variant >= 0 ? dq_variant : 0;
 }
 
-/* the dK/dV kernel's: 0 (32 query rows a step), 1 (64); QLK_FLASH_DKDV=0|1 */
+/* the dK/dV kernel's: 0 (32 query rows a step, the default), 1 (64: 0.606
+ * against 0.627 ms at 7b, 1.40 against 1.45 at 70b, but not yet through the
+ * gpu suite, so not the default); QLK_FLASH_DKDV=0|1 */
 int dkdv_variant = -2;
 
 int dkdv_choice(void)
