@@ -127,7 +127,7 @@ int cmd_check_plugin(int argc, char **argv)
             size_t l = strcspn(p, ","), i = 0;
             while (ql_check_id(i) && (strlen(ql_check_id(i)) != l || strncmp(ql_check_id(i), p, l))) i++;
             if (!ql_check_id(i))
-                return usage_error("--only: unknown check '%.*s' (see the list in 'qlora check-plugin --help')", (int)l, p);
+                return usage_error("--only=%s: unknown check '%.*s'", o.only, (int)l, p);
             if (!p[l]) break;
             p += l + 1;
         }
