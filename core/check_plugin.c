@@ -909,7 +909,7 @@ static void check_quantize(ck *c)
             free_state(c, s, name);
             free(w);
         }
-    json_object_set_new(c->extra, "matrices", details);
+    json_object_set_new(c->extra, "details", details);
     char summary[512];
     size_t k = 0;
     for (int kind = 0; kind < NKINDS; kind++) {
@@ -2017,6 +2017,8 @@ static int run_check(const char *spec, size_t k, const ql_check_opts *o, ql_chec
         st = (int)json_integer_value(json_object_get(result, "status"));
         const char *r = json_string_value(json_object_get(result, "reason"));
         snprintf(reason, sizeof reason, "%s", r ? r : "");
+        json_t *details = json_object_get(result, "details");
+        if (details) res->details = json_dumps(details, JSON_COMPACT);
         *info = result;
         result = NULL;
     }
@@ -2103,10 +2105,13 @@ static const char *status_word(int st) { return st == QL_CHECK_PASS ? "PASS" : s
 char *ql_check_report_json(const ql_check_report *r)
 {
     json_t *checks_j = json_array();
-    for (size_t i = 0; i < r->n; i++)
-        json_array_append_new(checks_j, json_pack("{s:s, s:s, s:s, s:s, s:f}", "id", r->results[i].id, "status",
-                                                  status_word(r->results[i].status), "reason", r->results[i].reason,
-                                                  "what", r->results[i].what, "seconds", r->results[i].seconds));
+    for (size_t i = 0; i < r->n; i++) {
+        json_t *c = json_pack("{s:s, s:s, s:s, s:s, s:f}", "id", r->results[i].id, "status",
+                              status_word(r->results[i].status), "reason", r->results[i].reason, "what",
+                              r->results[i].what, "seconds", r->results[i].seconds);
+        if (c && r->results[i].details) json_object_set_new(c, "details", json_loads(r->results[i].details, 0, NULL));
+        json_array_append_new(checks_j, c);
+    }
     char abi[32];
     snprintf(abi, sizeof abi, "%u.%u", r->abi_major, r->abi_minor);
     json_t *j = json_pack("{s:s, s:s?, s:s?, s:s?, s:s?, s:s?, s:b, s:i, s:i, s:i, s:o}", "plugin", r->spec, "name",
@@ -2124,7 +2129,10 @@ char *ql_check_report_json(const ql_check_report *r)
 void ql_check_report_free(ql_check_report *r)
 {
     if (!r) return;
-    for (size_t i = 0; i < r->n; i++) free(r->results[i].reason);
+    for (size_t i = 0; i < r->n; i++) {
+        free(r->results[i].reason);
+        free(r->results[i].details);
+    }
     free(r->results);
     free(r->spec);
     free(r->name);

@@ -120,6 +120,14 @@ START_TEST(shipped_plugins_pass)
     for (size_t k = 0; k < NCHECKS; k++)
         assert_status(&r, all_checks[k], in_list(shipped[_i].skips, all_checks[k]) ? "SKIP" : "PASS");
     ck_assert_contains(reason_of(&r, "quantize"), shipped[_i].quantize_says);
+    /* each matrix's reconstruction error, in the JSON report: gaussian 64 x 128 is lossy, but not by much (2-bit RTN: 0.50) */
+    json_t *details = json_object_get(find_check(&r, "quantize"), "details");
+    ck_assert_int_ge(json_array_size(details), 35);
+    json_t *g = json_array_get(details, 6);
+    ck_assert_str_eq(json_string_value(json_object_get(g, "matrix")), "gaussian");
+    ck_assert_int_eq(json_integer_value(json_object_get(g, "rows")), 64);
+    double e = json_real_value(json_object_get(g, "rel_error"));
+    ck_assert_msg(e > 1e-4 && e < 0.8, "%s: gaussian 64x128 relative error %g", spec, e);
     ck_assert_int_eq(json_integer_value(json_object_get(r.report, "failed")), 0);
     ck_assert_str_eq(json_string_value(json_object_get(r.report, "abi")), "1.3");
     /* the data-aware plugin is calibrated before every quantize; rtn=1 needs none */

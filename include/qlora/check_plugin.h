@@ -33,6 +33,7 @@ typedef struct ql_check_result {
     int status;       /* QL_CHECK_PASS, _FAIL or _SKIP */
     char *reason;     /* one line: why it failed or skipped, or what it measured */
     double seconds;
+    char *details;    /* JSON text of what it measured in detail (quantize: each matrix's error), or NULL */
 } ql_check_result;
 
 typedef struct ql_check_report {
