@@ -22,7 +22,8 @@ static int help(void)
            "PASS, FAIL or SKIP, with the reason. PLUGIN is a path to the .so or a plugin name on the\n"
            "plugin search path; the options configure it as --quantizer would. Each check runs in a child\n"
            "process of its own: a plugin that crashes or hangs fails that check, naming the call and the\n"
-           "signal, and the other checks still run. Exit status 0 when no check fails, 1 when one does.\n"
+           "signal, and the other checks still run. Exit status 0 when no check fails, 1 when one does\n"
+           "(or the report cannot be written), 2 on a usage error.\n"
            "The plugin's code runs: check only plugins you mean to load.\n\nchecks:\n");
     for (size_t i = 0; ql_check_id(i); i++) printf("  %-15s %s\n", ql_check_id(i), ql_check_what(i));
     printf("(docs/writing-a-quantizer.md, \"Checking a plugin\", says what each one checks)\n\noptions:\n");
