@@ -1837,13 +1837,31 @@ static void check_cuda(ck *c)
             }
             gb_free(&want);
         }
+        /* a row range past the end is refused, not written */
+        if (c->status == QL_CHECK_PASS && i == 0) {
+            void *dout = NULL;
+            if ((e = cudaMalloc(&dout, (size_t)(2 * md.cols) * 4)) != cudaSuccess)
+                fail(c, "CUDA: %s", cudaGetErrorString(e));
+            else {
+                ql_device_out bad = {.dtype = QL_DTYPE_F32, .data = dout, .ld = md.cols, .row0 = md.rows - 1, .nrows = 2};
+                ql_error_clear();
+                stage("materialize_rows_device() of rows %lld..%lld of a %lld-row matrix", (long long)(md.rows - 1),
+                      (long long)md.rows, (long long)md.rows);
+                rc = d->materialize_rows_device(c->inst, s, (const void *const *)dev, &bad, NULL, 0, NULL);
+                cudaDeviceSynchronize();
+                if (rc == QL_OK)
+                    fail(c, "materialize_rows_device() took rows %lld..%lld of a %lld-row matrix", (long long)(md.rows - 1),
+                         (long long)md.rows, (long long)md.rows);
+                cudaFree(dout);
+            }
+        }
         for (uint32_t b = 0; b < nb && b < QL_MAX_STATE_BUFFERS; b++)
             if (dev[b]) cudaFree(dev[b]);
         free_state(c, s, name);
         free(w);
     }
     note(c, "materialize_rows_device = materialize() bit for bit (BF16, F32; whole matrices and a row range into a "
-            "padded output) on 3 matrices");
+            "padded output) on 3 matrices; a row range past the end is refused");
 #endif
 }
 

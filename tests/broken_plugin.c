@@ -20,7 +20,13 @@
  *   crash             materialize() raises SIGSEGV
  *   exit              materialize() calls exit(3)
  *   hang              materialize() never returns
- *   nullfree          free_state(q, NULL) dereferences NULL */
+ *   nullfree          free_state(q, NULL) dereferences NULL
+ *   rowrange          materialize_rows_device() ignores row0 (the CUDA build only)
+ *
+ * Built with CUDA (-DBROKEN_CUDA), it has the device slots: its device
+ * buffers are the dense weights themselves (F32 and BF16, made by the same
+ * code as materialize), and materialize_rows_device copies rows of them
+ * with cudaMemcpy2DAsync, so it needs no kernel. */
 #include <qlora/quantizer.h>
 
 #include <math.h>
@@ -29,6 +35,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#ifdef BROKEN_CUDA
+#include <cuda_runtime.h>
+#endif
 
 static const ql_host_api *host;
 static char defect[32];
@@ -43,6 +53,8 @@ struct ql_qstate {
     int32_t src_dtype;
     int8_t *codes;
     float *scale;
+    float *dense;     /* the device buffers (BROKEN_CUDA) */
+    uint16_t *dense_bf16;
 };
 
 static int init(const ql_host_api *h)
@@ -119,8 +131,12 @@ static void free_state(const ql_quantizer *q, ql_qstate *s)
     if (!s) return;
     free(s->codes);
     free(s->scale);
+    free(s->dense);
+    free(s->dense_bf16);
     free(s);
 }
+
+static int make_dense(ql_qstate *s);
 
 static int quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float *w, ql_qstate **out)
 {
@@ -147,6 +163,10 @@ static int quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float 
             s->codes[r * m->cols + c] = (int8_t)fminf(fmaxf(v, -127.0f), 127.0f);
         }
     }
+    if (make_dense(s)) {
+        free_state(q, s);
+        return host->error(QL_ENOMEM, "out of memory");
+    }
     *out = s;
     return QL_OK;
 }
@@ -157,6 +177,25 @@ static uint16_t to_bf16(float f)
     memcpy(&b, &f, 4);
     if (is("bf16")) return (uint16_t)(b >> 16);
     return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* The dense weights the device slots copy from: the values materialize
+ * writes.  QL_OK or QL_ENOMEM. */
+static int make_dense(ql_qstate *s)
+{
+#ifdef BROKEN_CUDA
+    size_t n = (size_t)(s->rows * s->cols);
+    s->dense = malloc(n * sizeof *s->dense);
+    s->dense_bf16 = malloc(n * sizeof *s->dense_bf16);
+    if (!s->dense || !s->dense_bf16) return QL_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        s->dense[i] = (float)s->codes[i] * s->scale[i / (size_t)s->cols];
+        s->dense_bf16[i] = to_bf16(s->dense[i]);
+    }
+#else
+    (void)s;
+#endif
+    return QL_OK;
 }
 
 static float race_row[1 << 16]; /* only "race" uses it */
@@ -230,6 +269,10 @@ static int load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tensor_
             free_state(NULL, s);
             return host->error(QL_EFORMAT, "%s.broken.scale[%lld] is not finite", name, (long long)i);
         }
+    if (make_dense(s)) {
+        free_state(NULL, s);
+        return host->error(QL_ENOMEM, "out of memory");
+    }
     *out = s;
     return QL_OK;
 }
@@ -247,6 +290,43 @@ static int checkpoint_config(const ql_quantizer *q, char *buf, size_t cap)
     int k = snprintf(buf, cap, "{\"quant_method\": \"qlora\", \"quantizer\": \"broken\", \"clip\": %.9g}", q->clip);
     return k > 0 && (size_t)k < cap ? QL_OK : host->error(QL_EINVAL, "broken: checkpoint_config buffer too small");
 }
+
+#ifdef BROKEN_CUDA
+static int device_buffers(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *bufs, uint32_t *n)
+{
+    (void)q;
+    uint64_t elems = (uint64_t)(s->rows * s->cols);
+    bufs[0] = (ql_state_buffer){.name = "dense_f32", .data = s->dense, .bytes = 4 * elems, .align = 16};
+    bufs[1] = (ql_state_buffer){.name = "dense_bf16", .data = s->dense_bf16, .bytes = 2 * elems, .align = 16};
+    *n = 2;
+    return QL_OK;
+}
+
+static uint64_t device_workspace(const ql_quantizer *q, const ql_qstate *s, int64_t nrows)
+{
+    (void)q, (void)s, (void)nrows;
+    return 0;
+}
+
+static int materialize_rows_device(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
+                                   const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream)
+{
+    (void)q, (void)workspace, (void)workspace_bytes;
+    if (out->dtype != QL_DTYPE_F32 && out->dtype != QL_DTYPE_BF16)
+        return host->error(QL_ENOTSUP, "broken materializes F32 or BF16 on the device, not dtype %d", out->dtype);
+    if (out->row0 < 0 || out->nrows < 0 || out->row0 + out->nrows > s->rows || out->ld < s->cols)
+        return host->error(QL_EINVAL, "broken: rows %lld..%lld with ld %lld do not fit a [%lld, %lld] matrix",
+                           (long long)out->row0, (long long)(out->row0 + out->nrows), (long long)out->ld,
+                           (long long)s->rows, (long long)s->cols);
+    if (!out->nrows) return QL_OK;
+    size_t es = out->dtype == QL_DTYPE_F32 ? 4 : 2;
+    int64_t from = is("rowrange") ? 0 : out->row0;
+    const char *src = (const char *)dev_bufs[out->dtype == QL_DTYPE_F32 ? 0 : 1] + (size_t)(from * s->cols) * es;
+    cudaError_t e = cudaMemcpy2DAsync(out->data, (size_t)out->ld * es, src, (size_t)s->cols * es, (size_t)s->cols * es,
+                                      (size_t)out->nrows, cudaMemcpyDeviceToDevice, (cudaStream_t)stream);
+    return e == cudaSuccess ? QL_OK : host->error(QL_ECUDA, "broken: cudaMemcpy2DAsync: %s", cudaGetErrorString(e));
+}
+#endif
 
 static const ql_quantizer_desc descriptor = {
     .struct_size = sizeof(ql_quantizer_desc),
@@ -267,6 +347,11 @@ static const ql_quantizer_desc descriptor = {
     .free_state = free_state,
     .state_info = state_info,
     .checkpoint_config = checkpoint_config,
+#ifdef BROKEN_CUDA
+    .device_buffers = device_buffers,
+    .device_workspace = device_workspace,
+    .materialize_rows_device = materialize_rows_device,
+#endif
 };
 
 QL_PLUGIN_EXPORT const ql_quantizer_desc *ql_quantizer_entry(void) { return &descriptor; }
