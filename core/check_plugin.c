@@ -473,6 +473,14 @@ static int rview_set_data(rview *v, const tset *ts, int k, const void *data, siz
     return QL_OK;
 }
 
+/* Every byte of v inaccessible, still mapped (so that no later mapping
+ * takes its addresses); rview_free unmaps it. */
+static void rview_revoke(rview *v)
+{
+    for (int i = 0; i < v->n; i++)
+        if (v->g[i].base) mprotect(v->g[i].base, v->g[i].span, PROT_NONE);
+}
+
 static int rview_build(rview *v, const tset *ts)
 {
     memset(v, 0, sizeof *v);
@@ -510,7 +518,15 @@ static int make_state_or_refuse(ck *c, int kind, int64_t rows, int64_t cols, ql_
     *md = (ql_matrix_desc){.name = name, .rows = rows, .cols = cols, .src_dtype = QL_DTYPE_BF16};
     *s = NULL;
     if (!(*w = matrix(kind, rows, cols, c->o->seed))) return fail(c, "out of memory");
-    int rc = quantize_any(c, md, *w, s);
+    /* from a copy that is unmapped when quantize returns: a state that
+     * kept a pointer into the caller's matrix crashes at its first use */
+    gbuf copy;
+    int rc = gb_new(&copy, (size_t)(rows * cols) * sizeof **w, 0, *w);
+    if (rc) return fail(c, "out of memory");
+    rc = quantize_any(c, md, (const float *)copy.data, s);
+    /* inaccessible and left mapped, so that no later buffer takes its
+     * addresses (the child that runs the check exits soon) */
+    mprotect(copy.base, copy.span, PROT_NONE);
     if (rc && may_refuse && !*s && ql_error_message()[0]) return 1;
     if (rc) return fail(c, "%s of a %s %lld x %lld matrix failed (%s): %s", c->calibrated ? "calibrated quantize" : "quantize()",
                         kind_names[kind], (long long)rows, (long long)cols, ql_status_name(rc), pmsg());
@@ -1045,7 +1061,7 @@ static void check_save_load(ck *c)
         float *w;
         ql_qstate *s, *s2 = NULL, *s3 = NULL, *s4 = NULL;
         tset ts = {0}, ts2 = {0};
-        rview v = {0};
+        rview v = {0}, revoked = {0};
         gbuf a[2] = {{0}}, b[2] = {{0}};
         if (make_state(c, cases[i][0], cases[i][1], cases[i][2], &md, name, sizeof name, &w, &s)) {
             free(w);
@@ -1057,10 +1073,20 @@ static void check_save_load(ck *c)
         else if ((rc = load_view(c, &v, md.rows, md.cols, &s2, name)))
             fail(c, "load() refused what save() wrote for %s (%s): %s", name, ql_status_name(rc), pmsg());
         else if (!s2) fail(c, "load() of %s returned QL_OK and no state", name);
+        /* the tensors are the reader's until load() returns: made
+         * inaccessible now, a state that kept a pointer into them crashes
+         * at its first use (the later loads read a fresh copy) */
+        revoked = v;
+        rview_revoke(&revoked);
+        if (rview_build(&v, &ts)) {
+            memset(&v, 0, sizeof v);
+            fail(c, "out of memory");
+        }
         for (int d = 0; d < 2 && c->status == QL_CHECK_PASS; d++) {
             int dt = d ? QL_DTYPE_BF16 : QL_DTYPE_F32;
             if (materialize_into(c, s, dt, md.rows, md.cols, &a[d], name) ||
-                materialize_into(c, s2, dt, md.rows, md.cols, &b[d], "the loaded state"))
+                materialize_into(c, s2, dt, md.rows, md.cols, &b[d],
+                                 "the loaded state (the tensors it was loaded from are unmapped)"))
                 fail(c, "materialize(%s) failed: %s", ql_dtype_name(dt), pmsg());
             else {
                 int64_t at = first_diff(&a[d], &b[d], esize(dt));
@@ -1119,6 +1145,7 @@ static void check_save_load(ck *c)
         free_state(c, s2, "the loaded state");
         free_state(c, s, name);
         rview_free(&v);
+        rview_free(&revoked);
         tset_clear(&ts);
         tset_clear(&ts2);
         free(w);
@@ -2074,7 +2101,10 @@ int ql_check_plugin(const char *spec, const ql_check_opts *opts, ql_check_report
             p += l + (p[l] == ',');
         }
     }
-    if (!(out->spec = strdup(spec)) || !(out->results = calloc(NCHECKS, sizeof *out->results)))
+    out->opts = *opts;
+    out->opts.only = NULL;
+    if (!(out->spec = strdup(spec)) || (opts->only && !(out->only = strdup(opts->only))) ||
+        !(out->results = calloc(NCHECKS, sizeof *out->results)))
         return ql_error(QL_ENOMEM, "out of memory");
     ql_progress prog;
     ql_progress_begin(&prog, "check-plugin", NCHECKS, "checks", opts->progress);
@@ -2132,10 +2162,14 @@ char *ql_check_report_json(const ql_check_report *r)
     }
     char abi[32];
     snprintf(abi, sizeof abi, "%u.%u", r->abi_major, r->abi_minor);
-    json_t *j = json_pack("{s:s, s:s?, s:s?, s:s?, s:s?, s:s?, s:b, s:i, s:i, s:i, s:o}", "plugin", r->spec, "name",
-                          r->name, "version", r->version, "file", r->file, "options", r->options, "abi",
+    /* what the run was, so that it can be repeated */
+    json_t *run = json_pack("{s:I, s:i, s:i, s:f, s:s?}", "seed", (json_int_t)r->opts.seed, "mutations",
+                            r->opts.mutations, "threads", r->opts.threads, "timeout_s", r->opts.timeout_s, "only",
+                            r->only);
+    json_t *j = json_pack("{s:s, s:s?, s:s?, s:s?, s:s?, s:s?, s:b, s:i, s:i, s:i, s:o, s:o}", "plugin", r->spec,
+                          "name", r->name, "version", r->version, "file", r->file, "options", r->options, "abi",
                           r->name ? abi : NULL, "ok", r->failed == 0, "passed", r->passed, "failed", r->failed,
-                          "skipped", r->skipped, "checks", checks_j);
+                          "skipped", r->skipped, "run", run, "checks", checks_j);
     char *text = j ? json_dumps(j, JSON_PRESERVE_ORDER | JSON_INDENT(2)) : NULL;
     json_decref(j);
     char *line = text ? malloc(strlen(text) + 2) : NULL;
@@ -2153,6 +2187,7 @@ void ql_check_report_free(ql_check_report *r)
     }
     free(r->results);
     free(r->spec);
+    free(r->only);
     free(r->name);
     free(r->version);
     free(r->file);

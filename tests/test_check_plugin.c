@@ -202,6 +202,11 @@ static const struct {
     {"hang", "quantize", "no answer after 2 s, in materialize(F32) of check.gaussian.1x1; stopped it (a hang)",
      "--timeout 2 --only quantize"},
     {"nullfree", "slots", "crashed in free_state(q, NULL): killed by signal SIGSEGV", ""},
+    {"borrow", "save-load",
+     "crashed in materialize(F32) of the loaded state (the tensors it was loaded from are unmapped): killed by signal "
+     "SIGSEGV",
+     ""},
+    {"borroww", "quantize", "crashed in materialize(F32) of check.gaussian.1x1: killed by signal SIGSEGV", ""},
     /* the device slots exist in a CUDA build of the plugin, and run on a GPU */
     {"rowrange", "cuda", "of check.gaussian.33x257 rows 11.. (ld 260): row 11 column 0 differs from materialize()",
      "--only cuda"},
@@ -291,6 +296,11 @@ START_TEST(flags_reach_the_checks)
     assert_status(&r, "quantize", "SKIP");
     ck_assert_str_eq(reason_of(&r, "quantize"), "not in --only");
     ck_assert_int_eq(json_integer_value(json_object_get(r.report, "passed")), 3);
+    json_t *how = json_object_get(r.report, "run");
+    ck_assert_int_eq(json_integer_value(json_object_get(how, "seed")), 7);
+    ck_assert_int_eq(json_integer_value(json_object_get(how, "mutations")), 25);
+    ck_assert_int_eq(json_integer_value(json_object_get(how, "threads")), 3);
+    ck_assert_str_eq(json_string_value(json_object_get(how, "only")), "mutations,threads");
     run_free(&r);
     /* the loop is the seed's: run again, the same counts */
     r = check_plugin("env -u QLORA_BROKEN", "--only mutations --seed 7 --mutations 25 '%s'", so);

@@ -38,6 +38,8 @@ typedef struct ql_check_result {
 
 typedef struct ql_check_report {
     char *spec;                         /* as given */
+    ql_check_opts opts;                 /* as run (only: NULL; see `only`) */
+    char *only;                         /* --only, or NULL */
     char *name, *version, *file, *options; /* from the load check; NULL when it failed */
     unsigned abi_major, abi_minor;
     ql_check_result *results;
