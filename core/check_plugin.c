@@ -18,8 +18,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <malloc.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <time.h>
 #include <unistd.h>
 
@@ -1647,6 +1652,115 @@ static void check_threads(ck *c)
          nt, "96x300");
 }
 
+/* Bytes the main malloc arena holds (glibc); 0 where malloc is another's
+ * (a sanitizer's), which says nothing. */
+static size_t heap_in_use(void)
+{
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+#else
+    return 0;
+#endif
+}
+
+/* One round of what a host does with every matrix: create and destroy an
+ * instance, quantize (calibrated if need be), save, load, materialize,
+ * a load refused for a missing tensor, a quantize refused for a NaN, free. */
+static int leak_round(ck *c, const float *w, float *bad, const ql_matrix_desc *md, gbuf *out, const char *name)
+{
+    ql_quantizer *x = NULL;
+    ql_error_clear();
+    stage("create() with no options");
+    if (c->d->create(NULL, 0, &x)) return fail(c, "create() with no options failed: %s", pmsg());
+    stage("destroy()");
+    c->d->destroy(x);
+    ql_qstate *s = NULL, *s2 = NULL, *s3 = NULL;
+    tset ts = {0};
+    rview v = {0};
+    int rc = quantize_any(c, md, w, &s);
+    if (rc) fail(c, "quantize of %s failed: %s", name, pmsg());
+    else if (save_into(c, s, &ts, name)) fail(c, "save() of %s failed: %s", name, pmsg());
+    else if (rview_build(&v, &ts)) fail(c, "out of memory");
+    else if (load_view(c, &v, md->rows, md->cols, &s2, name)) fail(c, "load() of %s failed: %s", name, pmsg());
+    else {
+        stage("materialize(F32) of %s", name);
+        if (c->d->materialize(c->inst, s2, QL_DTYPE_F32, out->data)) fail(c, "materialize() failed: %s", pmsg());
+        v.t[0].name = NULL; /* the first tensor missing: refused, and nothing may stay allocated */
+        if (load_view(c, &v, md->rows, md->cols, &s3, "tensors with one missing") == QL_OK)
+            free_state(c, s3, "a state loaded without a tensor");
+        ql_qstate *sn = NULL;
+        if (quantize_any(c, md, bad, &sn) == QL_OK) free_state(c, sn, "a state quantized from a NaN");
+    }
+    rview_free(&v);
+    tset_clear(&ts);
+    free_state(c, s2, "the loaded state");
+    free_state(c, s, name);
+    return c->status == QL_CHECK_FAIL ? -1 : 0;
+}
+
+/* LeakSanitizer's, in a sanitizer build (weak: NULL elsewhere). */
+extern int __lsan_do_recoverable_leak_check(void) __attribute__((weak));
+
+static void check_leaks(ck *c)
+{
+    enum { WARMUP = 3, ROUNDS = 30 };
+    /* glibc's counts, or else LeakSanitizer's report */
+    int lsan = heap_in_use() == 0 && __lsan_do_recoverable_leak_check;
+    if (heap_in_use() == 0 && !lsan) {
+        skip(c, "malloc here is neither glibc's nor LeakSanitizer's: no way to count what stays allocated");
+        return;
+    }
+    ql_matrix_desc md;
+    char name[96];
+    float *w;
+    ql_qstate *s;
+    if (make_state(c, K_HEAVY, 33, 257, &md, name, sizeof name, &w, &s)) {
+        free(w);
+        return;
+    }
+    free_state(c, s, name);
+    float *bad = malloc((size_t)(md.rows * md.cols) * sizeof *bad);
+    gbuf out = {0};
+    if (!bad || gb_new(&out, (size_t)(md.rows * md.cols) * 4, 1, NULL)) {
+        fail(c, "out of memory");
+        free(bad);
+        free(w);
+        return;
+    }
+    memcpy(bad, w, (size_t)(md.rows * md.cols) * sizeof *bad);
+    bad[md.cols + 3] = NAN;
+    size_t before = 0;
+    for (int r = 0; r < WARMUP + ROUNDS && c->status == QL_CHECK_PASS; r++) {
+        if (r == WARMUP) before = heap_in_use();
+        leak_round(c, w, bad, &md, &out, name);
+    }
+    size_t after = heap_in_use();
+    if (lsan) {
+        stage("LeakSanitizer's leak check");
+        if (c->status == QL_CHECK_PASS && __lsan_do_recoverable_leak_check())
+            fail(c, "LeakSanitizer found a leak after %d rounds of create/destroy, quantize, save, load, materialize, "
+                    "refused load and quantize, free_state (its report is on stderr)",
+                 WARMUP + ROUNDS);
+        note(c, "%d rounds of create/destroy, quantize, save, load, materialize, a refused load and a refused "
+                "quantize, free_state: LeakSanitizer finds nothing unreachable",
+             WARMUP + ROUNDS);
+    }
+    /* caches a plugin fills once belong to the warm-up rounds; what is
+     * left after them grows with the rounds only if something leaks */
+    else if (c->status == QL_CHECK_PASS && after > before + 4096)
+        fail(c, "%d rounds of create/destroy, quantize, save, load, materialize, refused load and quantize, free_state "
+                "left %zu bytes more allocated (about %zu a round): a leak, repeated for every layer of every model",
+             ROUNDS, after - before, (after - before) / ROUNDS);
+    if (!lsan)
+        note(c, "%d rounds of create/destroy, quantize, save, load, materialize, a refused load and a refused "
+                "quantize, free_state: %lld bytes of heap more after them than before (after %d warm-up rounds)",
+             ROUNDS, (long long)after - (long long)before, WARMUP);
+    gb_free(&out);
+    free(bad);
+    free(w);
+}
+
 static void check_matmul(ck *c)
 {
     if (!c->d->matmul) {
@@ -1916,6 +2030,7 @@ static const struct check {
     {"mutations", "a seeded loop of mutated saved tensors: errors, never a crash or an out-of-bounds access",
      check_mutations},
     {"threads", "materialize and quantize from several threads at once give the same bytes", check_threads},
+    {"leaks", "rounds of everything a host does with a matrix, error paths too, leave no memory behind", check_leaks},
     {"matmul", "matmul() = x . materialize(W)^T (when the slot is there)", check_matmul},
     {"calibration", "the calibration slots of a data-aware plugin (ABI 1.3)", check_calibration},
     {"cuda", "device materialize bit-identical to the host's (device slots and a GPU)", check_cuda},
@@ -1929,8 +2044,16 @@ const char *ql_check_what(size_t i) { return i < NCHECKS ? checks[i].what : NULL
  * result line, close the plugin. */
 static void child_main(const char *spec, size_t k, const ql_check_opts *o, int fd)
 {
-    /* a plugin that prints must not mix into the report on stdout */
-    dup2(STDERR_FILENO, STDOUT_FILENO);
+#ifdef __linux__
+    /* a child left hanging dies with the checker, however that ends */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+    /* A plugin never prints (docs/plugin-abi.md): what it writes to stdout
+     * goes to a file of its own, never into the report, and fails the
+     * check.  (Its stderr is the host's, which host->log writes to.) */
+    FILE *captured = tmpfile();
+    if (captured) dup2(fileno(captured), STDOUT_FILENO);
+    else dup2(STDERR_FILENO, STDOUT_FILENO);
     stage_fd = fd;
     ck c = {.o = o, .status = QL_CHECK_PASS, .extra = json_object()};
     stage("dlopen(), init() and create() (loading the plugin)");
@@ -1941,6 +2064,18 @@ static void child_main(const char *spec, size_t k, const ql_check_opts *o, int f
         c.inst = c.q->inst;
         c.calibrated = ql_qz_needs_calibration(c.q) && ql_qz_can_calibrate(c.q);
         checks[k].fn(&c);
+    }
+    fflush(stdout);
+    struct stat st;
+    if (captured && fstat(fileno(captured), &st) == 0 && st.st_size > 0) {
+        char head[81] = "";
+        ssize_t got = pread(fileno(captured), head, sizeof head - 1, 0);
+        head[got > 0 ? got : 0] = '\0';
+        for (char *p = head; *p; p++)
+            if (*p < 0x20 || *p > 0x7e) *p = ' ';
+        fail(&c, "the plugin wrote %lld bytes to stdout during the check, beginning '%s': a plugin never prints "
+                 "(host->log is for diagnostics)",
+             (long long)st.st_size, head);
     }
     json_object_set_new(c.extra, "status", json_integer(c.status));
     json_object_set_new(c.extra, "reason", json_string(c.reason));

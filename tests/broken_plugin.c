@@ -23,6 +23,8 @@
  *   nullfree          free_state(q, NULL) dereferences NULL
  *   borrow            load() keeps a pointer into the reader's tensor instead of a copy
  *   borroww           quantize() keeps a pointer to the caller's matrix, materialize() reads it
+ *   leak              free_state() leaks the codes
+ *   prints            materialize() prints to stdout
  *   rowrange          materialize_rows_device() ignores row0 (the CUDA build only)
  *
  * Built with CUDA (-DBROKEN_CUDA), it has the device slots: its device
@@ -133,7 +135,7 @@ static void free_state(const ql_quantizer *q, ql_qstate *s)
         *p = 0;
     }
     if (!s) return;
-    if (!s->borrowed) free(s->codes);
+    if (!s->borrowed && !is("leak")) free(s->codes);
     free(s->scale);
     free(s->dense);
     free(s->dense_bf16);
@@ -218,6 +220,7 @@ static int materialize(const ql_quantizer *q, const ql_qstate *s, int32_t dtype,
         volatile float first = s->w[0];
         (void)first;
     }
+    if (is("prints")) printf("broken: materializing %lld x %lld\n", (long long)s->rows, (long long)s->cols);
     int64_t rows = is("lastrow") ? s->rows - 1 : s->rows;
     float *mine = malloc((size_t)s->cols * sizeof *mine);
     if (!mine) return host->error(QL_ENOMEM, "out of memory");

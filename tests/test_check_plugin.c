@@ -13,10 +13,10 @@
 #include "qlora/qlora.h"
 #include "testutil.h"
 
-static const char *const all_checks[] = {"load",       "slots",          "unknown-option", "bad-value", "describe",
-                                         "quantize",   "non-finite",     "determinism",    "save-load", "bits-per-param",
-                                         "bf16",       "tamper",         "mutations",      "threads",   "matmul",
-                                         "calibration", "cuda"};
+static const char *const all_checks[] = {"load",     "slots",       "unknown-option", "bad-value", "describe",
+                                         "quantize", "non-finite",  "determinism",    "save-load", "bits-per-param",
+                                         "bf16",     "tamper",      "mutations",      "threads",   "leaks",
+                                         "matmul",   "calibration", "cuda"};
 enum { NCHECKS = sizeof all_checks / sizeof all_checks[0] };
 
 typedef struct run {
@@ -207,6 +207,10 @@ static const struct {
      "SIGSEGV",
      ""},
     {"borroww", "quantize", "crashed in materialize(F32) of check.gaussian.1x1: killed by signal SIGSEGV", ""},
+    /* (glibc's counts; in the sanitizer build, LeakSanitizer's report) */
+    {"leak", "leaks", "a leak", ""},
+    {"prints", "quantize",
+     "bytes to stdout during the check, beginning 'broken: materializing 1 x 1 broken: materializing 1 x 63 ", ""},
     /* the device slots exist in a CUDA build of the plugin, and run on a GPU */
     {"rowrange", "cuda", "of check.gaussian.33x257 rows 11.. (ld 260): row 11 column 0 differs from materialize()",
      "--only cuda"},
