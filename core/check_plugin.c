@@ -124,7 +124,10 @@ static void note(ck *c, const char *fmt, ...)
 }
 
 /* The plugin's message for the call that just failed. */
-static const char *pmsg(void) { return ql_error_message()[0] ? ql_error_message() : "(no message)"; }
+static const char *pmsg(void)
+{
+    return ql_error_message()[0] ? ql_error_message() : "(no message: the plugin set none with host->error)";
+}
 
 /* ---- deterministic inputs ---- */
 
@@ -1363,8 +1366,8 @@ static int tamper(rview *v, const tset *ts, int k, int t, rng *r, int *ok)
 }
 
 /* What a tampered load did: refused (1), took it with the same weights (2),
- * took it (3; *nonfinite when its weights are not all finite), or failed
- * the check (0). */
+ * took it (3; *nonfinite when its weights are not all finite), took it and
+ * then failed to materialize (4), or failed the check (0). */
 static int judge_load(ck *c, rview *v, int64_t rows, int64_t cols, const gbuf *ref, const char *what, int *nonfinite)
 {
     ql_qstate *s = NULL;
@@ -1381,7 +1384,8 @@ static int judge_load(ck *c, rview *v, int64_t rows, int64_t cols, const gbuf *r
     int res = 3;
     rc = materialize_into(c, s, QL_DTYPE_F32, rows, cols, &out, what);
     if (!gb_intact(&out)) res = fail(c, "after load() took %s, materialize() wrote outside its output", what);
-    else if (rc == QL_OK) {
+    else if (rc != QL_OK) res = 4;
+    else {
         if (!memcmp(out.data, ref->data, ref->n)) res = 2;
         for (int64_t i = 0; i < rows * cols; i++) *nonfinite |= !isfinite(((const float *)out.data)[i]);
         ql_state_info info;
@@ -1461,7 +1465,11 @@ static void check_tamper(ck *c)
                 if (ki < sizeof ignored_list - 80)
                     ki += (size_t)snprintf(ignored_list + ki, sizeof ignored_list - ki, "%s%s %s", ki ? "; " : "",
                                            ts.t[k].name, tamper_names[t]);
-            } else
+            } else if (res == 4)
+                fail(c, "load() took %s, and then materialize() failed: a damaged file must be refused when it is "
+                        "loaded",
+                     what);
+            else
                 fail(c, "load() took %s and it materializes different weights: a damaged file would load as garbage",
                      what);
         }
@@ -2138,11 +2146,18 @@ static int run_check(const char *spec, size_t k, const ql_check_opts *o, ql_chec
      * rest is read and dropped, so a long check never fills the pipe. */
     enum { line_max = 1 << 20 };
     char *line = malloc(line_max + 1), last_stage[400] = "", chunk[65536];
+    if (!line) {
+        close(fds[0]);
+        kill(pid, SIGKILL);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+        }
+        return ql_error(QL_ENOMEM, "out of memory");
+    }
     size_t len = 0;
     int timed_out = 0, closed = 0, flooded = 0;
     json_t *result = NULL;
     double deadline = t0 + o->timeout_s;
-    while (line) {
+    for (;;) {
         double left = deadline - ql_now();
         if (left <= 0) {
             timed_out = 1;
