@@ -37,6 +37,9 @@
 #if QL_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* ---- the child's side: stages, results ---- */
 
@@ -1012,38 +1015,69 @@ static void check_non_finite(ck *c)
          c->d->calib_create ? ", calib_feed" : "");
 }
 
+/* The threads the plugin is offered (host->num_threads), for a run. */
+static int threads_offered(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static void offer_threads(int n)
+{
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
 static void check_determinism(ck *c)
 {
     static const int cases[][3] = {{K_GAUSS, 64, 172}, {K_HEAVY, 33, 257}};
+    /* the third run offers one thread (host->num_threads() and OpenMP's
+     * count) where the first two offer all: the bytes may not depend on it */
+    const int all = threads_offered(), runs = all > 1 ? 3 : 2;
     for (size_t i = 0; i < 2 && c->status == QL_CHECK_PASS; i++) {
-        tset ts[2];
-        gbuf out[2];
+        tset ts[3];
+        gbuf out[3];
         memset(ts, 0, sizeof ts);
         memset(out, 0, sizeof out);
-        ql_qstate *s[2] = {NULL, NULL};
-        float *w[2] = {NULL, NULL};
+        ql_qstate *s[3] = {NULL, NULL, NULL};
+        float *w[3] = {NULL, NULL, NULL};
         ql_matrix_desc md;
         char name[96], why[512];
-        for (int r = 0; r < 2 && c->status == QL_CHECK_PASS; r++) {
+        for (int r = 0; r < runs && c->status == QL_CHECK_PASS; r++) {
+            offer_threads(r == 2 ? 1 : all);
             if (make_state(c, cases[i][0], cases[i][1], cases[i][2], &md, name, sizeof name, &w[r], &s[r])) break;
             if (save_into(c, s[r], &ts[r], name)) fail(c, "save() of %s failed: %s", name, pmsg());
             else if (materialize_into(c, s[r], QL_DTYPE_F32, md.rows, md.cols, &out[r], name))
                 fail(c, "materialize(F32) of %s failed: %s", name, pmsg());
         }
-        if (c->status == QL_CHECK_PASS && !tset_equal(&ts[0], &ts[1], why, sizeof why))
-            fail(c, "two quantizes of the same %s saved different tensors: %s", name, why);
-        if (c->status == QL_CHECK_PASS && memcmp(out[0].data, out[1].data, out[0].n))
-            fail(c, "two quantizes of the same %s materialize different weights", name);
-        for (int r = 0; r < 2; r++) {
+        offer_threads(all);
+        for (int r = 1; r < runs && c->status == QL_CHECK_PASS; r++) {
+            const char *how = r == 2 ? "a quantize offered one thread and one offered %d" : "two quantizes";
+            char said[96];
+            snprintf(said, sizeof said, how, all);
+            if (!tset_equal(&ts[0], &ts[r], why, sizeof why))
+                fail(c, "%s of the same %s saved different tensors: %s", said, name, why);
+            else if (memcmp(out[0].data, out[r].data, out[0].n))
+                fail(c, "%s of the same %s materialize different weights", said, name);
+        }
+        for (int r = 0; r < runs; r++) {
             tset_clear(&ts[r]);
             gb_free(&out[r]);
             free_state(c, s[r], name);
             free(w[r]);
         }
     }
+    char threads[64] = "";
+    if (runs == 3) snprintf(threads, sizeof threads, ", and the same with 1 thread offered as with %d", all);
     note(c, "two %s of the same matrix (64x172 gaussian, 33x257 heavy-tailed) save the same bytes and materialize "
-            "the same weights",
-         c->calibrated ? "calibrated quantizes, with the same calibration inputs," : "quantizes");
+            "the same weights%s",
+         c->calibrated ? "calibrated quantizes, with the same calibration inputs," : "quantizes", threads);
 }
 
 /* first differing element of two materialized buffers, or -1 */

@@ -23,6 +23,7 @@
  *   nullfree          free_state(q, NULL) dereferences NULL
  *   borrow            load() keeps a pointer into the reader's tensor instead of a copy
  *   borroww           quantize() keeps a pointer to the caller's matrix, materialize() reads it
+ *   threadcount       quantize()'s scales depend on host->num_threads()
  *   leak              free_state() leaks the codes
  *   prints            materialize() prints to stdout
  *   rowrange          materialize_rows_device() ignores row0 (the CUDA build only)
@@ -159,7 +160,9 @@ static int quantize(const ql_quantizer *q, const ql_matrix_desc *m, const float 
     if (!s) return host->error(QL_ENOMEM, "out of memory");
     s->src_dtype = m->src_dtype;
     if (is("borroww")) s->w = w;
-    float drift = is("nondeterministic") ? 1.0f + 1e-3f * (float)(++calls) : 1.0f;
+    float drift = is("nondeterministic") ? 1.0f + 1e-3f * (float)(++calls)
+                  : is("threadcount")    ? 1.0f + 1e-3f * (float)host->num_threads()
+                                         : 1.0f;
     for (int64_t r = 0; r < m->rows; r++) {
         float amax = 0;
         for (int64_t c = 0; c < m->cols; c++) amax = fmaxf(amax, fabsf(w[r * m->cols + c]));

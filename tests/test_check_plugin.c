@@ -184,6 +184,8 @@ static const struct {
 } defects[] = {
     {"nondeterministic", "determinism",
      "two quantizes of the same check.gaussian.64x172 saved different tensors: 'broken.scale' differs at byte", ""},
+    {"threadcount", "determinism",
+     "a quantize offered one thread and one offered 4 of the same check.gaussian.64x172 saved different tensors", ""},
     {"lastrow", "quantize", "never written", ""},
     {"overrun", "quantize", "materialize(F32) of check.gaussian.1x1 wrote outside its 1-element output", ""},
     {"truncated", "tamper",
@@ -219,7 +221,8 @@ static const struct {
 START_TEST(broken_plugin_defect_is_caught)
 {
     char *so = broken(), env[96];
-    snprintf(env, sizeof env, "QLORA_BROKEN=%s", defects[_i].defect);
+    /* four threads offered however many cores there are, so that one thread is fewer */
+    snprintf(env, sizeof env, "OMP_NUM_THREADS=4 QLORA_BROKEN=%s", defects[_i].defect);
     run r = check_plugin(env, "%s '%s'", defects[_i].args, so);
     if (!strcmp(defects[_i].check, "cuda") && strcmp(status_of(&r, "cuda"), "FAIL")) {
         /* no GPU, or no CUDA build: the check says so (and the gpu machine runs it) */
