@@ -1905,6 +1905,21 @@ static void check_calibration(ck *c)
     }
     stage("calib_free()");
     c->d->calib_free(c->inst, cal);
+    /* an instance that needs calibration refuses quantize() without it: a
+     * program other than qlora may call it */
+    if (c->calibrated && c->status == QL_CHECK_PASS) {
+        float *wq = matrix(K_GAUSS, 4, 20, c->o->seed);
+        ql_qstate *sq = NULL;
+        ql_error_clear();
+        stage("quantize() without calibration");
+        rc = wq ? c->d->quantize(c->inst, &m1, wq, &sq) : QL_ENOMEM;
+        if (rc == QL_OK) {
+            free_state(c, sq, m1.name);
+            fail(c, "quantize() without calibration returned QL_OK, though the plugin says it needs calibration");
+        } else if (sq) fail(c, "quantize() without calibration failed but left *out set");
+        else if (!ql_error_message()[0]) fail(c, "quantize() without calibration failed with no message to say why");
+        free(wq);
+    }
     if (c->d->calibration_needed) {
         stage("calibration_needed()");
         int need = c->d->calibration_needed(c->inst);
@@ -1912,7 +1927,8 @@ static void check_calibration(ck *c)
     }
     note(c, "%s; quantize_calibrated refuses a calibration of another width (QL_EINVAL); one calibration serves two "
             "matrices",
-         c->calibrated ? "every check quantized through calib_create, calib_feed x2, quantize_calibrated, calib_free"
+         c->calibrated ? "every check quantized through calib_create, calib_feed x2, quantize_calibrated, calib_free; "
+                         "quantize() alone is refused with a message"
                        : "calibration is optional here (the other checks quantize())");
 }
 
@@ -2252,6 +2268,9 @@ static int run_check(const char *spec, size_t k, const ql_check_opts *o, ql_chec
         result = NULL;
     }
     json_decref(result);
+    /* one line, whatever the plugin's messages hold */
+    for (char *p = reason; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = ' ';
     res->status = st;
     res->reason = xstrdup(reason);
     return res->reason ? QL_OK : ql_error(QL_ENOMEM, "out of memory");
