@@ -1983,11 +1983,47 @@ static int device_rows(ck *c, const ql_qstate *s, void *const *dev, int dtype, c
 }
 #endif
 
+#if QL_HAVE_CUDA
+/* quantize_device of the matrix w (uploaded as float32) is the state
+ * quantize() made: the same saved bytes. */
+static int device_quantize_same(ck *c, const ql_matrix_desc *md, const float *w, const ql_qstate *s, const char *name)
+{
+    size_t bytes = (size_t)(md->rows * md->cols) * sizeof *w;
+    void *dw = NULL;
+    cudaError_t e = cudaMalloc(&dw, bytes);
+    if (e == cudaSuccess) e = cudaMemcpy(dw, w, bytes, cudaMemcpyHostToDevice);
+    if (e != cudaSuccess) {
+        if (dw) cudaFree(dw);
+        return fail(c, "CUDA: uploading %s: %s", name, cudaGetErrorString(e));
+    }
+    ql_qstate *sd = NULL;
+    tset a = {0}, b = {0};
+    char why[512];
+    ql_error_clear();
+    stage("quantize_device(F32) of %s", name);
+    int rc = c->d->quantize_device(c->inst, md, dw, QL_DTYPE_F32, NULL, &sd);
+    cudaFree(dw);
+    if (rc) fail(c, "quantize_device(F32) of %s failed: %s", name, pmsg());
+    else if (!sd) fail(c, "quantize_device() of %s returned QL_OK and no state", name);
+    else if (save_into(c, s, &a, name) || save_into(c, sd, &b, "the state quantize_device made"))
+        fail(c, "save() failed: %s", pmsg());
+    else if (!tset_equal(&a, &b, why, sizeof why))
+        fail(c, "quantize_device(F32) of %s saves other tensors than quantize(): %s", name, why);
+    tset_clear(&a);
+    tset_clear(&b);
+    free_state(c, sd, "the state quantize_device made");
+    return c->status == QL_CHECK_FAIL ? -1 : 0;
+}
+#endif
+
 static void check_cuda(ck *c)
 {
     const ql_quantizer_desc *d = c->d;
-    if (!d->materialize_rows_device || !d->device_buffers || !d->device_workspace) {
-        skip(c, "no device slots (device_buffers, device_workspace, materialize_rows_device)");
+    const int rows_dev = d->materialize_rows_device && d->device_buffers && d->device_workspace;
+    /* a data-aware plugin quantizes in the calibration pass, on the CPU */
+    const int quant_dev = d->quantize_device && !c->calibrated;
+    if (!rows_dev && !quant_dev) {
+        skip(c, "no device slots (device_buffers, device_workspace, materialize_rows_device; quantize_device)");
         return;
     }
 #if !QL_HAVE_CUDA
@@ -2009,12 +2045,21 @@ static void check_cuda(ck *c)
             free(w);
             break;
         }
+        if (quant_dev) device_quantize_same(c, &md, w, s, name);
+        if (!rows_dev) {
+            free_state(c, s, name);
+            free(w);
+            continue;
+        }
         ql_state_buffer bufs[QL_MAX_STATE_BUFFERS];
         void *dev[QL_MAX_STATE_BUFFERS] = {NULL};
         uint32_t nb = 0;
-        ql_error_clear();
-        stage("device_buffers() of %s", name);
-        int rc = d->device_buffers(c->inst, s, bufs, &nb);
+        int rc = QL_OK;
+        if (c->status == QL_CHECK_PASS) {
+            ql_error_clear();
+            stage("device_buffers() of %s", name);
+            rc = d->device_buffers(c->inst, s, bufs, &nb);
+        }
         if (rc) fail(c, "device_buffers() of %s failed: %s", name, pmsg());
         else if (nb > QL_MAX_STATE_BUFFERS) fail(c, "device_buffers() gave %u buffers, more than %d", nb, QL_MAX_STATE_BUFFERS);
         for (uint32_t b = 0; b < nb && c->status == QL_CHECK_PASS; b++) {
@@ -2059,8 +2104,11 @@ static void check_cuda(ck *c)
         free_state(c, s, name);
         free(w);
     }
-    note(c, "materialize_rows_device = materialize() bit for bit (BF16, F32; whole matrices and a row range into a "
-            "padded output) on 3 matrices; a row range past the end is refused");
+    if (rows_dev)
+        note(c, "materialize_rows_device = materialize() bit for bit (BF16, F32; whole matrices and a row range into a "
+                "padded output) on 3 matrices; a row range past the end is refused%s",
+             quant_dev ? "; quantize_device saves the bytes quantize() does" : "");
+    else note(c, "quantize_device saves the bytes quantize() does, on 3 matrices (no device materialize slots)");
 #endif
 }
 
@@ -2091,7 +2139,7 @@ static const struct check {
     {"leaks", "rounds of everything a host does with a matrix, error paths too, leave no memory behind", check_leaks},
     {"matmul", "matmul() = x . materialize(W)^T (when the slot is there)", check_matmul},
     {"calibration", "the calibration slots of a data-aware plugin (ABI 1.3)", check_calibration},
-    {"cuda", "device materialize bit-identical to the host's (device slots and a GPU)", check_cuda},
+    {"cuda", "device materialize and quantize bit-identical to the host's (device slots and a GPU)", check_cuda},
 };
 enum { NCHECKS = sizeof checks / sizeof checks[0] };
 
