@@ -316,8 +316,8 @@ static void fmt(char *buf, size_t cap, const char *f, ...)
     ck_assert_msg(n >= 0 && (size_t)n < cap, "%zu bytes are too few for \"%s\"", cap, f);
 }
 
-static const char *const commands[] = {"quantizers", "quantize", "inspect", "compare", "eval",
-                                       "generate",   "train",    "merge",   "bench",   "version"};
+static const char *const commands[] = {"quantizers", "quantize", "inspect", "compare",      "eval",   "generate",
+                                       "train",      "merge",    "bench",   "check-plugin", "version"};
 
 /* One option line of a --help text, as main.c's help_opt prints it: two
  * spaces, the flag column (26 wide: "-q, --quantizer Q"), a space, what it
@@ -474,6 +474,13 @@ static const struct {
     {"inspect", "--json", ""},
     {"quantizers", "--json", ""},
     {"quantizers", "--shape", "4096x4096"},
+    {"check-plugin", "--json", ""},
+    {"check-plugin", "--timeout", "60"},
+    {"check-plugin", "--seed", "0"},
+    {"check-plugin", "--mutations", "200"},
+    {"check-plugin", "--threads", "4"},
+    {"check-plugin", "--only", "all"},
+    {"check-plugin", "--quiet", ""},
 };
 
 /* A value the option of `h` accepts, so that parsing goes on to the next argument */

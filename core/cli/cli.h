@@ -10,6 +10,15 @@ extern const char *command;
 /* A mistake on the command line: one line that names the command and where
  * its options are listed; returns the exit status, 2. */
 int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* getopt_long's '?' and ':' as a usage error in the house words (main.c). */
+int option_error(int c, char **argv, const struct option *longopts);
+/* One option line of a --help (NULL dflt: none to show), and its end: the
+ * -h line and the example; returns 0. */
+void help_opt(const char *flag, const char *what, const char *dflt);
+int help_end(const char *example);
+
+/* qlora check-plugin (check_plugin.c) */
+int cmd_check_plugin(int argc, char **argv);
 
 /* qlora.py's option names (artidoro/qlora: its dataclasses and the
  * transformers TrainingArguments its scripts pass), rewritten into ours

@@ -56,6 +56,7 @@ static const char usage_text[] =
     "       [--layers N] [--seq 2048] [--batch-size 1] [--lora-r 64] [--lora-dropout 0.1] [--steps 5]\n"
     "       [--warmup 2] [--optim auto|adamw|paged_adamw] [--json FILE]\n"
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
+    "  check-plugin PLUGIN[:k=v,...] [--json FILE]  a plugin through every check a host relies on\n"
     "  version                             print the version\n"
     "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n"
     "\n"
@@ -127,7 +128,7 @@ static int choice(const char *flag, const char *value, const char *allowed, cons
  * option's val when a long option is given a value it does not take or lacks
  * one; every long option without a value has a val of OPT_* (>= 256), so a
  * val below 256 is a short option's letter. */
-static int option_error(int c, char **argv, const struct option *longopts)
+int option_error(int c, char **argv, const struct option *longopts)
 {
     const char *arg = argv[optind - 1];
     char name[128];
@@ -167,7 +168,7 @@ static const char *num(char *buf, size_t cap, double v)
 
 /* One option of a command's --help: the flag, what it does, its default
  * (NULL: none to show). */
-static void help_opt(const char *flag, const char *what, const char *dflt)
+void help_opt(const char *flag, const char *what, const char *dflt)
 {
     printf("  %-26s %s", flag, what);
     if (dflt) printf(" (default: %s)", dflt);
@@ -198,7 +199,7 @@ static void help_device(void)
 
 static void help_quiet(void) { help_opt("--quiet", "no progress on stderr", NULL); }
 
-static int help_end(const char *example)
+int help_end(const char *example)
 {
     help_opt("-h, --help", "print this help and exit", NULL);
     printf("\nexample:\n  %s\n", example);
@@ -1434,7 +1435,7 @@ static const struct {
 } commands[] = {
     {"quantizers", cmd_quantizers}, {"quantize", cmd_quantize}, {"inspect", cmd_inspect}, {"compare", cmd_compare},
     {"eval", cmd_eval},             {"generate", cmd_generate}, {"train", cmd_train},     {"merge", cmd_merge},
-    {"bench", cmd_bench},           {"version", cmd_version},
+    {"bench", cmd_bench},           {"version", cmd_version},   {"check-plugin", cmd_check_plugin},
 };
 
 int main(int argc, char **argv)

@@ -90,8 +90,8 @@ void qlp_4bit_destroy(ql_quantizer *q) { free(q); }
 
 int qlp_4bit_describe(const ql_quantizer *q, char *buf, size_t cap)
 {
-    snprintf(buf, cap, "blocksize=%d,double_quant=%d", q->blocksize, q->double_quant);
-    return QL_OK;
+    int k = snprintf(buf, cap, "blocksize=%d,double_quant=%d", q->blocksize, q->double_quant);
+    return k > 0 && (size_t)k < cap ? QL_OK : host->error(QL_EINVAL, "describe: buffer of %zu bytes is too small", cap);
 }
 
 static void state_free(ql_qstate *s)
@@ -347,7 +347,9 @@ static const ql_tensor *need(const ql_tensor_reader *r, const char *prefix, cons
     }
     int64_t have = 1;
     for (int i = 0; i < t->ndim; i++) have *= t->shape[i];
-    if (t->dtype != dtype || have != numel) {
+    /* nbytes bounds what may be read, whatever the shape says */
+    const uint64_t elem = dtype == QL_DTYPE_F32 ? 4 : 1;
+    if (t->dtype != dtype || have != numel || t->nbytes != (uint64_t)numel * elem) {
         *rc = host->error(QL_EFORMAT, "%s.%s: expected %lld elements of dtype %d, found %lld of dtype %d", prefix,
                           suffix, (long long)numel, dtype, (long long)have, t->dtype);
         return NULL;

@@ -207,7 +207,10 @@ static int load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tensor_
     if (wt->ndim != 2 || wt->shape[0] <= 0 || wt->shape[1] <= 0)
         return host->error(QL_EFORMAT, "%s.weight: int8 weight must be a non-empty matrix", name);
     int64_t rows = wt->shape[0], cols = wt->shape[1];
-    if (scb->dtype != QL_DTYPE_F32 || scb->ndim != 1 || scb->shape[0] != rows)
+    if (wt->nbytes != (uint64_t)(rows * cols))
+        return host->error(QL_EFORMAT, "%s.weight: %llu bytes for an I8 [%lld, %lld] tensor", name,
+                           (unsigned long long)wt->nbytes, (long long)rows, (long long)cols);
+    if (scb->dtype != QL_DTYPE_F32 || scb->ndim != 1 || scb->shape[0] != rows || scb->nbytes != (uint64_t)rows * 4)
         return host->error(QL_EFORMAT, "%s.SCB: expected F32 [%lld]", name, (long long)rows);
     if (m && m->rows > 0 && (m->rows != rows || m->cols != cols))
         return host->error(QL_EFORMAT, "%s: int8 weight is [%lld, %lld] but expected [%lld, %lld]", name,
