@@ -174,7 +174,12 @@ int ql_generate(ql_llama *m, const ql_tokenizer *tok, const char *prompt, const 
     if (rc == QL_OK) rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &ctx);
     int precision = QL_PREC_FP32;
     if (rc == QL_OK) rc = ql_be_precision(o->precision, ctx->be, &precision);
-    ql_lora_model_opts mo = {.batch = 1, .max_len = cap < DECODE_PIECE ? cap : DECODE_PIECE, .backward = 0,
+    /* dynamic RoPE rotates a call's tokens by the frequencies of its last
+     * position, as transformers' generate runs the prompt in one call: so
+     * must we (pieces of the prompt would rotate by other frequencies) */
+    int piece = cap < DECODE_PIECE ? cap : DECODE_PIECE;
+    if (c->rope.type == QL_ROPE_DYNAMIC && (int)n > piece) piece = (int)n;
+    ql_lora_model_opts mo = {.batch = 1, .max_len = piece, .backward = 0,
                              .allocate = 1, .precision = precision, .kv_capacity = cap};
     if (rc == QL_OK) rc = ql_lora_model_create(m, (ql_lora *)o->lora, ctx, &mo, &lm);
     if (rc == QL_OK) rc = ql_lora_model_push_params(lm);

@@ -337,7 +337,10 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     if (rc == QL_OK) rc = ql_be_ctx_open(o->device ? o->device : "cpu", NULL, &ctx);
     int precision = QL_PREC_FP32;
     if (rc == QL_OK) rc = ql_be_precision(o->precision, ctx->be, &precision);
-    ql_lora_model_opts mo = {.batch = 1, .max_len = c->max_len < 512 ? c->max_len : 512, .allocate = 1,
+    /* dynamic RoPE: a prompt in one piece, up to 8192 tokens (its
+     * frequencies follow the whole length, as transformers runs it) */
+    const int piece = c->rope.type == QL_ROPE_DYNAMIC ? 8192 : 512;
+    ql_lora_model_opts mo = {.batch = 1, .max_len = c->max_len < piece ? c->max_len : piece, .allocate = 1,
                              .precision = precision, .kv_capacity = c->max_len};
     if (rc == QL_OK) rc = ql_lora_model_create(m, (ql_lora *)o->lora, ctx, &mo, &lm);
     if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
