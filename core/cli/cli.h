@@ -48,4 +48,38 @@ void qp_free(qp_args *a);
 /* why paged_adamw_8bit and the other 8-bit optimizers are refused */
 extern const char qp_eight_bit[];
 
+/* ---- main.c's helpers that other commands' files use (study.c) ---- */
+
+#include "qlora/dataset.h"
+#include "qlora/train.h"
+
+/* "qlora: error: MESSAGE" on stderr; returns the exit status (rc, or 1) */
+int fail(int rc);
+/* --device when not given: $QLORA_DEVICE, else auto */
+const char *default_device(void);
+/* `value` one of the space-separated `allowed` words, else a usage error listing `say` */
+int choice(const char *flag, const char *value, const char *allowed, const char *say, const char **out);
+/* getopt_long's '?' and ':' as usage errors */
+int option_error(int c, char **argv, const struct option *longopts);
+/* strict numbers of flags: a usage error unless the whole argument is one in [lo, hi] */
+int parse_long_arg(const char *flag, const char *s, long lo, long hi, long *out);
+int parse_float_arg(const char *flag, const char *s, double lo, double hi, double *out);
+/* --format not given: detected from the file, said on stderr as a JSON line */
+int detect_format(const char *path, ql_data_format *fmt);
+/* the lines of a --help: one option with its default (NULL: none) */
+void help_opt(const char *flag, const char *what, const char *dflt);
+void help_int(const char *flag, const char *what, long long dflt);
+void help_device(void);
+void help_quiet(void);
+int help_end(const char *example); /* --help's line, then the example; returns 0 */
+
+/* train's options (getopt_long's table) and their parse into *o (o->calib
+ * may point to *calib): 0; -1 after printing the help; else the exit
+ * status, the error said.  The options of qlora study's runs go through it. */
+extern const struct option train_options[];
+int train_parse(int argc, char **argv, const qp_args *qp, ql_train_opts *o, ql_calib_opts *calib);
+
+/* qlora study (study.c) */
+int cmd_study(int argc, char **argv);
+
 #endif

@@ -57,6 +57,7 @@ static const char usage_text[] =
     "       [--warmup 2] [--optim auto|adamw|paged_adamw] [--json FILE]\n"
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
     "  check-plugin PLUGIN[:k=v,...] [--json FILE]  a plugin through every check a host relies on\n"
+    "  study -q Q1,Q2,... --model DIR --data FILE --output DIR [--resume|--report]  a finetune per Q\n"
     "  version                             print the version\n"
     "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n"
     "\n"
@@ -77,9 +78,9 @@ static const char *device_from_env(void)
     return e && (!strcmp(e, "cpu") || !strcmp(e, "cuda") || !strcmp(e, "auto")) ? e : NULL;
 }
 
-static const char *default_device(void) { return device_from_env() ? device_from_env() : "auto"; }
+const char *default_device(void) { return device_from_env() ? device_from_env() : "auto"; }
 
-static int fail(int rc)
+int fail(int rc)
 {
     fprintf(stderr, "qlora: error: %s\n", ql_error_message()[0] ? ql_error_message() : ql_status_name(rc));
     return rc ? rc : 1;
@@ -103,7 +104,7 @@ int usage_error(const char *fmt, ...)
 
 /* --device, --precision and --optim: `value` must be one of the
  * space-separated `allowed` words; else a usage error listing `say`. */
-static int choice(const char *flag, const char *value, const char *allowed, const char *say, const char **out)
+int choice(const char *flag, const char *value, const char *allowed, const char *say, const char **out)
 {
     size_t n = strlen(value);
     for (const char *p = allowed; *p;) {
@@ -175,7 +176,7 @@ void help_opt(const char *flag, const char *what, const char *dflt)
     putchar('\n');
 }
 
-static void help_int(const char *flag, const char *what, long long dflt)
+void help_int(const char *flag, const char *what, long long dflt)
 {
     char buf[32];
     snprintf(buf, sizeof buf, "%lld", dflt);
@@ -189,7 +190,7 @@ static void help_num(const char *flag, const char *what, double dflt)
 }
 
 /* --device of train, eval and bench: its default as default_device() chooses it */
-static void help_device(void)
+void help_device(void)
 {
     char buf[96];
     if (device_from_env()) snprintf(buf, sizeof buf, "%s, from $QLORA_DEVICE", device_from_env());
@@ -197,7 +198,7 @@ static void help_device(void)
     help_opt("--device D", "cpu, cuda or auto: cuda when a GPU is present", buf);
 }
 
-static void help_quiet(void) { help_opt("--quiet", "no progress on stderr", NULL); }
+void help_quiet(void) { help_opt("--quiet", "no progress on stderr", NULL); }
 
 int help_end(const char *example)
 {
@@ -452,7 +453,7 @@ static int cmd_quantizers(int argc, char **argv)
 }
 
 /* Strict number parsing for flags: the whole argument must be the number. */
-static int parse_long_arg(const char *flag, const char *s, long lo, long hi, long *out)
+int parse_long_arg(const char *flag, const char *s, long lo, long hi, long *out)
 {
     char *end;
     errno = 0;
@@ -463,7 +464,7 @@ static int parse_long_arg(const char *flag, const char *s, long lo, long hi, lon
     return 0;
 }
 
-static int parse_float_arg(const char *flag, const char *s, double lo, double hi, double *out)
+int parse_float_arg(const char *flag, const char *s, double lo, double hi, double *out)
 {
     char *end;
     double v = strtod(s, &end);
@@ -505,7 +506,7 @@ static int load_with_adapter(const char *model, const char *adapter, const char 
  * said on stderr as a JSON line */
 static const char format_detected[] = "detected from the file";
 
-static int detect_format(const char *path, ql_data_format *fmt)
+int detect_format(const char *path, ql_data_format *fmt)
 {
     char why[256];
     int rc = ql_data_format_detect(path, fmt, why, sizeof why);
@@ -656,7 +657,7 @@ static int help_train(void)
     return 0;
 }
 
-static const struct option train_options[] = {
+const struct option train_options[] = {
     {"model", required_argument, NULL, OPT_MODEL},
     {"quantizer", required_argument, NULL, 'q'},
     {"data", required_argument, NULL, OPT_DATA},
@@ -709,8 +710,10 @@ static const struct option train_options[] = {
     {NULL, 0, NULL, 0},
 };
 
-/* train's options, after qp_translate */
-static int train_parsed(int argc, char **argv, const qp_args *qp)
+/* train's options, after qp_translate, into o and calib (which o->calib
+ * may point to): 0; -1 when --help was printed; else the exit status, the
+ * error said (study runs each of its runs' options through here too) */
+int train_parse(int argc, char **argv, const qp_args *qp, ql_train_opts *op, ql_calib_opts *calibp)
 {
     const struct option *longopts = train_options;
     ql_train_opts o;
@@ -795,7 +798,7 @@ static int train_parsed(int argc, char **argv, const qp_args *qp)
             if (choice("--offload", optarg, OFFLOADS, &o.offload)) return 2;
             break;
         case 'h':
-        case OPT_HELP: return help_train();
+        case OPT_HELP: return help_train() == 0 ? -1 : 1;
         default: return option_error(c, argv, longopts);
         }
     }
@@ -817,7 +820,18 @@ static int train_parsed(int argc, char **argv, const qp_args *qp)
     if (!calib.data && (calib.format || calib.samples || calib.len || calib.save_tokens))
         return usage_error("--calib-format, --calib-samples, --calib-len and --calib-save need --calib-data FILE");
     calib.progress = o.progress;
-    if (calib.data) o.calib = &calib;
+    *calibp = calib;
+    if (calib.data) o.calib = calibp;
+    *op = o;
+    return 0;
+}
+
+static int train_parsed(int argc, char **argv, const qp_args *qp)
+{
+    ql_train_opts o;
+    ql_calib_opts calib;
+    int rc = train_parse(argc, argv, qp, &o, &calib);
+    if (rc) return rc < 0 ? 0 : rc;
     rc = ql_train(&o);
     return rc ? fail(rc) : 0;
 }
@@ -1436,6 +1450,7 @@ static const struct {
     {"quantizers", cmd_quantizers}, {"quantize", cmd_quantize}, {"inspect", cmd_inspect}, {"compare", cmd_compare},
     {"eval", cmd_eval},             {"generate", cmd_generate}, {"train", cmd_train},     {"merge", cmd_merge},
     {"bench", cmd_bench},           {"version", cmd_version},   {"check-plugin", cmd_check_plugin},
+    {"study", cmd_study},
 };
 
 int main(int argc, char **argv)
