@@ -580,8 +580,11 @@ static int child_run(const study *s, const json_t *run, const char *resume_ckpt,
     json_object_set_new(res, "before", before);
     if (rc == QL_OK) rc = eval_model(s, &o, NULL, before);
     double t0 = now_s();
+    char msg[4096] = "";
     if (rc == QL_OK) {
         rc = ql_train(&o);
+        /* the message first: reading what the run left sets errors of its own */
+        if (rc) snprintf(msg, sizeof msg, "%s", ql_error_message()[0] ? ql_error_message() : ql_status_name(rc));
         json_object_set_new(res, "train_s", jnum(now_s() - t0));
         read_metrics(run_dir, res);
         read_run_config(run_dir, res);
@@ -593,7 +596,8 @@ static int child_run(const study *s, const json_t *run, const char *resume_ckpt,
         json_decref(after);
     free_argv(argv, argc);
     if (rc) {
-        json_object_set_new(res, "error", json_string(ql_error_message()[0] ? ql_error_message() : ql_status_name(rc)));
+        if (!msg[0]) snprintf(msg, sizeof msg, "%s", ql_error_message()[0] ? ql_error_message() : ql_status_name(rc));
+        json_object_set_new(res, "error", json_string(msg));
         return rc == QL_EINTR ? CHILD_INTERRUPTED : CHILD_FAILED;
     }
     return CHILD_DONE;
@@ -744,6 +748,13 @@ static void spawn_run(study *s, json_t *run)
             json_object_set_new(run, "error", json_string("the run's process ended without a result"));
     }
     if (strcmp(st, "failed") && strcmp(st, "interrupted")) json_object_del(run, "error");
+    /* train's own advice (--resume CHECKPOINT) is, in a study, the study's --resume */
+    const char *e = jget_str(run, "error"), *advice = e ? strstr(e, "; to go on, run the same command") : NULL;
+    if (!strcmp(st, "interrupted") && advice) {
+        char msg[4096];
+        snprintf(msg, sizeof msg, "%.*s; 'qlora study --output %s --resume' goes on from there", (int)(advice - e), e, s->dir);
+        json_object_set_new(run, "error", json_string(msg));
+    }
     json_object_set_new(run, "status", json_string(st));
     char now[32];
     time_t t = time(NULL);
@@ -926,7 +937,10 @@ static void end_line(const study *s, const json_t *run)
 static void print_summary(const study *s)
 {
     json_t *runs = json_object_get(s->doc, "runs");
-    printf("%-28s %11s %6s %18s %18s %s\n", "quantizer", "model bits", "runs", "eval NLL before", "eval NLL after",
+    int w = 9;
+    for (size_t i = 0; i < s->n_specs; i++)
+        if ((int)strlen(s->specs[i]) > w) w = (int)strlen(s->specs[i]);
+    printf("%-*s %11s %6s %19s %19s %s\n", w, "quantizer", "matrix bits", "runs", "eval NLL before", "eval NLL after",
            "failed");
     for (size_t i = 0; i < s->n_specs; i++) {
         double b[256], a[256], bits = NAN;
@@ -937,7 +951,7 @@ static void print_summary(const study *s)
             if (strcmp(jget_str(r, "quantizer"), s->specs[i])) continue;
             if (!strcmp(jget_str(r, "status"), "failed")) failed++;
             if (strcmp(jget_str(r, "status"), "done") || n >= 256) continue;
-            bits = jget_num(json_object_get(r, "quantization"), "model_bits_per_param");
+            bits = jget_num(json_object_get(r, "quantization"), "matrix_bits_per_param");
             b[n] = jget_num(json_object_get(r, "before"), "nll");
             a[n++] = jget_num(json_object_get(r, "after"), "nll");
         }
@@ -946,7 +960,7 @@ static void print_summary(const study *s)
         study_mean_sd(a, n, &am, &as);
         char bb[40] = "-", ab[40] = "-";
         if (n) snprintf(bb, sizeof bb, "%.4f ± %.4f", bm, bs), snprintf(ab, sizeof ab, "%.4f ± %.4f", am, as);
-        printf("%-28s %11.3f %6d %19s %19s %d\n", s->specs[i], bits, n, bb, ab, failed);
+        printf("%-*s %11.3f %6d %19s %19s %d\n", w, s->specs[i], bits, n, bb, ab, failed);
     }
 }
 

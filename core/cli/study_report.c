@@ -113,7 +113,7 @@ static void fmt_ms(char *buf, size_t cap, const group *g, const char *path, int 
     int n;
     group_stat(g, path, &m, &sd, &n);
     if (!n) snprintf(buf, cap, "-");
-    else if (n == 1) snprintf(buf, cap, "%.*f", digits, m * scale);
+    else if (n == 1 || sd == 0) snprintf(buf, cap, "%.*f", digits, m * scale); /* one value, or the same for every seed */
     else snprintf(buf, cap, "%.*f ± %.*f", digits, m * scale, digits, sd * scale);
 }
 
@@ -213,27 +213,55 @@ static void plot_open(const char *dev, const char *tmp)
     plwidth(1);
 }
 
+/* A quantizer's name in a plot: a path as its file name ("build/examples/rtn_int4.so" is rtn_int4.so) */
+static const char *short_name(const char *spec)
+{
+    const char *colon = strchr(spec, ':'), *slash = strrchr(spec, '/');
+    if (ql_qz_spec_is_path(spec) && slash && (!colon || slash < colon)) return slash + 1;
+    return spec;
+}
+
+/* The legend at the right of the plot: line samples, symbols (filled circles;
+ * the last entry a hollow one when hollow_last) */
 static void legend(int n, const char *const *text, const int *colours, int lines, int symbols, int hollow_last)
 {
-    PLINT opt[64], tc[64], lc[64], ls[64], sc[64], sn[64];
-    PLFLT lw[64], ss[64];
-    const char *sym[64];
-    if (n > 64) n = 64;
+    PLINT opt[66], tc[66], lc[66], ls[66], sc[66], sn[66];
+    PLFLT lw[66], ss[66];
+    const char *sym[66];
+    if (n > 66) n = 66;
     for (int i = 0; i < n; i++) {
-        opt[i] = (lines ? PL_LEGEND_LINE : 0) | (symbols ? PL_LEGEND_SYMBOL : 0);
+        int hollow = hollow_last && i == n - 1;
+        opt[i] = (lines && !hollow ? PL_LEGEND_LINE : 0) | (symbols || hollow ? PL_LEGEND_SYMBOL : 0);
         tc[i] = 1;
         lc[i] = colours[i];
         ls[i] = 1;
         lw[i] = 2.5;
         sc[i] = colours[i];
-        ss[i] = 1.0;
+        ss[i] = 1.2;
         sn[i] = 1;
-        sym[i] = hollow_last && i == n - 1 ? "#(840)" : "#(850)"; /* a hollow, a filled circle (Hershey) */
+        sym[i] = hollow ? "#(840)" : "#(850)"; /* a hollow, a filled circle (Hershey) */
     }
     PLFLT w, h;
-    pllegend(&w, &h, PL_LEGEND_BACKGROUND | PL_LEGEND_BOUNDING_BOX, PL_POSITION_RIGHT | PL_POSITION_OUTSIDE | PL_POSITION_TOP,
-             0.02, 0.0, 0.06, 0, 1, 1, 0, 0, n, opt, 0.8, 0.8, 2.0, 0.0, tc, text, NULL, NULL, NULL, NULL, lc, ls, lw, sc,
-             ss, sn, sym);
+    pllegend(&w, &h, PL_LEGEND_BACKGROUND | PL_LEGEND_BOUNDING_BOX, PL_POSITION_RIGHT | PL_POSITION_OUTSIDE, 0.015, 0.0,
+             0.05, 0, 1, 1, 0, 0, n, opt, 0.8, 0.75, 2.0, 0.0, tc, text, NULL, NULL, NULL, NULL, lc, ls, lw, sc, ss, sn,
+             sym);
+}
+
+/* The plot's box: viewport, window, title, axis labels (the y label clear of wide tick labels) */
+static void frame(double xmin, double xmax, double ymin, double ymax, const char *xopt, const char *yopt,
+                  const char *title, const char *subtitle, const char *xlabel, const char *ylabel)
+{
+    plvpor(0.10, 0.70, 0.12, 0.86);
+    plwind(xmin, xmax, ymin, ymax);
+    plcol0(1);
+    plbox(xopt, 0, 0, yopt, 0, 0);
+    plschr(0, 1.15);
+    plmtex("t", 3.2, 0.5, 0.5, title);
+    plschr(0, 0.85);
+    if (subtitle) plmtex("t", 1.6, 0.5, 0.5, subtitle);
+    plschr(0, 1.0);
+    plmtex("b", 3.2, 0.5, 0.5, xlabel);
+    plmtex("l", 5.0, 0.5, 0.5, ylabel);
 }
 
 /* x, y ranges with a margin */
@@ -251,6 +279,12 @@ static const char *model_name(const json_t *doc)
     const char *m = jstr(json_object_get(doc, "settings"), "model");
     const char *slash = m ? strrchr(m, '/') : NULL;
     return slash ? slash + 1 : m ? m : "model";
+}
+
+static void seeds_note(const report *r, char *buf, size_t cap, const char *what)
+{
+    if (r->n_seeds > 1) snprintf(buf, cap, "%s, mean of %d seeds%s", model_name(r->doc), r->n_seeds, what);
+    else snprintf(buf, cap, "%s, one seed%s", model_name(r->doc), strstr(what, ");") ? strstr(what, ");") + 1 : "");
 }
 
 /* Training loss against step: each quantizer's mean over its seeds */
@@ -273,14 +307,10 @@ static void draw_loss(const report *r, const char *dev, const char *tmp)
             }
         }
     pad_range(&ymin, &ymax, 0.05);
-    plvpor(0.08, 0.74, 0.11, 0.9);
-    plwind(0, xmax, ymin, ymax);
-    plcol0(1);
-    plbox("bcnstg", 0, 0, "bcnstvg", 0, 0);
-    char title[256];
-    snprintf(title, sizeof title, "Training loss, %s (mean of %d seed%s)", model_name(r->doc), r->n_seeds,
-             r->n_seeds == 1 ? "" : "s");
-    pllab("optimizer step", "training loss (nats/token)", title);
+    char sub[256];
+    seeds_note(r, sub, sizeof sub, "");
+    frame(0, xmax, ymin, ymax, "bcnstg", "bcnstvg", "Training loss by quantizer", sub, "optimizer step",
+          "training loss (nats/token)");
     double *x = calloc((size_t)maxlen + 1, sizeof *x), *y = calloc((size_t)maxlen + 1, sizeof *y);
     const char *names[64];
     int cols[64], nl = 0;
@@ -304,7 +334,7 @@ static void draw_loss(const report *r, const char *dev, const char *tmp)
         plwidth(2.0);
         plline(len, x, y);
         plwidth(1);
-        if (nl < 64) names[nl] = r->g[i].spec, cols[nl++] = colour_of(i);
+        if (nl < 64) names[nl] = short_name(r->g[i].spec), cols[nl++] = colour_of(i);
     }
     free(x);
     free(y);
@@ -312,8 +342,8 @@ static void draw_loss(const report *r, const char *dev, const char *tmp)
     plend();
 }
 
-/* Eval NLL after finetuning against model bits/param, ± 1 sd over seeds;
- * the quantized base before finetuning in hollow grey */
+/* Eval NLL against matrix bits/param on a log2 axis, ± 1 sd over seeds:
+ * filled after finetuning, hollow the quantized base before it */
 static void draw_nll_bits(const report *r, const char *dev, const char *tmp)
 {
     plot_open(dev, tmp);
@@ -324,22 +354,34 @@ static void draw_nll_bits(const report *r, const char *dev, const char *tmp)
         group_stat(&r->g[i], "quantization.matrix_bits_per_param", &xm, &xs, NULL);
         group_stat(&r->g[i], "after.nll", &am, &as, NULL);
         group_stat(&r->g[i], "before.nll", &bm, &bs, NULL);
-        if (xm < xmin) xmin = xm;
-        if (xm > xmax) xmax = xm;
+        if (!(xm > 0)) continue;
+        if (log2(xm) < xmin) xmin = log2(xm);
+        if (log2(xm) > xmax) xmax = log2(xm);
         double lo = fmin(am - as, bm - bs), hi = fmax(am + as, bm + bs);
         if (lo < ymin) ymin = lo;
         if (hi > ymax) ymax = hi;
     }
+    if (isfinite(xmin) && xmax - xmin < 1) xmin -= 0.5, xmax += 0.5;
     pad_range(&xmin, &xmax, 0.08);
     pad_range(&ymin, &ymax, 0.08);
-    plvpor(0.08, 0.74, 0.11, 0.9);
-    plwind(xmin, xmax, ymin, ymax);
-    plcol0(1);
-    plbox("bcnstg", 0, 0, "bcnstvg", 0, 0);
-    char title[256];
-    snprintf(title, sizeof title, "Eval NLL against model size, %s (%s)", model_name(r->doc),
-             r->n_seeds > 1 ? "mean ± 1 sd over seeds" : "one seed");
-    pllab("bits per parameter of the quantized linears (matrix bits/param)", "eval NLL (nats/token)", title);
+    char sub[256];
+    seeds_note(r, sub, sizeof sub, " (bars: ±1 sd); filled: after finetuning, hollow: before");
+    frame(xmin, xmax, ymin, ymax, "bc", "bcnstvg", "Eval NLL against bits per parameter", sub,
+          "bits per parameter of the quantized linears (log scale)", "eval NLL (nats/token)");
+    /* the x ticks at whole and half-octave bit counts */
+    static const double ticks[] = {1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64};
+    for (size_t t = 0; t < sizeof ticks / sizeof ticks[0]; t++) {
+        double lx = log2(ticks[t]);
+        if (lx < xmin || lx > xmax) continue;
+        PLFLT gx[2] = {lx, lx}, gy[2] = {ymin, ymax};
+        plcol0(1);
+        pllsty(2);
+        plline(2, gx, gy);
+        pllsty(1);
+        char lab[16];
+        snprintf(lab, sizeof lab, "%g", ticks[t]);
+        plmtex("b", 1.4, (lx - xmin) / (xmax - xmin), 0.5, lab);
+    }
     const char *names[66];
     int cols[66], nl = 0;
     for (int i = 0; i < r->ng; i++) {
@@ -348,25 +390,22 @@ static void draw_nll_bits(const report *r, const char *dev, const char *tmp)
         group_stat(&r->g[i], "quantization.matrix_bits_per_param", &xm, &xs, NULL);
         group_stat(&r->g[i], "after.nll", &am, &as, NULL);
         group_stat(&r->g[i], "before.nll", &bm, &bs, NULL);
-        PLFLT x[1] = {xm}, y[1] = {am}, lo[1] = {am - as}, hi[1] = {am + as}, yb[1] = {bm}, blo[1] = {bm - bs},
+        if (!(xm > 0)) continue;
+        PLFLT x[1] = {log2(xm)}, y[1] = {am}, lo[1] = {am - as}, hi[1] = {am + as}, yb[1] = {bm}, blo[1] = {bm - bs},
               bhi[1] = {bm + bs};
         plcol0(colour_of(i));
         plwidth(2.0);
-        plerry(1, x, lo, hi);
-        plschr(0, 1.4);
+        if (as > 0) plerry(1, x, lo, hi);
+        if (bs > 0) plerry(1, x, blo, bhi);
+        plschr(0, 1.5);
         plstring(1, x, y, "#(850)");
-        plcol0(9); /* grey */
-        plwidth(1.0);
-        plerry(1, x, blo, bhi);
-        plstring(1, x, yb, "#(840)"); /* a hollow circle */
-        plschr(0, 0.8);
-        plcol0(colour_of(i));
-        plptex(xm + (xmax - xmin) * 0.012, am, 1, 0, 0, r->g[i].spec);
+        plstring(1, x, yb, "#(840)");
         plschr(0, 1.0);
-        if (nl < 64) names[nl] = r->g[i].spec, cols[nl++] = colour_of(i);
+        plwidth(1.0);
+        if (nl < 64) names[nl] = short_name(r->g[i].spec), cols[nl++] = colour_of(i);
     }
-    names[nl] = "before finetuning (hollow)";
-    cols[nl++] = 9;
+    names[nl] = "before finetuning";
+    cols[nl++] = 1;
     legend(nl, names, cols, 0, 1, 1);
     plend();
 }
@@ -394,14 +433,11 @@ static void draw_layers(const report *r, const char *dev, const char *tmp)
     if (!isfinite(ymin)) ymin = -3, ymax = 0;
     ymin = floor(ymin - 0.1);
     ymax = ceil(ymax + 0.1);
-    plvpor(0.08, 0.74, 0.11, 0.9);
-    plwind(0.5, nlay > 0 ? nlay + 0.5 : 1.5, ymin, ymax);
-    plcol0(1);
-    plbox("bcnst", 0, 0, "bcnstlvg", 0, 0);
-    char title[256];
-    snprintf(title, sizeof title, "Reconstruction error per layer, %s", model_name(r->doc));
-    pllab("block linear (in name order: model.layers.N.mlp.*, then .self_attn.*)",
-          "relative error ||W' - W|| / ||W|| (log scale)", title);
+    char sub[256];
+    snprintf(sub, sizeof sub, "%s: every block linear, in the order of their names (model.layers.N.mlp.*, then self_attn.*)",
+             model_name(r->doc));
+    frame(0.5, nlay > 0 ? nlay + 0.5 : 1.5, ymin, ymax, "bcnst", "bcnstlvg", "Reconstruction error per layer", sub,
+          "block linear (index)", "relative error ||W'-W|| / ||W||");
     const char *names[64];
     int cols[64], nl = 0;
     double *x = calloc((size_t)nlay + 1, sizeof *x), *y = calloc((size_t)nlay + 1, sizeof *y);
@@ -423,7 +459,7 @@ static void draw_layers(const report *r, const char *dev, const char *tmp)
         plline(m, x, y);
         plstring(m, x, y, "#(850)");
         plwidth(1);
-        if (nl < 64) names[nl] = r->g[i].spec, cols[nl++] = colour_of(i);
+        if (nl < 64) names[nl] = short_name(r->g[i].spec), cols[nl++] = colour_of(i);
     }
     free(x);
     free(y);
