@@ -751,8 +751,9 @@ static void spawn_run(study *s, json_t *run)
     /* train's own advice (--resume CHECKPOINT) is, in a study, the study's --resume */
     const char *e = jget_str(run, "error"), *advice = e ? strstr(e, "; to go on, run the same command") : NULL;
     if (!strcmp(st, "interrupted") && advice) {
-        char msg[4096];
-        snprintf(msg, sizeof msg, "%.*s; 'qlora study --output %s --resume' goes on from there", (int)(advice - e), e, s->dir);
+        char msg[8400];
+        snprintf(msg, sizeof msg, "%.*s; 'qlora study --output %s --resume' goes on from there",
+                 (int)(advice - e < 4000 ? advice - e : 4000), e, s->dir);
         json_object_set_new(run, "error", json_string(msg));
     }
     json_object_set_new(run, "status", json_string(st));
