@@ -1050,6 +1050,18 @@ int cmd_study(int argc, char **argv)
             rc = fail(rc);
             goto out;
         }
+        /* the settings' relative paths are relative to the folder the study
+         * was started in: go there, with the study's folder made absolute */
+        const char *cwd = jget_str(s.doc, "cwd");
+        char here[4096], abs_dir[PATH_MAX];
+        if (cwd && getcwd(here, sizeof here) && strcmp(here, cwd) && realpath(s.dir, abs_dir)) {
+            if (chdir(cwd) == 0) {
+                snprintf(s.dir, sizeof s.dir, "%s", abs_dir);
+                snprintf(s.json_path, sizeof s.json_path, "%s/study.json", s.dir);
+            } else
+                fprintf(stderr, "qlora: study: warning: cannot go to %s, where the study was started (%s); its relative "
+                                "paths are taken from here\n", cwd, strerror(errno));
+        }
         if (report) {
             if ((rc = study_write_report(s.dir, s.doc))) rc = fail(rc);
             else printf("wrote %s/report.md\n", s.dir);
@@ -1165,6 +1177,8 @@ int cmd_study(int argc, char **argv)
         time_t t = time(NULL);
         strftime(now, sizeof now, "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
         json_object_set_new(s.doc, "created", json_string(now));
+        char cwd[4096];
+        if (getcwd(cwd, sizeof cwd)) json_object_set_new(s.doc, "cwd", json_string(cwd));
     }
     free_argv(targv, targc);
     /* what this qlora is, each session (a resumed study may run on another) */
