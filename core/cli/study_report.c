@@ -113,8 +113,29 @@ static void fmt_ms(char *buf, size_t cap, const group *g, const char *path, int 
     int n;
     group_stat(g, path, &m, &sd, &n);
     if (!n) snprintf(buf, cap, "-");
-    else if (n == 1 || sd == 0) snprintf(buf, cap, "%.*f", digits, m * scale); /* one value, or the same for every seed */
+    else if (n == 1 || sd * scale < 0.5 * pow(10, -digits))
+        snprintf(buf, cap, "%.*f", digits, m * scale); /* one value, or the same for every seed */
     else snprintf(buf, cap, "%.*f ± %.*f", digits, m * scale, digits, sd * scale);
+}
+
+/* The eval NLL after finetuning minus none's of the same seed (the same
+ * LoRA initialisation and data order), mean ± sd over the seeds both finished */
+static void paired_delta(const report *r, const group *g, char *buf, size_t cap)
+{
+    double d[MAX_SEEDS];
+    int n = 0;
+    snprintf(buf, cap, "-");
+    if (r->none_index < 0) return;
+    const group *none = &r->g[r->none_index];
+    for (int i = 0; i < g->n; i++)
+        for (int k = 0; k < none->n; k++)
+            if (json_integer_value(json_object_get(g->runs[i], "seed")) ==
+                json_integer_value(json_object_get(none->runs[k], "seed")))
+                d[n++] = run_num(g->runs[i], "after.nll") - run_num(none->runs[k], "after.nll");
+    double m, sd;
+    int k = study_mean_sd(d, n, &m, &sd);
+    if (k == 1 || (k > 1 && sd < 5e-5)) snprintf(buf, cap, "%+.4f", m);
+    else if (k > 1) snprintf(buf, cap, "%+.4f ± %.4f", m, sd);
 }
 
 /* A markdown table cell: | and newlines would end it */
@@ -287,57 +308,71 @@ static void seeds_note(const report *r, char *buf, size_t cap, const char *what)
     else snprintf(buf, cap, "%s, one seed%s", model_name(r->doc), strstr(what, ");") ? strstr(what, ");") + 1 : "");
 }
 
-/* Training loss against step: each quantizer's mean over its seeds */
+/* Training loss against step: each quantizer's mean over its seeds, as a
+ * trailing moving average (one micro-batch a step is too noisy to tell the
+ * lines apart) */
 static void draw_loss(const report *r, const char *dev, const char *tmp)
 {
     plot_open(dev, tmp);
-    double xmax = 1, ymin = INFINITY, ymax = -INFINITY;
     int maxlen = 0;
     for (int i = 0; i < r->ng; i++)
         for (int k = 0; k < r->g[i].n; k++) {
-            const json_t *c = json_object_get(r->g[i].runs[k], "loss_curve");
-            int len = (int)json_array_size(c);
+            int len = (int)json_array_size(json_object_get(r->g[i].runs[k], "loss_curve"));
             if (len > maxlen) maxlen = len;
-            for (int t = 0; t < len; t++) {
-                double x = json_number_value(json_array_get(json_array_get(c, (size_t)t), 0));
-                double y = json_number_value(json_array_get(json_array_get(c, (size_t)t), 1));
-                if (x > xmax) xmax = x;
-                if (isfinite(y) && y < ymin) ymin = y;
-                if (isfinite(y) && y > ymax) ymax = y;
-            }
         }
-    pad_range(&ymin, &ymax, 0.05);
-    char sub[256];
-    seeds_note(r, sub, sizeof sub, "");
-    frame(0, xmax, ymin, ymax, "bcnstg", "bcnstvg", "Training loss by quantizer", sub, "optimizer step",
-          "training loss (nats/token)");
-    double *x = calloc((size_t)maxlen + 1, sizeof *x), *y = calloc((size_t)maxlen + 1, sizeof *y);
-    const char *names[64];
-    int cols[64], nl = 0;
-    for (int i = 0; i < r->ng && x && y; i++) {
+    /* the window, about a twentieth of the run */
+    int window = maxlen >= 40 ? maxlen / 20 : 1;
+    double *x = calloc((size_t)(maxlen + 1) * (size_t)(r->ng + 1), sizeof *x);
+    double *y = calloc((size_t)(maxlen + 1) * (size_t)(r->ng + 1), sizeof *y);
+    int *lens = calloc((size_t)r->ng + 1, sizeof *lens);
+    double xmax = 1, ymin = INFINITY, ymax = -INFINITY;
+    for (int i = 0; i < r->ng && x && y && lens; i++) {
         if (!r->g[i].n) continue;
-        int len = maxlen;
+        double *xi = x + (size_t)i * (size_t)(maxlen + 1), *yi = y + (size_t)i * (size_t)(maxlen + 1), raw[4096];
+        int len = maxlen < 4096 ? maxlen : 4096;
         for (int k = 0; k < r->g[i].n; k++) {
             int l = (int)json_array_size(json_object_get(r->g[i].runs[k], "loss_curve"));
             if (l < len) len = l;
         }
         for (int t = 0; t < len; t++) {
-            double s = 0;
+            double sum = 0;
             for (int k = 0; k < r->g[i].n; k++) {
                 const json_t *p = json_array_get(json_object_get(r->g[i].runs[k], "loss_curve"), (size_t)t);
-                x[t] = json_number_value(json_array_get(p, 0));
-                s += json_number_value(json_array_get(p, 1));
+                xi[t] = json_number_value(json_array_get(p, 0));
+                sum += json_number_value(json_array_get(p, 1));
             }
-            y[t] = s / r->g[i].n;
+            raw[t] = sum / r->g[i].n;
         }
+        for (int t = 0; t < len; t++) {
+            double sum = 0;
+            int c = 0;
+            for (int u = t; u >= 0 && u > t - window; u--) sum += raw[u], c++;
+            yi[t] = sum / c;
+            if (isfinite(yi[t]) && yi[t] < ymin) ymin = yi[t];
+            if (isfinite(yi[t]) && yi[t] > ymax) ymax = yi[t];
+            if (xi[t] > xmax) xmax = xi[t];
+        }
+        lens[i] = len;
+    }
+    pad_range(&ymin, &ymax, 0.05);
+    char avg[64] = "", sub[256];
+    if (window > 1) snprintf(avg, sizeof avg, ", moving average over %d steps", window);
+    seeds_note(r, sub, sizeof sub, avg);
+    frame(0, xmax, ymin, ymax, "bcnstg", "bcnstvg", "Training loss by quantizer", sub, "optimizer step",
+          "training loss (nats/token)");
+    const char *names[64];
+    int cols[64], nl = 0;
+    for (int i = 0; i < r->ng && x && y && lens; i++) {
+        if (!lens[i]) continue;
         plcol0(colour_of(i));
         plwidth(2.0);
-        plline(len, x, y);
+        plline(lens[i], x + (size_t)i * (size_t)(maxlen + 1), y + (size_t)i * (size_t)(maxlen + 1));
         plwidth(1);
         if (nl < 64) names[nl] = short_name(r->g[i].spec), cols[nl++] = colour_of(i);
     }
     free(x);
     free(y);
+    free(lens);
     legend(nl, names, cols, 1, 0, 0);
     plend();
 }
@@ -471,10 +506,6 @@ static void draw_layers(const report *r, const char *dev, const char *tmp)
  * library that aborts (a missing font, a driver) cannot take the study with it. */
 static void draw_all(const report *r, const char *dir, plot_status *ps)
 {
-    if (!have_device("pngcairo") || !have_device("svgcairo")) {
-        snprintf(ps->why, sizeof ps->why, "PLplot has no pngcairo/svgcairo device here (install plplot-driver-cairo)");
-        return;
-    }
     char plots[4300];
     snprintf(plots, sizeof plots, "%s/plots", dir);
     if (ql_mkdir_p(plots)) {
@@ -494,6 +525,8 @@ static void draw_all(const report *r, const char *dir, plot_status *ps)
                 /* PLplot's own messages stay off the study's output */
                 int null = open("/dev/null", O_WRONLY);
                 if (null >= 0) dup2(null, STDOUT_FILENO);
+                /* a missing driver would make plinit ask on stdin, or end the process */
+                if (!have_device(devs[d][0])) _exit(3);
                 if (p == 0) draw_loss(r, devs[d][0], tmp);
                 else if (p == 1) draw_nll_bits(r, devs[d][0], tmp);
                 else draw_layers(r, devs[d][0], tmp);
@@ -508,6 +541,10 @@ static void draw_all(const report *r, const char *dir, plot_status *ps)
                 FILE *f = fopen(tmp, "rb+");
                 ok = f && fflush(f) == 0 && fsync(fileno(f)) == 0;
                 if (f) fclose(f);
+            }
+            if (pid > 0 && WIFEXITED(st) && WEXITSTATUS(st) == 3) {
+                snprintf(ps->why, sizeof ps->why, "PLplot has no %s device here (install plplot-driver-cairo)", devs[d][0]);
+                return;
             }
             if (!ok || rename(tmp, dest) != 0) {
                 unlink(tmp);
@@ -593,14 +630,15 @@ static void write_markdown(FILE *f, const report *r, const plot_status *ps)
     fprintf(f, "%s Eval NLL: mean negative log-likelihood of the eval set's target tokens (nats/token, lower is better), "
                "of the quantized base before finetuning and with the run's adapter after it.",
             r->n_seeds > 1 ? "Mean ± sample standard deviation over the seeds." : "One seed.");
-    if (r->none_index >= 0) fprintf(f, " Δ: eval NLL after finetuning minus that of `none`, the dense base with LoRA.");
+    if (r->none_index >= 0)
+        fprintf(f, " Δ vs none: eval NLL after finetuning minus that of `none` (the dense base with LoRA) of the same "
+                   "seed, so the same LoRA initialisation and data order%s.",
+                r->n_seeds > 1 ? "; mean ± sd of the per-seed differences" : "");
     fprintf(f, "\n\n");
     fprintf(f, "| quantizer | matrix bits/param | model bits/param | model bytes | quantize s | rel. error | eval NLL before | "
                "eval NLL after | Δ vs none |%s tokens/s | peak RSS MiB | wall s | runs |\n",
             mmlu ? " MMLU before | MMLU after |" : "");
     fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|%s---:|---:|---:|---|\n", mmlu ? "---:|---:|" : "");
-    double none_after = NAN, none_sd = NAN;
-    if (r->none_index >= 0) group_stat(&r->g[r->none_index], "after.nll", &none_after, &none_sd, NULL);
     for (int i = 0; i < r->ng; i++) {
         const group *g = &r->g[i];
         char c[12][64];
@@ -611,11 +649,7 @@ static void write_markdown(FILE *f, const report *r, const plot_status *ps)
         fmt_ms(c[4], 64, g, "quantization.rel_error", 5, 1);
         fmt_ms(c[5], 64, g, "before.nll", 4, 1);
         fmt_ms(c[6], 64, g, "after.nll", 4, 1);
-        double am, as;
-        int an;
-        group_stat(g, "after.nll", &am, &as, &an);
-        if (an && isfinite(none_after)) snprintf(c[7], 64, "%+.4f", am - none_after);
-        else snprintf(c[7], 64, "-");
+        paired_delta(r, g, c[7], 64);
         fmt_ms(c[8], 64, g, "tokens_per_s", 0, 1);
         fmt_ms(c[9], 64, g, "peak_rss_bytes", 1, 1.0 / (1024.0 * 1024.0));
         fmt_ms(c[10], 64, g, "wall_s", 1, 1);
