@@ -994,15 +994,21 @@ int cmd_study(int argc, char **argv)
         case S_REPORT: report = 1; break;
         case S_RETRY: retry = 1; break;
         case 'h':
-        case S_HELP: return help_study();
+        case S_HELP: rc = help_study(); goto out;
         case '?':
-        case ':': return option_error(c, argv, longopts);
+        case ':': rc = option_error(c, argv, longopts); goto out;
         default:
             /* a train option, given to every run as it is */
-            if (c < 256 || idx < 0) return option_error(c, argv, longopts);
+            if (c < 256 || idx < 0) {
+                rc = option_error(c, argv, longopts);
+                goto out;
+            }
             if (!strcmp(longopts[idx].name, "quiet")) s.progress = 0;
             else given_settings = 1;
-            if (add_train_arg(&s, longopts[idx].name, longopts[idx].has_arg ? optarg : NULL)) return fail(QL_ENOMEM);
+            if (add_train_arg(&s, longopts[idx].name, longopts[idx].has_arg ? optarg : NULL)) {
+                rc = fail(QL_ENOMEM);
+                goto out;
+            }
             break;
         }
         idx = -1;
