@@ -255,7 +255,7 @@ static pid_t start_qlora(const char *args, const char *err_path)
 START_TEST(test_study_resume_after_interrupt)
 {
     char *dir = strdup(tu_tmpdir()), *out_dir = join(dir, "s"), *errp = join(dir, "err.txt");
-    char *args = tiny_study_args("none,nf4,int8", "7", 30, out_dir, "--save-steps 5");
+    char *args = tiny_study_args("none,nf4,int8", "7", 60, out_dir, "--save-steps 5");
     pid_t pid = start_qlora(args, errp);
     /* the first run done, the second with a checkpoint */
     char *first = join(out_dir, "runs/none-seed7/adapter_model.safetensors");
@@ -295,7 +295,7 @@ START_TEST(test_study_resume_after_interrupt)
     ck_assert_str_eq(sget(nf4, "status"), "done");
     ck_assert_int_eq(json_integer_value(json_object_get(nf4, "attempts")), 2);
     ck_assert_msg(!strncmp(sget(nf4, "resumed_from"), "checkpoint-", 11), "resumed_from: %s", sget(nf4, "resumed_from"));
-    ck_assert_int_eq(json_array_size(json_object_get(nf4, "loss_curve")), 30);
+    ck_assert_int_eq(json_array_size(json_object_get(nf4, "loss_curve")), 60);
     ck_assert_double_lt(nget(nf4, "after.nll"), nget(nf4, "before.nll"));
     ck_assert_str_eq(sget(int8, "status"), "done");
     ck_assert_int_eq(json_integer_value(json_object_get(int8, "attempts")), 1);
