@@ -961,7 +961,9 @@ static void print_summary(const study *s)
         study_mean_sd(a, n, &am, &as);
         char bb[40] = "-", ab[40] = "-";
         if (n) snprintf(bb, sizeof bb, "%.4f ± %.4f", bm, bs), snprintf(ab, sizeof ab, "%.4f ± %.4f", am, as);
-        printf("%-*s %11.3f %6d %19s %19s %d\n", w, s->specs[i], bits, n, bb, ab, failed);
+        char bits_s[32] = "-";
+        if (isfinite(bits)) snprintf(bits_s, sizeof bits_s, "%.3f", bits);
+        printf("%-*s %11s %6d %19s %19s %d\n", w, s->specs[i], bits_s, n, bb, ab, failed);
     }
 }
 
