@@ -469,7 +469,7 @@ static void draw_layers(const report *r, const char *dev, const char *tmp)
     ymin = floor(ymin - 0.1);
     ymax = ceil(ymax + 0.1);
     char sub[256];
-    snprintf(sub, sizeof sub, "%s: every block linear, in the order of their names (model.layers.N.mlp.*, then self_attn.*)",
+    snprintf(sub, sizeof sub, "%s: each block linear, in name order (layers.N.mlp.*, then self_attn.*)",
              model_name(r->doc));
     frame(0.5, nlay > 0 ? nlay + 0.5 : 1.5, ymin, ymax, "bcnst", "bcnstlvg", "Reconstruction error per layer", sub,
           "block linear (index)", "relative error ||W'-W|| / ||W||");
