@@ -57,7 +57,7 @@ static const char usage_text[] =
     "       [--warmup 2] [--optim auto|adamw|paged_adamw] [--json FILE]\n"
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
     "  check-plugin PLUGIN[:k=v,...] [--json FILE]  a plugin through every check a host relies on\n"
-    "  study -q Q1,Q2,... --model DIR --data FILE --output DIR [--resume|--report]  a finetune per Q\n"
+    "  study -q Q1,Q2 --model DIR --data FILE -o DIR [--resume]  finetune per Q\n"
     "  version                             print the version\n"
     "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n"
     "\n"
