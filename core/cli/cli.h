@@ -59,19 +59,15 @@ int fail(int rc);
 const char *default_device(void);
 /* `value` one of the space-separated `allowed` words, else a usage error listing `say` */
 int choice(const char *flag, const char *value, const char *allowed, const char *say, const char **out);
-/* getopt_long's '?' and ':' as usage errors */
-int option_error(int c, char **argv, const struct option *longopts);
 /* strict numbers of flags: a usage error unless the whole argument is one in [lo, hi] */
 int parse_long_arg(const char *flag, const char *s, long lo, long hi, long *out);
 int parse_float_arg(const char *flag, const char *s, double lo, double hi, double *out);
 /* --format not given: detected from the file, said on stderr as a JSON line */
 int detect_format(const char *path, ql_data_format *fmt);
-/* the lines of a --help: one option with its default (NULL: none) */
-void help_opt(const char *flag, const char *what, const char *dflt);
+/* more lines of a --help (help_opt, help_end above) */
 void help_int(const char *flag, const char *what, long long dflt);
 void help_device(void);
 void help_quiet(void);
-int help_end(const char *example); /* --help's line, then the example; returns 0 */
 
 /* train's options (getopt_long's table) and their parse into *o (o->calib
  * may point to *calib): 0; -1 after printing the help; else the exit
