@@ -695,9 +695,9 @@ int dq_choice(void)
     return dq_variant >= 0 ? dq_variant : 0;
 }
 
-/* the dK/dV kernel's: 0 (32 query rows a step, the default), 1 (64: 0.606
- * against 0.627 ms at 7b, 1.40 against 1.45 at 70b, but not yet through the
- * gpu suite, so not the default); QLK_FLASH_DKDV=0|1 */
+/* the dK/dV kernel's: 1 (64 query rows a step, the default: 0.606 against
+ * 0.627 ms at 7b, 1.40 against 1.45 at 70b; through the gpu suite on the
+ * H200 at stop 20) or 0 (32 rows); QLK_FLASH_DKDV=0|1 */
 int dkdv_variant = -2;
 
 int dkdv_choice(void)
@@ -706,7 +706,7 @@ int dkdv_choice(void)
         const char *e = getenv("QLK_FLASH_DKDV");
         dkdv_variant = e && *e >= '0' && *e <= '1' && !e[1] ? *e - '0' : -1;
     }
-    return dkdv_variant >= 0 ? dkdv_variant : 0;
+    return dkdv_variant >= 0 ? dkdv_variant : 1;
 }
 
 template <typename K> cudaError_t smem_attr(K kernel, int bytes)
