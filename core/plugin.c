@@ -257,7 +257,14 @@ int ql_plugin_open(const char *given, ql_plugin **out)
     }
     dlerror();
     probe_stage("dlopen");
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    /* RTLD_NODELETE: a plugin stays mapped after dlclose().  A plugin with
+     * CUDA kernels registers them with the CUDA runtime when it is mapped;
+     * unmapped and mapped again before CUDA started (qlora study checks
+     * every quantizer first, compare opens and closes one), the runtime kept
+     * the first mapping's registrations, and the next kernel launch hung or
+     * failed with "invalid argument" (seen on the H200).  Kept mapped, a
+     * plugin opened again is the same image, registered once. */
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
     if (!h) {
         const char *e = dlerror();
         return ql_error(QL_EIO, "cannot load plugin %s: %s", path, e ? e : "unknown dlopen error");

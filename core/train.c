@@ -1121,6 +1121,9 @@ int ql_train(const ql_train_opts *o)
         json_object_set_new(row, "tokens", json_integer((json_int_t)st.tokens_seen));
         json_object_set_new(row, "tokens_per_s", json_real(round(tps * 10) / 10));
         json_object_set_new(row, "epoch", json_real(round((double)st.micro_done / (double)mb_per_epoch * 1e4) / 1e4));
+        /* on a GPU: the device memory of the plan, every allocation of the step (no more is made in it) */
+        if (!bctx->be->host_memory)
+            json_object_set_new(row, "device_plan_bytes", json_integer((json_int_t)ql_lora_model_plan_bytes(lm, -2)));
         rc = append_metrics(&metrics, row, echo_rows);
         json_decref(row);
         if (rc) goto done;

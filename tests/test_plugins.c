@@ -2,6 +2,7 @@
  * quantizer (the shipped ones, non-default options, and the out-of-tree
  * example by path) through the same checks. */
 #include <check.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -185,6 +186,27 @@ START_TEST(bits_per_param_values)
 }
 END_TEST
 
+/* A closed plugin stays mapped (RTLD_NODELETE): a plugin with CUDA kernels
+ * unmapped and mapped again before CUDA starts makes the next launch hang or
+ * fail (core/plugin.c).  Opened again, it is the same image. */
+START_TEST(closed_plugin_stays_mapped)
+{
+    ql_qz *q = NULL;
+    ck_assert_int_eq(ql_qz_open("fp4", &q), QL_OK);
+    char path[4096];
+    snprintf(path, sizeof path, "%s", ql_plugin_path(q->plugin));
+    unsigned char entry[sizeof q->desc->quantize]; /* a function pointer, compared as bytes (C has no cast to void *) */
+    memcpy(entry, &q->desc->quantize, sizeof entry);
+    ql_qz_close(q);
+    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    ck_assert_msg(h != NULL, "%s was unmapped by ql_qz_close", path);
+    dlclose(h);
+    ck_assert_int_eq(ql_qz_open("fp4:double_quant=0", &q), QL_OK);
+    ck_assert(memcmp(entry, &q->desc->quantize, sizeof entry) == 0);
+    ql_qz_close(q);
+}
+END_TEST
+
 START_TEST(options_are_checked)
 {
     ql_qz *q = NULL;
@@ -339,6 +361,7 @@ Suite *plugins_suite(void)
     suite_add_tcase(s, t);
     t = tcase_create("loader");
     tcase_add_test(t, options_are_checked);
+    tcase_add_test(t, closed_plugin_stays_mapped);
     tcase_add_test(t, unknown_quantizer_says_where_it_looked);
     tcase_add_loop_test(t, abi_refusals, 0, sizeof bad / sizeof bad[0]);
     tcase_add_test(t, abi_1_0_plugin_loads_without_device_slots);

@@ -519,7 +519,7 @@ static void read_metrics(const char *run_dir, json_t *res)
         return;
     }
     json_t *curve = json_array(), *evals = json_array();
-    double tps = NAN, last_loss = NAN;
+    double tps = NAN, last_loss = NAN, plan = NAN;
     for (char *line = data; line < data + len;) {
         char *nl = memchr(line, '\n', (size_t)(data + len - line));
         size_t ll = nl ? (size_t)(nl - line) : (size_t)(data + len - line);
@@ -529,6 +529,7 @@ static void read_metrics(const char *run_dir, json_t *res)
             last_loss = jget_num(row, "loss");
             json_array_append_new(curve, json_pack("[O, o]", step, jnum(last_loss)));
             tps = jget_num(row, "tokens_per_s");
+            if (json_is_integer(json_object_get(row, "device_plan_bytes"))) plan = jget_num(row, "device_plan_bytes");
         } else if (json_is_integer(step) && json_is_number(json_object_get(row, "eval_loss")))
             json_array_append_new(evals, json_pack("[O, o]", step, jnum(jget_num(row, "eval_loss"))));
         json_decref(row);
@@ -537,6 +538,7 @@ static void read_metrics(const char *run_dir, json_t *res)
     json_object_set_new(res, "loss_curve", curve);
     json_object_set_new(res, "final_train_loss", jnum(last_loss));
     json_object_set_new(res, "tokens_per_s", jnum(tps));
+    if (isfinite(plan)) json_object_set_new(res, "device_plan_bytes", json_integer((json_int_t)plan));
     json_object_set_new(res, "train_eval_loss", evals);
     free(data);
     free(path);

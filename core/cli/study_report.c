@@ -636,9 +636,9 @@ static void write_markdown(FILE *f, const report *r, const plot_status *ps)
                 r->n_seeds > 1 ? "; mean ± sd of the per-seed differences" : "");
     fprintf(f, "\n\n");
     fprintf(f, "| quantizer | matrix bits/param | model bits/param | model bytes | quantize s | rel. error | eval NLL before | "
-               "eval NLL after | Δ vs none |%s tokens/s | peak RSS MiB | wall s | runs |\n",
+               "eval NLL after | Δ vs none |%s tokens/s | peak RSS MiB | GPU plan MiB | wall s | runs |\n",
             mmlu ? " MMLU before | MMLU after |" : "");
-    fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|%s---:|---:|---:|---|\n", mmlu ? "---:|---:|" : "");
+    fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|%s---:|---:|---:|---:|---|\n", mmlu ? "---:|---:|" : "");
     for (int i = 0; i < r->ng; i++) {
         const group *g = &r->g[i];
         char c[12][64];
@@ -653,20 +653,23 @@ static void write_markdown(FILE *f, const report *r, const plot_status *ps)
         fmt_ms(c[8], 64, g, "tokens_per_s", 0, 1);
         fmt_ms(c[9], 64, g, "peak_rss_bytes", 1, 1.0 / (1024.0 * 1024.0));
         fmt_ms(c[10], 64, g, "wall_s", 1, 1);
+        fmt_ms(c[11], 64, g, "device_plan_bytes", 1, 1.0 / (1024.0 * 1024.0));
         char m1[64] = "", m2[64] = "";
         if (mmlu) fmt_ms(m1, 64, g, "before.mmlu_accuracy", 4, 1), fmt_ms(m2, 64, g, "after.mmlu_accuracy", 4, 1);
         fprintf(f, "| `");
         cell(f, g->spec);
         fprintf(f, "` | %s | %s | %s | %s | %s | %s | %s | %s |", c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]);
         if (mmlu) fprintf(f, " %s | %s |", m1, m2);
-        fprintf(f, " %s | %s | %s | %d of %d%s |\n", c[8], c[9], c[10], g->n, g->total,
+        fprintf(f, " %s | %s | %s | %s | %d of %d%s |\n", c[8], c[9], c[11], c[10], g->n, g->total,
                 g->failed ? " (failed: see below)" : "");
     }
     fprintf(f, "\nmatrix bits/param: every byte the quantizer stores for the block linears over their parameters; model "
                "bits/param and bytes: the whole checkpoint (embeddings and norms as stored) as `qlora quantize` would "
                "write it; `none` keeps the checkpoint's own dtype. quantize s and rel. error (‖W′−W‖/‖W‖ over all block "
                "linears) are `qlora compare`'s figures. tokens/s: training throughput at the last step; peak RSS: the "
-               "host memory high-water mark of the run's process (GPU memory is not measured); wall s: the whole run "
+               "host memory high-water mark of the run's process; GPU plan: on a GPU, the device memory of the training "
+               "step's memory plan, which holds every device allocation of the step (the CUDA context and cuBLAS' "
+               "workspace come on top); wall s: the whole run "
                "(quantize, evals, training).\n\n");
 
     fprintf(f, "## Plots\n\n");
@@ -719,10 +722,10 @@ static void write_markdown(FILE *f, const report *r, const plot_status *ps)
 
     fprintf(f, "\n## Every run\n\n");
     fprintf(f, "| run | quantizer | seed | status | device | precision | eval NLL before | eval NLL after | train eval "
-               "loss | final train loss | tokens/s | peak RSS MiB | wall s | attempts | folder |\n");
-    fprintf(f, "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+               "loss | final train loss | tokens/s | peak RSS MiB | GPU plan MiB | wall s | attempts | folder |\n");
+    fprintf(f, "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     json_array_foreach(runs, k, run) {
-        char b[32] = "-", a[32] = "-", te[32] = "-", fl[32] = "-", tp[32] = "-", rss[32] = "-", w[32] = "-";
+        char b[32] = "-", a[32] = "-", te[32] = "-", fl[32] = "-", tp[32] = "-", rss[32] = "-", gp[32] = "-", w[32] = "-";
         double v;
         if (isfinite(v = run_num(run, "before.nll"))) snprintf(b, sizeof b, "%.4f", v);
         if (isfinite(v = run_num(run, "after.nll"))) snprintf(a, sizeof a, "%.4f", v);
@@ -733,13 +736,14 @@ static void write_markdown(FILE *f, const report *r, const plot_status *ps)
         if (isfinite(v = jnumv(run, "final_train_loss"))) snprintf(fl, sizeof fl, "%.4f", v);
         if (isfinite(v = jnumv(run, "tokens_per_s"))) snprintf(tp, sizeof tp, "%.0f", v);
         if (isfinite(v = jnumv(run, "peak_rss_bytes"))) snprintf(rss, sizeof rss, "%.1f", v / (1024.0 * 1024.0));
+        if (isfinite(v = jnumv(run, "device_plan_bytes"))) snprintf(gp, sizeof gp, "%.1f", v / (1024.0 * 1024.0));
         if (isfinite(v = jnumv(run, "wall_s"))) snprintf(w, sizeof w, "%.1f", v);
         fprintf(f, "| %s | `", jstr(run, "id"));
         cell(f, jstr(run, "quantizer"));
-        fprintf(f, "` | %lld | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %lld | [%s](%s) |\n",
+        fprintf(f, "` | %lld | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %lld | [%s](%s) |\n",
                 (long long)json_integer_value(json_object_get(run, "seed")), jstr(run, "status"),
                 jstr(run, "device") ? jstr(run, "device") : "-", jstr(run, "precision") ? jstr(run, "precision") : "-", b, a,
-                te, fl, tp, rss, w, (long long)json_integer_value(json_object_get(run, "attempts")), jstr(run, "dir"),
+                te, fl, tp, rss, gp, w, (long long)json_integer_value(json_object_get(run, "attempts")), jstr(run, "dir"),
                 jstr(run, "dir"));
     }
     int any_msg = 0;
