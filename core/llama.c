@@ -11,6 +11,7 @@
 #include "ops.h"
 #include "prequantized.h"
 #include "progress.h"
+#include "quantize_device.h"
 #include "rope.h"
 #include "qlora/dtype.h"
 #include "qlora/error.h"
@@ -316,7 +317,9 @@ int ql_llama_config_parse(const void *config_json, ql_llama_config *c)
 
 /* ---- loading ---- */
 
-static int load_dense(const ql_model_files *mf, const char *name, int64_t d0, int64_t d1, float **out)
+/* Tensor `name` of mf, checked: present, of shape [d0] (d1 0) or [d0, d1], a
+ * float dtype, finite */
+static int find_dense(const ql_model_files *mf, const char *name, int64_t d0, int64_t d1, const ql_tensor **out)
 {
     const ql_tensor *t = ql_model_files_find(mf, name);
     if (!t) return ql_error(QL_EFORMAT, "%s: tensor %s is missing", ql_model_files_dir(mf), name);
@@ -329,10 +332,29 @@ static int load_dense(const ql_model_files *mf, const char *name, int64_t d0, in
     if (!ql_dtype_is_float(t->dtype))
         return ql_error(QL_EFORMAT, "tensor %s is %s, expected a float dtype", name, ql_dtype_name(t->dtype));
     int64_t bad = ql_first_nonfinite(t->dtype, t->data, (size_t)want);
-    if (bad >= 0) return ql_error(QL_ENUMERIC, "tensor %s has NaN or Inf at index %lld", name, (long long)bad);
-    float *w = malloc((size_t)want * sizeof *w);
-    if (!w) return ql_error(QL_ENOMEM, "out of memory loading %s", name);
-    int rc = ql_convert_to_f32(t->dtype, t->data, (size_t)want, w);
+    if (bad >= 0) {
+        ql_model_files_release(mf, t);
+        return ql_error(QL_ENUMERIC, "tensor %s has NaN or Inf at index %lld", name, (long long)bad);
+    }
+    *out = t;
+    return QL_OK;
+}
+
+/* Tensor `name` of mf as float32 (checked as find_dense does); its pages of
+ * the mapping are given back */
+static int load_dense(const ql_model_files *mf, const char *name, int64_t d0, int64_t d1, float **out)
+{
+    const ql_tensor *t = NULL;
+    int rc = find_dense(mf, name, d0, d1, &t);
+    if (rc) return rc;
+    const size_t want = (size_t)(d1 ? d0 * d1 : d0);
+    float *w = malloc(want * sizeof *w);
+    if (!w) {
+        ql_model_files_release(mf, t);
+        return ql_error(QL_ENOMEM, "out of memory loading %s", name);
+    }
+    rc = ql_convert_to_f32(t->dtype, t->data, want, w);
+    ql_model_files_release(mf, t);
     if (rc) {
         free(w);
         return rc;
@@ -344,6 +366,8 @@ static int load_dense(const ql_model_files *mf, const char *name, int64_t d0, in
 typedef struct files_reader {
     const ql_model_files *mf;
     const char *prefix;
+    const ql_tensor *given[32]; /* what load() was handed, to give back after it */
+    int n_given;
 } files_reader;
 
 static const ql_tensor *files_get(void *ctx, const char *suffix)
@@ -351,7 +375,9 @@ static const ql_tensor *files_get(void *ctx, const char *suffix)
     files_reader *r = ctx;
     char name[1024];
     if (snprintf(name, sizeof name, "%s.%s", r->prefix, suffix) >= (int)sizeof name) return NULL;
-    return ql_model_files_find(r->mf, name);
+    const ql_tensor *t = ql_model_files_find(r->mf, name);
+    if (t && r->n_given < (int)(sizeof r->given / sizeof r->given[0])) r->given[r->n_given++] = t;
+    return t;
 }
 
 /* A GPTQ checkpoint (transformers' GPTQConfig: quant_method "gptq") is read
@@ -479,8 +505,8 @@ static int open_prequantized(ql_llama *m, const char *dir, const char *file, con
 
 /* defer: keep the weights dense for the calibration pass (core/calibrate.c),
  * which quantizes them block by block. */
-static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, int defer, ql_linear *l,
-                       const char *prefix, int64_t out, int64_t in, int has_bias)
+static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, int defer, ql_qdev *dev,
+                       ql_linear *l, const char *prefix, int64_t out, int64_t in, int has_bias)
 {
     l->name = strdup(prefix);
     l->out = out;
@@ -496,15 +522,29 @@ static int load_linear(ql_llama *m, const ql_model_files *mf, int prequantized, 
     }
     snprintf(wname, sizeof wname, "%s.weight", prefix);
     if (prequantized) {
-        files_reader fr = {mf, prefix};
+        files_reader fr = {.mf = mf, .prefix = prefix};
         ql_tensor_reader r = {&fr, files_get};
         ql_matrix_desc md = {.name = prefix, .rows = out, .cols = in};
         ql_error_clear();
-        int rc = m->qz->desc->load(m->qz->inst, &md, &r, &l->state);
+        int rc = m->qz->desc->load(m->qz->inst, &md, &r, &l->state); /* load() copies what it keeps */
+        for (int i = 0; i < fr.n_given; i++) ql_model_files_release(mf, fr.given[i]);
         if (rc == QL_ENOTFOUND)
             return ql_error(QL_EFORMAT, "%s is not in the %s format that config.json's quantization_config names", prefix,
                             m->qz->desc->name);
         if (rc) return rc;
+        l->qz = m->qz;
+        return QL_OK;
+    }
+    if (m->qz && !defer && dev) {
+        /* quantized on the GPU from the checkpoint's own bytes */
+        const ql_tensor *t = NULL;
+        int rc = find_dense(mf, wname, out, in, &t);
+        if (rc) return rc;
+        ql_matrix_desc md = {.name = prefix, .rows = out, .cols = in, .src_dtype = t->dtype};
+        ql_error_clear();
+        rc = ql_qdev_quantize(m->qz, &md, t->data, t->dtype, dev, &l->state);
+        ql_model_files_release(mf, t);
+        if (rc) return ql_error_context("quantizer %s on %s (on the GPU)", m->qz->desc->name, prefix);
         l->qz = m->qz;
         return QL_OK;
     }
@@ -538,6 +578,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
     *out = NULL;
     ql_model_files *mf = NULL;
     int *windows = NULL; /* [n_layers] */
+    ql_qdev qdev = {NULL, 0}; /* quantize on load on the GPU: the upload buffer */
     int rc = ql_model_files_open(dir, &mf);
     if (rc) return rc;
     ql_llama *m = calloc(1, sizeof *m);
@@ -604,6 +645,13 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto fail;
     }
+    int on_gpu = 0;
+    if (m->qz && !prequantized && !calibrate) {
+        char what[64];
+        const char *device = opts ? opts->device : NULL;
+        snprintf(what, sizeof what, "quantize on load (--device %.20s)", device ? device : "cpu");
+        if ((rc = ql_qdev_pick(device, m->qz, what, &on_gpu))) goto fail;
+    }
     ql_progress prog;
     ql_progress_begin(&prog, "load", c->n_layers, "layers", opts ? opts->progress : 0);
     for (int i = 0; i < c->n_layers; i++) {
@@ -633,12 +681,14 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
         };
         for (size_t k = 0; k < sizeof lin / sizeof lin[0]; k++) {
             snprintf(p, sizeof p, "model.layers.%d.%s", i, lin[k].what);
-            if ((rc = load_linear(m, mf, prequantized, calibrate, lin[k].l, p, lin[k].out, lin[k].in, lin[k].bias)))
+            if ((rc = load_linear(m, mf, prequantized, calibrate, on_gpu ? &qdev : NULL, lin[k].l, p, lin[k].out,
+                                  lin[k].in, lin[k].bias)))
                 goto fail;
         }
         ql_progress_update(&prog, i + 1, "");
     }
     ql_progress_end(&prog);
+    ql_qdev_free(&qdev);
     if ((rc = ql_be(m->ctx, alloc, (void **)&m->scratch_w, (size_t)m->scratch_w_len * sizeof(float)))) {
         ql_be_check(m->ctx);
         goto fail;
@@ -650,6 +700,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
     *out = m;
     return QL_OK;
 fail:
+    ql_qdev_free(&qdev);
     free(windows);
     ql_model_files_close(mf);
     ql_llama_destroy(m);

@@ -80,7 +80,7 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
     ql_be_ctx *ctx = NULL;
     ql_lora_model *lm = NULL;
     int rc;
-    ql_llama_load_opts lo = {.quantizer = spec, .quantizer_file = run_config, .progress = 0};
+    ql_llama_load_opts lo = {.quantizer = spec, .quantizer_file = run_config, .progress = 0, .device = opts->device};
     rc = ql_llama_load(model_dir, &lo, &m);
     free(run_config);
     if (rc) goto done;

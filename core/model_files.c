@@ -177,6 +177,12 @@ const ql_tensor *ql_model_files_find(const ql_model_files *m, const char *name)
     return NULL;
 }
 
+void ql_model_files_release(const ql_model_files *m, const ql_tensor *t)
+{
+    for (size_t i = 0; t && i < m->nshards; i++)
+        if (ql_st_release(m->shards[i], t)) return;
+}
+
 int ql_is_block_linear(const char *name, char *prefix, size_t cap)
 {
     static const char *const projections[] = {

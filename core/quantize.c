@@ -17,10 +17,8 @@
 #include "qlora/llama.h"
 #include "qlora/model.h"
 #include "qlora/safetensors.h"
+#include "quantize_device.h"
 
-#if QL_HAVE_CUDA
-#include <cuda_runtime.h>
-#endif
 
 /* ---- adapters between plugin tensor suffixes and full checkpoint names ---- */
 
@@ -147,75 +145,6 @@ static int write_config(const ql_model_files *m, const ql_qz *q, const char *dir
     return rc;
 }
 
-/* ---- quantizing on the GPU (--device cuda) ---- */
-
-/* Whether to quantize with the plugin's quantize_device: "cpu" (or NULL)
- * never, "cuda" always (an error when no device is usable; a plugin without
- * the slot quantizes on the CPU after a one-line warning), "auto" when a
- * device is present and the plugin has the slot. */
-static int pick_device(const char *device, const ql_qz *q, int *on_gpu)
-{
-    *on_gpu = 0;
-    if (!device || !strcmp(device, "cpu")) return QL_OK;
-    int asked_for_cuda = !strcmp(device, "cuda");
-    if (!asked_for_cuda && strcmp(device, "auto"))
-        return ql_error(QL_EINVAL, "unknown device '%s': use cpu, cuda or auto", device);
-    const ql_backend *be = NULL;
-    if (ql_backend_find(device, &be)) return ql_error_context("quantize --device %s", device);
-    if (be->host_memory) return QL_OK; /* auto, and no GPU */
-    if (!q->desc->quantize_device) {
-        if (asked_for_cuda)
-            fprintf(stderr,
-                    "qlora: warning: quantizer %s has no device quantize (quantize_device, plugin ABI 1.2); "
-                    "quantizing on the CPU\n",
-                    q->desc->name);
-        return QL_OK;
-    }
-    *on_gpu = 1;
-    return QL_OK;
-}
-
-/* Device memory for one matrix at a time, grown to the largest. */
-typedef struct device_upload {
-    void *buf;
-    size_t cap;
-} device_upload;
-
-static void device_upload_free(device_upload *u)
-{
-#if QL_HAVE_CUDA
-    if (u->buf) cudaFree(u->buf);
-#endif
-    u->buf = NULL;
-    u->cap = 0;
-}
-
-/* The float32 matrix w uploaded and quantized there by quantize_device on
- * the default stream; the state comes back on the host. */
-static int quantize_on_device(const ql_qz *q, const ql_matrix_desc *md, const float *w, device_upload *u,
-                              ql_qstate **s)
-{
-#if QL_HAVE_CUDA
-    size_t bytes = (size_t)(md->rows * md->cols) * sizeof(float);
-    cudaError_t e;
-    if (bytes > u->cap) {
-        device_upload_free(u);
-        if ((e = cudaMalloc(&u->buf, bytes)) != cudaSuccess) {
-            u->buf = NULL;
-            return ql_error(QL_ECUDA, "CUDA: cannot allocate %zu bytes on the device for %s: %s", bytes, md->name,
-                            cudaGetErrorString(e));
-        }
-        u->cap = bytes;
-    }
-    if ((e = cudaMemcpy(u->buf, w, bytes, cudaMemcpyHostToDevice)) != cudaSuccess)
-        return ql_error(QL_ECUDA, "CUDA: uploading %s (%zu bytes): %s", md->name, bytes, cudaGetErrorString(e));
-    return q->desc->quantize_device(q->inst, md, u->buf, QL_DTYPE_F32, NULL, s);
-#else
-    (void)q, (void)md, (void)w, (void)u, (void)s;
-    return ql_error(QL_ENOTSUP, "device cuda is not available: this qlora was built without CUDA");
-#endif
-}
-
 /* The block linear of m with module prefix `prefix`, or NULL. */
 static ql_linear *find_linear(ql_llama *m, const char *prefix)
 {
@@ -238,7 +167,7 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
     ql_llama *cm = NULL; /* the model quantized in the calibration pass */
     int rc;
     double t0 = ql_now();
-    device_upload upload = {NULL, 0};
+    ql_qdev upload = {NULL, 0};
     int on_gpu = 0;
     if ((rc = ql_model_files_open(model_dir, &m))) goto done;
     if ((rc = ql_qz_open(spec, &q))) goto done;
@@ -250,12 +179,15 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
                 q->desc->name, opts->calib->data);
     if (calibrated && opts->device && strcmp(opts->device, "cpu"))
         fprintf(stderr, "qlora: warning: the calibration pass runs on the CPU; ignoring --device %s\n", opts->device);
-    if (!calibrated && (rc = pick_device(opts->device, q, &on_gpu))) goto done;
+    char what[64];
+    snprintf(what, sizeof what, "quantize --device %.20s", opts->device ? opts->device : "cpu");
+    if (!calibrated && (rc = ql_qdev_pick(opts->device, q, what, &on_gpu))) goto done;
     /* check all inputs before writing anything */
     for (size_t i = 0; i < ql_model_files_count(m); i++) {
         const ql_tensor *t = ql_model_files_at(m, i);
         if (ql_is_block_linear(t->name, NULL, 0) && (rc = check_linear(t))) goto done;
         if ((rc = check_finite(t))) goto done;
+        ql_model_files_release(m, t); /* read again below: host memory holds about one tensor of the checkpoint */
     }
     size_t nlin = count_block_linears(m);
     if (nlin == 0) {
@@ -285,6 +217,7 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
         char prefix[512];
         if (!ql_is_block_linear(t->name, prefix, sizeof prefix)) {
             rc = ql_st_writer_add(w, t);
+            ql_model_files_release(m, t);
             all_params += ql_shape_numel(t->shape, t->ndim);
             all_bytes += t->nbytes;
             continue;
@@ -300,11 +233,20 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
             }
             s = l->state;
             sq = l->qz;
+        } else if (on_gpu) {
+            /* the checkpoint's own bytes go up (bf16 as it is) */
+            ql_error_clear();
+            rc = ql_qdev_quantize(q, &md, t->data, t->dtype, &upload, &s);
+            if (rc) {
+                if (!ql_error_message()[0]) ql_error(rc, "quantize failed");
+                ql_error_context("quantizer %s on %s", q->desc->name, t->name);
+                break;
+            }
         } else {
             float *dense;
             if ((rc = tensor_to_f32(t, &dense))) break;
             ql_error_clear();
-            rc = on_gpu ? quantize_on_device(q, &md, dense, &upload, &s) : q->desc->quantize(q->inst, &md, dense, &s);
+            rc = q->desc->quantize(q->inst, &md, dense, &s);
             free(dense);
             if (rc) {
                 if (!ql_error_message()[0]) ql_error(rc, "quantize failed");
@@ -312,6 +254,7 @@ int ql_quantize_model(const char *model_dir, const char *spec, const char *out_d
                 break;
             }
         }
+        ql_model_files_release(m, t);
         prefixed_writer pw = {w, prefix};
         ql_tensor_writer tw = {&pw, prefixed_put};
         rc = sq->desc->save(sq->inst, s, &tw);
@@ -367,7 +310,7 @@ done:
     if (rc == QL_EIO && od) ql_error_context("writing %s (nothing there was changed)", out_dir);
     ql_outdir_abandon(od);
     ql_st_writer_destroy(w);
-    device_upload_free(&upload);
+    ql_qdev_free(&upload);
     ql_llama_destroy(cm);
     ql_qz_close(q);
     ql_model_files_close(m);

@@ -285,6 +285,20 @@ fail:
     return rc;
 }
 
+int ql_st_release(const ql_st_file *f, const ql_tensor *t)
+{
+    const uint8_t *base = f->map, *p = t->data;
+    if (!base || !p || p < base || t->nbytes > f->size || (uint64_t)(p - base) > f->size - t->nbytes) return 0;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    /* whole pages around the tensor, the mapping's own at the ends: a
+     * neighbour's pages go too and come back on its next read */
+    uintptr_t lo = (uintptr_t)p & ~(page - 1), hi = ((uintptr_t)p + t->nbytes + page - 1) & ~(page - 1);
+    const uintptr_t end = ((uintptr_t)base + f->size + page - 1) & ~(page - 1);
+    if (hi > end) hi = end;
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+    return 1;
+}
+
 void ql_st_close(ql_st_file *f)
 {
     if (!f) return;

@@ -945,7 +945,7 @@ int ql_train(const ql_train_opts *o)
         goto done;
     fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\", \"precision\": \"%s\", \"optim\": \"%s\"}\n",
             bctx->be->name, ql_be_precision_name(precision), ql_optim_name(optimizer));
-    ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0, .calib = o->calib};
+    ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0, .calib = o->calib, .device = bctx->be->name};
     if ((rc = ql_llama_load(o->model_dir, &lo, &m))) goto done;
     if ((rc = ql_tokenizer_load(o->model_dir, &tok))) goto done;
     ql_dataset_opts dopts = o->data;

@@ -110,6 +110,8 @@ static const struct {
     {"optq", "matmul,cuda", "huge refused with: optq: check.huge.1x1: a scale of "},
     {"optq:bits=3,groupsize=32,sym=1", "matmul,cuda", "materialized, all finite"},
     {"optq:bits=2,rtn=1", "matmul,cuda", "materialized, all finite"},
+    /* act_order: a load without g_idx must be refused (tamper) */
+    {"optq:bits=4,groupsize=32,act_order=1", "matmul,cuda", "materialized, all finite"},
     {NULL, "calibration,cuda", "42 matrices"},
 };
 

@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "qlora/llama.h"
 #include "qlora/qlora.h"
 #include "testutil.h"
 
@@ -417,6 +418,56 @@ static void same_folder(const char *cuda_dir, const char *cpu_dir, const char *w
     ck_assert_msg(files >= 2 && cuda_files == files, "%s: %d files from cpu, %d from cuda", what, files, cuda_files);
 }
 
+/* Quantize on load with --device cuda (ql_llama_load_opts.device): a bf16
+ * checkpoint's bytes go to the GPU as they are, and every state is the one
+ * the CPU load makes, byte for byte. */
+START_TEST(quantize_on_load_matches_cpu)
+{
+    enum { H = 256, I = 704, V = 128 };
+    const char *specs[] = {"nf4", "nf4:double_quant=0", "fp4", "int8"};
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/bf16-model", tu_tmpdir());
+    const int B = QL_DTYPE_BF16;
+    const tu_tensor t[] = {
+        {"model.embed_tokens.weight", B, 2, {V, H}, NULL},
+        {"model.norm.weight", B, 1, {H}, NULL},
+        {"model.layers.0.input_layernorm.weight", B, 1, {H}, NULL},
+        {"model.layers.0.post_attention_layernorm.weight", B, 1, {H}, NULL},
+        {"model.layers.0.self_attn.q_proj.weight", B, 2, {H, H}, NULL},
+        {"model.layers.0.self_attn.k_proj.weight", B, 2, {H / 2, H}, NULL},
+        {"model.layers.0.self_attn.v_proj.weight", B, 2, {H / 2, H}, NULL},
+        {"model.layers.0.self_attn.o_proj.weight", B, 2, {H, H}, NULL},
+        {"model.layers.0.mlp.gate_proj.weight", B, 2, {I, H}, NULL},
+        {"model.layers.0.mlp.up_proj.weight", B, 2, {I, H}, NULL},
+        {"model.layers.0.mlp.down_proj.weight", B, 2, {H, I}, NULL},
+    };
+    char cfg[512];
+    snprintf(cfg, sizeof cfg,
+             "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": %d, "
+             "\"intermediate_size\": %d, \"num_hidden_layers\": 1, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, "
+             "\"vocab_size\": %d, \"max_position_embeddings\": 64, \"rms_norm_eps\": 1e-5, \"torch_dtype\": \"bfloat16\"}",
+             H, I, V);
+    tu_write_model(dir, t, sizeof t / sizeof t[0], cfg);
+    for (size_t k = 0; k < sizeof specs / sizeof specs[0]; k++) {
+        ql_llama *mc = NULL, *mg = NULL;
+        ql_llama_load_opts lc = {.quantizer = specs[k], .device = "cpu"}, lg = {.quantizer = specs[k], .device = "cuda"};
+        ck_assert_msg(ql_llama_load(dir, &lc, &mc) == QL_OK, "%s", ql_error_message());
+        ck_assert_msg(ql_llama_load(dir, &lg, &mg) == QL_OK, "%s", ql_error_message());
+        ql_llama_layer *a = ql_llama_layers(mg), *b = ql_llama_layers(mc);
+        ql_linear *la[] = {&a->q, &a->k, &a->v, &a->o, &a->gate, &a->up, &a->down};
+        ql_linear *lb[] = {&b->q, &b->k, &b->v, &b->o, &b->gate, &b->up, &b->down};
+        for (size_t j = 0; j < 7; j++) {
+            char what[160];
+            snprintf(what, sizeof what, "%s: %s on load", specs[k], lb[j]->name);
+            ck_assert_msg(la[j]->state && lb[j]->state, "%s: no state", what);
+            same_state(lb[j]->qz, la[j]->state, lb[j]->state, lb[j]->out, lb[j]->in, what);
+        }
+        ql_llama_destroy(mg);
+        ql_llama_destroy(mc);
+    }
+}
+END_TEST
+
 START_TEST(quantize_cli_device_matches_cpu)
 {
     const char *specs[] = {"nf4", "nf4:double_quant=0", "fp4", "int8"};
@@ -538,6 +589,7 @@ int main(void)
         tcase_add_loop_test(tq, quantize_matches_cpu, 0, (int)(sizeof qcases / sizeof qcases[0]));
         tcase_add_test(tq, quantize_refuses_like_cpu);
         tcase_add_test(tq, quantize_cli_device_matches_cpu);
+        tcase_add_test(tq, quantize_on_load_matches_cpu);
         suite_add_tcase(s, tq);
         TCase *ts = tcase_create("study");
         tcase_set_timeout(ts, 600);

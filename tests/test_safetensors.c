@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "json_out.h"
+#include "qlora/llama.h"
 #include "qlora/qlora.h"
 #include "testutil.h"
 
@@ -1091,6 +1092,154 @@ END_TEST
 /* JSON integers beyond 64 bits (transformers writes model_max_length =
  * 1000000000000000019884624838656) read as reals; the rest stay integers,
  * digits inside strings are left alone, and the limits are exact. */
+/* ---- giving a mapping's pages back (ql_st_release) ---- */
+
+/* A field of /proc/self/status, in kB */
+static long proc_kb(const char *field)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    ck_assert_ptr_nonnull(f);
+    char line[256];
+    long v = -1;
+    size_t n = strlen(field);
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, field, n) && line[n] == ':') v = strtol(line + n + 1, NULL, 10);
+    fclose(f);
+    ck_assert_msg(v >= 0, "no %s in /proc/self/status", field);
+    return v;
+}
+
+/* The peak (VmHWM) back to the current resident size */
+static void reset_peak(void)
+{
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fputs("5", f) >= 0, 1);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+START_TEST(test_release_gives_pages_back)
+{
+    char *dir = fresh_dir();
+    enum { N = 4 << 20 }; /* 16 MiB of float32 */
+    const tu_tensor t[] = {{"a", QL_DTYPE_F32, 1, {N}, NULL}, {"b", QL_DTYPE_F32, 1, {N}, NULL}};
+    tu_write_model(dir, t, 2, NULL);
+    char *path = join(dir, "model.safetensors");
+    ql_st_file *f;
+    ck_assert_int_eq(ql_st_open(path, &f), QL_OK);
+    const ql_tensor *a = ql_st_find(f, "a"), *b = ql_st_find(f, "b");
+    float *copy = malloc((size_t)N * 4);
+    const long base = proc_kb("RssFile");
+    memcpy(copy, a->data, (size_t)N * 4); /* every page of a read */
+    const long read = proc_kb("RssFile");
+    ck_assert_msg(read - base > 15 * 1024, "reading 16 MiB of the mapping added %ld kB to RssFile", read - base);
+    ck_assert_int_eq(ql_st_release(f, a), 1);
+    const long released = proc_kb("RssFile");
+    ck_assert_msg(read - released > 15 * 1024, "released: RssFile %ld kB -> %ld kB", read, released);
+    /* read again, from the file: the same values */
+    ck_assert(memcmp(copy, a->data, (size_t)N * 4) == 0);
+    ck_assert(((const float *)b->data)[N - 1] == ((const float *)b->data)[N - 1]);
+    /* a tensor that is not in the mapping is left alone */
+    ql_tensor other = *a;
+    other.data = copy;
+    ck_assert_int_eq(ql_st_release(f, &other), 0);
+    ck_assert(memcmp(copy, a->data, (size_t)N * 4) == 0);
+    free(copy);
+    ql_st_close(f);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* A sharded bf16 checkpoint quantized on load holds about one tensor of it
+ * in host memory at a time, not the checkpoint: each tensor's pages of the
+ * mapped shards are given back once it is read (ql_llama_load). */
+START_TEST(test_sharded_load_holds_one_tensor_at_a_time)
+{
+    enum { H = 512, I = 1536, L = 12, V = 256 };
+    char *parent = fresh_dir(), *model = join(parent, "model");
+    ck_assert_int_eq(ql_mkdir_p(model), QL_OK);
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg,
+             "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": %d, "
+             "\"intermediate_size\": %d, \"num_hidden_layers\": %d, \"num_attention_heads\": 8, "
+             "\"num_key_value_heads\": 8, \"vocab_size\": %d, \"max_position_embeddings\": 256, \"rms_norm_eps\": 1e-5, "
+             "\"tie_word_embeddings\": true, \"torch_dtype\": \"bfloat16\"}",
+             H, I, L, V);
+    /* shard 0: embeddings and the final norm; shard 1 + i: layer i */
+    char index[16384];
+    int at = snprintf(index, sizeof index, "{\"weight_map\": {");
+    uint64_t bf16_bytes = 0;
+    for (int s = 0; s <= L; s++) {
+        char names[9][128], shard[64], sub[32];
+        tu_tensor t[9];
+        int n = 0;
+        if (s == 0) {
+            snprintf(names[0], sizeof names[0], "model.embed_tokens.weight");
+            snprintf(names[1], sizeof names[1], "model.norm.weight");
+            t[0] = (tu_tensor){names[0], QL_DTYPE_BF16, 2, {V, H}, NULL};
+            t[1] = (tu_tensor){names[1], QL_DTYPE_BF16, 1, {H}, NULL};
+            n = 2;
+        } else {
+            const int i = s - 1;
+            static const char *const lin[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj", "mlp.down_proj"};
+            for (int k = 0; k < 7; k++) {
+                snprintf(names[n], sizeof names[n], "model.layers.%d.%s.weight", i, lin[k]);
+                int64_t rows = k < 4 ? H : k < 6 ? I : H, cols = k < 6 ? H : I;
+                t[n] = (tu_tensor){names[n], QL_DTYPE_BF16, 2, {rows, cols}, NULL};
+                n++;
+                bf16_bytes += (uint64_t)(rows * cols) * 2;
+            }
+            snprintf(names[7], sizeof names[7], "model.layers.%d.input_layernorm.weight", i);
+            snprintf(names[8], sizeof names[8], "model.layers.%d.post_attention_layernorm.weight", i);
+            t[7] = (tu_tensor){names[7], QL_DTYPE_BF16, 1, {H}, NULL};
+            t[8] = (tu_tensor){names[8], QL_DTYPE_BF16, 1, {H}, NULL};
+            n = 9;
+        }
+        snprintf(sub, sizeof sub, "s%d", s);
+        char *tmp = join(parent, sub);
+        tu_write_model(tmp, t, (size_t)n, cfg);
+        snprintf(shard, sizeof shard, "model-%05d-of-%05d.safetensors", s + 1, L + 1);
+        char *src = join(tmp, "model.safetensors"), *dst = join(model, shard);
+        ck_assert_int_eq(rename(src, dst), 0);
+        if (s == 0) {
+            char *c0 = join(tmp, "config.json"), *c1 = join(model, "config.json");
+            ck_assert_int_eq(rename(c0, c1), 0);
+            free(c0);
+            free(c1);
+        }
+        for (int k = 0; k < n; k++)
+            at += snprintf(index + at, sizeof index - (size_t)at, "%s\"%s\": \"%s\"", s || k ? ", " : "", names[k], shard);
+        free(src);
+        free(dst);
+        free(tmp);
+    }
+    snprintf(index + at, sizeof index - (size_t)at, "}}");
+    char *ipath = join(model, "model.safetensors.index.json");
+    ck_assert_int_eq(ql_write_file_atomic(ipath, index, strlen(index)), QL_OK);
+    free(ipath);
+
+    const long before = proc_kb("VmRSS");
+    reset_peak();
+    ql_llama *m = NULL;
+    ql_llama_load_opts lo = {.quantizer = "nf4", .device = "cpu"};
+    ck_assert_msg(ql_llama_load(model, &lo, &m) == QL_OK, "%s", ql_error_message());
+    const long peak = proc_kb("VmHWM"), grew = peak - before;
+    /* the 4-bit model itself is about a quarter of the bf16 bytes, a matrix
+     * in float32 is 3 MiB: without the pages given back the peak is above
+     * the whole checkpoint (81 MiB) */
+    printf("sharded load: %.1f MiB of bf16 linears; resident peak grew by %.1f MiB\n", (double)bf16_bytes / 1048576.0,
+           (double)grew / 1024.0);
+    ck_assert_msg(grew * 1024.0 < 0.6 * (double)bf16_bytes, "the load's resident peak grew by %ld kB for %llu bytes of bf16",
+                  grew, (unsigned long long)bf16_bytes);
+    ck_assert_str_eq(ql_llama_quantization(m), "nf4:blocksize=64,double_quant=1");
+    ql_llama_destroy(m);
+    free(model);
+    free(parent);
+}
+END_TEST
+
 START_TEST(json_big_integers)
 {
     const char *text = "{\"model_max_length\": 1000000000000000019884624838656, \"n\": 9223372036854775807,"
@@ -1168,6 +1317,8 @@ Suite *safetensors_suite(void)
 
     tc = tcase_create("json");
     tcase_add_test(tc, json_big_integers);
+    tcase_add_test(tc, test_release_gives_pages_back);
+    tcase_add_test(tc, test_sharded_load_holds_one_tensor_at_a_time);
     suite_add_tcase(s, tc);
     tc = tcase_create("readers");
     tcase_set_timeout(tc, 20); /* a reader that waits on a FIFO fails by timing out */

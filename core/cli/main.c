@@ -476,8 +476,8 @@ int parse_float_arg(const char *flag, const char *s, double lo, double hi, doubl
 
 /* The model, quantized as the adapter's run was unless --quantizer says
  * otherwise, with the adapter attached. */
-static int load_with_adapter(const char *model, const char *adapter, const char *quantizer, char *qbuf, size_t cap,
-                             ql_llama **m, ql_lora **lora)
+static int load_with_adapter(const char *model, const char *adapter, const char *quantizer, const char *device,
+                             char *qbuf, size_t cap, ql_llama **m, ql_lora **lora)
 {
     *m = NULL;
     *lora = NULL;
@@ -492,7 +492,7 @@ static int load_with_adapter(const char *model, const char *adapter, const char 
             if (!(run_config = ql_path_join(adapter, "run_config.json"))) return ql_error(QL_ENOMEM, "out of memory");
         }
     }
-    ql_llama_load_opts lopts = {.quantizer = quantizer, .quantizer_file = run_config, .progress = 0};
+    ql_llama_load_opts lopts = {.quantizer = quantizer, .quantizer_file = run_config, .progress = 0, .device = device};
     int rc = ql_llama_load(model, &lopts, m);
     free(run_config);
     if (rc == QL_OK && adapter) {
@@ -1131,7 +1131,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
     ql_dataset *d = NULL;
     ql_lora *lora = NULL;
     char qbuf[512];
-    if ((rc = load_with_adapter(model, adapter, quantizer, qbuf, sizeof qbuf, &m, &lora)) ||
+    if ((rc = load_with_adapter(model, adapter, quantizer, device, qbuf, sizeof qbuf, &m, &lora)) ||
         (rc = ql_tokenizer_load(model, &tok)))
         goto done;
     if (mmlu) {
@@ -1249,7 +1249,7 @@ static int cmd_generate(int argc, char **argv)
     ql_generate_opts gopts = {.max_new_tokens = (int)max_new, .temperature = (float)temperature,
                               .top_p = (float)top_p, .seed = (uint64_t)seed, .device = device,
                               .precision = precision};
-    int rc = load_with_adapter(model, adapter, quantizer, qbuf, sizeof qbuf, &m, &lora);
+    int rc = load_with_adapter(model, adapter, quantizer, device, qbuf, sizeof qbuf, &m, &lora);
     gopts.lora = lora;
     if (rc == QL_OK) rc = ql_tokenizer_load(model, &tok);
     if (rc == QL_OK) rc = ql_generate(m, tok, prompt, &gopts, &text);

@@ -461,7 +461,7 @@ static int eval_model(const study *s, const ql_train_opts *o, const char *adapte
     char *mmlu_text = NULL;
     size_t mmlu_len = 0;
     double t0 = now_s();
-    ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0, .calib = o->calib};
+    ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0, .calib = o->calib, .device = o->device};
     int rc = ql_llama_load(o->model_dir, &lo, &m);
     if (rc == QL_OK) json_object_set_new(out, "load_s", jnum(now_s() - t0));
     if (rc == QL_OK) rc = ql_tokenizer_load(o->model_dir, &tok);

@@ -117,6 +117,15 @@ typedef struct ql_llama_load_opts {
      * layer-sequential pass quantizes it.  NULL (or calib->data NULL) with a
      * quantizer that needs calibration is QL_EINVAL naming --calib-data. */
     const ql_calib_opts *calib;
+    /* Where a full-precision checkpoint's block linears are quantized on
+     * load: NULL or "cpu", "cuda" (the plugin's quantize_device, plugin ABI
+     * 1.2: the checkpoint's bf16 or float32 bytes go to the GPU as they are
+     * and the state comes back, bit for bit the CPU's; a plugin without the
+     * slot quantizes on the CPU after a warning), or "auto" (cuda when a GPU
+     * is present).  Either way each tensor's pages of the mapped shards are
+     * given back once it is read, so the dense checkpoint is never in host
+     * memory whole.  The calibration pass (calib) runs on the CPU. */
+    const char *device;
 } ql_llama_load_opts;
 
 int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **out);

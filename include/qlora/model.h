@@ -21,6 +21,9 @@ void *ql_model_files_config(const ql_model_files *m);
 size_t ql_model_files_count(const ql_model_files *m);
 const ql_tensor *ql_model_files_at(const ql_model_files *m, size_t i); /* sorted by name */
 const ql_tensor *ql_model_files_find(const ql_model_files *m, const char *name);
+/* Done with t for now: its pages of its shard's mapping are given back
+ * (ql_st_release); a later read of t still works. */
+void ql_model_files_release(const ql_model_files *m, const ql_tensor *t);
 
 /* 1 if `name` is the weight of a linear layer of a decoder block that
  * quantizers replace (q, k, v, o, gate, up, down projections); the module

@@ -25,6 +25,12 @@ const ql_tensor *ql_st_find(const ql_st_file *f, const char *name);
 /* __metadata__ value or NULL. */
 const char *ql_st_metadata(const ql_st_file *f, const char *key);
 uint64_t ql_st_file_size(const ql_st_file *f);
+/* Done with tensor t of f for now: its pages of the file's mapping are given
+ * back (madvise MADV_DONTNEED; the mapping is read-only, so a later read
+ * faults them in from the file again).  Loading a checkpoint larger than the
+ * host's memory then holds about one tensor of it at a time.  0 when t's
+ * data is not in f's mapping (nothing is done). */
+int ql_st_release(const ql_st_file *f, const ql_tensor *t);
 
 typedef struct ql_st_writer ql_st_writer;
 

@@ -717,6 +717,9 @@ static int load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tensor_
                                (long long)gi->shape[0], (long long)cols);
         cols = gi->shape[0];
     }
+    /* with act_order the groups follow the Hessian's column order, which only g_idx records */
+    if (!gi && q->act_order)
+        return host->error(QL_EFORMAT, "%s.g_idx is missing: an act_order (desc_act) checkpoint needs it", name);
     if (!cols) return host->error(QL_EFORMAT, "%s: a GPTQ layer without g_idx needs its shape from the model", name);
     if (rows > OPTQ_MAX_DIM || cols > OPTQ_MAX_DIM || groups > cols)
         return host->error(QL_EFORMAT, "%s: GPTQ layer of %lld x %lld in %lld groups is not supported", name,
