@@ -224,6 +224,50 @@ START_TEST(test_study_figures)
 }
 END_TEST
 
+/* --mmlu: the accuracy of the base before finetuning and with the run's
+ * adapter after it, each what `qlora eval --mmlu` gives for the same model */
+static double eval_mmlu(const char *extra)
+{
+    char *model = shared("models/stories260K"), *mmlu = shared("data/mmlu"), *out, *err;
+    int st = qlora(&out, &err, "eval --model '%s' %s --mmlu '%s' --shots 0 --max-examples 2", model, extra, mmlu);
+    ck_assert_msg(st == 0, "eval --mmlu: exit %d: %.600s", st, err);
+    const char *last = strrchr(out, '{');
+    ck_assert_ptr_nonnull(last);
+    json_t *j = json_loads(last, JSON_DISABLE_EOF_CHECK, NULL);
+    ck_assert_ptr_nonnull(j);
+    double acc = nget(j, "accuracy");
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "questions")), 114);
+    json_decref(j);
+    free(out), free(err), free(model), free(mmlu);
+    return acc;
+}
+
+START_TEST(test_study_mmlu)
+{
+    char *dir = strdup(tu_tmpdir()), *out_dir = join(dir, "s"), *mmlu = shared("data/mmlu");
+    char extra[4400];
+    snprintf(extra, sizeof extra, "--quiet --mmlu '%s' --shots 0 --mmlu-max-examples 2", mmlu);
+    char *args = tiny_study_args("none", "0", 4, out_dir, extra);
+    char *out, *err;
+    int st = qlora(&out, &err, "%s", args);
+    ck_assert_msg(st == 0, "exit %d: %.600s", st, err);
+    json_t *s = load_study(out_dir);
+    json_t *r = run_of(s, "none-seed0");
+    ck_assert_msg(!strcmp(sget(r, "status"), "done"), "%s %s", sget(r, "status"), sget(r, "error"));
+    double before = nget(r, "before.mmlu_accuracy"), after = nget(r, "after.mmlu_accuracy");
+    ck_assert_double_eq_tol(before, eval_mmlu(""), 1e-9);
+    char *rd = join(out_dir, sget(r, "dir")), adapter[4200];
+    snprintf(adapter, sizeof adapter, "--adapter '%s'", rd);
+    ck_assert_double_eq_tol(after, eval_mmlu(adapter), 1e-9);
+    char *rp = join(out_dir, "report.md"), *report = slurp(rp, NULL);
+    ck_assert_contains(report, " MMLU before | MMLU after |");
+    free(report), free(rp), free(rd), free(out), free(err), free(args), free(mmlu);
+    json_decref(s);
+    free(out_dir);
+    remove_tree(dir);
+}
+END_TEST
+
 /* ---- resume ---- */
 
 static int wait_for(const char *path, double seconds)
@@ -462,6 +506,7 @@ static Suite *study_suite(void)
     tcase_add_test(tc, test_study_unknown_quantizer);
     tcase_add_test(tc, test_study_bad_input);
     tcase_add_test(tc, test_study_figures);
+    tcase_add_test(tc, test_study_mmlu);
     tcase_add_test(tc, test_study_failing_runs);
     tcase_add_test(tc, test_study_resume_after_interrupt);
     suite_add_tcase(s, tc);

@@ -485,8 +485,10 @@ static int eval_model(const study *s, const ql_train_opts *o, const char *adapte
         FILE *mf = open_memstream(&mmlu_text, &mmlu_len);
         if (!mf) rc = ql_error(QL_ENOMEM, "out of memory");
         else {
+            /* the adapter (after finetuning) and the run's device, as qlora eval --mmlu takes them */
             ql_mmlu_opts mo = {.dir = s->mmlu, .split = "test", .shots = (int)s->shots, .max_per_subject = s->mmlu_max,
-                               .progress = o->progress, .no_warnings = 1};
+                               .progress = o->progress, .no_warnings = 1, .lora = lora, .device = o->device,
+                               .precision = o->precision};
             rc = ql_mmlu_eval(m, tok, &mo, mf);
             fclose(mf);
         }
