@@ -477,7 +477,7 @@ static int open_prequantized(ql_llama *m, const char *dir, const char *file, con
 {
     const char *given = opts ? opts->quantizer : NULL;
     int rc, differs = 0;
-    if (given && strcmp(given, "none") != 0) {
+    if (given && strcmp(given, "none") != 0 && !opts->quantizer_is_default) {
         if (!opts->quantizer_file && ql_qz_spec_is_path(given)) {
             ql_qz *q;
             if ((rc = ql_qz_open(given, &q))) return rc;

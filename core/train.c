@@ -28,10 +28,13 @@
 
 #define CHECKPOINT_FORMAT 1
 
+/* the default --quantizer: told from one the user gave by its address */
+static const char default_quantizer[] = "nf4";
+
 void ql_train_opts_default(ql_train_opts *o)
 {
     memset(o, 0, sizeof *o);
-    o->quantizer = "nf4";
+    o->quantizer = default_quantizer;
     o->data.format = QL_FMT_ALPACA;
     o->data.source_max_len = 1024;
     o->data.target_max_len = 256;
@@ -945,7 +948,8 @@ int ql_train(const ql_train_opts *o)
         goto done;
     fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\", \"precision\": \"%s\", \"optim\": \"%s\"}\n",
             bctx->be->name, ql_be_precision_name(precision), ql_optim_name(optimizer));
-    ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0, .calib = o->calib, .device = bctx->be->name};
+    ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0, .calib = o->calib, .device = bctx->be->name,
+                             .quantizer_is_default = o->quantizer == default_quantizer};
     if ((rc = ql_llama_load(o->model_dir, &lo, &m))) goto done;
     if ((rc = ql_tokenizer_load(o->model_dir, &tok))) goto done;
     ql_dataset_opts dopts = o->data;

@@ -231,8 +231,11 @@ static double eval_mmlu(const char *extra)
     char *model = shared("models/stories260K"), *mmlu = shared("data/mmlu"), *out, *err;
     int st = qlora(&out, &err, "eval --model '%s' %s --mmlu '%s' --shots 0 --max-examples 2", model, extra, mmlu);
     ck_assert_msg(st == 0, "eval --mmlu: exit %d: %.600s", st, err);
-    const char *last = strrchr(out, '{');
-    ck_assert_ptr_nonnull(last);
+    /* the JSON object is the last line */
+    size_t n = strlen(out);
+    while (n && out[n - 1] == '\n') out[--n] = '\0';
+    const char *nl = strrchr(out, '\n'), *last = nl ? nl + 1 : out;
+    ck_assert_msg(*last == '{', "eval --mmlu printed no JSON line last:\n%s", out);
     json_t *j = json_loads(last, JSON_DISABLE_EOF_CHECK, NULL);
     ck_assert_ptr_nonnull(j);
     double acc = nget(j, "accuracy");

@@ -492,6 +492,17 @@ START_TEST(prequantized_checkpoint_is_used_as_is)
     free(out1);
     free(out2);
     free(err);
+    /* train's default --quantizer (nf4) says nothing over a quantized
+     * checkpoint; one the user gave and the checkpoint's differ is a warning */
+    ck_assert_msg(qlora(&out1, &err, "train --model %s --data %s --output %s/r --dry-run", q, data, tmp) == 0, "%s", err);
+    ck_assert_msg(!strstr(err, "already quantized"), "a warning for the default quantizer:\n%s", err);
+    free(out1);
+    free(err);
+    ck_assert_msg(qlora(&out1, &err, "train --model %s --quantizer=fp4 --data %s --output %s/r --dry-run", q, data, tmp) == 0,
+                  "%s", err);
+    ck_assert_contains(err, "is already quantized with nf4; using it as it is, not --quantizer=fp4");
+    free(out1);
+    free(err);
 }
 END_TEST
 

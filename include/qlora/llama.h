@@ -126,6 +126,9 @@ typedef struct ql_llama_load_opts {
      * given back once it is read, so the dense checkpoint is never in host
      * memory whole.  The calibration pass (calib) runs on the CPU. */
     const char *device;
+    /* 1: `quantizer` is a default, not the user's choice: a checkpoint that
+     * is already quantized is used as it is without a warning */
+    int quantizer_is_default;
 } ql_llama_load_opts;
 
 int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **out);
