@@ -48,7 +48,8 @@
  * as tensor cores do; on CUDA the training attention also multiplies
  * bf16-rounded q, k, v and probabilities (float32 softmax and sums), while the
  * CPU keeps attention in float32.  The LoRA products round their operands
- * too, on both backends: the (dropped) input, A, h and B forward; dy, B, h,
+ * too, on both backends: the (dropped) input (x rounded to bf16 before the
+ * dropout, the dropped value rounded again), A, h and B forward; dy, B, h,
  * the dropped input, dh and A backward, with float32 sums and float32 h, dh
  * and gradients (the master weights stay float32).  The residual stream is rounded to bfloat16 at every layer
  * boundary (the embedding output and each decoder layer's output, as a bf16

@@ -367,8 +367,14 @@ static const float *lora_input(ql_be_ctx *ctx, const float *x, const ql_be_dropo
     const int bf16 = ctx->precision == QL_PREC_BF16;
     if (ql_be_dropping(dr)) {
         float *xd = dr->scratch;
-        cpu_dropout_forward(ctx, xd, x, dr->mb, in, dr->p, dr->seeds);
-        return bf16 ? rounded(xd, xd, rows * in) : xd;
+        if (!bf16) {
+            cpu_dropout_forward(ctx, xd, x, dr->mb, in, dr->p, dr->seeds);
+            return xd;
+        }
+        /* bf16: x rounded, dropped, rounded again (the GPU drops from the
+         * frozen product's bf16 copy of x) */
+        cpu_dropout_forward(ctx, xd, rounded(xd, x, rows * in), dr->mb, in, dr->p, dr->seeds);
+        return rounded(xd, xd, rows * in);
     }
     return bf16 ? rounded(o->x, x, rows * in) : x;
 }

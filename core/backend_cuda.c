@@ -870,15 +870,17 @@ static int cuda_dropout_backward(ql_be_ctx *ctx, float *dx, const float *dout, c
 
 static size_t al256(size_t b) { return (b + 255) / 256 * 256; }
 
-/* dr's dropout of x[rows, in] rounded to bf16 into dr->scratch */
-static int dropout16(ql_be_ctx *ctx, const float *x, const ql_be_dropout *dr, int64_t in)
+/* dr's dropout of x[rows, in] (x rounded to bf16 first) rounded to bf16 into
+ * dr->scratch; from x16, x's bf16 copy, when it is not NULL (half the bytes
+ * to read, the same bits) */
+static int dropout16(ql_be_ctx *ctx, const float *x, const uint16_t *x16, const ql_be_dropout *dr, int64_t in)
 {
     const int32_t *len = NULL;
     const uint64_t *d_seeds = NULL;
     int rc = stage_dropout(ctx, dr->mb, dr->seeds, &len, &d_seeds);
     const float inv = 1.0f / (1.0f - dr->p);
     return rc ? rc
-              : launched(qlk_dropout16(stream(ctx), dr->scratch, x, len, d_seeds, dr->mb->B, dr->mb->T, in, dr->p, inv),
+              : launched(qlk_dropout16(stream(ctx), dr->scratch, x, x16, len, d_seeds, dr->mb->B, dr->mb->T, in, dr->p, inv),
                          "dropout");
 }
 
@@ -936,10 +938,10 @@ static int cuda_lora_forward(ql_be_ctx *ctx, float *y, float *h, const float *x,
     size_t off = 0;
     uint16_t *x16 = NULL, *a16, *b16, *h16;
     int kept = 0, made = 0;
-    if (ql_be_dropping(dr)) { /* region 0 is left as it is */
+    if (ql_be_dropping(dr)) { /* region 0 is left as it is; its copy of x, when it holds one, is dropped */
         kept = reuse && I->x16_src == x && I->x16_n == rows * in;
         if (kept) off = al256((size_t)(rows * in) * 2);
-        rc = dropout16(ctx, x, dr, in);
+        rc = dropout16(ctx, x, kept ? (const uint16_t *)ctx->scratch : NULL, dr, in);
         x16 = dr->scratch;
     } else {
         rc = lora_operand16(ctx, x, rows * in, reuse, &off, &x16, &kept, "LoRA forward");
@@ -983,7 +985,7 @@ static int cuda_lora_backward(ql_be_ctx *ctx, float *dx, float *da, float *db, f
         int kept = 0;
         rc = lora_operand16(ctx, dy, rows * out, reuse, &off, &dy16, &kept, "LoRA backward");
         if (!rc && drop) {
-            rc = dropout16(ctx, x, dr, in);
+            rc = dropout16(ctx, x, NULL, dr, in);
             x16 = dr->scratch;
         } else if (!rc) {
             int k2;

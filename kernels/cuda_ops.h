@@ -36,9 +36,11 @@ int qlk_swiglu_backward(void *stream, float *dgate, float *dup, const float *dou
  * are the p <= 0 and p >= 1 cases of ql_dropout_forward/backward. */
 int qlk_dropout(void *stream, float *out, const float *in, const int32_t *len, const uint64_t *seeds, int64_t B,
                 int64_t T, int64_t C, float p, float inv, int backward, int accumulate);
-/* the forward of qlk_dropout rounded to bf16 (nearest even) into out16 */
-int qlk_dropout16(void *stream, uint16_t *out16, const float *in, const int32_t *len, const uint64_t *seeds,
-                  int64_t B, int64_t T, int64_t C, float p, float inv);
+/* the forward of qlk_dropout on x rounded to bf16, rounded to bf16 (nearest
+ * even) into out16; x from in16 (bf16) when it is not NULL, else from in
+ * (float32): the same bits either way */
+int qlk_dropout16(void *stream, uint16_t *out16, const float *in, const uint16_t *in16, const int32_t *len,
+                  const uint64_t *seeds, int64_t B, int64_t T, int64_t C, float p, float inv);
 /* inverse = 0: rope_forward; 1: rope_backward.  inv_freq [B, hd/2]. */
 int qlk_rope(void *stream, float *x, const int32_t *len, int64_t B, int64_t T, int nheads, int hd, int pos0,
              const float *inv_freq, float attn_scale, int inverse);

@@ -264,44 +264,65 @@ extern "C" int qlk_dropout(void *stream, float *out, const float *in, const int3
     return qlk_status();
 }
 
-/* dropout_forward's values (mode as k_dropout) rounded to bf16: out16
- * [B*T, C], padded rows 0; 4 elements a thread where C and the pointers
- * allow */
-__global__ void k_dropout16(uint16_t *out, const float *in, const int32_t *len, const uint64_t *seeds, int64_t T,
-                            int64_t C, float p, float inv, int mode)
+/* dropout_forward's values (mode as k_dropout) of x rounded to bf16 first,
+ * rounded to bf16: out16 [B*T, C], padded rows 0; 4 elements a thread where
+ * C and the pointers allow.  The input is float32 or already bf16 (IN16: the
+ * frozen product's copy of x), and both give the same bits, since x goes
+ * through bf16 either way: the forward drops from the copy it has, the
+ * backward from the float32 x, and the two agree. */
+__device__ inline float as_bf16_value(float x) { return from_bf16(to_bf16(x)); }
+__device__ inline float as_bf16_value(uint16_t x) { return from_bf16(x); }
+
+template <typename IN> struct vec4_of;
+template <> struct vec4_of<float> {
+    typedef float4 type;
+    static constexpr int align = 16;
+};
+template <> struct vec4_of<uint16_t> {
+    typedef ushort4 type;
+    static constexpr int align = 8;
+};
+
+template <typename IN>
+__global__ void k_dropout16(uint16_t *out, const IN *in, const int32_t *len, const uint64_t *seeds, int64_t T, int64_t C,
+                            float p, float inv, int mode)
 {
     const int64_t row = blockIdx.x, b = row / T, t = row % T;
     uint16_t *o = out + row * C;
-    const float *x = in + row * C;
+    const IN *x = in + row * C;
     if (t >= len[b]) {
         for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = 0;
         return;
     }
     const uint64_t seed = seeds[b];
-    if (C % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)o % 8 == 0) {
+    if (C % 4 == 0 && (uintptr_t)x % vec4_of<IN>::align == 0 && (uintptr_t)o % 8 == 0) {
         for (int64_t c4 = threadIdx.x; c4 < C / 4; c4 += blockDim.x) {
-            const float4 xv = reinterpret_cast<const float4 *>(x)[c4];
+            const typename vec4_of<IN>::type xv = reinterpret_cast<const typename vec4_of<IN>::type *>(x)[c4];
             int k[4];
             dropout_bits4(seed, (t * C) / 4 + c4, p, mode, k);
             ushort4 ov;
-            ov.x = to_bf16(dropout_one(xv.x, 0.0f, k[0], inv, mode, 0, 0));
-            ov.y = to_bf16(dropout_one(xv.y, 0.0f, k[1], inv, mode, 0, 0));
-            ov.z = to_bf16(dropout_one(xv.z, 0.0f, k[2], inv, mode, 0, 0));
-            ov.w = to_bf16(dropout_one(xv.w, 0.0f, k[3], inv, mode, 0, 0));
+            ov.x = to_bf16(dropout_one(as_bf16_value(xv.x), 0.0f, k[0], inv, mode, 0, 0));
+            ov.y = to_bf16(dropout_one(as_bf16_value(xv.y), 0.0f, k[1], inv, mode, 0, 0));
+            ov.z = to_bf16(dropout_one(as_bf16_value(xv.z), 0.0f, k[2], inv, mode, 0, 0));
+            ov.w = to_bf16(dropout_one(as_bf16_value(xv.w), 0.0f, k[3], inv, mode, 0, 0));
             reinterpret_cast<ushort4 *>(o)[c4] = ov;
         }
         return;
     }
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-        o[c] = to_bf16(dropout_one(x[c], 0.0f, dropout_keep(seed, t * C + c, p, mode), inv, mode, 0, 0));
+        o[c] = to_bf16(dropout_one(as_bf16_value(x[c]), 0.0f, dropout_keep(seed, t * C + c, p, mode), inv, mode, 0, 0));
 }
 
-extern "C" int qlk_dropout16(void *stream, uint16_t *out16, const float *in, const int32_t *len,
+/* in16 non-NULL: drop from it (bf16) instead of in (float32) */
+extern "C" int qlk_dropout16(void *stream, uint16_t *out16, const float *in, const uint16_t *in16, const int32_t *len,
                              const uint64_t *seeds, int64_t B, int64_t T, int64_t C, float p, float inv)
 {
     const int mode = p >= 1.0f ? 2 : !(p > 0.0f) ? 1 : 0;
     if (mode == 1) inv = 1.0f;
-    if (B * T > 0) k_dropout16<<<(unsigned)(B * T), 256, 0, ST(stream)>>>(out16, in, len, seeds, T, C, p, inv, mode);
+    if (B * T > 0) {
+        if (in16) k_dropout16<uint16_t><<<(unsigned)(B * T), 256, 0, ST(stream)>>>(out16, in16, len, seeds, T, C, p, inv, mode);
+        else k_dropout16<float><<<(unsigned)(B * T), 256, 0, ST(stream)>>>(out16, in, len, seeds, T, C, p, inv, mode);
+    }
     return qlk_status();
 }
 
