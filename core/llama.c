@@ -24,6 +24,7 @@ struct ql_llama {
     char *dir;      /* the folder it was loaded from */
     json_t *config; /* its config.json */
     ql_qz *qz;              /* quantizer of the block linears, or NULL */
+    int calibrated;         /* quantized on load by the calibration pass (ql_llama_calibrated) */
     char quantization[600]; /* "nf4:..." or "none" */
     float *embed;           /* [vocab, hidden] */
     float *final_norm;      /* [hidden] */
@@ -696,6 +697,7 @@ int ql_llama_load(const char *dir, const ql_llama_load_opts *opts, ql_llama **ou
     ql_model_files_close(mf);
     mf = NULL;
     if (calibrate && (rc = ql_llama_calibrate(m, m->qz, calib))) goto fail;
+    m->calibrated = calibrate;
     free(windows);
     *out = m;
     return QL_OK;
@@ -868,6 +870,7 @@ const ql_llama_config *ql_llama_get_config(const ql_llama *m) { return &m->cfg; 
 ql_llama_layer *ql_llama_layers(ql_llama *m) { return m->layers; }
 const float *ql_llama_embeddings(const ql_llama *m) { return m->embed; }
 const char *ql_llama_quantization(const ql_llama *m) { return m->quantization; }
+int ql_llama_calibrated(const ql_llama *m) { return m->calibrated; }
 
 void ql_llama_output_weights(const ql_llama *m, const float **final_norm, const float **lm_head)
 {

@@ -325,6 +325,62 @@ int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap)
     return rc;
 }
 
+int ql_lora_run_calibration(const char *run_dir, ql_calib_opts *out, char *data_buf, size_t data_cap, char *fmt_buf,
+                            size_t fmt_cap)
+{
+    memset(out, 0, sizeof *out);
+    char *path = ql_path_join(run_dir, "run_config.json");
+    if (!path) return ql_error(QL_ENOMEM, "out of memory");
+    if (!ql_path_exists(path)) {
+        free(path);
+        return QL_ENOTFOUND;
+    }
+    json_error_t jerr;
+    json_t *cfg = ql_json_load_path(path, 0, &jerr), *c = json_is_object(cfg) ? json_object_get(cfg, "calibration") : NULL;
+    int rc = QL_OK;
+    if (!cfg) rc = ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text);
+    else if (!json_is_object(cfg)) rc = ql_error(QL_EFORMAT, "%s is not a JSON object", path);
+    else if (!c || json_is_null(c)) rc = QL_ENOTFOUND;
+    else if (!json_is_object(c)) rc = ql_error(QL_EFORMAT, "%s: calibration must be an object or null", path);
+    else {
+        const json_t *data = json_object_get(c, "data"), *fmt = json_object_get(c, "format"),
+                     *samples = json_object_get(c, "samples"), *len = json_object_get(c, "len"),
+                     *seed = json_object_get(c, "seed");
+        if (!json_is_string(data) || !json_string_length(data) || json_string_length(data) >= data_cap)
+            rc = ql_error(QL_EFORMAT, "%s: calibration.data must be a file name of 1 to %zu characters", path, data_cap - 1);
+        else if (fmt && !json_is_null(fmt) &&
+                 (!json_is_string(fmt) || json_string_length(fmt) >= fmt_cap ||
+                  strspn(json_string_value(fmt), "abcdefghijklmnopqrstuvwxyz0123456789-") != json_string_length(fmt)))
+            rc = ql_error(QL_EFORMAT, "%s: calibration.format must be a format name or null", path);
+        else if (!json_is_integer(samples) || json_integer_value(samples) < 1 || json_integer_value(samples) > (1 << 20))
+            rc = ql_error(QL_EFORMAT, "%s: calibration.samples must be an integer from 1 to %d", path, 1 << 20);
+        else if (!json_is_integer(len) || json_integer_value(len) < 1 || json_integer_value(len) > (1 << 24))
+            rc = ql_error(QL_EFORMAT, "%s: calibration.len must be an integer from 1 to %d", path, 1 << 24);
+        else if (!json_is_integer(seed) || json_integer_value(seed) < 0)
+            rc = ql_error(QL_EFORMAT, "%s: calibration.seed must be a non-negative integer", path);
+        else {
+            memcpy(data_buf, json_string_value(data), json_string_length(data) + 1);
+            out->data = data_buf;
+            if (fmt && json_is_string(fmt)) {
+                memcpy(fmt_buf, json_string_value(fmt), json_string_length(fmt) + 1);
+                out->format = fmt_buf;
+            }
+            out->samples = (int)json_integer_value(samples);
+            out->len = (int)json_integer_value(len);
+            out->seed = (uint64_t)json_integer_value(seed);
+            if (!ql_path_exists(out->data))
+                rc = ql_error(QL_ENOTFOUND,
+                              "%s: the run quantized its base with calibration data %s, which is not there now; "
+                              "give the run's base again (qlora quantize with the same --calib-data), or "
+                              "--quantizer for another base",
+                              path, out->data);
+        }
+    }
+    json_decref(cfg);
+    free(path);
+    return rc;
+}
+
 /* adapter_config.json fields that change what the weights mean in ways this
  * engine does not implement: each must be absent or neutral (null, false,
  * "none", {} or []), or the adapter is refused by name. */

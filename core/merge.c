@@ -60,6 +60,9 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
      * run_config.json names (a plugin name only: it is a file, not the user). */
     char spec[QL_QZ_SPEC_MAX + 1];
     char *run_config = NULL;
+    ql_calib_opts calib;
+    char calib_data[4096], calib_fmt[32];
+    int calibrated = 0;
     if (opts->quantizer) {
         if (strlen(opts->quantizer) >= sizeof spec)
             return ql_error(QL_EINVAL, "--quantizer is %zu characters, longer than the %d allowed",
@@ -70,6 +73,14 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
         if (qrc == QL_ENOTFOUND) snprintf(spec, sizeof spec, "none");
         else if (qrc) return qrc;
         else if (!(run_config = ql_path_join(adapter_dir, "run_config.json"))) return ql_error(QL_ENOMEM, "out of memory");
+        /* a base quantized with calibration on load: the same again */
+        int crc = qrc ? QL_ENOTFOUND
+                      : ql_lora_run_calibration(adapter_dir, &calib, calib_data, sizeof calib_data, calib_fmt, sizeof calib_fmt);
+        if (crc != QL_OK && crc != QL_ENOTFOUND) {
+            free(run_config);
+            return crc;
+        }
+        calibrated = crc == QL_OK;
     }
     ql_llama *m = NULL;
     ql_lora *lora = NULL;
@@ -80,7 +91,8 @@ int ql_merge(const char *model_dir, const char *adapter_dir, const char *out_dir
     ql_be_ctx *ctx = NULL;
     ql_lora_model *lm = NULL;
     int rc;
-    ql_llama_load_opts lo = {.quantizer = spec, .quantizer_file = run_config, .progress = 0, .device = opts->device};
+    ql_llama_load_opts lo = {.quantizer = spec, .quantizer_file = run_config, .progress = 0, .device = opts->device,
+                             .calib = calibrated ? &calib : NULL};
     rc = ql_llama_load(model_dir, &lo, &m);
     free(run_config);
     if (rc) goto done;

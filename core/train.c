@@ -99,12 +99,24 @@ float ql_lr_at(const ql_train_opts *o, int64_t step, int64_t total)
 
 /* ---- the run's configuration, compared on --resume ---- */
 
-static json_t *run_config(const ql_train_opts *o, const char *quantization)
+/* calib: the calibration the base was quantized with, or NULL */
+static json_t *run_config(const ql_train_opts *o, const char *quantization, const ql_calib_opts *calib)
 {
     json_t *c = json_object();
     char *abs_model = realpath(o->model_dir, NULL), *abs_data = realpath(o->data_path, NULL);
     json_object_set_new(c, "model", json_string(abs_model ? abs_model : o->model_dir));
     json_object_set_new(c, "quantizer", json_string(quantization));
+    /* what eval, generate and merge of the adapter calibrate the base with again (ql_lora_run_calibration) */
+    if (calib) {
+        char *abs_calib = realpath(calib->data, NULL);
+        json_object_set_new(c, "calibration",
+                            json_pack("{s:s, s:s?, s:i, s:i, s:I}", "data", abs_calib ? abs_calib : calib->data, "format",
+                                      calib->format, "samples", calib->samples > 0 ? calib->samples : QL_CALIB_DEFAULT_SAMPLES,
+                                      "len", calib->len > 0 ? calib->len : QL_CALIB_DEFAULT_LEN, "seed",
+                                      (json_int_t)calib->seed));
+        free(abs_calib);
+    } else
+        json_object_set_new(c, "calibration", json_null());
     json_object_set_new(c, "data", json_string(abs_data ? abs_data : o->data_path));
     free(abs_model);
     free(abs_data);
@@ -148,6 +160,7 @@ static json_t *value_before_key(const char *key)
     if (!strcmp(key, "adam_beta2")) return ql_json_float(0.999f);
     if (!strcmp(key, "adam_epsilon")) return ql_json_float(1e-8f);
     if (!strcmp(key, "eval_dataset_size")) return json_real(0);
+    if (!strcmp(key, "calibration")) return json_null();
     return NULL;
 }
 
@@ -986,7 +999,7 @@ int ql_train(const ql_train_opts *o)
     effective.data.max_len = dopts.max_len; /* the model's length when not given */
     effective.device = bctx->be->name;      /* what auto chose */
     effective.precision = ql_be_precision_name(precision);
-    config = run_config(&effective, ql_llama_quantization(m));
+    config = run_config(&effective, ql_llama_quantization(m), ql_llama_calibrated(m) ? o->calib : NULL);
 
     /* the memory plan, for the longest example of either set: made (and
      * allocated) once, before anything is written */

@@ -611,7 +611,34 @@ START_TEST(train_quantizes_on_load_with_calibration)
     ck_assert(j != NULL);
     ck_assert_str_eq(json_string_value(json_object_get(j, "quantizer")),
                      "optq:bits=3,groupsize=128,act_order=0,sym=0,damp=0.01,rtn=0");
+    const json_t *c = json_object_get(j, "calibration");
+    ck_assert_int_eq(json_integer_value(json_object_get(c, "samples")), 8);
+    ck_assert_int_eq(json_integer_value(json_object_get(c, "len")), 64);
+    ck_assert_str_eq(json_string_value(json_object_get(c, "format")), "text");
     json_decref(j);
+
+    /* eval --adapter calibrates the base again as the run did: the scores of
+     * the adapter over `qlora quantize` with the same calibration, exactly */
+    char q[4300];
+    snprintf(q, sizeof q, "%s/optq-base", tu_tmpdir());
+    snprintf(cmd, sizeof cmd,
+             "OMP_WAIT_POLICY=passive '%s' quantize --quantizer=optq:bits=3,groupsize=128 '%s' -o '%s' --calib-data '%s' "
+             "--calib-format text --calib-samples 8 --calib-len 64 --quiet",
+             tu_env("QLORA_BIN"), model_dir(), q, calib_file());
+    ck_assert_msg(tu_run(cmd, &out, &err) == 0, "%s\n%s", out, err);
+    free(out), free(err);
+    char *o1 = NULL, *o2 = NULL;
+    snprintf(cmd, sizeof cmd, "OMP_WAIT_POLICY=passive '%s' eval --model '%s' --adapter '%s' --data '%s' --format text --max-examples 20 --quiet",
+             tu_env("QLORA_BIN"), model_dir(), run, calib_file());
+    ck_assert_msg(tu_run(cmd, &o1, &err) == 0, "%s", err);
+    ck_assert_contains(err, "calibrating optq:bits=3,groupsize=128,act_order=0,sym=0,damp=0.01,rtn=0 again as it did (8 windows of 64 tokens");
+    free(err);
+    snprintf(cmd, sizeof cmd, "OMP_WAIT_POLICY=passive '%s' eval --model '%s' --adapter '%s' --data '%s' --format text --max-examples 20 --quiet",
+             tu_env("QLORA_BIN"), q, run, calib_file());
+    ck_assert_msg(tu_run(cmd, &o2, &err) == 0, "%s", err);
+    free(err);
+    ck_assert_str_eq(o1, o2);
+    free(o1), free(o2);
 }
 END_TEST
 

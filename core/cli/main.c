@@ -484,15 +484,31 @@ static int load_with_adapter(const char *model, const char *adapter, const char 
     /* The run's run_config.json names its base quantizer; as a file, it may
      * name a plugin only (ql_lora_run_quantizer checks, the load re-checks). */
     char *run_config = NULL;
+    ql_calib_opts calib;
+    char calib_data[4096], calib_fmt[32];
+    int calibrated = 0;
     if (adapter && !quantizer) {
         int qrc = ql_lora_run_quantizer(adapter, qbuf, cap);
         if (qrc != QL_OK && qrc != QL_ENOTFOUND) return qrc;
         if (qrc == QL_OK) {
             quantizer = qbuf;
             if (!(run_config = ql_path_join(adapter, "run_config.json"))) return ql_error(QL_ENOMEM, "out of memory");
+            /* a base quantized with calibration on load: the same again */
+            int crc = ql_lora_run_calibration(adapter, &calib, calib_data, sizeof calib_data, calib_fmt, sizeof calib_fmt);
+            if (crc != QL_OK && crc != QL_ENOTFOUND) {
+                free(run_config);
+                return crc;
+            }
+            calibrated = crc == QL_OK;
+            if (calibrated)
+                fprintf(stderr,
+                        "qlora: the run quantized its base with calibration: calibrating %s again as it did (%d windows "
+                        "of %d tokens of %s, seed %llu)\n",
+                        quantizer, calib.samples, calib.len, calib.data, (unsigned long long)calib.seed);
         }
     }
-    ql_llama_load_opts lopts = {.quantizer = quantizer, .quantizer_file = run_config, .progress = 0, .device = device};
+    ql_llama_load_opts lopts = {.quantizer = quantizer, .quantizer_file = run_config, .progress = 0, .device = device,
+                                .calib = calibrated ? &calib : NULL};
     int rc = ql_llama_load(model, &lopts, m);
     free(run_config);
     if (rc == QL_OK && adapter) {

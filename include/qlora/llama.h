@@ -145,6 +145,8 @@ ql_llama_layer *ql_llama_layers(ql_llama *m);
 const float *ql_llama_embeddings(const ql_llama *m); /* [vocab, hidden] */
 /* "nf4:blocksize=64,double_quant=1" or "none" */
 const char *ql_llama_quantization(const ql_llama *m);
+/* 1 when the load quantized the model in the calibration pass (opts.calib) */
+int ql_llama_calibrated(const ql_llama *m);
 const char *ql_llama_dir(const ql_llama *m);
 const void *ql_llama_config_json(const ql_llama *m); /* config.json as a jansson json_t * */
 

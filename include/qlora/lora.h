@@ -69,6 +69,14 @@ int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
  * all) is an error naming the file and field; open what it returns with
  * ql_llama_load_opts.quantizer_file set to RUN_DIR/run_config.json. */
 int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap);
+/* The calibration a qlora run folder's base was quantized with on load
+ * (run_config.json "calibration": a data-aware quantizer trained over a
+ * full-precision checkpoint), into *out, its file and format copied into
+ * data_buf and fmt_buf; QL_ENOTFOUND when the run had none (or there is no
+ * run_config.json).  Every field is type- and range-checked; a path is data
+ * to read, never code. */
+int ql_lora_run_calibration(const char *run_dir, ql_calib_opts *out, char *data_buf, size_t data_cap, char *fmt_buf,
+                            size_t fmt_cap);
 /* Load a PEFT adapter for this model: every adapter_config.json field read
  * is type- and range-checked, unsupported variants (rslora, dora, ...) are
  * refused by name, the tensors must be exactly those of the config, of its
