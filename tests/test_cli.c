@@ -2215,6 +2215,22 @@ START_TEST(test_mmlu_letters_split_shots)
     ck_assert_contains(out, "\"mmlu_split\": \"test\", \"shots\": 1, \"subjects\": 1, \"questions\": 1,");
     free(out), free(err);
     assert_usage_error("eval --model m --data d --split val", "qlora: eval: --split NAME is for --mmlu only (see 'qlora eval --help')\n");
+    /* --mmlu-no-reuse: every prompt whole, the same scores */
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --split val --quiet", model, root) == 0, "%s", err);
+    json_t *with = parse_json(out);
+    free(out), free(err);
+    ck_assert_msg(qlora(&out, &err, "eval --model '%s' --mmlu '%s' --shots 1 --split val --mmlu-no-reuse --quiet", model,
+                        root) == 0, "%s", err);
+    json_t *without = parse_json(out);
+    ck_assert_int_gt(json_integer_value(json_object_get(with, "tokens_reused")), 0);
+    ck_assert_int_eq(json_integer_value(json_object_get(without, "tokens_reused")), 0);
+    ck_assert(json_equal(json_object_get(with, "per_subject"), json_object_get(without, "per_subject")));
+    ck_assert_double_eq(json_number_value(json_object_get(with, "accuracy")),
+                        json_number_value(json_object_get(without, "accuracy")));
+    json_decref(with), json_decref(without);
+    free(out), free(err);
+    assert_usage_error("eval --model m --data d --mmlu-no-reuse",
+                       "qlora: eval: --mmlu-no-reuse is for --mmlu only (see 'qlora eval --help')\n");
     /* a tokenizer with a token of its own for each letter is scored as qlora.py does, by the first ids, and
      * silently; one whose letters share every token is refused */
     char *llama = join(tu_env("QLORA_SOURCE_ROOT"), "tests/reference/hf_models/llama");

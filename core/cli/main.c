@@ -271,6 +271,7 @@ enum {
     OPT_MMLU,
     OPT_SHOTS,
     OPT_MMLU_SPLIT,
+    OPT_MMLU_NO_REUSE,
     OPT_EVAL_DATASET_SIZE,
     OPT_MAX_EVAL_EXAMPLES,
     OPT_NO_GROUP_BY_LENGTH,
@@ -1066,6 +1067,8 @@ static int help_eval(void)
     help_int("--shots N", "dev questions before each MMLU question", eval_defaults.shots);
     help_opt("--split NAME", "with --mmlu, the folder of MMLU_DIR with the questions (also --mmlu-split)",
              eval_defaults.mmlu_split);
+    help_opt("--mmlu-no-reuse", "with --mmlu, run every prompt whole: no shared few-shot prefix cache (its reference)",
+             NULL);
     help_quiet();
     return help_end("qlora eval --model models/llama-7b --adapter runs/llama-7b-alpaca --data alpaca_eval.json "
                     "--format alpaca");
@@ -1086,6 +1089,7 @@ static const struct option eval_options[] = {
     {"shots", required_argument, NULL, OPT_SHOTS},
     {"split", required_argument, NULL, OPT_MMLU_SPLIT},
     {"mmlu-split", required_argument, NULL, OPT_MMLU_SPLIT},
+    {"mmlu-no-reuse", no_argument, NULL, OPT_MMLU_NO_REUSE},
     {"device", required_argument, NULL, OPT_DEVICE},
     {"precision", required_argument, NULL, OPT_PRECISION},
     {"batch-size", required_argument, NULL, OPT_BATCH_SIZE},
@@ -1102,7 +1106,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
     long shots = eval_defaults.shots, batch = eval_defaults.batch;
     long max_examples = 0, max_len = 0, source_max_len = eval_defaults.source_max_len,
          target_max_len = eval_defaults.target_max_len;
-    int progress = 1, c, bad = 0;
+    int progress = 1, c, bad = 0, no_reuse = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
         switch (c) {
@@ -1111,6 +1115,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
         case 'q': quantizer = optarg; break;
         case OPT_DATA: data = optarg; break;
         case OPT_FORMAT: format = optarg; break;
+        case OPT_MMLU_NO_REUSE: no_reuse = 1; break;
         case OPT_MAX_EXAMPLES: bad |= parse_long_arg("--max-examples", optarg, 1, 1L << 40, &max_examples); break;
         case OPT_MAX_LEN: bad |= parse_long_arg("--max-len", optarg, 2, 1L << 24, &max_len); break;
         case OPT_SOURCE_MAX_LEN: bad |= parse_long_arg("--source-max-len", optarg, 1, 1L << 24, &source_max_len); break;
@@ -1137,6 +1142,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
     if (mmlu && data) return usage_error("give --data or --mmlu, not both");
     if (!mmlu && !data) return usage_error("--data FILE (or --mmlu DIR) is required");
     if (!mmlu && mmlu_split != eval_defaults.mmlu_split) return usage_error("--split NAME is for --mmlu only");
+    if (!mmlu && no_reuse) return usage_error("--mmlu-no-reuse is for --mmlu only");
     if (qp->quantizer[0]) quantizer = qp->quantizer;
     ql_dataset_opts dopts = {.source_max_len = (int)source_max_len, .target_max_len = (int)target_max_len,
                              .max_len = (int)max_len, .train_on_source = 0, .max_examples = max_examples};
@@ -1153,7 +1159,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
     if (mmlu) {
         ql_mmlu_opts mo = {.dir = mmlu, .split = mmlu_split, .shots = (int)shots, .max_per_subject = max_examples,
                            .progress = progress, .table = isatty(STDOUT_FILENO), /* the JSON line stays last */
-                           .lora = lora, .device = device, .precision = precision};
+                           .lora = lora, .device = device, .precision = precision, .no_reuse = no_reuse};
         rc = ql_mmlu_eval(m, tok, &mo, stdout);
         goto done;
     }
