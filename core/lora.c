@@ -368,8 +368,8 @@ int ql_lora_run_calibration(const char *run_dir, ql_calib_opts *out, char *data_
             out->samples = (int)json_integer_value(samples);
             out->len = (int)json_integer_value(len);
             out->seed = (uint64_t)json_integer_value(seed);
-            if (!ql_path_exists(out->data))
-                rc = ql_error(QL_ENOTFOUND,
+            if (!ql_path_exists(out->data)) /* not QL_ENOTFOUND: that says the run had no calibration */
+                rc = ql_error(QL_EINVAL,
                               "%s: the run quantized its base with calibration data %s, which is not there now; "
                               "give the run's base again (qlora quantize with the same --calib-data), or "
                               "--quantizer for another base",

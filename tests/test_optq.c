@@ -639,6 +639,21 @@ START_TEST(train_quantizes_on_load_with_calibration)
     free(err);
     ck_assert_str_eq(o1, o2);
     free(o1), free(o2);
+    /* a calibration file that is gone is an error naming it; a bad field names the field */
+    j = json_load_file(path, 0, NULL);
+    json_object_set_new(json_object_get(j, "calibration"), "data", json_string("/nonexistent/calib.txt"));
+    ck_assert_int_eq(json_dump_file(j, path, 0), 0);
+    snprintf(cmd, sizeof cmd, "'%s' eval --model '%s' --adapter '%s' --data '%s' --format text --max-examples 2 --quiet",
+             tu_env("QLORA_BIN"), model_dir(), run, calib_file());
+    ck_assert_int_ne(tu_run(cmd, &out, &err), 0);
+    ck_assert_contains(err, "the run quantized its base with calibration data /nonexistent/calib.txt, which is not there now");
+    free(out), free(err);
+    json_object_set_new(json_object_get(j, "calibration"), "samples", json_integer(0));
+    ck_assert_int_eq(json_dump_file(j, path, 0), 0);
+    ck_assert_int_ne(tu_run(cmd, &out, &err), 0);
+    ck_assert_contains(err, "calibration.samples must be an integer from 1 to");
+    free(out), free(err);
+    json_decref(j);
 }
 END_TEST
 
