@@ -399,14 +399,17 @@ static int gptq_spec(json_t *qc, const char *file, const char **spec, const char
         return ql_error(QL_ENOTSUP, "%s: quantization_config.group_size must be -1 or 32..1024 (optq)", file);
     if ((desc && !json_is_null(desc) && !json_is_boolean(desc)) || (sym && !json_is_null(sym) && !json_is_boolean(sym)))
         return ql_error(QL_EFORMAT, "%s: quantization_config.desc_act and sym must be true or false", file);
-    if (fmt && !json_is_null(fmt) && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "gptq")))
-        return ql_error(QL_ENOTSUP, "%s: quantization_config.checkpoint_format %s%s%s is not supported (only \"gptq\", v1)",
+    const char *fs = json_is_string(fmt) ? json_string_value(fmt) : NULL;
+    if (fmt && !json_is_null(fmt) && (!fs || (strcmp(fs, "gptq") && strcmp(fs, "gptq_v2"))))
+        return ql_error(QL_ENOTSUP,
+                        "%s: quantization_config.checkpoint_format %s%s%s is not supported (\"gptq\" or \"gptq_v2\")",
                         file, json_is_string(fmt) ? "'" : "", json_is_string(fmt) ? json_string_value(fmt) : "(not a string)",
                         json_is_string(fmt) ? "'" : "");
     int k = snprintf(buf, sizeof buf, "optq:bits=%d,groupsize=%ld,act_order=%d,sym=%d", (int)json_integer_value(bits), g,
                      json_is_true(desc), sym ? json_is_true(sym) : 1);
     if (json_is_number(damp) && json_number_value(damp) > 0 && json_number_value(damp) <= 1)
-        snprintf(buf + k, sizeof buf - (size_t)k, ",damp=%.9g", json_number_value(damp));
+        k += snprintf(buf + k, sizeof buf - (size_t)k, ",damp=%.9g", json_number_value(damp));
+    if (fs && !strcmp(fs, "gptq_v2")) snprintf(buf + k, sizeof buf - (size_t)k, ",format=gptq_v2");
     *spec = buf;
     return QL_OK;
 }

@@ -730,7 +730,7 @@ int ql_qz_require_calibration(const ql_qz *q, int have_data, const char *what)
 {
     if (have_data || !ql_qz_needs_calibration(q)) return QL_OK;
     return ql_error(QL_EINVAL,
-                    "quantizer %s%s%s needs calibration data to %s: pass --calib-data FILE (qlora quantize and qlora "
+                    "quantizer %s%s%s needs calibration data to %s: pass --calib-data FILE (qlora quantize, compare and "
                     "train take it, with --calib-format, --calib-samples and --calib-len), or quantize the model "
                     "first with qlora quantize --quantizer=%s%s%s MODEL_DIR -o OUT_DIR --calib-data FILE and use "
                     "OUT_DIR",

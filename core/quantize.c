@@ -332,6 +332,7 @@ typedef struct qz_result {
     char spec[512];
     char name[64];
     char options[512];
+    int calibrated; /* quantized in a calibration pass (quant_ms: shares of its time) */
     layer_result *layers;
     size_t nlayers;
     int64_t other_params;  /* the tensors kept as they are: embeddings, norms, ... */
@@ -375,7 +376,12 @@ static int split_specs(const char *list, char ***out, size_t *n)
     return rc;
 }
 
-static int compare_one(const ql_model_files *m, ql_qz *q, qz_result *res, ql_progress *prog, int64_t *done)
+/* Every block linear of m quantized with q and materialized again, against
+ * its weights.  With cm (the model a calibration pass quantized with q's
+ * spec), the states are cm's, and each layer's quantize time is an equal
+ * share of the pass's pass_ms. */
+static int compare_one(const ql_model_files *m, ql_qz *q, ql_llama *cm, double pass_ms, qz_result *res,
+                       ql_progress *prog, int64_t *done)
 {
     size_t n = ql_model_files_count(m);
     res->layers = calloc(n ? n : 1, sizeof *res->layers);
@@ -405,14 +411,21 @@ static int compare_one(const ql_model_files *m, ql_qz *q, qz_result *res, ql_pro
         lr->rows = md.rows;
         lr->cols = md.cols;
         ql_error_clear();
+        const ql_qz *made = q; /* the instance that made s */
         double t0 = ql_now();
-        rc = q->desc->quantize(q->inst, &md, dense, &s);
+        if (cm) {
+            const ql_linear *l = find_linear(cm, prefix);
+            if (!l || !l->state) rc = ql_error(QL_EINTERNAL, "%s: the calibration pass left no quantized state", prefix);
+            else s = l->state, made = l->qz;
+        } else {
+            rc = q->desc->quantize(q->inst, &md, dense, &s);
+        }
         double t1 = ql_now();
-        if (rc == QL_OK) rc = q->desc->materialize(q->inst, s, QL_DTYPE_F32, back);
+        if (rc == QL_OK) rc = made->desc->materialize(made->inst, s, QL_DTYPE_F32, back);
         double t2 = ql_now();
         ql_state_info info = {0};
-        if (rc == QL_OK) rc = q->desc->state_info(q->inst, s, &info);
-        if (s) q->desc->free_state(q->inst, s);
+        if (rc == QL_OK) rc = made->desc->state_info(made->inst, s, &info);
+        if (s && !cm) q->desc->free_state(q->inst, s); /* the model owns the calibrated states */
         if (rc) {
             free(dense);
             free(back);
@@ -433,7 +446,7 @@ static int compare_one(const ql_model_files *m, ql_qz *q, qz_result *res, ql_pro
         lr->rel_err = ref > 0 ? sqrt(sq / ref) : sqrt(sq);
         lr->max_abs_err = mx;
         lr->stored_bytes = info.bytes;
-        lr->quant_ms = (t1 - t0) * 1e3;
+        lr->quant_ms = cm ? pass_ms / (double)count_block_linears(m) : (t1 - t0) * 1e3;
         lr->materialize_ms = (t2 - t1) * 1e3;
         res->nlayers++;
         ql_progress_update(prog, ++*done, prefix);
@@ -491,8 +504,9 @@ static int write_compare_json(const char *path, const char *model_dir, const qz_
                                             "materialize_ms", l->materialize_ms));
         }
         json_array_append_new(
-            arr, json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:o}", "spec", res[i].spec,
-                           "name", res[i].name, "options", res[i].options, "params", (json_int_t)t.params,
+            arr, json_pack("{s:s, s:s, s:s, s:b, s:I, s:f, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:o}", "spec", res[i].spec,
+                           "name", res[i].name, "options", res[i].options, "calibrated", res[i].calibrated,
+                           "params", (json_int_t)t.params,
                            "matrix_bits_per_param", t.matrix_bits_per_param, "stored_bytes",
                            (json_int_t)t.bytes, "model_params", (json_int_t)(t.params + res[i].other_params),
                            "model_bits_per_param", t.model_bits_per_param, "rel_error",
@@ -534,18 +548,31 @@ int ql_compare_model(const char *model_dir, const char *spec_list, const ql_comp
         rc = ql_error(QL_ENOMEM, "out of memory");
         goto done;
     }
+    const int have_calib = opts->calib && opts->calib->data;
     for (size_t i = 0; i < nspecs && rc == QL_OK; i++)
         if ((rc = ql_qz_open(specs[i], &qs[i])) == QL_OK)
-            rc = ql_qz_require_calibration(qs[i], 0, "be compared (compare quantizes without calibration; use rtn=1, "
-                                                     "or quantize with --calib-data and eval the result)");
+            rc = ql_qz_require_calibration(qs[i], have_calib, "be compared");
     ql_progress prog;
     ql_progress_begin(&prog, "compare", (int64_t)(nlin * nspecs), "layers", opts->progress);
     int64_t done_layers = 0;
+    int any_calibrated = 0;
     for (size_t i = 0; i < nspecs && rc == QL_OK; i++) {
         snprintf(res[i].spec, sizeof res[i].spec, "%s", specs[i]);
         snprintf(res[i].name, sizeof res[i].name, "%s", qs[i]->desc->name);
         snprintf(res[i].options, sizeof res[i].options, "%s", qs[i]->options);
-        rc = compare_one(m, qs[i], &res[i], &prog, &done_layers);
+        /* a data-aware quantizer that wants the data: the layer-sequential
+         * pass, as quantize runs it; the others ignore --calib-data */
+        ql_llama *cm = NULL;
+        double pass_ms = 0;
+        if (have_calib && ql_qz_can_calibrate(qs[i]) && ql_qz_needs_calibration(qs[i])) {
+            ql_llama_load_opts lo = {.quantizer = specs[i], .progress = 0, .calib = opts->calib};
+            double t0 = ql_now();
+            if ((rc = ql_llama_load(model_dir, &lo, &cm))) break;
+            pass_ms = (ql_now() - t0) * 1e3;
+            res[i].calibrated = any_calibrated = 1;
+        }
+        rc = compare_one(m, qs[i], cm, pass_ms, &res[i], &prog, &done_layers);
+        ql_llama_destroy(cm);
     }
     for (size_t i = 0; i < nspecs; i++) ql_qz_close(qs[i]);
     free(qs);
@@ -564,6 +591,15 @@ int ql_compare_model(const char *model_dir, const char *spec_list, const ql_comp
     fprintf(out,
             "\nmatrix bits: bits/param of the quantized matrices, all they store (stored bytes) over their parameters;\n"
             "model bits: bits/param of the whole checkpoint, every tensor (embeddings, norms) over all parameters\n");
+    if (any_calibrated)
+        fprintf(out,
+                "calibrated (%d windows of %d tokens from %s, seed %llu): quant ms is the whole layer-sequential pass\n"
+                "(the model's forward on the calibration windows included), and a layer's its equal share; such a\n"
+                "quantizer lowers each layer's output error on those inputs, not the weight error above: compare\n"
+                "them by eval loss (qlora quantize, then qlora eval)\n",
+                opts->calib->samples > 0 ? opts->calib->samples : QL_CALIB_DEFAULT_SAMPLES,
+                opts->calib->len > 0 ? opts->calib->len : QL_CALIB_DEFAULT_LEN, opts->calib->data,
+                (unsigned long long)opts->calib->seed);
     if (opts->per_layer) {
         fprintf(out, "\n%-12s %-40s %-12s %11s %12s %10s %12s %9s\n", "quantizer", "layer", "shape", "matrix bits",
                 "stored bytes", "rel.error", "max.abs.err", "quant ms");

@@ -40,7 +40,34 @@ static const struct {
     {"nf4:double_quant=0", 96, 1024}, {"nf4:blocksize=128", 100, 4096}, {"nf4:blocksize=32", 17, 96},
     {"fp4", 5, 80},          {"fp4", 512, 2048},       {"fp4:double_quant=0", 64, 512},
     {"int8", 3, 100},        {"int8", 333, 4096},      {"nf4", 2048, 5504},
+    /* optq: every width, rows and columns off the 32-code word, act_order's
+     * permuted g_idx (calibrated on random inputs), one group a row */
+    {"optq:rtn=1,bits=4,groupsize=128", 256, 1024}, {"optq:rtn=1,bits=3,groupsize=32", 77, 200},
+    {"optq:rtn=1,bits=2,groupsize=64", 40, 96},     {"optq:rtn=1,bits=8,groupsize=-1", 33, 65},
+    {"optq:rtn=1,bits=3,groupsize=128", 1, 31},     {"optq:bits=3,groupsize=32,act_order=1", 96, 160},
+    {"optq:bits=4,groupsize=128,act_order=1,sym=1", 128, 512},
 };
+
+/* quantize(), or for a plugin instance that needs calibration a
+ * calibration on random inputs then quantize_calibrated(). */
+static int quantize_any(const ql_qz *q, const ql_matrix_desc *md, const float *w, uint64_t s0, ql_qstate **out)
+{
+    const ql_quantizer_desc *d = q->desc;
+    int need = (d->flags & QL_QUANTIZER_NEEDS_CALIBRATION) && (!d->calibration_needed || d->calibration_needed(q->inst));
+    if (!need) return d->quantize(q->inst, md, w, out);
+    ql_calib *c = NULL;
+    int rc = d->calib_create(q->inst, md, &c);
+    if (rc) return rc;
+    int64_t n = 64;
+    float *x = malloc((size_t)(n * md->cols) * sizeof *x);
+    tu_randn(x, (size_t)(n * md->cols), s0 ^ 0x5eedu, 1.0f);
+    for (int64_t i = 0; i < n * md->cols; i++) x[i] *= 1.0f + (float)(i % md->cols % 7); /* unequal H diagonal: a real permutation */
+    rc = d->calib_feed(q->inst, c, x, n);
+    if (!rc) rc = d->quantize_calibrated(q->inst, md, w, c, out);
+    d->calib_free(q->inst, c);
+    free(x);
+    return rc;
+}
 
 static size_t esize(int dtype) { return dtype == QL_DTYPE_BF16 ? 2 : 4; }
 
@@ -101,7 +128,7 @@ START_TEST(materialize_matches_cpu)
     w[(rows * cols) / 3] *= 40.0f;
     ql_matrix_desc md = {.name = "test", .rows = rows, .cols = cols, .src_dtype = QL_DTYPE_BF16};
     ql_qstate *s = NULL;
-    ck_assert_msg(q->desc->quantize(q->inst, &md, w, &s) == QL_OK, "%s", ql_error_message());
+    ck_assert_msg(quantize_any(q, &md, w, seed + (uint64_t)_i, &s) == QL_OK, "%s", ql_error_message());
     ql_state_buffer bufs[QL_MAX_STATE_BUFFERS];
     uint32_t nb = 0;
     ck_assert_int_eq(q->desc->device_buffers(q->inst, s, bufs, &nb), QL_OK);

@@ -150,6 +150,7 @@ static const struct {
     {"sym=2", "sym=2: must be 0 or 1"},
     {"blocksize=64", "unknown option 'blocksize'"},
     {"rtn=1,act_order=1", "act_order=1 orders columns by the calibration Hessian"},
+    {"format=gptq_v3", "format=gptq_v3: must be gptq (v1: qzeros hold zero - 1) or gptq_v2"},
 };
 
 START_TEST(bad_options_are_refused_by_name)
@@ -176,6 +177,16 @@ START_TEST(options_describe_round_trips)
     ql_qz_close(q);
     q = open_optq("rtn=1");
     ck_assert_int_eq(ql_qz_needs_calibration(q), 0);
+    ql_qz_close(q);
+    /* v1 is the default and is not named, so earlier runs' descriptions stay as they were */
+    q = open_optq("format=gptq");
+    ck_assert_str_eq(q->options, "bits=4,groupsize=128,act_order=0,sym=0,damp=0.01,rtn=0");
+    ql_qz_close(q);
+    q = open_optq("format=gptq_v2,bits=2");
+    ck_assert_str_eq(q->options, "bits=2,groupsize=128,act_order=0,sym=0,damp=0.01,rtn=0,format=gptq_v2");
+    again = open_optq(q->options);
+    ck_assert_str_eq(again->options, q->options);
+    ql_qz_close(again);
     ql_qz_close(q);
 }
 END_TEST
@@ -294,6 +305,63 @@ START_TEST(rtn_codes_and_3bit_packing)
     free(w);
     free(back);
     free(back2);
+}
+END_TEST
+
+/* format=gptq_v2 writes the same qweight, scales and g_idx as v1 and the
+ * zero points themselves in qzeros (v1: zero - 1); each reads its own
+ * back exactly, and v2 tensors read as v1 give other weights. */
+START_TEST(gptq_v2_stores_the_zero_points)
+{
+    const int64_t rows = 40, cols = 70;
+    float *w = malloc((size_t)(rows * cols) * sizeof *w);
+    tu_randn(w, (size_t)(rows * cols), 11, 0.05f);
+    for (int k = 0; k < 32; k++) w[2 * cols + k] = fabsf(w[2 * cols + k]); /* zero point 0 */
+    ql_qz *q1 = open_optq("bits=3,groupsize=32,rtn=1"), *q2 = open_optq("bits=3,groupsize=32,rtn=1,format=gptq_v2");
+    ql_matrix_desc md = {.name = "m", .rows = rows, .cols = cols, .src_dtype = QL_DTYPE_F32};
+    ql_qstate *s1 = NULL, *s2 = NULL;
+    ck_assert_int_eq(q1->desc->quantize(q1->inst, &md, w, &s1), QL_OK);
+    ck_assert_int_eq(q2->desc->quantize(q2->inst, &md, w, &s2), QL_OK);
+    mem_tensors m1 = {.n = 0}, m2 = {.n = 0};
+    ql_tensor_writer w1 = {&m1, mem_put}, w2 = {&m2, mem_put};
+    ck_assert_int_eq(q1->desc->save(q1->inst, s1, &w1), QL_OK);
+    ck_assert_int_eq(q2->desc->save(q2->inst, s2, &w2), QL_OK);
+    static const char *const same[] = {"qweight", "scales", "g_idx"};
+    for (int i = 0; i < 3; i++) {
+        const ql_tensor *a = mem_get(&m1, same[i]), *b = mem_get(&m2, same[i]);
+        ck_assert(a->nbytes == b->nbytes && !memcmp(a->data, b->data, a->nbytes));
+    }
+    const uint32_t *z1 = mem_get(&m1, "qzeros")->data, *z2 = mem_get(&m2, "qzeros")->data;
+    for (int64_t g = 0; g < 3; g++)
+        for (int64_t r = 0; r < rows; r++) {
+            unsigned f1 = quant_py_code3(z1 + g * 6, 1, 0, r), f2 = quant_py_code3(z2 + g * 6, 1, 0, r);
+            ck_assert_msg(f2 == ((f1 + 1) & 7), "group %lld row %lld: v2 field %u, v1 field %u", (long long)g,
+                          (long long)r, f2, f1);
+        }
+    ck_assert_int_eq(quant_py_code3(z2, 1, 0, 2), 0); /* row 2's first group: zero 0, stored as 0 */
+    float *b1 = malloc((size_t)(rows * cols) * sizeof *b1), *b2 = malloc((size_t)(rows * cols) * sizeof *b2);
+    ck_assert_int_eq(q1->desc->materialize(q1->inst, s1, QL_DTYPE_F32, b1), QL_OK);
+    ql_tensor_reader r2 = {&m2, mem_get};
+    ql_qstate *back = NULL;
+    ck_assert_int_eq(q2->desc->load(q2->inst, &md, &r2, &back), QL_OK);
+    ck_assert_int_eq(q2->desc->materialize(q2->inst, back, QL_DTYPE_F32, b2), QL_OK);
+    ck_assert_int_eq(memcmp(b1, b2, (size_t)(rows * cols) * sizeof *b1), 0);
+    q2->desc->free_state(q2->inst, back);
+    ck_assert_int_eq(q1->desc->load(q1->inst, &md, &r2, &back), QL_OK); /* v2 read as v1: every zero one off */
+    ck_assert_int_eq(q1->desc->materialize(q1->inst, back, QL_DTYPE_F32, b2), QL_OK);
+    ck_assert(memcmp(b1, b2, (size_t)(rows * cols) * sizeof *b1) != 0);
+    char buf[512];
+    const char *cfg = buf;
+    ck_assert_int_eq(q2->desc->checkpoint_config(q2->inst, buf, sizeof buf), QL_OK);
+    ck_assert_contains(cfg, "\"checkpoint_format\": \"gptq_v2\"");
+    ck_assert_int_eq(q1->desc->checkpoint_config(q1->inst, buf, sizeof buf), QL_OK);
+    ck_assert_contains(cfg, "\"checkpoint_format\": \"gptq\"");
+    q1->desc->free_state(q1->inst, back);
+    q1->desc->free_state(q1->inst, s1);
+    q2->desc->free_state(q2->inst, s2);
+    mem_free(&m1), mem_free(&m2);
+    ql_qz_close(q1), ql_qz_close(q2);
+    free(w), free(b1), free(b2);
 }
 END_TEST
 
@@ -594,6 +662,83 @@ START_TEST(calibration_pass_feeds_each_group_its_inputs)
 END_TEST
 
 /* qlora train --quantizer=optq --calib-data: quantized on load, then trained. */
+/* compare with --calib-data quantizes a data-aware quantizer in the
+ * layer-sequential pass, as quantize does: its per-layer error and bytes
+ * are those of the checkpoint quantize writes with the same calibration;
+ * a quantizer of the list that takes no data (nf4, optq:rtn=1) ignores it;
+ * without the data optq is refused, saying what to pass. */
+START_TEST(compare_calibrates_like_quantize)
+{
+    char *out = NULL, *err = NULL, cmd[20000], dir[4200], json[4200];
+    snprintf(dir, sizeof dir, "%s/optq-cmp-q", tu_tmpdir());
+    snprintf(json, sizeof json, "%s/optq-cmp.json", tu_tmpdir());
+    const char *calib = "--calib-data '%s' --calib-format text --calib-samples 8 --calib-len 64 --calib-seed 3";
+    char cflags[4400];
+    snprintf(cflags, sizeof cflags, calib, calib_file());
+    snprintf(cmd, sizeof cmd,
+             "OMP_WAIT_POLICY=passive '%s' compare --quiet --quantizers=optq:bits=3,groupsize=32,nf4,optq:bits=3,"
+             "groupsize=32,rtn=1 '%s' %s --json '%s'",
+             tu_env("QLORA_BIN"), model_dir(), cflags, json);
+    ck_assert_msg(tu_run(cmd, &out, &err) == 0, "%s\n%s", out, err);
+    ck_assert_contains(out, "calibrated (8 windows of 64 tokens from");
+    free(out), free(err);
+    snprintf(cmd, sizeof cmd, "OMP_WAIT_POLICY=passive '%s' quantize --quiet --quantizer=optq:bits=3,groupsize=32 '%s' -o '%s' %s",
+             tu_env("QLORA_BIN"), model_dir(), dir, cflags);
+    ck_assert_msg(tu_run(cmd, &out, &err) == 0, "%s\n%s", out, err);
+    free(out), free(err);
+    json_t *j = json_load_file(json, 0, NULL);
+    ck_assert(j != NULL);
+    json_t *qs = json_object_get(j, "quantizers");
+    ck_assert_int_eq(json_array_size(qs), 3);
+    ck_assert(json_is_true(json_object_get(json_array_get(qs, 0), "calibrated")));
+    ck_assert(json_is_false(json_object_get(json_array_get(qs, 1), "calibrated")));
+    ck_assert(json_is_false(json_object_get(json_array_get(qs, 2), "calibrated")));
+    /* the checkpoint's layers against the original weights */
+    ql_llama *orig = NULL, *qm = NULL;
+    ql_llama_load_opts none = {.quantizer = "none"}, pre = {.quantizer = NULL};
+    ck_assert_msg(ql_llama_load(model_dir(), &none, &orig) == QL_OK, "%s", ql_error_message());
+    ck_assert_msg(ql_llama_load(dir, &pre, &qm) == QL_OK, "%s", ql_error_message());
+    json_t *layers = json_object_get(json_array_get(qs, 0), "layers"), *rtn = json_object_get(json_array_get(qs, 2), "layers");
+    ck_assert_int_eq(json_array_size(layers), 35);
+    int differ_from_rtn = 0;
+    for (size_t i = 0; i < json_array_size(layers); i++) {
+        json_t *row = json_array_get(layers, i);
+        const char *name = json_string_value(json_object_get(row, "name"));
+        const ql_linear *a = NULL, *b = NULL;
+        for (int l = 0; l < ql_llama_get_config(qm)->n_layers && !a; l++) {
+            ql_llama_layer *L = &ql_llama_layers(orig)[l], *Q = &ql_llama_layers(qm)[l];
+            ql_linear *la[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+            ql_linear *lq[] = {&Q->q, &Q->k, &Q->v, &Q->o, &Q->gate, &Q->up, &Q->down};
+            for (int k = 0; k < 7; k++)
+                if (!strcmp(la[k]->name, name)) a = la[k], b = lq[k];
+        }
+        ck_assert_msg(a && b, "no layer %s", name);
+        size_t n = (size_t)(a->out * a->in);
+        float *wa = malloc(n * sizeof *wa), *wb = malloc(n * sizeof *wb);
+        ck_assert_int_eq(ql_linear_weights(a, wa), QL_OK);
+        ck_assert_int_eq(ql_linear_weights(b, wb), QL_OK);
+        double sq = 0, ref = 0;
+        for (size_t e = 0; e < n; e++) sq += ((double)wb[e] - wa[e]) * ((double)wb[e] - wa[e]), ref += (double)wa[e] * wa[e];
+        double rel = sqrt(sq / ref), got = json_number_value(json_object_get(row, "rel_error"));
+        ck_assert_msg(fabs(got - rel) <= 1e-12 * rel, "%s: compare says %.17g, the quantized checkpoint %.17g", name, got,
+                      rel);
+        ql_state_info info;
+        ck_assert_int_eq(b->qz->desc->state_info(b->qz->inst, b->state, &info), QL_OK);
+        ck_assert_int_eq(json_integer_value(json_object_get(row, "stored_bytes")), (json_int_t)info.bytes);
+        differ_from_rtn += got != json_number_value(json_object_get(json_array_get(rtn, i), "rel_error"));
+        free(wa), free(wb);
+    }
+    ck_assert_int_eq(differ_from_rtn, 35);
+    ql_llama_destroy(orig);
+    ql_llama_destroy(qm);
+    json_decref(j);
+    snprintf(cmd, sizeof cmd, "'%s' compare --quiet --quantizers=nf4,optq:bits=3 '%s'", tu_env("QLORA_BIN"), model_dir());
+    ck_assert_int_ne(tu_run(cmd, &out, &err), 0);
+    ck_assert_contains(err, "needs calibration data to be compared: pass --calib-data FILE (qlora quantize, compare and train");
+    free(out), free(err);
+}
+END_TEST
+
 START_TEST(train_quantizes_on_load_with_calibration)
 {
     char *out = NULL, *err = NULL, cmd[20000], run[4200], path[4300];
@@ -840,14 +985,19 @@ END_TEST
  * config.json's quantization_config, and every linear materializes exactly
  * what GPTQModel's reader dequantizes; and the script found GPTQModel's
  * writer and reader agree with qlora's layout at 2, 3, 4 and 8 bits. */
+/* _i 0: GPTQ v1 (checkpoint_format "gptq"), _i 1: the same codes packed as
+ * "gptq_v2" (qzeros hold the zero points); both folders packed by
+ * GPTQModel, whose reader's weights for both are the one dequant file. */
 START_TEST(gptqmodel_checkpoint_loads_exactly)
 {
     char dir[4200], path[4300];
-    snprintf(dir, sizeof dir, "%s/tests/reference/optq/gptqmodel_llama", tu_env("QLORA_SOURCE_ROOT"));
+    snprintf(dir, sizeof dir, "%s/tests/reference/optq/gptqmodel_llama%s", tu_env("QLORA_SOURCE_ROOT"),
+             _i ? "_v2" : "");
     ql_llama *m = NULL;
     ql_llama_load_opts lo = {.quantizer = NULL};
     ck_assert_msg(ql_llama_load(dir, &lo, &m) == QL_OK, "%s", ql_error_message());
-    ck_assert_str_eq(ql_llama_quantization(m), "optq:bits=3,groupsize=32,act_order=1,sym=0,damp=0.01,rtn=0");
+    ck_assert_str_eq(ql_llama_quantization(m), _i ? "optq:bits=3,groupsize=32,act_order=1,sym=0,damp=0.01,rtn=0,format=gptq_v2"
+                                                  : "optq:bits=3,groupsize=32,act_order=1,sym=0,damp=0.01,rtn=0");
     snprintf(path, sizeof path, "%s/tests/reference/optq/gptqmodel_llama_dequant.safetensors",
              tu_env("QLORA_SOURCE_ROOT"));
     ql_st_file *f = NULL;
@@ -879,7 +1029,9 @@ START_TEST(gptqmodel_checkpoint_loads_exactly)
     const char *bits;
     json_t *r;
     int n = 0;
-    json_object_foreach(json_object_get(j, "ours"), bits, r) {
+    ck_assert(json_is_true(json_object_get(j, "v2_folder_reader_equals_v1_dequant")));
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "v2_folder_qzeros_differ_from_v1")), 14);
+    json_object_foreach(json_object_get(j, _i ? "ours_v2" : "ours"), bits, r) {
         const json_int_t layers = json_integer_value(json_object_get(r, "layers"));
         ck_assert_int_eq(layers, 14);
         ck_assert_int_eq(json_integer_value(json_object_get(r, "reader_exact")), layers);
@@ -904,6 +1056,7 @@ Suite *optq_suite(void)
     tcase_add_loop_test(t, bad_options_are_refused_by_name, 0, sizeof bad_options / sizeof bad_options[0]);
     tcase_add_test(t, options_describe_round_trips);
     tcase_add_test(t, rtn_codes_and_3bit_packing);
+    tcase_add_test(t, gptq_v2_stores_the_zero_points);
     tcase_add_test(t, tampered_gptq_tensors_are_refused);
     tcase_add_loop_test(t, optq_beats_round_to_nearest_on_the_calibration_inputs, 0,
                         sizeof optq_bits / sizeof optq_bits[0]);
@@ -914,12 +1067,13 @@ Suite *optq_suite(void)
     tcase_add_test(t, quantize_without_calibration_is_refused);
     tcase_add_test(t, calibration_pass_feeds_each_group_its_inputs);
     tcase_add_test(t, train_quantizes_on_load_with_calibration);
+    tcase_add_test(t, compare_calibrates_like_quantize);
     tcase_set_timeout(t, 300);
     suite_add_tcase(s, t);
     t = tcase_create("reference");
     tcase_add_loop_test(t, codes_and_errors_match_the_reference, 0,
                         sizeof reference_configs / sizeof reference_configs[0]);
-    tcase_add_test(t, gptqmodel_checkpoint_loads_exactly);
+    tcase_add_loop_test(t, gptqmodel_checkpoint_loads_exactly, 0, 2);
     tcase_add_test(t, optq_beats_rtn_in_the_table);
     tcase_set_timeout(t, 500);
     suite_add_tcase(s, t);

@@ -29,7 +29,7 @@ static const char usage_text[] =
     "                                      quantize a Hugging Face checkpoint (bitsandbytes layout);\n"
     "                                      --device cuda quantizes on the GPU, byte-identical files (default cpu)\n"
     "  inspect FILE.safetensors [--json]   tensors, dtypes, shapes, quantization, matrix and model bits/param\n"
-    "  compare [--quantizers=Q1,Q2,...] MODEL_DIR [--json FILE] [--summary-only]\n"
+    "  compare [--quantizers=Q1,Q2,...] MODEL_DIR [--json FILE] [--summary-only] [--calib-data FILE ...]\n"
     "                                      matrix and model bits/param, bytes, error, time per quantizer\n"
     "  eval --model DIR [--quantizer=Q] --data FILE [--format text|alpaca|input-output|oasst1 (default: detected)]\n"
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
@@ -59,7 +59,10 @@ static const char usage_text[] =
     "  check-plugin PLUGIN[:k=v,...] [--json FILE]  a plugin through every check a host relies on\n"
     "  study -q Q1,Q2 --model DIR --data FILE -o DIR [--resume]  finetune per Q\n"
     "  version                             print the version\n"
-    "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n"
+    "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n";
+
+/* after usage_text (one string would pass the 4,095 characters C99 promises) */
+static const char usage_notes[] =
     "\n"
     "Every command takes -h or --help: its usage, every option with its default, and an example.\n"
     "Q is a plugin name (nf4, fp4, int8, ...) or a path to a plugin .so (my.so: a file of the current folder),\n"
@@ -1405,8 +1408,11 @@ static int help_compare(void)
     help_opt("-q, --quantizers LIST", "quantizers to compare, comma-separated", compare_default_quantizers);
     help_opt("--json FILE", "also write the results to FILE as JSON", NULL);
     help_opt("--summary-only", "one row per quantizer, no per-layer rows", NULL);
+    help_calib();
+    printf("    (the calibration flags apply to the data-aware quantizers of the list, optq; the others ignore them)\n");
     help_quiet();
-    return help_end("qlora compare --quantizers=nf4,nf4:double_quant=0,fp4,int8 models/llama-7b --json compare.json");
+    return help_end("qlora compare --quantizers=nf4,nf4:double_quant=0,fp4,int8 models/llama-7b --json compare.json\n"
+                    "  qlora compare --quantizers=optq:bits=3,optq:bits=3,rtn=1,nf4 MODEL_DIR --calib-data val.txt");
 }
 
 static int cmd_compare(int argc, char **argv)
@@ -1414,13 +1420,18 @@ static int cmd_compare(int argc, char **argv)
     static const struct option longopts[] = {
         {"quantizers", required_argument, NULL, 'q'},     {"json", required_argument, NULL, OPT_JSON},
         {"summary-only", no_argument, NULL, OPT_SUMMARY_ONLY}, {"quiet", no_argument, NULL, OPT_QUIET},
-        {"help", no_argument, NULL, OPT_HELP},                 {NULL, 0, NULL, 0},
+        {"help", no_argument, NULL, OPT_HELP},                 CALIB_LONGOPTS,
+        {NULL, 0, NULL, 0},
     };
     const char *specs = compare_default_quantizers;
-    ql_compare_opts opts = {.json_path = NULL, .per_layer = 1, .progress = 1};
+    ql_calib_opts calib = {.progress = 1};
+    ql_compare_opts opts = {.json_path = NULL, .per_layer = 1, .progress = 1, .calib = &calib};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":q:h", longopts, NULL)) != -1) {
+        int cf = calib_flag(c, optarg, &calib);
+        if (cf < 0) return 2;
+        if (cf) continue;
         switch (c) {
         case 'q': specs = optarg; break;
         case OPT_JSON: opts.json_path = optarg; break;
@@ -1432,6 +1443,9 @@ static int cmd_compare(int argc, char **argv)
         }
     }
     if (optind != argc - 1) return usage_error("expected one MODEL_DIR");
+    if (!calib.data && (calib.format || calib.samples || calib.len || calib.save_tokens))
+        return usage_error("--calib-format, --calib-samples, --calib-len and --calib-save need --calib-data FILE");
+    calib.progress = opts.progress;
     int rc = ql_compare_model(argv[optind], specs, &opts, stdout);
     if (rc == QL_OK && opts.json_path) fprintf(stderr, "wrote %s\n", opts.json_path);
     return rc ? fail(rc) : 0;
@@ -1479,6 +1493,7 @@ int main(int argc, char **argv)
 {
     if (argc < 2) {
         fputs(usage_text, stderr);
+        fputs(usage_notes, stderr);
         return 2;
     }
     /* option errors are ours (option_error), in one style for every command */
@@ -1488,6 +1503,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
         if (argc == 2) {
             fputs(usage_text, stdout);
+            fputs(usage_notes, stdout);
             return 0;
         }
         if (argc > 3) return usage_error("help: one command at a time ('%s')", argv[3]);

@@ -36,6 +36,11 @@ typedef struct ql_compare_opts {
     const char *json_path; /* write results here (atomically) when non-NULL */
     int per_layer;         /* print one row per layer too */
     int progress;
+    /* Calibration data: a data-aware quantizer that needs it (optq, not
+     * optq:rtn=1) is quantized in the layer-sequential pass, as quantize
+     * does; the others ignore it.  NULL or calib->data NULL: such a
+     * quantizer is refused, saying what to pass. */
+    const ql_calib_opts *calib;
 } ql_compare_opts;
 
 /* Quantize each block linear with each quantizer in the comma-separated

@@ -44,6 +44,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef QLP_HAVE_CUDA
+#include "optq_cuda.h"
+#endif
+
 #define OPTQ_BLOCK 128 /* the lazy batch of columns (the reference's blocksize) */
 #define OPTQ_MAX_DIM ((int64_t)1 << 24)
 /* Below about this many multiply-adds a parallel region costs more than it
@@ -58,6 +62,7 @@ struct ql_quantizer {
     int act_order;
     int sym;
     int rtn;
+    int v2; /* format=gptq_v2: qzeros hold the zero points themselves (v1: zero - 1) */
     double damp;
 };
 
@@ -191,8 +196,16 @@ static int create(const ql_option *opts, size_t n, ql_quantizer **out)
             if (!*v || *end || !(d > 0) || !(d <= 1))
                 return host->error(QL_EINVAL, "optq: damp=%s: must be a number in (0, 1] (the share of H's mean diagonal)", v);
             c.damp = d;
+        } else if (!strcmp(k, "format")) {
+            if (strcmp(v, "gptq") && strcmp(v, "gptq_v2"))
+                return host->error(QL_EINVAL,
+                                   "optq: format=%s: must be gptq (v1: qzeros hold zero - 1) or gptq_v2 (the zero "
+                                   "points themselves)",
+                                   v);
+            c.v2 = !strcmp(v, "gptq_v2");
         } else {
-            return host->error(QL_EINVAL, "optq: unknown option '%s' (bits, groupsize, act_order, sym, damp, rtn)", k);
+            return host->error(QL_EINVAL,
+                               "optq: unknown option '%s' (bits, groupsize, act_order, sym, damp, rtn, format)", k);
         }
     }
     if (c.rtn && c.act_order)
@@ -208,8 +221,10 @@ static void destroy(ql_quantizer *q) { free(q); }
 
 static int describe(const ql_quantizer *q, char *buf, size_t cap)
 {
-    int k = snprintf(buf, cap, "bits=%d,groupsize=%d,act_order=%d,sym=%d,damp=%.9g,rtn=%d", q->bits, q->groupsize,
-                     q->act_order, q->sym, q->damp, q->rtn);
+    /* format only when it is not the default, so that the v1 description is
+     * the one earlier runs recorded */
+    int k = snprintf(buf, cap, "bits=%d,groupsize=%d,act_order=%d,sym=%d,damp=%.9g,rtn=%d%s", q->bits, q->groupsize,
+                     q->act_order, q->sym, q->damp, q->rtn, q->v2 ? ",format=gptq_v2" : "");
     return k > 0 && (size_t)k < cap ? QL_OK : host->error(QL_EINVAL, "optq: describe buffer too small");
 }
 
@@ -321,8 +336,10 @@ static int code_of(double w, grid g, int maxq)
 
 /* Fill s from codes[rows, cols] (original column order), the grids
  * [groups, rows] and g_idx; QL_ENUMERIC when a scale overflows float16. */
-static int pack_state(ql_qstate *s, const ql_matrix_desc *m, const uint8_t *codes, const grid *grids)
+static int pack_state(const ql_quantizer *q, ql_qstate *s, const ql_matrix_desc *m, const uint8_t *codes,
+                      const grid *grids)
 {
+    const int32_t zero_off = q->v2 ? 0 : 1;
     const int64_t rows = s->rows, cols = s->cols;
     for (int64_t i = 0; i < s->groups * rows; i++) {
         int overflow;
@@ -334,7 +351,7 @@ static int pack_state(ql_qstate *s, const ql_matrix_desc *m, const uint8_t *code
                                label(m), grids[i].scale, (long long)(i % rows));
         s->scale_f[i] = f16_to_f32(s->scales[i]);
         s->zero[i] = (int32_t)grids[i].zero;
-        put_field(s->qzeros + (i / rows) * s->qz_cols, 1, i % rows, s->bits, (uint32_t)(s->zero[i] - 1));
+        put_field(s->qzeros + (i / rows) * s->qz_cols, 1, i % rows, s->bits, (uint32_t)(s->zero[i] - zero_off));
     }
     for (int64_t r = 0; r < rows; r++)
         for (int64_t k = 0; k < cols; k++) put_field(s->qweight + r, rows, k, s->bits, codes[r * cols + k]);
@@ -366,7 +383,7 @@ static int quantize_rtn(const ql_quantizer *q, const ql_matrix_desc *m, const fl
     if (rc == QL_OK) {
         for (int64_t k = 0; k < cols; k++) s->g_idx[k] = (int32_t)(k / gcols);
         s->src_dtype = m->src_dtype;
-        rc = pack_state(s, m, codes, grids);
+        rc = pack_state(q, s, m, codes, grids);
     }
     free(codes);
     free(grids);
@@ -627,7 +644,7 @@ static int quantize_calibrated(const ql_quantizer *q, const ql_matrix_desc *m, c
     }
     for (int64_t k = 0; k < n; k++) s->g_idx[perm[k]] = gs < 0 ? 0 : (int32_t)(k / gs);
     s->src_dtype = m->src_dtype;
-    rc = pack_state(s, m, codes, grids);
+    rc = pack_state(q, s, m, codes, grids);
 done:
     free(h);
     free(u);
@@ -761,7 +778,7 @@ static int load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tensor_
             return host->error(QL_EFORMAT, "%s.g_idx[%lld] is %lld, outside the %lld groups", name, (long long)k,
                                (long long)v, (long long)groups);
         }
-    const uint32_t mask = (1u << bits) - 1;
+    const uint32_t mask = (1u << bits) - 1, zero_off = q->v2 ? 0 : 1;
     for (int64_t i = 0; i < groups * rows; i++) {
         s->scale_f[i] = f16_to_f32(s->scales[i]);
         if (!isfinite(s->scale_f[i])) {
@@ -769,7 +786,7 @@ static int load(const ql_quantizer *q, const ql_matrix_desc *m, const ql_tensor_
             return host->error(QL_EFORMAT, "%s.scales[%lld, %lld] is not finite", name, (long long)(i / rows),
                                (long long)(i % rows));
         }
-        s->zero[i] = (int32_t)((get_field(s->qzeros + (i / rows) * s->qz_cols, 1, i % rows, bits) + 1) & mask);
+        s->zero[i] = (int32_t)((get_field(s->qzeros + (i / rows) * s->qz_cols, 1, i % rows, bits) + zero_off) & mask);
     }
     *out = s;
     return QL_OK;
@@ -790,10 +807,57 @@ static int checkpoint_config(const ql_quantizer *q, char *buf, size_t cap)
     int k = snprintf(buf, cap,
                      "{\"quant_method\": \"gptq\", \"bits\": %d, \"group_size\": %d, \"desc_act\": %s, \"sym\": %s, "
                      "\"damp_percent\": %.9g, \"true_sequential\": true, \"static_groups\": false, "
-                     "\"checkpoint_format\": \"gptq\", \"pack_dtype\": \"int32\"}",
-                     q->bits, q->groupsize, q->act_order ? "true" : "false", q->sym ? "true" : "false", q->damp);
+                     "\"checkpoint_format\": \"%s\", \"pack_dtype\": \"int32\"}",
+                     q->bits, q->groupsize, q->act_order ? "true" : "false", q->sym ? "true" : "false", q->damp,
+                     q->v2 ? "gptq_v2" : "gptq");
     return k > 0 && (size_t)k < cap ? QL_OK : host->error(QL_EINVAL, "optq: checkpoint_config buffer too small");
 }
+
+/* ---- device (ABI 1.1; only in a plugin built with CUDA) ---- */
+#ifdef QLP_HAVE_CUDA
+
+/* qweight as saved, g_idx, and the scales and zeros as load()/quantize()
+ * widened and unpacked them ([groups, rows] each), so the kernel reads no
+ * float16 and no packed zero. */
+static int device_buffers(const ql_quantizer *q, const ql_qstate *s, ql_state_buffer *bufs, uint32_t *n)
+{
+    (void)q;
+    bufs[0] = (ql_state_buffer){.name = "qweight", .data = s->qweight, .bytes = (uint64_t)(s->qw_rows * s->rows) * 4, .align = 16};
+    bufs[1] = (ql_state_buffer){.name = "g_idx", .data = s->g_idx, .bytes = (uint64_t)s->cols * 4, .align = 16};
+    bufs[2] = (ql_state_buffer){.name = "scales", .data = s->scale_f, .bytes = (uint64_t)(s->groups * s->rows) * 4, .align = 16};
+    bufs[3] = (ql_state_buffer){.name = "zeros", .data = s->zero, .bytes = (uint64_t)(s->groups * s->rows) * 4, .align = 16};
+    *n = 4;
+    return QL_OK;
+}
+
+static uint64_t device_workspace(const ql_quantizer *q, const ql_qstate *s, int64_t nrows)
+{
+    (void)q;
+    (void)s;
+    (void)nrows;
+    return 0;
+}
+
+static int materialize_rows_device(const ql_quantizer *q, const ql_qstate *s, const void *const *dev_bufs,
+                                   const ql_device_out *out, void *workspace, uint64_t workspace_bytes, void *stream)
+{
+    (void)q;
+    (void)workspace;
+    (void)workspace_bytes;
+    if (out->dtype != QL_DTYPE_F32 && out->dtype != QL_DTYPE_BF16)
+        return host->error(QL_ENOTSUP, "optq materializes float32 or bfloat16, not dtype %d", out->dtype);
+    if (out->row0 < 0 || out->nrows < 0 || out->row0 + out->nrows > s->rows || out->ld < s->cols)
+        return host->error(QL_EINVAL, "optq: rows %lld..%lld with ld %lld do not fit a [%lld, %lld] matrix",
+                           (long long)out->row0, (long long)(out->row0 + out->nrows), (long long)out->ld,
+                           (long long)s->rows, (long long)s->cols);
+    char err[256];
+    if (qlp_optq_cuda_materialize(dev_bufs[0], dev_bufs[1], dev_bufs[2], dev_bufs[3], s->bits, s->rows, s->cols,
+                                  out->dtype == QL_DTYPE_BF16, out->data, out->ld, out->row0, out->nrows, stream, err,
+                                  sizeof err))
+        return host->error(QL_ECUDA, "optq materialize on the GPU: %s", err);
+    return QL_OK;
+}
+#endif
 
 static const ql_quantizer_desc descriptor = {
     .struct_size = sizeof(ql_quantizer_desc),
@@ -820,6 +884,11 @@ static const ql_quantizer_desc descriptor = {
     .quantize_calibrated = quantize_calibrated,
     .calib_free = calib_free,
     .calibration_needed = calibration_needed,
+#ifdef QLP_HAVE_CUDA
+    .device_buffers = device_buffers,
+    .device_workspace = device_workspace,
+    .materialize_rows_device = materialize_rows_device,
+#endif
 };
 
 QL_PLUGIN_EXPORT const ql_quantizer_desc *ql_quantizer_entry(void) { return &descriptor; }

@@ -26,6 +26,12 @@ Checks, written to tests/reference/optq/gptqmodel_check.json:
      gptqmodel_llama/: the 3-bit codes of check 1, packed by GPTQModel) and
      its reader's dequantized weights beside it (dequant.safetensors), which
      tests/test_optq.c loads with qlora and compares exactly.
+  3. checkpoint format gptq_v2 (qzeros hold the zero points, not zero - 1):
+     qlora's optq with format=gptq_v2 at each width against GPTQModel's
+     reader told "gptq_v2" and its pack_original's own (v2) qzeros; and a
+     v2 model folder packed by GPTQModel (gptqmodel_llama_v2/: check 2's
+     3-bit codes), whose weights GPTQModel's reader gives as check 2's
+     dequant.safetensors, so that the C test compares it against that file.
 
 usage: gptqmodel_pack_check.py [--gptqmodel-git /work/.mirror/ModelCloud+GPTQModel/repo]
 """
@@ -108,10 +114,10 @@ def pack_with_gptqmodel(ns, bits, weight, scales, zeros, g_idx):
     else:
         word_sub = (v2.to(torch.int64) - word).remainder(1 << 32)
         word_sub = torch.where(word_sub >= 1 << 31, word_sub - (1 << 32), word_sub).to(torch.int32)
-    return layer.qweight, per_field, word_sub, layer.scales
+    return layer.qweight, per_field, word_sub, layer.scales, v2
 
 
-def decode_ours(t, prefix, bits):
+def decode_ours(t, prefix, bits, zero_off=1):
     qw = t[prefix + ".qweight"].numpy().view(np.uint32).astype(np.uint64)
     qz = t[prefix + ".qzeros"].numpy().view(np.uint32).astype(np.uint64)
     g = t[prefix + ".g_idx"].numpy().astype(np.int64)
@@ -128,7 +134,7 @@ def decode_ours(t, prefix, bits):
             out[k] = (v & np.uint64((1 << bits) - 1)).astype(np.int64)
         return out
     codes = stream(qw, cols).T
-    zeros = (stream(qz.T, rows).T + 1) & ((1 << bits) - 1)
+    zeros = (stream(qz.T, rows).T + zero_off) & ((1 << bits) - 1)
     return codes, zeros, sc, g
 
 
@@ -143,10 +149,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="gptqmodel-check-")
     out_dir = os.path.join(HERE, "optq")
     report = {"gptqmodel_commit": subprocess.run(["git", "--git-dir", args.gptqmodel_git, "rev-parse", "HEAD"],
-                                                 capture_output=True, text=True).stdout.strip(), "ours": {}}
-    for bits in BITS:
-        spec = "optq:bits=%d,groupsize=32,act_order=1" % bits
-        qdir = os.path.join(tmp, "b%d" % bits)
+                                                 capture_output=True, text=True).stdout.strip(), "ours": {},
+              "ours_v2": {}}
+    v2_packed = None
+    for bits, v2 in [(b, f) for f in (False, True) for b in BITS]:
+        spec = "optq:bits=%d,groupsize=32,act_order=1%s" % (bits, ",format=gptq_v2" if v2 else "")
+        qdir = os.path.join(tmp, "b%d%s" % (bits, "v2" if v2 else ""))
         subprocess.run([args.qlora, "quantize", "--quantizer=" + spec, MODEL, "-o", qdir, "--calib-data", data,
                         "--calib-format", "text", "--calib-samples", "16", "--calib-len", "64", "--quiet"],
                        check=True, stdout=subprocess.DEVNULL)
@@ -156,24 +164,33 @@ def main():
         t = load_file(path)
         deq = ns["convert_gptq_file"](Path(path), torch.float32, qc, "cpu")
         res = {"layers": 0, "reader_exact": 0, "qweight_identical": 0, "qzeros_identical": 0,
-               "qzeros_identical_word_subtraction": 0, "zero_points_0": 0}
+               "zero_points_0": 0}
+        if not v2:
+            res["qzeros_identical_word_subtraction"] = 0
         packed = {}
         for prefix in sorted(k[:-len(".qweight")] for k in t if k.endswith(".qweight")):
-            codes, zeros, sc, g = decode_ours(t, prefix, bits)
+            codes, zeros, sc, g = decode_ours(t, prefix, bits, 0 if v2 else 1)
             w = torch.from_numpy(sc.astype(np.float32)[g].T * (codes - zeros[g].T).astype(np.float32))
             res["layers"] += 1
             res["reader_exact"] += int(torch.equal(deq[prefix + ".weight"], w))
-            qweight, qz_field, qz_word, scales = pack_with_gptqmodel(
+            qweight, qz_field, qz_word, scales, qz_v2 = pack_with_gptqmodel(
                 ns, bits, w.double(), torch.from_numpy(sc.astype(np.float64)).T, torch.from_numpy(zeros).T,
                 torch.from_numpy(g).to(torch.int32))
             res["qweight_identical"] += int(torch.equal(qweight, t[prefix + ".qweight"]))
-            res["qzeros_identical"] += int(torch.equal(qz_field, t[prefix + ".qzeros"]))
-            res["qzeros_identical_word_subtraction"] += int(torch.equal(qz_word, t[prefix + ".qzeros"]))
+            if v2:
+                res["qzeros_identical"] += int(torch.equal(qz_v2, t[prefix + ".qzeros"]))
+            else:
+                res["qzeros_identical"] += int(torch.equal(qz_field, t[prefix + ".qzeros"]))
+                res["qzeros_identical_word_subtraction"] += int(torch.equal(qz_word, t[prefix + ".qzeros"]))
             res["zero_points_0"] += int((zeros == 0).sum())
-            packed[prefix] = (qweight, qz_field, scales, g)
-        report["ours"]["%d" % bits] = res
-        print("%d bits: %s" % (bits, res))
-        if bits == 3:
+            packed[prefix] = (qweight, qz_v2 if v2 else qz_field, scales, g)
+        if v2:
+            assert qc["checkpoint_format"] == "gptq_v2", qc
+        report["ours_v2" if v2 else "ours"]["%d" % bits] = res
+        print("%d bits%s: %s" % (bits, " (gptq_v2)" if v2 else "", res))
+        if bits == 3 and v2:
+            v2_packed = packed
+        if bits == 3 and not v2:
             # a model folder written by GPTQModel's writer, and its reader's weights
             folder = os.path.join(out_dir, "gptqmodel_llama")
             shutil.rmtree(folder, ignore_errors=True)
@@ -200,6 +217,34 @@ def main():
                                            cfg["quantization_config"], "cpu")
             save_file({k: v.contiguous() for k, v in deq2.items() if k.endswith("_proj.weight")},
                       os.path.join(out_dir, "gptqmodel_llama_dequant.safetensors"))
+    # 3: the v2 folder, packed by GPTQModel, read back by GPTQModel
+    folder = os.path.join(out_dir, "gptqmodel_llama_v2")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    v1 = load_file(os.path.join(out_dir, "gptqmodel_llama", "model.safetensors"))
+    tensors = {k: v for k, v in v1.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    for prefix, (qweight, qz, scales, g) in v2_packed.items():
+        tensors[prefix + ".qweight"] = qweight.to(torch.int32).contiguous()
+        tensors[prefix + ".qzeros"] = qz.to(torch.int32).contiguous()
+        tensors[prefix + ".scales"] = scales.to(torch.float16).contiguous()
+        tensors[prefix + ".g_idx"] = torch.from_numpy(g).to(torch.int32)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "gptqmodel_llama", "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"]["checkpoint_format"] = "gptq_v2"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(MODEL, name), folder)
+    deq_v2 = ns["convert_gptq_file"](Path(os.path.join(folder, "model.safetensors")), torch.float32,
+                                     cfg["quantization_config"], "cpu")
+    want = load_file(os.path.join(out_dir, "gptqmodel_llama_dequant.safetensors"))
+    report["v2_folder_reader_equals_v1_dequant"] = all(torch.equal(deq_v2[k], v) for k, v in want.items())
+    report["v2_folder_qzeros_differ_from_v1"] = sum(
+        int(not torch.equal(tensors[k], v1[k])) for k in tensors if k.endswith(".qzeros"))
+    print("v2 folder: reader equals the v1 dequant: %s; qzeros differing from v1: %d layers" %
+          (report["v2_folder_reader_equals_v1_dequant"], report["v2_folder_qzeros_differ_from_v1"]))
     with open(os.path.join(out_dir, "gptqmodel_check.json"), "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
         f.write("\n")
