@@ -921,9 +921,9 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     lm->checkpointing = o->checkpointing;
     lm->keep_all = lm->backward && !o->checkpointing;
     const int nl = c->n_layers;
-    if (o->kv_capacity > 0 && (lm->backward || o->batch != 1)) {
+    if (o->kv_capacity > 0 && lm->backward) {
         free(lm);
-        return ql_error(QL_EINVAL, "a key/value cache is for generation: one sequence, forward only");
+        return ql_error(QL_EINVAL, "a key/value cache is for generation: forward only");
     }
     lm->kv_cap = o->kv_capacity > 0 ? o->kv_capacity : 0;
     if (o->merge && (lm->backward || o->precision != QL_PREC_FP32 || o->prefetch > 0)) {
@@ -1016,10 +1016,11 @@ int ql_lora_model_create(ql_llama *m, ql_lora *lora, ql_be_ctx *bctx, const ql_l
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->xnf, d.R * d.H, 4);
     ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->rstdf, d.R, 4);
     if (lm->kv_cap) {
-        ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->kv_k, (int64_t)nl * lm->kv_cap * d.kvd, 4);
-        ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->kv_v, (int64_t)nl * lm->kv_cap * d.kvd, 4);
-        snprintf(p->shape + strlen(p->shape), sizeof p->shape - strlen(p->shape), ", a %d-position KV cache",
-                 lm->kv_cap);
+        /* [n_layers, batch, kv_cap, kvd]: a row of the cache per sequence */
+        ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->kv_k, (int64_t)nl * B * lm->kv_cap * d.kvd, 4);
+        ql_plan_add(p, QL_ROLE_ACTS, (void **)&lm->kv_v, (int64_t)nl * B * lm->kv_cap * d.kvd, 4);
+        snprintf(p->shape + strlen(p->shape), sizeof p->shape - strlen(p->shape), ", a %d-position KV cache%s",
+                 lm->kv_cap, B > 1 ? " a sequence" : "");
     }
     if (lm->backward) {
         bwd_scratch *s = &lm->s;
@@ -1385,8 +1386,16 @@ int ql_lora_model_step(ql_lora_model *lm, const ql_lora_batch *mb, const ql_lora
 
 /* ---- generation ---- */
 
-/* layer_fwd for T new rows at positions past.., their keys and values
- * written into the cache, attention over the cache (attention_forward) */
+/* Cache row b of layer i: keys (or values, v = 1) [kv_cap, kvd] */
+static float *kv_row(const ql_lora_model *lm, int i, int64_t b, int v, int64_t kvd)
+{
+    return (v ? lm->kv_v : lm->kv_k) + ((int64_t)i * lm->Bmax + b) * lm->kv_cap * kvd;
+}
+
+/* layer_fwd for the x->mb.B sequences' T new rows each at positions past..,
+ * their keys and values written into each sequence's row of the cache,
+ * attention over it (attention_forward).  One sequence writes its keys and
+ * values into the cache directly; several go through a->k and a->v. */
 static int layer_decode(ctx *x, int i, layer_acts *a, float *out, int past)
 {
     const dims *d = &x->d;
@@ -1394,8 +1403,10 @@ static int layer_decode(ctx *x, int i, layer_acts *a, float *out, int past)
     const be_layer *L = &x->lm->layers[i];
     const ql_lora_model *lm = x->lm;
     const int window = ql_llama_layers(x->m)[i].window;
-    float *kc = lm->kv_k + (int64_t)i * lm->kv_cap * d->kvd, *vc = lm->kv_v + (int64_t)i * lm->kv_cap * d->kvd;
-    float *kn = kc + (int64_t)past * d->kvd, *vn = vc + (int64_t)past * d->kvd; /* this call's rows */
+    const int64_t B = x->mb.B;
+    float *kc = kv_row(lm, i, 0, 0, d->kvd), *vc = kv_row(lm, i, 0, 1, d->kvd);
+    /* this call's rows: in the cache (one sequence), else staged */
+    float *kn = B == 1 ? kc + (int64_t)past * d->kvd : a->k, *vn = B == 1 ? vc + (int64_t)past * d->kvd : a->v;
     int rc;
     ql_be(x->be, rmsnorm_forward, a->xn1, a->rstd1, a->x, L->attn_norm, d->R, d->H, c->rms_eps);
     float *qp = L->q_norm ? a->qpre : a->q, *kp = L->q_norm ? a->kpre : kn;
@@ -1408,7 +1419,18 @@ static int layer_decode(ctx *x, int i, layer_acts *a, float *out, int past)
     }
     ql_be(x->be, rope_forward, a->q, &x->mb, d->nh, (int)d->hd, past, x->inv_freq, x->rope_scale);
     ql_be(x->be, rope_forward, kn, &x->mb, d->nkv, (int)d->hd, past, x->inv_freq, x->rope_scale);
-    ql_be(x->be, attention_forward, a->att, a->q, kc, vc, d->T, past, d->nh, d->nkv, (int)d->hd, window);
+    if (B == 1) {
+        ql_be(x->be, attention_forward, a->att, a->q, kc, vc, d->T, past, d->nh, d->nkv, (int)d->hd, window);
+    } else {
+        const size_t rows = (size_t)(d->T * d->kvd) * sizeof(float);
+        for (int64_t b = 0; b < B; b++) {
+            float *kb = kv_row(lm, i, b, 0, d->kvd), *vb = kv_row(lm, i, b, 1, d->kvd);
+            ql_be(x->be, copy, kb + (int64_t)past * d->kvd, kn + b * d->T * d->kvd, rows);
+            ql_be(x->be, copy, vb + (int64_t)past * d->kvd, vn + b * d->T * d->kvd, rows);
+            ql_be(x->be, attention_forward, a->att + b * d->T * d->qd, a->q + b * d->T * d->qd, kb, vb, d->T, past,
+                  d->nh, d->nkv, (int)d->hd, window);
+        }
+    }
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;
     ql_be(x->be, add_inplace, a->xmid, a->x, d->R * d->H);
     ql_be(x->be, rmsnorm_forward, a->xn2, a->rstd2, a->xmid, L->mlp_norm, d->R, d->H, c->rms_eps);
@@ -1420,19 +1442,26 @@ static int layer_decode(ctx *x, int i, layer_acts *a, float *out, int past)
     return x->be->status;
 }
 
-/* T <= Tmax tokens at position lm->kv_len; logits of the last when wanted */
-static int decode_piece(ql_lora_model *lm, const int32_t *tokens, int T, float *logits)
+/* B sequences (B <= Bmax) of T <= Tmax tokens each (tokens [B, T], right-
+ * padded; len[b] of them real, or all T when len is NULL) at positions
+ * lm->kv_len..; logits [B, V] of each sequence's last real token when
+ * wanted.  One sequence appends to the cache (kv_len += T); several leave
+ * kv_len as it was (what they wrote past it belongs to no one). */
+static int decode_piece(ql_lora_model *lm, int B, const int32_t *tokens, int T, const int *len, float *logits)
 {
     const ql_llama_config *c = lm->c;
     ql_llama *m = lm->m;
     const int past = lm->kv_len;
     ctx x = {.lm = lm, .be = lm->ctx, .m = m, .lora = lm->lora, .c = c, .seeds = lm->h_seeds};
     dims *d = &x.d;
-    set_dims(d, c, lm->lora, 1, T);
-    lm->h_len[0] = T;
-    x.mb = (ql_be_batch){.B = 1, .T = T, .len = lm->h_len};
-    /* the rotary table as ql_llama_forward takes it: for every position so far */
+    set_dims(d, c, lm->lora, B, T);
+    for (int b = 0; b < B; b++) lm->h_len[b] = len ? len[b] : T;
+    x.mb = (ql_be_batch){.B = B, .T = T, .len = lm->h_len};
+    /* the rotary table as ql_llama_forward takes it: for every position so
+     * far, the same for every sequence (they share the positions) */
     ql_llama_rope(lm->inv_freq, &x.rope_scale, m, past + T);
+    const int half = (int)(d->hd / 2);
+    for (int b = 1; b < B; b++) memcpy(lm->inv_freq + (int64_t)b * half, lm->inv_freq, (size_t)half * sizeof(float));
     x.inv_freq = lm->inv_freq;
     x.seqk = 0; /* the forward-only order of the weights */
     if (lm->seq[0].state == 0) lm->seq[0].state = 1;
@@ -1440,7 +1469,7 @@ static int decode_piece(ql_lora_model *lm, const int32_t *tokens, int T, float *
     const int64_t R = d->R, H = d->H;
     const int nl = c->n_layers, bf16 = lm->precision == QL_PREC_BF16;
     float *const *in = lm->inputs;
-    memcpy(lm->h_ids, tokens, (size_t)T * sizeof *tokens);
+    memcpy(lm->h_ids, tokens, (size_t)R * sizeof *tokens);
     if (lm->embed16) ql_be(be, embedding_w16, in[0], lm->embed16, lm->h_ids, &x.mb, H);
     else ql_be(be, embedding, in[0], lm->embed, lm->h_ids, &x.mb, H);
     int rc = QL_OK;
@@ -1452,11 +1481,12 @@ static int decode_piece(ql_lora_model *lm, const int32_t *tokens, int T, float *
     }
     float *hidden = in[nl & 1];
     if (bf16 && nl > 0) ql_be(be, round_bf16, NULL, hidden, R * H);
-    if (logits && rc == QL_OK) {
-        ql_be(be, rmsnorm_forward, lm->xnf, lm->rstdf, hidden + (R - 1) * H, lm->final_norm, 1, H, c->rms_eps);
+    for (int b = 0; logits && rc == QL_OK && b < B; b++) {
+        const int64_t row = (int64_t)b * T + lm->h_len[b] - 1;
+        ql_be(be, rmsnorm_forward, lm->xnf, lm->rstdf, hidden + row * H, lm->final_norm, 1, H, c->rms_eps);
         if (lm->head16) ql_be(be, matmul_nt_w16, lm->logits, lm->xnf, lm->head16, 1, H, d->V, 0);
         else ql_be(be, matmul_nt, lm->logits, lm->xnf, lm->head, 1, H, d->V, 0);
-        ql_be(be, download, logits, lm->logits, (size_t)d->V * sizeof *logits);
+        ql_be(be, download, logits + (int64_t)b * d->V, lm->logits, (size_t)d->V * sizeof *logits);
     }
     if (rc == QL_OK) rc = ql_be_check(be);
     else ql_be_check(be);
@@ -1465,7 +1495,7 @@ static int decode_piece(ql_lora_model *lm, const int32_t *tokens, int T, float *
         if (rc) lm->seq[0].n = 0;
     }
     if (rc) lm->held[0] = lm->held[1] = -1;
-    else lm->kv_len += T;
+    else if (B == 1) lm->kv_len += T;
     return rc;
 }
 
@@ -1486,7 +1516,7 @@ int ql_lora_model_decode(ql_lora_model *lm, const int32_t *tokens, int T, float 
     const int start = lm->kv_len;
     for (int t0 = 0; t0 < T;) {
         const int n = T - t0 < lm->Tmax ? T - t0 : lm->Tmax;
-        int rc = decode_piece(lm, tokens + t0, n, t0 + n == T ? logits : NULL);
+        int rc = decode_piece(lm, 1, tokens + t0, n, NULL, t0 + n == T ? logits : NULL);
         if (rc) {
             lm->kv_len = start;
             return rc;
@@ -1497,6 +1527,62 @@ int ql_lora_model_decode(ql_lora_model *lm, const int32_t *tokens, int T, float 
 }
 
 int ql_lora_model_kv_length(const ql_lora_model *lm) { return lm->kv_len; }
+
+int ql_lora_model_kv_fork(ql_lora_model *lm, int n)
+{
+    if (!lm->kv_cap) return ql_error(QL_EINVAL, "a fork needs a model planned with a key/value cache");
+    if (n < 1 || n > lm->Bmax) return ql_error(QL_EINVAL, "a fork into %d sequences (the plan has %d)", n, lm->Bmax);
+    const int64_t kvd = (int64_t)lm->c->n_kv_heads * lm->c->head_dim;
+    const size_t bytes = (size_t)((int64_t)lm->kv_len * kvd) * sizeof(float);
+    for (int i = 0; bytes && i < lm->c->n_layers; i++)
+        for (int b = 1; b < n; b++)
+            for (int v = 0; v < 2; v++) ql_be(lm->ctx, copy, kv_row(lm, i, b, v, kvd), kv_row(lm, i, 0, v, kvd), bytes);
+    return ql_be_check(lm->ctx);
+}
+
+int ql_lora_model_kv_adopt(ql_lora_model *lm, int row, int len)
+{
+    if (!lm->kv_cap || row < 0 || row >= lm->Bmax || len < lm->kv_len || len > lm->kv_cap)
+        return ql_error(QL_EINVAL, "adopting %d positions of cache row %d (length %d, %d rows of %d)", len, row,
+                        lm->kv_len, lm->Bmax, lm->kv_cap);
+    const int64_t kvd = (int64_t)lm->c->n_kv_heads * lm->c->head_dim;
+    const size_t bytes = (size_t)((int64_t)(len - lm->kv_len) * kvd) * sizeof(float);
+    for (int i = 0; row > 0 && bytes && i < lm->c->n_layers; i++)
+        for (int v = 0; v < 2; v++)
+            ql_be(lm->ctx, copy, kv_row(lm, i, 0, v, kvd) + (int64_t)lm->kv_len * kvd,
+                  kv_row(lm, i, row, v, kvd) + (int64_t)lm->kv_len * kvd, bytes);
+    int rc = ql_be_check(lm->ctx);
+    if (rc == QL_OK) lm->kv_len = len;
+    return rc;
+}
+
+int ql_lora_model_decode_rows(ql_lora_model *lm, int n, const int32_t *tokens, int T, const int *len, float *logits)
+{
+    const ql_llama_config *c = lm->c;
+    if (!lm->kv_cap) return ql_error(QL_EINVAL, "decode needs a model planned with a key/value cache");
+    if (!lm->h_ids) return ql_error(QL_EINVAL, "the model's memory plan was not allocated (a dry run)");
+    if (n < 1 || n > lm->Bmax || T < 1 || T > lm->Tmax)
+        return ql_error(QL_EINVAL, "decode of %d sequences of %d tokens (the plan: %d of %d)", n, T, lm->Bmax, lm->Tmax);
+    if ((int64_t)lm->kv_len + T > lm->kv_cap)
+        return ql_error(QL_EINVAL, "sequence of %lld tokens exceeds the cache of %d", (long long)lm->kv_len + T,
+                        lm->kv_cap);
+    for (int b = 0; b < n; b++) {
+        if (len[b] < 1 || len[b] > T) return ql_error(QL_EINVAL, "sequence %d has %d of %d tokens", b, len[b], T);
+        for (int t = 0; t < len[b]; t++)
+            if (tokens[(int64_t)b * T + t] < 0 || tokens[(int64_t)b * T + t] >= c->vocab)
+                return ql_error(QL_EINVAL, "token id %d of sequence %d, position %d, is outside the vocabulary (%d)",
+                                tokens[(int64_t)b * T + t], b, t, c->vocab);
+    }
+    if (lm->ctx->status) return ql_be_check(lm->ctx);
+    /* the padding past a sequence's end is run (it is attended by nothing real) as token 0 */
+    int32_t *ids = malloc((size_t)n * (size_t)T * sizeof *ids);
+    if (!ids) return ql_error(QL_ENOMEM, "out of memory");
+    for (int b = 0; b < n; b++)
+        for (int t = 0; t < T; t++) ids[(int64_t)b * T + t] = t < len[b] ? tokens[(int64_t)b * T + t] : 0;
+    int rc = decode_piece(lm, n, ids, T, len, logits);
+    free(ids);
+    return rc;
+}
 
 void ql_lora_model_kv_truncate(ql_lora_model *lm, int len)
 {

@@ -57,7 +57,8 @@ typedef struct ql_lora_model_opts {
      * the CPU, in order) */
     int offload;
     /* > 0: a key/value cache of that many positions in backend memory, for
-     * ql_lora_model_decode (generation); forward only.  batch must be 1 and
+     * ql_lora_model_decode (generation); forward only.  With batch > 1, a
+     * cache row a sequence (ql_lora_model_decode_rows); decode uses row 0, and
      * max_len is then the most tokens one pass of decode takes (a longer
      * prompt goes through in pieces of max_len). */
     int kv_capacity;
@@ -148,5 +149,19 @@ int ql_lora_model_kv_length(const ql_lora_model *lm);
 int ql_lora_model_merged_weights(ql_lora_model *lm, int layer, int module, float *host);
 /* keep the first len positions (0: empty) */
 void ql_lora_model_kv_truncate(ql_lora_model *lm, int len);
+/* Several sequences that share the cache's first kv_length() positions (a
+ * plan made with batch > 1 and kv_capacity): kv_fork copies sequence 0's
+ * cache (what ql_lora_model_decode wrote) into sequences 1..n-1; then
+ * decode_rows runs n sequences of up to T <= the plan's max_len tokens each
+ * after it (tokens [n, T], right-padded, len[b] real), as n separate
+ * ql_lora_model_decode calls from that cache would, and writes each one's
+ * next-token logits of its last real token into logits [n, V] (host).  The
+ * cache keeps its length: what the sequences wrote past it is dropped. */
+int ql_lora_model_kv_fork(ql_lora_model *lm, int n);
+int ql_lora_model_decode_rows(ql_lora_model *lm, int n, const int32_t *tokens, int T, const int *len, float *logits);
+/* After decode_rows: sequence `row`'s positions up to len (its real tokens)
+ * become the cache's (row 0's, kv_length() = len), so that the next
+ * decode continues after that sequence. */
+int ql_lora_model_kv_adopt(ql_lora_model *lm, int row, int len);
 
 #endif

@@ -327,7 +327,8 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     int by_last = 0;
     if (rc == QL_OK) rc = letter_tokens(tok, ql_llama_get_config(m)->vocab, letter_id, &by_last, o->no_warnings);
     const ql_llama_config *c = ql_llama_get_config(m);
-    float *logits = malloc((size_t)c->vocab * sizeof *logits);
+    const int nbatch = !o->no_reuse && o->batch > 1 ? o->batch : 1;
+    float *logits = malloc((size_t)nbatch * (size_t)c->vocab * sizeof *logits);
     if (rc == QL_OK && !logits) rc = ql_error(QL_ENOMEM, "out of memory");
     if (rc == QL_OK && !o->lora && ql_lora_attached(m))
         rc = ql_error(QL_EINVAL, "the model has a LoRA adapter attached: pass it as ql_mmlu_opts.lora");
@@ -340,7 +341,11 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     /* dynamic RoPE: a prompt in one piece, up to 8192 tokens (its
      * frequencies follow the whole length, as transformers runs it) */
     const int piece = c->rope.type == QL_ROPE_DYNAMIC ? 8192 : 512;
-    ql_lora_model_opts mo = {.batch = 1, .max_len = c->max_len < piece ? c->max_len : piece, .allocate = 1,
+    /* the previous prompt's ids, whose attention cache the next one reuses where they agree */
+    const int reuse = !o->no_reuse && c->rope.type != QL_ROPE_DYNAMIC;
+    /* batch: the questions after a shared prefix run together, a cache row each */
+    const int batch = reuse && o->batch > 1 ? o->batch : 1;
+    ql_lora_model_opts mo = {.batch = batch, .max_len = c->max_len < piece ? c->max_len : piece, .allocate = 1,
                              .precision = precision, .kv_capacity = c->max_len};
     if (rc == QL_OK) rc = ql_lora_model_create(m, (ql_lora *)o->lora, ctx, &mo, &lm);
     if (rc == QL_OK) rc = ql_lora_model_push_params(lm);
@@ -348,11 +353,9 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     /* the table: each subject's questions and correct answers */
     int64_t *sub_n = calloc(ns ? ns : 1, sizeof *sub_n), *sub_ok = calloc(ns ? ns : 1, sizeof *sub_ok);
     if (rc == QL_OK && (!sub_n || !sub_ok)) rc = ql_error(QL_ENOMEM, "out of memory");
-    /* the previous prompt's ids, whose attention cache the next one reuses where they agree */
-    const int reuse = !o->no_reuse && c->rope.type != QL_ROPE_DYNAMIC;
     int32_t *prev = NULL;
     size_t prev_n = 0;
-    int64_t reused = 0, run = 0;
+    int64_t prompt_tokens = 0, run = 0;
     double sum_subject = 0;
     int64_t correct_all = 0, total_all = 0, fewer_shots = 0, truncated = 0;
     ql_progress prog;
@@ -371,8 +374,11 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
             rc = ql_error(QL_EINVAL, "MMLU: %s has %zu dev questions, fewer than --shots %d", subjects[s], ndev, o->shots);
         size_t limit = o->max_per_subject > 0 && (size_t)o->max_per_subject < nq ? (size_t)o->max_per_subject : nq;
         int64_t correct = 0;
+        /* every prompt of the subject, with fewer shots when it does not fit the model */
+        int32_t **pids = calloc(limit ? limit : 1, sizeof *pids);
+        size_t *pn = calloc(limit ? limit : 1, sizeof *pn);
+        if (rc == QL_OK && (!pids || !pn)) rc = ql_error(QL_ENOMEM, "out of memory");
         for (size_t i = 0; i < limit && rc == QL_OK; i++) {
-            /* fewer shots when the prompt does not fit the model */
             int32_t *ids = NULL;
             size_t n = 0;
             int shots = o->shots;
@@ -396,27 +402,82 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                 }
             }
             if (rc == QL_OK && shots < o->shots) fewer_shots++;
-            if (rc == QL_OK) { /* from the first token where it differs from the previous prompt (at least the last) */
-                size_t keep = 0;
-                if (reuse)
-                    while (keep < prev_n && keep + 1 < n && ids[keep] == prev[keep]) keep++;
-                ql_lora_model_kv_truncate(lm, (int)keep);
-                rc = ql_lora_model_decode(lm, ids + keep, (int)(n - keep), logits);
-                reused += (int64_t)keep;
-                run += (int64_t)(n - keep);
-                free(prev);
-                prev = ids;
-                prev_n = rc == QL_OK ? n : 0;
-                ids = NULL;
+            pids[i] = ids;
+            pn[i] = n;
+        }
+        /* groups of up to `batch` consecutive prompts that share one prefix
+         * (at least the last token of each left to run): the prefix once,
+         * from where it agrees with the cache, then their rests together */
+        for (size_t i = 0; i < limit && rc == QL_OK;) {
+            size_t g = 1, lcp = pn[i] - 1, cached = 0; /* cached: what prompt i alone would reuse */
+            if (reuse)
+                while (cached < prev_n && cached + 1 < pn[i] && pids[i][cached] == prev[cached]) cached++;
+            while (batch > 1 && g < (size_t)batch && i + g < limit) {
+                size_t k = 0, cap = lcp < pn[i + g] - 1 ? lcp : pn[i + g] - 1;
+                while (k < cap && pids[i + g][k] == pids[i][k]) k++;
+                /* it joins when that costs no more tokens than running after the
+                 * prompt before it: it shares at least as much with the group as
+                 * with that one, the group's prefix does not shrink, and is no
+                 * shorter than what the cache holds for the first */
+                size_t kp = 0, capp = pn[i + g] - 1 < pn[i + g - 1] ? pn[i + g] - 1 : pn[i + g - 1];
+                while (kp < capp && pids[i + g][kp] == pids[i + g - 1][kp]) kp++;
+                if (k < kp || k < (g >= 2 ? lcp : cached)) break;
+                size_t rest = 0; /* the group's longest rest must fit one pass */
+                for (size_t j = 0; j <= g; j++) rest = pn[i + j] - k > rest ? pn[i + j] - k : rest;
+                if (rest > (size_t)mo.max_len) break;
+                lcp = k;
+                g++;
             }
-            if (rc == QL_OK) {
+            size_t keep = 0;
+            if (reuse)
+                while (keep < prev_n && keep < lcp && pids[i][keep] == prev[keep]) keep++;
+            if (g == 1) { /* alone: the whole prompt from the cache's end, as decode runs it */
+                keep = cached;
+                ql_lora_model_kv_truncate(lm, (int)keep);
+                rc = ql_lora_model_decode(lm, pids[i] + keep, (int)(pn[i] - keep), logits);
+                run += (int64_t)(pn[i] - keep);
+                free(prev);
+                prev = pids[i];
+                prev_n = rc == QL_OK ? pn[i] : 0;
+                pids[i] = NULL;
+            } else {
+                ql_lora_model_kv_truncate(lm, (int)keep);
+                if (lcp > keep) rc = ql_lora_model_decode(lm, pids[i] + keep, (int)(lcp - keep), NULL);
+                run += (int64_t)(lcp - keep);
+                if (rc == QL_OK) rc = ql_lora_model_kv_fork(lm, (int)g);
+                int T = 0, lens[g];
+                for (size_t j = 0; j < g; j++) {
+                    lens[j] = (int)(pn[i + j] - lcp);
+                    T = lens[j] > T ? lens[j] : T;
+                    run += lens[j];
+                }
+                int32_t *rows = rc == QL_OK ? calloc(g * (size_t)T, sizeof *rows) : NULL;
+                if (rc == QL_OK && !rows) rc = ql_error(QL_ENOMEM, "out of memory");
+                for (size_t j = 0; rc == QL_OK && j < g; j++)
+                    memcpy(rows + j * (size_t)T, pids[i + j] + lcp, (size_t)lens[j] * sizeof *rows);
+                if (rc == QL_OK) rc = ql_lora_model_decode_rows(lm, (int)g, rows, T, lens, logits);
+                free(rows);
+                /* the cache continues after the group's last prompt, as it would
+                 * one at a time: the next one reuses what it shares with it */
+                if (rc == QL_OK) rc = ql_lora_model_kv_adopt(lm, (int)g - 1, (int)pn[i + g - 1]);
+                free(prev);
+                prev = pids[i + g - 1];
+                prev_n = rc == QL_OK ? pn[i + g - 1] : 0;
+                pids[i + g - 1] = NULL;
+            }
+            for (size_t j = 0; rc == QL_OK && j < g; j++) {
+                const float *lg = logits + j * (size_t)c->vocab;
                 int best = 0;
                 for (int k = 1; k < 4; k++)
-                    if (logits[letter_id[k]] > logits[letter_id[best]]) best = k;
-                correct += best == qs[i].field[5][0] - '0';
+                    if (lg[letter_id[k]] > lg[letter_id[best]]) best = k;
+                correct += best == qs[i + j].field[5][0] - '0';
+                prompt_tokens += (int64_t)pn[i + j];
             }
-            free(ids);
+            i += g;
         }
+        for (size_t i = 0; pids && i < limit; i++) free(pids[i]);
+        free(pids);
+        free(pn);
         if (rc == QL_OK && limit > 0) {
             double acc = (double)correct / (double)limit;
             json_object_set_new(per, subjects[s], json_real(acc));
@@ -465,7 +526,7 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         json_object_set_new(res, "prompts_with_fewer_shots", json_integer(fewer_shots));
         json_object_set_new(res, "prompts_truncated", json_integer(truncated));
         json_object_set_new(res, "tokens_run", json_integer(run));
-        json_object_set_new(res, "tokens_reused", json_integer(reused));
+        json_object_set_new(res, "tokens_reused", json_integer(prompt_tokens - run)); /* the prompts' tokens not run */
         json_t *aid = json_array();
         for (int k = 0; k < 4; k++) json_array_append_new(aid, json_integer(letter_id[k]));
         json_object_set_new(res, "answer_token_ids", aid);

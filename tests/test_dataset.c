@@ -873,18 +873,24 @@ END_TEST
  * header and dev questions) kept from one question to the next gives the
  * answers of scoring each prompt from scratch, in far fewer tokens; the
  * table comes before the JSON line, which stays last. */
-static char *mmlu_run(ql_llama *m, const ql_tokenizer *t, const char *dir, int no_reuse, int table)
+static char *mmlu_run_batch(ql_llama *m, const ql_tokenizer *t, const char *dir, int no_reuse, int table, int batch,
+                            int per_subject)
 {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     ck_assert_ptr_nonnull(f);
-    ql_mmlu_opts o = {.dir = dir, .shots = 2, .max_per_subject = 3, .no_warnings = 1, .table = table,
-                      .no_reuse = no_reuse};
+    ql_mmlu_opts o = {.dir = dir, .shots = 2, .max_per_subject = per_subject, .no_warnings = 1, .table = table,
+                      .no_reuse = no_reuse, .batch = batch};
     int rc = ql_mmlu_eval(m, t, &o, f);
     fclose(f);
     ck_assert_msg(rc == QL_OK, "%s", ql_error_message());
     return buf;
+}
+
+static char *mmlu_run(ql_llama *m, const ql_tokenizer *t, const char *dir, int no_reuse, int table)
+{
+    return mmlu_run_batch(m, t, dir, no_reuse, table, 1, 3);
 }
 
 static json_t *last_line_json(const char *text)
@@ -938,6 +944,44 @@ START_TEST(test_mmlu_prefix_reuse)
 }
 END_TEST
 
+/* Questions run together after their shared prefix (--batch-size with
+ * --mmlu) score as they do one at a time: the same accuracies, the same
+ * tokens run as with the reuse alone (prefix once, then every rest), and a
+ * group of 3 at 4 questions a subject has one question left over alone. */
+START_TEST(test_mmlu_batched)
+{
+    char *mdir = shared_path("models/stories260K"), *dir = shared_path("data/mmlu");
+    ql_llama *m = NULL;
+    ql_llama_load_opts lo = {.quantizer = "none"};
+    ck_assert_msg(ql_llama_load(mdir, &lo, &m) == QL_OK, "%s", ql_error_message());
+    ql_tokenizer *t = load_tokenizer();
+    char *fresh = mmlu_run_batch(m, t, dir, 1, 0, 1, 4), *one = mmlu_run_batch(m, t, dir, 0, 0, 1, 4),
+         *three = mmlu_run_batch(m, t, dir, 0, 0, 3, 4);
+    json_t *a = last_line_json(fresh), *b = last_line_json(one), *c = last_line_json(three);
+    ck_assert_int_eq(json_integer_value(json_object_get(c, "questions")), 57 * 4);
+    const char *keys[] = {"accuracy", "accuracy_micro", "per_subject"};
+    for (size_t k = 0; k < 3; k++) {
+        ck_assert_msg(json_equal(json_object_get(a, keys[k]), json_object_get(c, keys[k])),
+                      "%s differs batched:\n%s\n%s", keys[k], fresh, three);
+        ck_assert(json_equal(json_object_get(a, keys[k]), json_object_get(b, keys[k])));
+    }
+    const json_int_t run_a = json_integer_value(json_object_get(a, "tokens_run")),
+                     run_b = json_integer_value(json_object_get(b, "tokens_run")),
+                     run_c = json_integer_value(json_object_get(c, "tokens_run")),
+                     reused_c = json_integer_value(json_object_get(c, "tokens_reused"));
+    ck_assert_int_eq(run_c + reused_c, run_a);
+    ck_assert_msg(run_c <= run_b, "batched ran %lld tokens, one at a time %lld", (long long)run_c, (long long)run_b);
+    printf("MMLU, 2 shots, 4 questions a subject: %lld tokens from scratch, %lld with the prefix reused, %lld batched "
+           "by 3\n",
+           (long long)run_a, (long long)run_b, (long long)run_c);
+    json_decref(a), json_decref(b), json_decref(c);
+    free(fresh), free(one), free(three);
+    ql_tokenizer_destroy(t);
+    ql_llama_destroy(m);
+    free(mdir), free(dir);
+}
+END_TEST
+
 Suite *dataset_suite(void)
 {
     Suite *s = suite_create("dataset");
@@ -984,6 +1028,7 @@ Suite *dataset_suite(void)
         TCase *mm = tcase_create("mmlu");
         tcase_set_timeout(mm, 300);
         tcase_add_test(mm, test_mmlu_prefix_reuse);
+        tcase_add_test(mm, test_mmlu_batched);
         suite_add_tcase(s, mm);
     }
     return s;

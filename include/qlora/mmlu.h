@@ -29,6 +29,11 @@ typedef struct ql_mmlu_opts {
      * subject's header and dev questions), so only its question is run;
      * not with dynamic RoPE, whose frequencies follow the whole length */
     int no_reuse;
+    /* > 1 (with the reuse): up to this many consecutive questions of a
+     * subject run together after the prefix they share, one cache row each
+     * (ql_lora_model_decode_rows); their scores are those of running them
+     * one after another.  0 or 1: one at a time */
+    int batch;
     /* the adapter to score with (NULL: the base model; an attached adapter
      * must be passed here), and where, as ql_eval_opts: every prompt goes
      * through the training forward pass's memory plan with a key/value
