@@ -35,7 +35,7 @@ static const char usage_text[] =
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
     "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--split test] [--max-examples N per subject]\n"
-    "       [--batch-size 8] [--adapter RUN_DIR]\n"
+    "       [--batch-size 1] [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
     "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens 128]\n"
     "       [--temperature 0] [--top-p 1] [--seed 0] [--device D]\n"
@@ -1062,7 +1062,9 @@ static int help_eval(void)
     help_opt("--max-len N", "tokens per example at most", "the model's max_position_embeddings");
     help_int("--source-max-len N", "prompt tokens kept at most", eval_defaults.source_max_len);
     help_int("--target-max-len N", "response tokens kept at most", eval_defaults.target_max_len);
-    help_int("--batch-size N", "examples per forward pass; with --mmlu, questions run together after their shared prefix",
+    help_int("--batch-size N",
+             "examples per forward pass; with --mmlu, questions run together after their shared prefix (default 1: "
+             "measured slower so far, docs/benchmarks.md)",
              eval_defaults.batch);
     help_device();
     help_opt("--precision P", "fp32, bf16 or auto",
@@ -1108,6 +1110,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
                *mmlu = NULL, *mmlu_split = eval_defaults.mmlu_split, *device = default_device(),
                *precision = eval_defaults.precision;
     long shots = eval_defaults.shots, batch = eval_defaults.batch;
+    int batch_given = 0; /* with --mmlu the default is 1 (help_eval) */
     long max_examples = 0, max_len = 0, source_max_len = eval_defaults.source_max_len,
          target_max_len = eval_defaults.target_max_len;
     int progress = 1, c, bad = 0, no_reuse = 0;
@@ -1128,7 +1131,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
         case OPT_MMLU: mmlu = optarg; break;
         case OPT_MMLU_SPLIT: mmlu_split = optarg; break;
         case OPT_SHOTS: bad |= parse_long_arg("--shots", optarg, 0, 64, &shots); break;
-        case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1 << 16, &batch); break;
+        case OPT_BATCH_SIZE: bad |= parse_long_arg("--batch-size", optarg, 1, 1 << 16, &batch), batch_given = 1; break;
         case OPT_DEVICE:
             if (choice("--device", optarg, DEVICES, &device)) return 2;
             break;
@@ -1164,7 +1167,7 @@ static int eval_parsed(int argc, char **argv, const qp_args *qp)
         ql_mmlu_opts mo = {.dir = mmlu, .split = mmlu_split, .shots = (int)shots, .max_per_subject = max_examples,
                            .progress = progress, .table = isatty(STDOUT_FILENO), /* the JSON line stays last */
                            .lora = lora, .device = device, .precision = precision, .no_reuse = no_reuse,
-                           .batch = (int)batch};
+                           .batch = batch_given ? (int)batch : 1};
         rc = ql_mmlu_eval(m, tok, &mo, stdout);
         goto done;
     }
