@@ -710,7 +710,8 @@ END_TEST
 
 /* optq (GPTQ layout, its device materialize): a step of stories260K, whose
  * 172-wide layers are off the 32-code word, on the GPU in float32 and in
- * bf16 against the CPU's float32 step; _i picks the width. */
+ * bf16 against the CPU's float32 step; _i picks the width.  Tolerances as
+ * training_step_matches_cpu's, but bf16 gradients at 2 bits within 1e-1. */
 START_TEST(optq_step_matches_cpu)
 {
     static const char *const specs[] = {"optq:rtn=1,bits=3,groupsize=32", "optq:rtn=1,bits=4,groupsize=-1",
@@ -724,7 +725,9 @@ START_TEST(optq_step_matches_cpu)
     step_on(m, l, cpu, 1, QL_PREC_FP32, ids, labels, len, seeds, &lc, gc);
     for (int bf16 = 0; bf16 < 2; bf16++) {
         step_on(m, l, gpu, 1, bf16 ? QL_PREC_BF16 : QL_PREC_FP32, ids, labels, len, seeds, &lg, gg);
-        const double ltol = bf16 ? 1e-2 : 1e-5, gtol = bf16 ? 5e-2 : 1e-4;
+        /* bf16 gradients: 0.009-0.011 at 3 and 4 bits, 0.038-0.049 at 2 bits (H200, two seeds), against
+         * fp32 on the CPU; the 2-bit bound has room above that */
+        const double ltol = bf16 ? 1e-2 : 1e-5, gtol = bf16 ? (_i == 2 ? 1e-1 : 5e-2) : 1e-4;
         ck_assert_msg(isfinite(lg) && fabs(lg - lc) <= ltol * fabs(lc), "%s%s: loss on the GPU %.9g, CPU %.9g",
                       specs[_i], bf16 ? " (bf16)" : "", lg, lc);
         size_t worst = 0;
