@@ -929,8 +929,49 @@ START_TEST(decode_matches_the_generation_path)
     ck_assert_int_eq(ql_lora_model_decode(lm, ids, 1, got), QL_EINVAL);
     ck_assert_contains(ql_error_message(), "key/value cache");
     ql_lora_model_destroy(lm);
+    /* two cache rows after one shared prefix (what MMLU batching does):
+     * each row's logits as one sequence decoded alone from that prefix */
     ql_lora_model_opts two = {.batch = 2, .max_len = PIECE, .allocate = 1, .kv_capacity = CAP};
-    ck_assert_int_eq(ql_lora_model_create(m, l, ctx, &two, &lm), QL_EINVAL);
+    ck_assert_msg(ql_lora_model_create(m, l, ctx, &two, &lm) == QL_OK, "%s", ql_error_message());
+    ck_assert_int_eq(ql_lora_model_push_params(lm), QL_OK);
+    const int PRE = 12, L0 = 5, L1 = 3;
+    float *alone = malloc(2 * (size_t)V * sizeof *alone), *rows = malloc(2 * (size_t)V * sizeof *rows);
+    const int32_t *rest[2] = {ids + PRE, ids + PRE + 7};
+    const int lens[2] = {L0, L1};
+    for (int b = 0; b < 2; b++) {
+        ql_lora_model_kv_truncate(lm, 0);
+        ck_assert_int_eq(ql_lora_model_decode(lm, ids, PRE, NULL), QL_OK);
+        ck_assert_int_eq(ql_lora_model_decode(lm, rest[b], lens[b], alone + (size_t)b * V), QL_OK);
+    }
+    ql_lora_model_kv_truncate(lm, 0);
+    ck_assert_int_eq(ql_lora_model_decode(lm, ids, PRE, NULL), QL_OK);
+    ck_assert_msg(ql_lora_model_kv_fork(lm, 2) == QL_OK, "%s", ql_error_message());
+    int32_t padded[2 * 7] = {0};
+    for (int b = 0; b < 2; b++) memcpy(padded + b * PIECE, rest[b], (size_t)lens[b] * sizeof *padded);
+    ck_assert_msg(ql_lora_model_decode_rows(lm, 2, padded, PIECE, lens, rows) == QL_OK, "%s", ql_error_message());
+    ck_assert_int_eq(ql_lora_model_kv_length(lm), PRE);
+    for (int b = 0; b < 2; b++)
+        ck_assert_msg(rel_max_diff(rows + (size_t)b * V, alone + (size_t)b * V, (size_t)V) < 1e-5, "row %d: %.3g", b,
+                      rel_max_diff(rows + (size_t)b * V, alone + (size_t)b * V, (size_t)V));
+    /* row 1 adopted: the next token decodes as after row 1's sequence alone */
+    ck_assert_msg(ql_lora_model_kv_adopt(lm, 1, PRE + L1) == QL_OK, "%s", ql_error_message());
+    ck_assert_int_eq(ql_lora_model_kv_length(lm), PRE + L1);
+    ck_assert_int_eq(ql_lora_model_decode(lm, ids + 30, 1, rows), QL_OK);
+    ql_lora_model_kv_truncate(lm, 0);
+    ck_assert_int_eq(ql_lora_model_decode(lm, ids, PRE, NULL), QL_OK);
+    ck_assert_int_eq(ql_lora_model_decode(lm, rest[1], L1, NULL), QL_OK);
+    ck_assert_int_eq(ql_lora_model_decode(lm, ids + 30, 1, alone), QL_OK);
+    ck_assert_msg(rel_max_diff(rows, alone, (size_t)V) < 1e-5, "after adopting: %.3g", rel_max_diff(rows, alone, (size_t)V));
+    /* refused: more rows than planned, a row past the plan, a bad length */
+    ck_assert_int_eq(ql_lora_model_kv_fork(lm, 3), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "the plan has 2");
+    ck_assert_int_eq(ql_lora_model_kv_adopt(lm, 2, PRE + L1 + 2), QL_EINVAL);
+    const int badlen[2] = {L0, PIECE + 1};
+    ck_assert_int_eq(ql_lora_model_decode_rows(lm, 2, padded, PIECE, badlen, rows), QL_EINVAL);
+    ck_assert_contains(ql_error_message(), "sequence 1 has 8 of 7 tokens");
+    free(alone);
+    free(rows);
+    ql_lora_model_destroy(lm);
     /* ql_generate with the adapter attached but not passed: refused */
     ql_tokenizer *tok = NULL;
     ck_assert_int_eq(ql_tokenizer_load(model_dir, &tok), QL_OK);

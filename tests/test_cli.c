@@ -436,7 +436,7 @@ static const struct {
     {"eval", "--model", ""},
     {"eval", "--data", ""},
     {"eval", "--format", "detected from the file"},
-    {"eval", "--batch-size", "8"},
+    {"eval", "--batch-size", "8; with --mmlu 1"},
     {"eval", "--shots", "5"},
     {"eval", "--split", "test"},
     {"eval", "--source-max-len", "1024"},

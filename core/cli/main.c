@@ -35,7 +35,7 @@ static const char usage_text[] =
     "       [--max-examples N] [--max-len N] [--source-max-len N] [--target-max-len N] [--adapter RUN_DIR]\n"
     "       [--batch-size 8] [--device auto|cpu|cuda] [--precision auto|fp32|bf16]\n"
     "  eval --model DIR --mmlu MMLU_DIR [--shots 5] [--split test] [--max-examples N per subject]\n"
-    "       [--batch-size 1] [--adapter RUN_DIR]\n"
+    "       [--batch-size N] [--adapter RUN_DIR]\n"
     "                                      mean NLL and perplexity; last stdout line is JSON\n"
     "  generate --model DIR [--adapter RUN_DIR] [--quantizer=Q] --prompt TEXT [--max-new-tokens 128]\n"
     "       [--temperature 0] [--top-p 1] [--seed 0] [--device D]\n"
@@ -1062,10 +1062,12 @@ static int help_eval(void)
     help_opt("--max-len N", "tokens per example at most", "the model's max_position_embeddings");
     help_int("--source-max-len N", "prompt tokens kept at most", eval_defaults.source_max_len);
     help_int("--target-max-len N", "response tokens kept at most", eval_defaults.target_max_len);
-    help_int("--batch-size N",
-             "examples per forward pass; with --mmlu, questions run together after their shared prefix (default 1: "
-             "measured slower so far, docs/benchmarks.md)",
-             eval_defaults.batch);
+    char batch_default[48];
+    snprintf(batch_default, sizeof batch_default, "%ld; with --mmlu 1", eval_defaults.batch);
+    help_opt("--batch-size N",
+             "examples per forward pass; with --mmlu, questions that share a prefix run together after it "
+             "(measured slower than one at a time so far, docs/benchmarks.md)",
+             batch_default);
     help_device();
     help_opt("--precision P", "fp32, bf16 or auto",
              strcmp(eval_defaults.precision, "auto") ? eval_defaults.precision : "auto: bf16 on cuda, fp32 on cpu");
