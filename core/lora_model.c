@@ -1422,13 +1422,19 @@ static int layer_decode(ctx *x, int i, layer_acts *a, float *out, int past)
     if (B == 1) {
         ql_be(x->be, attention_forward, a->att, a->q, kc, vc, d->T, past, d->nh, d->nkv, (int)d->hd, window);
     } else {
-        const size_t rows = (size_t)(d->T * d->kvd) * sizeof(float);
+        /* each sequence's real rows only: the padding after them is attended
+         * by nothing real (its rows of a->att are zeroed: they reach only
+         * padding rows of the linears after) */
         for (int64_t b = 0; b < B; b++) {
+            const int n = x->mb.len[b];
+            const size_t rows = (size_t)((int64_t)n * d->kvd) * sizeof(float);
             float *kb = kv_row(lm, i, b, 0, d->kvd), *vb = kv_row(lm, i, b, 1, d->kvd);
             ql_be(x->be, copy, kb + (int64_t)past * d->kvd, kn + b * d->T * d->kvd, rows);
             ql_be(x->be, copy, vb + (int64_t)past * d->kvd, vn + b * d->T * d->kvd, rows);
-            ql_be(x->be, attention_forward, a->att + b * d->T * d->qd, a->q + b * d->T * d->qd, kb, vb, d->T, past,
+            ql_be(x->be, attention_forward, a->att + b * d->T * d->qd, a->q + b * d->T * d->qd, kb, vb, n, past,
                   d->nh, d->nkv, (int)d->hd, window);
+            if (n < d->T)
+                ql_be(x->be, zero, a->att + (b * d->T + n) * d->qd, (size_t)((d->T - n) * d->qd) * sizeof(float));
         }
     }
     if ((rc = linear_fwd(x, i, QL_MOD_O, a, a->att, a->xmid))) return rc;

@@ -287,6 +287,21 @@ static int letter_tokens(const ql_tokenizer *tok, int vocab, int32_t id[4], int 
     return QL_OK;
 }
 
+/* a subject's prompt: its shots, its tokens, its question */
+typedef struct prompt_order {
+    int shots;
+    size_t n, i;
+} prompt_order;
+
+/* most shots first (the full prefix), then shorter first, then as read */
+static int cmp_prompt_order(const void *pa, const void *pb)
+{
+    const prompt_order *a = pa, *b = pb;
+    if (a->shots != b->shots) return a->shots > b->shots ? -1 : 1;
+    if (a->n != b->n) return a->n < b->n ? -1 : 1;
+    return a->i < b->i ? -1 : a->i > b->i;
+}
+
 int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FILE *out)
 {
     const char *split = o->split ? o->split : "test";
@@ -375,9 +390,16 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         size_t limit = o->max_per_subject > 0 && (size_t)o->max_per_subject < nq ? (size_t)o->max_per_subject : nq;
         int64_t correct = 0;
         /* every prompt of the subject, with fewer shots when it does not fit the model */
-        int32_t **pids = calloc(limit ? limit : 1, sizeof *pids);
+        int32_t **pids = calloc(limit ? limit : 1, sizeof *pids), **sorted_ids = NULL;
         size_t *pn = calloc(limit ? limit : 1, sizeof *pn);
-        if (rc == QL_OK && (!pids || !pn)) rc = ql_error(QL_ENOMEM, "out of memory");
+        int *answer = calloc(limit ? limit : 1, sizeof *answer);
+        prompt_order *order = NULL;
+        if (batch > 1) {
+            order = calloc(limit ? limit : 1, sizeof *order);
+            sorted_ids = calloc(limit ? limit : 1, sizeof *sorted_ids);
+        }
+        if (rc == QL_OK && (!pids || !pn || !answer || (batch > 1 && (!order || !sorted_ids))))
+            rc = ql_error(QL_ENOMEM, "out of memory");
         for (size_t i = 0; i < limit && rc == QL_OK; i++) {
             int32_t *ids = NULL;
             size_t n = 0;
@@ -404,7 +426,19 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
             if (rc == QL_OK && shots < o->shots) fewer_shots++;
             pids[i] = ids;
             pn[i] = n;
+            if (order) order[i] = (prompt_order){.shots = shots, .n = n, .i = i};
         }
+        /* batched: the prompts with the same shots (the same prefix) by
+         * length, so that a group's rests are padded to little more than
+         * their own lengths (each question is scored alone: the order
+         * changes no score) */
+        if (rc == QL_OK && order && batch > 1) {
+            qsort(order, limit, sizeof *order, cmp_prompt_order);
+            for (size_t i = 0; i < limit; i++) sorted_ids[i] = pids[order[i].i];
+            memcpy(pids, sorted_ids, limit * sizeof *pids);
+            for (size_t i = 0; i < limit; i++) pn[i] = order[i].n;
+        }
+        for (size_t i = 0; rc == QL_OK && i < limit; i++) answer[i] = qs[order ? order[i].i : i].field[5][0] - '0';
         /* groups of up to `batch` consecutive prompts that share one prefix
          * (at least the last token of each left to run): the prefix once,
          * from where it agrees with the cache, then their rests together */
@@ -470,7 +504,7 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                 int best = 0;
                 for (int k = 1; k < 4; k++)
                     if (lg[letter_id[k]] > lg[letter_id[best]]) best = k;
-                correct += best == qs[i + j].field[5][0] - '0';
+                correct += best == answer[i + j];
                 prompt_tokens += (int64_t)pn[i + j];
             }
             i += g;
@@ -478,6 +512,9 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         for (size_t i = 0; pids && i < limit; i++) free(pids[i]);
         free(pids);
         free(pn);
+        free(answer);
+        free(order);
+        free(sorted_ids);
         if (rc == QL_OK && limit > 0) {
             double acc = (double)correct / (double)limit;
             json_object_set_new(per, subjects[s], json_real(acc));

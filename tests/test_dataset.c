@@ -17,8 +17,10 @@
 #include "qlora/error.h"
 #include "qlora/fs.h"
 #include "qlora/llama.h"
+#include "qlora/lora.h"
 #include "qlora/mmlu.h"
 #include "qlora/tokenizer.h"
+#include "testutil.h"
 
 /* ---- helpers ---- */
 
@@ -69,9 +71,6 @@ static void remove_tmp(void)
     if (tmp_root[0]) ql_remove_tree(tmp_root);
     tmp_root[0] = '\0';
 }
-
-#define ck_assert_contains(hay, needle) \
-    ck_assert_msg(strstr((hay), (needle)) != NULL, "expected to find \"%s\" in:\n%s", (needle), (hay))
 
 static ql_dataset_opts opts_of(ql_data_format fmt, int src_max, int tgt_max, int max_len)
 {
@@ -873,19 +872,25 @@ END_TEST
  * header and dev questions) kept from one question to the next gives the
  * answers of scoring each prompt from scratch, in far fewer tokens; the
  * table comes before the JSON line, which stays last. */
-static char *mmlu_run_batch(ql_llama *m, const ql_tokenizer *t, const char *dir, int no_reuse, int table, int batch,
-                            int per_subject)
+static char *mmlu_run_lora(ql_llama *m, const ql_lora *l, const ql_tokenizer *t, const char *dir, int no_reuse,
+                           int table, int batch, int per_subject)
 {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     ck_assert_ptr_nonnull(f);
     ql_mmlu_opts o = {.dir = dir, .shots = 2, .max_per_subject = per_subject, .no_warnings = 1, .table = table,
-                      .no_reuse = no_reuse, .batch = batch};
+                      .no_reuse = no_reuse, .batch = batch, .lora = l};
     int rc = ql_mmlu_eval(m, t, &o, f);
     fclose(f);
     ck_assert_msg(rc == QL_OK, "%s", ql_error_message());
     return buf;
+}
+
+static char *mmlu_run_batch(ql_llama *m, const ql_tokenizer *t, const char *dir, int no_reuse, int table, int batch,
+                            int per_subject)
+{
+    return mmlu_run_lora(m, NULL, t, dir, no_reuse, table, batch, per_subject);
 }
 
 static char *mmlu_run(ql_llama *m, const ql_tokenizer *t, const char *dir, int no_reuse, int table)
@@ -944,19 +949,37 @@ START_TEST(test_mmlu_prefix_reuse)
 }
 END_TEST
 
+/* stories260K answers nearly every question of a subject with the same
+ * letter, which would hide a question scored against another's answer: a
+ * random adapter (B of std 0.3) makes its choices follow the question */
+static ql_lora *mmlu_adapter(ql_llama *m)
+{
+    ql_lora_config cfg = {.r = 4, .alpha = 8.0f, .modules = QL_LORA_ALL_MODULES};
+    ql_lora *l = NULL;
+    ck_assert_int_eq(ql_lora_create(m, &cfg, 11, &l), QL_OK);
+    for (int i = 0; i < l->n_layers; i++)
+        for (int k = 0; k < QL_MOD_COUNT; k++) {
+            ql_lora_pair *p = ql_lora_pair_at(l, i, k);
+            if (p) tu_randn(p->B, (size_t)(p->out * l->cfg.r), 300 + (uint64_t)(i * QL_MOD_COUNT + k), 0.3f);
+        }
+    ql_lora_attach(m, l);
+    return l;
+}
+
 /* Questions run together after their shared prefix (--batch-size with
- * --mmlu) score as they do one at a time: the same accuracies, the same
- * tokens run as with the reuse alone (prefix once, then every rest), and a
- * group of 3 at 4 questions a subject has one question left over alone. */
+ * --mmlu; groups of 3 at 4 questions a subject, so one left over alone,
+ * in the order of their lengths) score as they do one at a time and from
+ * scratch, and run no more tokens than one at a time */
 START_TEST(test_mmlu_batched)
 {
     char *mdir = shared_path("models/stories260K"), *dir = shared_path("data/mmlu");
     ql_llama *m = NULL;
     ql_llama_load_opts lo = {.quantizer = "none"};
     ck_assert_msg(ql_llama_load(mdir, &lo, &m) == QL_OK, "%s", ql_error_message());
+    ql_lora *l = mmlu_adapter(m);
     ql_tokenizer *t = load_tokenizer();
-    char *fresh = mmlu_run_batch(m, t, dir, 1, 0, 1, 4), *one = mmlu_run_batch(m, t, dir, 0, 0, 1, 4),
-         *three = mmlu_run_batch(m, t, dir, 0, 0, 3, 4);
+    char *fresh = mmlu_run_lora(m, l, t, dir, 1, 0, 1, 4), *one = mmlu_run_lora(m, l, t, dir, 0, 0, 1, 4),
+         *three = mmlu_run_lora(m, l, t, dir, 0, 0, 3, 4);
     json_t *a = last_line_json(fresh), *b = last_line_json(one), *c = last_line_json(three);
     ck_assert_int_eq(json_integer_value(json_object_get(c, "questions")), 57 * 4);
     const char *keys[] = {"accuracy", "accuracy_micro", "per_subject"};
@@ -977,6 +1000,7 @@ START_TEST(test_mmlu_batched)
     json_decref(a), json_decref(b), json_decref(c);
     free(fresh), free(one), free(three);
     ql_tokenizer_destroy(t);
+    ql_lora_destroy(l);
     ql_llama_destroy(m);
     free(mdir), free(dir);
 }
