@@ -3,7 +3,8 @@
 # batching of the questions after it (qlora eval --mmlu), on a random LLaMA
 # of real width with stories260K's tokenizer (a model that scores at chance:
 # the figure is the time, the scores only have to agree).
-# usage: bench/mmlu_batch_bench.sh MMLU_DIR [DEVICE] [QUANTIZER]   (PyTorch and transformers for the model)
+# usage: [MMLU_MODES='--batch-size 1|--batch-size 8'] bench/mmlu_batch_bench.sh MMLU_DIR [DEVICE] [QUANTIZER]
+# (PyTorch and transformers make the model)
 set -euo pipefail
 mmlu=$1; dev=${2:-cuda}; qz=${3:-nf4}
 shared=${QLORA_SHARED:-../shared}
@@ -22,7 +23,9 @@ for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
     except FileNotFoundError: pass
 PY
 TIMEFORMAT='%R'
-for mode in "--mmlu-no-reuse" "--batch-size 1" "--batch-size 8" "--batch-size 16"; do
+# MMLU_MODES: the runs, separated by |
+IFS='|' read -r -a modes <<< "${MMLU_MODES:---mmlu-no-reuse|--batch-size 1|--batch-size 8|--batch-size 16}"
+for mode in "${modes[@]}"; do
   t=$( { time ./build/core/qlora eval --model "$dir" --quantizer=$qz --mmlu "$mmlu" --shots 5 --max-examples 20 \
            --device $dev $mode --quiet > "$dir/out.json" 2>/dev/null; } 2>&1 )
   echo "$dev $qz $mode: $t s  $(python3 -c 'import json,sys,hashlib; j=json.load(open(sys.argv[1])); print("accuracy", j["accuracy"], "tokens_run", j["tokens_run"], "per_subject", hashlib.md5(json.dumps(j["per_subject"], sort_keys=True).encode()).hexdigest()[:8])' "$dir/out.json")"
