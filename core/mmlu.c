@@ -344,7 +344,8 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     const ql_llama_config *c = ql_llama_get_config(m);
     const int nbatch = !o->no_reuse && o->batch > 1 ? o->batch : 1;
     float *logits = malloc((size_t)nbatch * (size_t)c->vocab * sizeof *logits);
-    if (rc == QL_OK && !logits) rc = ql_error(QL_ENOMEM, "out of memory");
+    int *group_lens = malloc((size_t)nbatch * sizeof *group_lens); /* a group's rest lengths */
+    if (rc == QL_OK && (!logits || !group_lens)) rc = ql_error(QL_ENOMEM, "out of memory");
     if (rc == QL_OK && !o->lora && ql_lora_attached(m))
         rc = ql_error(QL_EINVAL, "the model has a LoRA adapter attached: pass it as ql_mmlu_opts.lora");
     /* the decoder: a cache of the model's positions, prompts in pieces of 512 */
@@ -479,7 +480,7 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
                 if (lcp > keep) rc = ql_lora_model_decode(lm, pids[i] + keep, (int)(lcp - keep), NULL);
                 run += (int64_t)(lcp - keep);
                 if (rc == QL_OK) rc = ql_lora_model_kv_fork(lm, (int)g);
-                int T = 0, lens[g];
+                int T = 0, *lens = group_lens;
                 for (size_t j = 0; j < g; j++) {
                     lens[j] = (int)(pn[i + j] - lcp);
                     T = lens[j] > T ? lens[j] : T;
@@ -582,6 +583,7 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
     ql_lora_model_destroy(lm);
     ql_be_ctx_close(ctx);
     free(logits);
+    free(group_lens);
     for (size_t i = 0; i < ns; i++) free(subjects[i]);
     free(subjects);
     free(split_dir);
