@@ -22,11 +22,24 @@ for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
     try: shutil.copy(f"{tok}/{f}", out)
     except FileNotFoundError: pass
 PY
-TIMEFORMAT='%R'
+TIMEFORMAT='%R s (user %U s, sys %S s)'
 # MMLU_MODES: the runs, separated by |
 IFS='|' read -r -a modes <<< "${MMLU_MODES:---mmlu-no-reuse|--batch-size 1|--batch-size 8|--batch-size 16}"
 for mode in "${modes[@]}"; do
   t=$( { time ./build/core/qlora eval --model "$dir" --quantizer=$qz --mmlu "$mmlu" --shots 5 --max-examples 20 \
            --device $dev $mode --quiet > "$dir/out.json" 2>/dev/null; } 2>&1 )
-  echo "$dev $qz $mode: $t s  $(python3 -c 'import json,sys,hashlib; j=json.load(open(sys.argv[1])); print("accuracy", j["accuracy"], "tokens_run", j["tokens_run"], "per_subject", hashlib.md5(json.dumps(j["per_subject"], sort_keys=True).encode()).hexdigest()[:8])' "$dir/out.json")"
+  echo "$dev $qz $mode: $t  $(python3 -c 'import json,sys,hashlib; j=json.load(open(sys.argv[1])); print("accuracy", j["accuracy"], "tokens_run", j["tokens_run"], "per_subject", hashlib.md5(json.dumps(j["per_subject"], sort_keys=True).encode()).hexdigest()[:8])' "$dir/out.json")"
 done
+# MMLU_PROFILE=1: per-kernel GPU time (Nsight Compute) of 4 questions of 2 subjects, each mode
+if [ "${MMLU_PROFILE:-0}" = 1 ]; then
+  mkdir -p "$dir/small/dev" "$dir/small/test"
+  for sub in abstract_algebra anatomy; do
+    cp "$mmlu/dev/${sub}_dev.csv" "$dir/small/dev/"; cp "$mmlu/test/${sub}_test.csv" "$dir/small/test/"
+  done
+  for mode in "${modes[@]}"; do
+    ncu --metrics gpu__time_duration.sum --csv --log-file "$dir/ncu.csv" ./build/core/qlora eval --model "$dir" \
+      --quantizer=$qz --mmlu "$dir/small" --shots 5 --max-examples 4 --device $dev $mode --quiet >/dev/null 2>&1 || true
+    echo "== kernels, $mode (8 questions)"
+    python3 bench/ncu_summary.py "$dir/ncu.csv" --top 12 || true
+  done
+fi
