@@ -5,6 +5,8 @@
  * [nh, len, len]); the backward reads them and recomputes nothing.  Query t
  * sees keys band_start(t) .. t (kernels/cuda_ops.h). */
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 
 #include "cuda_common.cuh"
 #include "cuda_ops.h"
@@ -58,13 +60,131 @@ __global__ void k_att_fwd(float *out, const float *q, const float *k, const floa
     }
 }
 
+/* Generation of many rows at once (a prompt, MMLU's questions after their
+ * cached prefix): a block per FT_Q = 32 query rows and head, keys and values
+ * in tiles of FT_K = 32 rows through shared memory (read once for the 32
+ * queries, not once a query as k_att_fwd does), the softmax online (the
+ * running maximum, its sum and the output rescaled as it grows).  Four
+ * threads a query, each holding every fourth float4 of the head's dims, sum
+ * a score with two shuffles.  Float32 throughout; the order of the sums
+ * differs from k_att_fwd's and the CPU's (tests/test_gpu_ops.c: 2e-5). */
+enum { FT_Q = 32, FT_K = 32, FT_SPLIT = 4, FT_THREADS = FT_Q * FT_SPLIT };
+
+template <int HD>
+__global__ void __launch_bounds__(FT_THREADS)
+    k_att_fwd_tiled(float *out, const float *q, const float *k, const float *v, int64_t T, int64_t past, int nh,
+                    int nkv, int window, float scale)
+{
+    constexpr int NV = HD / 16; /* float4s a thread holds */
+    extern __shared__ float4 ft_smem[];
+    float4 *ks = ft_smem, *vs = ft_smem + FT_K * (HD / 4);
+    const int h = blockIdx.y, kvh = h / (nh / nkv), part = threadIdx.x % FT_SPLIT;
+    const int64_t t0 = (int64_t)blockIdx.x * FT_Q, t = t0 + threadIdx.x / FT_SPLIT, i = past + t;
+    const int64_t qd = (int64_t)nh * HD, kvd = (int64_t)nkv * HD;
+    const bool live = t < T;
+    const int64_t last = past + (t0 + FT_Q < T ? t0 + FT_Q : T) - 1; /* the block's last query position */
+    const int64_t lo = live ? band_start(i, window) : 0;
+    float4 qr[NV], acc[NV];
+    const float4 *qt = reinterpret_cast<const float4 *>(q + t * qd + (int64_t)h * HD);
+#pragma unroll
+    for (int e = 0; e < NV; e++) {
+        qr[e] = live ? qt[part + FT_SPLIT * e] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        acc[e] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t c = band_start(past + t0, window); c <= last; c += FT_K) {
+        __syncthreads(); /* the previous tile is read */
+        for (int idx = threadIdx.x; idx < FT_K * (HD / 4); idx += FT_THREADS) {
+            const int64_t s = c + idx / (HD / 4);
+            const int d4 = idx % (HD / 4);
+            float4 kk = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kk;
+            if (s <= last) {
+                kk = reinterpret_cast<const float4 *>(k + s * kvd + (int64_t)kvh * HD)[d4];
+                vv = reinterpret_cast<const float4 *>(v + s * kvd + (int64_t)kvh * HD)[d4];
+            }
+            ks[idx] = kk;
+            vs[idx] = vv;
+        }
+        __syncthreads();
+        float sc[FT_K], tmax = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < FT_K; j++) {
+            float p = 0.0f;
+#pragma unroll
+            for (int e = 0; e < NV; e++) {
+                const float4 kk = ks[j * (HD / 4) + part + FT_SPLIT * e];
+                p += qr[e].x * kk.x + qr[e].y * kk.y + qr[e].z * kk.z + qr[e].w * kk.w;
+            }
+            p += __shfl_xor_sync(0xffffffffu, p, 1);
+            p += __shfl_xor_sync(0xffffffffu, p, 2);
+            const int64_t s = c + j;
+            sc[j] = live && s >= lo && s <= i ? p * scale : -INFINITY;
+            tmax = fmaxf(tmax, sc[j]);
+        }
+        if (tmax != -INFINITY) {
+            const float mn = fmaxf(m, tmax), corr = m == -INFINITY ? 0.0f : ql_expf(m - mn);
+            l *= corr;
+#pragma unroll
+            for (int e = 0; e < NV; e++) acc[e].x *= corr, acc[e].y *= corr, acc[e].z *= corr, acc[e].w *= corr;
+#pragma unroll
+            for (int j = 0; j < FT_K; j++) {
+                const float pj = sc[j] == -INFINITY ? 0.0f : ql_expf(sc[j] - mn);
+                l += pj;
+#pragma unroll
+                for (int e = 0; e < NV; e++) {
+                    const float4 vv = vs[j * (HD / 4) + part + FT_SPLIT * e];
+                    acc[e].x += pj * vv.x, acc[e].y += pj * vv.y, acc[e].z += pj * vv.z, acc[e].w += pj * vv.w;
+                }
+            }
+            m = mn;
+        }
+    }
+    if (live) {
+        const float inv = 1.0f / l;
+        float4 *o = reinterpret_cast<float4 *>(out + t * qd + (int64_t)h * HD);
+#pragma unroll
+        for (int e = 0; e < NV; e++)
+            o[part + FT_SPLIT * e] = make_float4(acc[e].x * inv, acc[e].y * inv, acc[e].z * inv, acc[e].w * inv);
+    }
+}
+
+/* QLK_ATT_GEN=0: every generation call on k_att_fwd (to compare the two) */
+static int att_gen_tiled_allowed(void)
+{
+    static int allowed = -1;
+    if (allowed < 0) {
+        const char *e = getenv("QLK_ATT_GEN");
+        allowed = !(e && e[0] == '0');
+    }
+    return allowed;
+}
+
+template <int HD>
+static void launch_att_fwd_tiled(cudaStream_t st, float *out, const float *q, const float *k, const float *v,
+                                 int64_t T, int64_t past, int nh, int nkv, int window, float scale)
+{
+    const size_t smem = 2 * (size_t)FT_K * HD * sizeof(float);
+    k_att_fwd_tiled<HD><<<dim3((unsigned)((T + FT_Q - 1) / FT_Q), (unsigned)nh), FT_THREADS, smem, st>>>(
+        out, q, k, v, T, past, nh, nkv, window, scale);
+}
+
 extern "C" int qlk_attention_forward(void *stream, float *out, const float *q, const float *k, const float *v,
                                      int64_t T, int64_t past, int nh, int nkv, int hd, int window)
 {
     if (hd > MAX_HD || hd < 1 || nkv < 1 || nh % nkv) return (int)cudaErrorInvalidValue;
-    if (T > 0)
-        k_att_fwd<<<dim3((unsigned)T, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(out, q, k, v, past, nh, nkv, hd,
-                                                                                  window, 1.0f / sqrtf((float)hd));
+    if (T <= 0) return qlk_status();
+    const float scale = 1.0f / sqrtf((float)hd);
+    /* several rows, a head size of 32, 64, 96 or 128, float4-aligned rows: tiled */
+    const int aligned = !(((uintptr_t)out | (uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16);
+    if (T >= 8 && aligned && att_gen_tiled_allowed() && (hd == 32 || hd == 64 || hd == 96 || hd == 128)) {
+        if (hd == 32) launch_att_fwd_tiled<32>(ST(stream), out, q, k, v, T, past, nh, nkv, window, scale);
+        else if (hd == 64) launch_att_fwd_tiled<64>(ST(stream), out, q, k, v, T, past, nh, nkv, window, scale);
+        else if (hd == 96) launch_att_fwd_tiled<96>(ST(stream), out, q, k, v, T, past, nh, nkv, window, scale);
+        else launch_att_fwd_tiled<128>(ST(stream), out, q, k, v, T, past, nh, nkv, window, scale);
+        return qlk_status();
+    }
+    k_att_fwd<<<dim3((unsigned)T, (unsigned)nh), ATT_THREADS, 0, ST(stream)>>>(out, q, k, v, past, nh, nkv, hd, window,
+                                                                              scale);
     return qlk_status();
 }
 

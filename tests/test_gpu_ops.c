@@ -503,9 +503,12 @@ START_TEST(attention)
     }
     ql_be_att_fused_set(1);
     ql_be_att_budget_set(0);
-    /* generation: T new rows after `past` cached ones, of sequence 0's data */
-    for (int64_t past = 0; past <= 11; past += 11) {
-        const int64_t n = T - past < 5 ? T - past : 5;
+    /* generation: n new rows after `past` cached ones, of sequence 0's data:
+     * a few (one block a row), then the rest of the sequence (at 8 rows or
+     * more and head sizes 32, 64, 96 or 128, 32-row tiles of queries and keys) */
+    for (int g = 0; g < 4; g++) {
+        const int64_t past = g == 1 ? 11 : g == 3 ? T / 3 : 0;
+        const int64_t n = g < 2 ? (T - past < 5 ? T - past : 5) : T - past;
         buf go = poisoned((size_t)(n * qd));
         buf gq = {.h = q.h + past * qd, .d = q.d + past * qd};
         BOTH((ctx, attention_forward, S(go), S(gq), S(k), S(v), n, past, nh, nkv, hd, window));
