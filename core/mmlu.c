@@ -395,11 +395,11 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
         size_t *pn = calloc(limit ? limit : 1, sizeof *pn);
         int *answer = calloc(limit ? limit : 1, sizeof *answer);
         prompt_order *order = NULL;
-        if (batch > 1) {
+        if (reuse) {
             order = calloc(limit ? limit : 1, sizeof *order);
             sorted_ids = calloc(limit ? limit : 1, sizeof *sorted_ids);
         }
-        if (rc == QL_OK && (!pids || !pn || !answer || (batch > 1 && (!order || !sorted_ids))))
+        if (rc == QL_OK && (!pids || !pn || !answer || (reuse && (!order || !sorted_ids))))
             rc = ql_error(QL_ENOMEM, "out of memory");
         for (size_t i = 0; i < limit && rc == QL_OK; i++) {
             int32_t *ids = NULL;
@@ -429,11 +429,12 @@ int ql_mmlu_eval(ql_llama *m, const ql_tokenizer *tok, const ql_mmlu_opts *o, FI
             pn[i] = n;
             if (order) order[i] = (prompt_order){.shots = shots, .n = n, .i = i};
         }
-        /* batched: the prompts with the same shots (the same prefix) by
-         * length, so that a group's rests are padded to little more than
-         * their own lengths (each question is scored alone: the order
-         * changes no score) */
-        if (rc == QL_OK && order && batch > 1) {
+        /* with the reuse: the prompts with the same shots (the same prefix)
+         * together, so that each reuses all of the one before's prefix, and
+         * by length, so that a batched group's rests are padded to little
+         * more than their own lengths (each question is scored alone: the
+         * order changes no score) */
+        if (rc == QL_OK && order) {
             qsort(order, limit, sizeof *order, cmp_prompt_order);
             for (size_t i = 0; i < limit; i++) sorted_ids[i] = pids[order[i].i];
             memcpy(pids, sorted_ids, limit * sizeof *pids);
