@@ -51,6 +51,9 @@ int qlk_rmsnorm_backward(void *stream, float *dx, float *dweight, const float *d
 /* targets: device [rows]; losses: device [rows] */
 int qlk_cross_entropy(void *stream, float *losses, float *dlogits, const float *logits, const int32_t *targets,
                       int64_t rows, int64_t V, int32_t ignore_index, float scale);
+/* 1: generation calls of 8 rows or more on the tiled kernel; 0: one block a
+ * row; -1: as QLK_ATT_GEN says (default off) */
+void qlk_att_gen_tiled_set(int on);
 int qlk_attention_forward(void *stream, float *out, const float *q, const float *k, const float *v, int64_t T,
                           int64_t past, int nh, int nkv, int hd, int window);
 int qlk_attention_forward_train(void *stream, float *out, float *probs, const float *q, const float *k,

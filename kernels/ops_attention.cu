@@ -148,16 +148,22 @@ __global__ void __launch_bounds__(FT_THREADS)
     }
 }
 
-/* QLK_ATT_GEN=0: every generation call on k_att_fwd (to compare the two) */
+/* Whether generation calls of 8 rows or more take k_att_fwd_tiled: off by
+ * default until it has been through the gpu suite on a GPU (it was written
+ * in a session without one); QLK_ATT_GEN=1 turns it on, as does
+ * qlk_att_gen_tiled_set(1) (the gpu suite runs both). */
+static int att_gen_tiled = -1;
+
 static int att_gen_tiled_allowed(void)
 {
-    static int allowed = -1;
-    if (allowed < 0) {
+    if (att_gen_tiled < 0) {
         const char *e = getenv("QLK_ATT_GEN");
-        allowed = !(e && e[0] == '0');
+        att_gen_tiled = e && e[0] == '1' && !e[1];
     }
-    return allowed;
+    return att_gen_tiled;
 }
+
+extern "C" void qlk_att_gen_tiled_set(int on) { att_gen_tiled = on < 0 ? -1 : on != 0; }
 
 template <int HD>
 static void launch_att_fwd_tiled(cudaStream_t st, float *out, const float *q, const float *k, const float *v,

@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "backend.h"
+#include "cuda_ops.h"
 #include "lora_model.h"
 #include "ops_backward.h"
 #include "plan.h"
@@ -504,17 +505,20 @@ START_TEST(attention)
     ql_be_att_fused_set(1);
     ql_be_att_budget_set(0);
     /* generation: n new rows after `past` cached ones, of sequence 0's data:
-     * a few (one block a row), then the rest of the sequence (at 8 rows or
-     * more and head sizes 32, 64, 96 or 128, 32-row tiles of queries and keys) */
-    for (int g = 0; g < 4; g++) {
-        const int64_t past = g == 1 ? 11 : g == 3 ? T / 3 : 0;
+     * a few, then the rest of the sequence, on one block a row; then the rest
+     * again on the tiled kernel (8 rows or more, head sizes 32, 64, 96 or
+     * 128: 32-row tiles of queries and keys), off by default */
+    for (int g = 0; g < 6; g++) {
+        qlk_att_gen_tiled_set(g >= 4); /* the whole sequences again on the tiled kernel */
+        const int64_t past = g == 1 ? 11 : g % 2 ? T / 3 : 0;
         const int64_t n = g < 2 ? (T - past < 5 ? T - past : 5) : T - past;
         buf go = poisoned((size_t)(n * qd));
         buf gq = {.h = q.h + past * qd, .d = q.d + past * qd};
         BOTH((ctx, attention_forward, S(go), S(gq), S(k), S(v), n, past, nh, nkv, hd, window));
-        expect(&go, 2e-5, "attention_forward (generation)");
+        expect(&go, 2e-5, g >= 4 ? "attention_forward (generation, tiled)" : "attention_forward (generation)");
         drop(&go);
     }
+    qlk_att_gen_tiled_set(-1);
     drop(&q), drop(&k), drop(&v), drop(&out), drop(&probs), drop(&dout), drop(&dq), drop(&dk), drop(&dv), drop(&ds);
 }
 END_TEST
