@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "dist.h"
 #include "json_out.h"
 #include "lora_model.h"
 #include "ops_backward.h"
@@ -161,6 +162,7 @@ static json_t *value_before_key(const char *key)
     if (!strcmp(key, "adam_epsilon")) return ql_json_float(1e-8f);
     if (!strcmp(key, "eval_dataset_size")) return json_real(0);
     if (!strcmp(key, "calibration")) return json_null();
+    if (!strcmp(key, "world_size")) return json_integer(1);
     return NULL;
 }
 
@@ -876,14 +878,17 @@ static int stopped(int rc, const char *run_dir, int64_t at_step, int64_t last_sa
 
 /* ---- evaluation ---- */
 
-/* The mean loss over d's target tokens, `batch` sequences per step (ex: scratch for batch pointers). */
-static int evaluate(ql_lora_model *lm, const ql_dataset *d, int batch, const ql_example **ex, double *loss,
-                    int64_t *tokens)
+/* The mean loss over d's target tokens, `batch` sequences per step (ex:
+ * scratch for batch pointers); with several ranks each runs every world-th
+ * batch and the sums are added up. */
+static int evaluate(ql_lora_model *lm, ql_dist *dist, const ql_dataset *d, int batch, const ql_example **ex,
+                    double *loss, int64_t *tokens)
 {
     double sum = 0;
     int64_t n = 0;
     ql_lora_step_opts so = {.loss_scale = 0, .backward = 0};
-    for (size_t i = 0; i < d->n; i += (size_t)batch) {
+    const size_t world = (size_t)ql_dist_world(dist), first = (size_t)ql_dist_rank(dist) * (size_t)batch;
+    for (size_t i = first; i < d->n; i += (size_t)batch * world) {
         int k = 0;
         for (; k < batch && i + (size_t)k < d->n; k++) ex[k] = &d->examples[i + (size_t)k];
         ql_lora_batch mb;
@@ -891,8 +896,11 @@ static int evaluate(ql_lora_model *lm, const ql_dataset *d, int batch, const ql_
         if (rc == QL_OK) rc = ql_lora_model_step(lm, &mb, &so, &sum, &n);
         if (rc) return rc;
     }
-    *loss = n ? sum / (double)n : NAN;
-    *tokens = n;
+    double both[2] = {sum, (double)n};
+    int rc = ql_dist_sum_f64(dist, both, 2);
+    if (rc) return rc;
+    *loss = both[1] > 0 ? both[0] / both[1] : NAN;
+    *tokens = (int64_t)both[1];
     return QL_OK;
 }
 
@@ -913,6 +921,7 @@ int ql_train(const ql_train_opts *o)
     ql_adamw *opt = NULL;
     ql_lora_model *lm = NULL;
     ql_be_ctx *bctx = NULL;
+    ql_dist *dist = NULL; /* several ranks (WORLD_SIZE > 1): data parallel */
     stop_handlers sigs = {0};
     uint64_t *seeds = NULL;
     const ql_example **batch = NULL;
@@ -931,27 +940,47 @@ int ql_train(const ql_train_opts *o)
 
     if (o->batch_size < 1 || o->grad_accum < 1) return ql_error(QL_EINVAL, "--batch-size and --grad-accum must be >= 1");
     if (!(o->lr > 0)) return ql_error(QL_EINVAL, "--lr must be positive");
+    /* data parallel: every rank reads the model and the data, runs its share
+     * of each step's micro-batches and adds its gradients to the others';
+     * rank 0 alone writes the run folder */
+    if ((rc = ql_dist_from_env(&dist))) return rc;
+    const int world = ql_dist_world(dist), rank = ql_dist_rank(dist), writer = rank == 0;
+    if (!writer) echo_rows = 0;
     if (o->resume_from) {
         char tmp[4096];
-        if (snprintf(tmp, sizeof tmp, "%s", o->resume_from) >= (int)sizeof tmp)
-            return ql_error(QL_EINVAL, "--resume %s: path too long", o->resume_from);
+        if (snprintf(tmp, sizeof tmp, "%s", o->resume_from) >= (int)sizeof tmp) {
+            rc = ql_error(QL_EINVAL, "--resume %s: path too long", o->resume_from);
+            goto done;
+        }
         size_t l = strlen(tmp);
         while (l > 1 && tmp[l - 1] == '/') tmp[--l] = '\0';
-        if (!ql_is_dir(tmp)) return ql_error(QL_ENOTFOUND, "--resume %s: no such checkpoint folder", o->resume_from);
+        if (!ql_is_dir(tmp)) {
+            rc = ql_error(QL_ENOTFOUND, "--resume %s: no such checkpoint folder", o->resume_from);
+            goto done;
+        }
         char *ts = ql_path_join(tmp, "trainer_state.json");
         int found = ts && ql_path_exists(ts);
         free(ts);
-        if (!found) return ql_error(QL_ENOTFOUND, "%s is not a checkpoint: trainer_state.json is missing", o->resume_from);
+        if (!found) {
+            rc = ql_error(QL_ENOTFOUND, "%s is not a checkpoint: trainer_state.json is missing", o->resume_from);
+            goto done;
+        }
         snprintf(run_dir, sizeof run_dir, "%s", o->output_dir ? o->output_dir : dirname(tmp));
     } else if (o->dry_run && !o->output_dir) {
         run_dir[0] = '\0';
     } else {
-        if (!o->output_dir) return ql_error(QL_EINVAL, "--output RUN_DIR is required");
-        if (snprintf(run_dir, sizeof run_dir, "%s", o->output_dir) >= (int)sizeof run_dir)
-            return ql_error(QL_EINVAL, "--output %s: path too long", o->output_dir);
+        if (!o->output_dir) {
+            rc = ql_error(QL_EINVAL, "--output RUN_DIR is required");
+            goto done;
+        }
+        if (snprintf(run_dir, sizeof run_dir, "%s", o->output_dir) >= (int)sizeof run_dir) {
+            rc = ql_error(QL_EINVAL, "--output %s: path too long", o->output_dir);
+            goto done;
+        }
         size_t l = strlen(run_dir);
         while (l > 1 && run_dir[l - 1] == '/') run_dir[--l] = '\0';
-        if (!o->dry_run && (rc = check_new_run_dir(o, run_dir))) return rc; /* before the slow part; checked again at creation */
+        /* before the slow part; checked again at creation */
+        if (!o->dry_run && writer && (rc = check_new_run_dir(o, run_dir))) goto done;
     }
 
     /* the device first: a missing GPU is reported before the slow part */
@@ -959,8 +988,19 @@ int ql_train(const ql_train_opts *o)
     int precision = QL_PREC_FP32, optimizer = QL_OPTIM_HOST;
     if ((rc = ql_be_precision(o->precision, bctx->be, &precision)) || (rc = ql_optim_parse(o->optim, bctx->be, &optimizer)))
         goto done;
-    fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\", \"precision\": \"%s\", \"optim\": \"%s\"}\n",
-            bctx->be->name, ql_be_precision_name(precision), ql_optim_name(optimizer));
+    if (world > 1 && !bctx->be->host_memory) {
+        /* the gradients would be summed on the device through NCCL: not built yet */
+        rc = ql_error(QL_ENOTSUP, "data parallel (WORLD_SIZE=%d) runs on --device cpu so far; on %s it needs the NCCL "
+                                  "communicator, which is not built yet", world, bctx->be->name);
+        goto done;
+    }
+    if (writer)
+        fprintf(stderr, "{\"event\": \"device\", \"device\": \"%s\", \"precision\": \"%s\", \"optim\": \"%s\"}\n",
+                bctx->be->name, ql_be_precision_name(precision), ql_optim_name(optimizer));
+    if (writer && world > 1)
+        fprintf(stderr, "{\"event\": \"data_parallel\", \"world_size\": %d, \"micro_batches_per_rank\": %d, "
+                        "\"global_batch\": %lld}\n",
+                world, o->grad_accum, (long long)world * o->grad_accum * o->batch_size);
     ql_llama_load_opts lo = {.quantizer = o->quantizer, .progress = 0, .calib = o->calib, .device = bctx->be->name,
                              .quantizer_is_default = o->quantizer == default_quantizer};
     if ((rc = ql_llama_load(o->model_dir, &lo, &m))) goto done;
@@ -969,7 +1009,8 @@ int ql_train(const ql_train_opts *o)
     if (dopts.max_len <= 0) dopts.max_len = ql_llama_get_config(m)->max_positions;
     if ((rc = ql_dataset_load(o->data_path, tok, &dopts, &d))) goto done;
     if (o->eval_data_path && (rc = ql_dataset_load(o->eval_data_path, tok, &dopts, &ed))) goto done;
-    fprintf(stderr,
+    if (writer)
+        fprintf(stderr,
             "{\"event\": \"data\", \"file\": \"%s\", \"examples\": %zu, \"read\": %zu, \"truncated\": %zu, "
             "\"dropped_empty\": %zu, \"tokens\": %lld, \"target_tokens\": %lld}\n",
             o->data_path, d->n, d->n_read, d->n_truncated, d->n_dropped_empty, (long long)d->total_tokens,
@@ -989,7 +1030,7 @@ int ql_train(const ql_train_opts *o)
         full = d;
         d = NULL;
         if ((rc = ql_dataset_split(full, (size_t)want, 42, &d, &ed))) goto done;
-        fprintf(stderr, "{\"event\": \"eval_split\", \"held_out\": %zu, \"train\": %zu, \"seed\": 42}\n", ed->n, d->n);
+        if (writer) fprintf(stderr, "{\"event\": \"eval_split\", \"held_out\": %zu, \"train\": %zu, \"seed\": 42}\n", ed->n, d->n);
     }
     if (ed && o->max_eval_examples > 0 && ed->n > (size_t)o->max_eval_examples) ed->n = (size_t)o->max_eval_examples;
 
@@ -1000,6 +1041,8 @@ int ql_train(const ql_train_opts *o)
     effective.device = bctx->be->name;      /* what auto chose */
     effective.precision = ql_be_precision_name(precision);
     config = run_config(&effective, ql_llama_quantization(m), ql_llama_calibrated(m) ? o->calib : NULL);
+    /* each rank runs grad_accum micro-batches of a step: the global batch is world times larger */
+    json_object_set_new(config, "world_size", json_integer(world));
 
     /* the memory plan, for the longest example of either set: made (and
      * allocated) once, before anything is written */
@@ -1019,6 +1062,7 @@ int ql_train(const ql_train_opts *o)
         total = (int64_t)floor(o->epochs * (double)mb_per_epoch / (double)o->grad_accum);
         if (total < 1) total = 1;
     }
+    if (o->dry_run && !writer) goto done;
     if (o->dry_run) {
         ql_lora_model_print_plan(lm, stdout);
         /* what the run would do: run_config.json's settings and the rest */
@@ -1050,19 +1094,19 @@ int ql_train(const ql_train_opts *o)
     }
 
     if (o->resume_from) {
-        /* lock first: nothing of the folder is read while another run writes it */
-        if ((rc = open_resume_dir(run_dir, &lock_fd))) goto done;
+        /* lock first: nothing of the folder is read while another run writes it (rank 0's lock covers the world) */
+        if (writer && (rc = open_resume_dir(run_dir, &lock_fd))) goto done;
         resume_ctx rx = {.ckpt = o->resume_from, .config = config, .total = total, .grad_accum = o->grad_accum,
                          .batch_size = o->batch_size, .max_len = dopts.max_len};
         if ((rc = load_checkpoint(&rx, lora, opt, &st))) goto done;
         last_saved = st.step;
-    } else {
+    } else if (writer) {
         if ((rc = create_run_dir(o, run_dir, &lock_fd))) goto done;
         created = 1;
         if ((rc = write_json_file(run_dir, "run_config.json", config))) goto done;
     }
-    if ((rc = metrics_open(run_dir, &metrics))) goto done;
-    if (o->resume_from) {
+    if (writer && (rc = metrics_open(run_dir, &metrics))) goto done;
+    if (writer && o->resume_from) {
         /* appends go to the trimmed file, so open it again after the rename */
         if ((rc = trim_metrics(metrics.path, st.step))) goto done;
         metrics_close(&metrics);
@@ -1085,8 +1129,10 @@ int ql_train(const ql_train_opts *o)
         if ((rc = ql_lora_model_zero_grads(lm))) goto done;
         double step_loss = 0;
         int64_t step_tokens = 0;
+        /* the step's world * grad_accum micro-batches: rank r runs the r-th of
+         * every world in turn (one rank: all of them) */
         for (int a = 0; a < o->grad_accum; a++) {
-            int64_t g = st.micro_done++;
+            int64_t g = st.micro_done + (int64_t)a * world + rank;
             int64_t epoch = g / mb_per_epoch, within = g % mb_per_epoch;
             if (epoch != order_epoch) {
                 int64_t data_seed = o->data_seed >= 0 ? o->data_seed : o->seed;
@@ -1110,11 +1156,25 @@ int ql_train(const ql_train_opts *o)
                 step_tokens += e->len;
             }
             ql_lora_batch mb;
-            ql_lora_step_opts so = {.loss_scale = 1.0f / ((float)count * (float)o->grad_accum), .backward = 1};
+            ql_lora_step_opts so = {.loss_scale = 1.0f / ((float)count * (float)o->grad_accum * (float)world),
+                                    .backward = 1};
             rc = ql_lora_model_gather(lm, batch, (int)(last - first), seeds, &mb);
             if (rc == QL_OK) rc = ql_lora_model_step(lm, &mb, &so, &sum, &n);
             if (rc) goto done;
-            step_loss += (sum / (double)n) / o->grad_accum;
+            step_loss += (sum / (double)n) / ((double)o->grad_accum * world);
+        }
+        st.micro_done += (int64_t)o->grad_accum * world;
+        /* several ranks: their gradients, losses and tokens added up, and
+         * whether any was asked to stop (then all stop after this step) */
+        int stop_now = stop_signal != 0;
+        if (world > 1) {
+            double sc[3] = {step_loss, (double)step_tokens, stop_now};
+            if ((rc = ql_lora_model_pull_grads(lm)) || (rc = ql_dist_sum_f32(dist, lora->grads, lora->n_params)) ||
+                (rc = ql_dist_sum_f64(dist, sc, 3)))
+                goto done;
+            step_loss = sc[0];
+            step_tokens = (int64_t)sc[1];
+            stop_now = sc[2] > 0;
         }
         double norm = 0;
         if ((rc = ql_lora_model_clip_grads(lm, o->max_grad_norm, &norm))) goto done;
@@ -1141,10 +1201,10 @@ int ql_train(const ql_train_opts *o)
         /* on a GPU: the device memory of the plan, every allocation of the step (no more is made in it) */
         if (!bctx->be->host_memory)
             json_object_set_new(row, "device_plan_bytes", json_integer((json_int_t)ql_lora_model_plan_bytes(lm, -2)));
-        rc = append_metrics(&metrics, row, echo_rows);
+        rc = writer ? append_metrics(&metrics, row, echo_rows) : QL_OK;
         json_decref(row);
         if (rc) goto done;
-        if (o->progress && tty) {
+        if (o->progress && tty && writer) {
             double eta = elapsed / (double)(st.step - start_step) * (double)(total - st.step);
             fprintf(stderr, "\r\033[Ktrain %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  elapsed %.0fs  ETA %.0fs",
                     (long long)st.step, (long long)total, step_loss, lr, tps, elapsed, eta);
@@ -1155,27 +1215,28 @@ int ql_train(const ql_train_opts *o)
         if (eval_now) {
             double el;
             int64_t et;
-            if ((rc = evaluate(lm, ed, o->batch_size, batch, &el, &et))) goto done;
+            if ((rc = evaluate(lm, dist, ed, o->batch_size, batch, &el, &et))) goto done;
             json_t *er = json_object();
             json_object_set_new(er, "step", json_integer(st.step));
             json_object_set_new(er, "eval_loss", json_real(el));
             json_object_set_new(er, "eval_ppl", json_real(exp(el)));
             json_object_set_new(er, "eval_tokens", json_integer(et));
-            rc = append_metrics(&metrics, er, echo_rows);
+            rc = writer ? append_metrics(&metrics, er, echo_rows) : QL_OK;
             json_decref(er);
             if (rc) goto done;
         }
-        if (save_now || (stop_signal && st.step < total)) {
+        if (writer && (save_now || (stop_now && st.step < total))) {
             if ((rc = ql_lora_model_pull_state(lm, opt))) goto done;
             if ((rc = save_checkpoint(o, run_dir, lora, opt, &st, config))) goto done;
             last_saved = st.step;
             rotate_checkpoints(run_dir, o->save_total_limit, st.step, o->progress);
         }
-        if (stop_signal && st.step < total) {
+        if (stop_now && st.step < total) {
             rc = ql_error(QL_EINTR,
                           "interrupted by %s after step %lld of %lld: saved %s/checkpoint-%lld; to go on, run the same "
                           "command with --resume %s/checkpoint-%lld",
-                          stop_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)st.step, (long long)total, run_dir,
+                          stop_signal == SIGINT ? "SIGINT" : stop_signal ? "SIGTERM" : "a signal to another rank",
+                          (long long)st.step, (long long)total, run_dir,
                           (long long)st.step, run_dir, (long long)st.step);
             goto done;
         }
@@ -1183,8 +1244,10 @@ int ql_train(const ql_train_opts *o)
     if (o->progress && tty) fputc('\n', stderr);
     /* the final adapter at the top of the run folder, loadable by peft; the
      * last checkpoint (saved above) holds the same adapter whole */
-    if ((rc = ql_lora_model_pull_state(lm, opt)) || (rc = ql_lora_save_peft(lora, run_dir, o->model_dir))) goto done;
-    fprintf(stderr, "wrote %s (adapter after %lld steps)\n", run_dir, (long long)st.step);
+    if (writer) {
+        if ((rc = ql_lora_model_pull_state(lm, opt)) || (rc = ql_lora_save_peft(lora, run_dir, o->model_dir))) goto done;
+        fprintf(stderr, "wrote %s (adapter after %lld steps)\n", run_dir, (long long)st.step);
+    }
 done:
     if (o->progress && tty && rc && started) fputc('\n', stderr);
     release_stop_signals(&sigs);
@@ -1205,6 +1268,7 @@ done:
     free(batch);
     ql_lora_model_destroy(lm);
     ql_be_ctx_close(bctx);
+    ql_dist_close(dist);
     json_decref(config);
     ql_adamw_destroy(opt);
     ql_lora_destroy(lora);

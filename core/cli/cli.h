@@ -78,4 +78,7 @@ int train_parse(int argc, char **argv, const qp_args *qp, ql_train_opts *o, ql_c
 /* qlora study (study.c) */
 int cmd_study(int argc, char **argv);
 
+/* qlora launch (launch.c) */
+int cmd_launch(int argc, char **argv);
+
 #endif

@@ -58,6 +58,7 @@ static const char usage_text[] =
     "                                      a QLoRA training step at LLaMA shapes, random weights: JSON lines, then a table\n"
     "  check-plugin PLUGIN[:k=v,...] [--json FILE]  a plugin through every check a host relies on\n"
     "  study -q Q1,Q2 --model DIR --data FILE -o DIR [--resume]  finetune per Q\n"
+    "  launch --nproc N train ...          data-parallel training: N ranks on this host (CPU so far)\n"
     "  version                             print the version\n"
     "  help [COMMAND]                      this text, or COMMAND's options (the same as qlora COMMAND --help)\n";
 
@@ -1493,7 +1494,7 @@ static const struct {
     {"quantizers", cmd_quantizers}, {"quantize", cmd_quantize}, {"inspect", cmd_inspect}, {"compare", cmd_compare},
     {"eval", cmd_eval},             {"generate", cmd_generate}, {"train", cmd_train},     {"merge", cmd_merge},
     {"bench", cmd_bench},           {"version", cmd_version},   {"check-plugin", cmd_check_plugin},
-    {"study", cmd_study},
+    {"study", cmd_study},           {"launch", cmd_launch},
 };
 
 int main(int argc, char **argv)
