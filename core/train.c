@@ -171,8 +171,19 @@ static int config_mismatch(json_t *saved, json_t *now, const char *ckpt)
 {
     const char *key;
     json_t *v;
+    /* the micro-batches of a step, grad_accum on each of world_size ranks
+     * (1 when absent): the same product is the same run, on any number of ranks */
+    json_t *sw = json_object_get(saved, "world_size"), *nw = json_object_get(now, "world_size");
+    const long long sa = json_integer_value(json_object_get(saved, "grad_accum")), sr = sw ? json_integer_value(sw) : 1,
+                    na = json_integer_value(json_object_get(now, "grad_accum")), nr = nw ? json_integer_value(nw) : 1;
+    if (sa * sr != na * nr)
+        return ql_error(QL_EINVAL,
+                        "%s was written by a run of %lld micro-batches a step (grad_accum %lld x world_size %lld), but "
+                        "this run has %lld (%lld x %lld); keep grad_accum x world_size the same, or start a new run",
+                        ckpt, sa * sr, sa, sr, na * nr, na, nr);
     json_object_foreach(now, key, v) {
         if (!strcmp(key, "gradient_checkpointing")) continue; /* same results either way */
+        if (!strcmp(key, "grad_accum") || !strcmp(key, "world_size")) continue; /* their product, above */
         /* the same run on other hardware or arithmetic: the same trajectory within rounding */
         if (!strcmp(key, "device") || !strcmp(key, "precision")) continue;
         json_t *s = json_object_get(saved, key), *before = s ? NULL : value_before_key(key);
@@ -1059,7 +1070,7 @@ int ql_train(const ql_train_opts *o)
     const int64_t mb_per_epoch = ((int64_t)d->n + o->batch_size - 1) / o->batch_size;
     total = o->steps;
     if (total <= 0) {
-        total = (int64_t)floor(o->epochs * (double)mb_per_epoch / (double)o->grad_accum);
+        total = (int64_t)floor(o->epochs * (double)mb_per_epoch / ((double)o->grad_accum * world));
         if (total < 1) total = 1;
     }
     if (o->dry_run && !writer) goto done;
@@ -1096,7 +1107,8 @@ int ql_train(const ql_train_opts *o)
     if (o->resume_from) {
         /* lock first: nothing of the folder is read while another run writes it (rank 0's lock covers the world) */
         if (writer && (rc = open_resume_dir(run_dir, &lock_fd))) goto done;
-        resume_ctx rx = {.ckpt = o->resume_from, .config = config, .total = total, .grad_accum = o->grad_accum,
+        /* grad_accum: the micro-batches of a step, of every rank */
+        resume_ctx rx = {.ckpt = o->resume_from, .config = config, .total = total, .grad_accum = o->grad_accum * world,
                          .batch_size = o->batch_size, .max_len = dopts.max_len};
         if ((rc = load_checkpoint(&rx, lora, opt, &st))) goto done;
         last_saved = st.step;
@@ -1251,7 +1263,9 @@ int ql_train(const ql_train_opts *o)
 done:
     if (o->progress && tty && rc && started) fputc('\n', stderr);
     release_stop_signals(&sigs);
-    if (rc && started && rc != QL_EINTR) stopped(rc, run_dir, st.step + (last_saved == total ? 0 : 1), last_saved, total);
+    /* rank 0 keeps the run folder: another rank's word on its checkpoints would be wrong */
+    if (rc && started && rc != QL_EINTR && writer)
+        stopped(rc, run_dir, st.step + (last_saved == total ? 0 : 1), last_saved, total);
     /* a new run that stopped before its first checkpoint holds nothing to
      * resume: leave the path as it was before the run */
     if (rc && created && last_saved < 1) {

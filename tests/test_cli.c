@@ -316,8 +316,9 @@ static void fmt(char *buf, size_t cap, const char *f, ...)
     ck_assert_msg(n >= 0 && (size_t)n < cap, "%zu bytes are too few for \"%s\"", cap, f);
 }
 
-static const char *const commands[] = {"quantizers", "quantize", "inspect", "compare",      "eval",    "generate",
-                                       "train",      "merge",    "bench",   "check-plugin", "study",   "version"};
+static const char *const commands[] = {"quantizers", "quantize", "inspect", "compare", "eval",
+                                       "generate",   "train",    "merge",   "bench",   "check-plugin",
+                                       "study",      "version",  "launch"};
 
 /* One option line of a --help text, as main.c's help_opt prints it: two
  * spaces, the flag column (26 wide: "-q, --quantizer Q"), a space, what it

@@ -229,7 +229,8 @@ static double max_rel(const float *a, const float *b, size_t n)
  * same losses, gradient norms and adapter up to the order of the gradient
  * sum (observed: losses within 4e-7 relative, the adapter within 5.7e-5 of
  * each tensor's largest value),
- * the same files in the run folder, and rank 1 writes none. */
+ * the same files in the run folder, and rank 1 writes none.  Then the
+ * two-rank run resumed by one process of grad_accum 2. */
 START_TEST(launch_two_ranks_as_one_process)
 {
     const char *shared = tu_env("QLORA_SHARED");
@@ -298,6 +299,31 @@ START_TEST(launch_two_ranks_as_one_process)
     st = tu_run(args, &out, &diff);
     ck_assert_msg(st == 0, "the run folders hold other files (exit %d):\n%s%s", st, out, diff);
     free(out), free(diff);
+    /* the two-rank run resumed by one process at step 2 (grad_accum 2 x 1 =
+     * 1 x 2): steps 3 and 4 and the adapter as the one-process run's */
+    char three[4096];
+    fmt(three, sizeof three, "%s/three", tmp);
+    fmt(args, sizeof args, "cp -r '%s' '%s' && rm -rf '%s/checkpoint-4' '%s/adapter_model.safetensors'", two, three, three,
+        three);
+    ck_assert_int_eq(system(args), 0);
+    fmt(args, sizeof args, "train %s --grad-accum 2 --resume '%s/checkpoint-2'", common, three);
+    st = qlora(&out, &err, args);
+    ck_assert_msg(st == 0, "resume with one process: %s", err);
+    free(out), free(err);
+    a = train_rows(one), b = train_rows(three);
+    ck_assert_int_eq(json_array_size(b), 4);
+    for (size_t i = 0; i < 4; i++) {
+        double x = json_real_value(json_object_get(json_array_get(a, i), "loss"));
+        double y = json_real_value(json_object_get(json_array_get(b, i), "loss"));
+        ck_assert_msg(fabs(x - y) <= 1e-6 * fabs(x), "resumed, step %zu: %.10g one process, %.10g resumed", i + 1, x, y);
+    }
+    json_decref(a), json_decref(b);
+    /* and refused when the product changes */
+    fmt(args, sizeof args, "train %s --grad-accum 1 --resume '%s/checkpoint-2'", common, three);
+    st = qlora(&out, &err, args);
+    ck_assert_int_ne(st, 0);
+    ck_assert_contains(err, "2 micro-batches a step (grad_accum 1 x world_size 2), but this run has 1 (1 x 1)");
+    free(out), free(err);
 }
 END_TEST
 

@@ -1067,7 +1067,7 @@ static int help_eval(void)
     snprintf(batch_default, sizeof batch_default, "%ld; with --mmlu 1", eval_defaults.batch);
     help_opt("--batch-size N",
              "examples per forward pass; with --mmlu, questions that share a prefix run together after it "
-             "(measured slower than one at a time so far, docs/benchmarks.md)",
+             "(no faster than one at a time so far, docs/benchmarks.md)",
              batch_default);
     help_device();
     help_opt("--precision P", "fp32, bf16 or auto",
