@@ -5,6 +5,7 @@
 #include <check.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -16,6 +17,7 @@
 
 #include "dist.h"
 #include "qlora/error.h"
+#include "qlora/fs.h"
 #include "qlora/safetensors.h"
 #include "testutil.h"
 
@@ -327,6 +329,76 @@ START_TEST(launch_two_ranks_as_one_process)
 }
 END_TEST
 
+/* SIGINT to the launcher (as a Ctrl-C on its terminal): passed on once to
+ * every rank, all stop after the same step, rank 0 saves a checkpoint and
+ * names the --resume; a launch with that --resume goes on from it. */
+START_TEST(launch_interrupted_saves_and_resumes)
+{
+    const char *shared = tu_env("QLORA_SHARED");
+    const char *tmp = tu_tmpdir();
+    char run[4096], errpath[4096], metrics[4096], common[4096];
+    fmt(run, sizeof run, "%s/run", tmp);
+    fmt(errpath, sizeof errpath, "%s/err.txt", tmp);
+    fmt(metrics, sizeof metrics, "%s/metrics.jsonl", run);
+    fmt(common, sizeof common,
+        "train --model %s/models/stories260K --data %s/data/alpaca/alpaca_en_demo.json --device cpu --steps 400 "
+        "--batch-size 2 --grad-accum 1 --save-steps 1000 --lora-r 8 --quiet",
+        shared, shared);
+    char cmd[8192];
+    fmt(cmd, sizeof cmd, "exec '%s' launch --nproc 2 %s --output '%s' 2>'%s'", tu_env("QLORA_BIN"), common, run, errpath);
+    pid_t p = fork();
+    ck_assert(p >= 0);
+    if (p == 0) {
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    /* the first step's metrics row, then the signal */
+    int seen = 0;
+    for (int k = 0; k < 2400 && !seen; k++) {
+        FILE *f = fopen(metrics, "r");
+        char line[256];
+        seen = f && fgets(line, sizeof line, f) != NULL;
+        if (f) fclose(f);
+        if (!seen) usleep(50 * 1000);
+    }
+    ck_assert_msg(seen, "no metrics row in 120 s");
+    kill(p, SIGINT);
+    int st;
+    ck_assert_int_eq(waitpid(p, &st, 0), p);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 12, "launch exit %d", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    char *err = NULL;
+    size_t len = 0;
+    ck_assert_int_eq(ql_read_file(errpath, &err, &len), QL_OK);
+    ck_assert_contains(err, "qlora: launch: interrupted (SIGINT), passed on to every rank");
+    const char *r = strstr(err, "command with --resume ");
+    ck_assert_msg(r != NULL, "no --resume named:\n%s", err);
+    char ckpt[4096];
+    ck_assert_int_eq(sscanf(r + strlen("command with --resume "), "%4095s", ckpt), 1);
+    free(err);
+    /* every rank stopped after the same step: one checkpoint, its step the metrics' last */
+    json_t *rows = train_rows(run);
+    const json_int_t last = json_integer_value(json_object_get(json_array_get(rows, json_array_size(rows) - 1), "step"));
+    json_decref(rows);
+    char want[4096];
+    fmt(want, sizeof want, "%s/checkpoint-%lld", run, (long long)last);
+    ck_assert_str_eq(ckpt, want);
+    /* resumed: to step last + 2 (a shorter run: --steps is not a setting a resume must keep) */
+    char *out = NULL;
+    fmt(cmd, sizeof cmd, "launch --nproc 2 %s --resume '%s'", common, ckpt);
+    char *sp = strstr(cmd, "--steps 400");
+    ck_assert_ptr_nonnull(sp);
+    char steps[32];
+    fmt(steps, sizeof steps, "--steps %-3lld", (long long)last + 2);
+    memcpy(sp, steps, strlen(steps));
+    st = qlora(&out, &err, cmd);
+    ck_assert_msg(st == 0, "resume: %s", err);
+    free(out), free(err);
+    rows = train_rows(run);
+    ck_assert_int_eq(json_array_size(rows), last + 2);
+    json_decref(rows);
+}
+END_TEST
+
 /* A rank that fails stops the launch with its status, named; usage errors are 2. */
 START_TEST(launch_failures_are_reported)
 {
@@ -368,6 +440,7 @@ Suite *dist_suite(void)
     tcase_set_timeout(tl, 600);
     tcase_add_test(tl, launch_two_ranks_as_one_process);
     tcase_add_test(tl, launch_failures_are_reported);
+    tcase_add_test(tl, launch_interrupted_saves_and_resumes);
     suite_add_tcase(s, tl);
     return s;
 }

@@ -10,6 +10,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -121,12 +124,18 @@ int cmd_launch(int argc, char **argv)
     sigaction(SIGTERM, &sa, &old_term);
     fflush(NULL);
     int started = 0, failed_rank = -1, failed_status = 0;
+    const pid_t launcher = getpid();
+    (void)launcher;
     for (long r = 0; r < nproc; r++) {
         pid_t p = fork();
         if (p == 0) {
             sigaction(SIGINT, &old_int, NULL);
             sigaction(SIGTERM, &old_term, NULL);
             setpgid(0, 0);
+#ifdef __linux__
+            prctl(PR_SET_PDEATHSIG, SIGTERM); /* a launcher killed outright stops its ranks (they checkpoint) */
+            if (getppid() != launcher) _exit(1); /* it died before the line above */
+#endif
             char rank_s[16];
             snprintf(rank_s, sizeof rank_s, "%ld", r);
             setenv("WORLD_SIZE", world_s, 1);
@@ -196,8 +205,12 @@ int cmd_launch(int argc, char **argv)
     if (failed_rank < 0) return 0;
     char how[96];
     describe(how, sizeof how, failed_status);
-    fprintf(stderr, "qlora: launch: rank %d of %ld %s%s\n", failed_rank, nproc, how,
-            nproc > 1 ? "; the other ranks were stopped" : "");
+    if (signals_got)
+        fprintf(stderr, "qlora: launch: %s, passed on to every rank; rank %d of %ld %s\n",
+                last_signal == SIGINT ? "interrupted (SIGINT)" : "stopped (SIGTERM)", failed_rank, nproc, how);
+    else
+        fprintf(stderr, "qlora: launch: rank %d of %ld %s%s\n", failed_rank, nproc, how,
+                nproc > 1 ? "; the other ranks were stopped" : "");
     if (WIFEXITED(failed_status)) return WEXITSTATUS(failed_status) ? WEXITSTATUS(failed_status) : 1;
     return WIFSIGNALED(failed_status) ? 128 + WTERMSIG(failed_status) : 1;
 }
