@@ -147,9 +147,15 @@ static int serve(ql_dist *d, const char *host, const char *port)
         if (fd < 0) continue;
         uint32_t who[2];
         char magic[8];
-        if (recv_all(d, fd, magic, sizeof magic, -1) || memcmp(magic, hello_magic, sizeof magic) ||
-            recv_all(d, fd, who, sizeof who, -1)) {
-            close(fd); /* not one of ours: ignored */
+        /* a rank says who it is at once: a connection that does not (not one
+         * of ours) is dropped after 10 s */
+        const int timeout = d->timeout_s;
+        d->timeout_s = timeout < 10 ? timeout : 10;
+        int bad = recv_all(d, fd, magic, sizeof magic, -1) || memcmp(magic, hello_magic, sizeof magic) ||
+                  recv_all(d, fd, who, sizeof who, -1);
+        d->timeout_s = timeout;
+        if (bad) {
+            close(fd);
             ql_error_clear();
             continue;
         }

@@ -124,6 +124,7 @@ int cmd_launch(int argc, char **argv)
     sigaction(SIGTERM, &sa, &old_term);
     fflush(NULL);
     int started = 0, failed_rank = -1, failed_status = 0;
+    double kill_at = 0; /* when the ranks told to stop get SIGKILL (0: none told) */
     const pid_t launcher = getpid();
     (void)launcher;
     for (long r = 0; r < nproc; r++) {
@@ -147,10 +148,14 @@ int cmd_launch(int argc, char **argv)
             fprintf(stderr, "qlora: launch: rank %ld: cannot run /proc/self/exe: %s\n", r, strerror(errno));
             _exit(127);
         }
-        if (p < 0) {
+        if (p < 0) { /* the ranks started would wait for this one: stopped */
             fprintf(stderr, "qlora: launch: cannot start rank %ld: %s\n", r, strerror(errno));
             failed_rank = (int)r;
             failed_status = 1 << 8;
+            for (long k = 0; k < r; k++) kill(pid[k], SIGTERM);
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            kill_at = (double)now.tv_sec + 1e-9 * (double)now.tv_nsec + 30;
             break;
         }
         pid[r] = p;
@@ -159,7 +164,6 @@ int cmd_launch(int argc, char **argv)
     /* wait for every rank; the first that fails stops the others */
     int left = started;
     sig_atomic_t forwarded = 0;
-    double kill_at = 0;
     while (left > 0) {
         while (forwarded < signals_got) {
             for (long r = 0; r < nproc; r++)
