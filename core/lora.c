@@ -298,24 +298,30 @@ int ql_lora_save_peft(const ql_lora *l, const char *dir, const char *base_model)
     return rc;
 }
 
+/* RUN_DIR/run_config.json as a JSON object into *cfg and its path into
+ * *path (the caller frees both, either way): QL_ENOTFOUND without the file */
+static int open_run_config(const char *run_dir, char **path, json_t **cfg)
+{
+    *cfg = NULL;
+    if (!(*path = ql_path_join(run_dir, "run_config.json"))) return ql_error(QL_ENOMEM, "out of memory");
+    if (!ql_path_exists(*path)) return QL_ENOTFOUND;
+    json_error_t jerr;
+    *cfg = ql_json_load_path(*path, 0, &jerr);
+    if (!*cfg) return ql_error(QL_EFORMAT, "%s is not valid JSON: %s", *path, jerr.text);
+    if (!json_is_object(*cfg)) return ql_error(QL_EFORMAT, "%s is not a JSON object", *path);
+    return QL_OK;
+}
+
 int ql_lora_run_quantizer(const char *run_dir, char *buf, size_t cap)
 {
-    char *path = ql_path_join(run_dir, "run_config.json");
-    if (!path) return ql_error(QL_ENOMEM, "out of memory");
-    if (!ql_path_exists(path)) {
-        free(path);
-        return QL_ENOTFOUND;
-    }
-    json_error_t jerr;
-    json_t *cfg = ql_json_load_path(path, 0, &jerr);
-    int rc = QL_OK;
-    json_t *q = json_is_object(cfg) ? json_object_get(cfg, "quantizer") : NULL;
-    if (!cfg) rc = ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text);
-    else if (!json_is_object(cfg)) rc = ql_error(QL_EFORMAT, "%s is not a JSON object", path);
-    else if (!q) rc = QL_ENOTFOUND;
+    char *path = NULL;
+    json_t *cfg = NULL;
+    int rc = open_run_config(run_dir, &path, &cfg);
+    json_t *q = rc == QL_OK ? json_object_get(cfg, "quantizer") : NULL;
+    if (rc == QL_OK && !q) rc = QL_ENOTFOUND;
     /* The text names the base's quantizer, not code to load: a plugin name
      * only (the command line's --quantizer=PATH is how a path is given). */
-    else if ((rc = ql_qz_check_from_file(json_string_value(q), path, "quantizer")) == QL_OK) {
+    else if (rc == QL_OK && (rc = ql_qz_check_from_file(json_string_value(q), path, "quantizer")) == QL_OK) {
         const char *s = json_string_value(q);
         if (strlen(s) >= cap) rc = ql_error(QL_EINVAL, "%s: quantizer is %zu characters, longer than %zu", path, strlen(s), cap - 1);
         else memcpy(buf, s, strlen(s) + 1);
@@ -329,20 +335,13 @@ int ql_lora_run_calibration(const char *run_dir, ql_calib_opts *out, char *data_
                             size_t fmt_cap)
 {
     memset(out, 0, sizeof *out);
-    char *path = ql_path_join(run_dir, "run_config.json");
-    if (!path) return ql_error(QL_ENOMEM, "out of memory");
-    if (!ql_path_exists(path)) {
-        free(path);
-        return QL_ENOTFOUND;
-    }
-    json_error_t jerr;
-    json_t *cfg = ql_json_load_path(path, 0, &jerr), *c = json_is_object(cfg) ? json_object_get(cfg, "calibration") : NULL;
-    int rc = QL_OK;
-    if (!cfg) rc = ql_error(QL_EFORMAT, "%s is not valid JSON: %s", path, jerr.text);
-    else if (!json_is_object(cfg)) rc = ql_error(QL_EFORMAT, "%s is not a JSON object", path);
-    else if (!c || json_is_null(c)) rc = QL_ENOTFOUND;
-    else if (!json_is_object(c)) rc = ql_error(QL_EFORMAT, "%s: calibration must be an object or null", path);
-    else {
+    char *path = NULL;
+    json_t *cfg = NULL;
+    int rc = open_run_config(run_dir, &path, &cfg);
+    json_t *c = rc == QL_OK ? json_object_get(cfg, "calibration") : NULL;
+    if (rc == QL_OK && (!c || json_is_null(c))) rc = QL_ENOTFOUND;
+    else if (rc == QL_OK && !json_is_object(c)) rc = ql_error(QL_EFORMAT, "%s: calibration must be an object or null", path);
+    else if (rc == QL_OK) {
         const json_t *data = json_object_get(c, "data"), *fmt = json_object_get(c, "format"),
                      *samples = json_object_get(c, "samples"), *len = json_object_get(c, "len"),
                      *seed = json_object_get(c, "seed");
